@@ -1,0 +1,82 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+let package = Package(
+    name: "dedupd",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "dedupd", targets: ["dedupd"]),
+        .library(name: "DedupCore", targets: ["DedupCore"]),
+        .library(name: "DedupService", targets: ["DedupService"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
+        .package(url: "https://github.com/apple/swift-collections", from: "1.6.0"),
+        .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
+    ],
+    targets: [
+        // System libraries from Debian: librdkafka-dev and libhiredis-dev.
+        .systemLibrary(
+            name: "CRdKafka",
+            pkgConfig: "rdkafka",
+            providers: [.apt(["librdkafka-dev"])]
+        ),
+        .systemLibrary(
+            name: "CHiredis",
+            pkgConfig: "hiredis",
+            providers: [.apt(["libhiredis-dev"])]
+        ),
+        // Pure Swift: the logic, tested without servers.
+        .target(
+            name: "DedupCore",
+            dependencies: [
+                .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "DequeModule", package: "swift-collections"),
+            ]
+        ),
+        // The only two modules that touch C.
+        .target(
+            name: "KafkaIO",
+            dependencies: [
+                "CRdKafka",
+                "DedupCore",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .target(
+            name: "RedisIO",
+            dependencies: [
+                "CHiredis",
+                "DedupCore",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .target(
+            name: "DedupService",
+            dependencies: [
+                "DedupCore",
+                "KafkaIO",
+                "RedisIO",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Yams", package: "Yams"),
+            ]
+        ),
+        .executableTarget(
+            name: "dedupd",
+            dependencies: [
+                "DedupService",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .testTarget(name: "DedupCoreTests", dependencies: ["DedupCore"]),
+        .testTarget(name: "RedisIOTests", dependencies: ["RedisIO", "TestSupport"]),
+        .testTarget(name: "KafkaIOTests", dependencies: ["KafkaIO", "TestSupport"]),
+        .testTarget(name: "EndToEndTests", dependencies: ["KafkaIO", "RedisIO", "TestSupport"]),
+        // Harnesses shared by the test targets: a real redis-server on a free port, temp dirs.
+        .target(name: "TestSupport", dependencies: ["DedupCore"], path: "Tests/TestSupport"),
+    ]
+)

@@ -1,0 +1,47 @@
+/// What Redis said about one key when this worker tried to claim it (DESIGN.md step 3).
+public enum ClaimOutcome: Sendable, Equatable {
+    /// The key was absent; it is now `pending` under this worker with the requested lease.
+    case claimed
+    /// The key is already `pending` under this same owner (a copy this worker claimed earlier); the lease was renewed.
+    case alreadyOwned
+    /// The key is `done`: a handler already took a copy within the retention period. This message is a duplicate.
+    case done
+    /// The key is `pending` under another worker: a copy is in flight there. Park this one and look again.
+    case pendingElsewhere(owner: String)
+}
+
+/// What Redis said when this worker confirmed a dispatched key.
+public enum ConfirmOutcome: Sendable, Equatable {
+    /// The key was `pending` under this owner and is now `done` with the retention TTL.
+    case confirmed
+    /// The key had expired (lease ran out before confirm); it is now `done` anyway, because the handler did take it.
+    case confirmedAfterLeaseLost
+    /// Another owner holds the key; nothing was changed. Only the owner may confirm.
+    case notOwner(owner: String)
+}
+
+/// A key's state as `dedupd inspect` shows it.
+public enum KeyState: Sendable, Equatable {
+    case absent
+    case pending(owner: String, ttlMillis: Int64)
+    case done(ttlMillis: Int64)
+}
+
+/// The seen-set: where dedup keys are claimed, confirmed and released.
+///
+/// Every method takes a whole batch and must cost one round trip to the store
+/// (pipelined), whatever the batch size: this is what keeps dedupd close to the
+/// speed of the store. Results are in the order of the keys given.
+/// Keys arrive already namespaced and length-bounded (see `DedupKey`).
+public protocol ClaimStore: Sendable {
+    /// Claims each key for `owner` with a `pending` lease. Atomic per key (compare-and-set).
+    func claim(_ keys: [String], owner: String, lease: Duration) async throws -> [ClaimOutcome]
+    /// Marks each key `done` for `retention`, if `owner` still holds it (or it expired).
+    func confirm(_ keys: [String], owner: String, retention: Duration) async throws -> [ConfirmOutcome]
+    /// Deletes each key that is `pending` under `owner`; returns whether it was deleted.
+    func release(_ keys: [String], owner: String) async throws -> [Bool]
+    /// Extends the lease of each key still `pending` under `owner`; returns whether it was extended.
+    func renew(_ keys: [String], owner: String, lease: Duration) async throws -> [Bool]
+    /// Reads each key's state without changing it.
+    func inspect(_ keys: [String]) async throws -> [KeyState]
+}

@@ -1,0 +1,286 @@
+import Crypto
+import Foundation
+
+/// Turns a message into its dedup key (DESIGN.md step 2).
+///
+/// A template is either one source or a composite of sources in braces with literal text between:
+/// - `header:NAME`         a header's value (message id, client token)
+/// - `key`                 the Kafka record key
+/// - `json:/pointer`       a field of the JSON value, by RFC 6901 pointer (business key)
+/// - `sha256:value`        SHA-256 of the whole value (content signature)
+/// - `sha256:json:/a,/b`   SHA-256 over a canonical form of chosen JSON fields, so field order
+///                         and whitespace do not change the signature
+/// - composite, e.g. `{header:type}:{json:/userId}:{sha256:json:/form}`
+///
+/// A message whose key cannot be computed is bad input (`BadInput`), never silently dropped.
+public struct KeyTemplate: Sendable, Equatable, CustomStringConvertible {
+    public enum Source: Sendable, Equatable {
+        case header(String)
+        case recordKey
+        case json(JSONPointer)
+        case sha256Value
+        case sha256JSON([JSONPointer])
+    }
+
+    enum Part: Sendable, Equatable {
+        case literal(String)
+        case source(Source)
+    }
+
+    let parts: [Part]
+    public let description: String
+
+    public struct ParseError: Error, Sendable, CustomStringConvertible {
+        public var template: String
+        public var problem: String
+        public var description: String {
+            "invalid key template \"\(template)\": \(problem); expected header:NAME, key, json:/pointer, sha256:value, sha256:json:/a,/b or a composite like {header:tenant}:{json:/orderNo}"
+        }
+    }
+
+    public init(_ text: String) throws {
+        description = text
+        guard !text.isEmpty else { throw ParseError(template: text, problem: "it is empty") }
+        if text.first == "{" || text.contains("{") {
+            var parts: [Part] = []
+            var rest = Substring(text)
+            while !rest.isEmpty {
+                if rest.first == "{" {
+                    guard let close = rest.firstIndex(of: "}") else {
+                        throw ParseError(template: text, problem: "a \"{\" has no matching \"}\"")
+                    }
+                    let inner = rest[rest.index(after: rest.startIndex)..<close]
+                    parts.append(.source(try Self.parseSource(String(inner), template: text)))
+                    rest = rest[rest.index(after: close)...]
+                } else {
+                    let next = rest.firstIndex(of: "{") ?? rest.endIndex
+                    let literal = rest[..<next]
+                    if literal.contains("}") {
+                        throw ParseError(template: text, problem: "a \"}\" has no matching \"{\"")
+                    }
+                    parts.append(.literal(String(literal)))
+                    rest = rest[next...]
+                }
+            }
+            guard parts.contains(where: { if case .source = $0 { true } else { false } }) else {
+                throw ParseError(template: text, problem: "it has no source")
+            }
+            self.parts = parts
+        } else {
+            self.parts = [.source(try Self.parseSource(text, template: text))]
+        }
+    }
+
+    static func parseSource(_ s: String, template: String) throws -> Source {
+        if s == "key" { return .recordKey }
+        if s == "sha256:value" { return .sha256Value }
+        if s.hasPrefix("header:") {
+            let name = String(s.dropFirst("header:".count))
+            guard !name.isEmpty else { throw ParseError(template: template, problem: "header name is empty") }
+            return .header(name)
+        }
+        if s.hasPrefix("json:") {
+            return .json(try pointer(String(s.dropFirst("json:".count)), template: template))
+        }
+        if s.hasPrefix("sha256:json:") {
+            let list = s.dropFirst("sha256:json:".count).split(separator: ",", omittingEmptySubsequences: false)
+            let ptrs = try list.map { try pointer(String($0), template: template) }
+            guard !ptrs.isEmpty else { throw ParseError(template: template, problem: "no JSON fields listed") }
+            return .sha256JSON(ptrs)
+        }
+        throw ParseError(template: template, problem: "unknown source \"\(s)\"")
+    }
+
+    static func pointer(_ s: String, template: String) throws -> JSONPointer {
+        do { return try JSONPointer(s) } catch {
+            throw ParseError(template: template, problem: "\(error)")
+        }
+    }
+
+    /// Whether computing the key needs the value parsed as JSON (parsed once per message, not per source).
+    var needsJSON: Bool {
+        parts.contains {
+            switch $0 {
+            case .source(.json), .source(.sha256JSON): true
+            default: false
+            }
+        }
+    }
+
+    /// The raw key of a message (before namespacing), or the reason it has none.
+    public func key(for message: InboundMessage) throws(BadInput) -> String {
+        var json: Any? = nil
+        if needsJSON {
+            guard !message.value.isEmpty,
+                let parsed = try? JSONSerialization.jsonObject(with: Data(message.value), options: [.fragmentsAllowed])
+            else {
+                throw BadInput(.invalidJSON, "value is not valid JSON")
+            }
+            json = parsed
+        }
+        var out = ""
+        for part in parts {
+            switch part {
+            case .literal(let s): out += s
+            case .source(let source): out += try value(of: source, message: message, json: json)
+            }
+        }
+        guard !out.isEmpty else { throw BadInput(.emptyKey, "template \(description) gave an empty key") }
+        return out
+    }
+
+    private func value(of source: Source, message: InboundMessage, json: Any?) throws(BadInput) -> String {
+        switch source {
+        case .header(let name):
+            guard let header = message.header(name), let bytes = header.value else {
+                throw BadInput(.missingHeader, "header \"\(name)\" is missing")
+            }
+            guard !bytes.isEmpty else { throw BadInput(.emptyKey, "header \"\(name)\" is empty") }
+            guard let s = String(validating: bytes, as: UTF8.self) else {
+                throw BadInput(.invalidUTF8, "header \"\(name)\" is not valid UTF-8")
+            }
+            return s
+        case .recordKey:
+            guard let bytes = message.key else { throw BadInput(.missingKey, "message has no record key") }
+            guard !bytes.isEmpty else { throw BadInput(.emptyKey, "record key is empty") }
+            guard let s = String(validating: bytes, as: UTF8.self) else {
+                throw BadInput(.invalidUTF8, "record key is not valid UTF-8")
+            }
+            return s
+        case .json(let ptr):
+            guard let v = ptr.resolve(in: json!) else {
+                throw BadInput(.missingField, "JSON field \(ptr) is missing")
+            }
+            let s = CanonicalJSON.scalarText(v)
+            guard !s.isEmpty else { throw BadInput(.emptyKey, "JSON field \(ptr) is empty") }
+            return s
+        case .sha256Value:
+            return Self.hex(SHA256.hash(data: message.value))
+        case .sha256JSON(let ptrs):
+            var canonical = "["
+            for (i, ptr) in ptrs.enumerated() {
+                guard let v = ptr.resolve(in: json!) else {
+                    throw BadInput(.missingField, "JSON field \(ptr) is missing")
+                }
+                if i > 0 { canonical += "," }
+                canonical += CanonicalJSON.encode(v)
+            }
+            canonical += "]"
+            return Self.hex(SHA256.hash(data: Array(canonical.utf8)))
+        }
+    }
+
+    static func hex<D: Sequence>(_ digest: D) -> String where D.Element == UInt8 {
+        let chars = Array("0123456789abcdef".utf8)
+        var out = [UInt8]()
+        out.reserveCapacity(64)
+        for b in digest {
+            out.append(chars[Int(b >> 4)])
+            out.append(chars[Int(b & 0x0f)])
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+}
+
+/// An RFC 6901 JSON pointer such as `/order/items/0/sku` (`~1` is `/`, `~0` is `~`).
+public struct JSONPointer: Sendable, Equatable, CustomStringConvertible {
+    public let tokens: [String]
+    public let description: String
+
+    public init(_ text: String) throws(PointerError) {
+        description = text
+        guard text.hasPrefix("/") else { throw PointerError(text: text) }
+        tokens = text.dropFirst().split(separator: "/", omittingEmptySubsequences: false).map {
+            $0.replacingOccurrences(of: "~1", with: "/").replacingOccurrences(of: "~0", with: "~")
+        }
+    }
+
+    public struct PointerError: Error, Sendable, CustomStringConvertible {
+        public var text: String
+        public var description: String { "JSON pointer \"\(text)\" must start with \"/\" (RFC 6901)" }
+    }
+
+    func resolve(in root: Any) -> Any? {
+        var current: Any = root
+        for token in tokens {
+            if let object = current as? [String: Any] {
+                guard let next = object[token] else { return nil }
+                current = next
+            } else if let array = current as? [Any], let index = Int(token), index >= 0, index < array.count {
+                current = array[index]
+            } else {
+                return nil
+            }
+        }
+        if current is NSNull { return nil }
+        return current
+    }
+}
+
+/// A canonical text form of JSON values: object keys sorted, no whitespace, so two encodings of
+/// the same content give the same signature.
+enum CanonicalJSON {
+    static func scalarText(_ v: Any) -> String {
+        if let s = v as? String { return s }
+        return encode(v)
+    }
+
+    static func encode(_ v: Any) -> String {
+        switch v {
+        case let s as String:
+            return quote(s)
+        case let n as NSNumber:
+            if CFGetTypeIDIfBool(n) { return n.boolValue ? "true" : "false" }
+            return n.stringValue
+        case let a as [Any]:
+            return "[" + a.map(encode).joined(separator: ",") + "]"
+        case let o as [String: Any]:
+            return "{" + o.keys.sorted().map { quote($0) + ":" + encode(o[$0]!) }.joined(separator: ",") + "}"
+        default:
+            return "null"
+        }
+    }
+
+    private static func CFGetTypeIDIfBool(_ n: NSNumber) -> Bool {
+        // JSONSerialization returns booleans as NSNumber; on Linux their objCType is "c" (char).
+        String(cString: n.objCType) == "c"
+    }
+
+    private static func quote(_ s: String) -> String {
+        var out = "\""
+        for scalar in s.unicodeScalars {
+            switch scalar {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            case "\r": out += "\\r"
+            case "\t": out += "\\t"
+            case let c where c.value < 0x20: out += String(format: "\\u%04x", c.value)
+            default: out.unicodeScalars.append(scalar)
+            }
+        }
+        return out + "\""
+    }
+}
+
+/// The key as it is stored in Redis: namespaced, and hashed when long, so a key's size in Redis is
+/// bounded whatever the message carries.
+public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
+    /// The key handlers see (and downstream systems use as an idempotency key).
+    public let raw: String
+    /// The Redis key: `<prefix>:<namespace>:<raw>` or `<prefix>:<namespace>:h:<sha256(raw)>` when `raw` is long.
+    public let storeKey: String
+
+    public static let maxRawLength = 200
+
+    public init(raw: String, namespace: String, prefix: String = "dedupd") {
+        self.raw = raw
+        if raw.utf8.count > Self.maxRawLength {
+            storeKey = "\(prefix):\(namespace):h:\(KeyTemplate.hex(SHA256.hash(data: Array(raw.utf8))))"
+        } else {
+            storeKey = "\(prefix):\(namespace):\(raw)"
+        }
+    }
+
+    public var description: String { raw }
+}

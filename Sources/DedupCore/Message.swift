@@ -1,0 +1,78 @@
+/// A Kafka partition of a topic: the unit of assignment, pausing and commits.
+public struct TopicPartition: Hashable, Sendable, CustomStringConvertible {
+    public var topic: String
+    public var partition: Int32
+
+    public init(topic: String, partition: Int32) {
+        self.topic = topic
+        self.partition = partition
+    }
+
+    public var description: String { "\(topic)[\(partition)]" }
+}
+
+/// One record header. Kafka allows repeated names and null values, so headers are a list, not a dictionary.
+public struct MessageHeader: Hashable, Sendable {
+    public var name: String
+    public var value: [UInt8]?
+
+    public init(name: String, value: [UInt8]?) {
+        self.name = name
+        self.value = value
+    }
+}
+
+/// A consumed Kafka record, copied out of librdkafka's memory at once so it can cross tasks.
+public struct InboundMessage: Sendable {
+    public var topic: String
+    public var partition: Int32
+    public var offset: Int64
+    /// The record key; `nil` when the producer sent none.
+    public var key: [UInt8]?
+    public var value: [UInt8]
+    public var headers: [MessageHeader]
+    /// Producer or log-append time in milliseconds since the epoch, when the broker gave one.
+    public var timestampMillis: Int64?
+
+    public init(
+        topic: String,
+        partition: Int32,
+        offset: Int64,
+        key: [UInt8]? = nil,
+        value: [UInt8],
+        headers: [MessageHeader] = [],
+        timestampMillis: Int64? = nil
+    ) {
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+        self.key = key
+        self.value = value
+        self.headers = headers
+        self.timestampMillis = timestampMillis
+    }
+
+    public var topicPartition: TopicPartition { TopicPartition(topic: topic, partition: partition) }
+
+    /// The last header with this name (Kafka's convention when a name repeats); names compare case-insensitively.
+    public func header(_ name: String) -> MessageHeader? {
+        headers.last { $0.name.equalsIgnoringASCIICase(name) }
+    }
+
+    /// Bytes this message holds in memory, for the delay buffer's byte bound.
+    public var approximateSize: Int {
+        var n = value.count + (key?.count ?? 0) + topic.utf8.count + 64
+        for h in headers { n += h.name.utf8.count + (h.value?.count ?? 0) + 16 }
+        return n
+    }
+}
+
+extension String {
+    /// Header names are ASCII by convention; compare them without allocating lowercased copies.
+    func equalsIgnoringASCIICase(_ other: String) -> Bool {
+        guard self.utf8.count == other.utf8.count else { return false }
+        return zip(self.utf8, other.utf8).allSatisfy { a, b in
+            a == b || (a | 0x20 == b | 0x20 && (a | 0x20) >= 0x61 && (a | 0x20) <= 0x7a)
+        }
+    }
+}

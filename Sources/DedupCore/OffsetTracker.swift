@@ -1,0 +1,83 @@
+import DequeModule
+
+/// Knows, per partition, which consumed offsets are still unresolved, and so how far the
+/// committed offset may advance (DESIGN.md steps 1 and 7).
+///
+/// A message is *resolved* once it was dispatched and confirmed, recognised as a duplicate, or
+/// dead-lettered. The commit position of a partition is the lowest unresolved offset (or one past
+/// the last resolved offset when nothing is outstanding): nothing is committed past a message that
+/// is still in the buffer, parked, or in a handler.
+public struct OffsetTracker: Sendable {
+    struct PartitionState: Sendable {
+        /// Tracked offsets in consumption order (increasing), with whether each is resolved.
+        var outstanding: Deque<(offset: Int64, resolved: Bool)> = []
+        /// The next offset to commit, once something was resolved.
+        var position: Int64?
+        var dirty = false
+    }
+
+    var partitions: [TopicPartition: PartitionState] = [:]
+
+    public init() {}
+
+    /// Starts tracking a consumed offset. Offsets of a partition arrive in increasing order;
+    /// one already tracked (a redelivery) is ignored.
+    public mutating func track(_ tp: TopicPartition, offset: Int64) {
+        var state = partitions[tp, default: PartitionState()]
+        if let last = state.outstanding.last?.offset, offset <= last { return }
+        if let position = state.position, offset < position { return }
+        state.outstanding.append((offset, false))
+        partitions[tp] = state
+    }
+
+    /// Marks an offset resolved and advances the partition's commit position past every
+    /// resolved offset at the front.
+    public mutating func resolve(_ tp: TopicPartition, offset: Int64) {
+        guard var state = partitions[tp] else { return }
+        guard let index = Self.search(state.outstanding, offset) else { return }
+        state.outstanding[index].resolved = true
+        while let first = state.outstanding.first, first.resolved {
+            state.position = first.offset + 1
+            state.dirty = true
+            state.outstanding.removeFirst()
+        }
+        partitions[tp] = state
+    }
+
+    /// Binary search: offsets in `outstanding` are increasing but not always contiguous
+    /// (compacted topics, transaction markers).
+    static func search(_ d: Deque<(offset: Int64, resolved: Bool)>, _ offset: Int64) -> Int? {
+        var lo = 0
+        var hi = d.count - 1
+        while lo <= hi {
+            let mid = (lo + hi) / 2
+            let v = d[mid].offset
+            if v == offset { return mid }
+            if v < offset { lo = mid + 1 } else { hi = mid - 1 }
+        }
+        return nil
+    }
+
+    /// Commit positions that moved since the last call: the next offset to consume, per partition.
+    public mutating func takeCommitPositions() -> [TopicPartition: Int64] {
+        var out: [TopicPartition: Int64] = [:]
+        for (tp, state) in partitions where state.dirty {
+            out[tp] = state.position
+            partitions[tp]!.dirty = false
+        }
+        return out
+    }
+
+    /// The current commit position of a partition, if anything was resolved there.
+    public func position(_ tp: TopicPartition) -> Int64? { partitions[tp]?.position }
+
+    /// Number of tracked offsets not yet resolved, over all partitions.
+    public var unresolvedCount: Int {
+        partitions.values.reduce(0) { $0 + $1.outstanding.lazy.filter { !$0.resolved }.count }
+    }
+
+    /// Forgets a partition that was revoked: its unresolved messages will be read again by its next owner.
+    public mutating func forget(_ tp: TopicPartition) {
+        partitions[tp] = nil
+    }
+}
