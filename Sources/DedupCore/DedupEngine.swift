@@ -240,6 +240,14 @@ public struct DedupEngine: Sendable {
         offsets.resolve(message.topicPartition, offset: message.offset)
     }
 
+    /// The handler never took the message (shutdown deadline): it is neither dispatched nor
+    /// resolved, so its offset stays uncommitted and the claim must be released.
+    public mutating func dispatchAbandoned(_ key: DedupKey) {
+        guard inFlight.removeValue(forKey: key) != nil else { return }
+        places[key] = nil
+        counters.released += 1
+    }
+
     public var inFlightCount: Int { inFlight.count }
 
     // MARK: - 6. Confirm

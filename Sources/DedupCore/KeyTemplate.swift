@@ -219,7 +219,7 @@ public struct JSONPointer: Sendable, Equatable, CustomStringConvertible {
 
 /// A canonical text form of JSON values: object keys sorted, no whitespace, so two encodings of
 /// the same content give the same signature.
-enum CanonicalJSON {
+public enum CanonicalJSON {
     static func scalarText(_ v: Any) -> String {
         if let s = v as? String { return s }
         return encode(v)
@@ -246,7 +246,8 @@ enum CanonicalJSON {
         String(cString: n.objCType) == "c"
     }
 
-    private static func quote(_ s: String) -> String {
+    /// A JSON string literal for `s`.
+    public static func quote(_ s: String) -> String {
         var out = "\""
         for scalar in s.unicodeScalars {
             switch scalar {

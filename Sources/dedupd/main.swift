@@ -1,1 +1,203 @@
-print("dedupd")
+import ArgumentParser
+import DedupCore
+import DedupService
+import Foundation
+import KafkaIO
+import Logging
+import ServiceLifecycle
+
+@main
+struct Dedupd: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "dedupd",
+        abstract: "Makes a Kafka stream of submissions safe to act on: each unique message is handed to its handler once.",
+        subcommands: [Demo.self, Run.self, CheckConfig.self, Produce.self, MockKafka.self],
+        defaultSubcommand: nil
+    )
+}
+
+/// Flags for the common settings; each maps onto a config key and wins over file and environment.
+struct WorkerOptions: ParsableArguments {
+    @Option(name: .long, help: "YAML configuration file.")
+    var config: String?
+    @Option(name: .long, help: "Kafka bootstrap servers (kafka.bootstrap_servers).")
+    var bootstrapServers: String?
+    @Option(name: .long, help: "Topic to consume; repeat for several (kafka.topics).")
+    var topic: [String] = []
+    @Option(name: .long, help: "Consumer group (kafka.group).")
+    var group: String?
+    @Option(name: .long, help: "redis://[user:password@]host:port/db (redis.url).")
+    var redisUrl: String?
+    @Option(name: .long, help: "Key template, e.g. header:message-id, key, json:/orderNo (dedup.key).")
+    var key: String?
+    @Option(name: .long, help: "Dedup window, e.g. 5s (dedup.window).")
+    var window: String?
+    @Option(name: .long, help: "How long dispatched keys are remembered, e.g. 24h (dedup.retention).")
+    var retention: String?
+    @Option(name: .long, help: "log handler output file; - is stdout (handler.output).")
+    var output: String?
+    @Option(name: .long, help: "Exit 0 once idle this long with nothing waiting (run.stop_when_idle).")
+    var stopWhenIdle: String?
+    @Option(name: .long, help: "Operational log format: logfmt or json (log.format).")
+    var logFormat: String?
+    @Option(name: .long, help: "Operational log level (log.level).")
+    var logLevel: String?
+    @Option(name: .long, help: "Stats line interval; 0 turns it off (log.stats_interval).")
+    var statsInterval: String?
+
+    var flags: [String: String] {
+        var f: [String: String] = [:]
+        f["kafka.bootstrap_servers"] = bootstrapServers
+        if !topic.isEmpty { f["kafka.topics"] = topic.joined(separator: ",") }
+        f["kafka.group"] = group
+        f["redis.url"] = redisUrl
+        f["dedup.key"] = key
+        f["dedup.window"] = window
+        f["dedup.retention"] = retention
+        f["handler.output"] = output
+        f["run.stop_when_idle"] = stopWhenIdle
+        f["log.format"] = logFormat
+        f["log.level"] = logLevel
+        f["log.stats_interval"] = statsInterval
+        return f
+    }
+
+    func load() throws -> WorkerConfiguration {
+        do {
+            return try ConfigLoader.load(file: config, flags: flags)
+        } catch let error as ConfigError {
+            throw ValidationError("\(error)")
+        }
+    }
+}
+
+struct Run: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run the worker until SIGTERM/SIGINT (or until idle with --stop-when-idle).")
+
+    @OptionGroup var options: WorkerOptions
+
+    func run() async throws {
+        let config = try options.load()
+        OperationalLog.bootstrap(level: config.logLevel, format: config.logFormat)
+        let logger = Logger(label: "dedupd")
+        let worker = try Worker(config: config, logger: logger)
+        var groupConfig = ServiceGroupConfiguration(
+            services: [.init(service: worker, successTerminationBehavior: .gracefullyShutdownGroup)],
+            gracefulShutdownSignals: [.sigterm, .sigint],
+            logger: logger)
+        // Past the deadline, in-flight handlers are cancelled; their messages stay uncommitted.
+        groupConfig.maximumGracefulShutdownDuration = config.shutdownDeadline
+        try await ServiceGroup(configuration: groupConfig).run()
+    }
+}
+
+struct CheckConfig: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "check-config",
+        abstract: "Validate the configuration without connecting; print the effective values, secrets redacted.")
+
+    @OptionGroup var options: WorkerOptions
+
+    func run() async throws {
+        var layers: [[String: ConfigValue]] = []
+        if let file = options.config { layers.append(try ConfigLoader.fileLayer(path: file)) }
+        layers.append(ConfigLoader.environmentLayer(ProcessInfo.processInfo.environment))
+        layers.append(options.flags.mapValues { ConfigValue($0, origin: "flag") })
+        do {
+            _ = try WorkerConfiguration(layers: layers)
+        } catch {
+            FileHandle.standardError.write(Data("invalid: \(error)\n".utf8))
+            throw ExitCode(2)
+        }
+        for line in ConfigLoader.describe(layers) { print(line) }
+        print("valid")
+    }
+}
+
+struct Produce: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Send submissions (JSON orders with a message-id header) where a fraction are repeats.")
+
+    @Option(help: "Kafka bootstrap servers.") var bootstrapServers: String
+    @Option(help: "Topic to send to.") var topic: String
+    @Option(help: "How many messages to send.") var count: Int = 10_000
+    @Option(help: "Fraction of messages that repeat an earlier id (0...1).") var duplicateRatio: Double = 0.3
+    @Option(help: "Prefix of the ids: <prefix>-0, <prefix>-1, ...") var idPrefix: String = "ord"
+    @Option(help: "Random seed; the same seed sends the same stream.") var seed: UInt64 = 42
+
+    func validate() throws {
+        guard count > 0 else { throw ValidationError("--count must be greater than 0, got \(count)") }
+        guard (0...1).contains(duplicateRatio) else {
+            throw ValidationError("--duplicate-ratio must be between 0 and 1, got \(duplicateRatio)")
+        }
+    }
+
+    func run() async throws {
+        OperationalLog.bootstrap(level: "warning", format: "logfmt")
+        let report = try await SubmissionProducer.run(
+            bootstrapServers: bootstrapServers, topic: topic, count: count, duplicateRatio: duplicateRatio,
+            idPrefix: idPrefix, seed: seed, logger: Logger(label: "dedupd.produce"))
+        print("sent=\(report.sent) unique=\(report.unique) repeats=\(report.repeats) failed=\(report.failed) elapsed=\(WorkerConfiguration.format(report.elapsed))")
+        if report.failed > 0 { throw ExitCode(1) }
+    }
+}
+
+struct MockKafka: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "mock-kafka",
+        abstract: "Host a librdkafka mock cluster in this process; prints its bootstrap servers first, serves until SIGTERM/SIGINT.")
+
+    @Option(help: "Number of mock brokers.") var brokers: Int = 3
+    @Option(help: "Topic to create, NAME or NAME:PARTITIONS; repeatable.") var topic: [String] = []
+
+    func run() async throws {
+        OperationalLog.bootstrap(level: "warning", format: "logfmt")
+        let logger = Logger(label: "dedupd.mock-kafka")
+        let cluster = try MockKafkaCluster.make(brokers: brokers, logger: logger)
+        for spec in topic {
+            let parts = spec.split(separator: ":")
+            guard let name = parts.first, parts.count <= 2, let partitions = Int32(parts.count == 2 ? parts[1] : "1") else {
+                throw ValidationError("--topic must be NAME or NAME:PARTITIONS, got \(spec)")
+            }
+            try cluster.createTopic(String(name), partitions: partitions)
+        }
+        // Written unbuffered: whoever started this process reads the first line to find the cluster.
+        FileHandle.standardOutput.write(Data((cluster.bootstrapServers + "\n").utf8))
+        try await ServiceGroup(
+            configuration: .init(
+                services: [.init(service: Holder(cluster: cluster))],
+                gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+        ).run()
+    }
+
+    /// Keeps the cluster alive until shutdown.
+    struct Holder: Service {
+        let cluster: MockKafkaCluster
+        func run() async throws {
+            try? await gracefulShutdown()
+            withExtendedLifetime(cluster) {}
+        }
+    }
+}
+
+struct Demo: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run the whole flow locally: mock Kafka in process, a local redis-server, 10,000 submissions with 30% repeats.")
+
+    @Option(help: "Submissions to send.") var count: Int = 10_000
+    @Option(help: "Fraction of repeats (0...1).") var duplicateRatio: Double = 0.3
+    @Option(help: "Use this Redis instead of starting a local redis-server.") var redisUrl: String?
+    @Option(help: "Operational log level.") var logLevel: String = "notice"
+
+    func run() async throws {
+        OperationalLog.bootstrap(level: logLevel, format: "logfmt")
+        var options = DedupService.Demo.Options()
+        options.count = count
+        options.duplicateRatio = duplicateRatio
+        options.redisURL = redisUrl
+        let summary = try await DedupService.Demo.run(options, logger: Logger(label: "dedupd.demo"))
+        print(DedupService.Demo.render(summary))
+        if !summary.isExact { throw ExitCode(1) }
+    }
+}

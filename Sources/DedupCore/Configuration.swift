@@ -1,0 +1,400 @@
+/// Every configuration key dedupd knows, with its default and meaning. This one table drives
+/// validation (unknown keys are rejected with the nearest known key), environment variable names,
+/// `check-config` output and the README's reference.
+public struct ConfigKey: Sendable {
+    public enum Kind: Sendable, Equatable {
+        case string, duration, size, count, list, secret
+        case choice([String])
+    }
+
+    public let name: String
+    public let kind: Kind
+    /// `nil` when the key has no default (required, or optional and off).
+    public let defaultValue: String?
+    public let doc: String
+
+    /// `kafka.bootstrap_servers` → `DEDUPD_KAFKA_BOOTSTRAP_SERVERS`.
+    public var environmentName: String {
+        "DEDUPD_" + name.uppercased().map { $0 == "." ? "_" : $0 }.map(String.init).joined()
+    }
+}
+
+public enum ConfigSchema {
+    public static let keys: [ConfigKey] = [
+        .init(name: "kafka.bootstrap_servers", kind: .string, defaultValue: nil,
+              doc: "Kafka bootstrap servers, host:port[,host:port]. Required."),
+        .init(name: "kafka.topics", kind: .list, defaultValue: nil,
+              doc: "Topics to consume, comma-separated in flags and env. Required."),
+        .init(name: "kafka.group", kind: .string, defaultValue: "dedupd",
+              doc: "Consumer group id; workers with the same group share the partitions."),
+        .init(name: "kafka.group_instance_id", kind: .string, defaultValue: nil,
+              doc: "Static membership id (group.instance.id), e.g. the pod name: a restarted worker takes its place back without a rebalance."),
+        .init(name: "redis.url", kind: .secret, defaultValue: "redis://127.0.0.1:6379/0",
+              doc: "redis://[user:password@]host:port/db of the seen-set."),
+        .init(name: "redis.connect_timeout", kind: .duration, defaultValue: "2s", doc: "Redis connect timeout."),
+        .init(name: "redis.command_timeout", kind: .duration, defaultValue: "2s",
+              doc: "Redis reply timeout for one pipelined round trip."),
+        .init(name: "dedup.key", kind: .string, defaultValue: "header:message-id",
+              doc: "Key template: header:NAME, key, json:/pointer, sha256:value, sha256:json:/a,/b, or a composite {..}:{..}."),
+        .init(name: "dedup.namespace", kind: .string, defaultValue: "default",
+              doc: "Prefix that separates this stream's keys in Redis (dedupd:<namespace>:<key>)."),
+        .init(name: "dedup.window", kind: .duration, defaultValue: "5s",
+              doc: "Dedup window W: a new message waits this long for repeats before dispatch."),
+        .init(name: "dedup.retention", kind: .duration, defaultValue: "24h",
+              doc: "How long a dispatched key is remembered (repeats within it are dropped)."),
+        .init(name: "dedup.lease", kind: .duration, defaultValue: nil,
+              doc: "Lease of a pending claim; a dead worker's keys free up after it. Default: window + 30s."),
+        .init(name: "dedup.keep", kind: .choice(KeepPolicy.allCases.map(\.rawValue)), defaultValue: "first",
+              doc: "first: dispatch the first copy; last: dispatch the newest copy seen within the window."),
+        .init(name: "dedup.max_message_bytes", kind: .size, defaultValue: "1MiB",
+              doc: "Larger messages are bad input (counted and logged, not dispatched)."),
+        .init(name: "buffer.max_messages", kind: .count, defaultValue: "100000",
+              doc: "Delay buffer bound in messages; when reached the consumer pauses until half drained."),
+        .init(name: "buffer.max_bytes", kind: .size, defaultValue: "64MiB", doc: "Delay buffer bound in bytes."),
+        .init(name: "consumer.batch_size", kind: .count, defaultValue: "1000",
+              doc: "Most messages taken per poll; one Redis round trip claims a whole batch."),
+        .init(name: "handler.type", kind: .choice(["log"]), defaultValue: "log",
+              doc: "Handler for unique messages. log: one JSON line per message."),
+        .init(name: "handler.output", kind: .string, defaultValue: "-",
+              doc: "log handler: file to append JSON lines to; - is stdout."),
+        .init(name: "handler.concurrency", kind: .count, defaultValue: "4",
+              doc: "Handler calls in flight at once."),
+        .init(name: "handler.max_attempts", kind: .count, defaultValue: "5",
+              doc: "Tries per message before it is given up (logged as failed, claim released)."),
+        .init(name: "handler.backoff", kind: .duration, defaultValue: "100ms",
+              doc: "First retry delay; doubles per try, with jitter, up to 5s."),
+        .init(name: "run.stop_when_idle", kind: .duration, defaultValue: nil,
+              doc: "Exit 0 once nothing arrived for this long and nothing is waiting (batch runs, tests, demo)."),
+        .init(name: "run.shutdown_deadline", kind: .duration, defaultValue: "10s",
+              doc: "On SIGTERM/SIGINT: how long in-flight handlers may finish before exit."),
+        .init(name: "log.level", kind: .choice(["trace", "debug", "info", "notice", "warning", "error", "critical"]),
+              defaultValue: "info", doc: "Operational log level (stderr)."),
+        .init(name: "log.format", kind: .choice(["logfmt", "json"]), defaultValue: "logfmt",
+              doc: "Operational log format (stderr)."),
+        .init(name: "log.stats_interval", kind: .duration, defaultValue: "10s",
+              doc: "How often a stats line is logged; 0 turns it off."),
+    ]
+
+    /// Keys under this prefix pass through to librdkafka unchanged, e.g. `kafka.properties.security.protocol`.
+    public static let kafkaPropertiesPrefix = "kafka.properties."
+
+    public static let byName: [String: ConfigKey] = Dictionary(uniqueKeysWithValues: keys.map { ($0.name, $0) })
+}
+
+/// A configuration problem, naming the key, the value, where it came from and what is allowed.
+public struct ConfigError: Error, Sendable, CustomStringConvertible {
+    public var key: String
+    public var value: String?
+    public var origin: String?
+    public var problem: String
+
+    public init(key: String, value: String?, origin: String? = nil, problem: String) {
+        self.key = key
+        self.value = value
+        self.origin = origin
+        self.problem = problem
+    }
+
+    public var description: String {
+        var s = "config key \(key)"
+        if let value { s += " = \"\(value)\"" }
+        if let origin { s += " (from \(origin))" }
+        return s + ": " + problem
+    }
+}
+
+/// A value as given, with where it came from (file, environment variable or flag) for error messages.
+public struct ConfigValue: Sendable, Equatable {
+    public var text: String
+    public var origin: String
+    public init(_ text: String, origin: String) {
+        self.text = text
+        self.origin = origin
+    }
+}
+
+/// The parsed, validated configuration of a worker.
+public struct WorkerConfiguration: Sendable {
+    public var bootstrapServers: String
+    public var topics: [String]
+    public var group: String
+    public var groupInstanceID: String?
+    public var kafkaProperties: [String: String]
+    public var redisURL: String
+    public var redisConnectTimeout: Duration
+    public var redisCommandTimeout: Duration
+    public var dedup: DedupSettings
+    public var batchSize: Int
+    public var handlerType: String
+    public var handlerOutput: String
+    public var handlerConcurrency: Int
+    public var handlerMaxAttempts: Int
+    public var handlerBackoff: Backoff
+    public var stopWhenIdle: Duration?
+    public var shutdownDeadline: Duration
+    public var logLevel: String
+    public var logFormat: String
+    public var statsInterval: Duration
+
+    /// Merges sources (later ones win: pass file, then environment, then flags) and validates
+    /// every value once, at start, with a message naming the key.
+    public init(layers: [[String: ConfigValue]]) throws(ConfigError) {
+        var merged: [String: ConfigValue] = [:]
+        for layer in layers { merged.merge(layer) { _, new in new } }
+
+        for (name, value) in merged where ConfigSchema.byName[name] == nil {
+            if name.hasPrefix(ConfigSchema.kafkaPropertiesPrefix),
+                name.count > ConfigSchema.kafkaPropertiesPrefix.count
+            {
+                continue
+            }
+            var problem = "unknown key"
+            if let near = ConfigSchema.nearest(to: name) { problem += "; did you mean \(near)?" }
+            throw ConfigError(key: name, value: nil, origin: value.origin, problem: problem)
+        }
+        let r = Reader(values: merged)
+
+        bootstrapServers = try r.required("kafka.bootstrap_servers")
+        topics = try r.list("kafka.topics")
+        guard !topics.isEmpty else {
+            throw ConfigError(key: "kafka.topics", value: nil, problem: "at least one topic is required")
+        }
+        group = try r.string("kafka.group")
+        groupInstanceID = r.optional("kafka.group_instance_id")
+        var props: [String: String] = [:]
+        for (name, value) in merged where name.hasPrefix(ConfigSchema.kafkaPropertiesPrefix) {
+            props[String(name.dropFirst(ConfigSchema.kafkaPropertiesPrefix.count))] = value.text
+        }
+        kafkaProperties = props
+        redisURL = try r.string("redis.url")
+        guard redisURL.hasPrefix("redis://") else {
+            throw ConfigError(key: "redis.url", value: ConfigSchema.redact(redisURL), origin: merged["redis.url"]?.origin,
+                              problem: "must look like redis://[user:password@]host:port/db")
+        }
+        redisConnectTimeout = try r.duration("redis.connect_timeout")
+        redisCommandTimeout = try r.duration("redis.command_timeout")
+
+        let templateText = try r.string("dedup.key")
+        let template: KeyTemplate
+        do { template = try KeyTemplate(templateText) } catch {
+            throw ConfigError(key: "dedup.key", value: templateText, origin: merged["dedup.key"]?.origin,
+                              problem: "\(error)")
+        }
+        let window = try r.duration("dedup.window")
+        let retention = try r.duration("dedup.retention")
+        let lease = try r.optionalDuration("dedup.lease")
+        if retention < window {
+            throw ConfigError(key: "dedup.retention", value: r.optional("dedup.retention"),
+                              problem: "must be at least dedup.window (\(Self.format(window)))")
+        }
+        if let lease, lease <= window {
+            throw ConfigError(key: "dedup.lease", value: r.optional("dedup.lease"),
+                              problem: "must be longer than dedup.window (\(Self.format(window))) plus handler time")
+        }
+        let namespace = try r.string("dedup.namespace")
+        guard !namespace.isEmpty, !namespace.contains(":") else {
+            throw ConfigError(key: "dedup.namespace", value: namespace, problem: "must be non-empty and contain no ':'")
+        }
+        dedup = DedupSettings(
+            template: template,
+            namespace: namespace,
+            window: window,
+            retention: retention,
+            lease: lease,
+            keep: KeepPolicy(rawValue: try r.choice("dedup.keep"))!,
+            maxMessageBytes: try r.size("dedup.max_message_bytes"),
+            bufferMaxMessages: try r.count("buffer.max_messages"),
+            bufferMaxBytes: try r.size("buffer.max_bytes")
+        )
+        batchSize = try r.count("consumer.batch_size")
+        handlerType = try r.choice("handler.type")
+        handlerOutput = try r.string("handler.output")
+        handlerConcurrency = try r.count("handler.concurrency")
+        handlerMaxAttempts = try r.count("handler.max_attempts")
+        handlerBackoff = Backoff(initial: try r.duration("handler.backoff"), maximum: .seconds(5))
+        stopWhenIdle = try r.optionalDuration("run.stop_when_idle")
+        shutdownDeadline = try r.duration("run.shutdown_deadline")
+        logLevel = try r.choice("log.level")
+        logFormat = try r.choice("log.format")
+        statsInterval = try r.duration("log.stats_interval", allowZero: true)
+    }
+
+    /// `90s` → `1m30s`, `0.5s` → `500ms`: durations printed the way they are written.
+    public static func format(_ d: Duration) -> String {
+        var ms = d.milliseconds
+        if ms == 0 { return "0s" }
+        if ms % 1000 != 0 && ms < 1000 { return "\(ms)ms" }
+        var out = ""
+        for (unit, size) in [("h", Int64(3_600_000)), ("m", 60_000), ("s", 1000)] where ms >= size {
+            out += "\(ms / size)\(unit)"
+            ms %= size
+        }
+        if ms > 0 { out += "\(ms)ms" }
+        return out
+    }
+
+    struct Reader {
+        let values: [String: ConfigValue]
+
+        func raw(_ key: String) -> ConfigValue? {
+            if let v = values[key] { return v }
+            if let d = ConfigSchema.byName[key]?.defaultValue { return ConfigValue(d, origin: "default") }
+            return nil
+        }
+        func optional(_ key: String) -> String? {
+            guard let v = raw(key)?.text, !v.isEmpty else { return nil }
+            return v
+        }
+        func string(_ key: String) throws(ConfigError) -> String {
+            raw(key)?.text ?? ""
+        }
+        func required(_ key: String) throws(ConfigError) -> String {
+            guard let v = optional(key) else {
+                throw ConfigError(key: key, value: nil, problem: "is required (set it in the file, as \(ConfigSchema.byName[key]!.environmentName), or by flag)")
+            }
+            return v
+        }
+        func list(_ key: String) throws(ConfigError) -> [String] {
+            try required(key).split(separator: ",").map { $0.trimmingSpaces() }.filter { !$0.isEmpty }
+        }
+        func fail(_ key: String, _ problem: String) -> ConfigError {
+            let v = raw(key)
+            return ConfigError(key: key, value: v?.text, origin: v?.origin, problem: problem)
+        }
+        func choice(_ key: String) throws(ConfigError) -> String {
+            let v = try string(key)
+            guard case .choice(let allowed) = ConfigSchema.byName[key]!.kind, allowed.contains(v) else {
+                guard case .choice(let allowed) = ConfigSchema.byName[key]!.kind else { return v }
+                throw fail(key, "must be one of: \(allowed.joined(separator: ", "))")
+            }
+            return v
+        }
+        func duration(_ key: String, allowZero: Bool = false) throws(ConfigError) -> Duration {
+            guard let text = optional(key), let d = DurationParser.parse(text) else {
+                throw fail(key, "must be a duration such as 500ms, 2s, 5m, 24h")
+            }
+            if d <= .zero && !allowZero { throw fail(key, "must be greater than 0") }
+            return d
+        }
+        func optionalDuration(_ key: String) throws(ConfigError) -> Duration? {
+            guard optional(key) != nil else { return nil }
+            return try duration(key)
+        }
+        func count(_ key: String) throws(ConfigError) -> Int {
+            guard let text = optional(key), let n = Int(text.replacingUnderscores()), n > 0 else {
+                throw fail(key, "must be a whole number greater than 0")
+            }
+            return n
+        }
+        func size(_ key: String) throws(ConfigError) -> Int {
+            guard let text = optional(key), let n = SizeParser.parse(text), n > 0 else {
+                throw fail(key, "must be a size such as 65536, 512KiB, 64MiB")
+            }
+            return n
+        }
+    }
+}
+
+extension ConfigSchema {
+    /// The known key closest to a misspelt one (edit distance), if it is close enough to be a typo.
+    public static func nearest(to name: String) -> String? {
+        let scored = keys.map { ($0.name, editDistance(name, $0.name)) }.min { $0.1 < $1.1 }
+        guard let (best, d) = scored, d <= max(3, name.count / 3) else { return nil }
+        return best
+    }
+
+    static func editDistance(_ a: String, _ b: String) -> Int {
+        let a = Array(a.utf8), b = Array(b.utf8)
+        var prev = Array(0...b.count)
+        for i in 1...max(1, a.count) where !a.isEmpty {
+            var cur = [i] + Array(repeating: 0, count: b.count)
+            for j in 1...max(1, b.count) where !b.isEmpty {
+                cur[j] = Swift.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1))
+            }
+            prev = cur
+        }
+        return a.isEmpty ? b.count : prev[b.count]
+    }
+
+    /// Hides the password in a redis:// URL.
+    public static func redact(_ url: String) -> String {
+        guard let schemeEnd = url.range(of: "://"), let at = url.range(of: "@", options: .backwards),
+            at.lowerBound > schemeEnd.upperBound
+        else { return url }
+        let userinfo = url[schemeEnd.upperBound..<at.lowerBound]
+        let user = userinfo.split(separator: ":", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? ""
+        let redactedInfo = userinfo.contains(":") ? "\(user):***" : "***"
+        return url[..<schemeEnd.upperBound] + redactedInfo + url[at.lowerBound...]
+    }
+}
+
+public enum DurationParser {
+    /// `250ms`, `2s`, `1.5s`, `5m`, `24h`, `7d`, `1h30m`, and `0`.
+    public static func parse(_ text: String) -> Duration? {
+        let s = text.trimmingSpaces()
+        if s == "0" { return .zero }
+        var total = 0.0
+        var number = ""
+        var unit = ""
+        var sawAny = false
+        func flush() -> Bool {
+            guard let n = Double(number) else { return false }
+            let scale: Double
+            switch unit {
+            case "ms": scale = 0.001
+            case "s": scale = 1
+            case "m": scale = 60
+            case "h": scale = 3600
+            case "d": scale = 86400
+            default: return false
+            }
+            total += n * scale
+            number = ""
+            unit = ""
+            sawAny = true
+            return true
+        }
+        for c in s {
+            if c.isNumber || c == "." {
+                if !unit.isEmpty { guard flush() else { return nil } }
+                number.append(c)
+            } else if c.isLetter {
+                guard !number.isEmpty else { return nil }
+                unit.append(c)
+            } else {
+                return nil
+            }
+        }
+        guard !number.isEmpty, flush(), sawAny else { return nil }
+        return .milliseconds(Int64((total * 1000).rounded()))
+    }
+}
+
+public enum SizeParser {
+    /// `65536`, `512KiB`, `64MiB`, `1GiB`, also `KB`/`MB`/`GB` (decimal).
+    public static func parse(_ text: String) -> Int? {
+        let s = text.trimmingSpaces().replacingUnderscores()
+        let digits = s.prefix { $0.isNumber }
+        guard let n = Int(digits) else { return nil }
+        let unit = s.dropFirst(digits.count).lowercased()
+        let scale: Int
+        switch unit {
+        case "", "b": scale = 1
+        case "kib", "k": scale = 1 << 10
+        case "mib", "m": scale = 1 << 20
+        case "gib", "g": scale = 1 << 30
+        case "kb": scale = 1000
+        case "mb": scale = 1_000_000
+        case "gb": scale = 1_000_000_000
+        default: return nil
+        }
+        return n * scale
+    }
+}
+
+extension StringProtocol {
+    func trimmingSpaces() -> String {
+        String(self.drop { $0.isWhitespace }.reversed().drop { $0.isWhitespace }.reversed())
+    }
+    func replacingUnderscores() -> String { String(self.filter { $0 != "_" }) }
+}

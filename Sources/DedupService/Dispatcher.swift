@@ -1,0 +1,80 @@
+import DedupCore
+import Logging
+import Synchronization
+
+/// Runs one round of due messages through the handler: up to `concurrency` calls at once, each
+/// message retried with exponential backoff and jitter up to `maxAttempts` (DESIGN.md step 5).
+///
+/// Tasks are per round (at most `concurrency` of them pulling from a shared index), not per
+/// message, so a large round costs no more tasks than a small one.
+struct Dispatcher: Sendable {
+    enum Result: Sendable {
+        case success
+        /// Every attempt failed; the last error.
+        case gaveUp(any Error)
+        /// Cancelled (shutdown deadline) before the handler took it: not dispatched, not resolved.
+        case abandoned
+    }
+
+    let handler: any Handler
+    let concurrency: Int
+    let maxAttempts: Int
+    let backoff: Backoff
+    let logger: Logger
+
+    func run(_ due: [Dispatch]) async -> [Result] {
+        let workers = min(concurrency, due.count)
+        if workers <= 1 {
+            var results: [Result] = []
+            results.reserveCapacity(due.count)
+            for d in due { results.append(await attempt(d)) }
+            return results
+        }
+        let next = Locked(0)
+        let results = Locked([Result](repeating: .abandoned, count: due.count))
+        await withTaskGroup(of: Void.self) { group in
+            for _ in 0..<workers {
+                group.addTask {
+                    while true {
+                        let i = next.withLock { n -> Int in
+                            defer { n += 1 }
+                            return n
+                        }
+                        guard i < due.count else { return }
+                        let r = await attempt(due[i])
+                        results.withLock { $0[i] = r }
+                    }
+                }
+            }
+        }
+        return results.withLock { $0 }
+    }
+
+    func attempt(_ dispatch: Dispatch) async -> Result {
+        var rng = SystemRandomNumberGenerator()
+        var d = dispatch
+        while true {
+            if Task.isCancelled { return .abandoned }
+            do {
+                try await handler.handle(d)
+                return .success
+            } catch {
+                if d.attempt >= maxAttempts { return .gaveUp(error) }
+                logger.info(
+                    "handler failed, retrying",
+                    metadata: ["dedup.key": "\(d.key.raw)", "handler.attempt": "\(d.attempt)", "error": "\(error)"])
+                do { try await Task.sleep(for: backoff.jittered(attempt: d.attempt, using: &rng)) } catch {
+                    return .abandoned
+                }
+                d.attempt += 1
+            }
+        }
+    }
+}
+
+/// A value behind a lock that closures running in other tasks can share.
+final class Locked<Value: Sendable>: Sendable {
+    private let mutex: Mutex<Value>
+    init(_ value: Value) { mutex = Mutex(value) }
+    func withLock<R>(_ body: (inout Value) -> R) -> R { mutex.withLock { body(&$0) } }
+}

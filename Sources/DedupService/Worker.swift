@@ -1,0 +1,367 @@
+import DedupCore
+import Foundation
+import KafkaIO
+import Logging
+import RedisIO
+import ServiceLifecycle
+import Synchronization
+
+/// The dedupd pipeline as a ServiceLifecycle `Service`: consume → key → claim → delay buffer →
+/// dispatch → confirm → commit (DESIGN.md "The flow of one message").
+///
+/// One loop owns all pipeline state (`DedupEngine`), so the hot path has no locks and no actor
+/// hops; the blocking C calls run on the adapters' own threads, one hop per batch. Each pass:
+/// poll a batch, ingest it, claim its new keys in one round trip, dispatch what is due, confirm
+/// in one round trip, store the offsets that became safe, and apply backpressure.
+public final class Worker: Service {
+    public let config: WorkerConfiguration
+    public let owner: String
+    let logger: Logger
+    let handler: any Handler
+    let stopRequested = Mutex(false)
+    /// Counters of the last run, for the demo and tests that run a worker in process.
+    public let finalCounters = Mutex(DedupCounters())
+
+    public init(config: WorkerConfiguration, handler: (any Handler)? = nil, logger: Logger = Logger(label: "dedupd")) throws {
+        self.config = config
+        self.logger = logger
+        self.owner = Self.makeOwnerID()
+        self.handler = try handler ?? LogOutputHandler(path: config.handlerOutput)
+    }
+
+    /// `host-pid-random`: unique per process, so a restarted worker never confirms a dead one's claims.
+    static func makeOwnerID() -> String {
+        let host = ProcessInfo.processInfo.hostName.split(separator: ".").first.map(String.init) ?? "host"
+        return "\(host)-\(getpid())-\(String(UInt32.random(in: 0...UInt32.max), radix: 16))"
+    }
+
+    /// Asks the loop to stop (the same path as SIGTERM).
+    public func requestStop() { stopRequested.withLock { $0 = true } }
+    var isStopRequested: Bool { stopRequested.withLock { $0 } }
+
+    public func run() async throws {
+        try await withGracefulShutdownHandler {
+            try await runPipeline()
+        } onGracefulShutdown: { [self] in
+            logger.info("shutdown requested")
+            requestStop()
+        }
+    }
+
+    // MARK: - Set-up
+
+    func kafkaProperties() -> [String: String] {
+        var props = config.kafkaProperties
+        if let id = config.groupInstanceID { props["group.instance.id"] = id }
+        return props
+    }
+
+    func connectStore() async throws -> RedisClaimStore? {
+        let url = try RedisURL(config.redisURL)
+        var attempt = 0
+        var rng = SystemRandomNumberGenerator()
+        while !isStopRequested {
+            attempt += 1
+            do {
+                let connection = try await RedisConnection.connect(
+                    url, connectTimeout: config.redisConnectTimeout, commandTimeout: config.redisCommandTimeout,
+                    logger: logger)
+                if attempt > 1 { logger.notice("redis reachable", metadata: ["redis.url": "\(url.redacted)"]) }
+                return RedisClaimStore(connection: connection, logger: logger)
+            } catch let error as RedisError where error.isRetriable {
+                if attempt == 1 {
+                    logger.error("redis unreachable, waiting for it (fail-closed: nothing is consumed meanwhile)",
+                                 metadata: ["redis.url": "\(url.redacted)", "error": "\(error)"])
+                }
+                try await Task.sleep(for: Backoff().jittered(attempt: attempt, using: &rng))
+            }
+        }
+        return nil
+    }
+
+    // MARK: - The loop
+
+    func runPipeline() async throws {
+        let started = ContinuousClock.now
+        guard let store = try await connectStore() else { return }
+        let consumer = try KafkaConsumer.make(
+            bootstrapServers: config.bootstrapServers, groupID: config.group, topics: config.topics,
+            properties: kafkaProperties(), logger: logger)
+        logger.info(
+            "worker started",
+            metadata: [
+                "dedup.owner": "\(owner)", "kafka.group": "\(config.group)",
+                "kafka.topics": "\(config.topics.joined(separator: ","))",
+                "dedup.key": "\(config.dedup.template)", "dedup.window": "\(WorkerConfiguration.format(config.dedup.window))",
+                "dedup.retention": "\(WorkerConfiguration.format(config.dedup.retention))",
+            ])
+
+        var state = LoopState(engine: DedupEngine(settings: config.dedup), lastActivity: started)
+        let clock = ContinuousClock()
+        var rng = SystemRandomNumberGenerator()
+        var stats = StatsReporter(interval: config.statsInterval, logger: logger, now: started)
+
+        while !isStopRequested {
+            let now = clock.now
+            let timeout = state.pollTimeout(now: now)
+            let events = await consumer.poll(maxMessages: config.batchSize, timeout: timeout)
+            await ingest(events, state: &state, store: store, consumer: consumer, now: clock.now)
+
+            if state.storeUsable(now: clock.now) {
+                await claimRound(state: &state, store: store, now: clock.now, rng: &rng)
+            }
+            let due = state.engine.takeDue(now: clock.now)
+            if !due.isEmpty { await dispatchRound(due, state: &state, store: store) }
+            if state.storeUsable(now: clock.now) {
+                await confirmRound(state: &state, store: store, rng: &rng)
+                await releaseRound(state: &state, store: store, rng: &rng)
+            }
+            storeOffsets(&state, consumer: consumer)
+            await applyBackpressure(&state, consumer: consumer)
+
+            stats.tick(now: clock.now, counters: state.engine.counters, engine: state.engine)
+            if let idle = config.stopWhenIdle, state.isQuiet, clock.now - state.lastActivity >= idle {
+                logger.info("idle, stopping", metadata: ["run.stop_when_idle": "\(WorkerConfiguration.format(idle))"])
+                break
+            }
+        }
+        await shutdown(state: &state, store: store, consumer: consumer, started: started)
+    }
+
+    struct LoopState {
+        var engine: DedupEngine
+        var lastActivity: ContinuousClock.Instant
+        var assignment: Set<TopicPartition> = []
+        var pausedForBackpressure = false
+        var pausedPartitions: Set<TopicPartition> = []
+        /// Claims to give back (revocation, failed handler), kept until Redis took them.
+        var toRelease: [DedupKey] = []
+        /// Fail-closed store outage: no claim is made and consumption is paused until this time.
+        var storeDownSince: ContinuousClock.Instant?
+        var storeRetryAt: ContinuousClock.Instant?
+        var storeFailures = 0
+
+        func storeUsable(now: ContinuousClock.Instant) -> Bool {
+            guard let retry = storeRetryAt else { return true }
+            return now >= retry
+        }
+
+        var isQuiet: Bool { engine.isIdle && toRelease.isEmpty }
+
+        /// Block in poll no longer than until the next deadline, the next store retry, or 100 ms.
+        func pollTimeout(now: ContinuousClock.Instant) -> Duration {
+            var t = Duration.milliseconds(100)
+            if let wake = engine.nextWakeup { t = min(t, wake - now) }
+            if let retry = storeRetryAt { t = min(t, retry - now) }
+            return max(.zero, t)
+        }
+    }
+
+    func ingest(
+        _ events: [KafkaConsumer.ConsumerEvent], state: inout LoopState, store: RedisClaimStore,
+        consumer: KafkaConsumer, now: ContinuousClock.Instant
+    ) async {
+        for event in events {
+            switch event {
+            case .message(let message):
+                state.lastActivity = now
+                if case .bad(let bad) = state.engine.ingest(message) {
+                    logger.warning(
+                        "bad input, not dispatched",
+                        metadata: [
+                            "dedup.reason": "\(bad.reason.code)", "error": "\(bad.detail)",
+                            "kafka.topic": "\(message.topic)", "kafka.partition": "\(message.partition)",
+                            "kafka.offset": "\(message.offset)",
+                        ])
+                }
+            case .assigned(let partitions):
+                state.lastActivity = now
+                state.assignment.formUnion(partitions)
+                if state.pausedForBackpressure || state.storeDownSince != nil {
+                    try? consumer.pause(partitions)
+                    state.pausedPartitions.formUnion(partitions)
+                }
+            case .revoked(let partitions):
+                state.lastActivity = now
+                let set = Set(partitions)
+                state.assignment.subtract(set)
+                state.pausedPartitions.subtract(set)
+                let released = state.engine.revoke(set)
+                if !released.isEmpty {
+                    logger.info(
+                        "partitions revoked with messages in the window; releasing their claims",
+                        metadata: ["dedup.released": "\(released.count)"])
+                    state.toRelease.append(contentsOf: released)
+                }
+            case .error(let error):
+                logger.warning("kafka error", metadata: ["error": "\(error)"])
+            }
+        }
+    }
+
+    func claimRound(state: inout LoopState, store: RedisClaimStore, now: ContinuousClock.Instant, rng: inout SystemRandomNumberGenerator) async {
+        let keys = state.engine.keysToClaim(now: now)
+        guard !keys.isEmpty else { return }
+        do {
+            let outcomes = try await store.claim(keys.map(\.storeKey), owner: owner, lease: config.dedup.lease)
+            storeSucceeded(&state)
+            state.engine.applyClaims(keys, outcomes, now: ContinuousClock.now)
+        } catch {
+            storeFailed(&state, error: error, rng: &rng)
+        }
+    }
+
+    func confirmRound(state: inout LoopState, store: RedisClaimStore, rng: inout SystemRandomNumberGenerator) async {
+        let keys = state.engine.keysToConfirm()
+        guard !keys.isEmpty else { return }
+        do {
+            let outcomes = try await store.confirm(keys.map(\.storeKey), owner: owner, retention: config.dedup.retention)
+            storeSucceeded(&state)
+            for (key, outcome) in zip(keys, outcomes) {
+                if case .notOwner(let other) = outcome {
+                    logger.warning(
+                        "confirm found another owner: the lease ran out while this copy was in the handler, so another worker may have dispatched the key too; raise dedup.lease",
+                        metadata: ["dedup.key": "\(key.raw)", "dedup.other_owner": "\(other)"])
+                }
+            }
+            state.engine.applyConfirms(keys, outcomes)
+        } catch {
+            storeFailed(&state, error: error, rng: &rng)
+        }
+    }
+
+    func releaseRound(state: inout LoopState, store: RedisClaimStore, rng: inout SystemRandomNumberGenerator) async {
+        guard !state.toRelease.isEmpty else { return }
+        do {
+            _ = try await store.release(state.toRelease.map(\.storeKey), owner: owner)
+            storeSucceeded(&state)
+            state.toRelease.removeAll()
+        } catch {
+            storeFailed(&state, error: error, rng: &rng)
+        }
+    }
+
+    func storeSucceeded(_ state: inout LoopState) {
+        if let since = state.storeDownSince {
+            logger.notice("redis reachable again, resuming", metadata: [
+                "redis.down_for": "\(WorkerConfiguration.format(ContinuousClock.now - since))"])
+        }
+        state.storeDownSince = nil
+        state.storeRetryAt = nil
+        state.storeFailures = 0
+    }
+
+    /// Fail-closed: a store error pauses consumption and retries with backoff and jitter. The
+    /// transition is logged once, not once per message or per retry.
+    func storeFailed(_ state: inout LoopState, error: any Error, rng: inout SystemRandomNumberGenerator) {
+        state.storeFailures += 1
+        let now = ContinuousClock.now
+        if state.storeDownSince == nil {
+            state.storeDownSince = now
+            logger.error(
+                "redis unavailable, pausing consumption until it answers (fail-closed: nothing unclaimed is dispatched)",
+                metadata: ["error": "\(error)"])
+        }
+        state.storeRetryAt = now + Backoff(initial: .milliseconds(100), maximum: .seconds(5))
+            .jittered(attempt: state.storeFailures, using: &rng)
+    }
+
+    // MARK: - Dispatch
+
+    func dispatchRound(_ due: [Dispatch], state: inout LoopState, store: RedisClaimStore) async {
+        let results = await Dispatcher(
+            handler: handler, concurrency: config.handlerConcurrency, maxAttempts: config.handlerMaxAttempts,
+            backoff: config.handlerBackoff, logger: logger
+        ).run(due)
+        var flushError: (any Error)?
+        do { try await handler.flush() } catch { flushError = error }
+        for (dispatch, result) in zip(due, results) {
+            switch (result, flushError) {
+            case (.success, nil):
+                state.engine.dispatchSucceeded(dispatch.key)
+            case (.success, let error?), (.gaveUp(let error), _):
+                logger.error(
+                    "handler gave up; message not dispatched, claim released",
+                    metadata: [
+                        "dedup.key": "\(dispatch.key.raw)", "kafka.topic": "\(dispatch.message.topic)",
+                        "kafka.partition": "\(dispatch.message.partition)", "kafka.offset": "\(dispatch.message.offset)",
+                        "handler.attempts": "\(config.handlerMaxAttempts)", "error": "\(error)",
+                    ])
+                state.engine.dispatchFailed(dispatch.key)
+                state.toRelease.append(dispatch.key)
+            case (.abandoned, _):
+                state.engine.dispatchAbandoned(dispatch.key)
+                state.toRelease.append(dispatch.key)
+            }
+        }
+    }
+
+    // MARK: - Commit and backpressure
+
+    func storeOffsets(_ state: inout LoopState, consumer: KafkaConsumer) {
+        let positions = state.engine.takeCommitPositions()
+        guard !positions.isEmpty else { return }
+        do { try consumer.storeOffsets(positions) } catch {
+            logger.warning("storing offsets failed", metadata: ["error": "\(error)"])
+        }
+    }
+
+    func applyBackpressure(_ state: inout LoopState, consumer: KafkaConsumer) async {
+        let mustPause = state.engine.shouldPause || state.storeDownSince != nil
+        if mustPause && state.pausedPartitions.isEmpty && !state.assignment.isEmpty {
+            let partitions = Array(state.assignment)
+            do {
+                try consumer.pause(partitions)
+                state.pausedPartitions = Set(partitions)
+                state.pausedForBackpressure = state.engine.shouldPause
+                if state.engine.shouldPause {
+                    logger.info("buffer full, pausing consumption", metadata: [
+                        "buffer.messages": "\(state.engine.buffer.count)", "buffer.bytes": "\(state.engine.buffer.bytes)"])
+                }
+            } catch {
+                logger.warning("pausing partitions failed", metadata: ["error": "\(error)"])
+            }
+        } else if !mustPause && !state.pausedPartitions.isEmpty && state.engine.canResume {
+            do {
+                try consumer.resume(Array(state.pausedPartitions))
+                if state.pausedForBackpressure { logger.info("buffer drained, resuming consumption") }
+                state.pausedPartitions = []
+                state.pausedForBackpressure = false
+            } catch {
+                logger.warning("resuming partitions failed", metadata: ["error": "\(error)"])
+            }
+        }
+    }
+
+    // MARK: - Shutdown
+
+    /// Stop fetching, confirm what was dispatched, give back what still waits in the window,
+    /// store and synchronously commit what is resolved, leave the group.
+    func shutdown(state: inout LoopState, store: RedisClaimStore, consumer: KafkaConsumer, started: ContinuousClock.Instant) async {
+        var rng = SystemRandomNumberGenerator()
+        state.storeRetryAt = nil
+        await confirmRound(state: &state, store: store, rng: &rng)
+        storeOffsets(&state, consumer: consumer)
+        let waiting = state.engine.drainForShutdown()
+        state.toRelease.append(contentsOf: waiting)
+        state.storeRetryAt = nil
+        await releaseRound(state: &state, store: store, rng: &rng)
+        var commitError: (any Error)?
+        do { try await consumer.commitSync() } catch { commitError = error }
+        await consumer.close()
+        await handler.close()
+        let c = state.engine.counters
+        finalCounters.withLock { $0 = c }
+        let elapsed = ContinuousClock.now - started
+        var metadata: Logger.Metadata = [
+            "consumed": "\(c.consumed)", "dispatched": "\(c.dispatched)", "duplicates": "\(c.duplicates)",
+            "duplicates.local": "\(c.duplicatesLocal)", "duplicates.redis": "\(c.duplicatesStore)",
+            "invalid": "\(c.invalid)", "failed": "\(c.failed)", "released": "\(c.released)",
+            "released.unconfirmed": "\(state.toRelease.count)",
+            "elapsed": "\(WorkerConfiguration.format(elapsed))",
+        ]
+        if let commitError { metadata["error"] = "\(commitError)" }
+        logger.notice(commitError == nil ? "shutdown complete, offsets committed" : "shutdown complete, final commit failed",
+                      metadata: metadata)
+    }
+}

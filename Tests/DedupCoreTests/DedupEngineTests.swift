@@ -1,0 +1,217 @@
+import DedupCore
+import Testing
+
+/// Drives the engine the way the worker does, against the fake store, on a test clock.
+struct Harness {
+    var engine: DedupEngine
+    var clock = TestClock()
+    let store = FakeClaimStore()
+    let owner: String
+    var dispatched: [Dispatch] = []
+
+    init(owner: String = "w1", keep: KeepPolicy = .first, window: Duration = .seconds(5), maxMessages: Int = 1000) throws {
+        self.owner = owner
+        engine = DedupEngine(settings: DedupSettings(
+            template: try KeyTemplate("header:message-id"), namespace: "test", window: window, keep: keep,
+            bufferMaxMessages: maxMessages))
+        store.setNow(clock.now)
+    }
+
+    mutating func advance(_ d: Duration) {
+        clock.advance(d)
+        store.setNow(clock.now)
+    }
+
+    @discardableResult
+    mutating func consume(_ messages: [InboundMessage]) async throws -> [DedupEngine.Ingested] {
+        let results = messages.map { engine.ingest($0) }
+        let keys = engine.keysToClaim(now: clock.now)
+        if !keys.isEmpty {
+            engine.applyClaims(keys, try await store.claim(keys.map(\.storeKey), owner: owner, lease: .seconds(35)), now: clock.now)
+        }
+        return results
+    }
+
+    /// Dispatch what is due (the handler always succeeds) and confirm it.
+    mutating func dispatchDue() async throws {
+        let due = engine.takeDue(now: clock.now)
+        for d in due { engine.dispatchSucceeded(d.key) }
+        dispatched += due
+        let keys = engine.keysToConfirm()
+        if !keys.isEmpty {
+            engine.applyConfirms(keys, try await store.confirm(keys.map(\.storeKey), owner: owner, retention: .seconds(3600)))
+        }
+    }
+}
+
+@Suite struct DedupEngineTests {
+    let tp0 = TopicPartition(topic: "t", partition: 0)
+
+    @Test func firstCopyIsDispatchedAfterTheWindowAndRepeatsAreLocal() async throws {
+        var h = try Harness()
+        let r = try await h.consume([msg("a", offset: 0), msg("b", offset: 1), msg("a", offset: 2)])
+        #expect(r[2] == .localDuplicate(DedupKey(raw: "a", namespace: "test")))
+        #expect(h.store.roundTrips == 1, "one claim round trip for the whole batch")
+        #expect(h.engine.takeCommitPositions().isEmpty, "nothing is committed while the window runs")
+
+        h.advance(.seconds(4))
+        try await h.dispatchDue()
+        #expect(h.dispatched.isEmpty)
+        try await h.consume([msg("a", offset: 3)])  // repeat within the window: no round trip
+        #expect(h.store.roundTrips == 1)
+
+        h.advance(.seconds(1))
+        try await h.dispatchDue()
+        #expect(h.dispatched.map(\.message.offset) == [0, 1])
+        #expect(h.engine.takeCommitPositions() == [tp0: 4])
+        #expect(h.engine.counters.duplicatesLocal == 2)
+        #expect(h.store.value("dedupd:test:a") == "d:w1")
+        #expect(h.engine.isIdle)
+    }
+
+    @Test func repeatAfterTheWindowIsADuplicateFromTheStore() async throws {
+        var h = try Harness()
+        try await h.consume([msg("a", offset: 0)])
+        h.advance(.seconds(5))
+        try await h.dispatchDue()
+        h.advance(.seconds(60))
+        try await h.consume([msg("a", offset: 1)])
+        #expect(h.engine.counters.duplicatesStore == 1)
+        #expect(h.engine.takeCommitPositions() == [tp0: 2])
+        #expect(h.engine.isIdle)
+    }
+
+    @Test func keepLastDispatchesTheNewestCopy() async throws {
+        var h = try Harness(keep: .last)
+        try await h.consume([msg("a", offset: 0, value: #"{"v":1}"#)])
+        h.advance(.seconds(2))
+        try await h.consume([msg("a", offset: 1, value: #"{"v":2}"#)])
+        h.advance(.seconds(3))
+        try await h.dispatchDue()
+        #expect(h.dispatched.map(\.message.offset) == [1])
+        #expect(h.engine.takeCommitPositions() == [tp0: 2])
+    }
+
+    @Test func badInputIsResolvedAndCounted() async throws {
+        var h = try Harness()
+        let r = try await h.consume([msg(nil, offset: 0), msg("", offset: 1), msg("ok", offset: 2)])
+        guard case .bad(let b0) = r[0], case .bad(let b1) = r[1] else {
+            Issue.record("expected bad input, got \(r)")
+            return
+        }
+        #expect(b0.reason == .missingHeader)
+        #expect(b1.reason == .emptyKey)
+        #expect(h.engine.counters.invalid == 2)
+        #expect(h.engine.takeCommitPositions() == [tp0: 2], "bad input never blocks the partition")
+    }
+
+    @Test func oversizedMessageIsBadInput() async throws {
+        var h = try Harness()
+        h.engine = DedupEngine(settings: DedupSettings(
+            template: try KeyTemplate("header:message-id"), namespace: "test", maxMessageBytes: 10))
+        let r = try await h.consume([msg("a", offset: 0, value: String(repeating: "x", count: 11))])
+        guard case .bad(let bad) = r[0] else { Issue.record("expected bad input"); return }
+        #expect(bad.reason == .tooLarge)
+    }
+
+    @Test func keyPendingElsewhereIsParkedThenDuplicateOnceConfirmed() async throws {
+        var a = try Harness(owner: "A")
+        var b = try Harness(owner: "B")
+        let shared = a.store
+        b = try Harness(owner: "B")
+        // Both workers on one store: B uses A's store.
+        var bEngine = b.engine
+        _ = a.engine.ingest(msg("k", offset: 0))
+        var keys = a.engine.keysToClaim(now: a.clock.now)
+        a.engine.applyClaims(keys, try await shared.claim(keys.map(\.storeKey), owner: "A", lease: .seconds(35)), now: a.clock.now)
+
+        _ = bEngine.ingest(msg("k", partition: 1, offset: 0))
+        keys = bEngine.keysToClaim(now: a.clock.now)
+        bEngine.applyClaims(keys, try await shared.claim(keys.map(\.storeKey), owner: "B", lease: .seconds(35)), now: a.clock.now)
+        #expect(bEngine.parkedCount == 1)
+        #expect(bEngine.counters.parked == 1)
+        #expect(bEngine.takeCommitPositions().isEmpty, "a parked message is not committed")
+        #expect(bEngine.keysToClaim(now: a.clock.now).isEmpty, "not retried before parkRetry")
+
+        a.advance(.seconds(5))
+        try await a.dispatchDue()
+        #expect(a.dispatched.count == 1)
+
+        keys = bEngine.keysToClaim(now: a.clock.now)
+        #expect(keys.count == 1)
+        bEngine.applyClaims(keys, try await shared.claim(keys.map(\.storeKey), owner: "B", lease: .seconds(35)), now: a.clock.now)
+        #expect(bEngine.counters.duplicatesStore == 1)
+        #expect(bEngine.takeCommitPositions() == [TopicPartition(topic: "t", partition: 1): 1])
+        #expect(bEngine.isIdle)
+    }
+
+    @Test func parkedKeyIsClaimedOnceTheOtherLeaseExpires() async throws {
+        var h = try Harness(owner: "B")
+        h.store.put("dedupd:test:k", "p:dead-worker", ttl: .seconds(10))
+        try await h.consume([msg("k", offset: 0)])
+        #expect(h.engine.parkedCount == 1)
+        h.advance(.seconds(11))
+        try await h.consume([])
+        #expect(h.engine.parkedCount == 0)
+        #expect(h.store.value("dedupd:test:k") == "p:B")
+        h.advance(.seconds(5))
+        try await h.dispatchDue()
+        #expect(h.dispatched.count == 1)
+    }
+
+    @Test func failedClaimRoundTripLeavesEverythingToRetry() async throws {
+        var h = try Harness()
+        _ = h.engine.ingest(msg("a", offset: 0))
+        h.store.failNextCall()
+        let keys = h.engine.keysToClaim(now: h.clock.now)
+        await #expect(throws: FakeClaimStore.Down.self) {
+            _ = try await h.store.claim(keys.map(\.storeKey), owner: "w1", lease: .seconds(1))
+        }
+        #expect(h.engine.keysToClaim(now: h.clock.now) == keys, "still waiting for a claim")
+        try await h.consume([])
+        #expect(h.engine.buffer.count == 1)
+        h.advance(.seconds(5))
+        #expect(h.engine.takeDue(now: h.clock.now).count == 1)
+    }
+
+    @Test func revocationDropsWaitingMessagesWithoutCommittingThem() async throws {
+        var h = try Harness()
+        try await h.consume([msg("a", offset: 0), msg("b", partition: 1, offset: 0)])
+        let released = h.engine.revoke([tp0])
+        #expect(released.map(\.raw) == ["a"])
+        #expect(h.engine.counters.released == 1)
+        #expect(h.engine.takeCommitPositions().isEmpty)
+        h.advance(.seconds(5))
+        try await h.dispatchDue()
+        #expect(h.dispatched.map(\.key.raw) == ["b"])
+    }
+
+    @Test func failedDispatchResolvesTheOffsetAndAbandonedDoesNot() async throws {
+        var h = try Harness()
+        try await h.consume([msg("a", offset: 0), msg("b", offset: 1)])
+        h.advance(.seconds(5))
+        let due = h.engine.takeDue(now: h.clock.now)
+        h.engine.dispatchFailed(due[0].key)
+        h.engine.dispatchAbandoned(due[1].key)
+        #expect(h.engine.counters.failed == 1)
+        #expect(h.engine.takeCommitPositions() == [tp0: 1], "the abandoned message at offset 1 stays uncommitted")
+        #expect(h.engine.isIdle)
+    }
+
+    @Test func backpressureWhenTheBufferIsFull() async throws {
+        var h = try Harness(maxMessages: 4)
+        try await h.consume((0..<4).map { msg("k\($0)", offset: Int64($0)) })
+        #expect(h.engine.shouldPause)
+        h.advance(.seconds(5))
+        try await h.dispatchDue()
+        #expect(!h.engine.shouldPause && h.engine.canResume)
+    }
+
+    @Test func shutdownReleasesEverythingWaiting() async throws {
+        var h = try Harness()
+        try await h.consume([msg("a", offset: 0), msg("b", offset: 1)])
+        let released = h.engine.drainForShutdown()
+        #expect(Set(released.map(\.raw)) == ["a", "b"])
+        #expect(h.engine.isIdle)
+    }
+}

@@ -1,0 +1,106 @@
+import DedupCore
+import Synchronization
+
+func msg(
+    _ id: String?, partition: Int32 = 0, offset: Int64, topic: String = "t", key: String? = nil,
+    value: String = "{}"
+) -> InboundMessage {
+    InboundMessage(
+        topic: topic, partition: partition, offset: offset, key: key.map { Array($0.utf8) }, value: Array(value.utf8),
+        headers: id.map { [MessageHeader(name: "message-id", value: Array($0.utf8))] } ?? [])
+}
+
+/// A hand-driven clock: tests move time forward instead of sleeping.
+struct TestClock {
+    private(set) var now = ContinuousClock.now
+    mutating func advance(_ d: Duration) { now = now + d }
+}
+
+/// An in-memory seen-set with the same semantics as the Redis scripts, on a test clock.
+final class FakeClaimStore: ClaimStore {
+    struct Entry { var value: String; var expires: ContinuousClock.Instant }
+    let state = Mutex<(entries: [String: Entry], now: ContinuousClock.Instant, roundTrips: Int, failNext: Bool)>(
+        ([:], ContinuousClock.now, 0, false))
+
+    struct Down: Error {}
+
+    func setNow(_ t: ContinuousClock.Instant) { state.withLock { $0.now = t } }
+    func failNextCall() { state.withLock { $0.failNext = true } }
+    var roundTrips: Int { state.withLock { $0.roundTrips } }
+    func value(_ key: String) -> String? {
+        state.withLock { s in s.entries[key].flatMap { $0.expires > s.now ? $0.value : nil } }
+    }
+    func put(_ key: String, _ value: String, ttl: Duration) {
+        state.withLock { $0.entries[key] = Entry(value: value, expires: $0.now + ttl) }
+    }
+
+    private func op<T>(_ body: (inout [String: Entry], ContinuousClock.Instant) -> T) throws -> T {
+        try state.withLock { s in
+            if s.failNext { s.failNext = false; throw Down() }
+            s.roundTrips += 1
+            s.entries = s.entries.filter { $0.value.expires > s.now }
+            return body(&s.entries, s.now)
+        }
+    }
+
+    func claim(_ keys: [String], owner: String, lease: Duration) async throws -> [ClaimOutcome] {
+        try op { e, now in
+            keys.map { k in
+                guard let v = e[k]?.value else {
+                    e[k] = Entry(value: "p:" + owner, expires: now + lease)
+                    return .claimed
+                }
+                if v.hasPrefix("d:") { return .done }
+                if v == "p:" + owner { e[k]!.expires = now + lease; return .alreadyOwned }
+                return .pendingElsewhere(owner: String(v.dropFirst(2)))
+            }
+        }
+    }
+
+    func confirm(_ keys: [String], owner: String, retention: Duration) async throws -> [ConfirmOutcome] {
+        try op { e, now in
+            keys.map { k in
+                guard let v = e[k]?.value else {
+                    e[k] = Entry(value: "d:" + owner, expires: now + retention)
+                    return .confirmedAfterLeaseLost
+                }
+                if v == "p:" + owner || v.hasPrefix("d:") {
+                    e[k] = Entry(value: "d:" + owner, expires: now + retention)
+                    return .confirmed
+                }
+                return .notOwner(owner: String(v.dropFirst(2)))
+            }
+        }
+    }
+
+    func release(_ keys: [String], owner: String) async throws -> [Bool] {
+        try op { e, _ in
+            keys.map { k in
+                guard e[k]?.value == "p:" + owner else { return false }
+                e[k] = nil
+                return true
+            }
+        }
+    }
+
+    func renew(_ keys: [String], owner: String, lease: Duration) async throws -> [Bool] {
+        try op { e, now in
+            keys.map { k in
+                guard e[k]?.value == "p:" + owner else { return false }
+                e[k]!.expires = now + lease
+                return true
+            }
+        }
+    }
+
+    func inspect(_ keys: [String]) async throws -> [KeyState] {
+        try op { e, now in
+            keys.map { k in
+                guard let entry = e[k] else { return .absent }
+                let ttl = (entry.expires - now).milliseconds
+                if entry.value.hasPrefix("d:") { return .done(ttlMillis: ttl) }
+                return .pending(owner: String(entry.value.dropFirst(2)), ttlMillis: ttl)
+            }
+        }
+    }
+}

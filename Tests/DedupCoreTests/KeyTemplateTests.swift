@@ -1,0 +1,91 @@
+import DedupCore
+import Testing
+
+@Suite struct KeyTemplateTests {
+    @Test func headerKey() throws {
+        let t = try KeyTemplate("header:message-id")
+        #expect(try t.key(for: msg("abc", offset: 0)) == "abc")
+    }
+
+    @Test func headerNamesCompareWithoutCase() throws {
+        let t = try KeyTemplate("header:Message-ID")
+        #expect(try t.key(for: msg("abc", offset: 0)) == "abc")
+    }
+
+    @Test func missingHeaderIsBadInput() throws {
+        let t = try KeyTemplate("header:message-id")
+        #expect(throws: BadInput(.missingHeader, "header \"message-id\" is missing")) {
+            try t.key(for: msg(nil, offset: 0))
+        }
+    }
+
+    @Test func emptyHeaderIsBadInput() throws {
+        let t = try KeyTemplate("header:message-id")
+        let error = #expect(throws: BadInput.self) { try t.key(for: msg("", offset: 0)) }
+        #expect(error?.reason == .emptyKey)
+    }
+
+    @Test func invalidUTF8HeaderIsBadInput() throws {
+        let t = try KeyTemplate("header:message-id")
+        var m = msg(nil, offset: 0)
+        m.headers = [MessageHeader(name: "message-id", value: [0xff, 0xfe])]
+        let error = #expect(throws: BadInput.self) { try t.key(for: m) }
+        #expect(error?.reason == .invalidUTF8)
+    }
+
+    @Test func recordKey() throws {
+        let t = try KeyTemplate("key")
+        #expect(try t.key(for: msg(nil, offset: 0, key: "u-1")) == "u-1")
+        let error = #expect(throws: BadInput.self) { try t.key(for: msg(nil, offset: 0)) }
+        #expect(error?.reason == .missingKey)
+    }
+
+    @Test func jsonPointer() throws {
+        let t = try KeyTemplate("json:/order/no")
+        #expect(try t.key(for: msg(nil, offset: 0, value: #"{"order":{"no":"A-1"}}"#)) == "A-1")
+        #expect(try t.key(for: msg(nil, offset: 0, value: #"{"order":{"no":42}}"#)) == "42")
+        let missing = #expect(throws: BadInput.self) { try t.key(for: msg(nil, offset: 0, value: #"{"order":{}}"#)) }
+        #expect(missing?.reason == .missingField)
+        let invalid = #expect(throws: BadInput.self) { try t.key(for: msg(nil, offset: 0, value: "{not json")) }
+        #expect(invalid?.reason == .invalidJSON)
+    }
+
+    @Test func jsonPointerEscapesAndArrays() throws {
+        let t = try KeyTemplate("json:/a~1b/1")
+        #expect(try t.key(for: msg(nil, offset: 0, value: #"{"a/b":["x","y"]}"#)) == "y")
+    }
+
+    @Test func sha256OfValue() throws {
+        let t = try KeyTemplate("sha256:value")
+        let k = try t.key(for: msg(nil, offset: 0, value: "abc"))
+        #expect(k == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+    }
+
+    @Test func sha256OfJSONFieldsIgnoresOrderAndWhitespace() throws {
+        let t = try KeyTemplate("sha256:json:/user,/items")
+        let a = try t.key(for: msg(nil, offset: 0, value: #"{"user":"u1","items":[{"sku":"A","qty":1}],"at":1}"#))
+        let b = try t.key(for: msg(nil, offset: 1, value: #"{ "at": 2, "items": [ {"qty": 1, "sku": "A"} ], "user": "u1" }"#))
+        let c = try t.key(for: msg(nil, offset: 2, value: #"{"user":"u1","items":[{"sku":"A","qty":2}]}"#))
+        #expect(a == b)
+        #expect(a != c)
+    }
+
+    @Test func composite() throws {
+        let t = try KeyTemplate("{header:message-id}:{json:/userId}")
+        #expect(try t.key(for: msg("m1", offset: 0, value: #"{"userId":"u9"}"#)) == "m1:u9")
+    }
+
+    @Test(arguments: ["", "nope", "header:", "json:noslash", "{header:a", "x}{key}", "sha256:json:"])
+    func badTemplatesAreRejected(_ text: String) {
+        #expect(throws: KeyTemplate.ParseError.self) { try KeyTemplate(text) }
+    }
+
+    @Test func longKeysAreHashedAndNamespaced() {
+        let short = DedupKey(raw: "abc", namespace: "orders")
+        #expect(short.storeKey == "dedupd:orders:abc")
+        let long = DedupKey(raw: String(repeating: "x", count: 500), namespace: "orders")
+        #expect(long.storeKey.hasPrefix("dedupd:orders:h:"))
+        #expect(long.storeKey.count == "dedupd:orders:h:".count + 64)
+        #expect(long.raw.count == 500)
+    }
+}
