@@ -1,0 +1,209 @@
+import CRdKafka
+import DedupCore
+import Dispatch
+import Logging
+import Synchronization
+
+/// Building `rd_kafka_conf_t` from librdkafka properties, and routing librdkafka's log and error callbacks
+/// into a swift-log `Logger`.
+public enum KafkaConfig {
+    /// Property names whose values must never reach a log line or an error message.
+    static func isSecret(_ name: String) -> Bool {
+        let n = name.lowercased()
+        return n.contains("password") || n.contains("secret") || n.hasSuffix(".pem")
+            || n == "sasl.oauthbearer.config"
+    }
+
+    /// The value as it may be shown to an operator: secrets are masked.
+    static func displayValue(_ name: String, _ value: String) -> String {
+        isSecret(name) ? "*****" : value
+    }
+
+    /// Creates a configuration with `defaults` overridden by `overrides`, each property applied with
+    /// `rd_kafka_conf_set`. The caller owns the result (pass it to `rd_kafka_new`, or destroy it).
+    /// - Throws: `KafkaError.Code.config` naming the first property librdkafka rejected and its value.
+    static func makeConf(defaults: [String: String] = [:], overrides: [String: String]) throws(KafkaError) -> OpaquePointer {
+        guard let conf = rd_kafka_conf_new() else {
+            throw KafkaError(code: .config, message: "rd_kafka_conf_new failed")
+        }
+        var merged = defaults
+        for (k, v) in overrides { merged[k] = v }
+        for (name, value) in merged.sorted(by: { $0.key < $1.key }) {
+            var errstr = [CChar](repeating: 0, count: 512)
+            let res = rd_kafka_conf_set(conf, name, value, &errstr, errstr.count)
+            if res != RD_KAFKA_CONF_OK {
+                rd_kafka_conf_destroy(conf)
+                let reason = String(decoding: errstr.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+                throw KafkaError(
+                    code: .config,
+                    message: "kafka property \"\(name)\"=\"\(displayValue(name, value))\" rejected: \(reason)"
+                )
+            }
+        }
+        return conf
+    }
+
+    /// Creates a librdkafka handle. `conf` is consumed either way; the callbacks find `context` through
+    /// `rd_kafka_opaque`, so the caller must keep `context` alive until `rd_kafka_destroy` returned.
+    static func makeHandle(
+        type: rd_kafka_type_t,
+        conf: OpaquePointer,
+        context: ClientContext
+    ) throws(KafkaError) -> OpaquePointer {
+        rd_kafka_conf_set_opaque(conf, Unmanaged.passUnretained(context).toOpaque())
+        rd_kafka_conf_set_log_cb(conf, kafkaLogCallback)
+        rd_kafka_conf_set_error_cb(conf, kafkaErrorCallback)
+        var errstr = [CChar](repeating: 0, count: 512)
+        guard let rk = rd_kafka_new(type, conf, &errstr, errstr.count) else {
+            rd_kafka_conf_destroy(conf)
+            let reason = String(decoding: errstr.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            throw KafkaError(code: .config, message: "cannot create kafka client: \(reason)")
+        }
+        return rk
+    }
+
+    /// librdkafka's syslog levels mapped to swift-log: 0-3 error, 4 warning, 5-6 info, 7 debug.
+    public static func logLevel(syslogLevel: Int32) -> Logger.Level {
+        switch syslogLevel {
+        case ...3: return .error
+        case 4: return .warning
+        case 5, 6: return .info
+        default: return .debug
+        }
+    }
+}
+
+/// Per-handle state the C callbacks reach through `rd_kafka_opaque`: the logger, recorded rebalance and error
+/// events (consumer), delivery counters and waiters (producer).
+///
+/// Callbacks run on librdkafka's threads and on the handle's own queue; every mutable field is behind a `Mutex`.
+final class ClientContext: Sendable {
+    let logger: Logger
+    let events = Mutex<[KafkaConsumer.ConsumerEvent]>([])
+    let delivery = Mutex<DeliveryState>(DeliveryState())
+    /// Whether client errors from the error callback become consumer `.error` events.
+    let recordErrors: Bool
+
+    struct DeliveryState: Sendable {
+        var delivered = 0
+        var failed = 0
+        var nextID: UInt = 1
+        var waiters: [UInt: CheckedContinuation<Void, any Error>] = [:]
+    }
+
+    init(logger: Logger, recordErrors: Bool = false) {
+        self.logger = logger
+        self.recordErrors = recordErrors
+    }
+
+    func record(_ event: KafkaConsumer.ConsumerEvent) {
+        events.withLock { $0.append(event) }
+    }
+
+    func takeEvents() -> [KafkaConsumer.ConsumerEvent] {
+        events.withLock { ev in
+            if ev.isEmpty { return [] }
+            defer { ev.removeAll(keepingCapacity: true) }
+            return ev
+        }
+    }
+
+    /// The context of a handle made by `KafkaConfig.makeHandle`.
+    static func of(_ rk: OpaquePointer?) -> ClientContext? {
+        guard let rk, let opaque = rd_kafka_opaque(rk) else { return nil }
+        return Unmanaged<ClientContext>.fromOpaque(opaque).takeUnretainedValue()
+    }
+}
+
+/// librdkafka's log callback; runs on librdkafka's internal threads.
+private let kafkaLogCallback: @convention(c) (OpaquePointer?, Int32, UnsafePointer<CChar>?, UnsafePointer<CChar>?) -> Void = {
+    rk, level, fac, buf in
+    guard let context = ClientContext.of(rk) else { return }
+    let swiftLevel = KafkaConfig.logLevel(syslogLevel: level)
+    guard context.logger.logLevel <= swiftLevel else { return }
+    var metadata: Logger.Metadata = [:]
+    if let fac { metadata["kafka.facility"] = .string(String(cString: fac)) }
+    if let rk, let name = rd_kafka_name(rk) { metadata["kafka.client"] = .string(String(cString: name)) }
+    context.logger.log(level: swiftLevel, "\(buf.map { String(cString: $0) } ?? "")", metadata: metadata)
+}
+
+/// librdkafka's error callback: client-wide errors (brokers down, fatal errors). Served from the handle's
+/// poll; consumers also report them as `.error` events.
+private let kafkaErrorCallback: @convention(c) (OpaquePointer?, Int32, UnsafePointer<CChar>?, UnsafeMutableRawPointer?) -> Void = {
+    rk, err, reason, _ in
+    guard let context = ClientContext.of(rk) else { return }
+    let code = rd_kafka_resp_err_t(rawValue: err)
+    let text = reason.map { String(cString: $0) } ?? ""
+    var error = KafkaError(code: .client, err: code, message: text)
+    error.message = text
+    var fatal = false
+    if code == RD_KAFKA_RESP_ERR__FATAL {
+        fatal = true
+        error.isRetriable = false
+    }
+    context.logger.log(
+        level: fatal ? .error : .warning,
+        "kafka client error",
+        metadata: [
+            "kafka.error": .string(error.errorName ?? "\(err)"),
+            "kafka.reason": .string(text),
+        ]
+    )
+    if context.recordErrors { context.record(.error(error)) }
+}
+
+// MARK: - Small helpers shared by the handles
+
+extension Duration {
+    /// Milliseconds for librdkafka timeouts, clamped to `Int32`, never negative.
+    var kafkaMilliseconds: Int32 {
+        let (s, atto) = components
+        let ms = s * 1000 + atto / 1_000_000_000_000_000
+        return Int32(clamping: max(0, ms))
+    }
+}
+
+/// Owns an `rd_kafka_topic_partition_list_t` for one call.
+struct PartitionList: ~Copyable {
+    let list: UnsafeMutablePointer<rd_kafka_topic_partition_list_t>
+
+    init(_ partitions: [TopicPartition], offsets: [TopicPartition: Int64] = [:]) {
+        list = rd_kafka_topic_partition_list_new(Int32(clamping: max(1, partitions.count)))
+        for tp in partitions {
+            let elem = rd_kafka_topic_partition_list_add(list, tp.topic, tp.partition)
+            if let offset = offsets[tp] { elem?.pointee.offset = offset }
+        }
+    }
+
+    deinit { rd_kafka_topic_partition_list_destroy(list) }
+
+    static func read(_ list: UnsafePointer<rd_kafka_topic_partition_list_t>?) -> [(TopicPartition, Int64, rd_kafka_resp_err_t)] {
+        guard let list, let elems = list.pointee.elems else { return [] }
+        return (0..<Int(list.pointee.cnt)).map { i in
+            let e = elems[i]
+            return (TopicPartition(topic: String(cString: e.topic), partition: e.partition), e.offset, e.err)
+        }
+    }
+
+    var entries: [(TopicPartition, Int64, rd_kafka_resp_err_t)] { PartitionList.read(list) }
+}
+
+/// A serial queue where a handle's blocking librdkafka calls run, away from the cooperative pool; one hop per call.
+struct BlockingExecutor: Sendable {
+    let queue: DispatchQueue
+
+    init(label: String) { queue = DispatchQueue(label: label) }
+
+    func run<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
+        await withCheckedContinuation { c in queue.async { c.resume(returning: body()) } }
+    }
+
+    func run<T: Sendable>(_ body: @escaping @Sendable () throws(KafkaError) -> T) async throws(KafkaError) -> T {
+        let result: Result<T, KafkaError> = await withCheckedContinuation { c in
+            queue.async {
+                do throws(KafkaError) { c.resume(returning: .success(try body())) } catch { c.resume(returning: .failure(error)) }
+            }
+        }
+        return try result.get()
+    }
+}

@@ -1,0 +1,461 @@
+import CRdKafka
+import DedupCore
+import Dispatch
+import Logging
+import Synchronization
+
+/// A librdkafka group consumer (`rd_kafka_t` of type consumer, subscribed to topics).
+///
+/// Blocking calls (poll, commit, committed, watermarks, close) run on the consumer's own serial queue, one hop
+/// per call; `poll` returns a whole batch per hop.
+///
+/// `@unchecked Sendable`: `rk` is thread-safe in librdkafka; the only mutable state, `closed`, is behind a
+/// `Mutex`, and `rk` is destroyed only while holding it (after which every call sees `closed`).
+public final class KafkaConsumer: @unchecked Sendable {
+    /// What a poll returns, in the order it happened.
+    public enum ConsumerEvent: Sendable {
+        case message(InboundMessage)
+        /// Partitions assigned to this member (eager rebalance: the whole new assignment).
+        case assigned([TopicPartition])
+        /// Partitions taken away from this member (eager rebalance: the whole old assignment).
+        case revoked([TopicPartition])
+        case error(KafkaError)
+    }
+
+    /// Properties dedupd sets before applying the caller's overrides: offsets are stored only for resolved
+    /// messages and committed automatically every second, a new group starts at the earliest offset, and the
+    /// group timeouts are short so a dead worker's partitions move within seconds (librdkafka's own defaults
+    /// are 45 s and 300 s).
+    public static let defaultProperties: [String: String] = [
+        "enable.auto.offset.store": "false",
+        "enable.auto.commit": "true",
+        "auto.commit.interval.ms": "1000",
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": "6000",
+        "heartbeat.interval.ms": "500",
+        "max.poll.interval.ms": "20000",
+        "enable.partition.eof": "false",
+    ]
+
+    private let rk: OpaquePointer
+    private let context: ClientContext
+    private let executor: BlockingExecutor
+    private let closed = Mutex<Bool>(false)
+    public let groupID: String
+    public let topics: [String]
+
+    private init(rk: OpaquePointer, context: ClientContext, executor: BlockingExecutor, groupID: String, topics: [String]) {
+        self.rk = rk
+        self.context = context
+        self.executor = executor
+        self.groupID = groupID
+        self.topics = topics
+    }
+
+    /// Creates a consumer in group `groupID` subscribed to `topics`. The group is joined by the first `poll`.
+    /// - Parameter properties: librdkafka properties overriding `defaultProperties`.
+    /// - Throws: `KafkaError.Code.config` naming a rejected property.
+    public static func make(
+        bootstrapServers: String,
+        groupID: String,
+        topics: [String],
+        properties: [String: String] = [:],
+        logger: Logger
+    ) throws(KafkaError) -> KafkaConsumer {
+        var defaults = defaultProperties
+        defaults["bootstrap.servers"] = bootstrapServers
+        defaults["group.id"] = groupID
+        let conf = try KafkaConfig.makeConf(defaults: defaults, overrides: properties)
+        rd_kafka_conf_set_rebalance_cb(conf, kafkaRebalanceCallback)
+        var logger = logger
+        logger[metadataKey: "kafka.group"] = .string(groupID)
+        let context = ClientContext(logger: logger, recordErrors: true)
+        let rk = try KafkaConfig.makeHandle(type: RD_KAFKA_CONSUMER, conf: conf, context: context)
+        // The main queue (errors, rebalances, logs) is served by the consumer poll from here on.
+        rd_kafka_poll_set_consumer(rk)
+        let sub = PartitionList(topics.map { TopicPartition(topic: $0, partition: RD_KAFKA_PARTITION_UA) })
+        let err = rd_kafka_subscribe(rk, sub.list)
+        if err != RD_KAFKA_RESP_ERR_NO_ERROR {
+            rd_kafka_destroy_flags(rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE)
+            throw KafkaError(code: .config, err: err, message: "subscribe to \(topics) failed")
+        }
+        let label = "kafka.consumer.\(groupID)"
+        return KafkaConsumer(rk: rk, context: context, executor: BlockingExecutor(label: label), groupID: groupID, topics: topics)
+    }
+
+    deinit {
+        // `close()` was not called: leave the group on the way out (blocking, but nothing else can use `rk`).
+        let wasClosed = closed.withLock { $0 }
+        if !wasClosed {
+            rd_kafka_consumer_close(rk)
+            rd_kafka_destroy(rk)
+        }
+    }
+
+    // MARK: Polling
+
+    /// Waits up to `timeout` for the first message or event, then takes what else is immediately available, up to
+    /// `maxMessages` events. A rebalance ends the batch. Returns `[]` on timeout or after `close()`.
+    public func poll(maxMessages: Int, timeout: Duration) async -> [ConsumerEvent] {
+        let timeoutMs = timeout.kafkaMilliseconds
+        return await executor.run { [self] in pollBatch(maxMessages: max(1, maxMessages), timeoutMs: timeoutMs) }
+    }
+
+    /// Runs on `executor`.
+    private func pollBatch(maxMessages: Int, timeoutMs: Int32) -> [ConsumerEvent] {
+        var out: [ConsumerEvent] = []
+        out.reserveCapacity(min(maxMessages, 4096))
+        var topicNames: [OpaquePointer: String] = [:]
+        var wait = timeoutMs
+        while out.count < maxMessages {
+            // `close()` destroys `rk` on this same serial queue, so it cannot happen during this call.
+            if closed.withLock({ $0 }) { break }
+            let rkm = rd_kafka_consumer_poll(rk, wait)
+            let events = context.takeEvents()
+            var rebalanced = false
+            for e in events {
+                out.append(e)
+                switch e {
+                case .assigned, .revoked: rebalanced = true
+                default: break
+                }
+            }
+            if let rkm {
+                defer { rd_kafka_message_destroy(rkm) }
+                if let event = Self.convert(rkm, topicNames: &topicNames) { out.append(event) }
+            } else if events.isEmpty {
+                break  // nothing more right now
+            }
+            if rebalanced { break }
+            wait = 0
+        }
+        return out
+    }
+
+    /// Copies a C message into a Swift event; `nil` for partition EOF.
+    private static func convert(_ rkm: UnsafeMutablePointer<rd_kafka_message_t>, topicNames: inout [OpaquePointer: String]) -> ConsumerEvent? {
+        let m = rkm.pointee
+        var topic = ""
+        if let rkt = m.rkt {
+            if let t = topicNames[rkt] {
+                topic = t
+            } else {
+                topic = String(cString: rd_kafka_topic_name(rkt))
+                topicNames[rkt] = topic
+            }
+        }
+        if m.err != RD_KAFKA_RESP_ERR_NO_ERROR {
+            if m.err == RD_KAFKA_RESP_ERR__PARTITION_EOF { return nil }
+            var detail = ""
+            if let p = rd_kafka_message_errstr(rkm) { detail = String(cString: p) }
+            var error = KafkaError(code: .consume, err: m.err)
+            if !detail.isEmpty { error.message = topic.isEmpty ? detail : "\(topic)[\(m.partition)]: \(detail)" }
+            return .error(error)
+        }
+        let value: [UInt8]
+        if let p = m.payload, m.len > 0 {
+            value = Array(UnsafeRawBufferPointer(start: p, count: m.len))
+        } else {
+            value = []
+        }
+        var key: [UInt8]? = nil
+        if let k = m.key { key = Array(UnsafeRawBufferPointer(start: k, count: m.key_len)) }
+        var headers: [MessageHeader] = []
+        var hdrs: OpaquePointer? = nil
+        if rd_kafka_message_headers(rkm, &hdrs) == RD_KAFKA_RESP_ERR_NO_ERROR, let hdrs {
+            var idx = 0
+            var name: UnsafePointer<CChar>? = nil
+            var val: UnsafeRawPointer? = nil
+            var size = 0
+            while rd_kafka_header_get_all(hdrs, idx, &name, &val, &size) == RD_KAFKA_RESP_ERR_NO_ERROR {
+                let hv: [UInt8]? = val.map { Array(UnsafeRawBufferPointer(start: $0, count: size)) }
+                headers.append(MessageHeader(name: name.map { String(cString: $0) } ?? "", value: hv))
+                idx += 1
+            }
+        }
+        var tsType = RD_KAFKA_TIMESTAMP_NOT_AVAILABLE
+        let ts = rd_kafka_message_timestamp(rkm, &tsType)
+        return .message(
+            InboundMessage(
+                topic: topic,
+                partition: m.partition,
+                offset: m.offset,
+                key: key,
+                value: value,
+                headers: headers,
+                timestampMillis: ts >= 0 ? ts : nil
+            )
+        )
+    }
+
+    // MARK: Flow control and offsets (non-blocking in librdkafka)
+
+    /// Stops fetching from `partitions` until `resume`; messages already fetched may still be returned.
+    public func pause(_ partitions: [TopicPartition]) throws(KafkaError) {
+        try withOpenHandle { rk throws(KafkaError) in
+            let list = PartitionList(partitions)
+            let err = rd_kafka_pause_partitions(rk, list.list)
+            if err != RD_KAFKA_RESP_ERR_NO_ERROR { throw KafkaError(code: .partitions, err: err, message: "pause \(partitions)") }
+        }
+    }
+
+    /// Fetches again from partitions paused with `pause`.
+    public func resume(_ partitions: [TopicPartition]) throws(KafkaError) {
+        try withOpenHandle { rk throws(KafkaError) in
+            let list = PartitionList(partitions)
+            let err = rd_kafka_resume_partitions(rk, list.list)
+            if err != RD_KAFKA_RESP_ERR_NO_ERROR { throw KafkaError(code: .partitions, err: err, message: "resume \(partitions)") }
+        }
+    }
+
+    /// Stores offsets for the next commit. `next` is the offset of the NEXT message to consume per partition
+    /// (last resolved + 1). Partitions no longer assigned to this member are skipped (logged at debug).
+    public func storeOffsets(_ next: [TopicPartition: Int64]) throws(KafkaError) {
+        guard !next.isEmpty else { return }
+        try withOpenHandle { rk throws(KafkaError) in
+            let list = PartitionList(Array(next.keys), offsets: next)
+            let err = rd_kafka_offsets_store(rk, list.list)
+            var partitionErrors = 0
+            for (tp, offset, perr) in list.entries where perr != RD_KAFKA_RESP_ERR_NO_ERROR {
+                partitionErrors += 1
+                context.logger.debug(
+                    "offset not stored for partition",
+                    metadata: [
+                        "kafka.topic": .string(tp.topic), "kafka.partition": .stringConvertible(tp.partition),
+                        "kafka.offset": .stringConvertible(offset),
+                        "kafka.error": .string(String(cString: rd_kafka_err2name(perr))),
+                    ]
+                )
+            }
+            // librdkafka fails the whole call when no partition could be stored; that is the "all revoked" case.
+            if err != RD_KAFKA_RESP_ERR_NO_ERROR && partitionErrors == 0 {
+                throw KafkaError(code: .offsets, err: err, message: "store offsets")
+            }
+        }
+    }
+
+    /// Commits the stored offsets and waits for the broker's answer. Nothing stored is not an error.
+    public func commitSync() async throws(KafkaError) {
+        try await executor.run { [self] () throws(KafkaError) in
+            try onQueueWithOpenHandle { rk throws(KafkaError) in
+                let err = rd_kafka_commit(rk, nil, 0)
+                if err != RD_KAFKA_RESP_ERR_NO_ERROR && err != RD_KAFKA_RESP_ERR__NO_OFFSET {
+                    throw KafkaError(code: .commit, err: err, message: "commit")
+                }
+            }
+        }
+    }
+
+    /// The partitions currently assigned to this member.
+    public func assignment() async -> [TopicPartition] {
+        (try? withOpenHandle { rk throws(KafkaError) -> [TopicPartition] in
+            var list: UnsafeMutablePointer<rd_kafka_topic_partition_list_t>? = nil
+            let err = rd_kafka_assignment(rk, &list)
+            guard err == RD_KAFKA_RESP_ERR_NO_ERROR, let list else { return [] }
+            defer { rd_kafka_topic_partition_list_destroy(list) }
+            return PartitionList.read(list).map(\.0)
+        }) ?? []
+    }
+
+    /// The group's committed offsets for `partitions` (the next offset to consume); -1001 when none is committed.
+    public func committed(_ partitions: [TopicPartition], timeout: Duration) async throws(KafkaError) -> [TopicPartition: Int64] {
+        let ms = timeout.kafkaMilliseconds
+        return try await executor.run { [self] () throws(KafkaError) in
+            try onQueueWithOpenHandle { rk throws(KafkaError) in try KafkaConsumer.committed(rk, partitions, timeoutMs: ms) }
+        }
+    }
+
+    /// The low and high watermark (offset after the last message) of a partition, asked from its leader.
+    public func watermarks(_ tp: TopicPartition, timeout: Duration) async throws(KafkaError) -> (low: Int64, high: Int64) {
+        let ms = timeout.kafkaMilliseconds
+        let r: (Int64, Int64) = try await executor.run { [self] () throws(KafkaError) in
+            try onQueueWithOpenHandle { rk throws(KafkaError) in try KafkaConsumer.watermarks(rk, tp, timeoutMs: ms) }
+        }
+        return (low: r.0, high: r.1)
+    }
+
+    /// Leaves the group (`rd_kafka_consumer_close`: revokes, commits per `enable.auto.commit`) and frees the
+    /// handle. Calling it again does nothing.
+    public func close() async {
+        await executor.run { [self] in
+            let shouldClose = closed.withLock { c in
+                if c { return false }
+                c = true
+                return true
+            }
+            guard shouldClose else { return }
+            let err = rd_kafka_consumer_close(rk)
+            if err != RD_KAFKA_RESP_ERR_NO_ERROR {
+                context.logger.info("consumer close reported an error", metadata: ["kafka.error": .string(String(cString: rd_kafka_err2name(err)))])
+            }
+            rd_kafka_destroy(rk)
+        }
+    }
+
+    /// Runs `body` with the handle while holding the lock that `close()` takes before destroying it.
+    private func withOpenHandle<T>(_ body: (OpaquePointer) throws(KafkaError) -> T) throws(KafkaError) -> T {
+        try closed.withLock { c throws(KafkaError) -> T in
+            if c { throw KafkaError(code: .closed, message: "consumer for group \(groupID) is closed") }
+            return try body(rk)
+        }
+    }
+
+    /// For blocking calls on `executor`: `close()` destroys `rk` on the same serial queue, so checking the flag
+    /// is enough and the lock is not held across the blocking call (which would stall `pause`/`storeOffsets`).
+    private func onQueueWithOpenHandle<T>(_ body: (OpaquePointer) throws(KafkaError) -> T) throws(KafkaError) -> T {
+        dispatchPrecondition(condition: .onQueue(executor.queue))
+        if closed.withLock({ $0 }) { throw KafkaError(code: .closed, message: "consumer for group \(groupID) is closed") }
+        return try body(rk)
+    }
+
+    // MARK: Shared blocking helpers (caller is on a dedicated queue)
+
+    static func committed(_ rk: OpaquePointer, _ partitions: [TopicPartition], timeoutMs: Int32) throws(KafkaError) -> [TopicPartition: Int64] {
+        guard !partitions.isEmpty else { return [:] }
+        let list = PartitionList(partitions)
+        let err = rd_kafka_committed(rk, list.list, timeoutMs)
+        if err != RD_KAFKA_RESP_ERR_NO_ERROR { throw KafkaError(code: .offsets, err: err, message: "read committed offsets") }
+        var result: [TopicPartition: Int64] = [:]
+        for (tp, offset, perr) in list.entries {
+            if perr != RD_KAFKA_RESP_ERR_NO_ERROR {
+                throw KafkaError(code: .offsets, err: perr, message: "read committed offset of \(tp)")
+            }
+            result[tp] = offset
+        }
+        return result
+    }
+
+    static func watermarks(_ rk: OpaquePointer, _ tp: TopicPartition, timeoutMs: Int32) throws(KafkaError) -> (Int64, Int64) {
+        var low: Int64 = -1
+        var high: Int64 = -1
+        let err = rd_kafka_query_watermark_offsets(rk, tp.topic, tp.partition, &low, &high, timeoutMs)
+        if err != RD_KAFKA_RESP_ERR_NO_ERROR { throw KafkaError(code: .offsets, err: err, message: "watermarks of \(tp)") }
+        return (low, high)
+    }
+
+    /// Partition ids of `topic`, from the cluster's metadata.
+    static func partitionIDs(_ rk: OpaquePointer, topic: String, timeoutMs: Int32) throws(KafkaError) -> [Int32] {
+        guard let rkt = rd_kafka_topic_new(rk, topic, nil) else {
+            throw KafkaError(code: .metadata, message: "cannot create topic handle for \(topic)")
+        }
+        defer { rd_kafka_topic_destroy(rkt) }
+        var md: UnsafePointer<rd_kafka_metadata>? = nil
+        let err = rd_kafka_metadata(rk, 0, rkt, &md, timeoutMs)
+        if err != RD_KAFKA_RESP_ERR_NO_ERROR { throw KafkaError(code: .metadata, err: err, message: "metadata of \(topic)") }
+        guard let md else { throw KafkaError(code: .metadata, message: "no metadata for \(topic)") }
+        defer { rd_kafka_metadata_destroy(md) }
+        for i in 0..<Int(md.pointee.topic_cnt) {
+            let t = md.pointee.topics[i]
+            guard String(cString: t.topic) == topic else { continue }
+            if t.err != RD_KAFKA_RESP_ERR_NO_ERROR {
+                throw KafkaError(code: .metadata, err: t.err, message: "metadata of \(topic)")
+            }
+            return (0..<Int(t.partition_cnt)).map { t.partitions[$0].id }.sorted()
+        }
+        throw KafkaError(code: .metadata, err: RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART, message: "metadata of \(topic)")
+    }
+}
+
+// MARK: - Reading a group's progress without joining it
+
+/// Committed offsets and watermarks of one partition, for "has the group consumed everything?" checks.
+public struct PartitionProgress: Sendable, Hashable {
+    public var partition: Int32
+    /// The group's committed offset (next offset to consume), or -1001 when none is committed.
+    public var committed: Int64
+    public var low: Int64
+    /// The offset after the partition's last message.
+    public var high: Int64
+
+    /// Whether everything the partition holds is committed.
+    public var isCaughtUp: Bool { committed >= high || (committed < 0 && high <= low) }
+    /// Messages not yet committed.
+    public var lag: Int64 { committed < 0 ? high - low : max(0, high - committed) }
+}
+
+extension KafkaConsumer {
+    /// Reads `groupID`'s committed offsets and the watermarks of every partition of `topic` without joining the
+    /// group: a consumer handle with the group's id that never subscribes does not become a member.
+    public static func groupProgress(
+        bootstrapServers: String,
+        groupID: String,
+        topic: String,
+        timeout: Duration = .seconds(10),
+        logger: Logger = Logger(label: "kafka.probe", factory: { _ in SwiftLogNoOpLogHandler() })
+    ) async throws(KafkaError) -> [PartitionProgress] {
+        let ms = timeout.kafkaMilliseconds
+        let executor = BlockingExecutor(label: "kafka.probe.\(groupID)")
+        return try await executor.run { () throws(KafkaError) -> [PartitionProgress] in
+            let conf = try KafkaConfig.makeConf(
+                defaults: [:],
+                overrides: [
+                    "bootstrap.servers": bootstrapServers, "group.id": groupID,
+                    "enable.auto.commit": "false", "enable.auto.offset.store": "false",
+                ]
+            )
+            let context = ClientContext(logger: logger)
+            let rk = try KafkaConfig.makeHandle(type: RD_KAFKA_CONSUMER, conf: conf, context: context)
+            defer {
+                rd_kafka_destroy_flags(rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE)
+                withExtendedLifetime(context) {}
+            }
+            let ids = try partitionIDs(rk, topic: topic, timeoutMs: ms)
+            let tps = ids.map { TopicPartition(topic: topic, partition: $0) }
+            let committed = try committed(rk, tps, timeoutMs: ms)
+            return try tps.map { tp throws(KafkaError) in
+                let (low, high) = try watermarks(rk, tp, timeoutMs: ms)
+                return PartitionProgress(partition: tp.partition, committed: committed[tp] ?? -1001, low: low, high: high)
+            }
+        }
+    }
+
+    /// `groupID`'s committed offsets (next offset to consume) per partition of `topic`, -1001 where none.
+    public static func committedOffsets(
+        bootstrapServers: String, groupID: String, topic: String, timeout: Duration = .seconds(10)
+    ) async throws(KafkaError) -> [Int32: Int64] {
+        let progress = try await groupProgress(bootstrapServers: bootstrapServers, groupID: groupID, topic: topic, timeout: timeout)
+        return Dictionary(uniqueKeysWithValues: progress.map { ($0.partition, $0.committed) })
+    }
+
+    /// The end offset (high watermark) of every partition of `topic`.
+    public static func endOffsets(
+        bootstrapServers: String, topic: String, timeout: Duration = .seconds(10)
+    ) async throws(KafkaError) -> [Int32: Int64] {
+        let progress = try await groupProgress(
+            bootstrapServers: bootstrapServers, groupID: "dedupd-probe-unused", topic: topic, timeout: timeout)
+        return Dictionary(uniqueKeysWithValues: progress.map { ($0.partition, $0.high) })
+    }
+}
+
+/// Eager rebalance: apply the new assignment (or drop the old one) and record it as an event for `poll`.
+/// Runs inside `rd_kafka_consumer_poll`, i.e. on the consumer's queue.
+private let kafkaRebalanceCallback: @convention(c) (
+    OpaquePointer?, rd_kafka_resp_err_t, UnsafeMutablePointer<rd_kafka_topic_partition_list_t>?, UnsafeMutableRawPointer?
+) -> Void = { rk, err, partitions, _ in
+    guard let rk, let context = ClientContext.of(rk) else { return }
+    let tps = PartitionList.read(partitions).map(\.0)
+    let cooperative = String(cString: rd_kafka_rebalance_protocol(rk)) == "COOPERATIVE"
+    let list = tps.map(\.description).joined(separator: ",")
+    if err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS {
+        context.logger.info("partitions assigned", metadata: ["kafka.partitions": .string(list)])
+        if cooperative {
+            if let e = rd_kafka_incremental_assign(rk, partitions) { rd_kafka_error_destroy(e) }
+        } else {
+            rd_kafka_assign(rk, partitions)
+        }
+        context.record(.assigned(tps))
+    } else {
+        if err != RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS {
+            context.logger.info("rebalance error", metadata: ["kafka.error": .string(String(cString: rd_kafka_err2name(err)))])
+        }
+        context.logger.info("partitions revoked", metadata: ["kafka.partitions": .string(list)])
+        context.record(.revoked(tps))
+        if cooperative {
+            if let e = rd_kafka_incremental_unassign(rk, partitions) { rd_kafka_error_destroy(e) }
+        } else {
+            rd_kafka_assign(rk, nil)
+        }
+    }
+    // Make the current poll return so the event reaches the caller without waiting for a message.
+    rd_kafka_yield(rk)
+}

@@ -1,0 +1,295 @@
+import DedupCore
+import Foundation
+import Logging
+import Synchronization
+import Testing
+
+@testable import KafkaIO
+
+/// Collects log records in memory so tests can look at them without a global bootstrap.
+final class RecordingLogHandler: LogHandler, Sendable {
+    struct Record: Sendable {
+        var level: Logger.Level
+        var message: String
+        var metadata: Logger.Metadata
+    }
+
+    let records = Mutex<[Record]>([])
+    var metadata: Logger.Metadata {
+        get { [:] }
+        set {}
+    }
+    var logLevel: Logger.Level {
+        get { .trace }
+        set {}
+    }
+
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { nil }
+        set {}
+    }
+
+    func log(event: LogEvent) {
+        records.withLock { $0.append(Record(level: event.level, message: "\(event.message)", metadata: event.metadata ?? [:])) }
+    }
+
+    func log(level: Logger.Level, message: Logger.Message, metadata: Logger.Metadata?, source: String, file: String, function: String, line: UInt) {
+        records.withLock { $0.append(Record(level: level, message: "\(message)", metadata: metadata ?? [:])) }
+    }
+}
+
+func quietLogger() -> Logger {
+    Logger(label: "kafka.test", factory: { _ in SwiftLogNoOpLogHandler() })
+}
+
+/// A fresh name per test so groups and topics never collide.
+func unique(_ prefix: String) -> String { "\(prefix)-\(UInt32.random(in: 0...UInt32.max))" }
+
+/// Polls until `condition` holds over the events seen so far, or `limit` passes.
+func pollUntil(
+    _ consumer: KafkaConsumer,
+    limit: Duration,
+    _ onEvent: (KafkaConsumer.ConsumerEvent) -> Void,
+    until done: () -> Bool
+) async {
+    let clock = ContinuousClock()
+    let deadline = clock.now + limit
+    while !done() && clock.now < deadline {
+        for e in await consumer.poll(maxMessages: 1000, timeout: .milliseconds(100)) { onEvent(e) }
+    }
+}
+
+@Suite("KafkaIO against librdkafka's mock cluster", .serialized)
+struct KafkaIOTests {
+    @Test func configErrorsNameThePropertyAndValue() throws {
+        let error = #expect(throws: KafkaError.self) {
+            _ = try KafkaProducer.make(bootstrapServers: "localhost:1", properties: ["foo.bar": "x"], logger: quietLogger())
+        }
+        #expect(error?.code == .config)
+        #expect(error?.message.contains(#"kafka property "foo.bar"="x" rejected"#) == true)
+        #expect(error?.message.contains("No such configuration property") == true)
+
+        let bad = #expect(throws: KafkaError.self) {
+            _ = try KafkaConsumer.make(
+                bootstrapServers: "localhost:1", groupID: "g", topics: ["t"],
+                properties: ["session.timeout.ms": "soon"], logger: quietLogger())
+        }
+        #expect(bad?.message.contains(#""session.timeout.ms"="soon""#) == true)
+
+        let secret = #expect(throws: KafkaError.self) {
+            _ = try KafkaProducer.make(bootstrapServers: "localhost:1", properties: ["sasl.password.typo": "hunter2"], logger: quietLogger())
+        }
+        #expect(secret?.message.contains("hunter2") == false)
+    }
+
+    @Test func logLevelsMapFromSyslog() {
+        #expect(KafkaConfig.logLevel(syslogLevel: 0) == .error)
+        #expect(KafkaConfig.logLevel(syslogLevel: 3) == .error)
+        #expect(KafkaConfig.logLevel(syslogLevel: 4) == .warning)
+        #expect(KafkaConfig.logLevel(syslogLevel: 5) == .info)
+        #expect(KafkaConfig.logLevel(syslogLevel: 6) == .info)
+        #expect(KafkaConfig.logLevel(syslogLevel: 7) == .debug)
+    }
+
+    @Test func librdkafkaLogsReachTheLogger() async throws {
+        let handler = RecordingLogHandler()
+        let logger = Logger(label: "kafka.test", factory: { _ in handler })
+        let cluster = try MockKafkaCluster.make(brokers: 1, logger: quietLogger())
+        // librdkafka's debug output (syslog level 7) arrives on its own threads and maps to `.debug`.
+        let consumer = try KafkaConsumer.make(
+            bootstrapServers: cluster.bootstrapServers, groupID: unique("g"), topics: [unique("t")],
+            properties: ["debug": "generic", "log_level": "7"], logger: logger)
+        await consumer.close()
+        let records = handler.records.withLock { $0 }
+        #expect(records.contains { $0.metadata["kafka.facility"] != nil && $0.level == .debug })
+        #expect(records.contains { $0.metadata["kafka.client"] != nil })
+    }
+
+    @Test func produceTenThousandThenGroupConsumeAndCommitToTheEnd() async throws {
+        let cluster = try MockKafkaCluster.make(brokers: 3, logger: quietLogger())
+        let topic = unique("orders")
+        try cluster.createTopic(topic, partitions: 6)
+        let producer = try KafkaProducer.make(bootstrapServers: cluster.bootstrapServers, logger: quietLogger())
+        let total = 10_000
+        for i in 0..<total {
+            try producer.send(
+                topic: topic, key: Array("key-\(i)".utf8), value: Array("value-\(i)".utf8),
+                headers: [
+                    MessageHeader(name: "message-id", value: Array("id-\(i)".utf8)),
+                    MessageHeader(name: "type", value: Array("order".utf8)),
+                ])
+        }
+        try await producer.flush(timeout: .seconds(30))
+        #expect(producer.deliveryCounts == .init(delivered: total, failed: 0))
+
+        let group = unique("group")
+        let consumer = try KafkaConsumer.make(
+            bootstrapServers: cluster.bootstrapServers, groupID: group, topics: [topic], logger: quietLogger())
+        var assigned: [TopicPartition] = []
+        var seen = Set<Int>()
+        var lastOffset: [TopicPartition: Int64] = [:]
+        var headersOK = true
+        var errors: [KafkaError] = []
+        let clock = ContinuousClock()
+        var firstMessageAt: ContinuousClock.Instant?
+        let deadline = clock.now + .seconds(60)
+        while seen.count < total && clock.now < deadline {
+            for event in await consumer.poll(maxMessages: 2000, timeout: .milliseconds(200)) {
+                switch event {
+                case .assigned(let tps): assigned = tps
+                case .revoked: assigned = []
+                case .error(let e): errors.append(e)
+                case .message(let m):
+                    if firstMessageAt == nil { firstMessageAt = clock.now }
+                    let value = String(decoding: m.value, as: UTF8.self)
+                    guard let n = Int(value.dropFirst("value-".count)) else { continue }
+                    seen.insert(n)
+                    if m.key != Array("key-\(n)".utf8) || m.header("message-id")?.value != Array("id-\(n)".utf8)
+                        || m.header("type")?.value != Array("order".utf8) || m.headers.count != 2
+                    {
+                        headersOK = false
+                    }
+                    lastOffset[m.topicPartition] = max(lastOffset[m.topicPartition] ?? -1, m.offset)
+                }
+            }
+        }
+        let elapsed = firstMessageAt.map { $0.duration(to: clock.now) } ?? .zero
+        let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+        print("KafkaIO consume: \(seen.count) messages in \(seconds) s after first message = \(Int(Double(seen.count) / max(seconds, 0.001))) msg/s")
+
+        #expect(Set(assigned) == Set((0..<6).map { TopicPartition(topic: topic, partition: $0) }))
+        #expect(seen.count == total)
+        #expect(headersOK)
+        #expect(errors.isEmpty, "\(errors)")
+
+        try consumer.storeOffsets(lastOffset.mapValues { $0 + 1 })
+        try await consumer.commitSync()
+        let committedHere = try await consumer.committed(Array(lastOffset.keys), timeout: .seconds(5))
+        #expect(committedHere == lastOffset.mapValues { $0 + 1 })
+        let wm = try await consumer.watermarks(TopicPartition(topic: topic, partition: 0), timeout: .seconds(5))
+        #expect(wm.high == (lastOffset[TopicPartition(topic: topic, partition: 0)] ?? -1) + 1)
+        await consumer.close()
+        await consumer.close()  // safe twice
+
+        let progress = try await KafkaConsumer.groupProgress(
+            bootstrapServers: cluster.bootstrapServers, groupID: group, topic: topic, timeout: .seconds(10))
+        #expect(progress.count == 6)
+        #expect(progress.allSatisfy { $0.committed == $0.high && $0.isCaughtUp }, "\(progress)")
+        #expect(progress.reduce(0) { $0 + $1.high } == Int64(total))
+        let committed = try await KafkaConsumer.committedOffsets(
+            bootstrapServers: cluster.bootstrapServers, groupID: group, topic: topic)
+        let ends = try await KafkaConsumer.endOffsets(bootstrapServers: cluster.bootstrapServers, topic: topic)
+        #expect(committed == ends)
+    }
+
+    @Test func pauseStopsAPartitionAndResumeRestartsIt() async throws {
+        let cluster = try MockKafkaCluster.make(brokers: 1, logger: quietLogger())
+        let topic = unique("paused")
+        try cluster.createTopic(topic, partitions: 2)
+        let producer = try KafkaProducer.make(bootstrapServers: cluster.bootstrapServers, logger: quietLogger())
+        let consumer = try KafkaConsumer.make(
+            bootstrapServers: cluster.bootstrapServers, groupID: unique("g"), topics: [topic], logger: quietLogger())
+        defer { Task { await consumer.close() } }
+
+        var assigned: [TopicPartition] = []
+        await pollUntil(consumer, limit: .seconds(20), { if case .assigned(let tps) = $0 { assigned = tps } }, until: { !assigned.isEmpty })
+        try #require(assigned.count == 2)
+
+        let p0 = TopicPartition(topic: topic, partition: 0)
+        try consumer.pause([p0])
+        for i in 0..<20 {
+            try await producer.sendAndWait(topic: topic, key: nil, value: Array("m\(i)".utf8))
+        }
+        // Producer partitions keyless messages over both partitions; make sure p0 got some.
+        let (_, high0) = try await consumer.watermarks(p0, timeout: .seconds(5))
+        try #require(high0 > 0)
+
+        var fromP0 = 0
+        var fromP1 = 0
+        let count: (KafkaConsumer.ConsumerEvent) -> Void = {
+            if case .message(let m) = $0 { if m.partition == 0 { fromP0 += 1 } else { fromP1 += 1 } }
+        }
+        await pollUntil(consumer, limit: .seconds(10), count, until: { Int64(fromP1) + high0 >= 20 })
+        // Give p0 a fair chance to deliver if pausing did not work.
+        await pollUntil(consumer, limit: .seconds(1), count, until: { false })
+        #expect(fromP0 == 0)
+        #expect(Int64(fromP1) + high0 == 20)
+
+        try consumer.resume([p0])
+        await pollUntil(consumer, limit: .seconds(10), count, until: { Int64(fromP0) >= high0 })
+        #expect(Int64(fromP0) == high0)
+    }
+
+    @Test func sendAndWaitResumesAfterAcknowledgement() async throws {
+        let cluster = try MockKafkaCluster.make(brokers: 1, logger: quietLogger())
+        let topic = unique("acked")
+        try cluster.createTopic(topic, partitions: 1)
+        let producer = try KafkaProducer.make(bootstrapServers: cluster.bootstrapServers, logger: quietLogger())
+        try await producer.sendAndWait(
+            topic: topic, key: Array("k".utf8), value: Array("v".utf8),
+            headers: [MessageHeader(name: "null-header", value: nil)])
+        #expect(producer.deliveryCounts == .init(delivered: 1, failed: 0))
+
+        // Acknowledged means it is in the log: the high watermark already moved.
+        let progress = try await KafkaConsumer.groupProgress(
+            bootstrapServers: cluster.bootstrapServers, groupID: unique("g"), topic: topic, timeout: .seconds(10))
+        #expect(progress.map(\.high) == [1])
+        #expect(progress.map(\.committed) == [-1001])
+
+        // An undeliverable message fails instead of hanging.
+        let doomed = try KafkaProducer.make(
+            bootstrapServers: cluster.bootstrapServers, properties: ["message.timeout.ms": "300"], logger: quietLogger())
+        cluster.setBrokerDown(1)
+        let error = await #expect(throws: KafkaError.self) {
+            try await doomed.sendAndWait(topic: topic, key: nil, value: Array("lost".utf8))
+        }
+        #expect(error?.code == .produce)
+        #expect(doomed.deliveryCounts.failed == 1)
+        cluster.setBrokerUp(1)
+    }
+
+    @Test func twoConsumersSplitTheTopic() async throws {
+        let cluster = try MockKafkaCluster.make(brokers: 3, logger: quietLogger())
+        let topic = unique("split")
+        try cluster.createTopic(topic, partitions: 6)
+        let group = unique("g")
+        let first = try KafkaConsumer.make(
+            bootstrapServers: cluster.bootstrapServers, groupID: group, topics: [topic], logger: quietLogger())
+        var firstEvents: [String] = []
+        var firstAssigned: [TopicPartition] = []
+        let record: (KafkaConsumer.ConsumerEvent) -> Void = { e in
+            switch e {
+            case .assigned(let tps):
+                firstEvents.append("assigned")
+                firstAssigned = tps
+            case .revoked: firstEvents.append("revoked")
+            default: break
+            }
+        }
+        await pollUntil(first, limit: .seconds(15), record, until: { firstAssigned.count == 6 })
+        try #require(firstAssigned.count == 6)
+
+        let second = try KafkaConsumer.make(
+            bootstrapServers: cluster.bootstrapServers, groupID: group, topics: [topic], logger: quietLogger())
+        let secondAssigned = Mutex<[TopicPartition]>([])
+        // Both members must poll for the rebalance to complete.
+        async let secondDone: Void = {
+            let deadline = ContinuousClock.now + .seconds(25)
+            while secondAssigned.withLock({ $0.isEmpty }) && ContinuousClock.now < deadline {
+                for e in await second.poll(maxMessages: 100, timeout: .milliseconds(100)) {
+                    if case .assigned(let tps) = e { secondAssigned.withLock { $0 = tps } }
+                }
+            }
+        }()
+        await pollUntil(first, limit: .seconds(25), record, until: { firstAssigned.count == 3 && secondAssigned.withLock { !$0.isEmpty } })
+        await secondDone
+        let theirs = secondAssigned.withLock { $0 }
+        #expect(firstEvents == ["assigned", "revoked", "assigned"])
+        #expect(firstAssigned.count == 3)
+        #expect(theirs.count == 3)
+        #expect(Set(firstAssigned).union(theirs) == Set((0..<6).map { TopicPartition(topic: topic, partition: $0) }))
+        #expect(Set(await first.assignment()) == Set(firstAssigned))
+        await second.close()
+        await first.close()
+    }
+}
