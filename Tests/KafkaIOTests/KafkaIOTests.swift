@@ -110,7 +110,8 @@ struct KafkaIOTests {
         let topic = unique("orders")
         try cluster.createTopic(topic, partitions: 6)
         let producer = try KafkaProducer.make(bootstrapServers: cluster.bootstrapServers, logger: quietLogger())
-        let total = 10_000
+        // KAFKAIO_TEST_MESSAGES raises the count for a steadier consume-rate figure (stay under ~5 MB per partition).
+        let total = ProcessInfo.processInfo.environment["KAFKAIO_TEST_MESSAGES"].flatMap(Int.init) ?? 10_000
         for i in 0..<total {
             try producer.send(
                 topic: topic, key: Array("key-\(i)".utf8), value: Array("value-\(i)".utf8),
