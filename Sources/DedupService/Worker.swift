@@ -120,7 +120,11 @@ public final class Worker: Service {
             await applyBackpressure(&state, consumer: consumer)
 
             stats.tick(now: clock.now, counters: state.engine.counters, engine: state.engine)
-            if let idle = config.stopWhenIdle, state.isQuiet, clock.now - state.lastActivity >= idle {
+            // Idle counts from the first assignment: joining the group takes seconds, and a worker
+            // that never gets partitions (more workers than partitions) gives up after 30 s more.
+            if let idle = config.stopWhenIdle, state.isQuiet, clock.now - state.lastActivity >= idle,
+                state.everAssigned || clock.now - started >= idle + .seconds(30)
+            {
                 logger.info("idle, stopping", metadata: ["run.stop_when_idle": "\(WorkerConfiguration.format(idle))"])
                 break
             }
@@ -132,6 +136,7 @@ public final class Worker: Service {
         var engine: DedupEngine
         var lastActivity: ContinuousClock.Instant
         var assignment: Set<TopicPartition> = []
+        var everAssigned = false
         var pausedForBackpressure = false
         var pausedPartitions: Set<TopicPartition> = []
         /// Claims to give back (revocation, failed handler), kept until Redis took them.
@@ -177,6 +182,7 @@ public final class Worker: Service {
             case .assigned(let partitions):
                 state.lastActivity = now
                 state.assignment.formUnion(partitions)
+                state.everAssigned = true
                 if state.pausedForBackpressure || state.storeDownSince != nil {
                     try? consumer.pause(partitions)
                     state.pausedPartitions.formUnion(partitions)

@@ -1,0 +1,87 @@
+import Foundation
+import TestSupport
+
+/// The built `dedupd` executable, next to the test bundle in the build products directory.
+func dedupdBinary() throws -> URL {
+    var dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+    // swift-testing runs the bundle from `.build/<config>/dedupdPackageTests.xctest`.
+    for _ in 0..<3 {
+        let candidate = dir.appendingPathComponent("dedupd")
+        if FileManager.default.isExecutableFile(atPath: candidate.path) { return candidate }
+        dir = dir.deletingLastPathComponent()
+    }
+    if let env = ProcessInfo.processInfo.environment["DEDUPD_BINARY"] { return URL(fileURLWithPath: env) }
+    throw TestSupportError("dedupd binary not found next to \(CommandLine.arguments[0]); run `swift build` first")
+}
+
+/// A `dedupd` child process whose stdout and stderr go to files in a scratch directory, so
+/// nothing blocks on a full pipe and a failing test can show the logs.
+final class DedupdProcess: @unchecked Sendable {
+    let process = Process()
+    let stdoutURL: URL
+    let stderrURL: URL
+    let name: String
+
+    init(_ arguments: [String], name: String, in dir: TemporaryDirectory) throws {
+        self.name = name
+        stdoutURL = dir.file("\(name).out")
+        stderrURL = dir.file("\(name).err")
+        FileManager.default.createFile(atPath: stdoutURL.path, contents: nil)
+        FileManager.default.createFile(atPath: stderrURL.path, contents: nil)
+        process.executableURL = try dedupdBinary()
+        process.arguments = arguments
+        process.standardInput = FileHandle.nullDevice
+        process.standardOutput = try FileHandle(forWritingTo: stdoutURL)
+        process.standardError = try FileHandle(forWritingTo: stderrURL)
+        try process.run()
+    }
+
+    var stdout: String { (try? String(contentsOf: stdoutURL, encoding: .utf8)) ?? "" }
+    var stderr: String { (try? String(contentsOf: stderrURL, encoding: .utf8)) ?? "" }
+
+    /// Waits for the first stdout line (bounded), e.g. the mock cluster's bootstrap servers.
+    func firstLine(timeout: Duration) throws -> String {
+        let deadline = ContinuousClock.now + timeout
+        while ContinuousClock.now < deadline {
+            if let line = stdout.split(separator: "\n").first { return String(line) }
+            guard process.isRunning else { break }
+            usleep(20_000)
+        }
+        throw TestSupportError("\(name) printed no line within \(timeout); stderr: \(stderr.suffix(2000))")
+    }
+
+    /// Waits for exit (bounded); kills and throws on timeout.
+    @discardableResult
+    func wait(timeout: Duration) throws -> Int32 {
+        let deadline = ContinuousClock.now + timeout
+        while process.isRunning && ContinuousClock.now < deadline { usleep(50_000) }
+        if process.isRunning {
+            process.interrupt()
+            kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
+            throw TestSupportError("\(name) did not exit within \(timeout); stderr tail: \(stderr.suffix(3000))")
+        }
+        return process.terminationStatus
+    }
+
+    func terminate() {
+        if process.isRunning { process.terminate() }
+    }
+
+    deinit {
+        if process.isRunning {
+            kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
+        }
+    }
+}
+
+/// `message-id` headers of the JSON lines the `log` handler wrote.
+func dispatchedIDs(inJSONLines text: String) -> [String] {
+    text.split(separator: "\n").compactMap { line in
+        guard let object = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
+            let headers = object["headers"] as? [String: Any]
+        else { return nil }
+        return headers["message-id"] as? String
+    }
+}
