@@ -1,0 +1,101 @@
+/// The Lua scripts behind `RedisClaimStore`. Each takes a whole chunk of keys
+/// (`KEYS`) and `ARGV = owner[, milliseconds]`, and returns an array with one
+/// result per key (two for `inspect`), so a chunk is one `EVALSHA`.
+///
+/// Values: `pending` is `"p:" .. owner`, `done` is `"d:" .. owner`.
+/// All keys of one chunk must live on one server (no Redis Cluster slots).
+struct LuaScript: Sendable, Hashable {
+    let name: String
+    let source: String
+
+    /// Per key: "c" claimed, "o" already owned (lease renewed), "d" done,
+    /// or the foreign value ("p:other") when pending elsewhere.
+    static let claim = LuaScript(name: "claim", source: """
+        local mine = 'p:' .. ARGV[1]
+        local lease = ARGV[2]
+        local out = {}
+        for i, key in ipairs(KEYS) do
+          local v = redis.call('GET', key)
+          if not v then
+            redis.call('SET', key, mine, 'PX', lease)
+            out[i] = 'c'
+          elseif v == mine then
+            redis.call('PEXPIRE', key, lease)
+            out[i] = 'o'
+          elseif string.sub(v, 1, 2) == 'd:' then
+            out[i] = 'd'
+          else
+            out[i] = v
+          end
+        end
+        return out
+        """)
+
+    /// Per key: "c" confirmed (or already done), "l" confirmed after the lease
+    /// was lost (key was absent), or the foreign value ("p:other").
+    static let confirm = LuaScript(name: "confirm", source: """
+        local mine = 'p:' .. ARGV[1]
+        local done = 'd:' .. ARGV[1]
+        local retention = ARGV[2]
+        local out = {}
+        for i, key in ipairs(KEYS) do
+          local v = redis.call('GET', key)
+          if v == mine then
+            redis.call('SET', key, done, 'PX', retention)
+            out[i] = 'c'
+          elseif not v then
+            redis.call('SET', key, done, 'PX', retention)
+            out[i] = 'l'
+          elseif string.sub(v, 1, 2) == 'd:' then
+            out[i] = 'c'
+          else
+            out[i] = v
+          end
+        end
+        return out
+        """)
+
+    /// Per key: 1 if it was pending under the owner and is now deleted, else 0.
+    static let release = LuaScript(name: "release", source: """
+        local mine = 'p:' .. ARGV[1]
+        local out = {}
+        for i, key in ipairs(KEYS) do
+          if redis.call('GET', key) == mine then
+            redis.call('DEL', key)
+            out[i] = 1
+          else
+            out[i] = 0
+          end
+        end
+        return out
+        """)
+
+    /// Per key: 1 if it is pending under the owner and its lease was extended, else 0.
+    static let renew = LuaScript(name: "renew", source: """
+        local mine = 'p:' .. ARGV[1]
+        local lease = ARGV[2]
+        local out = {}
+        for i, key in ipairs(KEYS) do
+          if redis.call('GET', key) == mine then
+            redis.call('PEXPIRE', key, lease)
+            out[i] = 1
+          else
+            out[i] = 0
+          end
+        end
+        return out
+        """)
+
+    /// Per key, two entries: the value (or nil) and its PTTL, read atomically.
+    static let inspect = LuaScript(name: "inspect", source: """
+        local out = {}
+        for i, key in ipairs(KEYS) do
+          local v = redis.call('GET', key)
+          out[2 * i - 1] = v
+          out[2 * i] = redis.call('PTTL', key)
+        end
+        return out
+        """)
+
+    static let all: [LuaScript] = [.claim, .confirm, .release, .renew, .inspect]
+}

@@ -1,0 +1,308 @@
+import CHiredis
+import Dispatch
+import Logging
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// One blocking hiredis connection to one Redis server.
+///
+/// hiredis contexts are not thread-safe and every call blocks on the socket, so
+/// every C call on the context runs on one dedicated serial `DispatchQueue`,
+/// never on Swift's cooperative pool. A `pipeline` is one hop to that queue:
+/// all commands are appended, then all replies read (one round trip).
+///
+/// Reconnect: when hiredis reports an I/O or protocol error the context is
+/// freed and the call throws a retriable `RedisError`; the next call connects
+/// again (AUTH and SELECT included), so a restarted redis-server is picked up
+/// without restarting the process. A connection the server has closed while
+/// idle is noticed before sending (the socket is readable), and replaced at once.
+///
+/// The password is never logged.
+///
+/// `@unchecked Sendable` is safe because all mutable state (`context`,
+/// `closed`, `connects`) is read and written only on `queue`, a serial queue;
+/// the remaining stored properties are immutable `Sendable` values.
+public final class RedisConnection: @unchecked Sendable {
+    public let url: RedisURL
+    public let connectTimeout: Duration
+    public let commandTimeout: Duration
+    private let logger: Logger
+    private let queue: DispatchQueue
+
+    // Only touched on `queue`.
+    private var context: UnsafeMutablePointer<redisContext>?
+    private var closed = false
+    private var connects = 0
+
+    private init(url: RedisURL, connectTimeout: Duration, commandTimeout: Duration, logger: Logger) {
+        self.url = url
+        self.connectTimeout = connectTimeout
+        self.commandTimeout = commandTimeout
+        var logger = logger
+        logger[metadataKey: "redis.server"] = "\(url.host):\(url.port)/\(url.database)"
+        self.logger = logger
+        self.queue = DispatchQueue(label: "dedupd.redis.\(url.host):\(url.port)")
+        Self.ignoreSIGPIPE
+    }
+
+    deinit {
+        // No call can be in flight: every queued block holds a strong reference.
+        if let context { redisFree(context) }
+    }
+
+    /// hiredis writes with `write(2)`: a write to a socket the server has closed
+    /// would raise SIGPIPE and kill the process. Ignored once, process-wide.
+    private static let ignoreSIGPIPE: Void = {
+        _ = signal(SIGPIPE, SIG_IGN)
+    }()
+
+    /// Connects (TCP, AUTH, SELECT). Throws if the first connection fails, so a
+    /// wrong address or password is reported at start.
+    public static func connect(
+        _ url: RedisURL,
+        connectTimeout: Duration = .seconds(2),
+        commandTimeout: Duration = .seconds(5),
+        logger: Logger
+    ) async throws -> RedisConnection {
+        let connection = RedisConnection(
+            url: url, connectTimeout: connectTimeout, commandTimeout: commandTimeout, logger: logger)
+        try await connection.onQueue { _ = try connection.connectedContext() }
+        return connection
+    }
+
+    /// Sends all commands, then reads all replies: one round trip. Error replies
+    /// are returned in place (`.error`); a broken connection throws.
+    public func pipeline(_ commands: [[RedisArgument]]) async throws -> [RedisReply] {
+        if commands.isEmpty { return [] }
+        return try await onQueue { try self.runPipeline(commands) }
+    }
+
+    /// Sends one command and returns its reply (an error reply is returned, not thrown).
+    public func command(_ args: [RedisArgument]) async throws -> RedisReply {
+        try await pipeline([args])[0]
+    }
+
+    /// Sends one command and returns its reply (an error reply is returned, not thrown).
+    public func command(_ args: RedisArgument...) async throws -> RedisReply {
+        try await command(args)
+    }
+
+    /// PING; throws unless the server answers PONG. Used for health and outage detection.
+    public func ping() async throws {
+        let reply = try await command("PING").throwingOnError("PING")
+        guard reply.text == "PONG" else {
+            throw RedisError(.protocolError, "unexpected reply to PING: \(reply)")
+        }
+    }
+
+    /// How many times a TCP connection was established (1 after `connect`; more after reconnects).
+    public var connectCount: Int {
+        get async { (try? await onQueue { self.connects }) ?? 0 }
+    }
+
+    /// Closes the connection; later calls throw `.closed`.
+    public func close() async {
+        _ = try? await onQueue {
+            self.closed = true
+            self.dropContext()
+        }
+    }
+
+    // MARK: - On the queue
+
+    private func onQueue<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+        try await withCheckedThrowingContinuation { continuation in
+            queue.async {
+                continuation.resume(with: Result { try body() })
+            }
+        }
+    }
+
+    private func runPipeline(_ commands: [[RedisArgument]]) throws -> [RedisReply] {
+        let ctx = try connectedContext()
+        do {
+            return try Self.roundTrip(ctx, commands)
+        } catch let error as RedisError {
+            logger.info("redis connection lost", metadata: ["error.message": "\(error.message)"])
+            dropContext()
+            throw error
+        }
+    }
+
+    private func dropContext() {
+        if let context {
+            redisFree(context)
+            self.context = nil
+        }
+    }
+
+    /// The current context, after (re)connecting if needed.
+    private func connectedContext() throws -> UnsafeMutablePointer<redisContext> {
+        if closed { throw RedisError(.closed, "connection to \(url.redacted) was closed") }
+        if let context {
+            if Self.peerHasClosed(context) {
+                logger.debug("redis connection closed by server while idle; reconnecting")
+                dropContext()
+            } else {
+                return context
+            }
+        }
+        let ctx = try openContext()
+        context = ctx
+        connects += 1
+        if connects == 1 {
+            logger.info("redis connected")
+        } else {
+            logger.info("redis reconnected", metadata: ["redis.connects": "\(connects)"])
+        }
+        return ctx
+    }
+
+    private func openContext() throws -> UnsafeMutablePointer<redisContext> {
+        let maybeCtx = url.host.withCString { redisConnectWithTimeout($0, Int32(url.port), Self.makeTimeval(connectTimeout)) }
+        guard let ctx = maybeCtx else {
+            throw RedisError(.connection, "cannot allocate a hiredis context")
+        }
+        if ctx.pointee.err != 0 {
+            let error = Self.contextError(ctx, action: "connecting to \(url.host):\(url.port)")
+            redisFree(ctx)
+            throw error
+        }
+        guard redisSetTimeout(ctx, Self.makeTimeval(commandTimeout)) == REDIS_OK else {
+            let error = Self.contextError(ctx, action: "setting the command timeout")
+            redisFree(ctx)
+            throw error
+        }
+        var setup: [[RedisArgument]] = []
+        if let password = url.password {
+            if let user = url.user {
+                setup.append(["AUTH", RedisArgument(user), RedisArgument(password)])
+            } else {
+                setup.append(["AUTH", RedisArgument(password)])
+            }
+        }
+        if url.database != 0 {
+            setup.append(["SELECT", RedisArgument(url.database)])
+        }
+        if setup.isEmpty { return ctx }
+        do {
+            let replies = try Self.roundTrip(ctx, setup)
+            var index = 0
+            if url.password != nil {
+                if case .error(let text) = replies[0] {
+                    // Never include the password; the server's text does not contain it.
+                    let who = url.user.map { "user '\($0)'" } ?? "the default user"
+                    throw RedisError(.auth, "AUTH as \(who) at \(url.host):\(url.port) was refused: \(text)")
+                }
+                index = 1
+            }
+            if url.database != 0 {
+                if case .error(let text) = replies[index] {
+                    let error = RedisError.fromServerReply(text, context: "SELECT \(url.database)")
+                    if error.code == .auth {
+                        throw RedisError(.auth, "\(url.host):\(url.port) requires AUTH (no password in URL): \(text)")
+                    }
+                    throw error
+                }
+            }
+        } catch {
+            redisFree(ctx)
+            throw error
+        }
+        return ctx
+    }
+
+    /// Appends every command to the output buffer, then reads one reply per command.
+    private static func roundTrip(_ ctx: UnsafeMutablePointer<redisContext>, _ commands: [[RedisArgument]]) throws -> [RedisReply] {
+        for command in commands {
+            try append(ctx, command)
+        }
+        var replies: [RedisReply] = []
+        replies.reserveCapacity(commands.count)
+        for _ in commands {
+            var raw: UnsafeMutableRawPointer?
+            guard redisGetReply(ctx, &raw) == REDIS_OK else {
+                if let raw { freeReplyObject(raw) }
+                throw contextError(ctx, action: "reading a reply")
+            }
+            guard let raw else {
+                throw RedisError(.protocolError, "hiredis returned no reply")
+            }
+            defer { freeReplyObject(raw) }
+            replies.append(RedisReply(UnsafePointer(raw.assumingMemoryBound(to: redisReply.self))))
+        }
+        return replies
+    }
+
+    private static func append(_ ctx: UnsafeMutablePointer<redisContext>, _ command: [RedisArgument]) throws {
+        // One contiguous buffer for all arguments, so every pointer stays valid
+        // for the duration of the C call. The trailing 0 keeps it non-empty.
+        var buffer: [UInt8] = []
+        buffer.reserveCapacity(command.reduce(1) { $0 + $1.bytes.count })
+        var lengths: [Int] = []
+        lengths.reserveCapacity(command.count)
+        for arg in command {
+            buffer.append(contentsOf: arg.bytes)
+            lengths.append(arg.bytes.count)
+        }
+        buffer.append(0)
+        let status: Int32 = buffer.withUnsafeBufferPointer { bytes in
+            let base = UnsafeRawPointer(bytes.baseAddress!).assumingMemoryBound(to: CChar.self)
+            var argv: [UnsafePointer<CChar>?] = []
+            argv.reserveCapacity(command.count)
+            var offset = 0
+            for length in lengths {
+                argv.append(base + offset)
+                offset += length
+            }
+            return argv.withUnsafeMutableBufferPointer { argvPointer in
+                lengths.withUnsafeBufferPointer { lengthPointer in
+                    redisAppendCommandArgv(ctx, Int32(command.count), argvPointer.baseAddress, lengthPointer.baseAddress)
+                }
+            }
+        }
+        guard status == REDIS_OK else {
+            throw contextError(ctx, action: "appending a command")
+        }
+    }
+
+    /// True if the server closed the socket (or sent something unsolicited) while
+    /// we were idle: RESP2 never sends without a request, so a readable socket
+    /// between calls means EOF or garbage. One `poll(2)` with a zero timeout.
+    private static func peerHasClosed(_ ctx: UnsafeMutablePointer<redisContext>) -> Bool {
+        var pfd = pollfd(fd: ctx.pointee.fd, events: Int16(POLLIN), revents: 0)
+        let n = poll(&pfd, 1, 0)
+        return n != 0
+    }
+
+    private static func contextError(_ ctx: UnsafeMutablePointer<redisContext>, action: String) -> RedisError {
+        let text = withUnsafePointer(to: ctx.pointee.errstr) {
+            $0.withMemoryRebound(to: CChar.self, capacity: MemoryLayout.size(ofValue: ctx.pointee.errstr)) {
+                String(cString: $0)
+            }
+        }
+        let message = "\(action): \(text.isEmpty ? "unknown error" : text)"
+        switch ctx.pointee.err {
+        case REDIS_ERR_PROTOCOL:
+            return RedisError(.protocolError, message, retriable: true)
+        case REDIS_ERR_IO where text.contains("temporarily unavailable") || text.contains("timed out"):
+            // hiredis 0.14 reports a socket timeout (SO_RCVTIMEO) as EAGAIN.
+            return RedisError(.timeout, message)
+        default:
+            return RedisError(.connection, message)
+        }
+    }
+
+    private static func makeTimeval(_ duration: Duration) -> timeval {
+        let (seconds, attoseconds) = duration.components
+        let micros = max(0, attoseconds / 1_000_000_000_000)
+        if seconds <= 0 && micros == 0 {
+            return timeval(tv_sec: 0, tv_usec: 1000)
+        }
+        return timeval(tv_sec: Int(seconds), tv_usec: Int(micros))
+    }
+}

@@ -1,0 +1,77 @@
+/// The one error type of `RedisIO`.
+///
+/// `code` says what kind of failure it was; `isRetriable` says whether the same
+/// call may succeed later without anyone changing configuration (the connection
+/// dropped, a timeout, a server still loading its data set).
+public struct RedisError: Error, Sendable, CustomStringConvertible {
+    /// What kind of failure. A struct over a private enum so new codes can be added
+    /// without breaking `switch`es in other modules.
+    public struct Code: Hashable, Sendable, CustomStringConvertible {
+        private enum Base: String, Hashable, Sendable {
+            case connection
+            case protocolError = "protocol"
+            case serverReply = "server reply"
+            case noScript = "noscript"
+            case timeout
+            case invalidURL = "invalid URL"
+            case auth
+            case closed
+        }
+
+        private let base: Base
+        private init(_ base: Base) { self.base = base }
+
+        /// Could not connect, or the connection broke (I/O error, server closed it).
+        public static let connection = Code(.connection)
+        /// The server sent something that is not valid RESP, or a reply of an unexpected shape.
+        public static let protocolError = Code(.protocolError)
+        /// The server answered with an error reply (`ERR ...`, `WRONGTYPE ...`).
+        public static let serverReply = Code(.serverReply)
+        /// `EVALSHA` named a script the server does not know (its script cache was flushed).
+        public static let noScript = Code(.noScript)
+        /// Connecting or a command took longer than the configured timeout.
+        public static let timeout = Code(.timeout)
+        /// A `redis://` URL could not be parsed.
+        public static let invalidURL = Code(.invalidURL)
+        /// AUTH was refused (wrong password or user), or the server requires AUTH and none was given.
+        public static let auth = Code(.auth)
+        /// The connection was closed by its owner.
+        public static let closed = Code(.closed)
+
+        public var description: String { base.rawValue }
+    }
+
+    public let code: Code
+    /// A human-readable message. Never contains a password.
+    public let message: String
+    private let retriable: Bool
+
+    public init(_ code: Code, _ message: String, retriable: Bool? = nil) {
+        self.code = code
+        self.message = message
+        self.retriable = retriable ?? (code == .connection || code == .timeout)
+    }
+
+    /// Whether the same call may succeed later: connection and timeout errors are
+    /// (the connection reconnects on the next call), and server replies that mean
+    /// "not now" (`LOADING`, `BUSY`, `TRYAGAIN`, `MASTERDOWN`).
+    public var isRetriable: Bool { retriable }
+
+    public var description: String { "RedisError(\(code)): \(message)" }
+
+    /// Classifies a server error reply.
+    static func fromServerReply(_ text: String, context: String? = nil) -> RedisError {
+        let prefix = text.prefix { $0 != " " }
+        let message = context.map { "\($0): \(text)" } ?? text
+        switch prefix {
+        case "NOSCRIPT":
+            return RedisError(.noScript, message)
+        case "NOAUTH", "WRONGPASS", "NOPERM":
+            return RedisError(.auth, message)
+        case "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN":
+            return RedisError(.serverReply, message, retriable: true)
+        default:
+            return RedisError(.serverReply, message)
+        }
+    }
+}
