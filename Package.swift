@@ -77,6 +77,6 @@ let package = Package(
         .testTarget(name: "KafkaIOTests", dependencies: ["KafkaIO", "TestSupport"]),
         .testTarget(name: "EndToEndTests", dependencies: ["KafkaIO", "RedisIO", "TestSupport"]),
         // Harnesses shared by the test targets: a real redis-server on a free port, temp dirs.
-        .target(name: "TestSupport", dependencies: ["DedupCore"], path: "Tests/TestSupport"),
+        .target(name: "TestSupport", dependencies: ["DedupService"], path: "Tests/TestSupport"),
     ]
 )

@@ -48,12 +48,6 @@ public enum Demo {
         logger.notice("demo: mock kafka and redis up", metadata: [
             "kafka.bootstrap_servers": "\(cluster.bootstrapServers)", "redis.url": "\(ConfigSchema.redact(redisURL))"])
 
-        let produced = try await SubmissionProducer.run(
-            bootstrapServers: cluster.bootstrapServers, topic: topic, count: options.count,
-            duplicateRatio: options.duplicateRatio, logger: logger)
-        logger.notice("demo: submissions produced", metadata: [
-            "sent": "\(produced.sent)", "unique": "\(produced.unique)", "repeats": "\(produced.repeats)"])
-
         let output = scratch.file("dispatched.jsonl").path
         let config = try WorkerConfiguration(layers: [[
             "kafka.bootstrap_servers": .init(cluster.bootstrapServers, origin: "demo"),
@@ -63,7 +57,7 @@ public enum Demo {
             "dedup.namespace": .init("demo-\(UInt32.random(in: 0...UInt32.max))", origin: "demo"),
             "dedup.window": .init(WorkerConfiguration.format(options.window), origin: "demo"),
             "handler.output": .init(output, origin: "demo"),
-            "run.stop_when_idle": .init("2s", origin: "demo"),
+            "run.stop_when_idle": .init("3s", origin: "demo"),
             "log.stats_interval": .init("2s", origin: "demo"),
         ]])
         let started = ContinuousClock.now
@@ -72,7 +66,32 @@ public enum Demo {
             services: [.init(service: worker, successTerminationBehavior: .gracefullyShutdownGroup)],
             gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
         groupConfig.maximumGracefulShutdownDuration = .seconds(10)
-        try await ServiceGroup(configuration: groupConfig).run()
+        // The worker runs while the submissions arrive: 90% at once (repeats among them are
+        // caught in the window), then, once the worker has read those and the window has
+        // passed, the last 10%, whose repeats of earlier ids are caught by Redis.
+        let firstWave = options.count * 9 / 10
+        let serviceGroup = ServiceGroup(configuration: groupConfig)
+        let bootstrap = cluster.bootstrapServers
+        let produced = try await withThrowingTaskGroup(of: SubmissionProducer.Report?.self) { group in
+            group.addTask {
+                try await serviceGroup.run()
+                return nil
+            }
+            group.addTask {
+                try await SubmissionProducer.run(
+                    bootstrapServers: bootstrap, topic: topic, count: options.count,
+                    duplicateRatio: options.duplicateRatio, pauseAfter: firstWave,
+                    pause: {
+                        while worker.counters.withLock({ $0.consumed }) < firstWave {
+                            try await Task.sleep(for: .milliseconds(50))
+                        }
+                        try await Task.sleep(for: options.window + .milliseconds(500))
+                    }, logger: logger)
+            }
+            var report: SubmissionProducer.Report?
+            for try await r in group { if let r { report = r } }
+            return report!
+        }
         let elapsed = ContinuousClock.now - started
 
         let lines = (try? String(contentsOfFile: output, encoding: .utf8))?.split(separator: "\n") ?? []
@@ -84,7 +103,7 @@ public enum Demo {
             ids.append(id)
         }
         return Summary(
-            produced: produced, counters: worker.finalCounters.withLock { $0 }, dispatchedIDs: ids.count,
+            produced: produced, counters: worker.counters.withLock { $0 }, dispatchedIDs: ids.count,
             distinctDispatchedIDs: Set(ids).count, elapsed: elapsed, sampleLine: lines.first.map(String.init))
     }
 
@@ -99,7 +118,7 @@ public enum Demo {
               dispatched        \(c.dispatched)   (handler: log, one JSON line each)
               duplicates        \(c.duplicates)   (\(c.duplicatesLocal) caught in the window, \(c.duplicatesStore) by Redis)
               invalid           \(c.invalid)
-              elapsed           \(WorkerConfiguration.format(s.elapsed)) (includes the group join, the \(s.produced.sent > 0 ? "window" : "") and the 2s idle wait)
+              elapsed           \(WorkerConfiguration.format(s.elapsed)) (includes joining the group, a pause before the late repeats, and the 3s idle wait)
               rate              \(Int(Double(c.consumed) / seconds)) msg/s consumed over the whole run
               sample output     \(s.sampleLine ?? "(none)")
 

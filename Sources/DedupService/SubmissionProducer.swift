@@ -14,12 +14,19 @@ public enum SubmissionProducer {
 
     public static func run(
         bootstrapServers: String, topic: String, count: Int, duplicateRatio: Double, idPrefix: String = "ord",
-        seed: UInt64 = 42, properties: [String: String] = [:], logger: Logger
+        seed: UInt64 = 42, pauseAfter: Int? = nil,
+        pause: @Sendable () async throws -> Void = {}, properties: [String: String] = [:],
+        logger: Logger
     ) async throws -> Report {
         let started = ContinuousClock.now
         let producer = try KafkaProducer.make(bootstrapServers: bootstrapServers, properties: properties, logger: logger)
         var generator = SubmissionGenerator(prefix: idPrefix, duplicateRatio: duplicateRatio, seed: seed)
-        for _ in 0..<count {
+        for i in 0..<count {
+            if i == pauseAfter {
+                // Later repeats arrive after the dedup window, as client retries do: Redis catches them.
+                try await producer.flush(timeout: .seconds(60))
+                try await pause()
+            }
             let s = generator.next()
             try producer.send(topic: topic, key: s.message.key, value: s.message.value, headers: s.message.headers)
         }

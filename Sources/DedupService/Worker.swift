@@ -19,8 +19,9 @@ public final class Worker: Service {
     let logger: Logger
     let handler: any Handler
     let stopRequested = Mutex(false)
-    /// Counters of the last run, for the demo and tests that run a worker in process.
-    public let finalCounters = Mutex(DedupCounters())
+    /// The pipeline's counters, published once per loop pass (per batch) for the demo and
+    /// tests that run a worker in process.
+    public let counters = Mutex(DedupCounters())
 
     public init(config: WorkerConfiguration, handler: (any Handler)? = nil, logger: Logger = Logger(label: "dedupd")) throws {
         self.config = config
@@ -119,6 +120,7 @@ public final class Worker: Service {
             storeOffsets(&state, consumer: consumer)
             await applyBackpressure(&state, consumer: consumer)
 
+            counters.withLock { $0 = state.engine.counters }
             stats.tick(now: clock.now, counters: state.engine.counters, engine: state.engine)
             // Idle counts from the first assignment: joining the group takes seconds, and a worker
             // that never gets partitions (more workers than partitions) gives up after 30 s more.
@@ -357,7 +359,7 @@ public final class Worker: Service {
         await consumer.close()
         await handler.close()
         let c = state.engine.counters
-        finalCounters.withLock { $0 = c }
+        counters.withLock { $0 = c }
         let elapsed = ContinuousClock.now - started
         var metadata: Logger.Metadata = [
             "consumed": "\(c.consumed)", "dispatched": "\(c.dispatched)", "duplicates": "\(c.duplicates)",

@@ -33,7 +33,8 @@ final class DedupdProcess: @unchecked Sendable {
         process.standardInput = FileHandle.nullDevice
         process.standardOutput = try FileHandle(forWritingTo: stdoutURL)
         process.standardError = try FileHandle(forWritingTo: stderrURL)
-        try process.run()
+        // Children inherit the test thread's blocked signals; unblock them so SIGTERM reaches dedupd.
+        try withDefaultSignalMask { try process.run() }
     }
 
     var stdout: String { (try? String(contentsOf: stdoutURL, encoding: .utf8)) ?? "" }

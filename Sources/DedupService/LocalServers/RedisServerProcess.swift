@@ -44,12 +44,28 @@ public final class RedisServerProcess: @unchecked Sendable {
         stop()
     }
 
+    /// The process id of the running server (0 if stopped).
+    public var pid: Int32 { lock.withLock { process?.processIdentifier ?? 0 } }
+
     /// The server's log file (useful when a test fails).
     public var logFile: URL { directory.file("redis.log") }
 
     /// Whether the process is running.
     public var isRunning: Bool {
-        lock.withLock { process?.isRunning ?? false }
+        lock.withLock { process.map { !Self.hasExited($0) } ?? false }
+    }
+
+    /// Whether the child has exited: `Process.isRunning`, or on Linux `/proc/PID/stat`
+    /// missing or in state `Z` (exited, not yet reaped by Foundation's monitor thread).
+    private static func hasExited(_ process: Process) -> Bool {
+        if !process.isRunning { return true }
+        guard let stat = try? String(contentsOfFile: "/proc/\(process.processIdentifier)/stat", encoding: .utf8) else {
+            return true
+        }
+        // Format: "pid (comm) S ..."; comm may contain spaces, so look after the last ')'.
+        guard let close = stat.lastIndex(of: ")") else { return false }
+        let state = stat[stat.index(after: close)...].drop { $0 == " " }.first
+        return state == "Z" || state == "X"
     }
 
     /// SIGTERM, then wait for exit (SIGKILL after `timeout`). Idempotent.
@@ -57,15 +73,15 @@ public final class RedisServerProcess: @unchecked Sendable {
         lock.withLock {
             guard let process else { return }
             self.process = nil
-            guard process.isRunning else { return }
+            guard !Self.hasExited(process) else { return }
             process.terminate()
             let deadline = ContinuousClock.now + timeout
-            while process.isRunning && ContinuousClock.now < deadline {
-                usleep(10_000)
+            while !Self.hasExited(process) && ContinuousClock.now < deadline {
+                usleep(5_000)
             }
-            if process.isRunning {
+            if !Self.hasExited(process) {
                 kill(process.processIdentifier, SIGKILL)
-                process.waitUntilExit()
+                while !Self.hasExited(process) { usleep(5_000) }
             }
         }
     }
@@ -98,7 +114,7 @@ public final class RedisServerProcess: @unchecked Sendable {
             process.standardInput = FileHandle.nullDevice
             process.standardOutput = FileHandle.nullDevice
             process.standardError = FileHandle.nullDevice
-            try process.run()
+            try withDefaultSignalMask { try process.run() }
             self.process = process
         }
         let deadline = ContinuousClock.now + timeout
