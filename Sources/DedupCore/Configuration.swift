@@ -46,6 +46,8 @@ public enum ConfigSchema {
               doc: "Lease of a pending claim; a dead worker's keys free up after it. Default: window + 30s."),
         .init(name: "dedup.keep", kind: .choice(KeepPolicy.allCases.map(\.rawValue)), defaultValue: "first",
               doc: "first: dispatch the first copy; last: dispatch the newest copy seen within the window."),
+        .init(name: "dedup.on_store_error", kind: .choice(["fail_closed", "fail_open"]), defaultValue: "fail_closed",
+              doc: "fail_closed: while Redis is unreachable, pause and dispatch nothing unclaimed; fail_open: dispatch without a claim (dedup by the window only)."),
         .init(name: "dedup.max_message_bytes", kind: .size, defaultValue: "1MiB",
               doc: "Larger messages are bad input (counted and logged, not dispatched)."),
         .init(name: "buffer.max_messages", kind: .count, defaultValue: "100000",
@@ -59,6 +61,8 @@ public enum ConfigSchema {
               doc: "log handler: file to append JSON lines to; - is stdout."),
         .init(name: "handler.concurrency", kind: .count, defaultValue: "4",
               doc: "Handler calls in flight at once."),
+        .init(name: "handler.max_batch", kind: .count, defaultValue: "500",
+              doc: "Most messages dispatched per round before their keys are confirmed in one round trip; bounds what the crash window can repeat."),
         .init(name: "handler.max_attempts", kind: .count, defaultValue: "5",
               doc: "Tries per message before it is given up (logged as failed, claim released)."),
         .init(name: "handler.backoff", kind: .duration, defaultValue: "100ms",
@@ -128,6 +132,8 @@ public struct WorkerConfiguration: Sendable {
     public var handlerType: String
     public var handlerOutput: String
     public var handlerConcurrency: Int
+    public var handlerMaxBatch: Int
+    public var failOpen: Bool
     public var handlerMaxAttempts: Int
     public var handlerBackoff: Backoff
     public var stopWhenIdle: Duration?
@@ -210,6 +216,8 @@ public struct WorkerConfiguration: Sendable {
         handlerType = try r.choice("handler.type")
         handlerOutput = try r.string("handler.output")
         handlerConcurrency = try r.count("handler.concurrency")
+        handlerMaxBatch = try r.count("handler.max_batch")
+        failOpen = try r.choice("dedup.on_store_error") == "fail_open"
         handlerMaxAttempts = try r.count("handler.max_attempts")
         handlerBackoff = Backoff(initial: try r.duration("handler.backoff"), maximum: .seconds(5))
         stopWhenIdle = try r.optionalDuration("run.stop_when_idle")

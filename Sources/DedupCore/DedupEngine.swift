@@ -62,6 +62,12 @@ public struct DedupCounters: Sendable, Equatable {
     public var parked = 0
     /// Confirms that found another owner holding the key (a copy may have been dispatched twice).
     public var confirmConflicts = 0
+    /// Leases extended for messages that waited longer than half a lease.
+    public var renewed = 0
+    /// Buffered messages whose lease ran out and whose key another worker took meanwhile.
+    public var leasesLost = 0
+    /// `on_store_error: fail_open`: messages let through without a claim while Redis was down.
+    public var unclaimed = 0
 
     public init() {}
     public var duplicates: Int { duplicatesLocal + duplicatesStore }
@@ -107,6 +113,9 @@ public struct DedupEngine: Sendable {
     private var parked: [DedupKey: Parked] = [:]
     private var inFlight: [DedupKey: InboundMessage] = [:]
     private var confirming: [DedupKey: InboundMessage] = [:]
+    /// When each buffered key's lease was last taken or extended, to renew it before it runs out.
+    private var leaseTakenAt: [DedupKey: ContinuousClock.Instant] = [:]
+    private var nextRenewalScan: ContinuousClock.Instant?
 
     public init(settings: DedupSettings) {
         self.settings = settings
@@ -170,11 +179,22 @@ public struct DedupEngine: Sendable {
 
     // MARK: - 3. Claim
 
-    /// Keys to claim in the next round trip: new keys, then parked keys whose retry time came.
-    /// Nothing moves until `applyClaims`, so a failed round trip simply leaves them here.
-    public func keysToClaim(now: ContinuousClock.Instant) -> [DedupKey] {
+    /// Keys to claim in the next round trip: new keys, parked keys whose retry time came, and
+    /// buffered keys whose lease is half used (claiming a key this worker owns extends its lease,
+    /// so renewals ride in the same pipelined round trip). Nothing moves until `applyClaims`, so
+    /// a failed round trip simply leaves them here.
+    public mutating func keysToClaim(now: ContinuousClock.Instant) -> [DedupKey] {
         var keys = claimOrder
         for (key, p) in parked where p.retryAt <= now { keys.append(key) }
+        // Scanning for renewals every quarter lease keeps the scan off the per-batch path; a
+        // lease is renewed once half used, so it still has a quarter left at worst.
+        if nextRenewalScan.map({ now >= $0 }) ?? true {
+            nextRenewalScan = now + settings.lease / 4
+            let renewBefore = now - settings.lease / 2
+            for (key, taken) in leaseTakenAt where taken <= renewBefore && places[key] == .buffered {
+                keys.append(key)
+            }
+        }
         return keys
     }
 
@@ -186,6 +206,9 @@ public struct DedupEngine: Sendable {
             switch places[key] {
             case .claiming?: message = claiming.removeValue(forKey: key)!
             case .parked?: message = parked.removeValue(forKey: key)!.message
+            case .buffered?:
+                applyRenewal(key, outcome, now: now)
+                continue
             default: continue  // revoked meanwhile
             }
             switch outcome {
@@ -193,6 +216,7 @@ public struct DedupEngine: Sendable {
                 // `alreadyOwned`: this worker claimed it before, e.g. its release failed when the
                 // partition was revoked and then came back. It was never dispatched: buffer it.
                 places[key] = .buffered
+                leaseTakenAt[key] = now
                 buffer.insert(key, message, now: now)
             case .done:
                 places[key] = nil
@@ -210,6 +234,39 @@ public struct DedupEngine: Sendable {
         claimOrder.removeAll { claimed.contains($0) }
     }
 
+    /// The answer to re-claiming a buffered key. Normally the lease is extended. If it had run
+    /// out and another worker took the key meanwhile, this copy leaves the buffer: a duplicate
+    /// if that worker is done, parked if its copy is still in flight.
+    private mutating func applyRenewal(_ key: DedupKey, _ outcome: ClaimOutcome, now: ContinuousClock.Instant) {
+        switch outcome {
+        case .claimed, .alreadyOwned:
+            leaseTakenAt[key] = now
+            counters.renewed += 1
+        case .done:
+            guard let e = buffer.remove(key) else { return }
+            places[key] = nil
+            leaseTakenAt[key] = nil
+            counters.leasesLost += 1
+            counters.duplicatesStore += 1
+            offsets.resolve(e.message.topicPartition, offset: e.message.offset)
+        case .pendingElsewhere:
+            guard let e = buffer.remove(key) else { return }
+            leaseTakenAt[key] = nil
+            counters.leasesLost += 1
+            counters.parked += 1
+            places[key] = .parked
+            parked[key] = Parked(message: e.message, retryAt: now + settings.parkRetry, since: now)
+        }
+    }
+
+    /// `on_store_error: fail_open`: the store did not answer, and the operator chose to let
+    /// messages through unclaimed rather than stop. Dedup then rests on the window alone.
+    public mutating func applyClaimsWithoutStore(_ keys: [DedupKey], now: ContinuousClock.Instant) {
+        let fresh = keys.filter { places[$0] == .claiming || places[$0] == .parked }.count
+        counters.unclaimed += fresh
+        applyClaims(keys, Array(repeating: .claimed, count: keys.count), now: now)
+    }
+
     public var parkedCount: Int { parked.count }
 
     // MARK: - 4-5. Delay buffer and dispatch
@@ -218,6 +275,7 @@ public struct DedupEngine: Sendable {
     public mutating func takeDue(now: ContinuousClock.Instant, limit: Int = .max) -> [Dispatch] {
         buffer.popDue(now: now, limit: limit).map { entry in
             places[entry.key] = .inFlight
+            leaseTakenAt[entry.key] = nil
             inFlight[entry.key] = entry.message
             return Dispatch(key: entry.key, message: entry.message)
         }
@@ -278,7 +336,10 @@ public struct DedupEngine: Sendable {
     /// worker must release so that owner can claim them at once.
     public mutating func revoke(_ partitions: Set<TopicPartition>) -> [DedupKey] {
         let removed = buffer.removeAll(in: partitions)
-        for e in removed { places[e.key] = nil }
+        for e in removed {
+            places[e.key] = nil
+            leaseTakenAt[e.key] = nil
+        }
         for (key, m) in claiming where partitions.contains(m.topicPartition) {
             claiming[key] = nil
             places[key] = nil

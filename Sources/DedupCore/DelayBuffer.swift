@@ -97,6 +97,13 @@ public struct DelayBuffer: Sendable {
         return due
     }
 
+    /// Removes one entry (its claim was lost: another worker holds or finished the key).
+    public mutating func remove(_ key: DedupKey) -> Entry? {
+        guard let e = entries.removeValue(forKey: key) else { return nil }
+        bytes -= e.size
+        return e
+    }
+
     /// Removes and returns every entry whose message belongs to one of `partitions` (revocation, shutdown).
     public mutating func removeAll(in partitions: Set<TopicPartition>) -> [Entry] {
         let removed = entries.values.filter { partitions.contains($0.message.topicPartition) }

@@ -110,12 +110,20 @@ public final class Worker: Service {
 
             if state.storeUsable(now: clock.now) {
                 await claimRound(state: &state, store: store, now: clock.now, rng: &rng)
+            } else if config.failOpen {
+                let keys = state.engine.keysToClaim(now: clock.now)
+                if !keys.isEmpty { state.engine.applyClaimsWithoutStore(keys, now: clock.now) }
             }
-            let due = state.engine.takeDue(now: clock.now)
+            // Rounds are bounded by handler.max_batch: the keys of one round are confirmed
+            // together, so that is the most the crash window (handler done, confirm not yet in
+            // Redis) can ever repeat.
+            let due = state.engine.takeDue(now: clock.now, limit: config.handlerMaxBatch)
             if !due.isEmpty { await dispatchRound(due, state: &state, store: store) }
             if state.storeUsable(now: clock.now) {
                 await confirmRound(state: &state, store: store, rng: &rng)
                 await releaseRound(state: &state, store: store, rng: &rng)
+            } else if config.failOpen {
+                resolveWithoutStore(&state)
             }
             storeOffsets(&state, consumer: consumer)
             await applyBackpressure(&state, consumer: consumer)
@@ -139,6 +147,8 @@ public final class Worker: Service {
         var lastActivity: ContinuousClock.Instant
         var assignment: Set<TopicPartition> = []
         var everAssigned = false
+        /// The latest offset stored per partition (what the final commit sends), for the summary.
+        var storedPositions: [TopicPartition: Int64] = [:]
         var pausedForBackpressure = false
         var pausedPartitions: Set<TopicPartition> = []
         /// Claims to give back (revocation, failed handler), kept until Redis took them.
@@ -185,7 +195,7 @@ public final class Worker: Service {
                 state.lastActivity = now
                 state.assignment.formUnion(partitions)
                 state.everAssigned = true
-                if state.pausedForBackpressure || state.storeDownSince != nil {
+                if !state.pausedPartitions.isEmpty {
                     try? consumer.pause(partitions)
                     state.pausedPartitions.formUnion(partitions)
                 }
@@ -216,7 +226,18 @@ public final class Worker: Service {
             state.engine.applyClaims(keys, outcomes, now: ContinuousClock.now)
         } catch {
             storeFailed(&state, error: error, rng: &rng)
+            if config.failOpen { state.engine.applyClaimsWithoutStore(keys, now: ContinuousClock.now) }
         }
+    }
+
+    /// fail_open with Redis down: dispatched messages are resolved without a `done` record
+    /// (there is nowhere to write it) and releases are dropped (the claims expire by themselves).
+    func resolveWithoutStore(_ state: inout LoopState) {
+        let keys = state.engine.keysToConfirm()
+        if !keys.isEmpty {
+            state.engine.applyConfirms(keys, Array(repeating: .confirmedAfterLeaseLost, count: keys.count))
+        }
+        state.toRelease.removeAll()
     }
 
     func confirmRound(state: inout LoopState, store: RedisClaimStore, rng: inout SystemRandomNumberGenerator) async {
@@ -266,9 +287,15 @@ public final class Worker: Service {
         let now = ContinuousClock.now
         if state.storeDownSince == nil {
             state.storeDownSince = now
-            logger.error(
-                "redis unavailable, pausing consumption until it answers (fail-closed: nothing unclaimed is dispatched)",
-                metadata: ["error": "\(error)"])
+            if config.failOpen {
+                logger.error(
+                    "redis unavailable; on_store_error=fail_open: dispatching without claims until it answers (repeats outside the window will pass)",
+                    metadata: ["error": "\(error)"])
+            } else {
+                logger.error(
+                    "redis unavailable, pausing consumption until it answers (fail-closed: nothing unclaimed is dispatched)",
+                    metadata: ["error": "\(error)"])
+            }
         }
         state.storeRetryAt = now + Backoff(initial: .milliseconds(100), maximum: .seconds(5))
             .jittered(attempt: state.storeFailures, using: &rng)
@@ -309,13 +336,14 @@ public final class Worker: Service {
     func storeOffsets(_ state: inout LoopState, consumer: KafkaConsumer) {
         let positions = state.engine.takeCommitPositions()
         guard !positions.isEmpty else { return }
+        state.storedPositions.merge(positions) { _, new in new }
         do { try consumer.storeOffsets(positions) } catch {
             logger.warning("storing offsets failed", metadata: ["error": "\(error)"])
         }
     }
 
     func applyBackpressure(_ state: inout LoopState, consumer: KafkaConsumer) async {
-        let mustPause = state.engine.shouldPause || state.storeDownSince != nil
+        let mustPause = state.engine.shouldPause || (state.storeDownSince != nil && !config.failOpen)
         if mustPause && state.pausedPartitions.isEmpty && !state.assignment.isEmpty {
             let partitions = Array(state.assignment)
             do {
@@ -366,6 +394,8 @@ public final class Worker: Service {
             "duplicates.local": "\(c.duplicatesLocal)", "duplicates.redis": "\(c.duplicatesStore)",
             "invalid": "\(c.invalid)", "failed": "\(c.failed)", "released": "\(c.released)",
             "released.unconfirmed": "\(state.toRelease.count)",
+            "renewed": "\(c.renewed)", "leases_lost": "\(c.leasesLost)", "unclaimed": "\(c.unclaimed)",
+            "kafka.committed": "\(state.storedPositions.sorted { ($0.key.topic, $0.key.partition) < ($1.key.topic, $1.key.partition) }.map { "\($0.key)=\($0.value)" }.joined(separator: ","))",
             "elapsed": "\(WorkerConfiguration.format(elapsed))",
         ]
         if let commitError { metadata["error"] = "\(commitError)" }
