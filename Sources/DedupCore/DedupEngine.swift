@@ -1,3 +1,5 @@
+import DequeModule
+
 /// The settings the dedup decisions depend on.
 public struct DedupSettings: Sendable {
     /// How a message becomes its key. Default: `header:message-id`.
@@ -115,7 +117,10 @@ public struct DedupEngine: Sendable {
     private var confirming: [DedupKey: InboundMessage] = [:]
     /// When each buffered key's lease was last taken or extended, to renew it before it runs out.
     private var leaseTakenAt: [DedupKey: ContinuousClock.Instant] = [:]
-    private var nextRenewalScan: ContinuousClock.Instant?
+    /// The same, in the order taken: the oldest leases are at the front, so finding the ones to
+    /// renew costs only the ones due. Entries go stale (renewed again, or left the buffer) and
+    /// are dropped when they reach the front.
+    private var leaseOrder: Deque<(key: DedupKey, taken: ContinuousClock.Instant)> = []
 
     public init(settings: DedupSettings) {
         self.settings = settings
@@ -186,14 +191,13 @@ public struct DedupEngine: Sendable {
     public mutating func keysToClaim(now: ContinuousClock.Instant) -> [DedupKey] {
         var keys = claimOrder
         for (key, p) in parked where p.retryAt <= now { keys.append(key) }
-        // Scanning for renewals every quarter lease keeps the scan off the per-batch path; a
-        // lease is renewed once half used, so it still has a quarter left at worst.
-        if nextRenewalScan.map({ now >= $0 }) ?? true {
-            nextRenewalScan = now + settings.lease / 4
-            let renewBefore = now - settings.lease / 2
-            for (key, taken) in leaseTakenAt where taken <= renewBefore && places[key] == .buffered {
-                keys.append(key)
-            }
+        while let first = leaseOrder.first, leaseTakenAt[first.key] != first.taken {
+            leaseOrder.removeFirst()
+        }
+        let renewBefore = now - settings.lease / 2
+        for entry in leaseOrder {
+            guard entry.taken <= renewBefore else { break }
+            if leaseTakenAt[entry.key] == entry.taken { keys.append(entry.key) }
         }
         return keys
     }
@@ -216,7 +220,7 @@ public struct DedupEngine: Sendable {
                 // `alreadyOwned`: this worker claimed it before, e.g. its release failed when the
                 // partition was revoked and then came back. It was never dispatched: buffer it.
                 places[key] = .buffered
-                leaseTakenAt[key] = now
+                takeLease(key, now: now)
                 buffer.insert(key, message, now: now)
             case .done:
                 places[key] = nil
@@ -240,7 +244,7 @@ public struct DedupEngine: Sendable {
     private mutating func applyRenewal(_ key: DedupKey, _ outcome: ClaimOutcome, now: ContinuousClock.Instant) {
         switch outcome {
         case .claimed, .alreadyOwned:
-            leaseTakenAt[key] = now
+            takeLease(key, now: now)
             counters.renewed += 1
         case .done:
             guard let e = buffer.remove(key) else { return }
@@ -257,6 +261,11 @@ public struct DedupEngine: Sendable {
             places[key] = .parked
             parked[key] = Parked(message: e.message, retryAt: now + settings.parkRetry, since: now)
         }
+    }
+
+    private mutating func takeLease(_ key: DedupKey, now: ContinuousClock.Instant) {
+        leaseTakenAt[key] = now
+        leaseOrder.append((key, now))
     }
 
     /// `on_store_error: fail_open`: the store did not answer, and the operator chose to let
@@ -307,6 +316,8 @@ public struct DedupEngine: Sendable {
     }
 
     public var inFlightCount: Int { inFlight.count }
+    /// Dispatched messages whose keys are not yet confirmed in the store.
+    public var confirmingCount: Int { confirming.count }
 
     // MARK: - 6. Confirm
 

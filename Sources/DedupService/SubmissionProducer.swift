@@ -14,7 +14,7 @@ public enum SubmissionProducer {
 
     public static func run(
         bootstrapServers: String, topic: String, count: Int, duplicateRatio: Double, idPrefix: String = "ord",
-        seed: UInt64 = 42, pauseAfter: Int? = nil,
+        seed: UInt64 = 42, rate: Int? = nil, pauseAfter: Int? = nil,
         pause: @Sendable () async throws -> Void = {}, properties: [String: String] = [:],
         logger: Logger
     ) async throws -> Report {
@@ -26,6 +26,11 @@ public enum SubmissionProducer {
                 // Later repeats arrive after the dedup window, as client retries do: Redis catches them.
                 try await producer.flush(timeout: .seconds(60))
                 try await pause()
+            }
+            if let rate, rate > 0, i % 50 == 0 {
+                // Pace in steps of 50 messages: the i-th message is due i/rate seconds after the start.
+                let due = started + .milliseconds(Int64(i) * 1000 / Int64(rate))
+                if due > ContinuousClock.now { try await Task.sleep(until: due, clock: .continuous) }
             }
             let s = generator.next()
             try producer.send(topic: topic, key: s.message.key, value: s.message.value, headers: s.message.headers)

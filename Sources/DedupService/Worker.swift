@@ -117,8 +117,13 @@ public final class Worker: Service {
             // Rounds are bounded by handler.max_batch: the keys of one round are confirmed
             // together, so that is the most the crash window (handler done, confirm not yet in
             // Redis) can ever repeat.
-            let due = state.engine.takeDue(now: clock.now, limit: config.handlerMaxBatch)
-            if !due.isEmpty { await dispatchRound(due, state: &state, store: store) }
+            // Fail-closed also means: no dispatch while Redis is down or a round is still
+            // unconfirmed, so at most one round is ever exposed to the crash window, and no
+            // lease is relied on that could not be renewed.
+            if config.failOpen || (state.storeDownSince == nil && state.engine.confirmingCount == 0) {
+                let due = state.engine.takeDue(now: clock.now, limit: config.handlerMaxBatch)
+                if !due.isEmpty { await dispatchRound(due, state: &state, store: store) }
+            }
             if state.storeUsable(now: clock.now) {
                 await confirmRound(state: &state, store: store, rng: &rng)
                 await releaseRound(state: &state, store: store, rng: &rng)

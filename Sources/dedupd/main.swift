@@ -88,7 +88,9 @@ struct Run: AsyncParsableCommand {
             logger: logger)
         // Past the deadline, in-flight handlers are cancelled; their messages stay uncommitted.
         groupConfig.maximumGracefulShutdownDuration = config.shutdownDeadline
+        let escalation = SignalEscalation(logger: logger)
         try await ServiceGroup(configuration: groupConfig).run()
+        withExtendedLifetime(escalation) {}
     }
 }
 
@@ -125,6 +127,8 @@ struct Produce: AsyncParsableCommand {
     @Option(help: "Fraction of messages that repeat an earlier id (0...1).") var duplicateRatio: Double = 0.3
     @Option(help: "Prefix of the ids: <prefix>-0, <prefix>-1, ...") var idPrefix: String = "ord"
     @Option(help: "Random seed; the same seed sends the same stream.") var seed: UInt64 = 42
+    @Option(help: "Messages per second (default: as fast as possible); spreads the stream so later repeats arrive after the window.")
+    var rate: Int?
 
     func validate() throws {
         guard count > 0 else { throw ValidationError("--count must be greater than 0, got \(count)") }
@@ -137,7 +141,7 @@ struct Produce: AsyncParsableCommand {
         OperationalLog.bootstrap(level: "warning", format: "logfmt")
         let report = try await SubmissionProducer.run(
             bootstrapServers: bootstrapServers, topic: topic, count: count, duplicateRatio: duplicateRatio,
-            idPrefix: idPrefix, seed: seed, logger: Logger(label: "dedupd.produce"))
+            idPrefix: idPrefix, seed: seed, rate: rate, logger: Logger(label: "dedupd.produce"))
         print("sent=\(report.sent) unique=\(report.unique) repeats=\(report.repeats) failed=\(report.failed) elapsed=\(WorkerConfiguration.format(report.elapsed))")
         if report.failed > 0 { throw ExitCode(1) }
     }
@@ -146,7 +150,16 @@ struct Produce: AsyncParsableCommand {
 struct MockKafka: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "mock-kafka",
-        abstract: "Host a librdkafka mock cluster in this process; prints its bootstrap servers first, serves until SIGTERM/SIGINT.")
+        abstract: "Host a librdkafka mock cluster in this process; prints its bootstrap servers first, serves until SIGTERM/SIGINT.",
+        discussion: """
+            Faults can be injected from outside by writing commands to its standard input, one per line; \
+            each is answered with a line "ok <command>" or "error <reason>" on stdout:
+              broker-down ID            take a broker down (its connections close, requests fail)
+              broker-up ID              bring it back
+              leader TOPIC PARTITION ID move a partition's leadership to broker ID
+              coordinator GROUP ID      move a consumer group's coordinator to broker ID
+            Broker ids are 1...N.
+            """)
 
     @Option(help: "Number of mock brokers.") var brokers: Int = 3
     @Option(help: "Topic to create, NAME or NAME:PARTITIONS; repeatable.") var topic: [String] = []
@@ -164,6 +177,7 @@ struct MockKafka: AsyncParsableCommand {
         }
         // Written unbuffered: whoever started this process reads the first line to find the cluster.
         FileHandle.standardOutput.write(Data((cluster.bootstrapServers + "\n").utf8))
+        MockKafkaControl.start(cluster: cluster)
         try await ServiceGroup(
             configuration: .init(
                 services: [.init(service: Holder(cluster: cluster))],
@@ -199,5 +213,47 @@ struct Demo: AsyncParsableCommand {
         let summary = try await DedupService.Demo.run(options, logger: Logger(label: "dedupd.demo"))
         print(DedupService.Demo.render(summary))
         if !summary.isExact { throw ExitCode(1) }
+    }
+}
+
+/// Reads fault-injection commands for `mock-kafka` from stdin on a thread of its own (a blocking
+/// read must not occupy Swift's cooperative pool). End of input just ends the reading.
+enum MockKafkaControl {
+    static func start(cluster: MockKafkaCluster) {
+        let thread = Thread {
+            while let line = readLine() {
+                let reply = apply(line.split(separator: " ").map(String.init), cluster: cluster)
+                FileHandle.standardOutput.write(Data((reply + "\n").utf8))
+            }
+        }
+        thread.name = "mock-kafka-control"
+        thread.start()
+    }
+
+    static func apply(_ words: [String], cluster: MockKafkaCluster) -> String {
+        let command = words.joined(separator: " ")
+        func broker(_ s: String) -> Int32? {
+            guard let id = Int32(s), id >= 1, id <= Int32(cluster.brokerCount) else { return nil }
+            return id
+        }
+        switch words.first {
+        case "broker-down" where words.count == 2:
+            guard let id = broker(words[1]) else { return "error no broker \(words[1])" }
+            cluster.setBrokerDown(id)
+        case "broker-up" where words.count == 2:
+            guard let id = broker(words[1]) else { return "error no broker \(words[1])" }
+            cluster.setBrokerUp(id)
+        case "leader" where words.count == 4:
+            guard let partition = Int32(words[2]), let id = broker(words[3]) else { return "error usage: leader TOPIC PARTITION ID" }
+            cluster.setPartitionLeader(topic: words[1], partition: partition, broker: id)
+        case "coordinator" where words.count == 3:
+            guard let id = broker(words[2]) else { return "error no broker \(words[2])" }
+            cluster.setCoordinator(group: words[1], broker: id)
+        case nil:
+            return "error empty command"
+        default:
+            return "error unknown command: \(command)"
+        }
+        return "ok \(command)"
     }
 }

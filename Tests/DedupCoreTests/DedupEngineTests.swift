@@ -9,10 +9,13 @@ struct Harness {
     let owner: String
     var dispatched: [Dispatch] = []
 
-    init(owner: String = "w1", keep: KeepPolicy = .first, window: Duration = .seconds(5), maxMessages: Int = 1000) throws {
+    init(
+        owner: String = "w1", keep: KeepPolicy = .first, window: Duration = .seconds(5), lease: Duration? = nil,
+        maxMessages: Int = 1000
+    ) throws {
         self.owner = owner
         engine = DedupEngine(settings: DedupSettings(
-            template: try KeyTemplate("header:message-id"), namespace: "test", window: window, keep: keep,
+            template: try KeyTemplate("header:message-id"), namespace: "test", window: window, lease: lease, keep: keep,
             bufferMaxMessages: maxMessages))
         store.setNow(clock.now)
     }
@@ -27,7 +30,7 @@ struct Harness {
         let results = messages.map { engine.ingest($0) }
         let keys = engine.keysToClaim(now: clock.now)
         if !keys.isEmpty {
-            engine.applyClaims(keys, try await store.claim(keys.map(\.storeKey), owner: owner, lease: .seconds(35)), now: clock.now)
+            engine.applyClaims(keys, try await store.claim(keys.map(\.storeKey), owner: owner, lease: engine.settings.lease), now: clock.now)
         }
         return results
     }
@@ -213,5 +216,54 @@ struct Harness {
         let released = h.engine.drainForShutdown()
         #expect(Set(released.map(\.raw)) == ["a", "b"])
         #expect(h.engine.isIdle)
+    }
+
+    @Test func leasesAreRenewedInTheClaimRoundTripOnceHalfUsed() async throws {
+        var h = try Harness(window: .seconds(30), lease: .seconds(10))
+        try await h.consume([msg("a", offset: 0)])
+        h.advance(.seconds(4))
+        #expect(h.engine.keysToClaim(now: h.clock.now).isEmpty, "not yet half used")
+        h.advance(.seconds(1))
+        #expect(h.engine.keysToClaim(now: h.clock.now).map(\.raw) == ["a"])
+        try await h.consume([])
+        #expect(h.engine.counters.renewed == 1)
+        // Renewed at t=5s: the lease now runs to t=15s, past the original t=10s.
+        h.advance(.seconds(6))
+        #expect(h.store.value("dedupd:test:a") == "p:w1")
+        for _ in 0..<5 {
+            h.advance(.seconds(5))
+            try await h.consume([])
+        }
+        #expect(h.store.value("dedupd:test:a") == "p:w1", "held for 36 s on a 10 s lease")
+        try await h.dispatchDue()
+        #expect(h.dispatched.count == 1)
+    }
+
+    @Test func aLostLeaseTakesTheMessageOutOfTheBuffer() async throws {
+        var h = try Harness(window: .seconds(30), lease: .seconds(10))
+        try await h.consume([msg("a", offset: 0), msg("b", offset: 1)])
+        // Redis was unreachable past the lease; meanwhile other workers took both keys.
+        h.advance(.seconds(11))
+        h.store.put("dedupd:test:a", "d:other", ttl: .seconds(3600))
+        h.store.put("dedupd:test:b", "p:other", ttl: .seconds(10))
+        try await h.consume([])
+        #expect(h.engine.counters.leasesLost == 2)
+        #expect(h.engine.buffer.isEmpty)
+        #expect(h.engine.counters.duplicatesStore == 1, "a: the other worker dispatched it")
+        #expect(h.engine.parkedCount == 1, "b: still in flight elsewhere, parked")
+        h.advance(.seconds(30))
+        try await h.dispatchDue()
+        #expect(h.dispatched.isEmpty, "neither is dispatched here")
+    }
+
+    @Test func failOpenLetsMessagesThroughUnclaimed() async throws {
+        var h = try Harness()
+        _ = h.engine.ingest(msg("a", offset: 0))
+        let keys = h.engine.keysToClaim(now: h.clock.now)
+        h.engine.applyClaimsWithoutStore(keys, now: h.clock.now)
+        #expect(h.engine.counters.unclaimed == 1)
+        #expect(h.store.value("dedupd:test:a") == nil)
+        h.advance(.seconds(5))
+        #expect(h.engine.takeDue(now: h.clock.now).count == 1)
     }
 }
