@@ -377,6 +377,9 @@ public struct DedupEngine: Sendable {
 
     // MARK: - State
 
+    /// Whether this worker currently holds the key anywhere (claiming, window, handler, confirm).
+    public func isHolding(_ key: DedupKey) -> Bool { places[key] != nil }
+
     /// Nothing is waiting anywhere: safe to stop when idle.
     public var isIdle: Bool { places.isEmpty }
 

@@ -109,6 +109,9 @@ public final class Worker: Service {
             await ingest(events, state: &state, store: store, consumer: consumer, now: clock.now)
 
             if state.storeUsable(now: clock.now) {
+                // Releases first: a revoked partition that came straight back may be re-read
+                // in this very batch, and its keys must be free before they are claimed again.
+                await releaseRound(state: &state, store: store, rng: &rng)
                 await claimRound(state: &state, store: store, now: clock.now, rng: &rng)
             } else if config.failOpen {
                 let keys = state.engine.keysToClaim(now: clock.now)
@@ -126,7 +129,6 @@ public final class Worker: Service {
             }
             if state.storeUsable(now: clock.now) {
                 await confirmRound(state: &state, store: store, rng: &rng)
-                await releaseRound(state: &state, store: store, rng: &rng)
             } else if config.failOpen {
                 resolveWithoutStore(&state)
             }
@@ -265,6 +267,8 @@ public final class Worker: Service {
     }
 
     func releaseRound(state: inout LoopState, store: RedisClaimStore, rng: inout SystemRandomNumberGenerator) async {
+        // A key taken up again since (re-read after its partition came back) is not released.
+        state.toRelease.removeAll { state.engine.isHolding($0) }
         guard !state.toRelease.isEmpty else { return }
         do {
             _ = try await store.release(state.toRelease.map(\.storeKey), owner: owner)

@@ -21,8 +21,9 @@ final class DedupdProcess: @unchecked Sendable {
     let stdoutURL: URL
     let stderrURL: URL
     let name: String
+    let input: Pipe?
 
-    init(_ arguments: [String], name: String, in dir: TemporaryDirectory) throws {
+    init(_ arguments: [String], name: String, in dir: TemporaryDirectory, stdin: Bool = false) throws {
         self.name = name
         stdoutURL = dir.file("\(name).out")
         stderrURL = dir.file("\(name).err")
@@ -30,7 +31,8 @@ final class DedupdProcess: @unchecked Sendable {
         FileManager.default.createFile(atPath: stderrURL.path, contents: nil)
         process.executableURL = try dedupdBinary()
         process.arguments = arguments
-        process.standardInput = FileHandle.nullDevice
+        input = stdin ? Pipe() : nil
+        process.standardInput = input ?? FileHandle.nullDevice
         process.standardOutput = try FileHandle(forWritingTo: stdoutURL)
         process.standardError = try FileHandle(forWritingTo: stderrURL)
         // Children inherit the test thread's blocked signals; unblock them so SIGTERM reaches dedupd.
@@ -63,6 +65,12 @@ final class DedupdProcess: @unchecked Sendable {
             throw TestSupportError("\(name) did not exit within \(timeout); stderr tail: \(stderr.suffix(3000))")
         }
         return process.terminationStatus
+    }
+
+    /// Writes one line to the child's stdin (e.g. a `mock-kafka` fault command).
+    func send(_ line: String) throws {
+        guard let input else { throw TestSupportError("\(name) was started without a stdin pipe") }
+        try input.fileHandleForWriting.write(contentsOf: Data((line + "\n").utf8))
     }
 
     func terminate() {

@@ -1,0 +1,208 @@
+import Foundation
+import KafkaIO
+import RedisIO
+import Testing
+import TestSupport
+
+/// The promises under failure (DESIGN.md "What the product promises"), checked from the handler
+/// side: three `dedupd run` workers in one group, killed and restarted while a producer sends
+/// 50,000 submissions with 30% repeats; Redis restarted once; a broker taken down and up once.
+///
+/// Faults are spaced by progress (the restarted worker has rejoined and output has grown), not
+/// by a fixed clock, because group rebalances take as long as the group's timeouts.
+@Suite(.serialized) struct ChaosTests {
+    static let messages = Int(ProcessInfo.processInfo.environment["DEDUPD_CHAOS_MESSAGES"] ?? "") ?? 50_000
+    /// Handler concurrency and the most messages per dispatch round (`handler.max_batch`): the
+    /// crash window (handler done, confirm not yet in Redis) covers at most one round.
+    static let round = 4
+
+    @Test(.timeLimit(.minutes(6)))
+    func sigkillRestartsLoseNothingAndRepeatOnlyWithinTheCrashWindow() async throws {
+        let outcome = try await Chaos(variant: "kill").run(sigkills: 10, sigterms: 1)
+        #expect(outcome.lost == 0)
+        #expect(outcome.extra == 0)
+        #expect(outcome.duplicates <= outcome.bound)
+    }
+
+    @Test(.timeLimit(.minutes(6)))
+    func sigtermRestartsRepeatNothing() async throws {
+        let outcome = try await Chaos(variant: "term").run(sigkills: 0, sigterms: 6)
+        #expect(outcome.lost == 0)
+        #expect(outcome.extra == 0)
+        #expect(outcome.duplicates == 0)
+    }
+}
+
+struct ChaosOutcome {
+    var produced = 0, unique = 0, dispatched = 0, lost = 0, extra = 0, duplicates = 0
+    var kills = 0, terms = 0, bound = 0, pending = 0
+}
+
+final class Chaos {
+    let variant: String
+    let dir: TemporaryDirectory
+    var workers: [DedupdProcess?] = [nil, nil, nil]
+    var runs = 0
+    var log: [String] = []
+
+    init(variant: String) throws {
+        self.variant = variant
+        dir = try TemporaryDirectory(prefix: "dedupd-chaos-\(variant)")
+    }
+
+    func note(_ s: String) {
+        log.append(s)
+        print("chaos[\(variant)]: \(s)")
+    }
+
+    func run(sigkills: Int, sigterms: Int) async throws -> ChaosOutcome {
+        let redis = try RedisServerProcess()
+        let mock = try DedupdProcess(["mock-kafka", "--brokers", "3", "--topic", "orders:6"], name: "mock-kafka", in: dir, stdin: true)
+        let bootstrap = try mock.firstLine(timeout: .seconds(20))
+        let group = "chaos-\(variant)"
+        let config = dir.file("worker.yaml")
+        try """
+            kafka:
+              bootstrap_servers: \(bootstrap)
+              topics: [orders]
+              group: \(group)
+            redis:
+              url: \(redis.url)
+            dedup:
+              namespace: \(group)
+              window: 1s
+              lease: 6s
+            handler:
+              concurrency: \(ChaosTests.round)
+              max_batch: \(ChaosTests.round)
+            log:
+              stats_interval: 5s
+            """.write(to: config, atomically: true, encoding: .utf8)
+
+        func start(_ slot: Int) throws {
+            runs += 1
+            workers[slot] = try DedupdProcess(
+                ["run", "--config", config.path, "--output", dir.file("slot\(slot)-run\(runs).jsonl").path],
+                name: "slot\(slot)-run\(runs)", in: dir)
+        }
+        for slot in 0..<3 { try start(slot) }
+        for slot in 0..<3 { try await waitAssigned(slot, timeout: .seconds(40)) }
+
+        let rate = max(500, ChaosTests.messages / 45)
+        let produce = try DedupdProcess(
+            ["produce", "--bootstrap-servers", bootstrap, "--topic", "orders", "--count", "\(ChaosTests.messages)",
+             "--duplicate-ratio", "0.3", "--rate", "\(rate)"], name: "produce", in: dir)
+
+        // The fault plan, shuffled so kills hit different workers at different moments.
+        var plan: [String] = Array(repeating: "kill", count: sigkills) + Array(repeating: "term", count: sigterms)
+        plan.shuffle()
+        plan.insert("redis-restart", at: plan.count / 3)
+        plan.insert("broker-bounce", at: 2 * plan.count / 3)
+        var rng = SystemRandomNumberGenerator()
+        var outcome = ChaosOutcome()
+        var lastDispatched = 0
+        for fault in plan {
+            // Progress first: output grew since the last fault (or the producer is done).
+            try await waitUntil(timeout: .seconds(30)) {
+                self.dispatchedLines().count >= lastDispatched + 200 || !produce.process.isRunning
+            }
+            lastDispatched = dispatchedLines().count
+            switch fault {
+            case "kill", "term":
+                let slot = Int.random(in: 0..<3, using: &rng)
+                let w = workers[slot]!
+                if fault == "kill" {
+                    kill(w.process.processIdentifier, SIGKILL)
+                    _ = try w.wait(timeout: .seconds(10))
+                    outcome.kills += 1
+                } else {
+                    w.terminate()
+                    let status = try w.wait(timeout: .seconds(30))
+                    #expect(status == 0, "\(w.name) exit after SIGTERM: \(w.stderr.suffix(2000))")
+                    outcome.terms += 1
+                }
+                note("\(fault) \(w.name) after \(lastDispatched) dispatched")
+                try start(slot)
+                try await waitAssigned(slot, timeout: .seconds(60))
+            case "redis-restart":
+                note("redis restart after \(lastDispatched) dispatched")
+                try redis.restart()
+            default:
+                note("broker 2 down after \(lastDispatched) dispatched")
+                try mock.send("broker-down 2")
+                try await Task.sleep(for: .seconds(2))
+                try mock.send("broker-up 2")
+                note("broker 2 up")
+            }
+        }
+
+        #expect(try produce.wait(timeout: .seconds(120)) == 0, "produce: \(produce.stderr)")
+        let match = try #require(produce.stdout.firstMatch(of: /sent=(\d+) unique=(\d+)/), "produce printed: \(produce.stdout)")
+        outcome.produced = Int(match.1)!
+        outcome.unique = Int(match.2)!
+        let expected = Set((0..<outcome.unique).map { "ord-\($0)" })
+
+        // Everything resolves once the killed workers' leases (6 s) have run out.
+        try await waitUntil(timeout: .seconds(120)) { Set(self.dispatchedLines()).isSuperset(of: expected) }
+        try await Task.sleep(for: .seconds(3))
+        for w in workers.compactMap({ $0 }) {
+            w.terminate()
+            let status = try w.wait(timeout: .seconds(30))
+            #expect(status == 0, "\(w.name) final SIGTERM: \(w.stderr.suffix(2000))")
+        }
+
+        let ids = dispatchedLines()
+        let distinct = Set(ids)
+        outcome.dispatched = ids.count
+        outcome.lost = expected.subtracting(distinct).count
+        outcome.extra = distinct.subtracting(expected).count
+        outcome.duplicates = ids.count - distinct.count
+        outcome.bound = outcome.kills * ChaosTests.round
+
+        let progress = try await KafkaConsumer.groupProgress(bootstrapServers: bootstrap, groupID: group, topic: "orders")
+        for p in progress {
+            #expect(p.committed == p.high, "partition \(p.partition): committed \(p.committed), end \(p.high)")
+        }
+        let connection = try await RedisConnection.connect(try RedisURL(redis.url), logger: .init(label: "chaos"))
+        let reply = try await connection.command(
+            "EVAL",
+            "local n = 0 for _, k in ipairs(redis.call('KEYS', ARGV[1])) do if string.sub(redis.call('GET', k) or '', 1, 2) == 'p:' then n = n + 1 end end return n",
+            "0", RedisArgument("dedupd:\(group):*"))
+        outcome.pending = Int(reply.int ?? -1)
+        #expect(outcome.pending == 0, "no claim is left pending after the workers stop")
+        await connection.close()
+
+        print(
+            "chaos: variant=\(variant) produced=\(outcome.produced) unique=\(outcome.unique) dispatched=\(outcome.dispatched) lost=\(outcome.lost) duplicates=\(outcome.duplicates) kills=\(outcome.kills) terms=\(outcome.terms) bound=\(outcome.bound) pending=\(outcome.pending) committed_at_end=\(progress.allSatisfy { $0.committed == $0.high })"
+        )
+        mock.terminate()
+        _ = try? mock.wait(timeout: .seconds(20))
+        return outcome
+    }
+
+    /// Every message-id the handler recorded, across every worker run so far.
+    func dispatchedLines() -> [String] {
+        let files = (try? FileManager.default.contentsOfDirectory(atPath: dir.path)) ?? []
+        return files.filter { $0.hasSuffix(".jsonl") }.sorted().flatMap { name in
+            dispatchedIDs(inJSONLines: (try? String(contentsOf: dir.file(name), encoding: .utf8)) ?? "")
+        }
+    }
+
+    func waitAssigned(_ slot: Int, timeout: Duration) async throws {
+        let w = workers[slot]!
+        try await waitUntil(timeout: timeout) {
+            guard w.process.isRunning else { throw TestSupportError("\(w.name) exited: \(w.stderr.suffix(2000))") }
+            return w.stderr.contains("partitions assigned")
+        }
+    }
+
+    func waitUntil(timeout: Duration, _ condition: () throws -> Bool) async throws {
+        let deadline = ContinuousClock.now + timeout
+        while try !condition() {
+            guard ContinuousClock.now < deadline else {
+                throw TestSupportError("condition not met within \(timeout); faults so far: \(log)")
+            }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+    }
+}
