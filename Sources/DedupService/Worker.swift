@@ -219,7 +219,9 @@ public final class Worker: Service {
                     state.toRelease.append(contentsOf: released)
                 }
             case .error(let error):
-                logger.warning("kafka error", metadata: ["error": "\(error)"])
+                // KafkaIO has already logged it with librdkafka's own level; librdkafka recovers
+                // from transport errors by itself.
+                logger.debug("kafka error event", metadata: ["error": "\(error)"])
             }
         }
     }

@@ -10,7 +10,7 @@ func dedupdBinary() throws -> URL {
         if FileManager.default.isExecutableFile(atPath: candidate.path) { return candidate }
         dir = dir.deletingLastPathComponent()
     }
-    if let env = ProcessInfo.processInfo.environment["DEDUPD_BINARY"] { return URL(fileURLWithPath: env) }
+    if let env = ProcessInfo.processInfo.environment["TEST_DEDUPD_BINARY"] { return URL(fileURLWithPath: env) }
     throw TestSupportError("dedupd binary not found next to \(CommandLine.arguments[0]); run `swift build` first")
 }
 

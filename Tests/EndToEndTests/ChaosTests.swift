@@ -11,7 +11,7 @@ import TestSupport
 /// Faults are spaced by progress (the restarted worker has rejoined and output has grown), not
 /// by a fixed clock, because group rebalances take as long as the group's timeouts.
 @Suite(.serialized) struct ChaosTests {
-    static let messages = Int(ProcessInfo.processInfo.environment["DEDUPD_CHAOS_MESSAGES"] ?? "") ?? 50_000
+    static let messages = Int(ProcessInfo.processInfo.environment["CHAOS_MESSAGES"] ?? "") ?? 50_000
     /// Handler concurrency and the most messages per dispatch round (`handler.max_batch`): the
     /// crash window (handler done, confirm not yet in Redis) covers at most one round.
     static let round = 4
@@ -97,14 +97,18 @@ final class Chaos {
         var plan: [String] = Array(repeating: "kill", count: sigkills) + Array(repeating: "term", count: sigterms)
         plan.shuffle()
         plan.insert("redis-restart", at: plan.count / 3)
-        plan.insert("broker-bounce", at: 2 * plan.count / 3)
+        plan.insert("broker-bounce", at: 3 * plan.count / 4)
         var rng = SystemRandomNumberGenerator()
         var outcome = ChaosOutcome()
         var lastDispatched = 0
         for fault in plan {
-            // Progress first: output grew since the last fault (or the producer is done).
-            try await waitUntil(timeout: .seconds(30)) {
-                self.dispatchedLines().count >= lastDispatched + 200 || !produce.process.isRunning
+            // Progress first: output grew since the last fault, or everything produced so far
+            // has been dispatched (then there is nothing left to make progress on).
+            try await waitUntil(timeout: .seconds(60)) {
+                let lines = self.dispatchedLines()
+                if lines.count >= lastDispatched + 200 { return true }
+                guard !produce.process.isRunning, let m = produce.stdout.firstMatch(of: /unique=(\d+)/) else { return false }
+                return Set(lines).count >= Int(m.1)!
             }
             lastDispatched = dispatchedLines().count
             switch fault {
@@ -177,6 +181,12 @@ final class Chaos {
         )
         mock.terminate()
         _ = try? mock.wait(timeout: .seconds(20))
+        if let keep = ProcessInfo.processInfo.environment["CHAOS_KEEP_DIR"] {
+            // Keep every process's log and output for a look after the run.
+            let target = "\(keep)/chaos-\(variant)"
+            try? FileManager.default.removeItem(atPath: target)
+            try FileManager.default.copyItem(atPath: dir.path, toPath: target)
+        }
         return outcome
     }
 
