@@ -1,0 +1,108 @@
+import Foundation
+import KafkaIO
+import RedisIO
+import Testing
+import TestSupport
+
+/// Shutdown and store outages, seen from outside the binary as an operator sees them.
+@Suite(.serialized) struct FailureTests {
+    final class Setup {
+        let dir: TemporaryDirectory
+        let redis: RedisServerProcess
+        let mock: DedupdProcess
+        let bootstrap: String
+
+        init(topic: String) throws {
+            dir = try TemporaryDirectory(prefix: "dedupd-failure")
+            redis = try RedisServerProcess()
+            mock = try DedupdProcess(["mock-kafka", "--brokers", "1", "--topic", "\(topic):3"], name: "mock-kafka", in: dir)
+            bootstrap = try mock.firstLine(timeout: .seconds(20))
+        }
+
+        func produce(_ count: Int, prefix: String, seed: Int) throws -> Int {
+            let p = try DedupdProcess(
+                ["produce", "--bootstrap-servers", bootstrap, "--topic", "t", "--count", "\(count)", "--duplicate-ratio", "0.3",
+                 "--id-prefix", prefix, "--seed", "\(seed)"], name: "produce-\(prefix)", in: dir)
+            guard try p.wait(timeout: .seconds(60)) == 0, let m = p.stdout.firstMatch(of: /unique=(\d+)/) else {
+                throw TestSupportError("produce failed: \(p.stderr)")
+            }
+            return Int(m.1)!
+        }
+
+        func worker(_ extra: [String]) throws -> DedupdProcess {
+            try DedupdProcess(
+                ["run", "--bootstrap-servers", bootstrap, "--topic", "t", "--group", "g", "--redis-url", redis.url,
+                 "--output", dir.file("out.jsonl").path] + extra, name: "worker", in: dir)
+        }
+
+        var dispatched: [String] {
+            dispatchedIDs(inJSONLines: (try? String(contentsOf: dir.file("out.jsonl"), encoding: .utf8)) ?? "")
+        }
+
+        func pendingClaims() async throws -> Int {
+            let c = try await RedisConnection.connect(try RedisURL(redis.url), logger: .init(label: "test"))
+            defer { Task { await c.close() } }
+            let reply = try await c.command(
+                "EVAL",
+                "local n = 0 for _, k in ipairs(redis.call('KEYS', 'dedupd:*')) do if string.sub(redis.call('GET', k) or '', 1, 2) == 'p:' then n = n + 1 end end return n",
+                "0")
+            return Int(reply.int ?? -1)
+        }
+    }
+
+    func waitUntil(timeout: Duration, _ what: String, _ condition: () async throws -> Bool) async throws {
+        let deadline = ContinuousClock.now + timeout
+        while try await !condition() {
+            guard ContinuousClock.now < deadline else { throw TestSupportError("timed out waiting for \(what)") }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+    }
+
+    @Test(.timeLimit(.minutes(2)))
+    func sigtermReleasesWhatWaitsInTheWindowCommitsAndExitsZero() async throws {
+        let s = try Setup(topic: "t")
+        let unique = try s.produce(300, prefix: "a", seed: 1)
+        // A long window: at SIGTERM every message is still waiting, claimed.
+        let w = try s.worker(["--window", "60s"])
+        try await waitUntil(timeout: .seconds(40), "claims") { try await s.pendingClaims() == unique }
+
+        w.terminate()
+        #expect(try w.wait(timeout: .seconds(15)) == 0, "stderr: \(w.stderr.suffix(2000))")
+        #expect(w.stderr.contains("shutdown complete, offsets committed"))
+        #expect(w.stderr.contains("released=\(unique)"), "summary: \(w.stderr.suffix(1500))")
+        #expect(try await s.pendingClaims() == 0, "every claim was given back")
+        #expect(s.dispatched.isEmpty, "nothing was dispatched early")
+
+        // The next worker dispatches all of them: nothing was committed past them.
+        let next = try s.worker(["--window", "200ms", "--stop-when-idle", "2s"])
+        #expect(try next.wait(timeout: .seconds(60)) == 0)
+        #expect(Set(s.dispatched) == Set((0..<unique).map { "a-\($0)" }))
+        #expect(s.dispatched.count == unique)
+        s.mock.terminate()
+    }
+
+    @Test(.timeLimit(.minutes(2)))
+    func redisOutageIsFailClosedLoggedOnceAndRecovers() async throws {
+        let s = try Setup(topic: "t")
+        let w = try s.worker(["--window", "200ms", "--stats-interval", "0"])
+        let first = try s.produce(500, prefix: "a", seed: 1)
+        try await waitUntil(timeout: .seconds(40), "first wave") { s.dispatched.count == first }
+
+        s.redis.stop()
+        let second = try s.produce(500, prefix: "b", seed: 2)
+        try await Task.sleep(for: .seconds(3))
+        #expect(s.dispatched.count == first, "nothing unclaimed is dispatched while Redis is down")
+        #expect(w.process.isRunning)
+
+        try s.redis.restart()
+        try await waitUntil(timeout: .seconds(40), "second wave") { s.dispatched.count == first + second }
+        w.terminate()
+        #expect(try w.wait(timeout: .seconds(15)) == 0)
+
+        let err = w.stderr
+        #expect(err.components(separatedBy: "redis unavailable, pausing consumption").count - 1 == 1, "logged once:\n\(err.suffix(3000))")
+        #expect(err.components(separatedBy: "redis reachable again").count - 1 == 1)
+        #expect(Set(s.dispatched).count == first + second, "each unique id once")
+        s.mock.terminate()
+    }
+}
