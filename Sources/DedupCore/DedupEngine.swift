@@ -101,7 +101,6 @@ public struct DedupEngine: Sendable {
     struct Parked: Sendable {
         var message: InboundMessage
         var retryAt: ContinuousClock.Instant
-        var since: ContinuousClock.Instant
     }
 
     public let settings: DedupSettings
@@ -141,18 +140,16 @@ public struct DedupEngine: Sendable {
         offsets.track(tp, offset: message.offset)
 
         let key: DedupKey
-        do {
+        do throws(BadInput) {
             if message.value.count > settings.maxMessageBytes {
                 throw BadInput(
                     .tooLarge, "value is \(message.value.count) bytes, limit is \(settings.maxMessageBytes)")
             }
             key = DedupKey(raw: try settings.template.key(for: message), namespace: settings.namespace)
-        } catch let bad as BadInput {
+        } catch {
             counters.invalid += 1
             offsets.resolve(tp, offset: message.offset)
-            return .bad(bad)
-        } catch {
-            fatalError("unreachable: key(for:) throws only BadInput")
+            return .bad(error)
         }
 
         guard let place = places[key] else {
@@ -231,7 +228,7 @@ public struct DedupEngine: Sendable {
                 // nothing is lost by waiting. Look again until it is done or its lease expires.
                 places[key] = .parked
                 counters.parked += 1
-                parked[key] = Parked(message: message, retryAt: now + settings.parkRetry, since: now)
+                parked[key] = Parked(message: message, retryAt: now + settings.parkRetry)
             }
         }
         let claimed = Set(keys)
@@ -259,7 +256,7 @@ public struct DedupEngine: Sendable {
             counters.leasesLost += 1
             counters.parked += 1
             places[key] = .parked
-            parked[key] = Parked(message: e.message, retryAt: now + settings.parkRetry, since: now)
+            parked[key] = Parked(message: e.message, retryAt: now + settings.parkRetry)
         }
     }
 

@@ -104,7 +104,7 @@ public final class Worker: Service {
 
         while !isStopRequested {
             let now = clock.now
-            let timeout = state.pollTimeout(now: now)
+            let timeout = state.pollTimeout(now: now, failOpen: config.failOpen)
             let events = await consumer.poll(maxMessages: config.batchSize, timeout: timeout)
             await ingest(events, state: &state, store: store, consumer: consumer, now: clock.now)
 
@@ -173,9 +173,11 @@ public final class Worker: Service {
         var isQuiet: Bool { engine.isIdle && toRelease.isEmpty }
 
         /// Block in poll no longer than until the next deadline, the next store retry, or 100 ms.
-        func pollTimeout(now: ContinuousClock.Instant) -> Duration {
+        /// While the store is down, deadlines cannot be acted on (nothing is dispatched), so only
+        /// the retry time counts: the loop waits instead of spinning.
+        func pollTimeout(now: ContinuousClock.Instant, failOpen: Bool) -> Duration {
             var t = Duration.milliseconds(100)
-            if let wake = engine.nextWakeup { t = min(t, wake - now) }
+            if storeDownSince == nil || failOpen, let wake = engine.nextWakeup { t = min(t, wake - now) }
             if let retry = storeRetryAt { t = min(t, retry - now) }
             return max(.zero, t)
         }

@@ -6,7 +6,8 @@ import TestSupport
 
 /// The promises under failure (DESIGN.md "What the product promises"), checked from the handler
 /// side: three `dedupd run` workers in one group, killed and restarted while a producer sends
-/// 50,000 submissions with 30% repeats; Redis restarted once; a broker taken down and up once.
+/// 50,000 submissions with 30% repeats; Redis restarted once; partition leaders and the group
+/// coordinator moved; a broker taken down and up once.
 ///
 /// Faults are spaced by progress (the restarted worker has rejoined and output has grown), not
 /// by a fixed clock, because group rebalances take as long as the group's timeouts.
@@ -97,6 +98,8 @@ final class Chaos {
         var plan: [String] = Array(repeating: "kill", count: sigkills) + Array(repeating: "term", count: sigterms)
         plan.shuffle()
         plan.insert("redis-restart", at: plan.count / 3)
+        plan.insert("leader-move", at: plan.count / 2)
+        plan.insert("coordinator-move", at: 2 * plan.count / 3)
         plan.insert("broker-bounce", at: 3 * plan.count / 4)
         var rng = SystemRandomNumberGenerator()
         var outcome = ChaosOutcome()
@@ -131,6 +134,12 @@ final class Chaos {
             case "redis-restart":
                 note("redis restart after \(lastDispatched) dispatched")
                 try redis.restart()
+            case "leader-move":
+                note("partitions 0-2 led by broker 3 after \(lastDispatched) dispatched")
+                for p in 0..<3 { try mock.send("leader orders \(p) 3") }
+            case "coordinator-move":
+                note("group coordinator moved to broker 1 after \(lastDispatched) dispatched")
+                try mock.send("coordinator \(group) 1")
             default:
                 note("broker 2 down after \(lastDispatched) dispatched")
                 try mock.send("broker-down 2")
