@@ -99,7 +99,9 @@ struct RedisClaimStoreTests {
         let fx = try await RedisFixture()
         let p = uniquePrefix()
         let key = p + "k", absent = p + "absent"
-        _ = try await fx.store.claim([key], owner: "w1", lease: .seconds(1))
+        // A lease long enough that a loaded machine cannot let it run out before the renewal;
+        // the renewal must still lengthen it well past the original 10 s.
+        _ = try await fx.store.claim([key], owner: "w1", lease: .seconds(10))
         #expect(try await fx.store.renew([key, absent], owner: "w2", lease: .seconds(60)) == [false, false])
         #expect(try await fx.store.renew([key, absent], owner: "w1", lease: .seconds(60)) == [true, false])
         guard case .pending(_, let ttl)? = try await fx.store.inspect([key]).first else {
