@@ -76,6 +76,9 @@ let package = Package(
         .testTarget(name: "RedisIOTests", dependencies: ["RedisIO", "TestSupport"]),
         .testTarget(name: "KafkaIOTests", dependencies: ["KafkaIO", "TestSupport"]),
         .testTarget(name: "EndToEndTests", dependencies: ["KafkaIO", "RedisIO", "TestSupport"]),
+        // The worker in process with its handlers and dead-letter topic, against a real
+        // redis-server and the librdkafka mock cluster.
+        .testTarget(name: "DedupServiceTests", dependencies: ["DedupService", "KafkaIO", "RedisIO", "TestSupport"]),
         // Harnesses shared by the test targets: a real redis-server on a free port, temp dirs.
         .target(name: "TestSupport", dependencies: ["DedupService"], path: "Tests/TestSupport"),
     ]

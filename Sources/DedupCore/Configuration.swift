@@ -56,9 +56,25 @@ public enum ConfigSchema {
         .init(name: "consumer.batch_size", kind: .count, defaultValue: "1000",
               doc: "Most messages taken per poll; one Redis round trip claims a whole batch."),
         .init(name: "handler.type", kind: .choice(["log"]), defaultValue: "log",
-              doc: "Handler for unique messages. log: one JSON line per message."),
+              doc: "Handler for unique messages. log: one JSON line per message; kafka: forward to handler.topic; http: POST to handler.url; exec: run handler.command."),
         .init(name: "handler.output", kind: .string, defaultValue: "-",
               doc: "log handler: file to append JSON lines to; - is stdout."),
+        .init(name: "handler.topic", kind: .string, defaultValue: nil,
+              doc: "kafka handler: topic to forward to (same cluster and kafka.properties as the consumer; idempotent producer)."),
+        .init(name: "handler.url", kind: .string, defaultValue: nil,
+              doc: "http handler: http:// or https:// URL to POST each message to, with an Idempotency-Key header."),
+        .init(name: "handler.command", kind: .string, defaultValue: nil,
+              doc: "exec handler: command run by /bin/sh -c, the message value on stdin, DEDUPD_KEY/TOPIC/PARTITION/OFFSET in the environment."),
+        .init(name: "handler.timeout", kind: .duration, defaultValue: "10s",
+              doc: "kafka, http, exec handlers: time one attempt may take (broker ack, HTTP response, command exit)."),
+        .init(name: "handler.max_elapsed", kind: .duration, defaultValue: "2m",
+              doc: "No retry of a message starts later than this after its first attempt."),
+        .init(name: "dead_letter.topic", kind: .string, defaultValue: nil,
+              doc: "Topic for bad input and given-up messages (original record plus dedupd-* headers), acknowledged before the offset is committed. Unset: logged and counted only."),
+        .init(name: "dead_letter.bootstrap_servers", kind: .string, defaultValue: nil,
+              doc: "Cluster of the dead-letter topic. Default: kafka.bootstrap_servers (with kafka.properties)."),
+        .init(name: "dead_letter.timeout", kind: .duration, defaultValue: "10s",
+              doc: "How long one send to the dead-letter topic may wait for the broker's ack before it is retried later; keep it well under max.poll.interval.ms."),
         .init(name: "handler.concurrency", kind: .count, defaultValue: "4",
               doc: "Handler calls in flight at once."),
         .init(name: "handler.max_batch", kind: .count, defaultValue: "500",
@@ -136,6 +152,19 @@ public struct WorkerConfiguration: Sendable {
     public var failOpen: Bool
     public var handlerMaxAttempts: Int
     public var handlerBackoff: Backoff
+    /// `kafka` handler: the topic to forward to.
+    public var handlerTopic: String?
+    /// `http` handler: the URL to POST to.
+    public var handlerURL: String?
+    /// `exec` handler: the shell command.
+    public var handlerCommand: String?
+    public var handlerTimeout: Duration
+    public var handlerMaxElapsed: Duration
+    /// `nil`: bad input and given-up messages are logged and counted only.
+    public var deadLetterTopic: String?
+    /// Default: `bootstrapServers`.
+    public var deadLetterBootstrapServers: String
+    public var deadLetterTimeout: Duration
     public var stopWhenIdle: Duration?
     public var shutdownDeadline: Duration
     public var logLevel: String
@@ -220,11 +249,42 @@ public struct WorkerConfiguration: Sendable {
         failOpen = try r.choice("dedup.on_store_error") == "fail_open"
         handlerMaxAttempts = try r.count("handler.max_attempts")
         handlerBackoff = Backoff(initial: try r.duration("handler.backoff"), maximum: .seconds(5))
+        handlerTopic = r.optional("handler.topic")
+        handlerURL = r.optional("handler.url")
+        handlerCommand = r.optional("handler.command")
+        handlerTimeout = try r.duration("handler.timeout")
+        handlerMaxElapsed = try r.duration("handler.max_elapsed")
+        try Self.validateHandler(type: handlerType, topic: handlerTopic, url: handlerURL, command: handlerCommand, r: r)
+        deadLetterTopic = r.optional("dead_letter.topic")
+        deadLetterBootstrapServers = r.optional("dead_letter.bootstrap_servers") ?? bootstrapServers
+        deadLetterTimeout = try r.duration("dead_letter.timeout")
+        dedup.holdsDeadLetters = deadLetterTopic != nil
         stopWhenIdle = try r.optionalDuration("run.stop_when_idle")
         shutdownDeadline = try r.duration("run.shutdown_deadline")
         logLevel = try r.choice("log.level")
         logFormat = try r.choice("log.format")
         statsInterval = try r.duration("log.stats_interval", allowZero: true)
+    }
+
+    /// Each handler kind names what it needs; a key another kind needs is not an error (switching
+    /// `handler.type` back and forth keeps working).
+    static func validateHandler(type: String, topic: String?, url: String?, command: String?, r: Reader) throws(ConfigError) {
+        switch type {
+        case "kafka" where topic == nil:
+            throw ConfigError(key: "handler.topic", value: nil, problem: "is required when handler.type is kafka")
+        case "http":
+            guard let url else {
+                throw ConfigError(key: "handler.url", value: nil, problem: "is required when handler.type is http")
+            }
+            let lower = url.lowercased()
+            guard lower.hasPrefix("http://") || lower.hasPrefix("https://"), url.count > "https://".count else {
+                throw r.fail("handler.url", "must be an http:// or https:// URL")
+            }
+        case "exec" where command == nil:
+            throw ConfigError(key: "handler.command", value: nil, problem: "is required when handler.type is exec")
+        default:
+            break
+        }
     }
 
     /// `90s` → `1m30s`, `0.5s` → `500ms`: durations printed the way they are written.

@@ -21,6 +21,11 @@ public struct DedupSettings: Sendable {
     public var bufferMaxBytes: Int
     /// How soon a message whose key is pending under another worker is looked at again. Default: 500 ms.
     public var parkRetry: Duration
+    /// A dead-letter topic is configured: bad input and given-up messages stay unresolved (their
+    /// offsets uncommitted) until the caller reports them dead-lettered with `deadLettered(_:)`,
+    /// so a message is never committed before the dead-letter topic acknowledged it.
+    /// Default: false (they are resolved at once: logged and counted only).
+    public var holdsDeadLetters: Bool
 
     public init(
         template: KeyTemplate,
@@ -32,7 +37,8 @@ public struct DedupSettings: Sendable {
         maxMessageBytes: Int = 1 << 20,
         bufferMaxMessages: Int = 100_000,
         bufferMaxBytes: Int = 64 << 20,
-        parkRetry: Duration = .milliseconds(500)
+        parkRetry: Duration = .milliseconds(500),
+        holdsDeadLetters: Bool = false
     ) {
         self.template = template
         self.namespace = namespace
@@ -44,6 +50,7 @@ public struct DedupSettings: Sendable {
         self.bufferMaxMessages = bufferMaxMessages
         self.bufferMaxBytes = bufferMaxBytes
         self.parkRetry = parkRetry
+        self.holdsDeadLetters = holdsDeadLetters
     }
 }
 
@@ -70,6 +77,8 @@ public struct DedupCounters: Sendable, Equatable {
     public var leasesLost = 0
     /// `on_store_error: fail_open`: messages let through without a claim while Redis was down.
     public var unclaimed = 0
+    /// Bad input and given-up messages the dead-letter topic acknowledged.
+    public var deadLettered = 0
 
     public init() {}
     public var duplicates: Int { duplicatesLocal + duplicatesStore }
@@ -148,7 +157,7 @@ public struct DedupEngine: Sendable {
             key = DedupKey(raw: try settings.template.key(for: message), namespace: settings.namespace)
         } catch {
             counters.invalid += 1
-            offsets.resolve(tp, offset: message.offset)
+            if !settings.holdsDeadLetters { offsets.resolve(tp, offset: message.offset) }
             return .bad(error)
         }
 
@@ -296,11 +305,19 @@ public struct DedupEngine: Sendable {
     }
 
     /// The handler gave up after its last attempt. The offset is resolved (the caller has recorded
-    /// the message and its reason) and the claim must be released so a corrected resend can pass.
+    /// the message and its reason) — or, with `holdsDeadLetters`, once the caller reports it
+    /// dead-lettered — and the claim must be released so a corrected resend can pass.
     public mutating func dispatchFailed(_ key: DedupKey) {
         guard let message = inFlight.removeValue(forKey: key) else { return }
         places[key] = nil
         counters.failed += 1
+        if !settings.holdsDeadLetters { offsets.resolve(message.topicPartition, offset: message.offset) }
+    }
+
+    /// With `holdsDeadLetters`: the dead-letter topic acknowledged this message (bad input or
+    /// given up), so its offset is resolved. A message of a partition revoked meanwhile is ignored.
+    public mutating func deadLettered(_ message: InboundMessage) {
+        counters.deadLettered += 1
         offsets.resolve(message.topicPartition, offset: message.offset)
     }
 

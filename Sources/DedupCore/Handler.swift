@@ -32,6 +32,23 @@ extension Handler {
     public func close() async {}
 }
 
+/// Thrown by a handler when trying again cannot help (an HTTP 400, a command that says the input
+/// is wrong): the message is given up at once, without further attempts, and dead-lettered.
+/// Any other error is retried with backoff.
+public struct PermanentFailure: Error, Sendable, CustomStringConvertible {
+    public var message: String
+    public var underlying: (any Error)?
+
+    public init(_ message: String, underlying: (any Error)? = nil) {
+        self.message = message
+        self.underlying = underlying
+    }
+
+    public var description: String {
+        underlying.map { "\(message): \($0)" } ?? message
+    }
+}
+
 /// Exponential backoff with jitter for handler retries and store reconnects.
 public struct Backoff: Sendable, Equatable {
     public var initial: Duration

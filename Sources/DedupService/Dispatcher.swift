@@ -3,15 +3,17 @@ import Logging
 import Synchronization
 
 /// Runs one round of due messages through the handler: up to `concurrency` calls at once, each
-/// message retried with exponential backoff and jitter up to `maxAttempts` (DESIGN.md step 5).
+/// message retried with exponential backoff and jitter up to `maxAttempts` and `maxElapsed`
+/// (DESIGN.md step 5). A `PermanentFailure` is given up at once.
 ///
 /// Tasks are per round (at most `concurrency` of them pulling from a shared index), not per
 /// message, so a large round costs no more tasks than a small one.
 struct Dispatcher: Sendable {
     enum Result: Sendable {
         case success
-        /// Every attempt failed; the last error.
-        case gaveUp(any Error)
+        /// Every attempt failed, the next one would pass `maxElapsed`, or the handler threw
+        /// `PermanentFailure`: the last error and the attempts made.
+        case gaveUp(any Error, attempts: Int)
         /// Cancelled (shutdown deadline) before the handler took it: not dispatched, not resolved.
         case abandoned
     }
@@ -20,6 +22,8 @@ struct Dispatcher: Sendable {
     let concurrency: Int
     let maxAttempts: Int
     let backoff: Backoff
+    /// No retry starts later than this after the first attempt. `nil`: attempts alone bound it.
+    var maxElapsed: Duration? = nil
     let logger: Logger
 
     func run(_ due: [Dispatch]) async -> [Result] {
@@ -53,17 +57,24 @@ struct Dispatcher: Sendable {
     func attempt(_ dispatch: Dispatch) async -> Result {
         var rng = SystemRandomNumberGenerator()
         var d = dispatch
+        let started = ContinuousClock.now
         while true {
             if Task.isCancelled { return .abandoned }
             do {
                 try await handler.handle(d)
                 return .success
+            } catch let error as PermanentFailure {
+                return .gaveUp(error, attempts: d.attempt)
             } catch {
-                if d.attempt >= maxAttempts { return .gaveUp(error) }
+                if d.attempt >= maxAttempts { return .gaveUp(error, attempts: d.attempt) }
+                let delay = backoff.jittered(attempt: d.attempt, using: &rng)
+                if let maxElapsed, ContinuousClock.now + delay - started > maxElapsed {
+                    return .gaveUp(error, attempts: d.attempt)
+                }
                 logger.info(
                     "handler failed, retrying",
                     metadata: ["dedup.key": "\(d.key.raw)", "handler.attempt": "\(d.attempt)", "error": "\(error)"])
-                do { try await Task.sleep(for: backoff.jittered(attempt: d.attempt, using: &rng)) } catch {
+                do { try await Task.sleep(for: delay) } catch {
                     return .abandoned
                 }
                 d.attempt += 1

@@ -18,6 +18,8 @@ public final class Worker: Service {
     public let owner: String
     let logger: Logger
     let handler: any Handler
+    /// `dead_letter.topic`'s producer; `nil` when unset (bad input is logged and counted only).
+    let deadLetters: DeadLetterProducer?
     let stopRequested = Mutex(false)
     /// The pipeline's counters, published once per loop pass (per batch) for the demo and
     /// tests that run a worker in process.
@@ -28,6 +30,11 @@ public final class Worker: Service {
         self.logger = logger
         self.owner = Self.makeOwnerID()
         self.handler = try handler ?? LogOutputHandler(path: config.handlerOutput)
+        self.deadLetters = try config.deadLetterTopic.map {
+            try DeadLetterProducer.make(
+                bootstrapServers: config.deadLetterBootstrapServers, topic: $0, timeout: config.deadLetterTimeout,
+                properties: config.kafkaProperties, logger: logger)
+        }
     }
 
     /// `host-pid-random`: unique per process, so a restarted worker never confirms a dead one's claims.
@@ -127,6 +134,7 @@ public final class Worker: Service {
                 let due = state.engine.takeDue(now: clock.now, limit: config.handlerMaxBatch)
                 if !due.isEmpty { await dispatchRound(due, state: &state, store: store) }
             }
+            await deadLetterRound(state: &state)
             if state.storeUsable(now: clock.now) {
                 await confirmRound(state: &state, store: store, rng: &rng)
             } else if config.failOpen {
@@ -164,13 +172,15 @@ public final class Worker: Service {
         var storeDownSince: ContinuousClock.Instant?
         var storeRetryAt: ContinuousClock.Instant?
         var storeFailures = 0
+        /// Bad input and given-up messages not yet acknowledged by `dead_letter.topic`.
+        var deadLetters = DeadLetterQueue()
 
         func storeUsable(now: ContinuousClock.Instant) -> Bool {
             guard let retry = storeRetryAt else { return true }
             return now >= retry
         }
 
-        var isQuiet: Bool { engine.isIdle && toRelease.isEmpty }
+        var isQuiet: Bool { engine.isIdle && toRelease.isEmpty && deadLetters.isEmpty }
 
         /// Block in poll no longer than until the next deadline, the next store retry, or 100 ms.
         /// While the store is down, deadlines cannot be acted on (nothing is dispatched), so only
@@ -192,13 +202,7 @@ public final class Worker: Service {
             case .message(let message):
                 state.lastActivity = now
                 if case .bad(let bad) = state.engine.ingest(message) {
-                    logger.warning(
-                        "bad input, not dispatched",
-                        metadata: [
-                            "dedup.reason": "\(bad.reason.code)", "error": "\(bad.detail)",
-                            "kafka.topic": "\(message.topic)", "kafka.partition": "\(message.partition)",
-                            "kafka.offset": "\(message.offset)",
-                        ])
+                    badInput(bad, message, state: &state)
                 }
             case .assigned(let partitions):
                 state.lastActivity = now
@@ -214,6 +218,7 @@ public final class Worker: Service {
                 state.assignment.subtract(set)
                 state.pausedPartitions.subtract(set)
                 let released = state.engine.revoke(set)
+                state.deadLetters.drop(partitions: set)
                 if !released.isEmpty {
                     logger.info(
                         "partitions revoked with messages in the window; releasing their claims",
@@ -319,7 +324,7 @@ public final class Worker: Service {
     func dispatchRound(_ due: [Dispatch], state: inout LoopState, store: RedisClaimStore) async {
         let results = await Dispatcher(
             handler: handler, concurrency: config.handlerConcurrency, maxAttempts: config.handlerMaxAttempts,
-            backoff: config.handlerBackoff, logger: logger
+            backoff: config.handlerBackoff, maxElapsed: config.handlerMaxElapsed, logger: logger
         ).run(due)
         var flushError: (any Error)?
         do { try await handler.flush() } catch { flushError = error }
@@ -327,14 +332,10 @@ public final class Worker: Service {
             switch (result, flushError) {
             case (.success, nil):
                 state.engine.dispatchSucceeded(dispatch.key)
-            case (.success, let error?), (.gaveUp(let error), _):
-                logger.error(
-                    "handler gave up; message not dispatched, claim released",
-                    metadata: [
-                        "dedup.key": "\(dispatch.key.raw)", "kafka.topic": "\(dispatch.message.topic)",
-                        "kafka.partition": "\(dispatch.message.partition)", "kafka.offset": "\(dispatch.message.offset)",
-                        "handler.attempts": "\(config.handlerMaxAttempts)", "error": "\(error)",
-                    ])
+            case (.success, let error?), (.gaveUp(let error, _), _):
+                var attempts = 1
+                if case .gaveUp(_, let n) = result { attempts = n }
+                handlerGaveUp(dispatch, error: error, attempts: attempts, state: &state)
                 state.engine.dispatchFailed(dispatch.key)
                 state.toRelease.append(dispatch.key)
             case (.abandoned, _):
@@ -390,6 +391,7 @@ public final class Worker: Service {
         var rng = SystemRandomNumberGenerator()
         state.storeRetryAt = nil
         await confirmRound(state: &state, store: store, rng: &rng)
+        await deadLetterRound(state: &state, force: true)
         storeOffsets(&state, consumer: consumer)
         let waiting = state.engine.drainForShutdown()
         state.toRelease.append(contentsOf: waiting)
@@ -407,7 +409,7 @@ public final class Worker: Service {
             "duplicates.local": "\(c.duplicatesLocal)", "duplicates.redis": "\(c.duplicatesStore)",
             "invalid": "\(c.invalid)", "failed": "\(c.failed)", "released": "\(c.released)",
             "released.unconfirmed": "\(state.toRelease.count)",
-            "renewed": "\(c.renewed)", "leases_lost": "\(c.leasesLost)", "unclaimed": "\(c.unclaimed)",
+            "renewed": "\(c.renewed)", "dead_lettered": "\(c.deadLettered)", "leases_lost": "\(c.leasesLost)", "unclaimed": "\(c.unclaimed)",
             "kafka.committed": "\(state.storedPositions.sorted { ($0.key.topic, $0.key.partition) < ($1.key.topic, $1.key.partition) }.map { "\($0.key)=\($0.value)" }.joined(separator: ","))",
             "elapsed": "\(WorkerConfiguration.format(elapsed))",
         ]
