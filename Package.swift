@@ -72,6 +72,15 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
+        // A custom Swift `Handler` plugged into the worker, as a library user writes one.
+        .executableTarget(
+            name: "dedupd-example-handler",
+            dependencies: [
+                "DedupService",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            path: "Examples/CustomHandler"
+        ),
         .testTarget(name: "DedupCoreTests", dependencies: ["DedupCore"]),
         .testTarget(name: "RedisIOTests", dependencies: ["RedisIO", "TestSupport"]),
         .testTarget(name: "KafkaIOTests", dependencies: ["KafkaIO", "TestSupport"]),

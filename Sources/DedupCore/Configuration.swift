@@ -55,7 +55,7 @@ public enum ConfigSchema {
         .init(name: "buffer.max_bytes", kind: .size, defaultValue: "64MiB", doc: "Delay buffer bound in bytes."),
         .init(name: "consumer.batch_size", kind: .count, defaultValue: "1000",
               doc: "Most messages taken per poll; one Redis round trip claims a whole batch."),
-        .init(name: "handler.type", kind: .choice(["log"]), defaultValue: "log",
+        .init(name: "handler.type", kind: .choice(["log", "kafka", "http", "exec"]), defaultValue: "log",
               doc: "Handler for unique messages. log: one JSON line per message; kafka: forward to handler.topic; http: POST to handler.url; exec: run handler.command."),
         .init(name: "handler.output", kind: .string, defaultValue: "-",
               doc: "log handler: file to append JSON lines to; - is stdout."),

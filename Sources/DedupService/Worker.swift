@@ -29,7 +29,7 @@ public final class Worker: Service {
         self.config = config
         self.logger = logger
         self.owner = Self.makeOwnerID()
-        self.handler = try handler ?? LogOutputHandler(path: config.handlerOutput)
+        self.handler = try handler ?? BuiltinHandlers.make(config: config, logger: logger)
         self.deadLetters = try config.deadLetterTopic.map {
             try DeadLetterProducer.make(
                 bootstrapServers: config.deadLetterBootstrapServers, topic: $0, timeout: config.deadLetterTimeout,

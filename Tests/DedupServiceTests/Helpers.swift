@@ -36,7 +36,7 @@ func workerConfig(
         "redis.url": redis.url,
         "dedup.namespace": unique("ns"),
         "dedup.window": "200ms",
-        "run.stop_when_idle": "1s",
+        "run.stop_when_idle": "2s",
         "log.stats_interval": "0",
         "handler.backoff": "10ms",
     ]
