@@ -1,3 +1,4 @@
+import Dispatch
 import DedupCore
 import Logging
 import Synchronization
@@ -88,4 +89,69 @@ final class Locked<Value: Sendable>: Sendable {
     private let mutex: Mutex<Value>
     init(_ value: Value) { mutex = Mutex(value) }
     func withLock<R>(_ body: (inout Value) -> R) -> R { mutex.withLock { body(&$0) } }
+}
+
+/// One round of handler calls running in its own task, beside the worker's loop.
+final class DispatchRound: Sendable {
+    struct Outcome: Sendable {
+        var results: [Dispatcher.Result]
+        var flushError: (any Error)?
+    }
+
+    /// The outcome once known, and the loop's continuation while it waits for it.
+    private final class Slot: Sendable {
+        let state = Mutex<(outcome: Outcome?, waiter: CheckedContinuation<Outcome?, Never>?)>((nil, nil))
+
+        func complete(_ outcome: Outcome) {
+            let waiter = state.withLock { s -> CheckedContinuation<Outcome?, Never>? in
+                s.outcome = outcome
+                defer { s.waiter = nil }
+                return s.waiter
+            }
+            waiter?.resume(returning: outcome)
+        }
+
+        func expire() {
+            let waiter = state.withLock { s -> CheckedContinuation<Outcome?, Never>? in
+                defer { s.waiter = nil }
+                return s.waiter
+            }
+            waiter?.resume(returning: nil)
+        }
+    }
+
+    let due: [Dispatch]
+    private let slot = Slot()
+    private let task: Task<Void, Never>
+
+    init(due: [Dispatch], _ body: @escaping @Sendable () async -> Outcome) {
+        self.due = due
+        let slot = self.slot
+        task = Task { slot.complete(await body()) }
+    }
+
+    /// The outcome if the round finishes within `limit`, else nil (the round keeps running).
+    /// A continuation and a timer rather than a task group: a group would wait for its child
+    /// that awaits the round, which is exactly what must not happen here.
+    func outcome(waitingUpTo limit: Duration) async -> Outcome? {
+        let slot = self.slot
+        return await withCheckedContinuation { (c: CheckedContinuation<Outcome?, Never>) in
+            let done = slot.state.withLock { s -> Outcome? in
+                if let o = s.outcome { return o }
+                s.waiter = c
+                return nil
+            }
+            if let done { return c.resume(returning: done) }
+            DispatchQueue.global().asyncAfter(deadline: .now() + .milliseconds(Int(limit.milliseconds))) {
+                slot.expire()
+            }
+        }
+    }
+
+    /// Waits for the round to end; cancelling the caller cancels the round.
+    func finish() async -> Outcome {
+        let task = self.task
+        await withTaskCancellationHandler { await task.value } onCancel: { task.cancel() }
+        return slot.state.withLock { $0.outcome! }
+    }
 }

@@ -130,9 +130,15 @@ public final class Worker: Service {
             // Fail-closed also means: no dispatch while Redis is down or a round is still
             // unconfirmed, so at most one round is ever exposed to the crash window, and no
             // lease is relied on that could not be renewed.
-            if config.failOpen || (state.storeDownSince == nil && state.engine.confirmingCount == 0) {
+            if state.round == nil,
+                config.failOpen || (state.storeDownSince == nil && state.engine.confirmingCount == 0)
+            {
                 let due = state.engine.takeDue(now: clock.now, limit: config.handlerMaxBatch)
-                if !due.isEmpty { await dispatchRound(due, state: &state, store: store) }
+                if !due.isEmpty { state.round = startRound(due) }
+            }
+            if let round = state.round, let outcome = await round.outcome(waitingUpTo: Self.roundWait) {
+                state.round = nil
+                applyRound(round.due, outcome, state: &state)
             }
             await deadLetterRound(state: &state)
             if state.storeUsable(now: clock.now) {
@@ -172,6 +178,8 @@ public final class Worker: Service {
         var storeDownSince: ContinuousClock.Instant?
         var storeRetryAt: ContinuousClock.Instant?
         var storeFailures = 0
+        /// The dispatch round in flight, if any; at most one at a time.
+        var round: DispatchRound?
         /// Bad input and given-up messages not yet acknowledged by `dead_letter.topic`.
         var deadLetters = DeadLetterQueue()
 
@@ -180,12 +188,14 @@ public final class Worker: Service {
             return now >= retry
         }
 
-        var isQuiet: Bool { engine.isIdle && toRelease.isEmpty && deadLetters.isEmpty }
+        var isQuiet: Bool { engine.isIdle && toRelease.isEmpty && deadLetters.isEmpty && round == nil }
 
         /// Block in poll no longer than until the next deadline, the next store retry, or 100 ms.
         /// While the store is down, deadlines cannot be acted on (nothing is dispatched), so only
         /// the retry time counts: the loop waits instead of spinning.
         func pollTimeout(now: ContinuousClock.Instant, failOpen: Bool) -> Duration {
+            // With a round in flight, the pass itself waits for it (Worker.roundWait).
+            if round != nil { return .zero }
             var t = Duration.milliseconds(100)
             if storeDownSince == nil || failOpen, let wake = engine.nextWakeup { t = min(t, wake - now) }
             if let retry = storeRetryAt { t = min(t, retry - now) }
@@ -321,14 +331,28 @@ public final class Worker: Service {
 
     // MARK: - Dispatch
 
-    func dispatchRound(_ due: [Dispatch], state: inout LoopState, store: RedisClaimStore) async {
-        let results = await Dispatcher(
+    /// How long a pass waits for its dispatch round before going back to polling. A fast
+    /// handler (log, kafka) finishes well within it, so the round is applied in the same pass;
+    /// a slow one (a webhook retrying with backoff) keeps running beside the loop, which goes on
+    /// polling so the worker stays in its group (max.poll.interval.ms) and keeps claiming.
+    static let roundWait: Duration = .milliseconds(50)
+
+    func startRound(_ due: [Dispatch]) -> DispatchRound {
+        let dispatcher = Dispatcher(
             handler: handler, concurrency: config.handlerConcurrency, maxAttempts: config.handlerMaxAttempts,
-            backoff: config.handlerBackoff, maxElapsed: config.handlerMaxElapsed, logger: logger
-        ).run(due)
-        var flushError: (any Error)?
-        do { try await handler.flush() } catch { flushError = error }
-        for (dispatch, result) in zip(due, results) {
+            backoff: config.handlerBackoff, maxElapsed: config.handlerMaxElapsed, logger: logger)
+        let handler = self.handler
+        return DispatchRound(due: due) {
+            let results = await dispatcher.run(due)
+            var flushError: (any Error)?
+            do { try await handler.flush() } catch { flushError = error }
+            return DispatchRound.Outcome(results: results, flushError: flushError)
+        }
+    }
+
+    func applyRound(_ due: [Dispatch], _ outcome: DispatchRound.Outcome, state: inout LoopState) {
+        let flushError = outcome.flushError
+        for (dispatch, result) in zip(due, outcome.results) {
             switch (result, flushError) {
             case (.success, nil):
                 state.engine.dispatchSucceeded(dispatch.key)
@@ -389,6 +413,13 @@ public final class Worker: Service {
     /// store and synchronously commit what is resolved, leave the group.
     func shutdown(state: inout LoopState, store: RedisClaimStore, consumer: KafkaConsumer, started: ContinuousClock.Instant) async {
         var rng = SystemRandomNumberGenerator()
+        if let round = state.round {
+            // In-flight handlers may finish; past run.shutdown_deadline ServiceLifecycle cancels
+            // this task, which cancels the round, and its unfinished messages stay uncommitted.
+            logger.info("waiting for the dispatch round in flight", metadata: ["dispatch.round": "\(round.due.count)"])
+            applyRound(round.due, await round.finish(), state: &state)
+            state.round = nil
+        }
         state.storeRetryAt = nil
         await confirmRound(state: &state, store: store, rng: &rng)
         await deadLetterRound(state: &state, force: true)

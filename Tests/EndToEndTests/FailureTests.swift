@@ -105,4 +105,59 @@ import TestSupport
         #expect(Set(s.dispatched).count == first + second, "each unique id once")
         s.mock.terminate()
     }
+
+    /// A handler slower than max.poll.interval.ms must not push the worker out of its group:
+    /// the dispatch round runs beside the loop, which keeps polling.
+    @Test(.timeLimit(.minutes(2)))
+    func slowHandlersDoNotPushTheWorkerOutOfItsGroup() async throws {
+        let s = try Setup(topic: "t")
+        let unique = try s.produce(3, prefix: "slow", seed: 3)
+        let config = s.dir.file("slow.yaml")
+        try """
+            kafka:
+              properties:
+                max.poll.interval.ms: "6000"
+            handler:
+              type: exec
+              command: "sleep 8; echo $DEDUPD_KEY >> \(s.dir.file("exec.out").path)"
+              timeout: 20s
+              concurrency: 4
+            """.write(to: config, atomically: true, encoding: .utf8)
+        let w = try s.worker(["--config", config.path, "--window", "200ms", "--stop-when-idle", "2s"])
+        #expect(try w.wait(timeout: .seconds(60)) == 0, "stderr: \(w.stderr.suffix(3000))")
+        let keys = ((try? String(contentsOf: s.dir.file("exec.out"), encoding: .utf8)) ?? "").split(separator: "\n")
+        #expect(keys.count == unique, "each message handled once: \(keys)")
+        #expect(!w.stderr.contains("MAX_POLL_EXCEEDED") && !w.stderr.contains("maximum poll interval"),
+                "left the group: \(w.stderr.suffix(3000))")
+        #expect(w.stderr.components(separatedBy: "partitions assigned").count - 1 == 1, "no second join")
+        s.mock.terminate()
+    }
+
+    @Test(.timeLimit(.minutes(1)))
+    func aSecondSignalExitsAtOnce() async throws {
+        let s = try Setup(topic: "t")
+        _ = try s.produce(1, prefix: "sig", seed: 4)
+        let config = s.dir.file("sig.yaml")
+        try """
+            handler:
+              type: exec
+              command: "sleep 60"
+              timeout: 90s
+            run:
+              shutdown_deadline: 60s
+            """.write(to: config, atomically: true, encoding: .utf8)
+        let w = try s.worker(["--config", config.path, "--window", "100ms"])
+        try await waitUntil(timeout: .seconds(40), "a round in flight") { try await s.pendingClaims() == 1 }
+        try await Task.sleep(for: .milliseconds(500))
+        w.terminate()
+        try await Task.sleep(for: .milliseconds(500))
+        #expect(w.process.isRunning, "the first signal waits for the handler")
+        let sent = ContinuousClock.now
+        w.terminate()
+        let status = try w.wait(timeout: .seconds(5))
+        #expect(ContinuousClock.now - sent < .seconds(3))
+        #expect(status == 128 + SIGTERM)
+        #expect(w.stderr.contains("second signal, exiting now"))
+        s.mock.terminate()
+    }
 }

@@ -82,6 +82,10 @@ public final class ExecHandler: Handler {
         posix_spawn_file_actions_adddup2(&actions, readEnd, 0)
         posix_spawn_file_actions_addclose(&actions, readEnd)
         posix_spawn_file_actions_adddup2(&actions, 2, 1)
+        // Nothing but stdin/stdout/stderr reaches the command: an inherited socket, pipe or
+        // Redis connection would outlive dedupd in a command that keeps running (and a parent
+        // that waits for EOF on a pipe dedupd holds would wait for the command instead).
+        Self.closeFrom(3, in: &actions)
 
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)
@@ -166,5 +170,20 @@ final class ChildProcess: Sendable {
         if killed { return .timedOut }
         if status & 0x7f == 0 { return .exited((status >> 8) & 0xff) }
         return .signalled(status & 0x7f)
+    }
+}
+
+extension ExecHandler {
+    /// glibc 2.34+ has posix_spawn_file_actions_addclosefrom_np, but Swift's Glibc module does
+    /// not export it, so it is looked up by name.
+    static func closeFrom(_ fd: Int32, in actions: inout posix_spawn_file_actions_t) {
+        typealias CloseFrom = @convention(c) (UnsafeMutablePointer<posix_spawn_file_actions_t>, Int32) -> Int32
+        guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "posix_spawn_file_actions_addclosefrom_np") else {
+            // Older glibc: close what is open now.
+            let open = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd"))?.compactMap { Int32($0) } ?? []
+            for other in open where other >= fd { posix_spawn_file_actions_addclose(&actions, other) }
+            return
+        }
+        _ = unsafeBitCast(symbol, to: CloseFrom.self)(&actions, fd)
     }
 }
