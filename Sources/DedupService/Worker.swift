@@ -235,6 +235,15 @@ public final class Worker: Service {
                         metadata: ["dedup.released": "\(released.count)"])
                     state.toRelease.append(contentsOf: released)
                 }
+                // A round in flight is not interrupted: its messages keep their claims until the
+                // handler finishes and they are confirmed (the next owner sees them pending and
+                // waits) or released (the next owner claims them).
+                let inFlight = state.round?.due.filter { set.contains($0.message.topicPartition) }.count ?? 0
+                if inFlight > 0 {
+                    logger.info(
+                        "partitions revoked with messages in a handler; their claims stay until it finishes",
+                        metadata: ["dispatch.in_flight": "\(inFlight)"])
+                }
             case .error(let error):
                 // KafkaIO has already logged it with librdkafka's own level; librdkafka recovers
                 // from transport errors by itself.
