@@ -12,10 +12,17 @@ public struct BadInput: Error, Sendable, Equatable, CustomStringConvertible {
         public static let missingField = Reason("missing_json_field")
         public static let emptyKey = Reason("empty_key")
         public static let tooLarge = Reason("message_too_large")
+        /// Token mode: the token was never issued (or expired so long ago it was forgotten).
+        public static let tokenUnknown = Reason("token_unknown")
+        /// Token mode: the token was issued but its time ran out before it was used.
+        public static let tokenExpired = Reason("token_expired")
+        /// Token mode: the token was already used by another message.
+        public static let tokenReused = Reason("token_reused")
 
         public var description: String { code }
         public static let all: [Reason] = [
             .missingHeader, .missingKey, .invalidUTF8, .invalidJSON, .missingField, .emptyKey, .tooLarge,
+            .tokenUnknown, .tokenExpired, .tokenReused,
         ]
     }
 

@@ -44,6 +44,8 @@ public enum ConfigSchema {
               doc: "How long a dispatched key is remembered (repeats within it are dropped)."),
         .init(name: "dedup.lease", kind: .duration, defaultValue: nil,
               doc: "Lease of a pending claim; a dead worker's keys free up after it. Default: window + 30s."),
+        .init(name: "dedup.token", kind: .string, defaultValue: nil,
+              doc: "Token mode: where a message's one-time token is, e.g. header:form-token. Only a message whose token was issued (dedupd token issue) and not yet used is dispatched; unknown, expired and reused tokens are bad input."),
         .init(name: "dedup.keep", kind: .choice(KeepPolicy.allCases.map(\.rawValue)), defaultValue: "first",
               doc: "first: dispatch the first copy; last: dispatch the newest copy seen within the window."),
         .init(name: "dedup.on_store_error", kind: .choice(["fail_closed", "fail_open"]), defaultValue: "fail_closed",
@@ -259,6 +261,12 @@ public struct WorkerConfiguration: Sendable {
         deadLetterBootstrapServers = r.optional("dead_letter.bootstrap_servers") ?? bootstrapServers
         deadLetterTimeout = try r.duration("dead_letter.timeout")
         dedup.holdsDeadLetters = deadLetterTopic != nil
+        if let tokenText = r.optional("dedup.token") {
+            do { dedup.token = try KeyTemplate(tokenText) } catch {
+                throw ConfigError(key: "dedup.token", value: tokenText, origin: merged["dedup.token"]?.origin,
+                                  problem: "\(error)")
+            }
+        }
         stopWhenIdle = try r.optionalDuration("run.stop_when_idle")
         shutdownDeadline = try r.duration("run.shutdown_deadline")
         logLevel = try r.choice("log.level")

@@ -26,6 +26,9 @@ public struct DedupSettings: Sendable {
     /// so a message is never committed before the dead-letter topic acknowledged it.
     /// Default: false (they are resolved at once: logged and counted only).
     public var holdsDeadLetters: Bool
+    /// Token mode: where each message's one-time token is (e.g. `header:form-token`). A new key
+    /// is claimed only after its message's token was accepted. Default: off.
+    public var token: KeyTemplate?
 
     public init(
         template: KeyTemplate,
@@ -38,7 +41,8 @@ public struct DedupSettings: Sendable {
         bufferMaxMessages: Int = 100_000,
         bufferMaxBytes: Int = 64 << 20,
         parkRetry: Duration = .milliseconds(500),
-        holdsDeadLetters: Bool = false
+        holdsDeadLetters: Bool = false,
+        token: KeyTemplate? = nil
     ) {
         self.template = template
         self.namespace = namespace
@@ -51,6 +55,7 @@ public struct DedupSettings: Sendable {
         self.bufferMaxBytes = bufferMaxBytes
         self.parkRetry = parkRetry
         self.holdsDeadLetters = holdsDeadLetters
+        self.token = token
     }
 }
 
@@ -120,6 +125,8 @@ public struct DedupEngine: Sendable {
     private var places: [DedupKey: Place] = [:]
     private var claiming: [DedupKey: InboundMessage] = [:]
     private var claimOrder: [DedupKey] = []
+    /// Token mode: new keys whose message's token is still to be used (then they join claimOrder).
+    private var awaitingToken: [DedupKey: String] = [:]
     private var parked: [DedupKey: Parked] = [:]
     private var inFlight: [DedupKey: InboundMessage] = [:]
     private var confirming: [DedupKey: InboundMessage] = [:]
@@ -149,12 +156,14 @@ public struct DedupEngine: Sendable {
         offsets.track(tp, offset: message.offset)
 
         let key: DedupKey
+        var token: String?
         do throws(BadInput) {
             if message.value.count > settings.maxMessageBytes {
                 throw BadInput(
                     .tooLarge, "value is \(message.value.count) bytes, limit is \(settings.maxMessageBytes)")
             }
             key = DedupKey(raw: try settings.template.key(for: message), namespace: settings.namespace)
+            token = try settings.token?.key(for: message)
         } catch {
             counters.invalid += 1
             if !settings.holdsDeadLetters { offsets.resolve(tp, offset: message.offset) }
@@ -164,7 +173,11 @@ public struct DedupEngine: Sendable {
         guard let place = places[key] else {
             places[key] = .claiming
             claiming[key] = message
-            claimOrder.append(key)
+            if let token {
+                awaitingToken[key] = token
+            } else {
+                claimOrder.append(key)
+            }
             return .new(key)
         }
         // A repeat of a key held here. `keep: last` swaps in the newer copy where that is still
@@ -189,6 +202,37 @@ public struct DedupEngine: Sendable {
     }
 
     // MARK: - 3. Claim
+
+    /// Token mode: the tokens to use in the next round trip, with the marks of their messages.
+    public func tokensToUse() -> (keys: [DedupKey], tokens: [String], marks: [String]) {
+        var out: (keys: [DedupKey], tokens: [String], marks: [String]) = ([], [], [])
+        for (key, token) in awaitingToken {
+            out.keys.append(key)
+            out.tokens.append(token)
+            out.marks.append(TokenKey.mark(for: claiming[key]!))
+        }
+        return out
+    }
+
+    /// Applies the token store's answers: accepted keys go on to be claimed; the others are bad
+    /// input with the token's reason, returned for the caller to log or dead-letter.
+    public mutating func applyTokens(_ keys: [DedupKey], _ outcomes: [TokenOutcome]) -> [(BadInput, InboundMessage)] {
+        precondition(keys.count == outcomes.count, "one outcome per key")
+        var refused: [(BadInput, InboundMessage)] = []
+        for (key, outcome) in zip(keys, outcomes) {
+            guard let token = awaitingToken.removeValue(forKey: key), let message = claiming[key] else { continue }
+            guard let reason = outcome.refusal else {
+                claimOrder.append(key)
+                continue
+            }
+            claiming[key] = nil
+            places[key] = nil
+            counters.invalid += 1
+            if !settings.holdsDeadLetters { offsets.resolve(message.topicPartition, offset: message.offset) }
+            refused.append((BadInput(reason, "token \(token) is \(reason.code.dropFirst("token_".count))"), message))
+        }
+        return refused
+    }
 
     /// Keys to claim in the next round trip: new keys, parked keys whose retry time came, and
     /// buffered keys whose lease is half used (claiming a key this worker owns extends its lease,
@@ -368,6 +412,7 @@ public struct DedupEngine: Sendable {
         for (key, m) in claiming where partitions.contains(m.topicPartition) {
             claiming[key] = nil
             places[key] = nil
+            awaitingToken[key] = nil
         }
         claimOrder.removeAll { claiming[$0] == nil }
         for (key, p) in parked where partitions.contains(p.message.topicPartition) {

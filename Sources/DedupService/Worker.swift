@@ -119,6 +119,7 @@ public final class Worker: Service {
                 // Releases first: a revoked partition that came straight back may be re-read
                 // in this very batch, and its keys must be free before they are claimed again.
                 await releaseRound(state: &state, store: store, rng: &rng)
+                if config.dedup.token != nil { await tokenRound(state: &state, store: store, rng: &rng) }
                 await claimRound(state: &state, store: store, now: clock.now, rng: &rng)
             } else if config.failOpen {
                 let keys = state.engine.keysToClaim(now: clock.now)
@@ -249,6 +250,23 @@ public final class Worker: Service {
                 // from transport errors by itself.
                 logger.debug("kafka error event", metadata: ["error": "\(error)"])
             }
+        }
+    }
+
+    /// Token mode: uses the tokens of this batch's new keys in one round trip; refused ones are
+    /// bad input (dead-lettered when a topic is configured), accepted ones go on to be claimed.
+    func tokenRound(state: inout LoopState, store: RedisClaimStore, rng: inout SystemRandomNumberGenerator) async {
+        let pending = state.engine.tokensToUse()
+        guard !pending.keys.isEmpty else { return }
+        let storeKeys = pending.tokens.map { TokenKey.storeKey($0, namespace: config.dedup.namespace) }
+        do {
+            let outcomes = try await store.use(storeKeys, marks: pending.marks)
+            storeSucceeded(&state)
+            for (bad, message) in state.engine.applyTokens(pending.keys, outcomes) {
+                badInput(bad, message, state: &state)
+            }
+        } catch {
+            storeFailed(&state, error: error, rng: &rng)
         }
     }
 

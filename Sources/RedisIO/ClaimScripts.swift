@@ -97,5 +97,42 @@ struct LuaScript: Sendable, Hashable {
         return out
         """)
 
-    static let all: [LuaScript] = [.claim, .confirm, .release, .renew, .inspect]
+    /// Token mode, issuing. ARGV = ttl ms, memory ms. The value is "i:" .. the expiry in Redis
+    /// server time (ms); the key lives ttl + memory, so a late use is told "expired", not "unknown".
+    static let issueTokens = LuaScript(name: "issue_tokens", source: """
+        local t = redis.call('TIME')
+        local expires = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+        local out = {}
+        for i, key in ipairs(KEYS) do
+          redis.call('SET', key, 'i:' .. string.format('%d', expires), 'PX', tonumber(ARGV[1]) + tonumber(ARGV[2]), 'NX')
+          out[i] = 1
+        end
+        return out
+        """)
+
+    /// Token mode, using. ARGV[i] = the mark of the message using KEYS[i]. Per key: "a" accepted
+    /// (now used by this mark, or already used by this same mark: a redelivery), "u" unknown,
+    /// "e" expired, "r" reused. Checking and using is one atomic step per key.
+    static let useTokens = LuaScript(name: "use_tokens", source: """
+        local t = redis.call('TIME')
+        local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+        local out = {}
+        for i, key in ipairs(KEYS) do
+          local v = redis.call('GET', key)
+          local used = 'u:' .. ARGV[i]
+          if not v then
+            out[i] = 'u'
+          elseif string.sub(v, 1, 2) == 'u:' then
+            if v == used then out[i] = 'a' else out[i] = 'r' end
+          elseif now > tonumber(string.sub(v, 3)) then
+            out[i] = 'e'
+          else
+            redis.call('SET', key, used, 'KEEPTTL')
+            out[i] = 'a'
+          end
+        end
+        return out
+        """)
+
+    static let all: [LuaScript] = [.claim, .confirm, .release, .renew, .inspect, .issueTokens, .useTokens]
 }

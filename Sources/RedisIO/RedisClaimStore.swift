@@ -83,7 +83,11 @@ public final class RedisClaimStore: ClaimStore {
     // MARK: - Scripts
 
     /// Runs `script` over all keys in one pipeline and returns the per-key results, in key order.
-    private func run(_ script: LuaScript, keys: [String], args: [RedisArgument], repliesPerKey: Int = 1) async throws -> [RedisReply] {
+    /// `perKeyArgs`, when given, holds one argument per key, passed with its chunk after `args`.
+    private func run(
+        _ script: LuaScript, keys: [String], args: [RedisArgument], perKeyArgs: [RedisArgument]? = nil,
+        repliesPerKey: Int = 1
+    ) async throws -> [RedisReply] {
         if keys.isEmpty { return [] }
         var sha = try await loadedSHA(script)
         let chunks = stride(from: 0, to: keys.count, by: maxKeysPerScript).map {
@@ -94,6 +98,7 @@ public final class RedisClaimStore: ClaimStore {
             command.reserveCapacity(3 + chunk.count + args.count)
             for key in chunk { command.append(RedisArgument(key)) }
             command.append(contentsOf: args)
+            if let perKeyArgs { command.append(contentsOf: perKeyArgs[chunk.indices]) }
             return command
         }
         var replies = try await connection.pipeline(chunks.map { evalsha(sha, $0) })
@@ -188,5 +193,25 @@ public final class RedisClaimStore: ClaimStore {
         case .null: return "null"
         case .error(let e): return "error \(e)"
         }
+    }
+}
+
+extension RedisClaimStore: TokenStore {
+    public func issue(_ tokens: [String], ttl: Duration, memory: Duration) async throws {
+        _ = try await run(.issueTokens, keys: tokens, args: [RedisArgument(Self.millis(ttl)), RedisArgument(Self.millis(memory))])
+    }
+
+    public func use(_ tokens: [String], marks: [String]) async throws -> [TokenOutcome] {
+        precondition(tokens.count == marks.count, "one mark per token")
+        return try await run(.useTokens, keys: tokens, args: [], perKeyArgs: marks.map { RedisArgument($0) })
+            .map { reply in
+                switch reply.text {
+                case "a": .accepted
+                case "u": .unknown
+                case "e": .expired
+                case "r": .reused
+                default: throw Self.unexpected(reply, in: "use tokens")
+                }
+            }
     }
 }

@@ -11,7 +11,7 @@ struct Dedupd: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "dedupd",
         abstract: "Makes a Kafka stream of submissions safe to act on: each unique message is handed to its handler once.",
-        subcommands: [Demo.self, Run.self, CheckConfig.self, Produce.self, MockKafka.self],
+        subcommands: [Demo.self, Run.self, CheckConfig.self, Produce.self, MockKafka.self, Token.self],
         defaultSubcommand: nil
     )
 }
@@ -255,5 +255,37 @@ enum MockKafkaControl {
             return "error unknown command: \(command)"
         }
         return "ok \(command)"
+    }
+}
+
+struct Token: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Token mode: issue one-time tokens that a route with dedup.token accepts once.",
+        subcommands: [Issue.self])
+
+    struct Issue: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Issue tokens into Redis and print them, one per line.")
+
+        @Option(help: "redis://[user:password@]host:port/db (default: DEDUPD_REDIS_URL or redis://127.0.0.1:6379/0).")
+        var redisUrl: String?
+        @Option(help: "The route's dedup.namespace (default: DEDUPD_DEDUP_NAMESPACE or default).")
+        var namespace: String?
+        @Option(help: "How long a token may be used, e.g. 15m.") var ttl: String = "15m"
+        @Option(help: "How many tokens.") var count: Int = 1
+
+        func run() async throws {
+            let env = ProcessInfo.processInfo.environment
+            guard let ttl = DurationParser.parse(ttl), ttl > .zero else {
+                throw ValidationError("--ttl must be a duration such as 30s, 15m, 24h, got \(self.ttl)")
+            }
+            guard count > 0 else { throw ValidationError("--count must be greater than 0, got \(count)") }
+            OperationalLog.bootstrap(level: "warning", format: "logfmt")
+            let issuer = try await TokenIssuer.connect(
+                url: redisUrl ?? env["DEDUPD_REDIS_URL"] ?? "redis://127.0.0.1:6379/0",
+                namespace: namespace ?? env["DEDUPD_DEDUP_NAMESPACE"] ?? "default",
+                logger: Logger(label: "dedupd.token"))
+            for token in try await issuer.issue(count: count, ttl: ttl) { print(token) }
+        }
     }
 }

@@ -266,4 +266,38 @@ struct Harness {
         h.advance(.seconds(5))
         #expect(h.engine.takeDue(now: h.clock.now).count == 1)
     }
+
+    @Test func tokenModeClaimsOnlyAfterTheTokenWasAccepted() async throws {
+        var engine = DedupEngine(settings: DedupSettings(
+            template: try KeyTemplate("header:message-id"), namespace: "test",
+            token: try KeyTemplate("header:message-id")))
+        let clock = TestClock()
+        for (i, id) in ["ok", "old", "used", "nope"].enumerated() { _ = engine.ingest(msg(id, offset: Int64(i))) }
+        #expect(engine.keysToClaim(now: clock.now).isEmpty, "nothing is claimed before its token is used")
+        let pending = engine.tokensToUse()
+        #expect(Set(pending.tokens) == ["ok", "old", "used", "nope"])
+        #expect(pending.marks.allSatisfy { $0.hasPrefix("t/0/") })
+        let outcomes: [TokenOutcome] = pending.tokens.map {
+            switch $0 {
+            case "ok": .accepted
+            case "old": .expired
+            case "used": .reused
+            default: .unknown
+            }
+        }
+        let refused = engine.applyTokens(pending.keys, outcomes)
+        #expect(Set(refused.map(\.0.reason)) == [.tokenExpired, .tokenReused, .tokenUnknown])
+        #expect(engine.keysToClaim(now: clock.now).map(\.raw) == ["ok"])
+        #expect(engine.counters.invalid == 3)
+    }
+
+    @Test func tokenModeNeedsTheToken() throws {
+        var engine = DedupEngine(settings: DedupSettings(
+            template: try KeyTemplate("key"), namespace: "test", token: try KeyTemplate("header:form-token")))
+        guard case .bad(let bad) = engine.ingest(msg(nil, offset: 0, key: "u1")) else {
+            Issue.record("a message without its token is bad input")
+            return
+        }
+        #expect(bad.reason == .missingHeader)
+    }
 }

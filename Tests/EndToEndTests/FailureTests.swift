@@ -1,4 +1,5 @@
 import Foundation
+import DedupCore
 import KafkaIO
 import RedisIO
 import Testing
@@ -159,5 +160,63 @@ import TestSupport
         #expect(status == 128 + SIGTERM)
         #expect(w.stderr.contains("second signal, exiting now"))
         s.mock.terminate()
+    }
+}
+
+/// Token mode as a user runs it: `dedupd token issue`, then submissions carrying the tokens.
+@Suite(.serialized) struct TokenModeTests {
+    @Test(.timeLimit(.minutes(2)))
+    func onlyIssuedUnusedTokensAreDispatchedAndEachRefusalHasItsReason() async throws {
+        let dir = try TemporaryDirectory(prefix: "dedupd-token")
+        let redis = try RedisServerProcess()
+        let mock = try DedupdProcess(["mock-kafka", "--brokers", "1", "--topic", "forms:2"], name: "mock-kafka", in: dir)
+        let bootstrap = try mock.firstLine(timeout: .seconds(20))
+
+        func issue(ttl: String) throws -> String {
+            let p = try DedupdProcess(
+                ["token", "issue", "--redis-url", redis.url, "--namespace", "forms", "--ttl", ttl], name: "issue-\(ttl)", in: dir)
+            #expect(try p.wait(timeout: .seconds(20)) == 0, "token issue: \(p.stderr)")
+            return p.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        }
+        let good = try issue(ttl: "10m")
+        let stale = try issue(ttl: "100ms")
+        #expect(good.count == 32 && stale.count == 32)
+        try await Task.sleep(for: .milliseconds(300))
+
+        let producer = try KafkaProducer.make(bootstrapServers: bootstrap, logger: .init(label: "test"))
+        func submit(_ id: String, token: String?) throws {
+            var headers = [MessageHeader(name: "message-id", value: Array(id.utf8))]
+            if let token { headers.append(MessageHeader(name: "form-token", value: Array(token.utf8))) }
+            try producer.send(topic: "forms", key: Array("u1".utf8), value: Array("{\"form\":\"\(id)\"}".utf8), headers: headers)
+        }
+        try submit("first", token: good)
+        try submit("no-token", token: nil)
+        try submit("stale", token: stale)
+        try submit("made-up", token: "0123456789abcdef0123456789abcdef")
+        try await producer.flush(timeout: .seconds(10))
+
+        let config = dir.file("forms.yaml")
+        try """
+            kafka: {bootstrap_servers: "\(bootstrap)", topics: [forms], group: forms}
+            redis: {url: "\(redis.url)"}
+            dedup: {key: "header:form-token", token: "header:form-token", namespace: forms, window: 200ms}
+            """.write(to: config, atomically: true, encoding: .utf8)
+        let out = dir.file("out.jsonl").path
+        let first = try DedupdProcess(["run", "--config", config.path, "--output", out, "--stop-when-idle", "2s"], name: "run-1", in: dir)
+        #expect(try first.wait(timeout: .seconds(60)) == 0, "stderr: \(first.stderr.suffix(2000))")
+
+        // The same token again, long after the window: a reuse, refused by the token, not a window repeat.
+        try submit("again", token: good)
+        try await producer.flush(timeout: .seconds(10))
+        let second = try DedupdProcess(["run", "--config", config.path, "--output", out, "--stop-when-idle", "2s"], name: "run-2", in: dir)
+        #expect(try second.wait(timeout: .seconds(60)) == 0, "stderr: \(second.stderr.suffix(2000))")
+
+        let dispatched = dispatchedIDs(inJSONLines: (try? String(contentsOf: URL(fileURLWithPath: out), encoding: .utf8)) ?? "")
+        #expect(dispatched == ["first"])
+        let log = first.stderr + second.stderr
+        for reason in ["missing_header", "token_expired", "token_unknown", "token_reused"] {
+            #expect(log.contains("dedup.reason=\(reason)"), "no \(reason) in:\n\(log.suffix(3000))")
+        }
+        mock.terminate()
     }
 }
