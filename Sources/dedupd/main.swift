@@ -11,7 +11,7 @@ struct Dedupd: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "dedupd",
         abstract: "Makes a Kafka stream of submissions safe to act on: each unique message is handed to its handler once.",
-        subcommands: [Demo.self, Run.self, CheckConfig.self, Produce.self, MockKafka.self, Token.self],
+        subcommands: [Demo.self, Run.self, CheckConfig.self, Produce.self, MockKafka.self, Token.self, Bench.self],
         defaultSubcommand: nil
     )
 }
@@ -287,5 +287,41 @@ struct Token: AsyncParsableCommand {
                 logger: Logger(label: "dedupd.token"))
             for token in try await issuer.issue(count: count, ttl: ttl) { print(token) }
         }
+    }
+}
+
+struct Bench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Measure dedupd against the physical limits here: a bare consumer (K), pipelined Redis (R), the pipeline, its RSS and latency.",
+        discussion: """
+            Hosts a mock cluster in this process and starts a local redis-server; runs the worker legs as \
+            `dedupd run` child processes of this same binary. Build with -c release first.
+            """)
+
+    @Option(help: "Messages per leg.") var count: Int = 1_000_000
+    @Option(help: "Partitions of each leg's topic.") var partitions: Int32 = 6
+    @Option(help: "Dedup window of the worker legs.") var window: String = "100ms"
+    @Option(help: "Fraction of repeats (0...1).") var duplicateRatio: Double = 0.3
+    @Option(help: "Seconds of the paced latency leg.") var latencySeconds: Int = 10
+    @Option(help: "Mock brokers.") var brokers: Int = 1
+
+    func validate() throws {
+        guard count >= 1000 else { throw ValidationError("--count must be at least 1000, got \(count)") }
+        guard partitions >= 1 else { throw ValidationError("--partitions must be at least 1") }
+        guard DurationParser.parse(window) != nil else { throw ValidationError("--window must be a duration such as 100ms") }
+    }
+
+    func run() async throws {
+        OperationalLog.bootstrap(level: "notice", format: "logfmt")
+        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        var options = Benchmark.Options(executable: exe)
+        options.count = count
+        options.partitions = partitions
+        options.window = DurationParser.parse(window)!
+        options.duplicateRatio = duplicateRatio
+        options.latencySeconds = latencySeconds
+        options.brokers = brokers
+        let figures = try await Benchmark.run(options, logger: Logger(label: "dedupd.bench"))
+        print(Benchmark.render(figures))
     }
 }
