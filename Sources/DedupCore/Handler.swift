@@ -32,6 +32,15 @@ extension Handler {
     public func close() async {}
 }
 
+/// A handler that can take a whole dispatch round in one call, with no task, lock or call per
+/// message (the `log` handler appends a round's lines to one buffer). The worker uses it when
+/// the handler offers it; `handle` remains the path for retries.
+public protocol BatchHandler: Handler {
+    /// Takes every message of `round`, in order. Throwing means none of them was taken: the round
+    /// then goes through `handle` one message at a time, with the usual retries.
+    func handleBatch(_ round: [Dispatch]) async throws
+}
+
 /// Thrown by a handler when trying again cannot help (an HTTP 400, a command that says the input
 /// is wrong): the message is given up at once, without further attempts, and dead-lettered.
 /// Any other error is retried with backoff.

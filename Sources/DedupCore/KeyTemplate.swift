@@ -284,4 +284,9 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
     }
 
     public var description: String { raw }
+
+    // `storeKey` is derived from `raw` (and the namespace, one per engine), so hashing `raw`
+    // alone is enough; the engine's dictionaries hash every key several times per message.
+    public func hash(into hasher: inout Hasher) { hasher.combine(raw) }
+    public static func == (a: DedupKey, b: DedupKey) -> Bool { a.raw == b.raw && a.storeKey == b.storeKey }
 }

@@ -14,6 +14,22 @@ public struct OffsetTracker: Sendable {
         /// The next offset to commit, once something was resolved.
         var position: Int64?
         var dirty = false
+
+        mutating func track(_ offset: Int64) {
+            if let last = outstanding.last?.offset, offset <= last { return }
+            if let position, offset < position { return }
+            outstanding.append((offset, false))
+        }
+
+        mutating func resolve(_ offset: Int64) {
+            guard let index = OffsetTracker.search(outstanding, offset) else { return }
+            outstanding[index].resolved = true
+            while let first = outstanding.first, first.resolved {
+                position = first.offset + 1
+                dirty = true
+                outstanding.removeFirst()
+            }
+        }
     }
 
     var partitions: [TopicPartition: PartitionState] = [:]
@@ -23,25 +39,15 @@ public struct OffsetTracker: Sendable {
     /// Starts tracking a consumed offset. Offsets of a partition arrive in increasing order;
     /// one already tracked (a redelivery) is ignored.
     public mutating func track(_ tp: TopicPartition, offset: Int64) {
-        var state = partitions[tp, default: PartitionState()]
-        if let last = state.outstanding.last?.offset, offset <= last { return }
-        if let position = state.position, offset < position { return }
-        state.outstanding.append((offset, false))
-        partitions[tp] = state
+        // Mutated in place through the dictionary's accessor: a copy taken out and written back
+        // would share the deque's storage and copy all of it on every append.
+        partitions[tp, default: PartitionState()].track(offset)
     }
 
     /// Marks an offset resolved and advances the partition's commit position past every
     /// resolved offset at the front.
     public mutating func resolve(_ tp: TopicPartition, offset: Int64) {
-        guard var state = partitions[tp] else { return }
-        guard let index = Self.search(state.outstanding, offset) else { return }
-        state.outstanding[index].resolved = true
-        while let first = state.outstanding.first, first.resolved {
-            state.position = first.offset + 1
-            state.dirty = true
-            state.outstanding.removeFirst()
-        }
-        partitions[tp] = state
+        partitions[tp]?.resolve(offset)
     }
 
     /// Binary search: offsets in `outstanding` are increasing but not always contiguous

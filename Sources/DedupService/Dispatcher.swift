@@ -28,6 +28,10 @@ struct Dispatcher: Sendable {
     let logger: Logger
 
     func run(_ due: [Dispatch]) async -> [Result] {
+        // One call for the whole round when the handler can take it so (no task or lock per message).
+        if let batch = handler as? any BatchHandler, (try? await batch.handleBatch(due)) != nil {
+            return Array(repeating: .success, count: due.count)
+        }
         let workers = min(concurrency, due.count)
         if workers <= 1 {
             var results: [Result] = []

@@ -131,22 +131,33 @@ public final class Worker: Service {
             // Fail-closed also means: no dispatch while Redis is down or a round is still
             // unconfirmed, so at most one round is ever exposed to the crash window, and no
             // lease is relied on that could not be renewed.
-            if state.round == nil,
-                config.failOpen || (state.storeDownSince == nil && state.engine.confirmingCount == 0)
-            {
-                let due = state.engine.takeDue(now: clock.now, limit: config.handlerMaxBatch)
-                if !due.isEmpty { state.round = startRound(due) }
-            }
-            if let round = state.round, let outcome = await round.outcome(waitingUpTo: Self.roundWait) {
-                state.round = nil
-                applyRound(round.due, outcome, state: &state)
-            }
-            await deadLetterRound(state: &state)
-            if state.storeUsable(now: clock.now) {
-                await confirmRound(state: &state, store: store, rng: &rng)
-            } else if config.failOpen {
-                resolveWithoutStore(&state)
-            }
+            // As many rounds per pass as the batch needs (one round per pass would cap dispatch at
+            // handler.max_batch per poll, below what one poll brings in); each is confirmed before
+            // the next starts, so the crash window stays one round.
+            var rounds = 0
+            var finished = false
+            repeat {
+                rounds += 1
+                finished = false
+                if state.round == nil,
+                    config.failOpen || (state.storeDownSince == nil && state.engine.confirmingCount == 0)
+                {
+                    let due = state.engine.takeDue(now: clock.now, limit: config.handlerMaxBatch)
+                    if !due.isEmpty { state.round = startRound(due) }
+                }
+                if let round = state.round, let outcome = await round.outcome(waitingUpTo: Self.roundWait) {
+                    state.round = nil
+                    applyRound(round.due, outcome, state: &state)
+                    finished = true
+                }
+                await deadLetterRound(state: &state)
+                if state.storeUsable(now: clock.now) {
+                    await confirmRound(state: &state, store: store, rng: &rng)
+                } else if config.failOpen {
+                    resolveWithoutStore(&state)
+                }
+            } while finished && rounds <= config.batchSize / max(1, config.handlerMaxBatch)
+                && !isStopRequested && (state.engine.buffer.nextDeadline.map { $0 <= clock.now } ?? false)
             storeOffsets(&state, consumer: consumer)
             await applyBackpressure(&state, consumer: consumer)
 

@@ -96,14 +96,25 @@ final class ClientContext: Sendable {
         self.recordErrors = recordErrors
     }
 
+    /// Events recorded and not yet taken; lets the poll loop skip the lock when there are none.
+    private let eventCount = Atomic<Int>(0)
+
     func record(_ event: KafkaConsumer.ConsumerEvent) {
-        events.withLock { $0.append(event) }
+        events.withLock {
+            $0.append(event)
+            eventCount.store($0.count, ordering: .releasing)
+        }
     }
+
+    var hasEvents: Bool { eventCount.load(ordering: .acquiring) > 0 }
 
     func takeEvents() -> [KafkaConsumer.ConsumerEvent] {
         events.withLock { ev in
             if ev.isEmpty { return [] }
-            defer { ev.removeAll(keepingCapacity: true) }
+            defer {
+                ev.removeAll(keepingCapacity: true)
+                eventCount.store(0, ordering: .releasing)
+            }
             return ev
         }
     }

@@ -107,11 +107,13 @@ public final class KafkaConsumer: @unchecked Sendable {
         out.reserveCapacity(min(maxMessages, 4096))
         var topicNames: [OpaquePointer: String] = [:]
         var wait = timeoutMs
+        // `close()` destroys `rk` on this same serial queue, so it cannot happen during this call:
+        // one check per batch, not per message.
+        if closed.withLock({ $0 }) { return out }
         while out.count < maxMessages {
-            // `close()` destroys `rk` on this same serial queue, so it cannot happen during this call.
-            if closed.withLock({ $0 }) { break }
             let rkm = rd_kafka_consumer_poll(rk, wait)
-            let events = context.takeEvents()
+            // Events are rare: an atomic load per message, the lock only when one was recorded.
+            let events = context.hasEvents ? context.takeEvents() : []
             var rebalanced = false
             for e in events {
                 out.append(e)

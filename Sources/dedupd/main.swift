@@ -304,6 +304,7 @@ struct Bench: AsyncParsableCommand {
     @Option(help: "Fraction of repeats (0...1).") var duplicateRatio: Double = 0.3
     @Option(help: "Seconds of the paced latency leg.") var latencySeconds: Int = 10
     @Option(help: "Mock brokers.") var brokers: Int = 1
+    @Option(help: "appendfsync of the local redis-server: everysec or always.") var redisFsync: String = "everysec"
 
     func validate() throws {
         guard count >= 1000 else { throw ValidationError("--count must be at least 1000, got \(count)") }
@@ -321,6 +322,7 @@ struct Bench: AsyncParsableCommand {
         options.duplicateRatio = duplicateRatio
         options.latencySeconds = latencySeconds
         options.brokers = brokers
+        options.redisFsync = redisFsync
         let figures = try await Benchmark.run(options, logger: Logger(label: "dedupd.bench"))
         print(Benchmark.render(figures))
     }

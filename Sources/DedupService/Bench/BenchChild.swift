@@ -66,9 +66,17 @@ final class BenchChild: @unchecked Sendable {
                 var local: [Int64] = []
                 local.reserveCapacity(1 << 16)
                 let marker = Array(#""bench-ts":""#.utf8)
+                var arrivals: [Int64] = []
                 Self.readLines(outFD) { line in
                     let now = wallMicros()
-                    if let sent = Self.number(after: marker, in: line) { local.append(now - sent - windowMicros) }
+                    if let sent = Self.number(after: marker, in: line) {
+                        local.append(now - sent - windowMicros)
+                        arrivals.append(now)
+                    }
+                }
+                if let path = ProcessInfo.processInfo.environment["BENCH_LATENCY_DUMP"], let t0 = arrivals.first {
+                    let text = zip(arrivals, local).map { "\(($0 - t0) / 1000) \($1 / 1000)" }.joined(separator: "\n")
+                    try? text.write(toFile: path, atomically: true, encoding: .utf8)
                 }
                 latencies.withLock { $0 = local }
                 withExtendedLifetime(out) {}

@@ -64,12 +64,18 @@ enum BenchProducer {
     /// `rate` paces it (messages per second) for the latency leg.
     static func run(
         producer: KafkaProducer, topic: String, count: Int, traffic: inout BenchTraffic,
-        maxLead: Int, rate: Int? = nil, consumed: @Sendable () -> Int
+        maxLead: Int, rate: Int? = nil, consumed: @Sendable () -> Int, alive: @Sendable () -> Bool = { true }
     ) async throws -> Report {
         let started = ContinuousClock.now
         for i in 0..<count {
             if i & 63 == 0 {
-                while i - consumed() > maxLead { try await Task.sleep(for: .milliseconds(1)) }
+                var waited = 0
+                while i - consumed() > maxLead {
+                    // A consumer that stopped, or made no progress for a minute, ends the leg.
+                    guard alive(), waited < 60_000 else { throw LocalServerError("consumer stopped at \(consumed()) of \(count)") }
+                    try await Task.sleep(for: .milliseconds(1))
+                    waited += 1
+                }
             }
             if let rate, i & 7 == 0 {
                 let due = started + .nanoseconds(Int64(Double(i) / Double(rate) * 1e9))

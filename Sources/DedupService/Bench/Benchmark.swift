@@ -31,6 +31,8 @@ public enum Benchmark {
         /// Length of the paced latency leg.
         public var latencySeconds = 10
         public var brokers = 1
+        /// The local redis-server's `appendfsync` (AOF is on either way).
+        public var redisFsync = "everysec"
         /// The `dedupd` binary for the child legs.
         public var executable: String
         public init(executable: String) { self.executable = executable }
@@ -57,7 +59,7 @@ public enum Benchmark {
     public static func run(_ o: Options, logger: Logger) async throws -> Figures {
         let quiet = Logger(label: "bench", factory: { _ in SwiftLogNoOpLogHandler() })
         let scratch = try TemporaryDirectory(prefix: "dedupd-bench")
-        let redis = try RedisServerProcess()
+        let redis = try RedisServerProcess(appendFsync: o.redisFsync)
         defer { redis.stop() }
         let cluster = try MockKafkaCluster.make(brokers: o.brokers, logger: quiet)
         let nonce = String(UInt32.random(in: 0...UInt32.max), radix: 16)
@@ -189,7 +191,7 @@ public enum Benchmark {
         // Keeps `consumed` current for the producer's lead bound; ends with the leg.
         let stop = Mutex(false)
         async let tracker: Void = {
-            while !stop.withLock({ $0 }) {
+            while !stop.withLock({ $0 }) && !Task.isCancelled {
                 if let s = child.latest { consumed.set(s.consumed) }
                 try? await Task.sleep(for: .milliseconds(5))
             }
@@ -206,12 +208,21 @@ public enum Benchmark {
         }
         var traffic = BenchTraffic(duplicateRatio: o.duplicateRatio, valueBytes: o.valueBytes, prefix: "\(name)-\(nonce)")
         var props: [String: String] = [:]
-        // Latency leg: no producer linger, so the send time is when the message leaves.
-        if rate != nil { props["linger.ms"] = "0" }
+        // Latency leg: the send time is taken at `produce()`, so the producer lingers at most 1 ms
+        // (0 would make every message its own batch, and the mock broker's fetch path scans its
+        // batches one by one: it slows down as they pile up).
+        if rate != nil { props["linger.ms"] = "1" }
         let producer = try KafkaProducer.make(bootstrapServers: cluster.bootstrapServers, properties: props, logger: logger)
-        let report = try await BenchProducer.run(
-            producer: producer, topic: topic, count: count, traffic: &traffic, maxLead: maxLead, rate: rate,
-            consumed: { consumed.current })
+        let report: BenchProducer.Report
+        do {
+            report = try await BenchProducer.run(
+                producer: producer, topic: topic, count: count, traffic: &traffic, maxLead: maxLead, rate: rate,
+                consumed: { consumed.current }, alive: { child.process.isRunning })
+        } catch {
+            stop.withLock { $0 = true }
+            let status = child.stop()
+            throw LocalServerError("dedupd leg \(name): \(error) (worker exit \(status)); its log:\n\(child.logTail)")
+        }
 
         // Wait until every message is resolved (dispatched, or recognised as a repeat).
         let deadline = clock.now + .seconds(300)
@@ -259,7 +270,7 @@ public enum Benchmark {
         ]
         let width = rows.map(\.0.count).max()!
         var out = "dedupd bench: \(group(o.count)) messages (value ~\(o.valueBytes) B), \(o.partitions) partitions, "
-        out += "\(Int(o.duplicateRatio * 100))% repeats, mock cluster (\(o.brokers) broker), local redis-server\n"
+        out += "\(Int(o.duplicateRatio * 100))% repeats, mock cluster (\(o.brokers) broker), local redis-server (AOF, appendfsync \(o.redisFsync))\n"
         out += "| " + "figure".padding(toLength: width, withPad: " ", startingAt: 0) + " | value |\n"
         out += "| " + String(repeating: "-", count: width) + " | --- |\n"
         for (name, value) in rows {

@@ -13,6 +13,9 @@ public final class RedisServerProcess: @unchecked Sendable {
     public let password: String?
     public let directory: TemporaryDirectory
     public let executable: String
+    /// `appendfsync`: `always` (the default here: a restart keeps every acknowledged write) or
+    /// `everysec`.
+    public let appendFsync: String
     private let lock = NSLock()
     private var process: Process?
 
@@ -29,12 +32,13 @@ public final class RedisServerProcess: @unchecked Sendable {
     public var urlWithoutPassword: String { "redis://127.0.0.1:\(port)/0" }
 
     /// Starts a server and waits (at most `startTimeout`) until it answers PING.
-    public init(password: String? = nil, startTimeout: Duration = .seconds(10)) throws {
+    public init(password: String? = nil, appendFsync: String = "always", startTimeout: Duration = .seconds(10)) throws {
         guard let executable = Self.findExecutable() else {
             throw LocalServerError("redis-server not found on PATH or in /usr/bin")
         }
         self.executable = executable
         self.password = password
+        self.appendFsync = appendFsync
         self.directory = try TemporaryDirectory(prefix: "dedupd-redis")
         self.port = try freePort()
         try start(timeout: startTimeout)
@@ -103,7 +107,7 @@ public final class RedisServerProcess: @unchecked Sendable {
                 "--dir", directory.path,
                 "--save", "",
                 "--appendonly", "yes",
-                "--appendfsync", "always",
+                "--appendfsync", appendFsync,
                 "--daemonize", "no",
                 "--logfile", logFile.path,
             ]

@@ -1,0 +1,55 @@
+import DedupCore
+import Foundation
+import Testing
+
+@testable import DedupService
+
+/// The `log` handler builds its lines byte by byte; they must be exactly what the string-based
+/// version (CanonicalJSON.quote per field) wrote, for awkward input too.
+@Suite("log handler lines")
+struct LogLineTests {
+    /// The previous implementation, kept here as the reference.
+    static func reference(_ d: Dispatch) -> String {
+        func text(_ bytes: [UInt8]) -> String {
+            if let s = String(validating: bytes, as: UTF8.self) { return CanonicalJSON.quote(s) }
+            return "{\"base64\":\"\(Data(bytes).base64EncodedString())\"}"
+        }
+        let m = d.message
+        var s = "{\"dedup_key\":\(CanonicalJSON.quote(d.key.raw))"
+        s += ",\"topic\":\(CanonicalJSON.quote(m.topic)),\"partition\":\(m.partition),\"offset\":\(m.offset)"
+        if let ts = m.timestampMillis { s += ",\"timestamp_ms\":\(ts)" }
+        if let key = m.key { s += ",\"key\":\(text(key))" }
+        s += ",\"headers\":{"
+        s += m.headers.map { h in "\(CanonicalJSON.quote(h.name)):\(h.value.map(text) ?? "null")" }.joined(separator: ",")
+        s += "},\"value\":\(text(m.value))}\n"
+        return s
+    }
+
+    @Test func bytesMatchTheStringVersion() throws {
+        let values: [[UInt8]] = [
+            Array(#"{"orderNo":"ord-1","note":"say \"hi\"\\ \n\t\r"}"#.utf8),
+            Array("größe ✓ 😀 \u{1} \u{1f} \u{7f}".utf8),
+            [0xff, 0xfe, 0x00, 0x41],  // not UTF-8: base64
+            [],
+        ]
+        for (i, value) in values.enumerated() {
+            let message = InboundMessage(
+                topic: "t\"opic", partition: Int32(i), offset: i == 0 ? 0 : Int64(i) * -7 + Int64.max / Int64(i + 1),
+                key: i == 1 ? nil : Array("k\u{0}ey-\(i)".utf8), value: value,
+                headers: [
+                    MessageHeader(name: "message-id", value: Array("id-\(i)".utf8)),
+                    MessageHeader(name: "nul\u{2}l", value: nil),
+                    MessageHeader(name: "bin", value: [0xc3]),
+                ],
+                timestampMillis: i == 2 ? nil : 1_795_756_868_892 - Int64(i))
+            let d = Dispatch(key: DedupKey(raw: "k-\"\(i)\"-ü", namespace: "n"), message: message)
+            #expect(LogOutputHandler.line(for: d) == Self.reference(d))
+            let object = try JSONSerialization.jsonObject(with: Data(LogOutputHandler.line(for: d).utf8)) as? [String: Any]
+            #expect(object?["partition"] as? Int == i)
+        }
+        var negative: [UInt8] = []
+        LogOutputHandler.appendDecimal(-42, to: &negative)
+        LogOutputHandler.appendDecimal(.min, to: &negative)
+        #expect(String(decoding: negative, as: UTF8.self) == "-42-9223372036854775808")
+    }
+}
