@@ -31,6 +31,10 @@ public enum ConfigSchema {
               doc: "Static membership id (group.instance.id), e.g. the pod name: a restarted worker takes its place back without a rebalance."),
         .init(name: "redis.url", kind: .secret, defaultValue: "redis://127.0.0.1:6379/0",
               doc: "redis://[user:password@]host:port/db of the seen-set."),
+        .init(name: "redis.password", kind: .secret, defaultValue: nil,
+              doc: "Redis password (AUTH), instead of one in redis.url; best given as DEDUPD_REDIS_PASSWORD or through redis.password_file."),
+        .init(name: "redis.password_file", kind: .string, defaultValue: nil,
+              doc: "File holding the Redis password (a mounted Secret, a credentials file); one trailing newline is ignored."),
         .init(name: "redis.connect_timeout", kind: .duration, defaultValue: "2s", doc: "Redis connect timeout."),
         .init(name: "redis.command_timeout", kind: .duration, defaultValue: "2s",
               doc: "Redis reply timeout for one pipelined round trip."),
@@ -95,6 +99,10 @@ public enum ConfigSchema {
               doc: "Operational log format (stderr)."),
         .init(name: "log.stats_interval", kind: .duration, defaultValue: "10s",
               doc: "How often a stats line is logged; 0 turns it off."),
+        .init(name: "http.port", kind: .count, defaultValue: nil,
+              doc: "Port of the HTTP endpoint serving /metrics (Prometheus), /healthz and /readyz; unset: no HTTP server."),
+        .init(name: "http.loop_stall_timeout", kind: .duration, defaultValue: "30s",
+              doc: "/healthz answers 503 once the worker loop has not completed a pass for this long."),
     ]
 
     /// Keys under this prefix pass through to librdkafka unchanged, e.g. `kafka.properties.security.protocol`.
@@ -172,6 +180,11 @@ public struct WorkerConfiguration: Sendable {
     public var logLevel: String
     public var logFormat: String
     public var statsInterval: Duration
+    /// `redis.password`, or the contents of `redis.password_file` once `ConfigLoader` read it.
+    public var redisPassword: String?
+    public var redisPasswordFile: String?
+    public var httpPort: Int?
+    public var loopStallTimeout: Duration
 
     /// Merges sources (later ones win: pass file, then environment, then flags) and validates
     /// every value once, at start, with a message naming the key.
@@ -272,6 +285,19 @@ public struct WorkerConfiguration: Sendable {
         logLevel = try r.choice("log.level")
         logFormat = try r.choice("log.format")
         statsInterval = try r.duration("log.stats_interval", allowZero: true)
+        redisPassword = r.optional("redis.password")
+        redisPasswordFile = r.optional("redis.password_file")
+        if redisPassword != nil, redisPasswordFile != nil {
+            throw ConfigError(key: "redis.password_file", value: redisPasswordFile, origin: merged["redis.password_file"]?.origin,
+                              problem: "set either redis.password or redis.password_file, not both")
+        }
+        if redisPassword != nil || redisPasswordFile != nil, ConfigSchema.urlHasPassword(redisURL) {
+            throw ConfigError(key: "redis.url", value: ConfigSchema.redact(redisURL), origin: merged["redis.url"]?.origin,
+                              problem: "holds a password and redis.password or redis.password_file is set too; give the password once")
+        }
+        httpPort = try r.optional("http.port").map { _ throws(ConfigError) in try r.count("http.port") }
+        if let port = httpPort, port > 65535 { throw r.fail("http.port", "must be a port number from 1 to 65535") }
+        loopStallTimeout = try r.duration("http.loop_stall_timeout")
     }
 
     /// Each handler kind names what it needs; a key another kind needs is not an error (switching
@@ -390,6 +416,18 @@ extension ConfigSchema {
             prev = cur
         }
         return a.isEmpty ? b.count : prev[b.count]
+    }
+
+    /// Whether a redis:// URL carries a password (`user:password@` or `:password@`).
+    public static func urlHasPassword(_ url: String) -> Bool { !passwordInURL(url).isEmpty }
+
+    static func passwordInURL(_ url: String) -> String {
+        guard let schemeEnd = url.range(of: "://"), let at = url.range(of: "@", options: .backwards),
+            at.lowerBound > schemeEnd.upperBound
+        else { return "" }
+        let userinfo = url[schemeEnd.upperBound..<at.lowerBound]
+        guard let colon = userinfo.firstIndex(of: ":") else { return "" }
+        return String(userinfo[userinfo.index(after: colon)...])
     }
 
     /// Hides the password in a redis:// URL.

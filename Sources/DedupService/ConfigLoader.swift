@@ -1,5 +1,6 @@
 import DedupCore
 import Foundation
+import KafkaIO
 import Yams
 
 /// Reads the three configuration sources into one validated `WorkerConfiguration`.
@@ -10,16 +11,70 @@ public enum ConfigLoader {
         environment: [String: String] = ProcessInfo.processInfo.environment,
         flags: [String: String] = [:]
     ) throws -> WorkerConfiguration {
+        try resolve(layers(file: file, environment: environment, flags: flags))
+    }
+
+    /// The three sources as layers, lowest precedence first.
+    public static func layers(
+        file: String?,
+        environment: [String: String] = ProcessInfo.processInfo.environment,
+        flags: [String: String] = [:]
+    ) throws(ConfigError) -> [[String: ConfigValue]] {
         var layers: [[String: ConfigValue]] = []
         if let file { layers.append(try fileLayer(path: file)) }
         layers.append(environmentLayer(environment))
         layers.append(flags.mapValues { ConfigValue($0, origin: "flag") })
-        return try WorkerConfiguration(layers: layers)
+        return layers
+    }
+
+    /// Validates the merged layers completely without connecting anywhere: dedupd's own keys,
+    /// `redis.password_file` (read here, so a missing file fails at start, not at first connect), and
+    /// every `kafka.properties.*` entry against librdkafka's own configuration parser.
+    public static func resolve(_ layers: [[String: ConfigValue]]) throws(ConfigError) -> WorkerConfiguration {
+        var config = try WorkerConfiguration(layers: layers)
+        if let path = config.redisPasswordFile {
+            config.redisPassword = try readPasswordFile(path, origin: origin(of: "redis.password_file", in: layers))
+        }
+        var properties = config.kafkaProperties
+        if let id = config.groupInstanceID { properties["group.instance.id"] = id }
+        if let rejected = KafkaConfig.firstRejectedProperty(properties) {
+            let key = rejected.name == "group.instance.id" && config.kafkaProperties[rejected.name] == nil
+                ? "kafka.group_instance_id" : ConfigSchema.kafkaPropertiesPrefix + rejected.name
+            throw ConfigError(key: key, value: rejected.value, origin: origin(of: key, in: layers),
+                              problem: "librdkafka rejects it: \(rejected.reason)")
+        }
+        return config
+    }
+
+    /// The admin commands' view of the same sources (Redis and Kafka connection, namespace).
+    public static func resolveAdmin(_ layers: [[String: ConfigValue]]) throws(ConfigError) -> AdminConfiguration {
+        var config = try AdminConfiguration(layers: layers)
+        if let path = config.redisPasswordFile {
+            config.redisPassword = try readPasswordFile(path, origin: origin(of: "redis.password_file", in: layers))
+        }
+        return config
+    }
+
+    static func origin(of key: String, in layers: [[String: ConfigValue]]) -> String? {
+        layers.reversed().lazy.compactMap { $0[key]?.origin }.first
+    }
+
+    /// The password in a file, without one trailing newline (`echo secret > file` writes one).
+    static func readPasswordFile(_ path: String, origin: String?) throws(ConfigError) -> String {
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw ConfigError(key: "redis.password_file", value: path, origin: origin, problem: "cannot read the file")
+        }
+        var text = String(decoding: data, as: UTF8.self)
+        if text.hasSuffix("\r\n") { text.removeLast(2) } else if text.hasSuffix("\n") { text.removeLast() }
+        guard !text.isEmpty else {
+            throw ConfigError(key: "redis.password_file", value: path, origin: origin, problem: "the file is empty")
+        }
+        return text
     }
 
     /// A YAML file, nested maps flattened to dotted keys (`kafka: {group: x}` → `kafka.group`).
     /// Lists become comma-separated. `kafka.properties` keeps librdkafka's own dotted names.
-    public static func fileLayer(path: String) throws -> [String: ConfigValue] {
+    public static func fileLayer(path: String) throws(ConfigError) -> [String: ConfigValue] {
         let text: String
         do { text = try String(contentsOfFile: path, encoding: .utf8) } catch {
             throw ConfigError(key: "--config", value: path, problem: "cannot read the file: \(error.localizedDescription)")
@@ -33,16 +88,16 @@ public enum ConfigLoader {
             throw ConfigError(key: "--config", value: path, problem: "the top level must be a mapping of sections (kafka:, redis:, dedup:, ...)")
         }
         var out: [String: ConfigValue] = [:]
-        try flatten(root, prefix: "", origin: path, into: &out)
+        flatten(root, prefix: "", origin: path, into: &out)
         return out
     }
 
-    static func flatten(_ map: [String: Any], prefix: String, origin: String, into out: inout [String: ConfigValue]) throws {
+    static func flatten(_ map: [String: Any], prefix: String, origin: String, into out: inout [String: ConfigValue]) {
         for (k, v) in map {
             let name = prefix.isEmpty ? k : "\(prefix).\(k)"
             switch v {
             case let nested as [String: Any]:
-                try flatten(nested, prefix: name, origin: origin, into: &out)
+                flatten(nested, prefix: name, origin: origin, into: &out)
             case let list as [Any]:
                 out[name] = ConfigValue(list.map { scalar($0) }.joined(separator: ","), origin: origin)
             default:
@@ -85,11 +140,11 @@ public enum ConfigLoader {
         for key in ConfigSchema.keys {
             let v = merged[key.name] ?? key.defaultValue.map { ConfigValue($0, origin: "default") }
             guard let v else { lines.append("\(key.name) = (unset)"); continue }
-            let text = key.kind == .secret ? ConfigSchema.redact(v.text) : v.text
+            let text = key.kind != .secret ? v.text : key.name == "redis.url" ? ConfigSchema.redact(v.text) : "***"
             lines.append("\(key.name) = \(text)  # \(v.origin)")
         }
         for (name, v) in merged.sorted(by: { $0.key < $1.key }) where name.hasPrefix(ConfigSchema.kafkaPropertiesPrefix) {
-            let secret = name.contains("password") || name.contains("secret") || name.contains("jaas")
+            let secret = KafkaConfig.isSecretProperty(String(name.dropFirst(ConfigSchema.kafkaPropertiesPrefix.count)))
             lines.append("\(name) = \(secret ? "***" : v.text)  # \(v.origin)")
         }
         return lines

@@ -25,11 +25,19 @@ public final class Worker: Service {
     /// tests that run a worker in process.
     public let counters = Mutex(DedupCounters())
 
-    public init(config: WorkerConfiguration, handler: (any Handler)? = nil, logger: Logger = Logger(label: "dedupd")) throws {
+    /// Metrics, health state and the stats line (Telemetry/WorkerTelemetry.swift).
+    public let telemetry: WorkerTelemetry
+
+    public init(
+        config: WorkerConfiguration, handler: (any Handler)? = nil, logger: Logger = Logger(label: "dedupd"),
+        telemetry: WorkerTelemetry? = nil
+    ) throws {
         self.config = config
         self.logger = logger
         self.owner = Self.makeOwnerID()
-        self.handler = try handler ?? BuiltinHandlers.make(config: config, logger: logger)
+        let telemetry = telemetry ?? WorkerTelemetry(statsInterval: config.statsInterval, stallTimeout: config.loopStallTimeout, logger: logger)
+        self.telemetry = telemetry
+        self.handler = CountingHandler(base: try handler ?? BuiltinHandlers.make(config: config, logger: logger), telemetry: telemetry)
         self.deadLetters = try config.deadLetterTopic.map {
             try DeadLetterProducer.make(
                 bootstrapServers: config.deadLetterBootstrapServers, topic: $0, timeout: config.deadLetterTimeout,
@@ -65,7 +73,8 @@ public final class Worker: Service {
     }
 
     func connectStore() async throws -> RedisClaimStore? {
-        let url = try RedisURL(config.redisURL)
+        var url = try RedisURL(config.redisURL)
+        if let password = config.redisPassword { url.password = password }
         var attempt = 0
         var rng = SystemRandomNumberGenerator()
         while !isStopRequested {
@@ -75,12 +84,14 @@ public final class Worker: Service {
                     url, connectTimeout: config.redisConnectTimeout, commandTimeout: config.redisCommandTimeout,
                     logger: logger)
                 if attempt > 1 { logger.notice("redis reachable", metadata: ["redis.url": "\(url.redacted)"]) }
-                return RedisClaimStore(connection: connection, logger: logger)
+                telemetry.heartbeat(redisUp: true)
+                return RedisClaimStore(connection: connection, logger: logger, onRoundTrip: { [telemetry] op, d in telemetry.recordRoundTrip(op: op, duration: d) })
             } catch let error as RedisError where error.isRetriable {
                 if attempt == 1 {
                     logger.error("redis unreachable, waiting for it (fail-closed: nothing is consumed meanwhile)",
                                  metadata: ["redis.url": "\(url.redacted)", "error": "\(error)"])
                 }
+                telemetry.heartbeat(redisUp: false)
                 try await Task.sleep(for: Backoff().jittered(attempt: attempt, using: &rng))
             }
         }
@@ -107,7 +118,6 @@ public final class Worker: Service {
         var state = LoopState(engine: DedupEngine(settings: config.dedup), lastActivity: started)
         let clock = ContinuousClock()
         var rng = SystemRandomNumberGenerator()
-        var stats = StatsReporter(interval: config.statsInterval, logger: logger, now: started)
 
         while !isStopRequested {
             let now = clock.now
@@ -162,7 +172,10 @@ public final class Worker: Service {
             await applyBackpressure(&state, consumer: consumer)
 
             counters.withLock { $0 = state.engine.counters }
-            stats.tick(now: clock.now, counters: state.engine.counters, engine: state.engine)
+            telemetry.loopPass(.init(
+                now: clock.now, counters: state.engine.counters, bufferMessages: state.engine.buffer.count,
+                bufferBytes: state.engine.buffer.bytes, parked: state.engine.parkedCount, assignment: Array(state.assignment),
+                paused: !state.pausedPartitions.isEmpty, redisUp: state.storeDownSince == nil), consumer: consumer)
             // Idle counts from the first assignment: joining the group takes seconds, and a worker
             // that never gets partitions (more workers than partitions) gives up after 30 s more.
             if let idle = config.stopWhenIdle, state.isQuiet, clock.now - state.lastActivity >= idle,
@@ -172,6 +185,7 @@ public final class Worker: Service {
                 break
             }
         }
+        telemetry.stopping()
         await shutdown(state: &state, store: store, consumer: consumer, started: started)
     }
 

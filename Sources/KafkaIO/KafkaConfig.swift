@@ -218,3 +218,29 @@ struct BlockingExecutor: Sendable {
         return try result.get()
     }
 }
+
+extension KafkaConfig {
+    /// The first librdkafka property that `rd_kafka_conf_set` rejects, with librdkafka's reason, checked
+    /// the way a consumer would be configured (`KafkaConsumer.defaultProperties` overridden by
+    /// `properties`) but without creating a client or connecting. `nil` when librdkafka accepts them all.
+    /// Secret values never appear in the result.
+    public static func firstRejectedProperty(_ properties: [String: String]) -> (name: String, value: String, reason: String)? {
+        var merged = KafkaConsumer.defaultProperties
+        merged["bootstrap.servers"] = "localhost:9092"
+        merged["group.id"] = "check"
+        for (k, v) in properties { merged[k] = v }
+        guard let conf = rd_kafka_conf_new() else { return ("", "", "rd_kafka_conf_new failed") }
+        defer { rd_kafka_conf_destroy(conf) }
+        for (name, value) in merged.sorted(by: { $0.key < $1.key }) {
+            var errstr = [CChar](repeating: 0, count: 512)
+            if rd_kafka_conf_set(conf, name, value, &errstr, errstr.count) != RD_KAFKA_CONF_OK {
+                let reason = String(decoding: errstr.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+                return (name, displayValue(name, value), reason)
+            }
+        }
+        return nil
+    }
+
+    /// Whether a librdkafka property's value must be hidden from operators (passwords, keys, JAAS).
+    public static func isSecretProperty(_ name: String) -> Bool { isSecret(name) || name.lowercased().contains("jaas") }
+}

@@ -259,6 +259,29 @@ public final class KafkaConsumer: @unchecked Sendable {
         }) ?? []
     }
 
+    /// Consumer lag summed over `partitions`: the high watermark librdkafka last saw in a fetch
+    /// response minus this consumer's position. Both are cached locally (`rd_kafka_get_watermark_offsets`,
+    /// `rd_kafka_position`), so this never waits for a broker; partitions without a fetched position or
+    /// watermark yet are left out. `nil` when none is known.
+    public func cachedLag(_ partitions: [TopicPartition]) -> Int64? {
+        guard !partitions.isEmpty else { return nil }
+        return try? withOpenHandle { rk throws(KafkaError) -> Int64? in
+            let list = PartitionList(partitions)
+            guard rd_kafka_position(rk, list.list) == RD_KAFKA_RESP_ERR_NO_ERROR else { return nil }
+            var total: Int64 = 0
+            var known = false
+            for (tp, position, err) in list.entries where err == RD_KAFKA_RESP_ERR_NO_ERROR && position >= 0 {
+                var low: Int64 = -1, high: Int64 = -1
+                guard rd_kafka_get_watermark_offsets(rk, tp.topic, tp.partition, &low, &high) == RD_KAFKA_RESP_ERR_NO_ERROR,
+                    high >= 0
+                else { continue }
+                total += max(0, high - position)
+                known = true
+            }
+            return known ? total : nil
+        }
+    }
+
     /// The group's committed offsets for `partitions` (the next offset to consume); -1001 when none is committed.
     public func committed(_ partitions: [TopicPartition], timeout: Duration) async throws(KafkaError) -> [TopicPartition: Int64] {
         let ms = timeout.kafkaMilliseconds

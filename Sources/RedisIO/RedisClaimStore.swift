@@ -19,10 +19,18 @@ public final class RedisClaimStore: ClaimStore {
     /// Script name → SHA1 the server gave for it; empty until first use.
     private let shas = Mutex<[String: String]>([:])
 
-    public init(connection: RedisConnection, maxKeysPerScript: Int = 1000, logger: Logger) {
+    /// Called after each operation's round trip(s) with the script name (`claim`, `confirm`, ...)
+    /// and how long it took, for metrics. Default: none.
+    private let onRoundTrip: (@Sendable (String, Duration) -> Void)?
+
+    public init(
+        connection: RedisConnection, maxKeysPerScript: Int = 1000, logger: Logger,
+        onRoundTrip: (@Sendable (_ op: String, _ duration: Duration) -> Void)? = nil
+    ) {
         self.connection = connection
         self.maxKeysPerScript = max(1, maxKeysPerScript)
         self.logger = logger
+        self.onRoundTrip = onRoundTrip
     }
 
     public func claim(_ keys: [String], owner: String, lease: Duration) async throws -> [ClaimOutcome] {
@@ -90,6 +98,8 @@ public final class RedisClaimStore: ClaimStore {
     ) async throws -> [RedisReply] {
         if keys.isEmpty { return [] }
         var sha = try await loadedSHA(script)
+        let started = ContinuousClock.now
+        defer { onRoundTrip?(script.name, ContinuousClock.now - started) }
         let chunks = stride(from: 0, to: keys.count, by: maxKeysPerScript).map {
             keys[$0..<min($0 + maxKeysPerScript, keys.count)]
         }

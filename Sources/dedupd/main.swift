@@ -4,6 +4,7 @@ import DedupService
 import Foundation
 import KafkaIO
 import Logging
+import RedisIO
 import ServiceLifecycle
 
 @main
@@ -11,7 +12,7 @@ struct Dedupd: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "dedupd",
         abstract: "Makes a Kafka stream of submissions safe to act on: each unique message is handed to its handler once.",
-        subcommands: [Demo.self, Run.self, CheckConfig.self, Produce.self, MockKafka.self, Token.self, Bench.self],
+        subcommands: [Demo.self, Run.self, CheckConfig.self, ExampleConfig.self, Inspect.self, Forget.self, DLQ.self, Produce.self, MockKafka.self, Token.self, Bench.self],
         defaultSubcommand: nil
     )
 }
@@ -44,6 +45,8 @@ struct WorkerOptions: ParsableArguments {
     var logLevel: String?
     @Option(name: .long, help: "Stats line interval; 0 turns it off (log.stats_interval).")
     var statsInterval: String?
+    @Option(name: .long, help: "Serve /metrics, /healthz and /readyz on this port (http.port).")
+    var httpPort: String?
 
     var flags: [String: String] {
         var f: [String: String] = [:]
@@ -59,6 +62,7 @@ struct WorkerOptions: ParsableArguments {
         f["log.format"] = logFormat
         f["log.level"] = logLevel
         f["log.stats_interval"] = statsInterval
+        f["http.port"] = httpPort
         return f
     }
 
@@ -81,9 +85,18 @@ struct Run: AsyncParsableCommand {
         let config = try options.load()
         OperationalLog.bootstrap(level: config.logLevel, format: config.logFormat)
         let logger = Logger(label: "dedupd")
-        let worker = try Worker(config: config, logger: logger)
+        let (registry, factory) = PrometheusSetup.make()
+        let telemetry = WorkerTelemetry(
+            factory: factory, statsInterval: config.statsInterval, stallTimeout: config.loopStallTimeout, logger: logger)
+        let worker = try Worker(config: config, logger: logger, telemetry: telemetry)
+        var services: [ServiceGroupConfiguration.ServiceConfiguration] = []
+        // Listed first so it stops last: /readyz says "shutting down" while the worker drains.
+        if let port = config.httpPort {
+            services.append(.init(service: HTTPEndpoint(port: port, registry: registry, telemetry: telemetry, logger: logger)))
+        }
+        services.append(.init(service: worker, successTerminationBehavior: .gracefullyShutdownGroup))
         var groupConfig = ServiceGroupConfiguration(
-            services: [.init(service: worker, successTerminationBehavior: .gracefullyShutdownGroup)],
+            services: services,
             gracefulShutdownSignals: [.sigterm, .sigint],
             logger: logger)
         // Past the deadline, in-flight handlers are cancelled; their messages stay uncommitted.
@@ -102,12 +115,10 @@ struct CheckConfig: AsyncParsableCommand {
     @OptionGroup var options: WorkerOptions
 
     func run() async throws {
-        var layers: [[String: ConfigValue]] = []
-        if let file = options.config { layers.append(try ConfigLoader.fileLayer(path: file)) }
-        layers.append(ConfigLoader.environmentLayer(ProcessInfo.processInfo.environment))
-        layers.append(options.flags.mapValues { ConfigValue($0, origin: "flag") })
+        let layers: [[String: ConfigValue]]
         do {
-            _ = try WorkerConfiguration(layers: layers)
+            layers = try ConfigLoader.layers(file: options.config, flags: options.flags)
+            _ = try ConfigLoader.resolve(layers)
         } catch {
             FileHandle.standardError.write(Data("invalid: \(error)\n".utf8))
             throw ExitCode(2)
@@ -115,6 +126,14 @@ struct CheckConfig: AsyncParsableCommand {
         for line in ConfigLoader.describe(layers) { print(line) }
         print("valid")
     }
+}
+
+struct ExampleConfig: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "example-config",
+        abstract: "Print an example configuration file: every key, its meaning and its default.")
+
+    func run() throws { print(ConfigSchema.exampleYAML(), terminator: "") }
 }
 
 struct Produce: AsyncParsableCommand {
@@ -325,5 +344,156 @@ struct Bench: AsyncParsableCommand {
         options.redisFsync = redisFsync
         let figures = try await Benchmark.run(options, logger: Logger(label: "dedupd.bench"))
         print(Benchmark.render(figures))
+    }
+}
+
+// MARK: - Admin commands: inspect, forget, dlq replay
+
+
+/// Where the admin commands find Redis and Kafka: the same file, `DEDUPD_*` variables and flags as `run`.
+struct AdminOptions: ParsableArguments {
+    @Option(name: .long, help: "YAML configuration file (the worker's).")
+    var config: String?
+    @Option(name: .long, help: "redis://[user:password@]host:port/db (redis.url).")
+    var redisUrl: String?
+    @Option(name: .long, help: "Namespace of the keys (dedup.namespace); default: the configuration's, else 'default'.")
+    var namespace: String?
+    @Option(name: .long, help: "Kafka bootstrap servers (kafka.bootstrap_servers).")
+    var bootstrapServers: String?
+
+    func load() throws -> AdminConfiguration {
+        var flags: [String: String] = [:]
+        flags["redis.url"] = redisUrl
+        flags["dedup.namespace"] = namespace
+        flags["kafka.bootstrap_servers"] = bootstrapServers
+        do {
+            return try ConfigLoader.resolveAdmin(ConfigLoader.layers(file: config, flags: flags))
+        } catch {
+            throw ValidationError("\(error)")
+        }
+    }
+
+    func connectStore(_ c: AdminConfiguration) async throws -> RedisClaimStore {
+        var url = try RedisURL(c.redisURL)
+        if let password = c.redisPassword { url.password = password }
+        let logger = Logger(label: "dedupd.admin")
+        let connection = try await RedisConnection.connect(
+            url, connectTimeout: c.redisConnectTimeout, commandTimeout: c.redisCommandTimeout, logger: logger)
+        return RedisClaimStore(connection: connection, logger: logger)
+    }
+}
+
+func describe(_ state: KeyState) -> String {
+    func left(_ ms: Int64) -> String { ms < 0 ? "no expiry" : WorkerConfiguration.format(.milliseconds(ms)) }
+    switch state {
+    case .absent: return "absent"
+    case .pending(let owner, let ttl): return "pending owner=\(owner) lease_left=\(left(ttl))"
+    case .done(let ttl): return "done ttl_left=\(left(ttl))"
+    }
+}
+
+struct Inspect: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show dedup keys' state in Redis: absent, pending (owner, lease left) or done (TTL left).")
+
+    @OptionGroup var options: AdminOptions
+    @Argument(help: "Dedup keys as handlers see them (e.g. a message id), without the dedupd:<namespace>: prefix.")
+    var keys: [String]
+
+    func validate() throws { if keys.isEmpty { throw ValidationError("give at least one key") } }
+
+    func run() async throws {
+        OperationalLog.bootstrap(level: "warning", format: "logfmt")
+        let config = try options.load()
+        let store = try await options.connectStore(config)
+        let dedupKeys = keys.map { DedupKey(raw: $0, namespace: config.namespace) }
+        let states = try await store.inspect(dedupKeys.map(\.storeKey))
+        for (key, state) in zip(dedupKeys, states) {
+            print("\(key.raw) \(describe(state)) redis.key=\(key.storeKey)")
+        }
+        await store.connection.close()
+    }
+}
+
+struct Forget: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Remove done keys so that a resend of their message is dispatched again; says what it removed.",
+        discussion: """
+            A key pending under a worker is a copy in flight and is kept unless --force is given (that \
+            worker can then no longer confirm it, and the message may be dispatched twice). Exit status 1 \
+            when a pending key was kept.
+            """)
+
+    @OptionGroup var options: AdminOptions
+    @Flag(help: "Remove pending keys too.") var force = false
+    @Argument(help: "Dedup keys as handlers see them, without the dedupd:<namespace>: prefix.")
+    var keys: [String]
+
+    func validate() throws { if keys.isEmpty { throw ValidationError("give at least one key") } }
+
+    func run() async throws {
+        OperationalLog.bootstrap(level: "warning", format: "logfmt")
+        let config = try options.load()
+        let store = try await options.connectStore(config)
+        let dedupKeys = keys.map { DedupKey(raw: $0, namespace: config.namespace) }
+        let results = try await store.forget(dedupKeys.map(\.storeKey), force: force)
+        var kept = 0
+        for (key, r) in zip(dedupKeys, results) {
+            switch (r.state, r.removed) {
+            case (.absent, _):
+                print("\(key.raw) absent, nothing removed redis.key=\(key.storeKey)")
+            case (_, true):
+                print("\(key.raw) removed (was \(describe(r.state))) redis.key=\(key.storeKey)")
+            case (_, false):
+                kept += 1
+                print("\(key.raw) kept: \(describe(r.state)); a copy is in flight, --force removes it redis.key=\(key.storeKey)")
+            }
+        }
+        await store.connection.close()
+        if kept > 0 { throw ExitCode(1) }
+    }
+}
+
+struct DLQ: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "dlq", abstract: "Dead-letter topic tools.", subcommands: [Replay.self])
+
+    struct Replay: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Resend dead-lettered records without their dedupd-* headers, to --to or the topic they came from.",
+            discussion: """
+                Reads --from in its own consumer group (default dedupd-dlq-replay.<from>[.<reason>]) up to the end \
+                of each partition, and commits only after every resent record was delivered: a second run \
+                resends only what arrived since.
+                """)
+
+        @OptionGroup var options: AdminOptions
+        @Option(help: "The dead-letter topic to read.") var from: String
+        @Option(help: "Topic to send to; default: each record's dedupd-original-topic header.") var to: String?
+        @Option(help: "Only records with this dedupd-reason code (e.g. handler_failed, missing_header).") var reason: String?
+        @Option(help: "Resend at most this many records.") var limit: Int?
+        @Option(help: "Consumer group of the replay.") var group: String?
+        @Option(help: "Stop when nothing arrives for this long.") var timeout: String = "30s"
+
+        func validate() throws {
+            if let limit, limit <= 0 { throw ValidationError("--limit must be greater than 0, got \(limit)") }
+            if DurationParser.parse(timeout) == nil { throw ValidationError("--timeout must be a duration such as 30s") }
+        }
+
+        func run() async throws {
+            OperationalLog.bootstrap(level: "warning", format: "logfmt")
+            let config = try options.load()
+            guard let bootstrap = config.bootstrapServers else {
+                throw ValidationError("kafka.bootstrap_servers is required (--bootstrap-servers, DEDUPD_KAFKA_BOOTSTRAP_SERVERS or the file)")
+            }
+            var o = DeadLetterReplay.Options(
+                bootstrapServers: bootstrap, from: from, to: to, reason: reason, limit: limit, group: group)
+            o.kafkaProperties = config.kafkaProperties
+            o.timeout = DurationParser.parse(timeout)!
+            let r = try await DeadLetterReplay.run(o, logger: Logger(label: "dedupd.dlq"))
+            let targets = r.byTarget.sorted { $0.key < $1.key }.map { "\($0.key):\($0.value)" }.joined(separator: ",")
+            print("read=\(r.read) replayed=\(r.replayed) skipped.reason=\(r.skippedReason) skipped.no_target=\(r.skippedNoTarget) failed=\(r.failed) to=\(targets.isEmpty ? "-" : targets)")
+            if r.failed > 0 { throw ExitCode(1) }
+        }
     }
 }

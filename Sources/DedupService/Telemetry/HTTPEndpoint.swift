@@ -1,0 +1,80 @@
+import FlyingFox
+import FlyingSocks
+import Foundation
+import Logging
+import Prometheus
+import ServiceLifecycle
+
+/// The optional HTTP port (`http.port`): `/metrics` in Prometheus text format, `/healthz` (the loop
+/// is alive) and `/readyz` (partitions assigned and Redis reachable). A ServiceLifecycle `Service`
+/// that stops on graceful shutdown.
+///
+/// FlyingFox rather than Hummingbird or Vapor: three GET routes do not need SwiftNIO, and FlyingFox
+/// has no dependencies (its own socket layer on the system's poll), so it adds seconds to a build
+/// where Hummingbird adds minutes to every CI run.
+public final class HTTPEndpoint: Service, Sendable {
+    public let port: UInt16
+    let server: HTTPServer
+    let logger: Logger
+    let registry: PrometheusCollectorRegistry
+    let telemetry: WorkerTelemetry
+
+    public init(port: Int, registry: PrometheusCollectorRegistry, telemetry: WorkerTelemetry, logger: Logger) {
+        self.port = UInt16(port)
+        self.logger = logger
+        server = HTTPServer(address: .inet(port: UInt16(port)), timeout: 15, logger: FlyingFoxToSwiftLog(logger: logger))
+        self.registry = registry
+        self.telemetry = telemetry
+    }
+
+    static func text(_ result: (ok: Bool, detail: String)) -> HTTPResponse {
+        HTTPResponse(
+            statusCode: result.ok ? .ok : .serviceUnavailable, headers: [.contentType: "text/plain; charset=utf-8"],
+            body: Data((result.detail + "\n").utf8))
+    }
+
+    public func run() async throws {
+        let (registry, telemetry) = (self.registry, self.telemetry)
+        await server.appendRoute("GET /metrics") { _ in
+            HTTPResponse(
+                statusCode: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
+                body: Data(registry.emitToBuffer()))
+        }
+        await server.appendRoute("GET /healthz") { _ in Self.text(telemetry.liveness()) }
+        await server.appendRoute("GET /readyz") { _ in Self.text(telemetry.readiness()) }
+        logger.info("http endpoint listening", metadata: ["http.port": "\(port)", "http.paths": "/metrics,/healthz,/readyz"])
+        try await withGracefulShutdownHandler {
+            do { try await server.run() } catch is CancellationError {}
+        } onGracefulShutdown: { [server] in
+            Task { await server.stop(timeout: 1) }
+        }
+    }
+
+    /// Waits until the socket accepts connections (tests).
+    public func waitUntilListening() async throws { try await server.waitUntilListening(timeout: 10) }
+}
+
+/// FlyingFox's log lines go to the operational log at debug (connection chatter) or warning.
+struct FlyingFoxToSwiftLog: FlyingSocks.Logging {
+    let logger: Logger
+    func logDebug(_ debug: @autoclosure () -> String) { logger.debug("\(debug())", metadata: ["http": "flyingfox"]) }
+    func logInfo(_ info: @autoclosure () -> String) { logger.debug("\(info())", metadata: ["http": "flyingfox"]) }
+    func logWarning(_ warning: @autoclosure () -> String) { logger.warning("\(warning())", metadata: ["http": "flyingfox"]) }
+    func logError(_ error: @autoclosure () -> String) { logger.error("\(error())", metadata: ["http": "flyingfox"]) }
+    func logCritical(_ critical: @autoclosure () -> String) { logger.error("\(critical())", metadata: ["http": "flyingfox"]) }
+}
+
+/// The Prometheus registry and the factory that writes into it, set up once per process; durations
+/// get buckets from 100µs (a Redis round trip on a LAN) to 10s (a slow handler).
+public enum PrometheusSetup {
+    public static func make() -> (PrometheusCollectorRegistry, PrometheusMetricsFactory) {
+        let registry = PrometheusCollectorRegistry()
+        var factory = PrometheusMetricsFactory(registry: registry)
+        factory.defaultDurationHistogramBuckets = [
+            .microseconds(100), .microseconds(250), .microseconds(500), .milliseconds(1), .milliseconds(2),
+            .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50), .milliseconds(100),
+            .milliseconds(250), .milliseconds(500), .seconds(1), .milliseconds(2500), .seconds(5), .seconds(10),
+        ]
+        return (registry, factory)
+    }
+}

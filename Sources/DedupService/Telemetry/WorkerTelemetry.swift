@@ -1,0 +1,310 @@
+import DedupCore
+import KafkaIO
+import Logging
+import Metrics
+import Synchronization
+
+/// What the worker shows an operator besides its event log lines: swift-metrics counters, gauges
+/// and timers (exported at `/metrics`), the liveness and readiness state behind `/healthz` and
+/// `/readyz`, and the figures of the periodic `stats` line.
+///
+/// The loop calls `loopPass` once per pass; that costs one lock. Metrics and the stats line are
+/// computed at most once a second (metrics) or once per `log.stats_interval` (stats), and consumer
+/// lag comes from librdkafka's locally cached watermarks and positions, so nothing here waits for a
+/// broker on the hot loop. Redis round trips are timed by the claim store (`recordRoundTrip`);
+/// handler calls by `CountingHandler`.
+public final class WorkerTelemetry: Sendable {
+    /// Metric names as given to swift-metrics; swift-prometheus writes them with `_` for `.`.
+    public enum Name {
+        public static let consumed = "dedupd.messages.consumed.total"
+        public static let dispatched = "dedupd.messages.dispatched.total"
+        public static let duplicates = "dedupd.messages.duplicate.total"
+        public static let invalid = "dedupd.messages.invalid.total"
+        public static let failed = "dedupd.messages.failed.total"
+        public static let parkedTotal = "dedupd.messages.parked.total"
+        public static let released = "dedupd.claims.released.total"
+        public static let bufferMessages = "dedupd.buffer.messages"
+        public static let bufferBytes = "dedupd.buffer.bytes"
+        public static let parked = "dedupd.parked.messages"
+        public static let inFlight = "dedupd.handlers.in_flight"
+        public static let lag = "dedupd.consumer.lag.messages"
+        public static let assigned = "dedupd.partitions.assigned"
+        public static let paused = "dedupd.consumer.paused"
+        public static let redisUp = "dedupd.redis.up"
+        public static let redisRoundTrip = "dedupd.redis.round_trip.seconds"
+        public static let handlerDuration = "dedupd.handler.duration.seconds"
+        /// Dimension of `duplicates`: `window` (caught in this worker's buffer) or `redis`.
+        public static let caughtBy = "dedup.caught_by"
+        /// Dimension of `redisRoundTrip`: the claim store operation (`claim`, `confirm`, `release`, `renew`).
+        public static let redisOp = "redis.op"
+    }
+
+    final class Instruments: Sendable {
+        let consumed, dispatched, duplicatesWindow, duplicatesRedis, invalid, failed, parkedTotal, released: Counter
+        let bufferMessages, bufferBytes, parked, inFlight, lag, assigned, paused, redisUp: Gauge
+        let handlerDuration: Timer
+        let factory: any MetricsFactory
+        let roundTripTimers: Mutex<[String: Timer]>
+
+        init(factory: any MetricsFactory) {
+            func counter(_ name: String, _ dims: [(String, String)] = []) -> Counter {
+                Counter(label: name, dimensions: dims, factory: factory)
+            }
+            func gauge(_ name: String) -> Gauge { Gauge(label: name, dimensions: [], factory: factory) }
+            consumed = counter(Name.consumed)
+            dispatched = counter(Name.dispatched)
+            duplicatesWindow = counter(Name.duplicates, [(Name.caughtBy, "window")])
+            duplicatesRedis = counter(Name.duplicates, [(Name.caughtBy, "redis")])
+            invalid = counter(Name.invalid)
+            failed = counter(Name.failed)
+            parkedTotal = counter(Name.parkedTotal)
+            released = counter(Name.released)
+            bufferMessages = gauge(Name.bufferMessages)
+            bufferBytes = gauge(Name.bufferBytes)
+            parked = gauge(Name.parked)
+            inFlight = gauge(Name.inFlight)
+            lag = gauge(Name.lag)
+            assigned = gauge(Name.assigned)
+            paused = gauge(Name.paused)
+            redisUp = gauge(Name.redisUp)
+            handlerDuration = Timer(label: Name.handlerDuration, dimensions: [], factory: factory)
+            self.factory = factory
+            roundTripTimers = Mutex([:])
+        }
+
+        func roundTripTimer(_ op: String) -> Timer {
+            roundTripTimers.withLock { timers in
+                if let t = timers[op] { return t }
+                let t = Timer(label: Name.redisRoundTrip, dimensions: [(Name.redisOp, op)], factory: factory)
+                timers[op] = t
+                return t
+            }
+        }
+    }
+
+    /// The state `/healthz` and `/readyz` answer from.
+    public struct Health: Sendable, Equatable {
+        /// Last time the loop completed a pass (or, before the loop runs, waited for Redis).
+        public var lastPass: ContinuousClock.Instant
+        public var partitionsAssigned = 0
+        public var redisUp = false
+        public var stopping = false
+    }
+
+    /// A loop pass's view of the pipeline.
+    public struct Snapshot: Sendable {
+        public var now: ContinuousClock.Instant
+        public var counters: DedupCounters
+        public var bufferMessages: Int
+        public var bufferBytes: Int
+        public var parked: Int
+        public var assignment: [TopicPartition]
+        public var paused: Bool
+        public var redisUp: Bool
+    }
+
+    let instruments: Instruments
+    let health: Mutex<Health>
+    let stallTimeout: Duration
+    let inFlight = Atomic<Int>(0)
+    let inFlightPeak = Atomic<Int>(0)
+    let roundTrips = Mutex(RoundTripSamples())
+    let publishing: Mutex<Publishing>
+
+    struct Publishing: Sendable {
+        var published = DedupCounters()
+        var lastMetrics: ContinuousClock.Instant?
+        var stats: StatsReporter?
+    }
+
+    /// - Parameters:
+    ///   - factory: where metrics go; a `PrometheusMetricsFactory` for `/metrics`, a test factory in
+    ///     tests. Default: none (the figures still reach the stats line and the health state).
+    ///   - statsInterval: `log.stats_interval`; zero turns the stats line off.
+    public init(
+        factory: any MetricsFactory = NOOPMetricsHandler.instance, statsInterval: Duration = .zero,
+        stallTimeout: Duration = .seconds(30), logger: Logger = Logger(label: "dedupd"),
+        now: ContinuousClock.Instant = .now
+    ) {
+        instruments = Instruments(factory: factory)
+        health = Mutex(Health(lastPass: now))
+        self.stallTimeout = stallTimeout
+        publishing = Mutex(Publishing(stats: statsInterval > .zero ? StatsReporter(interval: statsInterval, logger: logger, now: now) : nil))
+    }
+
+    // MARK: - From the worker
+
+    /// Liveness while the worker waits for Redis before its loop starts.
+    public func heartbeat(redisUp: Bool, now: ContinuousClock.Instant = .now) {
+        health.withLock {
+            $0.lastPass = now
+            $0.redisUp = redisUp
+        }
+        instruments.redisUp.record(redisUp ? 1 : 0)
+    }
+
+    public func stopping() {
+        health.withLock { $0.stopping = true }
+    }
+
+    /// Called once per loop pass. `consumer` is asked for its cached lag only when a figure is due.
+    public func loopPass(_ s: Snapshot, consumer: KafkaConsumer?) {
+        health.withLock {
+            $0.lastPass = s.now
+            $0.partitionsAssigned = s.assignment.count
+            $0.redisUp = s.redisUp
+        }
+        let (metricsDue, statsDue) = publishing.withLock { p in
+            let m = p.lastMetrics.map { s.now - $0 >= .seconds(1) } ?? true
+            return (m, p.stats?.isDue(now: s.now) ?? false)
+        }
+        guard metricsDue || statsDue else { return }
+        let lag = consumer?.cachedLag(s.assignment)
+        if metricsDue { publishMetrics(s, lag: lag) }
+        if statsDue {
+            let rt = roundTrips.withLock { $0.takePercentiles() }
+            let peak = inFlightPeak.exchange(inFlight.load(ordering: .relaxed), ordering: .relaxed)
+            publishing.withLock {
+                $0.stats?.tick(s, lag: lag, inFlightPeak: peak, roundTrip: rt)
+            }
+        }
+    }
+
+    func publishMetrics(_ s: Snapshot, lag: Int64?) {
+        let c = s.counters
+        let i = instruments
+        let before = publishing.withLock { p in
+            defer { p.published = c; p.lastMetrics = s.now }
+            return p.published
+        }
+        func add(_ counter: Counter, _ now: Int, _ then: Int) { if now > then { counter.increment(by: now - then) } }
+        add(i.consumed, c.consumed, before.consumed)
+        add(i.dispatched, c.dispatched, before.dispatched)
+        add(i.duplicatesWindow, c.duplicatesLocal, before.duplicatesLocal)
+        add(i.duplicatesRedis, c.duplicatesStore, before.duplicatesStore)
+        add(i.invalid, c.invalid, before.invalid)
+        add(i.failed, c.failed, before.failed)
+        add(i.parkedTotal, c.parked, before.parked)
+        add(i.released, c.released, before.released)
+        i.bufferMessages.record(s.bufferMessages)
+        i.bufferBytes.record(s.bufferBytes)
+        i.parked.record(s.parked)
+        i.inFlight.record(inFlight.load(ordering: .relaxed))
+        if let lag { i.lag.record(lag) }
+        i.assigned.record(s.assignment.count)
+        i.paused.record(s.paused ? 1 : 0)
+        i.redisUp.record(s.redisUp ? 1 : 0)
+    }
+
+    /// One claim store round trip (`op`: the script, e.g. `claim`); feeds the timer and the stats percentiles.
+    public func recordRoundTrip(op: String, duration: Duration) {
+        instruments.roundTripTimer(op).recordNanoseconds(duration.nanoseconds)
+        roundTrips.withLock { $0.add(duration) }
+    }
+
+    func handlerStarted() {
+        let now = inFlight.add(1, ordering: .relaxed).newValue
+        _ = inFlightPeak.max(now, ordering: .relaxed)
+        instruments.inFlight.record(now)
+    }
+
+    func handlerFinished(after duration: Duration) {
+        let now = inFlight.subtract(1, ordering: .relaxed).newValue
+        instruments.inFlight.record(now)
+        instruments.handlerDuration.recordNanoseconds(duration.nanoseconds)
+    }
+
+    // MARK: - Health
+
+    public var healthState: Health { health.withLock { $0 } }
+
+    /// `/healthz`: the loop has completed a pass within the stall timeout.
+    public func liveness(now: ContinuousClock.Instant = .now) -> (ok: Bool, detail: String) {
+        let h = healthState
+        let age = now - h.lastPass
+        if age > stallTimeout {
+            return (false, "loop stalled: no pass for \(WorkerConfiguration.format(age)) (limit \(WorkerConfiguration.format(stallTimeout)))")
+        }
+        return (true, "ok: last loop pass \(WorkerConfiguration.format(age)) ago")
+    }
+
+    /// `/readyz`: alive, partitions assigned, Redis reachable, not shutting down.
+    public func readiness(now: ContinuousClock.Instant = .now) -> (ok: Bool, detail: String) {
+        let live = liveness(now: now)
+        guard live.ok else { return live }
+        let h = healthState
+        var problems: [String] = []
+        if h.stopping { problems.append("shutting down") }
+        if h.partitionsAssigned == 0 { problems.append("no partitions assigned") }
+        if !h.redisUp { problems.append("redis unreachable") }
+        if problems.isEmpty { return (true, "ready: \(h.partitionsAssigned) partitions assigned, redis up") }
+        return (false, "not ready: " + problems.joined(separator: ", "))
+    }
+}
+
+extension Duration {
+    var nanoseconds: Int64 {
+        let (s, atto) = components
+        return s * 1_000_000_000 + atto / 1_000_000_000
+    }
+}
+
+/// Redis round trips since the last stats line, for p50/p99: a reservoir of at most `capacity`
+/// samples (uniform over the interval), so a busy interval costs bounded memory.
+struct RoundTripSamples: Sendable {
+    var samples: [Duration] = []
+    var seen = 0
+    let capacity = 20_000
+    var rng = SystemRandomNumberGenerator()
+
+    mutating func add(_ d: Duration) {
+        seen += 1
+        if samples.count < capacity {
+            samples.append(d)
+        } else {
+            let j = Int.random(in: 0..<seen, using: &rng)
+            if j < capacity { samples[j] = d }
+        }
+    }
+
+    /// p50 and p99 (nearest rank) and the count, then starts a new interval.
+    mutating func takePercentiles() -> RoundTripPercentiles? {
+        defer { samples.removeAll(keepingCapacity: true); seen = 0 }
+        return RoundTripPercentiles(samples, count: seen)
+    }
+}
+
+struct RoundTripPercentiles: Sendable, Equatable {
+    var count: Int
+    var p50: Duration
+    var p99: Duration
+
+    init?(_ samples: [Duration], count: Int) {
+        guard !samples.isEmpty else { return nil }
+        let sorted = samples.sorted()
+        func rank(_ p: Double) -> Duration {
+            let r = Int((p * Double(sorted.count)).rounded(.up))
+            return sorted[min(sorted.count, max(1, r)) - 1]
+        }
+        self.count = count
+        p50 = rank(0.50)
+        p99 = rank(0.99)
+    }
+}
+
+/// Wraps the worker's handler to count calls in flight (the `dedupd.handlers.in_flight` gauge and
+/// the stats line's peak) and time them.
+struct CountingHandler: Handler {
+    let base: any Handler
+    let telemetry: WorkerTelemetry
+
+    func handle(_ dispatch: Dispatch) async throws {
+        let start = ContinuousClock.now
+        telemetry.handlerStarted()
+        defer { telemetry.handlerFinished(after: ContinuousClock.now - start) }
+        try await base.handle(dispatch)
+    }
+
+    func flush() async throws { try await base.flush() }
+    func close() async { await base.close() }
+}
