@@ -92,10 +92,16 @@ let package = Package(
         .testTarget(name: "DedupCoreTests", dependencies: ["DedupCore"]),
         .testTarget(name: "RedisIOTests", dependencies: ["RedisIO", "TestSupport"]),
         .testTarget(name: "KafkaIOTests", dependencies: ["KafkaIO", "TestSupport"]),
-        .testTarget(name: "EndToEndTests", dependencies: ["KafkaIO", "RedisIO", "TestSupport"]),
+        .testTarget(name: "EndToEndTests", dependencies: [
+            "KafkaIO", "RedisIO", "TestSupport", .product(name: "Yams", package: "Yams"),
+        ]),
         // The worker in process with its handlers and dead-letter topic, against a real
         // redis-server and the librdkafka mock cluster.
         .testTarget(name: "DedupServiceTests", dependencies: ["DedupService", "KafkaIO", "RedisIO", "TestSupport"]),
+        // Configuration, stats, metrics and the HTTP endpoint, with a worker in this process.
+        .testTarget(name: "OperationsTests", dependencies: [
+            "DedupService", "KafkaIO", "RedisIO", "TestSupport", .product(name: "Yams", package: "Yams"),
+        ]),
         // Harnesses shared by the test targets: a real redis-server on a free port, temp dirs.
         .target(name: "TestSupport", dependencies: ["DedupService"], path: "Tests/TestSupport"),
     ]

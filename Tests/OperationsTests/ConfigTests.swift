@@ -1,0 +1,150 @@
+import DedupCore
+import Foundation
+import Testing
+import TestSupport
+import Yams
+
+/// Configuration as an operator meets it: three sources, every validation message, secrets.
+@Suite struct ConfigPrecedenceTests {
+    let required = ["DEDUPD_KAFKA_BOOTSTRAP_SERVERS": "env:9092", "DEDUPD_KAFKA_TOPICS": "t"]
+
+    func file(_ text: String) throws -> (TemporaryDirectory, String) {
+        let dir = try TemporaryDirectory(prefix: "dedupd-config")
+        let path = dir.file("dedupd.yaml").path
+        try text.write(toFile: path, atomically: true, encoding: .utf8)
+        return (dir, path)
+    }
+
+    @Test func flagsWinOverEnvironmentWhichWinsOverFileWhichWinsOverDefaults() throws {
+        let (dir, path) = try file("""
+            kafka: {bootstrap_servers: "file:9092", topics: [a, b], group: file-group}
+            dedup: {window: 2s, retention: 1h, namespace: file-ns}
+            """)
+        defer { _ = dir }
+        let env = ["DEDUPD_DEDUP_WINDOW": "3s", "DEDUPD_DEDUP_RETENTION": "2h", "DEDUPD_KAFKA_GROUP": "env-group"]
+        let flags = ["dedup.window": "4s"]
+        let c = try ConfigLoader.load(file: path, environment: env, flags: flags)
+        #expect(c.dedup.window == .seconds(4), "flag beats env and file")
+        #expect(c.dedup.retention == .seconds(7200), "env beats file")
+        #expect(c.group == "env-group", "env beats file")
+        #expect(c.dedup.namespace == "file-ns", "file beats default")
+        #expect(c.topics == ["a", "b"])
+        #expect(c.handlerConcurrency == 4, "default")
+        let described = ConfigLoader.describe(try ConfigLoader.layers(file: path, environment: env, flags: flags))
+        #expect(described.contains("dedup.window = 4s  # flag"))
+        #expect(described.contains("dedup.retention = 2h  # environment DEDUPD_DEDUP_RETENTION"))
+        #expect(described.contains("dedup.namespace = file-ns  # \(path)"))
+        #expect(described.contains("handler.concurrency = 4  # default"))
+    }
+
+    @Test func passwordFromFileOrEnvironmentReachesTheConfigurationAndIsRedacted() throws {
+        let dir = try TemporaryDirectory(prefix: "dedupd-config")
+        let pwFile = dir.file("pw").path
+        try "from-file-pw-81\n".write(toFile: pwFile, atomically: true, encoding: .utf8)
+        let fromFile = try ConfigLoader.load(file: nil, environment: required.merging(["DEDUPD_REDIS_PASSWORD_FILE": pwFile]) { $1 })
+        #expect(fromFile.redisPassword == "from-file-pw-81", "one trailing newline dropped")
+        let fromEnv = try ConfigLoader.load(file: nil, environment: required.merging(["DEDUPD_REDIS_PASSWORD": "env-pw-82"]) { $1 })
+        #expect(fromEnv.redisPassword == "env-pw-82")
+        let layers = try ConfigLoader.layers(
+            file: nil,
+            environment: required.merging(["DEDUPD_REDIS_PASSWORD": "env-pw-82"]) { $1 },
+            flags: ["redis.url": "redis://app:url-pw-83@r:6379/0", "kafka.properties.sasl.password": "sasl-pw-84"])
+        let text = ConfigLoader.describe(layers).joined(separator: "\n")
+        for secret in ["env-pw-82", "url-pw-83", "sasl-pw-84"] { #expect(!text.contains(secret)) }
+        #expect(text.contains("redis.password = ***  # environment DEDUPD_REDIS_PASSWORD"))
+        #expect(text.contains("redis.url = redis://app:***@r:6379/0  # flag"))
+        #expect(text.contains("kafka.properties.sasl.password = ***  # flag"))
+    }
+}
+
+@Suite struct ValidationMessageTests {
+    let required = ["kafka.bootstrap_servers": "k:9092", "kafka.topics": "t"]
+
+    /// The message an operator reads for each kind of mistake, exactly.
+    static let cases: [([String: String], String)] = [
+        (["dedup.windwo": "5s"], #"config key dedup.windwo (from flag): unknown key; did you mean dedup.window?"#),
+        (["kafka.bootstrap_servers": ""], #"config key kafka.bootstrap_servers: is required (set it in the file, as DEDUPD_KAFKA_BOOTSTRAP_SERVERS, or by flag)"#),
+        (["kafka.topics": " , "], #"config key kafka.topics: at least one topic is required"#),
+        (["dedup.window": "5 parsecs"], #"config key dedup.window = "5 parsecs" (from flag): must be a duration such as 500ms, 2s, 5m, 24h"#),
+        (["dedup.window": "0"], #"config key dedup.window = "0" (from flag): must be greater than 0"#),
+        (["handler.concurrency": "-1"], #"config key handler.concurrency = "-1" (from flag): must be a whole number greater than 0"#),
+        (["buffer.max_bytes": "lots"], #"config key buffer.max_bytes = "lots" (from flag): must be a size such as 65536, 512KiB, 64MiB"#),
+        (["dedup.keep": "middle"], #"config key dedup.keep = "middle" (from flag): must be one of: first, last"#),
+        (["log.format": "xml"], #"config key log.format = "xml" (from flag): must be one of: logfmt, json"#),
+        (["dedup.window": "10s", "dedup.retention": "5s"], #"config key dedup.retention = "5s": must be at least dedup.window (10s)"#),
+        (["dedup.lease": "1s"], #"config key dedup.lease = "1s": must be longer than dedup.window (5s) plus handler time"#),
+        (["dedup.namespace": "a:b"], #"config key dedup.namespace = "a:b": must be non-empty and contain no ':'"#),
+        (["redis.url": "http://app:pw-1@r"], #"config key redis.url = "http://app:***@r" (from flag): must look like redis://[user:password@]host:port/db"#),
+        (["redis.password": "pw-2", "redis.password_file": "/run/pw"], #"config key redis.password_file = "/run/pw" (from flag): set either redis.password or redis.password_file, not both"#),
+        (["redis.password": "pw-3", "redis.url": "redis://:pw-4@r:6379/0"], #"config key redis.url = "redis://:***@r:6379/0" (from flag): holds a password and redis.password or redis.password_file is set too; give the password once"#),
+        (["redis.password_file": "/nonexistent/pw"], #"config key redis.password_file = "/nonexistent/pw" (from flag): cannot read the file"#),
+        (["http.port": "70000"], #"config key http.port = "70000" (from flag): must be a port number from 1 to 65535"#),
+        (["http.port": "0"], #"config key http.port = "0" (from flag): must be a whole number greater than 0"#),
+        (["kafka.properties.session.timeout.ms": "banana"], #"config key kafka.properties.session.timeout.ms = "banana" (from flag): librdkafka rejects it: Invalid value for configuration property "session.timeout.ms""#),
+        (["kafka.properties.no.such.property": "1"], #"config key kafka.properties.no.such.property = "1" (from flag): librdkafka rejects it: No such configuration property: "no.such.property""#),
+        (["kafka.properties.sasl.password": "pw-5", "kafka.properties.security.protocol": "carrier-pigeon"], #"config key kafka.properties.security.protocol = "carrier-pigeon" (from flag): librdkafka rejects it: Invalid value "carrier-pigeon" for configuration property "security.protocol""#),
+    ]
+
+    @Test(arguments: cases.indices)
+    func eachMistakeHasItsMessage(_ i: Int) throws {
+        let (flags, expected) = Self.cases[i]
+        let error = #expect(throws: ConfigError.self) {
+            try ConfigLoader.load(file: nil, environment: [:], flags: required.merging(flags) { $1 })
+        }
+        #expect(error?.description == expected)
+        // Every password in these cases is spelt pw-<digit>; none may reach the message.
+        #expect(error?.description.contains(/pw-\d/) == false, "no password in the message")
+    }
+
+    @Test func emptyPasswordFileAndBadYAML() throws {
+        let dir = try TemporaryDirectory(prefix: "dedupd-config")
+        let empty = dir.file("empty").path
+        try "\n".write(toFile: empty, atomically: true, encoding: .utf8)
+        let e1 = #expect(throws: ConfigError.self) {
+            try ConfigLoader.load(file: nil, environment: [:], flags: required.merging(["redis.password_file": empty]) { $1 })
+        }
+        #expect(e1?.description == #"config key redis.password_file = "\#(empty)" (from flag): the file is empty"#)
+        let yaml = dir.file("list.yaml").path
+        try "- a\n- b\n".write(toFile: yaml, atomically: true, encoding: .utf8)
+        let e2 = #expect(throws: ConfigError.self) { try ConfigLoader.load(file: yaml, environment: [:]) }
+        #expect(e2?.description == #"config key --config = "\#(yaml)": the top level must be a mapping of sections (kafka:, redis:, dedup:, ...)"#)
+        let e3 = #expect(throws: ConfigError.self) { try ConfigLoader.load(file: dir.file("missing.yaml").path, environment: [:]) }
+        #expect(e3?.description.hasPrefix(#"config key --config = "\#(dir.file("missing.yaml").path)": cannot read the file"#) == true)
+    }
+
+    @Test func unknownEnvironmentVariableIsRejectedLikeAnUnknownKey() {
+        let error = #expect(throws: ConfigError.self) {
+            try ConfigLoader.load(file: nil, environment: ["DEDUPD_DEDUP_WINDWO": "1s"], flags: required)
+        }
+        #expect(error?.description == "config key DEDUPD_DEDUP_WINDWO (from environment DEDUPD_DEDUP_WINDWO): unknown key")
+    }
+}
+
+@Suite struct ExampleConfigTests {
+    static var repoRoot: URL {
+        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+    }
+
+    @Test func committedExampleIsTheGeneratedOne() throws {
+        let path = Self.repoRoot.appendingPathComponent("deploy/config/dedupd.example.yaml")
+        let committed = try String(contentsOf: path, encoding: .utf8)
+        #expect(committed == ConfigSchema.exampleYAML(), "regenerate: swift run dedupd example-config > deploy/config/dedupd.example.yaml")
+    }
+
+    @Test func exampleListsEveryKeyWithItsDefaultAndIsValid() throws {
+        let yaml = ConfigSchema.exampleYAML()
+        let dir = try TemporaryDirectory(prefix: "dedupd-config")
+        let path = dir.file("example.yaml").path
+        try yaml.write(toFile: path, atomically: true, encoding: .utf8)
+        let layer = try ConfigLoader.fileLayer(path: path)
+        for key in ConfigSchema.keys {
+            if let value = layer[key.name] {
+                if let d = key.defaultValue { #expect(value.text == d, "\(key.name) shows its default") }
+            } else {
+                #expect(key.defaultValue == nil, "\(key.name) has a default, so it is set in the example")
+                #expect(yaml.contains("  # \(key.name.split(separator: ".")[1]):"), "\(key.name) listed, commented out")
+            }
+        }
+        _ = try ConfigLoader.load(file: path, environment: [:])
+    }
+}
