@@ -12,7 +12,7 @@ struct Dedupd: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "dedupd",
         abstract: "Makes a Kafka stream of submissions safe to act on: each unique message is handed to its handler once.",
-        subcommands: [Demo.self, Run.self, CheckConfig.self, ExampleConfig.self, Inspect.self, Forget.self, DLQ.self, Produce.self, MockKafka.self, Token.self, Bench.self],
+        subcommands: [Demo.self, Run.self, CheckConfig.self, ExampleConfig.self, Healthcheck.self, Inspect.self, Forget.self, DLQ.self, Produce.self, MockKafka.self, Token.self, Bench.self],
         defaultSubcommand: nil
     )
 }
@@ -134,6 +134,31 @@ struct ExampleConfig: ParsableCommand {
         abstract: "Print an example configuration file: every key, its meaning and its default.")
 
     func run() throws { print(ConfigSchema.exampleYAML(), terminator: "") }
+}
+
+/// For a container's HEALTHCHECK or a probe script: asks the worker's own HTTP endpoint, so the
+/// runtime image needs no curl.
+struct Healthcheck: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Ask a running worker's /healthz (or --path /readyz); exit 0 when it answers 200.")
+
+    @Option(help: "The worker's http.port; default: DEDUPD_HTTP_PORT.") var port: Int?
+    @Option(help: "Path to ask.") var path: String = "/healthz"
+
+    func run() throws {
+        guard let port = port ?? ProcessInfo.processInfo.environment["DEDUPD_HTTP_PORT"].flatMap(Int.init) else {
+            throw ValidationError("give --port or set DEDUPD_HTTP_PORT")
+        }
+        let request = "GET \(path) HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        guard let reply = tcpRequest(port: port, request, timeout: .seconds(3)) else {
+            print("no answer on 127.0.0.1:\(port)")
+            throw ExitCode(1)
+        }
+        let status = reply.split(separator: "\r\n").first.map(String.init) ?? reply
+        let body = reply.components(separatedBy: "\r\n\r\n").dropFirst().joined().trimmingCharacters(in: .whitespacesAndNewlines)
+        print("\(status): \(body)")
+        if !status.hasPrefix("HTTP/1.1 200") { throw ExitCode(1) }
+    }
 }
 
 struct Produce: AsyncParsableCommand {
