@@ -21,7 +21,11 @@ extension ConfigSchema {
 
             """
         var section = ""
-        for key in keys {
+        // Grouped by section in order of first appearance, so each section is one YAML mapping.
+        var sections: [String] = []
+        for key in keys where !sections.contains(key.section) { sections.append(key.section) }
+        let ordered = sections.flatMap { s in keys.filter { $0.section == s } }
+        for key in ordered {
             let parts = key.name.split(separator: ".", maxSplits: 1).map(String.init)
             if parts[0] != section {
                 section = parts[0]
@@ -109,4 +113,9 @@ public struct AdminConfiguration: Sendable {
         }
         kafkaProperties = props
     }
+}
+
+extension ConfigKey {
+    /// `handler.output` → `handler`.
+    var section: String { String(name.prefix { $0 != "." }) }
 }

@@ -171,10 +171,23 @@ let adminQuiet = Logger(label: "admin-tests") { _ in SwiftLogNoOpLogHandler() }
         #expect(both.0 == 2 && both.2.contains("give the password once"), "\(both.2)")
 
         let port = try freePort()  // nothing listens: the worker logs that Redis is unreachable, and waits
+        let httpPort = try freePort()
         let run = try DedupdProcess(
-            ["run"] + base + ["--redis-url", "redis://app:url-pw-991@127.0.0.1:\(port)/0", "--log-level", "debug"], name: "run", in: dir)
+            ["run"] + base + ["--redis-url", "redis://app:url-pw-991@127.0.0.1:\(port)/0", "--log-level", "debug", "--http-port", "\(httpPort)"],
+            name: "run", in: dir)
         let deadline = ContinuousClock.now + .seconds(30)
-        while !run.stderr.contains("redis unreachable") && ContinuousClock.now < deadline { usleep(50_000) }
+        while !(run.stderr.contains("redis unreachable") && run.stderr.contains("http endpoint listening")) && ContinuousClock.now < deadline {
+            usleep(50_000)
+        }
+        // The image's HEALTHCHECK: alive while it waits for Redis, but not ready.
+        let live = try DeployTests.dedupd(["healthcheck", "--port", "\(httpPort)"])
+        #expect(live.0 == 0 && live.1.hasPrefix("HTTP/1.1 200"), "\(live)")
+        let ready = try DeployTests.dedupd(["healthcheck"], environment: ["DEDUPD_HTTP_PORT": "\(httpPort)"])
+        #expect(ready.0 == 0, "DEDUPD_HTTP_PORT is the default port: \(ready)")
+        let notReady = try DeployTests.dedupd(["healthcheck", "--port", "\(httpPort)", "--path", "/readyz"])
+        #expect(notReady.0 == 1 && notReady.1.contains("503") && notReady.1.contains("redis unreachable"), "\(notReady)")
+        let nobody = try DeployTests.dedupd(["healthcheck", "--port", "\(try freePort())"])
+        #expect(nobody.0 == 1)
         run.terminate()
         _ = try run.wait(timeout: .seconds(30))
         #expect(run.stderr.contains("redis unreachable") && run.stderr.contains("redis://app:***@127.0.0.1:\(port)/0"), "\(run.stderr)")

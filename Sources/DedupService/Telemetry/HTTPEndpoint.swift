@@ -4,6 +4,7 @@ import Foundation
 import Logging
 import Prometheus
 import ServiceLifecycle
+import Synchronization
 
 /// The optional HTTP port (`http.port`): `/metrics` in Prometheus text format, `/healthz` (the loop
 /// is alive) and `/readyz` (partitions assigned and Redis reachable). A ServiceLifecycle `Service`
@@ -18,11 +19,13 @@ public final class HTTPEndpoint: Service, Sendable {
     let logger: Logger
     let registry: PrometheusCollectorRegistry
     let telemetry: WorkerTelemetry
+    let stopping: Stopping
 
     public init(port: Int, registry: PrometheusCollectorRegistry, telemetry: WorkerTelemetry, logger: Logger) {
         self.port = UInt16(port)
         self.logger = logger
-        server = HTTPServer(address: .inet(port: UInt16(port)), timeout: 15, logger: FlyingFoxToSwiftLog(logger: logger))
+        stopping = Stopping()
+        server = HTTPServer(address: .inet(port: UInt16(port)), timeout: 15, logger: FlyingFoxToSwiftLog(logger: logger, stopping: stopping))
         self.registry = registry
         self.telemetry = telemetry
     }
@@ -45,7 +48,8 @@ public final class HTTPEndpoint: Service, Sendable {
         logger.info("http endpoint listening", metadata: ["http.port": "\(port)", "http.paths": "/metrics,/healthz,/readyz"])
         try await withGracefulShutdownHandler {
             do { try await server.run() } catch is CancellationError {}
-        } onGracefulShutdown: { [server] in
+        } onGracefulShutdown: { [server, stopping] in
+            stopping.value.store(true, ordering: .relaxed)
             Task { await server.stop(timeout: 1) }
         }
     }
@@ -54,14 +58,26 @@ public final class HTTPEndpoint: Service, Sendable {
     public func waitUntilListening() async throws { try await server.waitUntilListening(timeout: 10) }
 }
 
-/// FlyingFox's log lines go to the operational log at debug (connection chatter) or warning.
+/// Set once shutdown began: the listening socket's closing is then expected, not an error.
+final class Stopping: Sendable {
+    let value = Atomic(false)
+}
+
+/// FlyingFox's log lines go to the operational log at debug (connection chatter) or warning;
+/// its "server error" when the socket closes at shutdown is debug too.
 struct FlyingFoxToSwiftLog: FlyingSocks.Logging {
     let logger: Logger
+    let stopping: Stopping
+    var quiet: Bool { stopping.value.load(ordering: .relaxed) }
     func logDebug(_ debug: @autoclosure () -> String) { logger.debug("\(debug())", metadata: ["http": "flyingfox"]) }
     func logInfo(_ info: @autoclosure () -> String) { logger.debug("\(info())", metadata: ["http": "flyingfox"]) }
     func logWarning(_ warning: @autoclosure () -> String) { logger.warning("\(warning())", metadata: ["http": "flyingfox"]) }
-    func logError(_ error: @autoclosure () -> String) { logger.error("\(error())", metadata: ["http": "flyingfox"]) }
-    func logCritical(_ critical: @autoclosure () -> String) { logger.error("\(critical())", metadata: ["http": "flyingfox"]) }
+    func logError(_ error: @autoclosure () -> String) {
+        logger.log(level: quiet ? .debug : .error, "\(error())", metadata: ["http": "flyingfox"])
+    }
+    func logCritical(_ critical: @autoclosure () -> String) {
+        logger.log(level: quiet ? .debug : .error, "\(critical())", metadata: ["http": "flyingfox"])
+    }
 }
 
 /// The Prometheus registry and the factory that writes into it, set up once per process; durations

@@ -23,6 +23,9 @@ public final class WorkerTelemetry: Sendable {
         public static let failed = "dedupd.messages.failed.total"
         public static let parkedTotal = "dedupd.messages.parked.total"
         public static let released = "dedupd.claims.released.total"
+        public static let deadLettered = "dedupd.messages.dead_lettered.total"
+        public static let leasesLost = "dedupd.leases.lost.total"
+        public static let confirmConflicts = "dedupd.confirm.conflicts.total"
         public static let bufferMessages = "dedupd.buffer.messages"
         public static let bufferBytes = "dedupd.buffer.bytes"
         public static let parked = "dedupd.parked.messages"
@@ -41,6 +44,7 @@ public final class WorkerTelemetry: Sendable {
 
     final class Instruments: Sendable {
         let consumed, dispatched, duplicatesWindow, duplicatesRedis, invalid, failed, parkedTotal, released: Counter
+        let deadLettered, leasesLost, confirmConflicts: Counter
         let bufferMessages, bufferBytes, parked, inFlight, lag, assigned, paused, redisUp: Gauge
         let handlerDuration: Timer
         let factory: any MetricsFactory
@@ -59,6 +63,9 @@ public final class WorkerTelemetry: Sendable {
             failed = counter(Name.failed)
             parkedTotal = counter(Name.parkedTotal)
             released = counter(Name.released)
+            deadLettered = counter(Name.deadLettered)
+            leasesLost = counter(Name.leasesLost)
+            confirmConflicts = counter(Name.confirmConflicts)
             bufferMessages = gauge(Name.bufferMessages)
             bufferBytes = gauge(Name.bufferBytes)
             parked = gauge(Name.parked)
@@ -186,6 +193,9 @@ public final class WorkerTelemetry: Sendable {
         add(i.failed, c.failed, before.failed)
         add(i.parkedTotal, c.parked, before.parked)
         add(i.released, c.released, before.released)
+        add(i.deadLettered, c.deadLettered, before.deadLettered)
+        add(i.leasesLost, c.leasesLost, before.leasesLost)
+        add(i.confirmConflicts, c.confirmConflicts, before.confirmConflicts)
         i.bufferMessages.record(s.bufferMessages)
         i.bufferBytes.record(s.bufferBytes)
         i.parked.record(s.parked)
