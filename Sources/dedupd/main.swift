@@ -149,13 +149,10 @@ struct Healthcheck: ParsableCommand {
         guard let port = port ?? ProcessInfo.processInfo.environment["DEDUPD_HTTP_PORT"].flatMap(Int.init) else {
             throw ValidationError("give --port or set DEDUPD_HTTP_PORT")
         }
-        let request = "GET \(path) HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-        guard let reply = tcpRequest(port: port, request, timeout: .seconds(3)) else {
+        guard let (status, body) = HealthProbe.get(port: port, path: path) else {
             print("no answer on 127.0.0.1:\(port)")
             throw ExitCode(1)
         }
-        let status = reply.split(separator: "\r\n").first.map(String.init) ?? reply
-        let body = reply.components(separatedBy: "\r\n\r\n").dropFirst().joined().trimmingCharacters(in: .whitespacesAndNewlines)
         print("\(status): \(body)")
         if !status.hasPrefix("HTTP/1.1 200") { throw ExitCode(1) }
     }

@@ -241,9 +241,9 @@ public final class WorkerTelemetry: Sendable {
     /// `/readyz`: alive, partitions assigned, Redis reachable, not shutting down.
     public func readiness(now: ContinuousClock.Instant = .now) -> (ok: Bool, detail: String) {
         let live = liveness(now: now)
-        guard live.ok else { return live }
         let h = healthState
         var problems: [String] = []
+        if !live.ok { problems.append(live.detail) }
         if h.stopping { problems.append("shutting down") }
         if h.partitionsAssigned == 0 { problems.append("no partitions assigned") }
         if !h.redisUp { problems.append("redis unreachable") }
