@@ -81,7 +81,7 @@ func timestamp(_ ts: String) -> Double? {
             "kafka.bootstrap_servers": cluster.bootstrapServers, "kafka.topics": "in", "kafka.group": "telemetry",
             "redis.url": redis.urlWithoutPassword, "redis.password": password, "dedup.namespace": "telemetry",
             "dedup.window": "1s", "run.stop_when_idle": "4s", "log.stats_interval": "1s",
-            "handler.output": dir.file("out.jsonl").path, "http.port": "\(port)", "http.loop_stall_timeout": "1s",
+            "handler.output": dir.file("out.jsonl").path, "http.port": "\(port)", "http.loop_stall_timeout": "8s",
             "log.level": "debug",
         ])
         let logFile = dir.file("worker.log")
@@ -140,9 +140,16 @@ func timestamp(_ ts: String) -> Double? {
         try await running.value
         let (afterReady, afterBody) = try await httpGet(port, "/readyz")
         #expect(afterReady == 503 && afterBody.contains("shutting down"), "readyz after stop: \(afterBody)")
-        try await Task.sleep(for: .milliseconds(1500))
-        let (stalled, stalledBody) = try await httpGet(port, "/healthz")
-        #expect(stalled == 503 && stalledBody.hasPrefix("loop stalled"), "healthz once the loop stopped: \(stalledBody)")
+        // No loop passes any more: /healthz turns 503 once http.loop_stall_timeout (8s) has passed.
+        var (stalled, stalledBody) = (0, "")
+        let stalledBy = ContinuousClock.now + .seconds(60)
+        while ContinuousClock.now < stalledBy {
+            (stalled, stalledBody) = try await httpGet(port, "/healthz")
+            if stalled == 503 { break }
+            try await Task.sleep(for: .milliseconds(500))
+        }
+        #expect(stalled == 503 && stalledBody.hasPrefix("loop stalled: no pass for "), "healthz once the loop stopped: \(stalledBody)")
+        #expect(telemetry.liveness().ok == false && telemetry.readiness().detail.contains("shutting down"))
 
         let log = try String(contentsOf: logFile, encoding: .utf8)
         #expect(!log.contains(password), "the password is in no log line")
