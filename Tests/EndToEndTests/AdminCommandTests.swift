@@ -42,7 +42,7 @@ let adminQuiet = Logger(label: "admin-tests") { _ in SwiftLogNoOpLogHandler() }
         let (redis, dir, config, _) = try await fixture()
         defer { _ = redis }
         let run = try DedupdProcess(["inspect", "--config", config, "k-absent", "k-pending", "k-done"], name: "inspect", in: dir)
-        #expect(try run.wait(timeout: .seconds(30)) == 0, "stderr: \(run.stderr)")
+        #expect(try await offPool { try run.wait(timeout: .seconds(30)) } == 0, "stderr: \(run.stderr)")
         let lines = run.stdout.split(separator: "\n").map(String.init)
         #expect(lines.count == 3, "\(run.stdout)")
         #expect(lines.first == "k-absent absent redis.key=dedupd:ns:k-absent")
@@ -57,7 +57,7 @@ let adminQuiet = Logger(label: "admin-tests") { _ in SwiftLogNoOpLogHandler() }
         let (redis, dir, config, store) = try await fixture()
         defer { _ = redis }
         let forget = try DedupdProcess(["forget", "--config", config, "k-done", "k-pending", "k-absent"], name: "forget", in: dir)
-        #expect(try forget.wait(timeout: .seconds(30)) == 1, "exit 1: a pending key was kept; stderr: \(forget.stderr)")
+        #expect(try await offPool { try forget.wait(timeout: .seconds(30)) } == 1, "exit 1: a pending key was kept; stderr: \(forget.stderr)")
         let lines = forget.stdout.split(separator: "\n").map(String.init)
         #expect(lines.count == 3, "\(forget.stdout)")
         #expect(lines[0].hasPrefix("k-done removed (was done ttl_left=59m"))
@@ -77,7 +77,7 @@ let adminQuiet = Logger(label: "admin-tests") { _ in SwiftLogNoOpLogHandler() }
         #expect(try await store.claim([done], owner: "worker-2", lease: .seconds(10)) == [.claimed])
 
         let forced = try DedupdProcess(["forget", "--config", config, "--force", "k-pending"], name: "forget-force", in: dir)
-        #expect(try forced.wait(timeout: .seconds(30)) == 0, "stderr: \(forced.stderr)")
+        #expect(try await offPool { try forced.wait(timeout: .seconds(30)) } == 0, "stderr: \(forced.stderr)")
         #expect(forced.stdout.hasPrefix("k-pending removed (was pending owner=worker-1 lease_left="))
         #expect(try await store.inspect([pending]) == [.absent])
         #expect(!(forget.stdout + forget.stderr + forced.stdout + forced.stderr).contains(password))
@@ -89,7 +89,7 @@ let adminQuiet = Logger(label: "admin-tests") { _ in SwiftLogNoOpLogHandler() }
         let mock = try DedupdProcess(
             ["mock-kafka", "--brokers", "1", "--topic", "in:2", "--topic", "in.dlq:1", "--topic", "other:1"], name: "mock-kafka", in: dir)
         defer { mock.terminate() }
-        let bootstrap = try mock.firstLine(timeout: .seconds(20))
+        let bootstrap = try await offPool { try mock.firstLine(timeout: .seconds(20)) }
         let producer = try KafkaProducer.make(bootstrapServers: bootstrap, logger: adminQuiet)
         func deadLetter(_ id: String, reason: String) throws {
             let headers: [MessageHeader] = [
@@ -109,16 +109,16 @@ let adminQuiet = Logger(label: "admin-tests") { _ in SwiftLogNoOpLogHandler() }
         for id in ["x", "y"] { try deadLetter(id, reason: "missing_header") }
         try await producer.flush(timeout: .seconds(10))
 
-        func replay(_ extra: [String], name: String) throws -> String {
+        func replay(_ extra: [String], name: String) async throws -> String {
             let p = try DedupdProcess(["dlq", "replay", "--bootstrap-servers", bootstrap, "--from", "in.dlq"] + extra, name: name, in: dir)
-            #expect(try p.wait(timeout: .seconds(90)) == 0, "\(name) stderr: \(p.stderr.suffix(2000))")
+            #expect(try await offPool { try p.wait(timeout: .seconds(90)) } == 0, "\(name) stderr: \(p.stderr.suffix(2000))")
             return p.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         }
-        #expect(try replay(["--reason", "handler_failed"], name: "replay-1")
+        #expect(try await replay(["--reason", "handler_failed"], name: "replay-1")
             == "read=5 replayed=3 skipped.reason=2 skipped.no_target=0 failed=0 to=in:3")
-        #expect(try replay(["--reason", "handler_failed"], name: "replay-2")
+        #expect(try await replay(["--reason", "handler_failed"], name: "replay-2")
             == "read=0 replayed=0 skipped.reason=0 skipped.no_target=0 failed=0 to=-", "a second run resends nothing")
-        #expect(try replay(["--to", "other", "--limit", "1"], name: "replay-3")
+        #expect(try await replay(["--to", "other", "--limit", "1"], name: "replay-3")
             == "read=1 replayed=1 skipped.reason=0 skipped.no_target=0 failed=0 to=other:1")
 
         let resent = try await consume(bootstrap: bootstrap, topic: "in", count: 3)
@@ -150,7 +150,7 @@ let adminQuiet = Logger(label: "admin-tests") { _ in SwiftLogNoOpLogHandler() }
     /// A configured password appears in no output of check-config (valid or not) and no log line of
     /// a worker that cannot reach its Redis.
     @Test(.timeLimit(.minutes(2)))
-    func checkConfigAndTheWorkerLogNeverShowAPassword() throws {
+    func checkConfigAndTheWorkerLogNeverShowAPassword() async throws {
         let dir = try TemporaryDirectory(prefix: "dedupd-redaction")
         let file = dir.file("dedupd.yaml").path
         try """
@@ -161,12 +161,12 @@ let adminQuiet = Logger(label: "admin-tests") { _ in SwiftLogNoOpLogHandler() }
             """.write(toFile: file, atomically: true, encoding: .utf8)
         let secrets = ["url-pw-991", "sasl-pw-992", "key-pw-993", "env-pw-994"]
         let base = ["--config", file, "--bootstrap-servers", "127.0.0.1:1", "--topic", "t"]
-        let valid = try DeployTests.dedupd(["check-config"] + base + ["--redis-url", "redis://app:url-pw-991@127.0.0.1:1/0"])
+        let valid = try await DeployTests.dedupd(["check-config"] + base + ["--redis-url", "redis://app:url-pw-991@127.0.0.1:1/0"])
         #expect(valid.0 == 0, "\(valid.2)")
         #expect(valid.1.contains("redis.url = redis://app:***@127.0.0.1:1/0  # flag"))
-        let invalid = try DeployTests.dedupd(["check-config"] + base + ["--window", "forever"], environment: ["DEDUPD_REDIS_PASSWORD": "env-pw-994"])
+        let invalid = try await DeployTests.dedupd(["check-config"] + base + ["--window", "forever"], environment: ["DEDUPD_REDIS_PASSWORD": "env-pw-994"])
         #expect(invalid.0 == 2 && invalid.2.contains("dedup.window"))
-        let both = try DeployTests.dedupd(
+        let both = try await DeployTests.dedupd(
             ["check-config"] + base + ["--redis-url", "redis://:url-pw-991@127.0.0.1:1/0"], environment: ["DEDUPD_REDIS_PASSWORD": "env-pw-994"])
         #expect(both.0 == 2 && both.2.contains("give the password once"), "\(both.2)")
 
@@ -177,19 +177,19 @@ let adminQuiet = Logger(label: "admin-tests") { _ in SwiftLogNoOpLogHandler() }
             name: "run", in: dir)
         let deadline = ContinuousClock.now + .seconds(30)
         while !(run.stderr.contains("redis unreachable") && run.stderr.contains("http endpoint listening")) && ContinuousClock.now < deadline {
-            usleep(50_000)
+            try await Task.sleep(for: .milliseconds(50))
         }
         // The image's HEALTHCHECK: alive while it waits for Redis, but not ready.
-        let live = try DeployTests.dedupd(["healthcheck", "--port", "\(httpPort)"])
+        let live = try await DeployTests.dedupd(["healthcheck", "--port", "\(httpPort)"])
         #expect(live.0 == 0 && live.1.hasPrefix("HTTP/1.1 200"), "\(live)")
-        let ready = try DeployTests.dedupd(["healthcheck"], environment: ["DEDUPD_HTTP_PORT": "\(httpPort)"])
+        let ready = try await DeployTests.dedupd(["healthcheck"], environment: ["DEDUPD_HTTP_PORT": "\(httpPort)"])
         #expect(ready.0 == 0, "DEDUPD_HTTP_PORT is the default port: \(ready)")
-        let notReady = try DeployTests.dedupd(["healthcheck", "--port", "\(httpPort)", "--path", "/readyz"])
+        let notReady = try await DeployTests.dedupd(["healthcheck", "--port", "\(httpPort)", "--path", "/readyz"])
         #expect(notReady.0 == 1 && notReady.1.contains("503") && notReady.1.contains("redis unreachable"), "\(notReady)")
-        let nobody = try DeployTests.dedupd(["healthcheck", "--port", "\(try freePort())"])
+        let nobody = try await DeployTests.dedupd(["healthcheck", "--port", "\(try freePort())"])
         #expect(nobody.0 == 1)
         run.terminate()
-        _ = try run.wait(timeout: .seconds(30))
+        _ = try await offPool { try run.wait(timeout: .seconds(30)) }
         #expect(run.stderr.contains("redis unreachable") && run.stderr.contains("redis://app:***@127.0.0.1:\(port)/0"), "\(run.stderr)")
         for output in [valid.1, valid.2, invalid.1, invalid.2, both.1, both.2, run.stdout, run.stderr] {
             for secret in secrets { #expect(!output.contains(secret), "\(secret) shown in: \(output)") }

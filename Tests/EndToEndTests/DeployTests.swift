@@ -8,7 +8,7 @@ import Yams
 /// the variables compose, Kubernetes, the image and the unit set are ones dedupd knows, the YAML
 /// parses into the objects a cluster needs, the unit verifies, and the image installs exactly the
 /// libraries the binary links.
-@Suite struct DeployTests {
+@Suite(.serialized) struct DeployTests {
     static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
     static let deploy = root.appendingPathComponent("deploy")
     static let knownVariables = Set(ConfigSchema.keys.map(\.environmentName))
@@ -26,7 +26,11 @@ import Yams
     }
 
     /// Runs the built binary with exactly `environment` (plus PATH); returns status, stdout, stderr.
-    static func dedupd(_ arguments: [String], environment: [String: String] = [:]) throws -> (Int32, String, String) {
+    static func dedupd(_ arguments: [String], environment: [String: String] = [:]) async throws -> (Int32, String, String) {
+        try await offPool { try dedupdBlocking(arguments, environment: environment) }
+    }
+
+    static func dedupdBlocking(_ arguments: [String], environment: [String: String] = [:]) throws -> (Int32, String, String) {
         let dir = try TemporaryDirectory(prefix: "dedupd-deploy")
         let out = dir.file("out"), err = dir.file("err")
         FileManager.default.createFile(atPath: out.path, contents: nil)
@@ -43,7 +47,7 @@ import Yams
     }
 
     /// Every YAML file under deploy/config, and the config file inside the Kubernetes ConfigMap.
-    @Test func everyConfigFilePassesCheckConfig() throws {
+    @Test func everyConfigFilePassesCheckConfig() async throws {
         let configDir = Self.deploy.appendingPathComponent("config")
         var files = try FileManager.default.contentsOfDirectory(atPath: configDir.path)
             .filter { $0.hasSuffix(".yaml") }.map { configDir.appendingPathComponent($0).path }
@@ -55,7 +59,7 @@ import Yams
         files.append(extracted)
         #expect(files.count >= 4)
         for file in files {
-            let (status, out, err) = try Self.dedupd(["check-config", "--config", file])
+            let (status, out, err) = try await Self.dedupd(["check-config", "--config", file])
             #expect(status == 0, "\(file): \(err)")
             #expect(out.hasSuffix("valid\n"), "\(file): \(out)")
         }
@@ -63,7 +67,7 @@ import Yams
 
     /// The dedupd services of compose.yaml: known variables only, and each service's environment
     /// with its mounted config file passes check-config (the password file replaced by a temporary one).
-    @Test func composeServicesUseKnownVariablesAndTheirSettingsAreValid() throws {
+    @Test func composeServicesUseKnownVariablesAndTheirSettingsAreValid() async throws {
         let compose = try Self.yaml("compose.yaml")
         let services = try #require(compose["services"] as? [String: Any])
         for required in ["kafka", "topics", "redis", "dedupd-1", "dedupd-2", "produce"] {
@@ -96,7 +100,7 @@ import Yams
             var env: [String: String] = [:]
             for v in dedupdVars { env[v] = "\(environment[v]!)" }
             if env["DEDUPD_REDIS_PASSWORD_FILE"] != nil { env["DEDUPD_REDIS_PASSWORD_FILE"] = pw }
-            let (status, out, err) = try Self.dedupd(["check-config", "--config", source], environment: env)
+            let (status, out, err) = try await Self.dedupd(["check-config", "--config", source], environment: env)
             #expect(status == 0, "\(name): \(err)")
             #expect(out.contains("redis.password_file = \(pw)  # environment DEDUPD_REDIS_PASSWORD_FILE"))
             #expect(!out.contains("dev-only-change-me"), "the password is not printed")
@@ -104,7 +108,7 @@ import Yams
         #expect(workers == 2, "two dedupd workers")
     }
 
-    @Test func kubernetesObjectsHaveTheRequiredFields() throws {
+    @Test func kubernetesObjectsHaveTheRequiredFields() async throws {
         var byKind: [String: [String: Any]] = [:]
         for file in try FileManager.default.contentsOfDirectory(atPath: Self.deploy.appendingPathComponent("k8s").path)
         where file.hasSuffix(".yaml") {
@@ -164,7 +168,7 @@ import Yams
     }
 
     /// The unit's settings, then `systemd-analyze verify` on a copy whose ExecStart points at the built binary.
-    @Test func systemdUnitHasTheRequiredSettings() throws {
+    @Test func systemdUnitHasTheRequiredSettings() async throws {
         let unit = try Self.text("systemd/dedupd.service")
         var settings: [String: [String]] = [:]
         for line in unit.split(separator: "\n") where !line.hasPrefix("#") && line.contains("=") {
@@ -194,7 +198,7 @@ import Yams
     static let systemdAnalyze = ["/usr/bin/systemd-analyze", "/bin/systemd-analyze"].first { FileManager.default.isExecutableFile(atPath: $0) }
 
     @Test(.enabled(if: systemdAnalyze != nil, "systemd-analyze is not installed here; the unit's settings are still checked above"))
-    func systemdAnalyzeVerifiesTheUnit() throws {
+    func systemdAnalyzeVerifiesTheUnit() async throws {
         let dir = try TemporaryDirectory(prefix: "dedupd-unit")
         let unit = try Self.text("systemd/dedupd.service")
             .replacingOccurrences(of: "/usr/local/bin/dedupd", with: try dedupdBinary().path)
@@ -207,7 +211,7 @@ import Yams
         p.standardError = err
         p.standardOutput = err
         try p.run()
-        let output = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        let output = try await offPool { String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self) }
         p.waitUntilExit()
         print("systemd-analyze verify: status \(p.terminationStatus) \(output)")
         #expect(p.terminationStatus == 0, "\(output)")
@@ -221,7 +225,7 @@ import Yams
     static let tools = ["/usr/bin/readelf", "/usr/bin/dpkg", "/usr/bin/ldd"].allSatisfy { FileManager.default.isExecutableFile(atPath: $0) }
 
     @Test(.enabled(if: tools, "readelf, ldd or dpkg is missing: the runtime libraries cannot be read off the binary here"))
-    func dockerfileRuntimeStageInstallsExactlyTheLinkedLibraries() throws {
+    func dockerfileRuntimeStageInstallsExactlyTheLinkedLibraries() async throws {
         let dockerfile = try Self.text("docker/Dockerfile")
         let stages = Array(dockerfile.components(separatedBy: "\nFROM ").dropFirst())
         try #require(stages.count == 2, "two stages: build and runtime")
@@ -238,13 +242,13 @@ import Yams
             .prefix { $0 != "&&" }.filter { !$0.hasPrefix("-") && !$0.isEmpty })
 
         let binary = try dedupdBinary().path
-        let resolved = Self.lddPaths(binary)
+        let resolved = try await offPool { Self.lddPaths(binary) }
         let swiftRuntime = { (lib: String) in
             lib.hasPrefix("libswift") || lib.hasPrefix("libFoundation") || lib.hasPrefix("lib_Foundation")
                 || lib.hasPrefix("libdispatch") || lib.hasPrefix("libBlocksRuntime")
         }
         var linked = Set<String>()
-        var queue = Self.needed(binary)
+        var queue = try await offPool { Self.needed(binary) }
         var seen = Set<String>()
         while let lib = queue.popLast() {
             guard seen.insert(lib).inserted else { continue }
@@ -255,12 +259,16 @@ import Yams
             }
         }
         var packages = Set<String>()
-        for lib in linked {
-            guard let path = resolved[lib] else { continue }  // the dynamic loader itself
-            let owner = Self.run("/usr/bin/dpkg", ["-S", URL(fileURLWithPath: path).resolvingSymlinksInPath().path])
-                .split(separator: ":").first.map(String.init) ?? ""
-            let fallback = Self.run("/usr/bin/dpkg", ["-S", path]).split(separator: ":").first.map(String.init) ?? ""
-            let package = owner.isEmpty ? fallback : owner
+        let linkedPaths = linked.compactMap { lib in resolved[lib].map { (lib, $0) } }  // not the dynamic loader itself
+        let owners = try await offPool {
+            linkedPaths.map { lib, path in
+                let owner = Self.run("/usr/bin/dpkg", ["-S", URL(fileURLWithPath: path).resolvingSymlinksInPath().path])
+                    .split(separator: ":").first.map(String.init) ?? ""
+                let fallback = Self.run("/usr/bin/dpkg", ["-S", path]).split(separator: ":").first.map(String.init) ?? ""
+                return (lib, path, owner.isEmpty ? fallback : owner)
+            }
+        }
+        for (lib, path, package) in owners {
             #expect(!package.isEmpty, "\(lib) (\(path)) belongs to a Debian package")
             packages.insert(package)
         }
