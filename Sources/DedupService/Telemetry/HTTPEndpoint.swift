@@ -47,7 +47,13 @@ public final class HTTPEndpoint: Service, Sendable {
         await server.appendRoute("GET /readyz") { _ in Self.text(telemetry.readiness()) }
         logger.info("http endpoint listening", metadata: ["http.port": "\(port)", "http.paths": "/metrics,/healthz,/readyz"])
         try await withGracefulShutdownHandler {
-            do { try await server.run() } catch is CancellationError {}
+            do {
+                try await server.run()
+            } catch {
+                // Closing the listening socket at shutdown ends `run` with CancellationError or
+                // SocketError.disconnected; that is the expected way out, not a failure.
+                if !(error is CancellationError) && !stopping.value.load(ordering: .relaxed) { throw error }
+            }
         } onGracefulShutdown: { [server, stopping] in
             stopping.value.store(true, ordering: .relaxed)
             Task { await server.stop(timeout: 1) }
