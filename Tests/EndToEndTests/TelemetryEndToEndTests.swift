@@ -57,8 +57,10 @@ func timestamp(_ ts: String) -> Double? {
         let redis = try RedisServerProcess(password: password)
         let dir = try TemporaryDirectory(prefix: "dedupd-telemetry")
         let quiet = Logger(label: "test") { _ in SwiftLogNoOpLogHandler() }
-        let cluster = try MockKafkaCluster.make(brokers: 1, logger: quiet)
-        try cluster.createTopic("in", partitions: 2)
+        // The mock cluster in its own process, like the other end-to-end tests.
+        let mock = try DedupdProcess(["mock-kafka", "--brokers", "1", "--topic", "in:2"], name: "mock-kafka", in: dir)
+        defer { mock.terminate() }
+        let bootstrap = try await offPool { try mock.firstLine(timeout: .seconds(20)) }
 
         // 10 keys already done in Redis, as if another worker dispatched them earlier.
         let connection = try await RedisConnection.connect(
@@ -68,7 +70,7 @@ func timestamp(_ ts: String) -> Double? {
         _ = try await seed.claim(done, owner: "earlier", lease: .seconds(60))
         _ = try await seed.confirm(done, owner: "earlier", retention: .seconds(3600))
 
-        let producer = try KafkaProducer.make(bootstrapServers: cluster.bootstrapServers, logger: quiet)
+        let producer = try KafkaProducer.make(bootstrapServers: bootstrap, logger: quiet)
         func send(_ id: String?) throws {
             let headers = id.map { [MessageHeader(name: "message-id", value: Array($0.utf8))] } ?? []
             try producer.send(topic: "in", key: Array((id ?? "none").utf8), value: Array(#"{"x":1}"#.utf8), headers: headers)
@@ -83,7 +85,7 @@ func timestamp(_ ts: String) -> Double? {
         try password.write(toFile: pwFile, atomically: true, encoding: .utf8)
         let config = dir.file("dedupd.yaml").path
         try """
-            kafka: {bootstrap_servers: "\(cluster.bootstrapServers)", topics: [in], group: telemetry}
+            kafka: {bootstrap_servers: "\(bootstrap)", topics: [in], group: telemetry}
             redis: {url: "\(redis.urlWithoutPassword)", password_file: "\(pwFile)"}
             dedup: {namespace: telemetry, window: 1s}
             run: {stop_when_idle: 4s}
