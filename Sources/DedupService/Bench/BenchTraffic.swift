@@ -70,6 +70,16 @@ enum BenchProducer {
         for i in 0..<count {
             if i & 63 == 0 {
                 var waited = 0
+                // Hysteresis: once the lead is used up, wait until half of it was read, then send
+                // in one burst. Trickling a few messages at a time makes tiny batches, and the
+                // mock broker's fetch path scans a partition's batches one by one.
+                if i - consumed() > maxLead {
+                    while i - consumed() > maxLead / 2 {
+                        guard alive(), waited < 60_000 else { throw LocalServerError("consumer stopped at \(consumed()) of \(count)") }
+                        try await Task.sleep(for: .milliseconds(1))
+                        waited += 1
+                    }
+                }
                 while i - consumed() > maxLead {
                     // A consumer that stopped, or made no progress for a minute, ends the leg.
                     guard alive(), waited < 60_000 else { throw LocalServerError("consumer stopped at \(consumed()) of \(count)") }

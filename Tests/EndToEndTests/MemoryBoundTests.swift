@@ -1,0 +1,88 @@
+import Foundation
+import Testing
+import TestSupport
+
+/// Memory is bounded by configuration, not by traffic (issue 7): a real `dedupd run` with a 10 s
+/// window and a small delay buffer is fed far faster than the window lets it drain. It must pause
+/// its partitions, and its resident set must stay under 64 MiB + the buffer limit, flat while it
+/// holds the buffer full. (Without the bound it would hold everything read in 10 s: the same run
+/// with `buffer.max_bytes: 1GiB` never paused and peaked at 137 MiB here.)
+@Suite(.serialized) struct MemoryBoundTests {
+    static let bufferLimit = 8 << 20
+    static let bound = (64 << 20) + bufferLimit
+
+    @Test(.timeLimit(.minutes(2)))
+    func residentSetStaysUnderTheBoundWhileTheBufferIsFull() async throws {
+        let dir = try TemporaryDirectory(prefix: "dedupd-mem")
+        let redis = try RedisServerProcess(appendFsync: "everysec")
+        let mock = try DedupdProcess(["mock-kafka", "--brokers", "1", "--topic", "mem:6"], name: "mock-kafka", in: dir)
+        let bootstrap = try mock.firstLine(timeout: .seconds(20))
+        let config = dir.file("worker.yaml")
+        try """
+            kafka:
+              bootstrap_servers: "\(bootstrap)"
+              topics: [mem]
+              group: mem
+            redis:
+              url: "\(redis.url)"
+            dedup:
+              window: 10s
+            buffer:
+              max_messages: 1000000
+              max_bytes: \(Self.bufferLimit)
+            handler:
+              output: "\(dir.file("out.jsonl").path)"
+            log:
+              stats_interval: 1s
+
+            """.write(to: config, atomically: true, encoding: .utf8)
+        let worker = try DedupdProcess(["run", "--config", config.path], name: "worker", in: dir)
+        // 200,000 submissions (~60 MB) as fast as the producer goes: several times what the
+        // buffer may hold, all within one window.
+        let produce = try DedupdProcess(
+            ["produce", "--bootstrap-servers", bootstrap, "--topic", "mem", "--count", "200000", "--duplicate-ratio", "0.3"],
+            name: "produce", in: dir)
+
+        var samples: [(at: ContinuousClock.Instant, rss: Int)] = []
+        var pausedAt: ContinuousClock.Instant?
+        let clock = ContinuousClock()
+        let deadline = clock.now + .seconds(60)
+        // Sample until 8 s after the pause: the window (10 s from the first claims) keeps the
+        // buffer full all that time, so this is the steady state under overload.
+        while clock.now < deadline, worker.process.isRunning {
+            if let rss = residentBytes(pid: worker.process.processIdentifier) { samples.append((clock.now, rss)) }
+            if pausedAt == nil, worker.stderr.contains("buffer full, pausing consumption") { pausedAt = clock.now }
+            if let p = pausedAt, clock.now - p >= .seconds(8) { break }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        let stderr = worker.stderr
+        worker.terminate()
+        _ = try? worker.wait(timeout: .seconds(30))
+        _ = try? produce.wait(timeout: .seconds(30))
+        mock.terminate()
+        _ = try? mock.wait(timeout: .seconds(20))
+
+        let peak = samples.map(\.rss).max() ?? 0
+        print(String(format: "memory: peak RSS %.1f MiB over %d samples", Double(peak) / 1_048_576, samples.count))
+        let paused = try #require(pausedAt, "the consumer never paused; worker log: \(stderr.suffix(3000))")
+        let afterPause = samples.filter { $0.at >= paused + .seconds(2) }.map(\.rss)
+        let atPause = samples.filter { $0.at <= paused + .seconds(2) }.map(\.rss).max() ?? 0
+        print(String(format: "memory: peak RSS %.1f MiB, bound %.0f MiB (64 MiB + buffer.max_bytes %d MiB), %d samples, at pause +2s %.1f MiB, last %.1f MiB",
+                     Double(peak) / 1_048_576, Double(Self.bound) / 1_048_576, Self.bufferLimit >> 20, samples.count,
+                     Double(atPause) / 1_048_576, Double(samples.last?.rss ?? 0) / 1_048_576))
+        #expect(samples.count >= 50)
+        #expect(peak <= Self.bound, "peak RSS \(peak) over the bound \(Self.bound)")
+        // Flat while paused: no growth beyond a few MiB of allocator noise after the pause settled.
+        #expect((afterPause.max() ?? 0) <= atPause + (4 << 20), "RSS grew while paused: \(afterPause.map { $0 >> 20 }) MiB")
+        #expect(stderr.contains("buffer full, pausing consumption"))
+    }
+
+    /// VmRSS of a process, in bytes.
+    func residentBytes(pid: Int32) -> Int? {
+        guard let text = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else { return nil }
+        for line in text.split(separator: "\n") where line.hasPrefix("VmRSS:") {
+            return line.split(separator: " ").dropFirst().first.flatMap { Int($0) }.map { $0 * 1024 }
+        }
+        return nil
+    }
+}
