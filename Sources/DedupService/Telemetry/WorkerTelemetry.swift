@@ -304,9 +304,22 @@ struct RoundTripPercentiles: Sendable, Equatable {
 
 /// Wraps the worker's handler to count calls in flight (the `dedupd.handlers.in_flight` gauge and
 /// the stats line's peak) and time them.
-struct CountingHandler: Handler {
+struct CountingHandler: BatchHandler {
     let base: any Handler
     let telemetry: WorkerTelemetry
+
+    struct NotABatchHandler: Error {}
+
+    /// A base that takes whole rounds (the `log` handler) keeps doing so through this wrapper:
+    /// one call in flight and one timing per round, not per message. Any other base throws here,
+    /// which makes the Dispatcher take the round message by message through `handle`.
+    func handleBatch(_ round: [Dispatch]) async throws {
+        guard let batch = base as? any BatchHandler else { throw NotABatchHandler() }
+        let start = ContinuousClock.now
+        telemetry.handlerStarted()
+        defer { telemetry.handlerFinished(after: ContinuousClock.now - start) }
+        try await batch.handleBatch(round)
+    }
 
     func handle(_ dispatch: Dispatch) async throws {
         let start = ContinuousClock.now
