@@ -218,6 +218,20 @@ public final class WorkerTelemetry: Sendable {
         instruments.inFlight.record(now)
     }
 
+    /// Handler calls started at once (a round taken in one call is one call in flight).
+    func handlersStarted(_ n: Int) {
+        let now = inFlight.add(n, ordering: .relaxed).newValue
+        _ = inFlightPeak.max(now, ordering: .relaxed)
+        instruments.inFlight.record(now)
+    }
+
+    /// The round's time is each message's handler time (the duration metric counts messages).
+    func handlersFinished(_ n: Int, timed messages: Int, after duration: Duration) {
+        let now = inFlight.subtract(n, ordering: .relaxed).newValue
+        instruments.inFlight.record(now)
+        for _ in 0..<messages { instruments.handlerDuration.recordNanoseconds(duration.nanoseconds) }
+    }
+
     func handlerFinished(after duration: Duration) {
         let now = inFlight.subtract(1, ordering: .relaxed).newValue
         instruments.inFlight.record(now)
@@ -311,13 +325,14 @@ struct CountingHandler: BatchHandler {
     struct NotABatchHandler: Error {}
 
     /// A base that takes whole rounds (the `log` handler) keeps doing so through this wrapper:
-    /// one call in flight and one timing per round, not per message. Any other base throws here,
-    /// which makes the Dispatcher take the round message by message through `handle`.
+    /// one call and one clock reading per round, not per message. Any other base throws here,
+    /// which makes the Dispatcher take the round message by message through `handle`. The duration
+    /// metric still counts messages (each gets the round's time).
     func handleBatch(_ round: [Dispatch]) async throws {
         guard let batch = base as? any BatchHandler else { throw NotABatchHandler() }
         let start = ContinuousClock.now
-        telemetry.handlerStarted()
-        defer { telemetry.handlerFinished(after: ContinuousClock.now - start) }
+        telemetry.handlersStarted(1)
+        defer { telemetry.handlersFinished(1, timed: round.count, after: ContinuousClock.now - start) }
         try await batch.handleBatch(round)
     }
 
