@@ -18,11 +18,13 @@ public struct BadInput: Error, Sendable, Equatable, CustomStringConvertible {
         public static let tokenExpired = Reason("token_expired")
         /// Token mode: the token was already used by another message.
         public static let tokenReused = Reason("token_reused")
+        /// `routing.unmatched: dead_letter`: no route matched the message.
+        public static let noRoute = Reason("no_route")
 
         public var description: String { code }
         public static let all: [Reason] = [
             .missingHeader, .missingKey, .invalidUTF8, .invalidJSON, .missingField, .emptyKey, .tooLarge,
-            .tokenUnknown, .tokenExpired, .tokenReused,
+            .tokenUnknown, .tokenExpired, .tokenReused, .noRoute,
         ]
     }
 

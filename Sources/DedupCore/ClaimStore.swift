@@ -33,15 +33,39 @@ public enum KeyState: Sendable, Equatable {
 /// (pipelined), whatever the batch size: this is what keeps dedupd close to the
 /// speed of the store. Results are in the order of the keys given.
 /// Keys arrive already namespaced and length-bounded (see `DedupKey`).
+/// Store keys that share one time to live (a lease for claims, a retention for confirms).
+public struct KeyGroup: Sendable, Equatable {
+    public var keys: [String]
+    public var ttl: Duration
+    public init(_ keys: [String], ttl: Duration) {
+        self.keys = keys
+        self.ttl = ttl
+    }
+}
+
 public protocol ClaimStore: Sendable {
-    /// Claims each key for `owner` with a `pending` lease. Atomic per key (compare-and-set).
-    func claim(_ keys: [String], owner: String, lease: Duration) async throws -> [ClaimOutcome]
-    /// Marks each key `done` for `retention`, if `owner` still holds it (or it expired).
-    func confirm(_ keys: [String], owner: String, retention: Duration) async throws -> [ConfirmOutcome]
+    /// Claims each key for `owner` with a `pending` lease (each group its own, e.g. one per
+    /// route), all groups in one round trip. Atomic per key (compare-and-set). Results follow
+    /// the keys of the groups, in order.
+    func claim(_ groups: [KeyGroup], owner: String) async throws -> [ClaimOutcome]
+    /// Marks each key `done` for its group's retention, if `owner` still holds it (or it expired).
+    func confirm(_ groups: [KeyGroup], owner: String) async throws -> [ConfirmOutcome]
     /// Deletes each key that is `pending` under `owner`; returns whether it was deleted.
     func release(_ keys: [String], owner: String) async throws -> [Bool]
     /// Extends the lease of each key still `pending` under `owner`; returns whether it was extended.
     func renew(_ keys: [String], owner: String, lease: Duration) async throws -> [Bool]
     /// Reads each key's state without changing it.
     func inspect(_ keys: [String]) async throws -> [KeyState]
+}
+
+extension ClaimStore {
+    /// Claims keys that all share one lease.
+    public func claim(_ keys: [String], owner: String, lease: Duration) async throws -> [ClaimOutcome] {
+        try await claim([KeyGroup(keys, ttl: lease)], owner: owner)
+    }
+
+    /// Confirms keys that all share one retention.
+    public func confirm(_ keys: [String], owner: String, retention: Duration) async throws -> [ConfirmOutcome] {
+        try await confirm([KeyGroup(keys, ttl: retention)], owner: owner)
+    }
 }

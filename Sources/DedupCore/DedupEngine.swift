@@ -98,100 +98,121 @@ public struct DedupCounters: Sendable, Equatable {
 /// → `confirming` (awaiting the confirm round trip) → resolved. A key pending under another
 /// worker is `parked` and claimed again later. A repeat of a key in any of these places is
 /// resolved locally as a duplicate.
+///
+/// Each key has one `Entry` that moves from place to place, so a message costs one dictionary
+/// entry for its whole stay, not one per place. Several routes share one engine: each entry
+/// carries its route, whose settings (key, window, lease, retention, keep, token) apply to it,
+/// and offsets are tracked per partition across routes, so a commit never passes a message
+/// still waiting in any route.
 public struct DedupEngine: Sendable {
     public enum Ingested: Sendable, Equatable {
         /// A new key: it will be claimed.
         case new(DedupKey)
         /// A repeat of a key this worker already holds; resolved.
         case localDuplicate(DedupKey)
-        /// Could not be keyed; resolved (logged and counted by the caller).
+        /// Could not be keyed (or no route takes it); resolved or held for the dead-letter topic.
         case bad(BadInput)
     }
 
-    enum Place: Sendable {
-        case claiming, buffered, parked, inFlight, confirming
+    enum Place: UInt8, Sendable {
+        case awaitingToken, claiming, buffered, parked, inFlight, confirming
     }
 
-    struct Parked: Sendable {
+    struct Entry: Sendable {
+        var place: Place
+        var route: Int
         var message: InboundMessage
-        var retryAt: ContinuousClock.Instant
+        var size: Int
+        /// `buffered`: when the window ends; `parked`: when to claim again.
+        var deadline: ContinuousClock.Instant
+        /// `buffered`: when its lease was last taken or extended, to renew it before it runs out.
+        var leaseTakenAt: ContinuousClock.Instant?
+        /// Token mode, `awaitingToken`: the token to use.
+        var token: String?
     }
 
+    /// The default route's settings; its size and buffer bounds apply to the whole worker.
     public let settings: DedupSettings
+    public let routing: Routing
+    /// Settings by route index: 0 is the default route, i the i-th named route.
+    public let routeSettings: [DedupSettings]
     public private(set) var buffer: DelayBuffer
     public private(set) var offsets = OffsetTracker()
     public private(set) var counters = DedupCounters()
 
-    private var places: [DedupKey: Place] = [:]
-    private var claiming: [DedupKey: InboundMessage] = [:]
+    private var entries: [DedupKey: Entry] = [:]
+    /// New keys waiting for their claim, in arrival order.
     private var claimOrder: [DedupKey] = []
     /// Token mode: new keys whose message's token is still to be used (then they join claimOrder).
-    private var awaitingToken: [DedupKey: String] = [:]
-    private var parked: [DedupKey: Parked] = [:]
-    private var inFlight: [DedupKey: InboundMessage] = [:]
-    private var confirming: [DedupKey: InboundMessage] = [:]
-    /// When each buffered key's lease was last taken or extended, to renew it before it runs out.
-    private var leaseTakenAt: [DedupKey: ContinuousClock.Instant] = [:]
-    /// The same, in the order taken: the oldest leases are at the front, so finding the ones to
+    private var awaitingToken: [DedupKey] = []
+    private var parkedKeys: Set<DedupKey> = []
+    /// Dispatched keys waiting for the confirm round trip.
+    private var confirming: [DedupKey] = []
+    public private(set) var inFlightCount = 0
+    /// Buffered leases in the order taken: the oldest are at the front, so finding the ones to
     /// renew costs only the ones due. Entries go stale (renewed again, or left the buffer) and
     /// are dropped when they reach the front.
     private var leaseOrder: Deque<(key: DedupKey, taken: ContinuousClock.Instant)> = []
 
-    public init(settings: DedupSettings) {
+    public init(settings: DedupSettings, routing: Routing = Routing()) {
         self.settings = settings
+        self.routing = routing
+        self.routeSettings = [settings] + routing.routes.map(\.settings)
         self.buffer = DelayBuffer(
-            window: settings.window,
-            maxMessages: settings.bufferMaxMessages,
-            maxBytes: settings.bufferMaxBytes
-        )
+            lanes: routeSettings.count, maxMessages: settings.bufferMaxMessages, maxBytes: settings.bufferMaxBytes)
     }
+
+    var hasRoutes: Bool { routeSettings.count > 1 }
 
     // MARK: - 1-2. Consume and key
 
-    /// Takes a consumed message: tracks its offset, computes its key, resolves repeats of keys
-    /// this worker already holds.
+    /// Takes a consumed message: tracks its offset, picks its route, computes its key, resolves
+    /// repeats of keys this worker already holds.
     public mutating func ingest(_ message: InboundMessage) -> Ingested {
         counters.consumed += 1
         let tp = message.topicPartition
         offsets.track(tp, offset: message.offset)
 
         let key: DedupKey
+        let route: Int
         var token: String?
         do throws(BadInput) {
             if message.value.count > settings.maxMessageBytes {
                 throw BadInput(
                     .tooLarge, "value is \(message.value.count) bytes, limit is \(settings.maxMessageBytes)")
             }
-            key = DedupKey(raw: try settings.template.key(for: message), namespace: settings.namespace)
-            token = try settings.token?.key(for: message)
+            guard let r = hasRoutes || routing.unmatched != .default ? routing.route(for: message) : 0 else {
+                throw BadInput(.noRoute, "no route matches (routes: \(routing.routes.map(\.name).joined(separator: ", ")))")
+            }
+            route = r
+            let s = routeSettings[r]
+            key = DedupKey(raw: try s.template.key(for: message), namespace: s.namespace)
+            token = try s.token?.key(for: message)
         } catch {
             counters.invalid += 1
             if !settings.holdsDeadLetters { offsets.resolve(tp, offset: message.offset) }
             return .bad(error)
         }
 
-        guard let place = places[key] else {
-            places[key] = .claiming
-            claiming[key] = message
-            if let token {
-                awaitingToken[key] = token
-            } else {
-                claimOrder.append(key)
-            }
+        guard let i = entries.index(forKey: key) else {
+            let place: Place = token == nil ? .claiming : .awaitingToken
+            entries[key] = Entry(
+                place: place, route: route, message: message, size: message.approximateSize,
+                deadline: .now, leaseTakenAt: nil, token: token)
+            if token == nil { claimOrder.append(key) } else { awaitingToken.append(key) }
             return .new(key)
         }
         // A repeat of a key held here. `keep: last` swaps in the newer copy where that is still
         // possible (before dispatch); the copy that loses is resolved as a duplicate either way.
         var loser = message
-        if settings.keep == .last {
-            switch place {
-            case .claiming:
-                loser = claiming.updateValue(message, forKey: key)!
-            case .parked:
-                loser = parked[key]!.message
-                parked[key]!.message = message
-            case .buffered:
-                loser = buffer.replace(key, with: message)!
+        if routeSettings[entries.values[i].route].keep == .last {
+            switch entries.values[i].place {
+            case .awaitingToken, .claiming, .parked, .buffered:
+                let size = message.approximateSize
+                if entries.values[i].place == .buffered { buffer.resized(by: size - entries.values[i].size) }
+                loser = entries.values[i].message
+                entries.values[i].message = message
+                entries.values[i].size = size
             case .inFlight, .confirming:
                 break
             }
@@ -203,13 +224,15 @@ public struct DedupEngine: Sendable {
 
     // MARK: - 3. Claim
 
-    /// Token mode: the tokens to use in the next round trip, with the marks of their messages.
-    public func tokensToUse() -> (keys: [DedupKey], tokens: [String], marks: [String]) {
-        var out: (keys: [DedupKey], tokens: [String], marks: [String]) = ([], [], [])
-        for (key, token) in awaitingToken {
+    /// Token mode: the tokens to use in the next round trip (their Redis keys, in each route's
+    /// namespace), with the marks of their messages.
+    public func tokensToUse() -> (keys: [DedupKey], storeKeys: [String], marks: [String]) {
+        var out: (keys: [DedupKey], storeKeys: [String], marks: [String]) = ([], [], [])
+        for key in awaitingToken {
+            guard let e = entries[key], let token = e.token else { continue }
             out.keys.append(key)
-            out.tokens.append(token)
-            out.marks.append(TokenKey.mark(for: claiming[key]!))
+            out.storeKeys.append(TokenKey.storeKey(token, namespace: routeSettings[e.route].namespace))
+            out.marks.append(TokenKey.mark(for: e.message))
         }
         return out
     }
@@ -220,131 +243,189 @@ public struct DedupEngine: Sendable {
         precondition(keys.count == outcomes.count, "one outcome per key")
         var refused: [(BadInput, InboundMessage)] = []
         for (key, outcome) in zip(keys, outcomes) {
-            guard let token = awaitingToken.removeValue(forKey: key), let message = claiming[key] else { continue }
+            guard let i = entries.index(forKey: key), entries.values[i].place == .awaitingToken else { continue }
+            let token = entries.values[i].token ?? ""
             guard let reason = outcome.refusal else {
+                entries.values[i].place = .claiming
+                entries.values[i].token = nil
                 claimOrder.append(key)
                 continue
             }
-            claiming[key] = nil
-            places[key] = nil
+            let message = entries.remove(at: i).value.message
             counters.invalid += 1
             if !settings.holdsDeadLetters { offsets.resolve(message.topicPartition, offset: message.offset) }
             refused.append((BadInput(reason, "token \(token) is \(reason.code.dropFirst("token_".count))"), message))
         }
+        awaitingToken.removeAll { entries[$0]?.place != .awaitingToken }
         return refused
     }
 
     /// Keys to claim in the next round trip: new keys, parked keys whose retry time came, and
     /// buffered keys whose lease is half used (claiming a key this worker owns extends its lease,
     /// so renewals ride in the same pipelined round trip). Nothing moves until `applyClaims`, so
-    /// a failed round trip simply leaves them here.
+    /// a failed round trip simply leaves them here. With several routes the keys come grouped
+    /// by route, so `storeGroups` cuts them into few groups.
     public mutating func keysToClaim(now: ContinuousClock.Instant) -> [DedupKey] {
         var keys = claimOrder
-        for (key, p) in parked where p.retryAt <= now { keys.append(key) }
-        while let first = leaseOrder.first, leaseTakenAt[first.key] != first.taken {
+        for key in parkedKeys where entries[key].map({ $0.deadline <= now }) ?? false { keys.append(key) }
+        while let first = leaseOrder.first, entries[first.key]?.leaseTakenAt != first.taken {
             leaseOrder.removeFirst()
         }
-        let renewBefore = now - settings.lease / 2
         for entry in leaseOrder {
-            guard entry.taken <= renewBefore else { break }
-            if leaseTakenAt[entry.key] == entry.taken { keys.append(entry.key) }
+            guard let e = entries[entry.key], e.leaseTakenAt == entry.taken else { continue }
+            // Leases differ per route, so a young lease of one route may precede an old one of
+            // another: with routes the whole queue is looked at (it is ordered by time taken).
+            guard entry.taken <= now - routeSettings[e.route].lease / 2 else {
+                if hasRoutes { continue } else { break }
+            }
+            keys.append(entry.key)
         }
-        return keys
+        return groupedByRoute(keys)
+    }
+
+    /// The store keys of `keys` cut into groups of one time to live (`\.lease` for claims,
+    /// `\.retention` for confirms), in the order of `keys`, for one round trip.
+    public func storeGroups(_ keys: [DedupKey], ttl: KeyPath<DedupSettings, Duration>) -> [KeyGroup] {
+        guard hasRoutes else { return keys.isEmpty ? [] : [KeyGroup(keys.map(\.storeKey), ttl: settings[keyPath: ttl])] }
+        var groups: [KeyGroup] = []
+        for key in keys {
+            let t = routeSettings[entries[key]?.route ?? 0][keyPath: ttl]
+            if groups.last?.ttl == t { groups[groups.count - 1].keys.append(key.storeKey) } else { groups.append(KeyGroup([key.storeKey], ttl: t)) }
+        }
+        return groups
+    }
+
+    private func groupedByRoute(_ keys: [DedupKey]) -> [DedupKey] {
+        guard hasRoutes, keys.count > 1 else { return keys }
+        return keys.map { (key: $0, route: entries[$0]?.route ?? 0) }.enumerated()
+            .sorted { ($0.element.route, $0.offset) < ($1.element.route, $1.offset) }.map(\.element.key)
     }
 
     /// Applies the store's answers, in the order of `keys` from `keysToClaim`.
     public mutating func applyClaims(_ keys: [DedupKey], _ outcomes: [ClaimOutcome], now: ContinuousClock.Instant) {
         precondition(keys.count == outcomes.count, "one outcome per key")
+        var newClaims = 0
         for (key, outcome) in zip(keys, outcomes) {
-            let message: InboundMessage
-            switch places[key] {
-            case .claiming?: message = claiming.removeValue(forKey: key)!
-            case .parked?: message = parked.removeValue(forKey: key)!.message
-            case .buffered?:
-                applyRenewal(key, outcome, now: now)
+            guard let i = entries.index(forKey: key) else { continue }  // revoked meanwhile
+            switch entries.values[i].place {
+            case .claiming: newClaims += 1
+            case .parked: parkedKeys.remove(key)
+            case .buffered:
+                applyRenewal(at: i, key, outcome, now: now)
                 continue
-            default: continue  // revoked meanwhile
+            default: continue
             }
             switch outcome {
             case .claimed, .alreadyOwned:
                 // `alreadyOwned`: this worker claimed it before, e.g. its release failed when the
                 // partition was revoked and then came back. It was never dispatched: buffer it.
-                places[key] = .buffered
-                takeLease(key, now: now)
-                buffer.insert(key, message, now: now)
+                let route = entries.values[i].route
+                let deadline = now + routeSettings[route].window
+                entries.values[i].place = .buffered
+                entries.values[i].deadline = deadline
+                entries.values[i].leaseTakenAt = now
+                leaseOrder.append((key, now))
+                buffer.add(key, lane: route, deadline: deadline, size: entries.values[i].size)
             case .done:
-                places[key] = nil
+                let message = entries.remove(at: i).value.message
                 counters.duplicatesStore += 1
                 offsets.resolve(message.topicPartition, offset: message.offset)
             case .pendingElsewhere:
                 // A copy is in flight at another worker; its offset is not committed there, so
                 // nothing is lost by waiting. Look again until it is done or its lease expires.
-                places[key] = .parked
-                counters.parked += 1
-                parked[key] = Parked(message: message, retryAt: now + settings.parkRetry)
+                park(at: i, key, now: now)
             }
         }
-        let claimed = Set(keys)
-        claimOrder.removeAll { claimed.contains($0) }
+        if newClaims == claimOrder.count {
+            claimOrder.removeAll(keepingCapacity: true)
+        } else {
+            claimOrder.removeAll { entries[$0]?.place != .claiming }
+        }
+    }
+
+    private mutating func park(at i: Dictionary<DedupKey, Entry>.Index, _ key: DedupKey, now: ContinuousClock.Instant) {
+        entries.values[i].place = .parked
+        entries.values[i].deadline = now + settings.parkRetry
+        entries.values[i].leaseTakenAt = nil
+        parkedKeys.insert(key)
+        counters.parked += 1
     }
 
     /// The answer to re-claiming a buffered key. Normally the lease is extended. If it had run
     /// out and another worker took the key meanwhile, this copy leaves the buffer: a duplicate
     /// if that worker is done, parked if its copy is still in flight.
-    private mutating func applyRenewal(_ key: DedupKey, _ outcome: ClaimOutcome, now: ContinuousClock.Instant) {
+    private mutating func applyRenewal(
+        at i: Dictionary<DedupKey, Entry>.Index, _ key: DedupKey, _ outcome: ClaimOutcome, now: ContinuousClock.Instant
+    ) {
         switch outcome {
         case .claimed, .alreadyOwned:
-            takeLease(key, now: now)
+            entries.values[i].leaseTakenAt = now
+            leaseOrder.append((key, now))
             counters.renewed += 1
         case .done:
-            guard let e = buffer.remove(key) else { return }
-            places[key] = nil
-            leaseTakenAt[key] = nil
+            let e = entries.remove(at: i).value
+            buffer.removed(size: e.size)
             counters.leasesLost += 1
             counters.duplicatesStore += 1
             offsets.resolve(e.message.topicPartition, offset: e.message.offset)
         case .pendingElsewhere:
-            guard let e = buffer.remove(key) else { return }
-            leaseTakenAt[key] = nil
+            buffer.removed(size: entries.values[i].size)
             counters.leasesLost += 1
-            counters.parked += 1
-            places[key] = .parked
-            parked[key] = Parked(message: e.message, retryAt: now + settings.parkRetry)
+            park(at: i, key, now: now)
         }
-    }
-
-    private mutating func takeLease(_ key: DedupKey, now: ContinuousClock.Instant) {
-        leaseTakenAt[key] = now
-        leaseOrder.append((key, now))
     }
 
     /// `on_store_error: fail_open`: the store did not answer, and the operator chose to let
     /// messages through unclaimed rather than stop. Dedup then rests on the window alone.
     public mutating func applyClaimsWithoutStore(_ keys: [DedupKey], now: ContinuousClock.Instant) {
-        let fresh = keys.filter { places[$0] == .claiming || places[$0] == .parked }.count
+        let fresh = keys.filter { entries[$0]?.place == .claiming || entries[$0]?.place == .parked }.count
         counters.unclaimed += fresh
         applyClaims(keys, Array(repeating: .claimed, count: keys.count), now: now)
     }
 
-    public var parkedCount: Int { parked.count }
+    public var parkedCount: Int { parkedKeys.count }
 
     // MARK: - 4-5. Delay buffer and dispatch
 
+    private func isLive(_ slot: DelayBuffer.Slot) -> Bool {
+        guard let e = entries[slot.key] else { return false }
+        return e.place == .buffered && e.deadline == slot.deadline
+    }
+
+    /// The earliest moment a buffered message becomes due.
+    public var nextDeadline: ContinuousClock.Instant? { buffer.nextDeadline(isLive: isLive) }
+
     /// Messages whose window has passed, now handed to the handler.
     public mutating func takeDue(now: ContinuousClock.Instant, limit: Int = .max) -> [Dispatch] {
-        buffer.popDue(now: now, limit: limit).map { entry in
-            places[entry.key] = .inFlight
-            leaseTakenAt[entry.key] = nil
-            inFlight[entry.key] = entry.message
-            return Dispatch(key: entry.key, message: entry.message)
+        let slots: [DelayBuffer.Slot]
+        do {
+            // A scoped copy for the check (the buffer is mutated meanwhile, so it cannot read
+            // `self`); it ends before `entries` is mutated below, which then needs no copy.
+            let entries = self.entries
+            slots = buffer.popDue(now: now, limit: limit) { slot in
+                guard let e = entries[slot.key] else { return false }
+                return e.place == .buffered && e.deadline == slot.deadline
+            }
         }
+        var due: [Dispatch] = []
+        due.reserveCapacity(slots.count)
+        for slot in slots {
+            let i = self.entries.index(forKey: slot.key)!
+            self.entries.values[i].place = .inFlight
+            self.entries.values[i].leaseTakenAt = nil
+            buffer.removed(size: self.entries.values[i].size)
+            due.append(Dispatch(key: slot.key, message: self.entries.values[i].message, route: self.entries.values[i].route))
+        }
+        inFlightCount += due.count
+        return due
     }
 
     /// The handler took the message: its key goes to the next confirm round trip.
     public mutating func dispatchSucceeded(_ key: DedupKey) {
-        guard let message = inFlight.removeValue(forKey: key) else { return }
-        places[key] = .confirming
-        confirming[key] = message
+        guard let i = entries.index(forKey: key), entries.values[i].place == .inFlight else { return }
+        entries.values[i].place = .confirming
+        confirming.append(key)
+        inFlightCount -= 1
         counters.dispatched += 1
     }
 
@@ -352,8 +433,9 @@ public struct DedupEngine: Sendable {
     /// the message and its reason) — or, with `holdsDeadLetters`, once the caller reports it
     /// dead-lettered — and the claim must be released so a corrected resend can pass.
     public mutating func dispatchFailed(_ key: DedupKey) {
-        guard let message = inFlight.removeValue(forKey: key) else { return }
-        places[key] = nil
+        guard let i = entries.index(forKey: key), entries.values[i].place == .inFlight else { return }
+        let message = entries.remove(at: i).value.message
+        inFlightCount -= 1
         counters.failed += 1
         if !settings.holdsDeadLetters { offsets.resolve(message.topicPartition, offset: message.offset) }
     }
@@ -368,26 +450,34 @@ public struct DedupEngine: Sendable {
     /// The handler never took the message (shutdown deadline): it is neither dispatched nor
     /// resolved, so its offset stays uncommitted and the claim must be released.
     public mutating func dispatchAbandoned(_ key: DedupKey) {
-        guard inFlight.removeValue(forKey: key) != nil else { return }
-        places[key] = nil
+        guard let i = entries.index(forKey: key), entries.values[i].place == .inFlight else { return }
+        entries.remove(at: i)
+        inFlightCount -= 1
         counters.released += 1
     }
 
-    public var inFlightCount: Int { inFlight.count }
     /// Dispatched messages whose keys are not yet confirmed in the store.
     public var confirmingCount: Int { confirming.count }
 
     // MARK: - 6. Confirm
 
-    public func keysToConfirm() -> [DedupKey] { Array(confirming.keys) }
+    /// Keys to confirm, grouped by route (see `storeGroups(_:ttl: \.retention)`).
+    public func keysToConfirm() -> [DedupKey] { groupedByRoute(confirming) }
 
     public mutating func applyConfirms(_ keys: [DedupKey], _ outcomes: [ConfirmOutcome]) {
         precondition(keys.count == outcomes.count, "one outcome per key")
+        var applied = 0
         for (key, outcome) in zip(keys, outcomes) {
-            guard let message = confirming.removeValue(forKey: key) else { continue }
-            places[key] = nil
+            guard let i = entries.index(forKey: key), entries.values[i].place == .confirming else { continue }
+            let message = entries.remove(at: i).value.message
+            applied += 1
             if case .notOwner = outcome { counters.confirmConflicts += 1 }
             offsets.resolve(message.topicPartition, offset: message.offset)
+        }
+        if applied == confirming.count {
+            confirming.removeAll(keepingCapacity: true)
+        } else {
+            confirming.removeAll { entries[$0]?.place != .confirming }
         }
     }
 
@@ -402,55 +492,66 @@ public struct DedupEngine: Sendable {
 
     /// Partitions were taken away. Their waiting messages are dropped here without storing an
     /// offset, so the partition's next owner reads them again; returns the keys whose claims this
-    /// worker must release so that owner can claim them at once.
+    /// worker must release so that owner can claim them at once. Messages in a handler or
+    /// awaiting their confirm stay: the round is not interrupted.
     public mutating func revoke(_ partitions: Set<TopicPartition>) -> [DedupKey] {
-        let removed = buffer.removeAll(in: partitions)
-        for e in removed {
-            places[e.key] = nil
-            leaseTakenAt[e.key] = nil
+        var released: [(key: DedupKey, deadline: ContinuousClock.Instant)] = []
+        var dropped: [DedupKey] = []
+        for (key, e) in entries where partitions.contains(e.message.topicPartition) {
+            switch e.place {
+            case .buffered:
+                released.append((key, e.deadline))
+                buffer.removed(size: e.size)
+                dropped.append(key)
+            case .awaitingToken, .claiming, .parked:
+                dropped.append(key)
+            case .inFlight, .confirming:
+                continue
+            }
         }
-        for (key, m) in claiming where partitions.contains(m.topicPartition) {
-            claiming[key] = nil
-            places[key] = nil
-            awaitingToken[key] = nil
+        for key in dropped { entries[key] = nil }
+        if !dropped.isEmpty {
+            claimOrder.removeAll { entries[$0] == nil }
+            awaitingToken.removeAll { entries[$0] == nil }
+            parkedKeys = parkedKeys.filter { entries[$0] != nil }
         }
-        claimOrder.removeAll { claiming[$0] == nil }
-        for (key, p) in parked where partitions.contains(p.message.topicPartition) {
-            parked[key] = nil
-            places[key] = nil
-        }
+        if buffer.isEmpty { buffer.clearSlots() }
         for tp in partitions { offsets.forget(tp) }
-        counters.released += removed.count
-        return removed.map(\.key)
+        counters.released += released.count
+        return released.sorted { $0.deadline < $1.deadline }.map(\.key)
     }
 
     /// Shutdown: everything still waiting (claiming, in the window, parked) is given back: claims
     /// released, offsets not stored, so that the next worker dispatches it. Take the commit
     /// positions first; this forgets the partitions it drains.
     public mutating func drainForShutdown() -> [DedupKey] {
-        var partitions = Set(claiming.values.map(\.topicPartition))
-        partitions.formUnion(parked.values.map(\.message.topicPartition))
-        partitions.formUnion(buffer.partitions)
+        var partitions = Set<TopicPartition>()
+        for e in entries.values where e.place != .inFlight && e.place != .confirming {
+            partitions.insert(e.message.topicPartition)
+        }
         return revoke(partitions)
     }
 
     // MARK: - State
 
     /// Whether this worker currently holds the key anywhere (claiming, window, handler, confirm).
-    public func isHolding(_ key: DedupKey) -> Bool { places[key] != nil }
+    public func isHolding(_ key: DedupKey) -> Bool { entries[key] != nil }
 
     /// Nothing is waiting anywhere: safe to stop when idle.
-    public var isIdle: Bool { places.isEmpty }
+    public var isIdle: Bool { entries.isEmpty }
 
     /// When the caller must act again even if no message arrives.
     public var nextWakeup: ContinuousClock.Instant? {
-        var t = buffer.nextDeadline
-        for p in parked.values where t == nil || p.retryAt < t! { t = p.retryAt }
+        var t = nextDeadline
+        for key in parkedKeys {
+            guard let retry = entries[key]?.deadline else { continue }
+            if t == nil || retry < t! { t = retry }
+        }
         return t
     }
 
     /// Backpressure: pause the partitions while this is true.
-    public var shouldPause: Bool { buffer.isFull || parked.count >= settings.bufferMaxMessages }
+    public var shouldPause: Bool { buffer.isFull || parkedKeys.count >= settings.bufferMaxMessages }
     /// Resume once the buffer has drained well below its bounds.
-    public var canResume: Bool { buffer.hasRoom && parked.count < settings.bufferMaxMessages / 2 }
+    public var canResume: Bool { buffer.hasRoom && parkedKeys.count < settings.bufferMaxMessages / 2 }
 }

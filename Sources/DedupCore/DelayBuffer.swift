@@ -8,119 +8,95 @@ public enum KeepPolicy: String, Sendable, CaseIterable {
     case last
 }
 
-/// Holds each new message for the dedup window `W` so that repeats arriving meanwhile are absorbed
-/// without a round trip to Redis (DESIGN.md step 4, "the delay queue").
+/// The delay queue (DESIGN.md step 4): the order in which buffered keys become due, and the
+/// bounds that make the consumer pause instead of growing (backpressure, not memory growth).
 ///
-/// Entries leave in deadline order. The window is the same for every entry of one buffer, and
-/// arrivals are monotonic, so the deadline order is the arrival order and a FIFO suffices.
-/// The buffer is bounded in messages and bytes: `isFull` tells the consumer to pause its
-/// partitions until it drains (backpressure, not memory growth).
+/// The messages themselves stay in the engine's one entry per key; this holds only
+/// `(key, deadline)` slots, so a message is never copied between places on its way through.
+/// Each lane has one window (a route's), and arrivals are monotonic, so within a lane the
+/// deadline order is the arrival order and a FIFO suffices; with several routes the earliest
+/// of the lanes' heads is due first.
+///
+/// A slot goes stale when its key leaves the window some other way (revocation, a lost lease);
+/// the owner says which slots are live, and stale ones are skipped when they reach the front.
 public struct DelayBuffer: Sendable {
-    public struct Entry: Sendable {
+    public struct Slot: Sendable {
         public var key: DedupKey
-        public var message: InboundMessage
         public var deadline: ContinuousClock.Instant
-        public var size: Int
     }
 
-    public let window: Duration
     public let maxMessages: Int
     public let maxBytes: Int
-
-    /// Keys in deadline order. A key removed out of order (revocation) is skipped when popped.
-    private var order: Deque<(key: DedupKey, deadline: ContinuousClock.Instant)> = []
-    private var entries: [DedupKey: Entry] = [:]
+    /// Live messages and their bytes, kept by the owner through `added`/`removed`/`resized`.
+    public private(set) var count = 0
     public private(set) var bytes = 0
 
-    public init(window: Duration, maxMessages: Int, maxBytes: Int) {
-        self.window = window
+    private var lanes: [Deque<Slot>]
+
+    public init(lanes: Int = 1, maxMessages: Int, maxBytes: Int) {
+        self.lanes = Array(repeating: [], count: max(1, lanes))
         self.maxMessages = maxMessages
         self.maxBytes = maxBytes
     }
 
-    public var count: Int { entries.count }
-    public var isEmpty: Bool { entries.isEmpty }
+    public var isEmpty: Bool { count == 0 }
     /// At or over a bound: pause consumption.
-    public var isFull: Bool { entries.count >= maxMessages || bytes >= maxBytes }
+    public var isFull: Bool { count >= maxMessages || bytes >= maxBytes }
     /// Drained to half of both bounds: resume consumption. The gap avoids pausing and resuming on every batch.
-    public var hasRoom: Bool { entries.count <= maxMessages / 2 && bytes <= maxBytes / 2 }
+    public var hasRoom: Bool { count <= maxMessages / 2 && bytes <= maxBytes / 2 }
 
-    public func contains(_ key: DedupKey) -> Bool { entries[key] != nil }
-
-    /// The partitions that have messages waiting here.
-    public var partitions: Set<TopicPartition> { Set(entries.values.map(\.message.topicPartition)) }
-
-    /// Adds a newly claimed message; it becomes due at `now + window`.
-    public mutating func insert(_ key: DedupKey, _ message: InboundMessage, now: ContinuousClock.Instant) {
-        precondition(entries[key] == nil, "a key is buffered at most once")
-        let size = message.approximateSize
-        let deadline = now + window
-        entries[key] = Entry(key: key, message: message, deadline: deadline, size: size)
-        order.append((key, deadline))
+    /// A key enters the window of `lane`; it becomes due at `deadline`.
+    public mutating func add(_ key: DedupKey, lane: Int, deadline: ContinuousClock.Instant, size: Int) {
+        lanes[lane].append(Slot(key: key, deadline: deadline))
+        count += 1
         bytes += size
     }
 
-    /// `keep: last`: the newer copy replaces the buffered one, keeping the original deadline (the
-    /// window runs from the first copy). Returns the replaced message, which is now a duplicate.
-    public mutating func replace(_ key: DedupKey, with message: InboundMessage) -> InboundMessage? {
-        guard var entry = entries[key] else { return nil }
-        let old = entry.message
-        let size = message.approximateSize
-        bytes += size - entry.size
-        entry.message = message
-        entry.size = size
-        entries[key] = entry
-        return old
+    /// A key left the window (due, revoked, lease lost): only the bounds change, its slot goes stale.
+    public mutating func removed(size: Int) {
+        count -= 1
+        bytes -= size
     }
 
-    /// The earliest deadline still waiting, to bound how long the consumer may block in poll.
-    public var nextDeadline: ContinuousClock.Instant? {
-        var i = order.startIndex
-        while i < order.endIndex {
-            let head = order[i]
-            if let e = entries[head.key], e.deadline == head.deadline { return head.deadline }
-            i += 1
+    /// `keep: last` swapped the buffered message for one of another size.
+    public mutating func resized(by delta: Int) { bytes += delta }
+
+    /// The earliest live deadline, to bound how long the consumer may block in poll.
+    public func nextDeadline(isLive: (Slot) -> Bool) -> ContinuousClock.Instant? {
+        var best: ContinuousClock.Instant?
+        for lane in lanes {
+            guard let head = lane.first(where: isLive) else { continue }
+            if best == nil || head.deadline < best! { best = head.deadline }
         }
-        return nil
+        return best
     }
 
-    /// Removes and returns every entry whose window has passed, in deadline order.
-    public mutating func popDue(now: ContinuousClock.Instant, limit: Int = .max) -> [Entry] {
-        var due: [Entry] = []
-        while due.count < limit, let head = order.first, head.deadline <= now {
-            order.removeFirst()
-            guard let e = entries[head.key], e.deadline == head.deadline else { continue }
-            entries[head.key] = nil
-            bytes -= e.size
-            due.append(e)
+    /// Removes and returns the slots whose deadline has passed, earliest first, at most `limit`
+    /// live ones; stale slots met on the way are dropped.
+    public mutating func popDue(now: ContinuousClock.Instant, limit: Int = .max, isLive: (Slot) -> Bool) -> [Slot] {
+        var due: [Slot] = []
+        if lanes.count == 1 {
+            while due.count < limit, let head = lanes[0].first, head.deadline <= now {
+                lanes[0].removeFirst()
+                if isLive(head) { due.append(head) }
+            }
+            return due
+        }
+        while due.count < limit {
+            var pick: Int?
+            for i in lanes.indices {
+                while let head = lanes[i].first, !isLive(head) { lanes[i].removeFirst() }
+                guard let head = lanes[i].first, head.deadline <= now else { continue }
+                if pick == nil || head.deadline < lanes[pick!].first!.deadline { pick = i }
+            }
+            guard let i = pick else { break }
+            due.append(lanes[i].removeFirst())
         }
         return due
     }
 
-    /// Removes one entry (its claim was lost: another worker holds or finished the key).
-    public mutating func remove(_ key: DedupKey) -> Entry? {
-        guard let e = entries.removeValue(forKey: key) else { return nil }
-        bytes -= e.size
-        return e
-    }
-
-    /// Removes and returns every entry whose message belongs to one of `partitions` (revocation, shutdown).
-    public mutating func removeAll(in partitions: Set<TopicPartition>) -> [Entry] {
-        let removed = entries.values.filter { partitions.contains($0.message.topicPartition) }
-        for e in removed {
-            entries[e.key] = nil
-            bytes -= e.size
-        }
-        if entries.isEmpty { order.removeAll() }
-        return removed.sorted { $0.deadline < $1.deadline }
-    }
-
-    /// Removes and returns everything.
-    public mutating func removeAll() -> [Entry] {
-        let all = entries.values.sorted { $0.deadline < $1.deadline }
-        entries.removeAll()
-        order.removeAll()
-        bytes = 0
-        return all
+    /// Forgets every slot (the window was emptied: shutdown, or the last revocation).
+    public mutating func clearSlots() {
+        for i in lanes.indices { lanes[i].removeAll() }
     }
 }

@@ -5,11 +5,14 @@ public struct Dispatch: Sendable {
     public var message: InboundMessage
     /// 1 for the first try; retries count up.
     public var attempt: Int
+    /// The route that took the message: 0 is the default route, i is the i-th named route.
+    public var route: Int
 
-    public init(key: DedupKey, message: InboundMessage, attempt: Int = 1) {
+    public init(key: DedupKey, message: InboundMessage, attempt: Int = 1, route: Int = 0) {
         self.key = key
         self.message = message
         self.attempt = attempt
+        self.route = route
     }
 }
 

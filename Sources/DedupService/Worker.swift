@@ -167,7 +167,7 @@ public final class Worker: Service {
                     resolveWithoutStore(&state)
                 }
             } while finished && rounds <= config.batchSize / max(1, config.handlerMaxBatch)
-                && !isStopRequested && (state.engine.buffer.nextDeadline.map { $0 <= clock.now } ?? false)
+                && !isStopRequested && (state.engine.nextDeadline.map { $0 <= clock.now } ?? false)
             storeOffsets(&state, consumer: consumer)
             await applyBackpressure(&state, consumer: consumer)
 
@@ -283,9 +283,8 @@ public final class Worker: Service {
     func tokenRound(state: inout LoopState, store: RedisClaimStore, rng: inout SystemRandomNumberGenerator) async {
         let pending = state.engine.tokensToUse()
         guard !pending.keys.isEmpty else { return }
-        let storeKeys = pending.tokens.map { TokenKey.storeKey($0, namespace: config.dedup.namespace) }
         do {
-            let outcomes = try await store.use(storeKeys, marks: pending.marks)
+            let outcomes = try await store.use(pending.storeKeys, marks: pending.marks)
             storeSucceeded(&state)
             for (bad, message) in state.engine.applyTokens(pending.keys, outcomes) {
                 badInput(bad, message, state: &state)

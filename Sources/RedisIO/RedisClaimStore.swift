@@ -33,8 +33,10 @@ public final class RedisClaimStore: ClaimStore {
         self.onRoundTrip = onRoundTrip
     }
 
-    public func claim(_ keys: [String], owner: String, lease: Duration) async throws -> [ClaimOutcome] {
-        let replies = try await run(.claim, keys: keys, args: [RedisArgument(owner), RedisArgument(Self.millis(lease))])
+    public func claim(_ groups: [KeyGroup], owner: String) async throws -> [ClaimOutcome] {
+        let replies = try await run(.claim, groups.map {
+            ScriptBatch(keys: $0.keys, args: [RedisArgument(owner), RedisArgument(Self.millis($0.ttl))])
+        })
         return try replies.map { reply in
             switch reply.text {
             case "c": return .claimed
@@ -46,8 +48,10 @@ public final class RedisClaimStore: ClaimStore {
         }
     }
 
-    public func confirm(_ keys: [String], owner: String, retention: Duration) async throws -> [ConfirmOutcome] {
-        let replies = try await run(.confirm, keys: keys, args: [RedisArgument(owner), RedisArgument(Self.millis(retention))])
+    public func confirm(_ groups: [KeyGroup], owner: String) async throws -> [ConfirmOutcome] {
+        let replies = try await run(.confirm, groups.map {
+            ScriptBatch(keys: $0.keys, args: [RedisArgument(owner), RedisArgument(Self.millis($0.ttl))])
+        })
         return try replies.map { reply in
             switch reply.text {
             case "c": return .confirmed
@@ -90,25 +94,48 @@ public final class RedisClaimStore: ClaimStore {
 
     // MARK: - Scripts
 
-    /// Runs `script` over all keys in one pipeline and returns the per-key results, in key order.
+    /// Keys run through one script with the same arguments (e.g. one lease).
     /// `perKeyArgs`, when given, holds one argument per key, passed with its chunk after `args`.
+    private struct ScriptBatch {
+        var keys: [String]
+        var args: [RedisArgument]
+        var perKeyArgs: [RedisArgument]? = nil
+    }
+
+    /// One script chunk: keys `range` of batch `batch`.
+    private struct Chunk {
+        var batch: Int
+        var range: Range<Int>
+        var count: Int { range.count }
+    }
+
     private func run(
         _ script: LuaScript, keys: [String], args: [RedisArgument], perKeyArgs: [RedisArgument]? = nil,
         repliesPerKey: Int = 1
     ) async throws -> [RedisReply] {
-        if keys.isEmpty { return [] }
+        try await run(script, [ScriptBatch(keys: keys, args: args, perKeyArgs: perKeyArgs)], repliesPerKey: repliesPerKey)
+    }
+
+    /// Runs `script` over the keys of all batches in one pipeline and returns the per-key
+    /// results, in key order (batch after batch).
+    private func run(_ script: LuaScript, _ batches: [ScriptBatch], repliesPerKey: Int = 1) async throws -> [RedisReply] {
+        var chunks: [Chunk] = []
+        for (b, batch) in batches.enumerated() {
+            for start in stride(from: 0, to: batch.keys.count, by: maxKeysPerScript) {
+                chunks.append(Chunk(batch: b, range: start..<min(start + maxKeysPerScript, batch.keys.count)))
+            }
+        }
+        if chunks.isEmpty { return [] }
         var sha = try await loadedSHA(script)
         let started = ContinuousClock.now
         defer { onRoundTrip?(script.name, ContinuousClock.now - started) }
-        let chunks = stride(from: 0, to: keys.count, by: maxKeysPerScript).map {
-            keys[$0..<min($0 + maxKeysPerScript, keys.count)]
-        }
-        func evalsha(_ sha: String, _ chunk: ArraySlice<String>) -> [RedisArgument] {
+        func evalsha(_ sha: String, _ chunk: Chunk) -> [RedisArgument] {
+            let batch = batches[chunk.batch]
             var command: [RedisArgument] = ["EVALSHA", RedisArgument(sha), RedisArgument(chunk.count)]
-            command.reserveCapacity(3 + chunk.count + args.count)
-            for key in chunk { command.append(RedisArgument(key)) }
-            command.append(contentsOf: args)
-            if let perKeyArgs { command.append(contentsOf: perKeyArgs[chunk.indices]) }
+            command.reserveCapacity(3 + chunk.count * (batch.perKeyArgs == nil ? 1 : 2) + batch.args.count)
+            for key in batch.keys[chunk.range] { command.append(RedisArgument(key)) }
+            command.append(contentsOf: batch.args)
+            if let perKeyArgs = batch.perKeyArgs { command.append(contentsOf: perKeyArgs[chunk.range]) }
             return command
         }
         var replies = try await connection.pipeline(chunks.map { evalsha(sha, $0) })
@@ -137,7 +164,7 @@ public final class RedisClaimStore: ClaimStore {
         }
 
         var results: [RedisReply] = []
-        results.reserveCapacity(keys.count * repliesPerKey)
+        results.reserveCapacity(chunks.reduce(0) { $0 + $1.count } * repliesPerKey)
         for (chunk, reply) in zip(chunks, replies) {
             switch try reply.throwingOnError("EVALSHA \(script.name)") {
             case .array(let items) where items.count == chunk.count * repliesPerKey:

@@ -4,56 +4,47 @@ import Testing
 @Suite struct DelayBufferTests {
     let k1 = DedupKey(raw: "a", namespace: "n")
     let k2 = DedupKey(raw: "b", namespace: "n")
+    let k3 = DedupKey(raw: "c", namespace: "n")
 
-    @Test func entriesWaitForTheWindow() {
-        var clock = TestClock()
-        var b = DelayBuffer(window: .seconds(5), maxMessages: 10, maxBytes: 1 << 20)
-        b.insert(k1, msg("a", offset: 0), now: clock.now)
-        clock.advance(.seconds(1))
-        b.insert(k2, msg("b", offset: 1), now: clock.now)
-        clock.advance(.milliseconds(3999))
-        #expect(b.popDue(now: clock.now).isEmpty)
-        clock.advance(.milliseconds(1))
-        #expect(b.popDue(now: clock.now).map(\.key) == [k1])
-        #expect(b.nextDeadline == clock.now + .seconds(1))
-        clock.advance(.seconds(1))
-        #expect(b.popDue(now: clock.now).map(\.key) == [k2])
-        #expect(b.isEmpty && b.bytes == 0)
+    @Test func slotsBecomeDueInDeadlineOrderAcrossLanes() {
+        let clock = TestClock()
+        var b = DelayBuffer(lanes: 2, maxMessages: 10, maxBytes: 1 << 20)
+        // Lane 1 has a shorter window: its later arrival is due first.
+        b.add(k1, lane: 0, deadline: clock.now + .seconds(5), size: 10)
+        b.add(k2, lane: 1, deadline: clock.now + .seconds(2), size: 10)
+        b.add(k3, lane: 0, deadline: clock.now + .seconds(6), size: 10)
+        #expect(b.nextDeadline { _ in true } == clock.now + .seconds(2))
+        #expect(b.popDue(now: clock.now + .seconds(1)) { _ in true }.isEmpty)
+        #expect(b.popDue(now: clock.now + .seconds(5)) { _ in true }.map(\.key) == [k2, k1])
+        #expect(b.popDue(now: clock.now + .seconds(9), limit: 1) { _ in true }.map(\.key) == [k3])
+    }
+
+    @Test func staleSlotsAreSkipped() {
+        let clock = TestClock()
+        var b = DelayBuffer(maxMessages: 10, maxBytes: 1 << 20)
+        b.add(k1, lane: 0, deadline: clock.now + .seconds(1), size: 10)
+        b.add(k2, lane: 0, deadline: clock.now + .seconds(2), size: 10)
+        b.removed(size: 10)  // k1 left the window some other way
+        let live: (DelayBuffer.Slot) -> Bool = { $0.key != k1 }
+        #expect(b.nextDeadline(isLive: live) == clock.now + .seconds(2))
+        #expect(b.popDue(now: clock.now + .seconds(3), isLive: live).map(\.key) == [k2])
     }
 
     @Test func boundedByMessagesAndBytes() {
         let clock = TestClock()
-        var b = DelayBuffer(window: .seconds(5), maxMessages: 2, maxBytes: 1 << 20)
-        b.insert(k1, msg("a", offset: 0), now: clock.now)
+        var b = DelayBuffer(maxMessages: 2, maxBytes: 1 << 20)
+        b.add(k1, lane: 0, deadline: clock.now, size: 100)
         #expect(!b.isFull)
-        b.insert(k2, msg("b", offset: 1), now: clock.now)
+        b.add(k2, lane: 0, deadline: clock.now, size: 100)
         #expect(b.isFull && !b.hasRoom)
+        b.removed(size: 100)
+        #expect(!b.isFull && b.hasRoom && b.count == 1 && b.bytes == 100)
 
-        var small = DelayBuffer(window: .seconds(5), maxMessages: 100, maxBytes: 300)
-        small.insert(k1, msg("a", offset: 0, value: String(repeating: "x", count: 400)), now: clock.now)
+        var small = DelayBuffer(maxMessages: 100, maxBytes: 300)
+        small.add(k1, lane: 0, deadline: clock.now, size: 200)
+        #expect(!small.isFull)
+        small.resized(by: 200)  // keep: last swapped in a larger copy
         #expect(small.isFull)
-    }
-
-    @Test func keepLastReplacesButKeepsTheDeadline() {
-        var clock = TestClock()
-        var b = DelayBuffer(window: .seconds(5), maxMessages: 10, maxBytes: 1 << 20)
-        b.insert(k1, msg("a", offset: 0, value: "old"), now: clock.now)
-        clock.advance(.seconds(3))
-        let old = b.replace(k1, with: msg("a", offset: 7, value: "new"))
-        #expect(old?.offset == 0)
-        clock.advance(.seconds(2))
-        let due = b.popDue(now: clock.now)
-        #expect(due.count == 1 && due[0].message.offset == 7)
-    }
-
-    @Test func revocationRemovesOnlyThosePartitions() {
-        let clock = TestClock()
-        var b = DelayBuffer(window: .seconds(5), maxMessages: 10, maxBytes: 1 << 20)
-        b.insert(k1, msg("a", partition: 0, offset: 0), now: clock.now)
-        b.insert(k2, msg("b", partition: 1, offset: 0), now: clock.now)
-        let removed = b.removeAll(in: [TopicPartition(topic: "t", partition: 1)])
-        #expect(removed.map(\.key) == [k2])
-        #expect(b.count == 1 && b.contains(k1) && !b.contains(k2))
     }
 }
 

@@ -275,10 +275,10 @@ struct Harness {
         for (i, id) in ["ok", "old", "used", "nope"].enumerated() { _ = engine.ingest(msg(id, offset: Int64(i))) }
         #expect(engine.keysToClaim(now: clock.now).isEmpty, "nothing is claimed before its token is used")
         let pending = engine.tokensToUse()
-        #expect(Set(pending.tokens) == ["ok", "old", "used", "nope"])
+        #expect(Set(pending.storeKeys) == Set(["ok", "old", "used", "nope"].map { TokenKey.storeKey($0, namespace: "test") }))
         #expect(pending.marks.allSatisfy { $0.hasPrefix("t/0/") })
-        let outcomes: [TokenOutcome] = pending.tokens.map {
-            switch $0 {
+        let outcomes: [TokenOutcome] = pending.keys.map {
+            switch $0.raw {
             case "ok": .accepted
             case "old": .expired
             case "used": .reused

@@ -43,9 +43,9 @@ final class FakeClaimStore: ClaimStore {
         }
     }
 
-    func claim(_ keys: [String], owner: String, lease: Duration) async throws -> [ClaimOutcome] {
+    func claim(_ groups: [KeyGroup], owner: String) async throws -> [ClaimOutcome] {
         try op { e, now in
-            keys.map { k in
+            groups.flatMap { g in g.keys.map { (k: $0, lease: g.ttl) } }.map { k, lease in
                 guard let v = e[k]?.value else {
                     e[k] = Entry(value: "p:" + owner, expires: now + lease)
                     return .claimed
@@ -57,9 +57,9 @@ final class FakeClaimStore: ClaimStore {
         }
     }
 
-    func confirm(_ keys: [String], owner: String, retention: Duration) async throws -> [ConfirmOutcome] {
+    func confirm(_ groups: [KeyGroup], owner: String) async throws -> [ConfirmOutcome] {
         try op { e, now in
-            keys.map { k in
+            groups.flatMap { g in g.keys.map { (k: $0, retention: g.ttl) } }.map { k, retention in
                 guard let v = e[k]?.value else {
                     e[k] = Entry(value: "d:" + owner, expires: now + retention)
                     return .confirmedAfterLeaseLost
