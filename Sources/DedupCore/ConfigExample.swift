@@ -25,7 +25,7 @@ extension ConfigSchema {
         var sections: [String] = []
         for key in keys where !sections.contains(key.section) { sections.append(key.section) }
         let ordered = sections.flatMap { s in keys.filter { $0.section == s } }
-        for key in ordered {
+        for key in ordered where key.name != "routes" {
             let parts = key.name.split(separator: ".", maxSplits: 1).map(String.init)
             if parts[0] != section {
                 section = parts[0]
@@ -44,8 +44,32 @@ extension ConfigSchema {
                 out += "  # \(parts[1]):\n"
             }
         }
-        return out
+        return out + routesExample
     }
+
+    /// The `routes:` list, commented out: a working example to start from.
+    static var routesExample: String {
+        let about = """
+            Routes: several kinds of submission in one worker, each with its own key, window, \
+            retention, keep policy, token and handler. Tried in order; the first whose match holds \
+            (every condition given) takes the message. A route's dedup.* and handler.* keys default \
+            to the top-level ones above, except dedup.namespace, which defaults to the route's name. \
+            Route keys: match.topic, match.header (NAME=VALUE), match.json (/pointer=VALUE), and \
+            \(routeInheritedKeys.sorted().joined(separator: ", ")).
+            """
+        return "\n" + wrap(about, width: 96).map { "# \($0)\n" }.joined() + """
+            # routes:
+            #   - name: payments
+            #     match: {topic: payments}
+            #     dedup: {key: "json:/paymentId", window: 10s, retention: 7d}
+            #     handler: {type: http, url: "https://payments.internal/hooks/payment", concurrency: 8}
+            #   - name: profile-edits
+            #     match: {header: "type=profile-edit"}
+            #     dedup: {key: "{header:tenant}:{json:/userId}", window: 30s, keep: last}
+
+            """
+    }
+
 
     /// Quotes what YAML would otherwise read as something else (`-`, `{..}`, `a: b`, numbers stay numbers).
     static func yamlScalar(_ value: String) -> String {
@@ -87,11 +111,7 @@ public struct AdminConfiguration: Sendable {
     public init(layers: [[String: ConfigValue]]) throws(ConfigError) {
         var merged: [String: ConfigValue] = [:]
         for layer in layers { merged.merge(layer) { _, new in new } }
-        for (name, value) in merged where ConfigSchema.byName[name] == nil && !name.hasPrefix(ConfigSchema.kafkaPropertiesPrefix) {
-            var problem = "unknown key"
-            if let near = ConfigSchema.nearest(to: name) { problem += "; did you mean \(near)?" }
-            throw ConfigError(key: name, value: nil, origin: value.origin, problem: problem)
-        }
+        try ConfigSchema.rejectUnknownKeys(merged)
         let r = WorkerConfiguration.Reader(values: merged)
         redisURL = try r.string("redis.url")
         guard redisURL.hasPrefix("redis://") else {

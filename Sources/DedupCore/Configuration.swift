@@ -89,6 +89,10 @@ public enum ConfigSchema {
               doc: "Tries per message before it is given up (logged as failed, claim released)."),
         .init(name: "handler.backoff", kind: .duration, defaultValue: "100ms",
               doc: "First retry delay; doubles per try, with jitter, up to 5s."),
+        .init(name: "routes", kind: .list, defaultValue: nil,
+              doc: "Names of the routes, tried in order; written as the file's routes: list, each item with a name, a match and its own dedup and handler keys (see routeKeys). Unset: one route, the top-level dedup and handler keys."),
+        .init(name: "routing.unmatched", kind: .choice(Routing.Unmatched.allCases.map(\.rawValue)), defaultValue: "default",
+              doc: "What happens to a message no route matches. default: the top-level dedup and handler keys take it; dead_letter: bad input no_route (dead-lettered when dead_letter.topic is set)."),
         .init(name: "run.stop_when_idle", kind: .duration, defaultValue: nil,
               doc: "Exit 0 once nothing arrived for this long and nothing is waiting (batch runs, tests, demo)."),
         .init(name: "run.shutdown_deadline", kind: .duration, defaultValue: "10s",
@@ -104,6 +108,34 @@ public enum ConfigSchema {
         .init(name: "http.loop_stall_timeout", kind: .duration, defaultValue: "30s",
               doc: "/healthz answers 503 once the worker loop has not completed a pass for this long."),
     ]
+
+    /// The keys a route may set, as `routes.<name>.<key>`: what it matches, and the dedup and
+    /// handler keys. A dedup or handler key a route does not set is the top-level one, except
+    /// `dedup.namespace`, which defaults to the route's name so that routes keep apart in Redis.
+    public static let routeKeys: [ConfigKey] = [
+        .init(name: "match.topic", kind: .string, defaultValue: nil, doc: "The route takes messages of this topic."),
+        .init(name: "match.header", kind: .string, defaultValue: nil,
+              doc: "NAME=VALUE: the route takes messages whose header NAME has this value."),
+        .init(name: "match.json", kind: .string, defaultValue: nil,
+              doc: "/pointer=VALUE: the route takes JSON messages whose field has this value (numbers and booleans as written)."),
+    ] + keys.filter { routeInheritedKeys.contains($0.name) }
+
+    /// Top-level keys a route can set for itself.
+    public static let routeInheritedKeys: Set<String> = [
+        "dedup.key", "dedup.namespace", "dedup.window", "dedup.retention", "dedup.lease", "dedup.token", "dedup.keep",
+        "handler.type", "handler.output", "handler.topic", "handler.url", "handler.command", "handler.timeout",
+        "handler.max_elapsed", "handler.concurrency", "handler.max_attempts", "handler.backoff",
+    ]
+
+    public static let routeKeysByName: [String: ConfigKey] = Dictionary(uniqueKeysWithValues: routeKeys.map { ($0.name, $0) })
+
+    /// `routes.payments.dedup.window` → (`payments`, `dedup.window`); nil for other keys.
+    public static func splitRouteKey(_ name: String) -> (route: String, key: String)? {
+        guard name.hasPrefix("routes.") else { return nil }
+        let rest = name.dropFirst("routes.".count)
+        guard let dot = rest.firstIndex(of: ".") else { return nil }
+        return (String(rest[..<dot]), String(rest[rest.index(after: dot)...]))
+    }
 
     /// Keys under this prefix pass through to librdkafka unchanged, e.g. `kafka.properties.security.protocol`.
     public static let kafkaPropertiesPrefix = "kafka.properties."
@@ -153,23 +185,17 @@ public struct WorkerConfiguration: Sendable {
     public var redisURL: String
     public var redisConnectTimeout: Duration
     public var redisCommandTimeout: Duration
+    /// The default route's dedup settings (the top-level `dedup.*` keys); its message size and
+    /// buffer bounds hold for the whole worker.
     public var dedup: DedupSettings
+    /// The default route's handler (the top-level `handler.*` keys).
+    public var handler: HandlerSettings
+    /// Named routes, in the order they are tried.
+    public var routes: [RouteConfiguration]
+    public var unmatched: Routing.Unmatched
     public var batchSize: Int
-    public var handlerType: String
-    public var handlerOutput: String
-    public var handlerConcurrency: Int
     public var handlerMaxBatch: Int
     public var failOpen: Bool
-    public var handlerMaxAttempts: Int
-    public var handlerBackoff: Backoff
-    /// `kafka` handler: the topic to forward to.
-    public var handlerTopic: String?
-    /// `http` handler: the URL to POST to.
-    public var handlerURL: String?
-    /// `exec` handler: the shell command.
-    public var handlerCommand: String?
-    public var handlerTimeout: Duration
-    public var handlerMaxElapsed: Duration
     /// `nil`: bad input and given-up messages are logged and counted only.
     public var deadLetterTopic: String?
     /// Default: `bootstrapServers`.
@@ -192,16 +218,7 @@ public struct WorkerConfiguration: Sendable {
         var merged: [String: ConfigValue] = [:]
         for layer in layers { merged.merge(layer) { _, new in new } }
 
-        for (name, value) in merged where ConfigSchema.byName[name] == nil {
-            if name.hasPrefix(ConfigSchema.kafkaPropertiesPrefix),
-                name.count > ConfigSchema.kafkaPropertiesPrefix.count
-            {
-                continue
-            }
-            var problem = "unknown key"
-            if let near = ConfigSchema.nearest(to: name) { problem += "; did you mean \(near)?" }
-            throw ConfigError(key: name, value: nil, origin: value.origin, problem: problem)
-        }
+        try ConfigSchema.rejectUnknownKeys(merged)
         let r = Reader(values: merged)
 
         bootstrapServers = try r.required("kafka.bootstrap_servers")
@@ -224,62 +241,21 @@ public struct WorkerConfiguration: Sendable {
         redisConnectTimeout = try r.duration("redis.connect_timeout")
         redisCommandTimeout = try r.duration("redis.command_timeout")
 
-        let templateText = try r.string("dedup.key")
-        let template: KeyTemplate
-        do { template = try KeyTemplate(templateText) } catch {
-            throw ConfigError(key: "dedup.key", value: templateText, origin: merged["dedup.key"]?.origin,
-                              problem: "\(error)")
-        }
-        let window = try r.duration("dedup.window")
-        let retention = try r.duration("dedup.retention")
-        let lease = try r.optionalDuration("dedup.lease")
-        if retention < window {
-            throw ConfigError(key: "dedup.retention", value: r.optional("dedup.retention"),
-                              problem: "must be at least dedup.window (\(Self.format(window)))")
-        }
-        if let lease, lease <= window {
-            throw ConfigError(key: "dedup.lease", value: r.optional("dedup.lease"),
-                              problem: "must be longer than dedup.window (\(Self.format(window))) plus handler time")
-        }
-        let namespace = try r.string("dedup.namespace")
-        guard !namespace.isEmpty, !namespace.contains(":") else {
-            throw ConfigError(key: "dedup.namespace", value: namespace, problem: "must be non-empty and contain no ':'")
-        }
-        dedup = DedupSettings(
-            template: template,
-            namespace: namespace,
-            window: window,
-            retention: retention,
-            lease: lease,
-            keep: KeepPolicy(rawValue: try r.choice("dedup.keep"))!,
-            maxMessageBytes: try r.size("dedup.max_message_bytes"),
-            bufferMaxMessages: try r.count("buffer.max_messages"),
-            bufferMaxBytes: try r.size("buffer.max_bytes")
-        )
+        let top = try Self.parseRoute(r)
         batchSize = try r.count("consumer.batch_size")
-        handlerType = try r.choice("handler.type")
-        handlerOutput = try r.string("handler.output")
-        handlerConcurrency = try r.count("handler.concurrency")
         handlerMaxBatch = try r.count("handler.max_batch")
         failOpen = try r.choice("dedup.on_store_error") == "fail_open"
-        handlerMaxAttempts = try r.count("handler.max_attempts")
-        handlerBackoff = Backoff(initial: try r.duration("handler.backoff"), maximum: .seconds(5))
-        handlerTopic = r.optional("handler.topic")
-        handlerURL = r.optional("handler.url")
-        handlerCommand = r.optional("handler.command")
-        handlerTimeout = try r.duration("handler.timeout")
-        handlerMaxElapsed = try r.duration("handler.max_elapsed")
-        try Self.validateHandler(type: handlerType, topic: handlerTopic, url: handlerURL, command: handlerCommand, r: r)
+        handler = top.handler
+        dedup = top.dedup
+        dedup.maxMessageBytes = try r.size("dedup.max_message_bytes")
+        dedup.bufferMaxMessages = try r.count("buffer.max_messages")
+        dedup.bufferMaxBytes = try r.size("buffer.max_bytes")
         deadLetterTopic = r.optional("dead_letter.topic")
         deadLetterBootstrapServers = r.optional("dead_letter.bootstrap_servers") ?? bootstrapServers
         deadLetterTimeout = try r.duration("dead_letter.timeout")
         dedup.holdsDeadLetters = deadLetterTopic != nil
-        if let tokenText = r.optional("dedup.token") {
-            do { dedup.token = try KeyTemplate(tokenText) } catch {
-                throw ConfigError(key: "dedup.token", value: tokenText, origin: merged["dedup.token"]?.origin,
-                                  problem: "\(error)")
-            }
-        }
+        unmatched = Routing.Unmatched(rawValue: try r.choice("routing.unmatched"))!
+        routes = try Self.parseRoutes(r, defaults: dedup)
         stopWhenIdle = try r.optionalDuration("run.stop_when_idle")
         shutdownDeadline = try r.duration("run.shutdown_deadline")
         logLevel = try r.choice("log.level")
@@ -302,24 +278,117 @@ public struct WorkerConfiguration: Sendable {
 
     /// Each handler kind names what it needs; a key another kind needs is not an error (switching
     /// `handler.type` back and forth keeps working).
-    static func validateHandler(type: String, topic: String?, url: String?, command: String?, r: Reader) throws(ConfigError) {
-        switch type {
-        case "kafka" where topic == nil:
-            throw ConfigError(key: "handler.topic", value: nil, problem: "is required when handler.type is kafka")
+    static func validateHandler(_ h: HandlerSettings, r: Reader) throws(ConfigError) {
+        switch h.type {
+        case "kafka" where h.topic == nil:
+            throw ConfigError(key: r.name("handler.topic"), value: nil, problem: "is required when handler.type is kafka")
         case "http":
-            guard let url else {
-                throw ConfigError(key: "handler.url", value: nil, problem: "is required when handler.type is http")
+            guard let url = h.url else {
+                throw ConfigError(key: r.name("handler.url"), value: nil, problem: "is required when handler.type is http")
             }
             let lower = url.lowercased()
             guard lower.hasPrefix("http://") || lower.hasPrefix("https://"), url.count > "https://".count else {
                 throw r.fail("handler.url", "must be an http:// or https:// URL")
             }
-        case "exec" where command == nil:
-            throw ConfigError(key: "handler.command", value: nil, problem: "is required when handler.type is exec")
+        case "exec" where h.command == nil:
+            throw ConfigError(key: r.name("handler.command"), value: nil, problem: "is required when handler.type is exec")
         default:
             break
         }
     }
+
+    /// The dedup and handler keys of one route: the top level (`r` without a prefix) or a named
+    /// route (`r` reading `routes.<name>.` first, then the top level).
+    static func parseRoute(_ r: Reader) throws(ConfigError) -> (dedup: DedupSettings, handler: HandlerSettings) {
+        let templateText = try r.string("dedup.key")
+        let template: KeyTemplate
+        do { template = try KeyTemplate(templateText) } catch {
+            throw r.fail("dedup.key", "\(error)")
+        }
+        let window = try r.duration("dedup.window")
+        let retention = try r.duration("dedup.retention")
+        let lease = try r.optionalDuration("dedup.lease")
+        if retention < window {
+            throw r.fail("dedup.retention", "must be at least dedup.window (\(Self.format(window)))")
+        }
+        if let lease, lease <= window {
+            throw r.fail("dedup.lease", "must be longer than dedup.window (\(Self.format(window))) plus handler time")
+        }
+        var namespace = try r.string("dedup.namespace")
+        if let route = r.routeName, r.values[r.name("dedup.namespace")] == nil { namespace = route }
+        guard !namespace.isEmpty, !namespace.contains(":") else {
+            throw r.fail("dedup.namespace", "must be non-empty and contain no ':'")
+        }
+        var dedup = DedupSettings(
+            template: template, namespace: namespace, window: window, retention: retention, lease: lease,
+            keep: KeepPolicy(rawValue: try r.choice("dedup.keep"))!)
+        if let tokenText = r.optional("dedup.token") {
+            do { dedup.token = try KeyTemplate(tokenText) } catch {
+                throw r.fail("dedup.token", "\(error)")
+            }
+        }
+        let handler = HandlerSettings(
+            type: try r.choice("handler.type"),
+            output: try r.string("handler.output"),
+            topic: r.optional("handler.topic"),
+            url: r.optional("handler.url"),
+            command: r.optional("handler.command"),
+            timeout: try r.duration("handler.timeout"),
+            maxElapsed: try r.duration("handler.max_elapsed"),
+            concurrency: try r.count("handler.concurrency"),
+            maxAttempts: try r.count("handler.max_attempts"),
+            backoff: Backoff(initial: try r.duration("handler.backoff"), maximum: .seconds(5)))
+        try validateHandler(handler, r: r)
+        return (dedup, handler)
+    }
+
+    /// The named routes, each with the worker-wide settings of `defaults` (size and buffer
+    /// bounds, dead-letter holding) and its own dedup and handler keys.
+    static func parseRoutes(_ r: Reader, defaults: DedupSettings) throws(ConfigError) -> [RouteConfiguration] {
+        let names = r.optional("routes") == nil ? [] : try r.list("routes")
+        for (key, value) in r.values {
+            guard let (route, _) = ConfigSchema.splitRouteKey(key), !names.contains(route) else { continue }
+            throw ConfigError(key: key, value: nil, origin: value.origin, problem: "route \"\(route)\" is not in routes (\(names.joined(separator: ", ")))")
+        }
+        var seen: Set<String> = []
+        var routes: [RouteConfiguration] = []
+        for name in names {
+            guard !name.isEmpty, name.unicodeScalars.allSatisfy({ $0.isASCII && ($0.properties.isAlphabetic || ("0"..."9").contains($0) || $0 == "_" || $0 == "-") }) else {
+                throw r.fail("routes", "route name \"\(name)\" must be letters, digits, _ or -")
+            }
+            guard name != "default" else { throw r.fail("routes", "\"default\" is the top-level route; give this route another name") }
+            guard seen.insert(name).inserted else { throw r.fail("routes", "route \"\(name)\" is named twice") }
+            let rr = Reader(values: r.values, routeName: name)
+            let match: RouteMatch
+            do {
+                match = try RouteMatch(
+                    topic: rr.values[rr.name("match.topic")]?.text, header: rr.values[rr.name("match.header")]?.text,
+                    json: rr.values[rr.name("match.json")]?.text)
+            } catch {
+                let key = error.text.isEmpty ? "match" : error.text.first == "/" ? "match.json" : "match.header"
+                throw ConfigError(key: rr.name(key), value: error.text.isEmpty ? nil : error.text,
+                                  origin: rr.values[rr.name(key)]?.origin, problem: error.problem)
+            }
+            var (dedup, handler) = try parseRoute(rr)
+            dedup.maxMessageBytes = defaults.maxMessageBytes
+            dedup.bufferMaxMessages = defaults.bufferMaxMessages
+            dedup.bufferMaxBytes = defaults.bufferMaxBytes
+            dedup.holdsDeadLetters = defaults.holdsDeadLetters
+            routes.append(RouteConfiguration(name: name, match: match, dedup: dedup, handler: handler))
+        }
+        return routes
+    }
+
+    /// The engine's view of the routes.
+    public var routing: Routing {
+        Routing(routes: routes.map { Route(name: $0.name, match: $0.match, settings: $0.dedup) }, unmatched: unmatched)
+    }
+
+    /// Some route uses tokens (token mode), so each pass has a token round trip.
+    public var usesTokens: Bool { dedup.token != nil || routes.contains { $0.dedup.token != nil } }
+
+    /// Handler settings by route index (0: the default route), as `Dispatch.route` counts.
+    public var handlersByRoute: [HandlerSettings] { [handler] + routes.map(\.handler) }
 
     /// `90s` → `1m30s`, `0.5s` → `500ms`: durations printed the way they are written.
     public static func format(_ d: Duration) -> String {
@@ -335,10 +404,17 @@ public struct WorkerConfiguration: Sendable {
         return out
     }
 
+    /// Reads typed values with errors naming the key. A route's reader reads `routes.<name>.KEY`
+    /// first and falls back to the top-level KEY, then its default.
     struct Reader {
         let values: [String: ConfigValue]
+        var routeName: String? = nil
+
+        /// The full name of `key` as this reader sees it, for messages.
+        func name(_ key: String) -> String { routeName.map { "routes.\($0).\(key)" } ?? key }
 
         func raw(_ key: String) -> ConfigValue? {
+            if routeName != nil, let v = values[name(key)] { return v }
             if let v = values[key] { return v }
             if let d = ConfigSchema.byName[key]?.defaultValue { return ConfigValue(d, origin: "default") }
             return nil
@@ -361,7 +437,9 @@ public struct WorkerConfiguration: Sendable {
         }
         func fail(_ key: String, _ problem: String) -> ConfigError {
             let v = raw(key)
-            return ConfigError(key: key, value: v?.text, origin: v?.origin, problem: problem)
+            // A route's error names the route's key when the route set it, else the inherited one.
+            let named = routeName != nil && values[name(key)] != nil ? name(key) : key
+            return ConfigError(key: named, value: v?.text, origin: v?.origin, problem: problem)
         }
         func choice(_ key: String) throws(ConfigError) -> String {
             let v = try string(key)
@@ -397,10 +475,81 @@ public struct WorkerConfiguration: Sendable {
     }
 }
 
+/// What a worker does with the messages of one route (the `handler.*` keys).
+public struct HandlerSettings: Sendable, Equatable {
+    /// `log`, `kafka`, `http` or `exec`.
+    public var type: String
+    /// `log`: file to append to, `-` for stdout.
+    public var output: String
+    /// `kafka`: the topic to forward to.
+    public var topic: String?
+    /// `http`: the URL to POST to.
+    public var url: String?
+    /// `exec`: the shell command.
+    public var command: String?
+    public var timeout: Duration
+    public var maxElapsed: Duration
+    /// Handler calls of this route in flight at once.
+    public var concurrency: Int
+    public var maxAttempts: Int
+    public var backoff: Backoff
+
+    public init(
+        type: String = "log", output: String = "-", topic: String? = nil, url: String? = nil, command: String? = nil,
+        timeout: Duration = .seconds(10), maxElapsed: Duration = .seconds(120), concurrency: Int = 4, maxAttempts: Int = 5,
+        backoff: Backoff = Backoff()
+    ) {
+        self.type = type
+        self.output = output
+        self.topic = topic
+        self.url = url
+        self.command = command
+        self.timeout = timeout
+        self.maxElapsed = maxElapsed
+        self.concurrency = concurrency
+        self.maxAttempts = maxAttempts
+        self.backoff = backoff
+    }
+
+    /// Routes whose handlers have the same identity share one handler instance (one file, one
+    /// producer, one HTTP client); concurrency and retries stay per route.
+    public var identity: String {
+        switch type {
+        case "kafka": "kafka \(topic ?? "") \(timeout)"
+        case "http": "http \(url ?? "") \(timeout)"
+        case "exec": "exec \(command ?? "") \(timeout)"
+        default: "log \(output)"
+        }
+    }
+}
+
+/// A named route: what it matches, its dedup settings and its handler.
+public struct RouteConfiguration: Sendable {
+    public var name: String
+    public var match: RouteMatch
+    public var dedup: DedupSettings
+    public var handler: HandlerSettings
+}
+
 extension ConfigSchema {
+    /// Rejects keys dedupd does not know, naming the nearest known one.
+    static func rejectUnknownKeys(_ merged: [String: ConfigValue]) throws(ConfigError) {
+        for (name, value) in merged where byName[name] == nil {
+            if name.hasPrefix(kafkaPropertiesPrefix), name.count > kafkaPropertiesPrefix.count { continue }
+            var problem = "unknown key"
+            if let (route, key) = splitRouteKey(name) {
+                if routeKeysByName[key] != nil { continue }
+                if let near = nearest(to: key, in: routeKeys) { problem += "; did you mean routes.\(route).\(near)?" }
+            } else if let near = nearest(to: name) {
+                problem += "; did you mean \(near)?"
+            }
+            throw ConfigError(key: name, value: nil, origin: value.origin, problem: problem)
+        }
+    }
+
     /// The known key closest to a misspelt one (edit distance), if it is close enough to be a typo.
-    public static func nearest(to name: String) -> String? {
-        let scored = keys.map { ($0.name, editDistance(name, $0.name)) }.min { $0.1 < $1.1 }
+    public static func nearest(to name: String, in candidates: [ConfigKey] = keys) -> String? {
+        let scored = candidates.map { ($0.name, editDistance(name, $0.name)) }.min { $0.1 < $1.1 }
         guard let (best, d) = scored, d <= max(3, name.count / 3) else { return nil }
         return best
     }

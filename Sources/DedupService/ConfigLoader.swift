@@ -88,16 +88,29 @@ public enum ConfigLoader {
             throw ConfigError(key: "--config", value: path, problem: "the top level must be a mapping of sections (kafka:, redis:, dedup:, ...)")
         }
         var out: [String: ConfigValue] = [:]
-        flatten(root, prefix: "", origin: path, into: &out)
+        try flatten(root, prefix: "", origin: path, into: &out)
         return out
     }
 
-    static func flatten(_ map: [String: Any], prefix: String, origin: String, into out: inout [String: ConfigValue]) {
+    static func flatten(_ map: [String: Any], prefix: String, origin: String, into out: inout [String: ConfigValue]) throws(ConfigError) {
         for (k, v) in map {
             let name = prefix.isEmpty ? k : "\(prefix).\(k)"
             switch v {
             case let nested as [String: Any]:
-                flatten(nested, prefix: name, origin: origin, into: &out)
+                try flatten(nested, prefix: name, origin: origin, into: &out)
+            case let list as [Any] where name == "routes":
+                // An ordered list (routes are tried in order): each item's keys go under
+                // routes.<name>., and `routes` itself becomes the list of names.
+                var names: [String] = []
+                for item in list {
+                    guard var route = item as? [String: Any], let routeName = route.removeValue(forKey: "name").map(scalar) else {
+                        throw ConfigError(key: "routes", value: nil, origin: origin,
+                                          problem: "each item of routes must be a mapping with a name, e.g. - name: payments")
+                    }
+                    names.append(routeName)
+                    try flatten(route, prefix: "routes.\(routeName)", origin: origin, into: &out)
+                }
+                out[name] = ConfigValue(names.joined(separator: ","), origin: origin)
             case let list as [Any]:
                 out[name] = ConfigValue(list.map { scalar($0) }.joined(separator: ","), origin: origin)
             default:
@@ -142,6 +155,10 @@ public enum ConfigLoader {
             guard let v else { lines.append("\(key.name) = (unset)"); continue }
             let text = key.kind != .secret ? v.text : key.name == "redis.url" ? ConfigSchema.redact(v.text) : "***"
             lines.append("\(key.name) = \(text)  # \(v.origin)")
+        }
+        // Routes: the keys each route sets itself; the others are the top-level ones above.
+        for (name, v) in merged.sorted(by: { $0.key < $1.key }) where ConfigSchema.splitRouteKey(name) != nil {
+            lines.append("\(name) = \(v.text)  # \(v.origin)")
         }
         for (name, v) in merged.sorted(by: { $0.key < $1.key }) where name.hasPrefix(ConfigSchema.kafkaPropertiesPrefix) {
             let secret = KafkaConfig.isSecretProperty(String(name.dropFirst(ConfigSchema.kafkaPropertiesPrefix.count)))

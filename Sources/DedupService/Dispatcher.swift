@@ -26,6 +26,8 @@ struct Dispatcher: Sendable {
     /// No retry starts later than this after the first attempt. `nil`: attempts alone bound it.
     var maxElapsed: Duration? = nil
     let logger: Logger
+    /// Which handler instance this is (routes may share one), so a round flushes each once.
+    var handlerID = 0
 
     func run(_ due: [Dispatch]) async -> [Result] {
         // One call for the whole round when the handler can take it so (no task or lock per message).
@@ -39,24 +41,33 @@ struct Dispatcher: Sendable {
             for d in due { results.append(await attempt(d)) }
             return results
         }
-        let next = Locked(0)
-        let results = Locked([Result](repeating: .abandoned, count: due.count))
-        await withTaskGroup(of: Void.self) { group in
-            for _ in 0..<workers {
+        // Lanes: messages with the same record key go to the same lane, one after another in
+        // window order, so a key's copies (e.g. a customer's events, keyed by customer id) reach
+        // the handler in order even with concurrency > 1; messages without a key are spread.
+        var lanes = Array(repeating: [Int](), count: workers)
+        for (i, d) in due.enumerated() {
+            let lane = d.message.key.map { key -> Int in
+                var h = Hasher()
+                h.combine(bytes: UnsafeRawBufferPointer(start: key, count: key.count))
+                return Int(UInt(bitPattern: h.finalize()) % UInt(workers))
+            } ?? i % workers
+            lanes[lane].append(i)
+        }
+        return await withTaskGroup(of: [(Int, Result)].self) { group in
+            for lane in lanes where !lane.isEmpty {
                 group.addTask {
-                    while true {
-                        let i = next.withLock { n -> Int in
-                            defer { n += 1 }
-                            return n
-                        }
-                        guard i < due.count else { return }
-                        let r = await attempt(due[i])
-                        results.withLock { $0[i] = r }
-                    }
+                    var out: [(Int, Result)] = []
+                    out.reserveCapacity(lane.count)
+                    for i in lane { out.append((i, await attempt(due[i]))) }
+                    return out
                 }
             }
+            var results = [Result](repeating: .abandoned, count: due.count)
+            for await lane in group {
+                for (i, r) in lane { results[i] = r }
+            }
+            return results
         }
-        return results.withLock { $0 }
     }
 
     func attempt(_ dispatch: Dispatch) async -> Result {
@@ -88,18 +99,46 @@ struct Dispatcher: Sendable {
     }
 }
 
-/// A value behind a lock that closures running in other tasks can share.
-final class Locked<Value: Sendable>: Sendable {
-    private let mutex: Mutex<Value>
-    init(_ value: Value) { mutex = Mutex(value) }
-    func withLock<R>(_ body: (inout Value) -> R) -> R { mutex.withLock { body(&$0) } }
-}
-
 /// One round of handler calls running in its own task, beside the worker's loop.
 final class DispatchRound: Sendable {
     struct Outcome: Sendable {
+        /// One per message of the round, in order. A handler whose `flush` failed turns its
+        /// messages' successes into `.gaveUp` (they were not made durable).
         var results: [Dispatcher.Result]
-        var flushError: (any Error)?
+    }
+
+    /// Runs `due` through the dispatcher of each message's route, routes side by side (each
+    /// bounded by its own concurrency), then flushes each handler the round used.
+    static func run(_ due: [Dispatch], dispatchers: [Dispatcher]) async -> Outcome {
+        let routes = Set(due.map(\.route))
+        var results: [Dispatcher.Result]
+        if routes.count == 1, let route = routes.first {
+            results = await dispatchers[route].run(due)
+        } else {
+            results = Array(repeating: .abandoned, count: due.count)
+            let byRoute = Dictionary(grouping: due.indices, by: { due[$0].route })
+            await withTaskGroup(of: ([Int], [Dispatcher.Result]).self) { group in
+                for (route, indices) in byRoute {
+                    group.addTask { (indices, await dispatchers[route].run(indices.map { due[$0] })) }
+                }
+                for await (indices, routeResults) in group {
+                    for (i, r) in zip(indices, routeResults) { results[i] = r }
+                }
+            }
+        }
+        // One flush per handler instance, even when routes share it.
+        var flushed: [Int: (any Error)?] = [:]
+        for route in routes.sorted() {
+            let id = dispatchers[route].handlerID
+            guard flushed[id] == nil else { continue }
+            do { try await dispatchers[route].handler.flush(); flushed[id] = .some(nil) } catch { flushed[id] = .some(error) }
+        }
+        guard flushed.values.contains(where: { $0 != nil }) else { return Outcome(results: results) }
+        for (i, d) in due.enumerated() {
+            guard case .success = results[i], case let error?? = flushed[dispatchers[d.route].handlerID] else { continue }
+            results[i] = .gaveUp(error, attempts: d.attempt)
+        }
+        return Outcome(results: results)
     }
 
     /// The outcome once known, and the loop's continuation while it waits for it.

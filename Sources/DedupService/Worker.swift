@@ -17,7 +17,10 @@ public final class Worker: Service {
     public let config: WorkerConfiguration
     public let owner: String
     let logger: Logger
-    let handler: any Handler
+    /// One per distinct handler (routes with the same handler settings share one).
+    let handlers: [any Handler]
+    /// A dispatcher per route (index 0: the default route), with the route's concurrency and retries.
+    let dispatchers: [Dispatcher]
     /// `dead_letter.topic`'s producer; `nil` when unset (bad input is logged and counted only).
     let deadLetters: DeadLetterProducer?
     let stopRequested = Mutex(false)
@@ -28,16 +31,39 @@ public final class Worker: Service {
     /// Metrics, health state and the stats line (Telemetry/WorkerTelemetry.swift).
     public let telemetry: WorkerTelemetry
 
+    /// `handler` replaces the default route's built-in handler, `routeHandlers` those of named
+    /// routes (by route name): the way a library user plugs in Swift handlers.
     public init(
-        config: WorkerConfiguration, handler: (any Handler)? = nil, logger: Logger = Logger(label: "dedupd"),
-        telemetry: WorkerTelemetry? = nil
+        config: WorkerConfiguration, handler: (any Handler)? = nil, routeHandlers: [String: any Handler] = [:],
+        logger: Logger = Logger(label: "dedupd"), telemetry: WorkerTelemetry? = nil
     ) throws {
         self.config = config
         self.logger = logger
         self.owner = Self.makeOwnerID()
         let telemetry = telemetry ?? WorkerTelemetry(statsInterval: config.statsInterval, stallTimeout: config.loopStallTimeout, logger: logger)
         self.telemetry = telemetry
-        self.handler = CountingHandler(base: try handler ?? BuiltinHandlers.make(config: config, logger: logger), telemetry: telemetry)
+        var handlers: [any Handler] = []
+        var byIdentity: [String: Int] = [:]
+        var dispatchers: [Dispatcher] = []
+        let names = ["default"] + config.routes.map(\.name)
+        for (route, h) in config.handlersByRoute.enumerated() {
+            let given = route == 0 ? handler : routeHandlers[names[route]]
+            let id: Int
+            if given == nil, let known = byIdentity[h.identity] {
+                id = known
+            } else {
+                let base = try given ?? BuiltinHandlers.make(
+                    h, bootstrapServers: config.bootstrapServers, kafkaProperties: config.kafkaProperties, logger: logger)
+                id = handlers.count
+                handlers.append(CountingHandler(base: base, telemetry: telemetry))
+                if given == nil { byIdentity[h.identity] = id }
+            }
+            dispatchers.append(Dispatcher(
+                handler: handlers[id], concurrency: h.concurrency, maxAttempts: h.maxAttempts, backoff: h.backoff,
+                maxElapsed: h.maxElapsed, logger: logger, handlerID: id))
+        }
+        self.handlers = handlers
+        self.dispatchers = dispatchers
         self.deadLetters = try config.deadLetterTopic.map {
             try DeadLetterProducer.make(
                 bootstrapServers: config.deadLetterBootstrapServers, topic: $0, timeout: config.deadLetterTimeout,
@@ -113,9 +139,23 @@ public final class Worker: Service {
                 "kafka.topics": "\(config.topics.joined(separator: ","))",
                 "dedup.key": "\(config.dedup.template)", "dedup.window": "\(WorkerConfiguration.format(config.dedup.window))",
                 "dedup.retention": "\(WorkerConfiguration.format(config.dedup.retention))",
+                "handler.type": "\(config.handler.type)",
             ])
+        for route in config.routes {
+            logger.info(
+                "route",
+                metadata: [
+                    "route.name": "\(route.name)", "route.match": "\(route.match)", "dedup.key": "\(route.dedup.template)",
+                    "dedup.namespace": "\(route.dedup.namespace)", "dedup.window": "\(WorkerConfiguration.format(route.dedup.window))",
+                    "dedup.keep": "\(route.dedup.keep.rawValue)", "handler.type": "\(route.handler.type)",
+                    "handler.concurrency": "\(route.handler.concurrency)",
+                ])
+        }
+        if !config.routes.isEmpty {
+            logger.info("unmatched messages", metadata: ["routing.unmatched": "\(config.unmatched.rawValue)"])
+        }
 
-        var state = LoopState(engine: DedupEngine(settings: config.dedup), lastActivity: started)
+        var state = LoopState(engine: DedupEngine(settings: config.dedup, routing: config.routing), lastActivity: started)
         let clock = ContinuousClock()
         var rng = SystemRandomNumberGenerator()
 
@@ -129,7 +169,7 @@ public final class Worker: Service {
                 // Releases first: a revoked partition that came straight back may be re-read
                 // in this very batch, and its keys must be free before they are claimed again.
                 await releaseRound(state: &state, store: store, rng: &rng)
-                if config.dedup.token != nil { await tokenRound(state: &state, store: store, rng: &rng) }
+                if config.usesTokens { await tokenRound(state: &state, store: store, rng: &rng) }
                 await claimRound(state: &state, store: store, now: clock.now, rng: &rng)
             } else if config.failOpen {
                 let keys = state.engine.keysToClaim(now: clock.now)
@@ -298,7 +338,7 @@ public final class Worker: Service {
         let keys = state.engine.keysToClaim(now: now)
         guard !keys.isEmpty else { return }
         do {
-            let outcomes = try await store.claim(keys.map(\.storeKey), owner: owner, lease: config.dedup.lease)
+            let outcomes = try await store.claim(state.engine.storeGroups(keys, ttl: \.lease), owner: owner)
             storeSucceeded(&state)
             state.engine.applyClaims(keys, outcomes, now: ContinuousClock.now)
         } catch {
@@ -321,7 +361,7 @@ public final class Worker: Service {
         let keys = state.engine.keysToConfirm()
         guard !keys.isEmpty else { return }
         do {
-            let outcomes = try await store.confirm(keys.map(\.storeKey), owner: owner, retention: config.dedup.retention)
+            let outcomes = try await store.confirm(state.engine.storeGroups(keys, ttl: \.retention), owner: owner)
             storeSucceeded(&state)
             for (key, outcome) in zip(keys, outcomes) {
                 if case .notOwner(let other) = outcome {
@@ -389,31 +429,20 @@ public final class Worker: Service {
     static let roundWait: Duration = .milliseconds(50)
 
     func startRound(_ due: [Dispatch]) -> DispatchRound {
-        let dispatcher = Dispatcher(
-            handler: handler, concurrency: config.handlerConcurrency, maxAttempts: config.handlerMaxAttempts,
-            backoff: config.handlerBackoff, maxElapsed: config.handlerMaxElapsed, logger: logger)
-        let handler = self.handler
-        return DispatchRound(due: due) {
-            let results = await dispatcher.run(due)
-            var flushError: (any Error)?
-            do { try await handler.flush() } catch { flushError = error }
-            return DispatchRound.Outcome(results: results, flushError: flushError)
-        }
+        let dispatchers = self.dispatchers
+        return DispatchRound(due: due) { await DispatchRound.run(due, dispatchers: dispatchers) }
     }
 
     func applyRound(_ due: [Dispatch], _ outcome: DispatchRound.Outcome, state: inout LoopState) {
-        let flushError = outcome.flushError
         for (dispatch, result) in zip(due, outcome.results) {
-            switch (result, flushError) {
-            case (.success, nil):
+            switch result {
+            case .success:
                 state.engine.dispatchSucceeded(dispatch.key)
-            case (.success, let error?), (.gaveUp(let error, _), _):
-                var attempts = 1
-                if case .gaveUp(_, let n) = result { attempts = n }
+            case .gaveUp(let error, let attempts):
                 handlerGaveUp(dispatch, error: error, attempts: attempts, state: &state)
                 state.engine.dispatchFailed(dispatch.key)
                 state.toRelease.append(dispatch.key)
-            case (.abandoned, _):
+            case .abandoned:
                 state.engine.dispatchAbandoned(dispatch.key)
                 state.toRelease.append(dispatch.key)
             }
@@ -482,7 +511,7 @@ public final class Worker: Service {
         var commitError: (any Error)?
         do { try await consumer.commitSync() } catch { commitError = error }
         await consumer.close()
-        await handler.close()
+        for handler in handlers { await handler.close() }
         let c = state.engine.counters
         counters.withLock { $0 = c }
         let elapsed = ContinuousClock.now - started

@@ -63,7 +63,7 @@ import Testing
         let http = try WorkerConfiguration(layers: [layer(required.merging([
             "handler.type": "http", "handler.url": "https://h/x", "handler.timeout": "3s", "dead_letter.topic": "dlq",
         ]) { $1 })])
-        #expect(http.handlerTimeout == .seconds(3))
+        #expect(http.handler.timeout == .seconds(3))
         #expect(http.deadLetterTopic == "dlq" && http.deadLetterBootstrapServers == "k:9092")
         #expect(http.dedup.holdsDeadLetters)
         #expect(try WorkerConfiguration(layers: [layer(required)]).dedup.holdsDeadLetters == false)

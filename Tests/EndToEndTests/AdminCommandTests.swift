@@ -121,30 +121,15 @@ let adminQuiet = Logger(label: "admin-tests") { _ in SwiftLogNoOpLogHandler() }
         #expect(try await replay(["--to", "other", "--limit", "1"], name: "replay-3")
             == "read=1 replayed=1 skipped.reason=0 skipped.no_target=0 failed=0 to=other:1")
 
-        let resent = try await consume(bootstrap: bootstrap, topic: "in", count: 3)
+        let resent = try await consumeAll(bootstrap: bootstrap, topic: "in", count: 3)
         #expect(Set(resent.map { String(decoding: $0.key ?? [], as: UTF8.self) }) == ["key-a", "key-b", "key-c"])
         for m in resent {
             #expect(m.headers.map(\.name) == ["message-id", "content-type"], "dead-letter headers stripped, the rest kept in order")
             let id = String(decoding: m.header("message-id")!.value!, as: UTF8.self)
             #expect(m.value == Array(#"{"orderNo":"\#(id)"}"#.utf8))
         }
-        let other = try await consume(bootstrap: bootstrap, topic: "other", count: 1)
+        let other = try await consumeAll(bootstrap: bootstrap, topic: "other", count: 1)
         #expect(other.count == 1 && other[0].headers.count == 2)
-    }
-
-    func consume(bootstrap: String, topic: String, count: Int) async throws -> [InboundMessage] {
-        let consumer = try KafkaConsumer.make(
-            bootstrapServers: bootstrap, groupID: "check-\(topic)-\(UUID().uuidString.prefix(6))", topics: [topic], logger: adminQuiet)
-        var out: [InboundMessage] = []
-        let deadline = ContinuousClock.now + .seconds(30)
-        while out.count < count && ContinuousClock.now < deadline {
-            for case .message(let m) in await consumer.poll(maxMessages: 100, timeout: .milliseconds(200)) { out.append(m) }
-        }
-        // Nothing more than expected arrives.
-        for case .message(let m) in await consumer.poll(maxMessages: 100, timeout: .milliseconds(500)) { out.append(m) }
-        await consumer.close()
-        #expect(out.count == count, "\(topic): \(out.count) records")
-        return out
     }
 
     /// A configured password appears in no output of check-config (valid or not) and no log line of

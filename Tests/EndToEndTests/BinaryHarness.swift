@@ -1,4 +1,8 @@
+import DedupCore
 import Foundation
+import KafkaIO
+import Logging
+import Testing
 import TestSupport
 
 /// The built `dedupd` executable, next to the test bundle in the build products directory.
@@ -93,4 +97,21 @@ func dispatchedIDs(inJSONLines text: String) -> [String] {
         else { return nil }
         return headers["message-id"] as? String
     }
+}
+
+/// Every record of `topic` (a fresh group from the start), expecting `count` of them: waits up
+/// to 30 s for them, then half a second more to see that nothing else arrives.
+func consumeAll(bootstrap: String, topic: String, count: Int) async throws -> [InboundMessage] {
+    let consumer = try KafkaConsumer.make(
+        bootstrapServers: bootstrap, groupID: "check-\(topic)-\(UUID().uuidString.prefix(6))", topics: [topic],
+        logger: Logger(label: "check") { _ in SwiftLogNoOpLogHandler() })
+    var out: [InboundMessage] = []
+    let deadline = ContinuousClock.now + .seconds(30)
+    while out.count < count && ContinuousClock.now < deadline {
+        for case .message(let m) in await consumer.poll(maxMessages: 100, timeout: .milliseconds(200)) { out.append(m) }
+    }
+    for case .message(let m) in await consumer.poll(maxMessages: 100, timeout: .milliseconds(500)) { out.append(m) }
+    await consumer.close()
+    #expect(out.count == count, "\(topic): \(out.count) records")
+    return out
 }

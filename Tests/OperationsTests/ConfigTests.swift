@@ -29,7 +29,7 @@ import Yams
         #expect(c.group == "env-group", "env beats file")
         #expect(c.dedup.namespace == "file-ns", "file beats default")
         #expect(c.topics == ["a", "b"])
-        #expect(c.handlerConcurrency == 4, "default")
+        #expect(c.handler.concurrency == 4, "default")
         let described = ConfigLoader.describe(try ConfigLoader.layers(file: path, environment: env, flags: flags))
         #expect(described.contains("dedup.window = 4s  # flag"))
         #expect(described.contains("dedup.retention = 2h  # environment DEDUPD_DEDUP_RETENTION"))
@@ -71,9 +71,9 @@ import Yams
         (["buffer.max_bytes": "lots"], #"config key buffer.max_bytes = "lots" (from flag): must be a size such as 65536, 512KiB, 64MiB"#),
         (["dedup.keep": "middle"], #"config key dedup.keep = "middle" (from flag): must be one of: first, last"#),
         (["log.format": "xml"], #"config key log.format = "xml" (from flag): must be one of: logfmt, json"#),
-        (["dedup.window": "10s", "dedup.retention": "5s"], #"config key dedup.retention = "5s": must be at least dedup.window (10s)"#),
-        (["dedup.lease": "1s"], #"config key dedup.lease = "1s": must be longer than dedup.window (5s) plus handler time"#),
-        (["dedup.namespace": "a:b"], #"config key dedup.namespace = "a:b": must be non-empty and contain no ':'"#),
+        (["dedup.window": "10s", "dedup.retention": "5s"], #"config key dedup.retention = "5s" (from flag): must be at least dedup.window (10s)"#),
+        (["dedup.lease": "1s"], #"config key dedup.lease = "1s" (from flag): must be longer than dedup.window (5s) plus handler time"#),
+        (["dedup.namespace": "a:b"], #"config key dedup.namespace = "a:b" (from flag): must be non-empty and contain no ':'"#),
         (["redis.url": "http://app:pw-1@r"], #"config key redis.url = "http://app:***@r" (from flag): must look like redis://[user:password@]host:port/db"#),
         (["redis.password": "pw-2", "redis.password_file": "/run/pw"], #"config key redis.password_file = "/run/pw" (from flag): set either redis.password or redis.password_file, not both"#),
         (["redis.password": "pw-3", "redis.url": "redis://:pw-4@r:6379/0"], #"config key redis.url = "redis://:***@r:6379/0" (from flag): holds a password and redis.password or redis.password_file is set too; give the password once"#),
@@ -142,9 +142,23 @@ import Yams
                 if let d = key.defaultValue { #expect(value.text == d, "\(key.name) shows its default") }
             } else {
                 #expect(key.defaultValue == nil, "\(key.name) has a default, so it is set in the example")
-                #expect(yaml.contains("  # \(key.name.split(separator: ".")[1]):"), "\(key.name) listed, commented out")
+                #expect(yaml.contains("# \(key.name.split(separator: ".").last!):"), "\(key.name) listed, commented out")
             }
         }
         _ = try ConfigLoader.load(file: path, environment: [:])
+    }
+
+    @Test func theCommentedRoutesExampleIsValidOnceUncommented() throws {
+        let yaml = ConfigSchema.exampleYAML()
+        let start = try #require(yaml.range(of: "# routes:"))
+        let uncommented = yaml[..<start.lowerBound] + yaml[start.lowerBound...].split(separator: "\n").map {
+            $0.hasPrefix("# ") ? String($0.dropFirst(2)) : String($0)
+        }.joined(separator: "\n")
+        let dir = try TemporaryDirectory(prefix: "dedupd-config")
+        let path = dir.file("routes.yaml").path
+        try uncommented.write(toFile: path, atomically: true, encoding: .utf8)
+        let c = try ConfigLoader.load(file: path, environment: [:])
+        #expect(c.routes.map(\.name) == ["payments", "profile-edits"])
+        #expect(c.routes[1].dedup.keep == .last && c.routes[1].dedup.namespace == "profile-edits")
     }
 }
