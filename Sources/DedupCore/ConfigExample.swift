@@ -107,6 +107,8 @@ public struct AdminConfiguration: Sendable {
     public var namespace: String
     public var bootstrapServers: String?
     public var kafkaProperties: [String: String]
+    /// Each configured route's key namespace (`routes.<name>.dedup.namespace`, else the name).
+    public var routeNamespaces: [String: String] = [:]
 
     public init(layers: [[String: ConfigValue]]) throws(ConfigError) {
         var merged: [String: ConfigValue] = [:]
@@ -132,6 +134,9 @@ public struct AdminConfiguration: Sendable {
             props[String(name.dropFirst(ConfigSchema.kafkaPropertiesPrefix.count))] = value.text
         }
         kafkaProperties = props
+        for name in r.optional("routes").map({ _ in (try? r.list("routes")) ?? [] }) ?? [] {
+            routeNamespaces[name] = merged["routes.\(name).dedup.namespace"]?.text ?? name
+        }
     }
 }
 

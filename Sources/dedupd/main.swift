@@ -308,25 +308,21 @@ struct Token: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Issue tokens into Redis and print them, one per line.")
 
-        @Option(help: "redis://[user:password@]host:port/db (default: DEDUPD_REDIS_URL or redis://127.0.0.1:6379/0).")
-        var redisUrl: String?
-        @Option(help: "The route's dedup.namespace (default: DEDUPD_DEDUP_NAMESPACE or default).")
-        var namespace: String?
+        @OptionGroup var options: AdminOptions
         @Option(help: "How long a token may be used, e.g. 15m.") var ttl: String = "15m"
         @Option(help: "How many tokens.") var count: Int = 1
 
         func run() async throws {
-            let env = ProcessInfo.processInfo.environment
             guard let ttl = DurationParser.parse(ttl), ttl > .zero else {
                 throw ValidationError("--ttl must be a duration such as 30s, 15m, 24h, got \(self.ttl)")
             }
             guard count > 0 else { throw ValidationError("--count must be greater than 0, got \(count)") }
             OperationalLog.bootstrap(level: "warning", format: "logfmt")
-            let issuer = try await TokenIssuer.connect(
-                url: redisUrl ?? env["DEDUPD_REDIS_URL"] ?? "redis://127.0.0.1:6379/0",
-                namespace: namespace ?? env["DEDUPD_DEDUP_NAMESPACE"] ?? "default",
-                logger: Logger(label: "dedupd.token"))
+            let config = try options.load()
+            let store = try await options.connectStore(config)
+            let issuer = TokenIssuer(store: store, namespace: config.namespace)
             for token in try await issuer.issue(count: count, ttl: ttl) { print(token) }
+            await store.connection.close()
         }
     }
 }
@@ -380,19 +376,41 @@ struct AdminOptions: ParsableArguments {
     var redisUrl: String?
     @Option(name: .long, help: "Namespace of the keys (dedup.namespace); default: the configuration's, else 'default'.")
     var namespace: String?
+    @Option(name: .long, help: "A route of the configuration: its keys' namespace (routes.<name>.dedup.namespace, else the name).")
+    var route: String?
     @Option(name: .long, help: "Kafka bootstrap servers (kafka.bootstrap_servers).")
     var bootstrapServers: String?
+
+    func validate() throws {
+        if namespace != nil && route != nil { throw ValidationError("give --namespace or --route, not both") }
+    }
 
     func load() throws -> AdminConfiguration {
         var flags: [String: String] = [:]
         flags["redis.url"] = redisUrl
         flags["dedup.namespace"] = namespace
         flags["kafka.bootstrap_servers"] = bootstrapServers
+        var config: AdminConfiguration
         do {
-            return try ConfigLoader.resolveAdmin(ConfigLoader.layers(file: config, flags: flags))
+            config = try ConfigLoader.resolveAdmin(ConfigLoader.layers(file: self.config, flags: flags))
         } catch {
             throw ValidationError("\(error)")
         }
+        if let route {
+            guard let ns = config.routeNamespaces[route] else {
+                let known = config.routeNamespaces.keys.sorted().joined(separator: ", ")
+                throw ValidationError("no route \(route) in the configuration (routes: \(known.isEmpty ? "none" : known))")
+            }
+            config.namespace = ns
+        }
+        return config
+    }
+
+    /// Loads the configuration, connects to Redis and namespaces `keys`: the set-up `inspect` and `forget` share.
+    func open(_ keys: [String]) async throws -> (RedisClaimStore, [DedupKey]) {
+        let config = try load()
+        let store = try await connectStore(config)
+        return (store, keys.map { DedupKey(raw: $0, namespace: config.namespace) })
     }
 
     func connectStore(_ c: AdminConfiguration) async throws -> RedisClaimStore {
@@ -426,9 +444,7 @@ struct Inspect: AsyncParsableCommand {
 
     func run() async throws {
         OperationalLog.bootstrap(level: "warning", format: "logfmt")
-        let config = try options.load()
-        let store = try await options.connectStore(config)
-        let dedupKeys = keys.map { DedupKey(raw: $0, namespace: config.namespace) }
+        let (store, dedupKeys) = try await options.open(keys)
         let states = try await store.inspect(dedupKeys.map(\.storeKey))
         for (key, state) in zip(dedupKeys, states) {
             print("\(key.raw) \(describe(state)) redis.key=\(key.storeKey)")
@@ -455,9 +471,7 @@ struct Forget: AsyncParsableCommand {
 
     func run() async throws {
         OperationalLog.bootstrap(level: "warning", format: "logfmt")
-        let config = try options.load()
-        let store = try await options.connectStore(config)
-        let dedupKeys = keys.map { DedupKey(raw: $0, namespace: config.namespace) }
+        let (store, dedupKeys) = try await options.open(keys)
         let results = try await store.forget(dedupKeys.map(\.storeKey), force: force)
         var kept = 0
         for (key, r) in zip(dedupKeys, results) {

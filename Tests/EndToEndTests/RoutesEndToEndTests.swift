@@ -96,6 +96,11 @@ import TestSupport
             let progress = try await KafkaConsumer.groupProgress(bootstrapServers: bootstrap, groupID: "routes", topic: topic)
             #expect(progress.allSatisfy { $0.isCaughtUp }, "\(topic): every route's messages resolved and committed: \(progress)")
         }
+        // The admin commands find a route's keys by its name.
+        let inspect = try DedupdProcess(["inspect", "--config", config, "--route", "payments", "pay-7", "pay-100"], name: "inspect", in: dir)
+        #expect(try inspect.wait(timeout: .seconds(20)) == 0, "inspect: \(inspect.stderr)")
+        #expect(inspect.stdout.contains("pay-7 done") && inspect.stdout.contains("redis.key=dedupd:payments:pay-7"), "\(inspect.stdout)")
+        #expect(inspect.stdout.contains("pay-100 absent"), "\(inspect.stdout)")
         mock.terminate()
     }
 }
