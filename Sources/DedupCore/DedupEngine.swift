@@ -143,6 +143,9 @@ public struct DedupEngine: Sendable {
     private var entries: [DedupKey: Entry] = [:]
     /// New keys waiting for their claim, in arrival order.
     private var claimOrder: [DedupKey] = []
+    /// How many keys at the front of claimOrder the last `keysToClaim` asked for; nil once a
+    /// revocation reshuffled claimOrder.
+    private var claimsAsked: Int?
     /// Token mode: new keys whose message's token is still to be used (then they join claimOrder).
     private var awaitingToken: [DedupKey] = []
     private var parkedKeys: Set<DedupKey> = []
@@ -256,7 +259,7 @@ public struct DedupEngine: Sendable {
             if !settings.holdsDeadLetters { offsets.resolve(message.topicPartition, offset: message.offset) }
             refused.append((BadInput(reason, "token \(token) is \(reason.code.dropFirst("token_".count))"), message))
         }
-        awaitingToken.removeAll { entries[$0]?.place != .awaitingToken }
+        awaitingToken.removeAll { [entries] in Self.place($0, in: entries) != .awaitingToken }
         return refused
     }
 
@@ -267,15 +270,18 @@ public struct DedupEngine: Sendable {
     /// by route, so `storeGroups` cuts them into few groups.
     public mutating func keysToClaim(now: ContinuousClock.Instant) -> [DedupKey] {
         var keys = claimOrder
-        for key in parkedKeys where entries[key].map({ $0.deadline <= now }) ?? false { keys.append(key) }
-        while let first = leaseOrder.first, entries[first.key]?.leaseTakenAt != first.taken {
+        claimsAsked = claimOrder.count
+        for key in parkedKeys {
+            if let i = entries.index(forKey: key), entries.values[i].deadline <= now { keys.append(key) }
+        }
+        while let first = leaseOrder.first, leaseTaken(first.key) != first.taken {
             leaseOrder.removeFirst()
         }
         for entry in leaseOrder {
-            guard let e = entries[entry.key], e.leaseTakenAt == entry.taken else { continue }
+            guard let i = entries.index(forKey: entry.key), entries.values[i].leaseTakenAt == entry.taken else { continue }
             // Leases differ per route, so a young lease of one route may precede an old one of
             // another: with routes the whole queue is looked at (it is ordered by time taken).
-            guard entry.taken <= now - routeSettings[e.route].lease / 2 else {
+            guard entry.taken <= now - routeSettings[entries.values[i].route].lease / 2 else {
                 if hasRoutes { continue } else { break }
             }
             keys.append(entry.key)
@@ -289,7 +295,7 @@ public struct DedupEngine: Sendable {
         guard hasRoutes else { return keys.isEmpty ? [] : [KeyGroup(keys.map(\.storeKey), ttl: settings[keyPath: ttl])] }
         var groups: [KeyGroup] = []
         for key in keys {
-            let t = routeSettings[entries[key]?.route ?? 0][keyPath: ttl]
+            let t = routeSettings[route(key)][keyPath: ttl]
             if groups.last?.ttl == t { groups[groups.count - 1].keys.append(key.storeKey) } else { groups.append(KeyGroup([key.storeKey], ttl: t)) }
         }
         return groups
@@ -297,16 +303,23 @@ public struct DedupEngine: Sendable {
 
     private func groupedByRoute(_ keys: [DedupKey]) -> [DedupKey] {
         guard hasRoutes, keys.count > 1 else { return keys }
-        return keys.map { (key: $0, route: entries[$0]?.route ?? 0) }.enumerated()
+        return keys.map { (key: $0, route: route($0)) }.enumerated()
             .sorted { ($0.element.route, $0.offset) < ($1.element.route, $1.offset) }.map(\.element.key)
     }
 
-    /// Applies the store's answers, in the order of `keys` from `keysToClaim`.
-    public mutating func applyClaims(_ keys: [DedupKey], _ outcomes: [ClaimOutcome], now: ContinuousClock.Instant) {
+    /// Applies the store's answers, in the order of `keys` from `keysToClaim`. Returns the keys
+    /// the store says this worker now holds although it no longer waits on them (their
+    /// partition was revoked while the answer was on its way): the caller releases them.
+    @discardableResult
+    public mutating func applyClaims(_ keys: [DedupKey], _ outcomes: [ClaimOutcome], now: ContinuousClock.Instant) -> [DedupKey] {
         precondition(keys.count == outcomes.count, "one outcome per key")
         var newClaims = 0
+        var orphans: [DedupKey] = []
         for (key, outcome) in zip(keys, outcomes) {
-            guard let i = entries.index(forKey: key) else { continue }  // revoked meanwhile
+            guard let i = entries.index(forKey: key) else {
+                if case .claimed = outcome { orphans.append(key) }
+                continue
+            }
             switch entries.values[i].place {
             case .claiming: newClaims += 1
             case .parked: parkedKeys.remove(key)
@@ -336,11 +349,18 @@ public struct DedupEngine: Sendable {
                 park(at: i, key, now: now)
             }
         }
-        if newClaims == claimOrder.count {
-            claimOrder.removeAll(keepingCapacity: true)
+        if let asked = claimsAsked, newClaims == asked, asked <= claimOrder.count {
+            // The usual case: the answer covers exactly the keys asked, which are the front of
+            // claimOrder (keys ingested since were appended behind them).
+            claimOrder.removeFirst(asked)
         } else {
-            claimOrder.removeAll { entries[$0]?.place != .claiming }
+            // Some keys of claimOrder were not in this answer (ingested since it was asked, or
+            // revoked): keep those still waiting for a claim.
+            let answered = Set(keys)
+            claimOrder.removeAll { [entries] in answered.contains($0) || Self.place($0, in: entries) != .claiming }
         }
+        claimsAsked = nil
+        return orphans
     }
 
     private mutating func park(at i: Dictionary<DedupKey, Entry>.Index, _ key: DedupKey, now: ContinuousClock.Instant) {
@@ -378,7 +398,7 @@ public struct DedupEngine: Sendable {
     /// `on_store_error: fail_open`: the store did not answer, and the operator chose to let
     /// messages through unclaimed rather than stop. Dedup then rests on the window alone.
     public mutating func applyClaimsWithoutStore(_ keys: [DedupKey], now: ContinuousClock.Instant) {
-        let fresh = keys.filter { entries[$0]?.place == .claiming || entries[$0]?.place == .parked }.count
+        let fresh = keys.filter { place($0) == .claiming || place($0) == .parked }.count
         counters.unclaimed += fresh
         applyClaims(keys, Array(repeating: .claimed, count: keys.count), now: now)
     }
@@ -387,10 +407,31 @@ public struct DedupEngine: Sendable {
 
     // MARK: - 4-5. Delay buffer and dispatch
 
-    private func isLive(_ slot: DelayBuffer.Slot) -> Bool {
-        guard let e = entries[slot.key] else { return false }
-        return e.place == .buffered && e.deadline == slot.deadline
+    // Lookups read fields in place (`index(forKey:)`, then `values[i]`): `entries[key]` would
+    // copy the whole entry, retaining every buffer of its message, on each look.
+    private func place(_ key: DedupKey) -> Place? { Self.place(key, in: entries) }
+
+    private static func place(_ key: DedupKey, in entries: [DedupKey: Entry]) -> Place? {
+        guard let i = entries.index(forKey: key) else { return nil }
+        return entries.values[i].place
     }
+
+    private func route(_ key: DedupKey) -> Int {
+        guard let i = entries.index(forKey: key) else { return 0 }
+        return entries.values[i].route
+    }
+
+    private func leaseTaken(_ key: DedupKey) -> ContinuousClock.Instant? {
+        guard let i = entries.index(forKey: key) else { return nil }
+        return entries.values[i].leaseTakenAt
+    }
+
+    private static func isLive(_ slot: DelayBuffer.Slot, in entries: [DedupKey: Entry]) -> Bool {
+        guard let i = entries.index(forKey: slot.key) else { return false }
+        return entries.values[i].place == .buffered && entries.values[i].deadline == slot.deadline
+    }
+
+    private func isLive(_ slot: DelayBuffer.Slot) -> Bool { Self.isLive(slot, in: entries) }
 
     /// The earliest moment a buffered message becomes due.
     public var nextDeadline: ContinuousClock.Instant? { buffer.nextDeadline(isLive: isLive) }
@@ -402,10 +443,7 @@ public struct DedupEngine: Sendable {
             // A scoped copy for the check (the buffer is mutated meanwhile, so it cannot read
             // `self`); it ends before `entries` is mutated below, which then needs no copy.
             let entries = self.entries
-            slots = buffer.popDue(now: now, limit: limit) { slot in
-                guard let e = entries[slot.key] else { return false }
-                return e.place == .buffered && e.deadline == slot.deadline
-            }
+            slots = buffer.popDue(now: now, limit: limit) { Self.isLive($0, in: entries) }
         }
         var due: [Dispatch] = []
         due.reserveCapacity(slots.count)
@@ -477,7 +515,7 @@ public struct DedupEngine: Sendable {
         if applied == confirming.count {
             confirming.removeAll(keepingCapacity: true)
         } else {
-            confirming.removeAll { entries[$0]?.place != .confirming }
+            confirming.removeAll { [entries] in Self.place($0, in: entries) != .confirming }
         }
     }
 
@@ -511,9 +549,10 @@ public struct DedupEngine: Sendable {
         }
         for key in dropped { entries[key] = nil }
         if !dropped.isEmpty {
-            claimOrder.removeAll { entries[$0] == nil }
-            awaitingToken.removeAll { entries[$0] == nil }
-            parkedKeys = parkedKeys.filter { entries[$0] != nil }
+            claimsAsked = nil
+            claimOrder.removeAll { [entries] in Self.place($0, in: entries) == nil }
+            awaitingToken.removeAll { [entries] in Self.place($0, in: entries) == nil }
+            parkedKeys = parkedKeys.filter { place($0) != nil }
         }
         if buffer.isEmpty { buffer.clearSlots() }
         for tp in partitions { offsets.forget(tp) }
@@ -535,7 +574,7 @@ public struct DedupEngine: Sendable {
     // MARK: - State
 
     /// Whether this worker currently holds the key anywhere (claiming, window, handler, confirm).
-    public func isHolding(_ key: DedupKey) -> Bool { entries[key] != nil }
+    public func isHolding(_ key: DedupKey) -> Bool { entries.index(forKey: key) != nil }
 
     /// Nothing is waiting anywhere: safe to stop when idle.
     public var isIdle: Bool { entries.isEmpty }
@@ -544,7 +583,8 @@ public struct DedupEngine: Sendable {
     public var nextWakeup: ContinuousClock.Instant? {
         var t = nextDeadline
         for key in parkedKeys {
-            guard let retry = entries[key]?.deadline else { continue }
+            guard let i = entries.index(forKey: key) else { continue }
+            let retry = entries.values[i].deadline
             if t == nil || retry < t! { t = retry }
         }
         return t

@@ -291,6 +291,32 @@ struct Harness {
         #expect(engine.counters.invalid == 3)
     }
 
+    /// The worker applies a claim answer after it polled and keyed the next batch: keys ingested
+    /// meanwhile wait for the next claim, and a key whose partition was revoked meanwhile comes
+    /// back as an orphan for the caller to release.
+    @Test func claimAnswersArriveAfterTheNextBatch() throws {
+        var h = try Harness()
+        _ = h.engine.ingest(msg("a", offset: 0))
+        _ = h.engine.ingest(msg("b", partition: 1, offset: 0))
+        let asked = h.engine.keysToClaim(now: h.clock.now)
+        #expect(asked.map(\.raw) == ["a", "b"])
+        #expect(h.engine.ingest(msg("a", offset: 1)) == .localDuplicate(DedupKey(raw: "a", namespace: "test")))
+        _ = h.engine.ingest(msg("c", offset: 2))
+        _ = h.engine.revoke([TopicPartition(topic: "t", partition: 1)])
+        let orphans = h.engine.applyClaims(asked, [.claimed, .claimed], now: h.clock.now)
+        #expect(orphans.map(\.raw) == ["b"], "claimed after its partition was revoked: to be released")
+        #expect(h.engine.keysToClaim(now: h.clock.now).map(\.raw) == ["c"], "c waits for the next claim")
+        #expect(h.engine.buffer.count == 1)
+
+        // Without a revocation the asked keys leave the front of the queue, later ones stay.
+        _ = h.engine.ingest(msg("d", offset: 3))
+        let next = h.engine.keysToClaim(now: h.clock.now)
+        _ = h.engine.ingest(msg("e", offset: 4))
+        #expect(h.engine.applyClaims(next, [.claimed, .claimed], now: h.clock.now).isEmpty)
+        #expect(h.engine.keysToClaim(now: h.clock.now).map(\.raw) == ["e"])
+        #expect(h.engine.buffer.count == 3)
+    }
+
     @Test func tokenModeNeedsTheToken() throws {
         var engine = DedupEngine(settings: DedupSettings(
             template: try KeyTemplate("key"), namespace: "test", token: try KeyTemplate("header:form-token")))

@@ -285,7 +285,10 @@ struct KafkaIOTests {
         await pollUntil(first, limit: .seconds(25), record, until: { firstAssigned.count == 3 && secondAssigned.withLock { !$0.isEmpty } })
         await secondDone
         let theirs = secondAssigned.withLock { $0 }
-        #expect(firstEvents == ["assigned", "revoked", "assigned"])
+        // Eager rebalancing: every new assignment follows the revocation of the old one. Usually
+        // one rebalance; on a loaded machine a member's join can time out and cause another.
+        #expect(firstEvents.count >= 3 && firstEvents.count % 2 == 1, "\(firstEvents)")
+        #expect(firstEvents.enumerated().allSatisfy { $0.element == ($0.offset % 2 == 0 ? "assigned" : "revoked") }, "\(firstEvents)")
         #expect(firstAssigned.count == 3)
         #expect(theirs.count == 3)
         #expect(Set(firstAssigned).union(theirs) == Set((0..<6).map { TopicPartition(topic: topic, partition: $0) }))
