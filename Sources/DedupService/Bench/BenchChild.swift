@@ -34,12 +34,21 @@ final class BenchChild: @unchecked Sendable {
 
     let process = Process()
     let state = Mutex(State())
-    /// Latencies in microseconds beyond the window, one per dispatched line (latency leg only).
-    let latencies = Mutex<[Int64]>([])
+    /// One dispatched line of the latency leg: its `bench-ts` (send time) and when the line was
+    /// read here, both wall clock in µs.
+    struct Arrival: Sendable {
+        var sent: Int64
+        var arrival: Int64
+    }
+
+    /// Latency leg only: one per dispatched line that carries a `bench-ts` header.
+    let arrivals = Mutex<[Arrival]>([])
     private let done = DispatchSemaphore(value: 0)
     private let readers: Int
 
-    init(executable: String, config: String, captureOutput: Bool, windowMicros: Int64) throws {
+    /// `BENCH_CHILD_LOG=DIR` keeps each child's whole operational log (its `stats` lines every
+    /// 50 ms included) as DIR/NAME.log, for looking into a leg after the run.
+    init(name: String, executable: String, config: String, captureOutput: Bool) throws {
         let err = Pipe()
         let out = captureOutput ? Pipe() : nil
         readers = out == nil ? 2 : 3
@@ -55,30 +64,31 @@ final class BenchChild: @unchecked Sendable {
         let pid = process.processIdentifier
 
         let errFD = err.fileHandleForReading.fileDescriptor
+        let copy = ProcessInfo.processInfo.environment["BENCH_CHILD_LOG"].flatMap { dir -> FileHandle? in
+            let path = "\(dir)/\(name).log"
+            guard FileManager.default.createFile(atPath: path, contents: nil) else { return nil }
+            return FileHandle(forWritingAtPath: path)
+        }
         Self.thread("bench.child.stderr") { [self] in
-            Self.readLines(errFD) { line in self.parseLogLine(line) }
+            Self.readLines(errFD) { line in
+                self.parseLogLine(line)
+                copy?.write(Data(line) + [10])
+            }
+            try? copy?.close()
             withExtendedLifetime(err) {}
             done.signal()
         }
         if let out {
             let outFD = out.fileHandleForReading.fileDescriptor
             Self.thread("bench.child.stdout") { [self] in
-                var local: [Int64] = []
+                var local: [Arrival] = []
                 local.reserveCapacity(1 << 16)
-                let marker = Array(#""bench-ts":""#.utf8)
-                var arrivals: [Int64] = []
+                let marker = Array("\"\(BenchTraffic.timestampHeader)\":\"".utf8)
                 Self.readLines(outFD) { line in
                     let now = wallMicros()
-                    if let sent = Self.number(after: marker, in: line) {
-                        local.append(now - sent - windowMicros)
-                        arrivals.append(now)
-                    }
+                    if let sent = Self.number(after: marker, in: line) { local.append(Arrival(sent: sent, arrival: now)) }
                 }
-                if let path = ProcessInfo.processInfo.environment["BENCH_LATENCY_DUMP"], let t0 = arrivals.first {
-                    let text = zip(arrivals, local).map { "\(($0 - t0) / 1000) \($1 / 1000)" }.joined(separator: "\n")
-                    try? text.write(toFile: path, atomically: true, encoding: .utf8)
-                }
-                latencies.withLock { $0 = local }
+                arrivals.withLock { $0 = local }
                 withExtendedLifetime(out) {}
                 done.signal()
             }
@@ -137,6 +147,17 @@ final class BenchChild: @unchecked Sendable {
             s.tail.append(line)
             if s.tail.count > 40 { s.tail.removeFirst() }
         }
+    }
+
+    /// A header value that is a decimal number (the `bench-ts` header as the bare consumer sees it).
+    static func number(_ bytes: UnsafeRawBufferPointer) -> Int64? {
+        guard !bytes.isEmpty else { return nil }
+        var v: Int64 = 0
+        for b in bytes {
+            guard b >= 48, b <= 57 else { return nil }
+            v = v * 10 + Int64(b - 48)
+        }
+        return v
     }
 
     /// The decimal number right after `marker` in `line`.
