@@ -21,6 +21,8 @@ final class BenchChild: @unchecked Sendable {
         /// Dispatched + duplicates + invalid: messages whose fate is decided.
         var resolved: Int
         var dispatched: Int
+        /// CPU time the child has used so far (user + system, in clock ticks), read with the line.
+        var cpuTicks: Int
     }
 
     struct State: Sendable {
@@ -130,6 +132,7 @@ final class BenchChild: @unchecked Sendable {
     // MARK: - Reading
 
     private func parseLogLine(_ bytes: ArraySlice<UInt8>) {
+        let pid = process.processIdentifier
         let line = String(decoding: bytes, as: UTF8.self)
         let now = ContinuousClock.now
         state.withLock { s in
@@ -139,7 +142,9 @@ final class BenchChild: @unchecked Sendable {
                 }
                 let dispatched = field("dispatched")
                 let resolved = dispatched + field("duplicates.local") + field("duplicates.redis") + field("invalid")
-                s.samples.append(Sample(at: now, consumed: field("consumed"), resolved: resolved, dispatched: dispatched))
+                s.samples.append(Sample(
+                    at: now, consumed: field("consumed"), resolved: resolved, dispatched: dispatched,
+                    cpuTicks: Self.cpuTicks(pid: pid) ?? 0))
                 return
             }
             if line.contains("partitions assigned") { s.assigned = true }
@@ -199,6 +204,18 @@ final class BenchChild: @unchecked Sendable {
             pending.removeFirst(start)
         }
         if !pending.isEmpty { body(pending[...]) }
+    }
+
+    /// utime + stime of a process in clock ticks, from /proc/PID/stat (fields 14 and 15, counted
+    /// after the command name, which is in parentheses and may contain spaces).
+    static func cpuTicks(pid: Int32) -> Int? {
+        guard let text = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+            let close = text.lastIndex(of: ")")
+        else { return nil }
+        let fields = text[text.index(after: close)...].split(separator: " ")
+        // fields[0] is the state (field 3), so field N is fields[N - 3].
+        guard fields.count > 12, let user = Int(fields[11]), let system = Int(fields[12]) else { return nil }
+        return user + system
     }
 
     /// (VmRSS, VmHWM) of a process in KiB, from /proc/PID/status.

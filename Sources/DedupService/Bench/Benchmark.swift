@@ -48,6 +48,9 @@ public enum Benchmark {
         public var dCorrect: Bool
         public var dDetail: String
         public var peakRSSKiB: Int
+        /// CPU time (user + system) the dedupd child spent per message over the throughput leg:
+        /// unlike the rate, it hardly moves when other work shares the machine.
+        public var cpuMicrosPerMessage: Double
         public var bufferLimit: String
         public var latencyRate: Int
         public var latency: LatencyFigures
@@ -115,7 +118,7 @@ public enum Benchmark {
         getrusage(__rusage_who_t(RUSAGE_SELF.rawValue), &usage)
         return Figures(
             options: o, kRate: kRate, rRate: rRate, dRate: d.rate, dCorrect: d.correct && l.correct,
-            dDetail: d.detail, peakRSSKiB: d.peakRSSKiB, bufferLimit: "100000 messages / 64 MiB (defaults)",
+            dDetail: d.detail, peakRSSKiB: d.peakRSSKiB, cpuMicrosPerMessage: d.cpuMicrosPerMessage, bufferLimit: "100000 messages / 64 MiB (defaults)",
             latencyRate: latencyRate, latency: latency, benchRSSKiB: Int(usage.ru_maxrss))
     }
 
@@ -165,6 +168,7 @@ public enum Benchmark {
     struct WorkerLeg {
         var rate: Double
         var peakRSSKiB: Int
+        var cpuMicrosPerMessage: Double
         /// Latency leg: each dispatched line's send time and arrival (wall clock, µs).
         var dispatches: [BenchChild.Arrival]
         /// Latency leg: send time → arrival at the bare consumer beside the worker (µs).
@@ -290,6 +294,7 @@ public enum Benchmark {
         let correct = last.dispatched == report.unique + warmUp && sent == count && status == 0
         return WorkerLeg(
             rate: Double(count) / seconds(endAt - startAt), peakRSSKiB: peak,
+            cpuMicrosPerMessage: Double(last.cpuTicks - samples[first - 1].cpuTicks) * 1e6 / Double(Int(sysconf(Int32(_SC_CLK_TCK)))) / Double(count),
             dispatches: child.arrivals.withLock { $0 }, bareReceived: bareReceived, correct: correct,
             detail: "dispatched=\(last.dispatched) unique=\(report.unique + warmUp) sent=\(sent) exit=\(status)")
     }
@@ -372,6 +377,7 @@ public enum Benchmark {
             ("baseline R: SET NX PX via RedisConnection, 1000-deep pipelines", "\(group(Int(f.rRate.rounded()))) cmd/s"),
             ("dedupd: claim, window \(WorkerConfiguration.format(o.window)), log → /dev/null, confirm, commit", rate(f.dRate)),
             ("ratio dedupd / K (target ≥ 0.60)", String(format: "%.2f", f.ratio)),
+            ("dedupd CPU time per message (user + system, whole process)", String(format: "%.1f µs", f.cpuMicrosPerMessage)),
             ("peak RSS of the dedupd process (VmHWM)", String(format: "%.1f MiB", mib)),
             ("added latency beyond the window, p50 (at \(group(f.latencyRate)) msg/s; send → dispatch − window)", ms(f.latency.endToEnd.p50)),
             ("added latency beyond the window, p99", ms(f.latency.endToEnd.p99)),
