@@ -118,6 +118,10 @@ public struct KeyTemplate: Sendable, Equatable, CustomStringConvertible {
             }
             json = parsed
         }
+        // A template of one source (the usual `header:message-id`) is that source's text.
+        if parts.count == 1, case .source(let source) = parts[0] {
+            return try value(of: source, message: message, json: json)
+        }
         var out = ""
         for part in parts {
             switch part {

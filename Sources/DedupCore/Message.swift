@@ -81,6 +81,9 @@ public struct InboundMessage: Sendable {
 extension String {
     /// Header names are ASCII by convention; compare them without allocating lowercased copies.
     func equalsIgnoringASCIICase(_ other: String) -> Bool {
+        // Names usually match exactly (once per message for a header key template): that
+        // comparison is a few word compares for short strings, the byte loop only the fallback.
+        if self == other { return true }
         guard self.utf8.count == other.utf8.count else { return false }
         return zip(self.utf8, other.utf8).allSatisfy { a, b in
             a == b || (a | 0x20 == b | 0x20 && (a | 0x20) >= 0x61 && (a | 0x20) <= 0x7a)
