@@ -241,29 +241,65 @@ struct LineBuffer: ~Copyable {
         base[o] = UInt8(ascii: "\"")
         o += 1
         let hex: StaticString = "0123456789abcdef"
-        for b in bytes {
-            if b >= 0x20 && b != UInt8(ascii: "\"") && b != UInt8(ascii: "\\") {
-                base[o] = b
-                o += 1
-                continue
+        let n = bytes.count
+        var i = 0
+        while i < n {
+            // Eight bytes that need no escape are copied as one word (most of a JSON value is
+            // runs of plain text between quotes); a word with a candidate goes byte by byte.
+            if i + 8 <= n {
+                let word = bytes.loadUnaligned(fromByteOffset: i, as: UInt64.self)
+                if !Self.mayNeedEscape(word) {
+                    UnsafeMutableRawPointer(base + o).storeBytes(of: word, as: UInt64.self)
+                    o += 8
+                    i += 8
+                    continue
+                }
             }
-            base[o] = UInt8(ascii: "\\")
-            switch b {
-            case UInt8(ascii: "\""), UInt8(ascii: "\\"): base[o + 1] = b; o += 2
-            case 0x0A: base[o + 1] = UInt8(ascii: "n"); o += 2
-            case 0x0D: base[o + 1] = UInt8(ascii: "r"); o += 2
-            case 0x09: base[o + 1] = UInt8(ascii: "t"); o += 2
-            default:
-                base[o + 1] = UInt8(ascii: "u")
-                base[o + 2] = UInt8(ascii: "0")
-                base[o + 3] = UInt8(ascii: "0")
-                base[o + 4] = hex.utf8Start[Int(b >> 4)]
-                base[o + 5] = hex.utf8Start[Int(b & 15)]
-                o += 6
+            let end = min(i + 8, n)
+            while i < end {
+                o = Self.appendEscaped(bytes[i], at: o, in: base, hex: hex)
+                i += 1
             }
         }
         base[o] = UInt8(ascii: "\"")
         count = o + 1
+    }
+
+    private static let ones: UInt64 = 0x0101_0101_0101_0101
+    private static let highs: UInt64 = 0x8080_8080_8080_8080
+
+    /// Whether some byte of `word` is a control character, a quote or a backslash (the
+    /// zero-byte test on `word` and on `word` xor each of them; bytes ≥ 0x80 never match).
+    @inline(__always)
+    static func mayNeedEscape(_ word: UInt64) -> Bool {
+        func hasZeroByte(_ v: UInt64) -> Bool { (v &- ones) & ~v & highs != 0 }
+        let control = (word &- 0x20 &* ones) & ~word & highs != 0
+        return control || hasZeroByte(word ^ (0x22 &* ones)) || hasZeroByte(word ^ (0x5c &* ones))
+    }
+
+    /// Stores `b` at `o`, escaped if JSON needs it; returns the next position.
+    @inline(__always)
+    private static func appendEscaped(_ b: UInt8, at o: Int, in base: UnsafeMutablePointer<UInt8>, hex: StaticString) -> Int {
+        if b >= 0x20 && b != UInt8(ascii: "\"") && b != UInt8(ascii: "\\") {
+            base[o] = b
+            return o + 1
+        }
+        base[o] = UInt8(ascii: "\\")
+        switch b {
+        case UInt8(ascii: "\""), UInt8(ascii: "\\"):
+            base[o + 1] = b
+            return o + 2
+        case 0x0A: base[o + 1] = UInt8(ascii: "n"); return o + 2
+        case 0x0D: base[o + 1] = UInt8(ascii: "r"); return o + 2
+        case 0x09: base[o + 1] = UInt8(ascii: "t"); return o + 2
+        default:
+            base[o + 1] = UInt8(ascii: "u")
+            base[o + 2] = UInt8(ascii: "0")
+            base[o + 3] = UInt8(ascii: "0")
+            base[o + 4] = hex.utf8Start[Int(b >> 4)]
+            base[o + 5] = hex.utf8Start[Int(b & 15)]
+            return o + 6
+        }
     }
 
     /// Eight bytes at a time: values are mostly ASCII JSON, and only non-ASCII needs the

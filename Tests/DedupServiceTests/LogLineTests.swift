@@ -73,6 +73,30 @@ struct LogLineTests {
         #expect(buffer.count == 0)
     }
 
+    /// The word test that lets eight plain bytes be copied at once agrees with the byte test,
+    /// for every byte value in every position of a word.
+    @Test func wordEscapeTestMatchesTheByteTest() {
+        let plain = UInt64(0x4141_4141_4141_4141)
+        #expect(!LineBuffer.mayNeedEscape(plain))
+        for position in 0..<8 {
+            for value in 0...255 {
+                let shift = UInt64(position * 8)
+                let word = plain & ~(0xff << shift) | UInt64(value) << shift
+                let needs = value < 0x20 || value == 0x22 || value == 0x5c
+                #expect(LineBuffer.mayNeedEscape(word) == needs, "byte \(value) at \(position)")
+            }
+        }
+        var rng = SystemRandomNumberGenerator()
+        for _ in 0..<10_000 {
+            let word = rng.next() as UInt64
+            let needs = (0..<8).contains { i in
+                let b = UInt8(truncatingIfNeeded: word >> UInt64(i * 8))
+                return b < 0x20 || b == 0x22 || b == 0x5c
+            }
+            #expect(LineBuffer.mayNeedEscape(word) == needs)
+        }
+    }
+
     @Test func asciiCheckCoversEveryPosition() {
         for length in 0..<20 {
             let ascii = [UInt8](repeating: 0x41, count: length)
