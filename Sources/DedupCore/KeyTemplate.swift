@@ -118,6 +118,10 @@ public struct KeyTemplate: Sendable, Equatable, CustomStringConvertible {
             }
             json = parsed
         }
+        // A template of one source (the usual `header:message-id`) is that source's text.
+        if parts.count == 1, case .source(let source) = parts[0] {
+            return try value(of: source, message: message, json: json)
+        }
         var out = ""
         for part in parts {
             switch part {
@@ -272,10 +276,17 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
     /// The Redis key: `<prefix>:<namespace>:<raw>` or `<prefix>:<namespace>:h:<sha256(raw)>` when `raw` is long.
     public let storeKey: String
 
+    /// `raw`'s hash, taken once: the engine looks a key up in several dictionaries per message,
+    /// and hashing the string each time (SipHash over every byte, then Hasher's set-up and
+    /// finalization) was about 6% of the worker's CPU in perf. Process-local (Swift seeds string
+    /// hashing per process), like every `hashValue`.
+    private let rawHash: Int
+
     public static let maxRawLength = 200
 
     public init(raw: String, namespace: String, prefix: String = "dedupd") {
         self.raw = raw
+        rawHash = raw.hashValue
         if raw.utf8.count > Self.maxRawLength {
             storeKey = "\(prefix):\(namespace):h:\(KeyTemplate.hex(SHA256.hash(data: Array(raw.utf8))))"
         } else {
@@ -286,7 +297,20 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
     public var description: String { raw }
 
     // `storeKey` is derived from `raw` (and the namespace, one per engine), so hashing `raw`
-    // alone is enough; the engine's dictionaries hash every key several times per message.
-    public func hash(into hasher: inout Hasher) { hasher.combine(raw) }
-    public static func == (a: DedupKey, b: DedupKey) -> Bool { a.raw == b.raw && a.storeKey == b.storeKey }
+    // alone is enough.
+    public func hash(into hasher: inout Hasher) { hasher.combine(rawHash) }
+
+    /// What `Dictionary` and `Set` call per lookup: the cached hash mixed with the table's seed
+    /// by a 64-bit finalizer (splitmix64's), so each table still gets its own bucket order
+    /// (the reason tables are seeded) without running a `Hasher` per lookup.
+    public func _rawHashValue(seed: Int) -> Int {
+        var z = UInt64(bitPattern: Int64(rawHash ^ seed))
+        z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
+        z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
+        return Int(Int64(bitPattern: z ^ (z >> 31)))
+    }
+
+    public static func == (a: DedupKey, b: DedupKey) -> Bool {
+        a.rawHash == b.rawHash && a.raw == b.raw && a.storeKey == b.storeKey
+    }
 }

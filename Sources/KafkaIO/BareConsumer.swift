@@ -20,12 +20,19 @@ public enum BareConsumer {
     }
 
     /// Joins `groupID`, consumes `topics` until `target` messages were counted or `timeout`
-    /// passed. `progress` is called with the running count every 1024 messages and at the end
-    /// (from this thread), e.g. to pace a producer.
+    /// passed. `progress` is called with the running count for the first message, every 1024
+    /// messages and at the end (from this thread), e.g. to pace a producer or to see that the
+    /// consumer has its partitions.
+    ///
+    /// `header`, when given, is looked up in every message and `onHeader` called with its value
+    /// (messages without it are counted but not reported): the bench's baseline latency reads a
+    /// send timestamp this way, at the moment librdkafka hands the message over. Without it the
+    /// loop does not touch headers at all.
     public static func count(
         bootstrapServers: String, groupID: String, topics: [String], target: Int,
         properties: [String: String] = [:], timeout: Duration,
-        logger: Logger, progress: (Int) -> Void = { _ in }
+        logger: Logger, progress: (Int) -> Void = { _ in },
+        header: String? = nil, onHeader: (UnsafeRawBufferPointer) -> Void = { _ in }
     ) throws(KafkaError) -> Result {
         var defaults = KafkaConsumer.defaultProperties
         defaults["bootstrap.servers"] = bootstrapServers
@@ -59,7 +66,8 @@ public enum BareConsumer {
             if rkm.pointee.err == RD_KAFKA_RESP_ERR_NO_ERROR {
                 if result.messages == 0 { result.first = clock.now }
                 result.messages += 1
-                if result.messages & 1023 == 0 { progress(result.messages) }
+                if let header { observe(rkm, header: header, onHeader) }
+                if result.messages & 1023 == 0 || result.messages == 1 { progress(result.messages) }
             } else if rkm.pointee.err != RD_KAFKA_RESP_ERR__PARTITION_EOF {
                 result.errors += 1
             }
@@ -68,5 +76,17 @@ public enum BareConsumer {
         result.last = clock.now
         progress(result.messages)
         return result
+    }
+
+    /// Calls `body` with the value of the last `name` header of `rkm`, if it has one.
+    private static func observe(
+        _ rkm: UnsafeMutablePointer<rd_kafka_message_t>, header name: String, _ body: (UnsafeRawBufferPointer) -> Void
+    ) {
+        var hdrs: OpaquePointer? = nil
+        guard rd_kafka_message_headers(rkm, &hdrs) == RD_KAFKA_RESP_ERR_NO_ERROR, let hdrs else { return }
+        var value: UnsafeRawPointer? = nil
+        var size = 0
+        guard rd_kafka_header_get_last(hdrs, name, &value, &size) == RD_KAFKA_RESP_ERR_NO_ERROR, let value else { return }
+        body(UnsafeRawBufferPointer(start: value, count: size))
     }
 }

@@ -3,14 +3,18 @@ import DedupCore
 import Dispatch
 import Logging
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A librdkafka group consumer (`rd_kafka_t` of type consumer, subscribed to topics).
 ///
 /// Blocking calls (poll, commit, committed, watermarks, close) run on the consumer's own serial queue, one hop
 /// per call; `poll` returns a whole batch per hop.
 ///
-/// `@unchecked Sendable`: `rk` is thread-safe in librdkafka; the only mutable state, `closed`, is behind a
-/// `Mutex`, and `rk` is destroyed only while holding it (after which every call sees `closed`).
+/// `@unchecked Sendable`: `rk` is thread-safe in librdkafka; `closed` is behind a `Mutex`, and `rk` is
+/// destroyed only while holding it (after which every call sees `closed`); `names` is only used by
+/// `pollBatch`, which runs on the executor's serial queue.
 public final class KafkaConsumer: @unchecked Sendable {
     /// What a poll returns, in the order it happened.
     public enum ConsumerEvent: Sendable {
@@ -51,6 +55,8 @@ public final class KafkaConsumer: @unchecked Sendable {
     private let context: ClientContext
     private let executor: BlockingExecutor
     private let closed = Mutex<Bool>(false)
+    /// Only used inside `pollBatch`, on `executor`'s serial queue (see `NameCache`).
+    private var names = NameCache()
     public let groupID: String
     public let topics: [String]
 
@@ -115,7 +121,6 @@ public final class KafkaConsumer: @unchecked Sendable {
     private func pollBatch(maxMessages: Int, timeoutMs: Int32) -> [ConsumerEvent] {
         var out: [ConsumerEvent] = []
         out.reserveCapacity(min(maxMessages, 4096))
-        var topicNames: [OpaquePointer: String] = [:]
         var wait = timeoutMs
         // `close()` destroys `rk` on this same serial queue, so it cannot happen during this call:
         // one check per batch, not per message.
@@ -134,7 +139,7 @@ public final class KafkaConsumer: @unchecked Sendable {
             }
             if let rkm {
                 defer { rd_kafka_message_destroy(rkm) }
-                if let event = Self.convert(rkm, topicNames: &topicNames) { out.append(event) }
+                if let event = Self.convert(rkm, names: &names) { out.append(event) }
             } else if events.isEmpty {
                 break  // nothing more right now
             }
@@ -145,17 +150,9 @@ public final class KafkaConsumer: @unchecked Sendable {
     }
 
     /// Copies a C message into a Swift event; `nil` for partition EOF.
-    private static func convert(_ rkm: UnsafeMutablePointer<rd_kafka_message_t>, topicNames: inout [OpaquePointer: String]) -> ConsumerEvent? {
+    private static func convert(_ rkm: UnsafeMutablePointer<rd_kafka_message_t>, names: inout NameCache) -> ConsumerEvent? {
         let m = rkm.pointee
-        var topic = ""
-        if let rkt = m.rkt {
-            if let t = topicNames[rkt] {
-                topic = t
-            } else {
-                topic = String(cString: rd_kafka_topic_name(rkt))
-                topicNames[rkt] = topic
-            }
-        }
+        let topic = m.rkt.map { names.topic($0) } ?? ""
         if m.err != RD_KAFKA_RESP_ERR_NO_ERROR {
             if m.err == RD_KAFKA_RESP_ERR__PARTITION_EOF { return nil }
             var detail = ""
@@ -175,13 +172,14 @@ public final class KafkaConsumer: @unchecked Sendable {
         var headers: [MessageHeader] = []
         var hdrs: OpaquePointer? = nil
         if rd_kafka_message_headers(rkm, &hdrs) == RD_KAFKA_RESP_ERR_NO_ERROR, let hdrs {
+            headers.reserveCapacity(rd_kafka_header_cnt(hdrs))
             var idx = 0
             var name: UnsafePointer<CChar>? = nil
             var val: UnsafeRawPointer? = nil
             var size = 0
             while rd_kafka_header_get_all(hdrs, idx, &name, &val, &size) == RD_KAFKA_RESP_ERR_NO_ERROR {
                 let hv: [UInt8]? = val.map { Array(UnsafeRawBufferPointer(start: $0, count: size)) }
-                headers.append(MessageHeader(name: name.map { String(cString: $0) } ?? "", value: hv))
+                headers.append(MessageHeader(name: name.map { names.header($0) } ?? "", value: hv))
                 idx += 1
             }
         }
@@ -388,6 +386,49 @@ public final class KafkaConsumer: @unchecked Sendable {
             return (0..<Int(t.partition_cnt)).map { t.partitions[$0].id }.sorted()
         }
         throw KafkaError(code: .metadata, err: RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART, message: "metadata of \(topic)")
+    }
+}
+
+/// Topic and header names seen by the consumer, so a message's names are Swift strings that
+/// already exist rather than new ones: a name over 15 bytes is a heap string, and every copy
+/// of a message (buffer, dispatch, dead letter) retains each of its strings. A stream has a
+/// handful of topics and header names, so a short list compared by bytes finds them.
+///
+/// Only touched on the consumer's serial queue (inside `pollBatch`).
+struct NameCache {
+    private var lastTopic: (handle: OpaquePointer, name: String)?
+    private var topics: [OpaquePointer: String] = [:]
+    /// Header names as their C bytes (with the NUL) and the shared string.
+    private var headers: [(bytes: [CChar], name: String)] = []
+    /// Past this many distinct header names, new ones are no longer remembered (a producer that
+    /// invents names per message must not grow this without bound).
+    static let maxHeaderNames = 64
+
+    /// The topic handle is the same pointer for every message of a topic: one comparison for a
+    /// run of messages from the same topic, a dictionary for the rest.
+    mutating func topic(_ rkt: OpaquePointer) -> String {
+        if let last = lastTopic, last.handle == rkt { return last.name }
+        let name: String
+        if let known = topics[rkt] {
+            name = known
+        } else {
+            name = String(cString: rd_kafka_topic_name(rkt))
+            topics[rkt] = name
+        }
+        lastTopic = (rkt, name)
+        return name
+    }
+
+    mutating func header(_ cName: UnsafePointer<CChar>) -> String {
+        for entry in headers where entry.bytes.withUnsafeBufferPointer({ strcmp($0.baseAddress!, cName) == 0 }) {
+            return entry.name
+        }
+        let name = String(cString: cName)
+        if headers.count < Self.maxHeaderNames {
+            let length = strlen(cName)
+            headers.append((Array(UnsafeBufferPointer(start: cName, count: length + 1)), name))
+        }
+        return name
     }
 }
 

@@ -1,3 +1,4 @@
+import CHiredis
 import DedupCore
 import Logging
 import Synchronization
@@ -34,45 +35,39 @@ public final class RedisClaimStore: ClaimStore {
     }
 
     public func claim(_ groups: [KeyGroup], owner: String) async throws -> [ClaimOutcome] {
-        let replies = try await run(.claim, groups.map {
-            ScriptBatch(keys: $0.keys, args: [RedisArgument(owner), RedisArgument(Self.millis($0.ttl))])
-        })
-        return try replies.map { reply in
-            switch reply.text {
-            case "c": return .claimed
-            case "o": return .alreadyOwned
-            case "d": return .done
-            case let value?: return .pendingElsewhere(owner: Self.owner(of: value))
-            case nil: throw Self.unexpected(reply, in: "claim")
+        let batches = groups.map { ScriptBatch(keys: $0.keys, args: [RedisArgument(owner), RedisArgument(Self.millis($0.ttl))]) }
+        return try await run(.claim, batches) { element in
+            // One byte is one of the script's own answers; anything longer is the foreign value.
+            switch Self.shortCode(element) {
+            case UInt8(ascii: "c"): return .claimed
+            case UInt8(ascii: "o"): return .alreadyOwned
+            case UInt8(ascii: "d"): return .done
+            default: return Self.text(element).map { .pendingElsewhere(owner: Self.owner(of: $0)) }
             }
         }
     }
 
     public func confirm(_ groups: [KeyGroup], owner: String) async throws -> [ConfirmOutcome] {
-        let replies = try await run(.confirm, groups.map {
-            ScriptBatch(keys: $0.keys, args: [RedisArgument(owner), RedisArgument(Self.millis($0.ttl))])
-        })
-        return try replies.map { reply in
-            switch reply.text {
-            case "c": return .confirmed
-            case "l": return .confirmedAfterLeaseLost
-            case let value?: return .notOwner(owner: Self.owner(of: value))
-            case nil: throw Self.unexpected(reply, in: "confirm")
+        let batches = groups.map { ScriptBatch(keys: $0.keys, args: [RedisArgument(owner), RedisArgument(Self.millis($0.ttl))]) }
+        return try await run(.confirm, batches) { element in
+            switch Self.shortCode(element) {
+            case UInt8(ascii: "c"): return .confirmed
+            case UInt8(ascii: "l"): return .confirmedAfterLeaseLost
+            default: return Self.text(element).map { .notOwner(owner: Self.owner(of: $0)) }
             }
         }
     }
 
     public func release(_ keys: [String], owner: String) async throws -> [Bool] {
-        try await run(.release, keys: keys, args: [RedisArgument(owner)]).map { try Self.flag($0, in: "release") }
+        try await run(.release, keys: keys, args: [RedisArgument(owner)], element: Self.flag)
     }
 
     public func renew(_ keys: [String], owner: String, lease: Duration) async throws -> [Bool] {
-        try await run(.renew, keys: keys, args: [RedisArgument(owner), RedisArgument(Self.millis(lease))])
-            .map { try Self.flag($0, in: "renew") }
+        try await run(.renew, keys: keys, args: [RedisArgument(owner), RedisArgument(Self.millis(lease))], element: Self.flag)
     }
 
     public func inspect(_ keys: [String]) async throws -> [KeyState] {
-        let replies = try await run(.inspect, keys: keys, args: [], repliesPerKey: 2)
+        let replies = try await run(.inspect, keys: keys, args: [], repliesPerKey: 2) { RedisReply($0) }
         var states: [KeyState] = []
         states.reserveCapacity(keys.count)
         for i in stride(from: 0, to: replies.count, by: 2) {
@@ -94,6 +89,16 @@ public final class RedisClaimStore: ClaimStore {
 
     // MARK: - Scripts
 
+    /// One `EVALSHA`'s reply, read on the connection's queue: the per-key results, or the
+    /// server's error (NOSCRIPT is retried), or what came instead of the expected array.
+    private enum ChunkReply<Item: Sendable>: Sendable {
+        case items([Item])
+        case error(String)
+        /// A bulk string: the SHA that `SCRIPT LOAD` answers when a lost script is loaded again.
+        case text(String)
+        case malformed(String)
+    }
+
     /// Keys run through one script with the same arguments (e.g. one lease).
     /// `perKeyArgs`, when given, holds one argument per key, passed with its chunk after `args`.
     private struct ScriptBatch {
@@ -102,43 +107,84 @@ public final class RedisClaimStore: ClaimStore {
         var perKeyArgs: [RedisArgument]? = nil
     }
 
-    /// One script chunk: keys `range` of batch `batch`.
+    /// One `EVALSHA`: keys `range` of batch `batch`.
     private struct Chunk {
         var batch: Int
         var range: Range<Int>
         var count: Int { range.count }
     }
 
-    private func run(
+    private func run<Item: Sendable>(
         _ script: LuaScript, keys: [String], args: [RedisArgument], perKeyArgs: [RedisArgument]? = nil,
-        repliesPerKey: Int = 1
-    ) async throws -> [RedisReply] {
-        try await run(script, [ScriptBatch(keys: keys, args: args, perKeyArgs: perKeyArgs)], repliesPerKey: repliesPerKey)
+        repliesPerKey: Int = 1, element: @escaping @Sendable (UnsafePointer<redisReply>) -> Item?
+    ) async throws -> [Item] {
+        try await run(script, [ScriptBatch(keys: keys, args: args, perKeyArgs: perKeyArgs)], repliesPerKey: repliesPerKey, element: element)
     }
 
     /// Runs `script` over the keys of all batches in one pipeline and returns the per-key
-    /// results, in key order (batch after batch).
-    private func run(_ script: LuaScript, _ batches: [ScriptBatch], repliesPerKey: Int = 1) async throws -> [RedisReply] {
+    /// results, in key order (batch after batch). `element` turns one element of a chunk's reply
+    /// array into a result while hiredis still owns it (nil: not a value the script returns, a
+    /// protocol error).
+    private func run<Item: Sendable>(
+        _ script: LuaScript, _ batches: [ScriptBatch], repliesPerKey: Int = 1,
+        element: @escaping @Sendable (UnsafePointer<redisReply>) -> Item?
+    ) async throws -> [Item] {
         var chunks: [Chunk] = []
+        var keyCount = 0, keyBytes = 0, argBytes = 0, argCount = 0
         for (b, batch) in batches.enumerated() {
             for start in stride(from: 0, to: batch.keys.count, by: maxKeysPerScript) {
                 chunks.append(Chunk(batch: b, range: start..<min(start + maxKeysPerScript, batch.keys.count)))
             }
+            keyCount += batch.keys.count * (batch.perKeyArgs == nil ? 1 : 2)
+            keyBytes += batch.keys.reduce(0) { $0 + $1.utf8.count }
+            argBytes = max(argBytes, batch.args.reduce(0) { $0 + $1.bytes.count })
+            argCount = max(argCount, batch.args.count)
         }
         if chunks.isEmpty { return [] }
         var sha = try await loadedSHA(script)
         let started = ContinuousClock.now
         defer { onRoundTrip?(script.name, ContinuousClock.now - started) }
-        func evalsha(_ sha: String, _ chunk: Chunk) -> [RedisArgument] {
-            let batch = batches[chunk.batch]
-            var command: [RedisArgument] = ["EVALSHA", RedisArgument(sha), RedisArgument(chunk.count)]
-            command.reserveCapacity(3 + chunk.count * (batch.perKeyArgs == nil ? 1 : 2) + batch.args.count)
-            for key in batch.keys[chunk.range] { command.append(RedisArgument(key)) }
-            command.append(contentsOf: batch.args)
-            if let perKeyArgs = batch.perKeyArgs { command.append(contentsOf: perKeyArgs[chunk.range]) }
-            return command
+        func evalsha(_ sha: String, _ selected: [Int], after prefix: RedisCommandBatch = RedisCommandBatch()) -> RedisCommandBatch {
+            var batch = prefix
+            batch.reserve(
+                bytes: keyBytes + selected.count * (64 + argBytes),
+                arguments: keyCount + selected.count * (3 + argCount))
+            for index in selected {
+                let chunk = chunks[index]
+                let source = batches[chunk.batch]
+                batch.begin()
+                batch.append("EVALSHA")
+                batch.append(sha)
+                batch.append(chunk.count)
+                for key in source.keys[chunk.range] { batch.append(key) }
+                for arg in source.args { batch.append(arg.bytes) }
+                if let perKeyArgs = source.perKeyArgs { for arg in perKeyArgs[chunk.range] { batch.append(arg.bytes) } }
+            }
+            return batch
         }
-        var replies = try await connection.pipeline(chunks.map { evalsha(sha, $0) })
+        let parse: @Sendable (UnsafePointer<redisReply>) -> ChunkReply<Item> = { reply in
+            let r = reply.pointee
+            switch r.type {
+            case REDIS_REPLY_ERROR:
+                return .error(String(decoding: UnsafeRawBufferPointer(start: r.str, count: r.len), as: UTF8.self))
+            case REDIS_REPLY_STRING:
+                return .text(Self.text(reply) ?? "")
+            case REDIS_REPLY_ARRAY:
+                var items: [Item] = []
+                items.reserveCapacity(r.elements)
+                for i in 0..<r.elements {
+                    guard let e = r.element[i], let item = element(e) else {
+                        return .malformed("element \(i): \(Self.describe(r.element[i].map { RedisReply($0) } ?? .null))")
+                    }
+                    items.append(item)
+                }
+                return .items(items)
+            default:
+                return .malformed(Self.describe(RedisReply(reply)))
+            }
+        }
+        let all = Array(chunks.indices)
+        var replies = try await connection.pipeline(evalsha(sha, all), parse: parse)
 
         let missing = replies.indices.filter {
             if case .error(let text) = replies[$0] { return text.hasPrefix("NOSCRIPT") }
@@ -147,15 +193,23 @@ public final class RedisClaimStore: ClaimStore {
         if !missing.isEmpty {
             logger.info("redis script cache lost; loading script again", metadata: ["redis.script": "\(script.name)"])
             shas.withLock { $0 = [:] }
-            let retry = try await connection.pipeline(
-                [["SCRIPT", "LOAD", RedisArgument(script.source)]] + missing.map { evalsha(sha, chunks[$0]) })
-            guard let newSHA = try retry[0].throwingOnError("SCRIPT LOAD \(script.name)").text else {
-                throw Self.unexpected(retry[0], in: "SCRIPT LOAD")
+            // Loaded again and the failed chunks retried in one more round trip.
+            var load = RedisCommandBatch()
+            load.begin()
+            load.append("SCRIPT")
+            load.append("LOAD")
+            load.append(script.source)
+            let retry = try await connection.pipeline(evalsha(sha, missing, after: load), parse: parse)
+            let newSHA: String
+            switch retry[0] {
+            case .text(let text): newSHA = text
+            case .error(let text): throw RedisError.fromServerReply(text, context: "SCRIPT LOAD \(script.name)")
+            case .items, .malformed: throw RedisError(.protocolError, "unexpected reply in SCRIPT LOAD")
             }
             if newSHA != sha {
                 // Cannot happen (the SHA1 of the same source); fall back to one more round trip.
                 sha = newSHA
-                let again = try await connection.pipeline(missing.map { evalsha(sha, chunks[$0]) })
+                let again = try await connection.pipeline(evalsha(sha, missing), parse: parse)
                 for (slot, index) in missing.enumerated() { replies[index] = again[slot] }
             } else {
                 for (slot, index) in missing.enumerated() { replies[index] = retry[slot + 1] }
@@ -163,15 +217,20 @@ public final class RedisClaimStore: ClaimStore {
             shas.withLock { $0[script.name] = sha }
         }
 
-        var results: [RedisReply] = []
+        var results: [Item] = []
         results.reserveCapacity(chunks.reduce(0) { $0 + $1.count } * repliesPerKey)
         for (chunk, reply) in zip(chunks, replies) {
-            switch try reply.throwingOnError("EVALSHA \(script.name)") {
-            case .array(let items) where items.count == chunk.count * repliesPerKey:
+            switch reply {
+            case .items(let items) where items.count == chunk.count * repliesPerKey:
                 results.append(contentsOf: items)
-            case let other:
-                throw RedisError(.protocolError,
-                                 "script \(script.name) returned \(Self.describe(other)) for \(chunk.count) keys")
+            case .items(let items):
+                throw RedisError(.protocolError, "script \(script.name) returned an array of \(items.count) for \(chunk.count) keys")
+            case .error(let text):
+                throw RedisError.fromServerReply(text, context: "EVALSHA \(script.name)")
+            case .text(let text):
+                throw RedisError(.protocolError, "script \(script.name) returned a string of \(text.utf8.count) bytes for \(chunk.count) keys")
+            case .malformed(let what):
+                throw RedisError(.protocolError, "script \(script.name) returned \(what) for \(chunk.count) keys")
             }
         }
         return results
@@ -212,9 +271,26 @@ public final class RedisClaimStore: ClaimStore {
         value.hasPrefix("p:") ? String(value.dropFirst(2)) : value
     }
 
-    private static func flag(_ reply: RedisReply, in operation: String) throws -> Bool {
-        guard let v = reply.int else { throw unexpected(reply, in: operation) }
-        return v == 1
+    /// The byte of a one-byte bulk string or status reply (the scripts' own answers), else nil.
+    private static func shortCode(_ reply: UnsafePointer<redisReply>) -> UInt8? {
+        let r = reply.pointee
+        guard r.type == REDIS_REPLY_STRING || r.type == REDIS_REPLY_STATUS, r.len == 1, let str = r.str else { return nil }
+        return UInt8(bitPattern: str[0])
+    }
+
+    /// The text of a bulk string or status reply, else nil.
+    private static func text(_ reply: UnsafePointer<redisReply>) -> String? {
+        let r = reply.pointee
+        guard r.type == REDIS_REPLY_STRING || r.type == REDIS_REPLY_STATUS else { return nil }
+        guard let str = r.str, r.len > 0 else { return "" }
+        return String(decoding: UnsafeRawBufferPointer(start: str, count: r.len), as: UTF8.self)
+    }
+
+    /// An integer reply of 1 or 0 (release, renew, use of a token mark), else nil.
+    @Sendable private static func flag(_ reply: UnsafePointer<redisReply>) -> Bool? {
+        let r = reply.pointee
+        guard r.type == REDIS_REPLY_INTEGER else { return nil }
+        return r.integer == 1
     }
 
     private static func unexpected(_ reply: RedisReply, in operation: String) -> RedisError {
@@ -235,20 +311,21 @@ public final class RedisClaimStore: ClaimStore {
 
 extension RedisClaimStore: TokenStore {
     public func issue(_ tokens: [String], ttl: Duration, memory: Duration) async throws {
-        _ = try await run(.issueTokens, keys: tokens, args: [RedisArgument(Self.millis(ttl)), RedisArgument(Self.millis(memory))])
+        _ = try await run(.issueTokens, keys: tokens, args: [RedisArgument(Self.millis(ttl)), RedisArgument(Self.millis(memory))]) {
+            RedisReply($0)
+        }
     }
 
     public func use(_ tokens: [String], marks: [String]) async throws -> [TokenOutcome] {
         precondition(tokens.count == marks.count, "one mark per token")
-        return try await run(.useTokens, keys: tokens, args: [], perKeyArgs: marks.map { RedisArgument($0) })
-            .map { reply in
-                switch reply.text {
-                case "a": .accepted
-                case "u": .unknown
-                case "e": .expired
-                case "r": .reused
-                default: throw Self.unexpected(reply, in: "use tokens")
-                }
+        return try await run(.useTokens, keys: tokens, args: [], perKeyArgs: marks.map { RedisArgument($0) }) { element in
+            switch Self.shortCode(element) {
+            case UInt8(ascii: "a"): .accepted
+            case UInt8(ascii: "u"): .unknown
+            case UInt8(ascii: "e"): .expired
+            case UInt8(ascii: "r"): .reused
+            default: nil
             }
+        }
     }
 }

@@ -78,7 +78,23 @@ public final class RedisConnection: @unchecked Sendable {
     /// are returned in place (`.error`); a broken connection throws.
     public func pipeline(_ commands: [[RedisArgument]]) async throws -> [RedisReply] {
         if commands.isEmpty { return [] }
-        return try await onQueue { try self.runPipeline(commands) }
+        var batch = RedisCommandBatch()
+        for command in commands {
+            batch.begin()
+            for arg in command { batch.append(arg.bytes) }
+        }
+        return try await pipeline(batch) { RedisReply($0) }
+    }
+
+    /// Sends an encoded batch of commands in one round trip and turns each reply into a `T` with
+    /// `parse` while hiredis still owns it, on the connection's queue. The claim store reads its
+    /// per-key results this way without a `RedisReply` tree (an array and a `String` per key).
+    /// `parse` must not keep the pointer. A broken connection throws.
+    func pipeline<T: Sendable>(
+        _ batch: RedisCommandBatch, parse: @escaping @Sendable (UnsafePointer<redisReply>) throws -> T
+    ) async throws -> [T] {
+        if batch.commandCount == 0 { return [] }
+        return try await onQueue { try self.runPipeline(batch, parse) }
     }
 
     /// Sends one command and returns its reply (an error reply is returned, not thrown).
@@ -122,10 +138,10 @@ public final class RedisConnection: @unchecked Sendable {
         }
     }
 
-    private func runPipeline(_ commands: [[RedisArgument]]) throws -> [RedisReply] {
+    private func runPipeline<T>(_ batch: RedisCommandBatch, _ parse: (UnsafePointer<redisReply>) throws -> T) throws -> [T] {
         let ctx = try connectedContext()
         do {
-            return try Self.roundTrip(ctx, commands)
+            return try Self.roundTrip(ctx, batch, parse)
         } catch let error as RedisError {
             logger.info("redis connection lost", metadata: ["error.message": "\(error.message)"])
             dropContext()
@@ -177,20 +193,21 @@ public final class RedisConnection: @unchecked Sendable {
             redisFree(ctx)
             throw error
         }
-        var setup: [[RedisArgument]] = []
+        var setup = RedisCommandBatch()
         if let password = url.password {
-            if let user = url.user {
-                setup.append(["AUTH", RedisArgument(user), RedisArgument(password)])
-            } else {
-                setup.append(["AUTH", RedisArgument(password)])
-            }
+            setup.begin()
+            setup.append("AUTH")
+            if let user = url.user { setup.append(user) }
+            setup.append(password)
         }
         if url.database != 0 {
-            setup.append(["SELECT", RedisArgument(url.database)])
+            setup.begin()
+            setup.append("SELECT")
+            setup.append(url.database)
         }
-        if setup.isEmpty { return ctx }
+        if setup.commandCount == 0 { return ctx }
         do {
-            let replies = try Self.roundTrip(ctx, setup)
+            let replies = try Self.roundTrip(ctx, setup) { RedisReply($0) }
             var index = 0
             if url.password != nil {
                 if case .error(let text) = replies[0] {
@@ -216,14 +233,17 @@ public final class RedisConnection: @unchecked Sendable {
         return ctx
     }
 
-    /// Appends every command to the output buffer, then reads one reply per command.
-    private static func roundTrip(_ ctx: UnsafeMutablePointer<redisContext>, _ commands: [[RedisArgument]]) throws -> [RedisReply] {
-        for command in commands {
-            try append(ctx, command)
-        }
-        var replies: [RedisReply] = []
-        replies.reserveCapacity(commands.count)
-        for _ in commands {
+    /// Appends every command to the output buffer, then reads one reply per command and parses
+    /// it before freeing it. Every reply is read even when `parse` throws, so the connection
+    /// stays in step; the first error is thrown afterwards.
+    private static func roundTrip<T>(
+        _ ctx: UnsafeMutablePointer<redisContext>, _ batch: RedisCommandBatch, _ parse: (UnsafePointer<redisReply>) throws -> T
+    ) throws -> [T] {
+        try append(ctx, batch)
+        var replies: [T] = []
+        replies.reserveCapacity(batch.commandCount)
+        var parseError: (any Error)?
+        for _ in 0..<batch.commandCount {
             var raw: UnsafeMutableRawPointer?
             guard redisGetReply(ctx, &raw) == REDIS_OK else {
                 if let raw { freeReplyObject(raw) }
@@ -233,35 +253,39 @@ public final class RedisConnection: @unchecked Sendable {
                 throw RedisError(.protocolError, "hiredis returned no reply")
             }
             defer { freeReplyObject(raw) }
-            replies.append(RedisReply(UnsafePointer(raw.assumingMemoryBound(to: redisReply.self))))
+            guard parseError == nil else { continue }
+            do {
+                replies.append(try parse(UnsafePointer(raw.assumingMemoryBound(to: redisReply.self))))
+            } catch {
+                parseError = error
+            }
         }
+        if let parseError { throw parseError }
         return replies
     }
 
-    private static func append(_ ctx: UnsafeMutablePointer<redisContext>, _ command: [RedisArgument]) throws {
-        // One contiguous buffer for all arguments, so every pointer stays valid
-        // for the duration of the C call. The trailing 0 keeps it non-empty.
-        var buffer: [UInt8] = []
-        buffer.reserveCapacity(command.reduce(1) { $0 + $1.bytes.count })
-        var lengths: [Int] = []
-        lengths.reserveCapacity(command.count)
-        for arg in command {
-            buffer.append(contentsOf: arg.bytes)
-            lengths.append(arg.bytes.count)
-        }
-        buffer.append(0)
-        let status: Int32 = buffer.withUnsafeBufferPointer { bytes in
+    /// Hands every command of `batch` to hiredis (`redisAppendCommandArgv`), with argv pointers
+    /// into the batch's one contiguous buffer, valid for the duration of each call.
+    private static func append(_ ctx: UnsafeMutablePointer<redisContext>, _ batch: RedisCommandBatch) throws {
+        var argv: [UnsafePointer<CChar>?] = []
+        argv.reserveCapacity(batch.lengths.count)
+        let status: Int32 = batch.bytes.withUnsafeBufferPointer { bytes in
             let base = UnsafeRawPointer(bytes.baseAddress!).assumingMemoryBound(to: CChar.self)
-            var argv: [UnsafePointer<CChar>?] = []
-            argv.reserveCapacity(command.count)
             var offset = 0
-            for length in lengths {
+            for length in batch.lengths {
                 argv.append(base + offset)
                 offset += length
             }
             return argv.withUnsafeMutableBufferPointer { argvPointer in
-                lengths.withUnsafeBufferPointer { lengthPointer in
-                    redisAppendCommandArgv(ctx, Int32(command.count), argvPointer.baseAddress, lengthPointer.baseAddress)
+                batch.lengths.withUnsafeBufferPointer { lengthPointer in
+                    var first = 0
+                    for count in batch.argumentCounts {
+                        let status = redisAppendCommandArgv(
+                            ctx, Int32(count), argvPointer.baseAddress! + first, lengthPointer.baseAddress! + first)
+                        if status != REDIS_OK { return status }
+                        first += count
+                    }
+                    return REDIS_OK
                 }
             }
         }

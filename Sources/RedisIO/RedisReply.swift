@@ -12,6 +12,50 @@ public struct RedisArgument: Sendable, Hashable, ExpressibleByStringLiteral, Exp
     public init(integerLiteral value: Int64) { self.init(value) }
 }
 
+/// Commands encoded for one pipeline: every argument's bytes back to back in one buffer, with
+/// each argument's length and each command's argument count. Building a batch of `EVALSHA`s
+/// this way copies each key's UTF-8 once, where `[[RedisArgument]]` costs an array per key and
+/// a second copy into a contiguous buffer per command.
+struct RedisCommandBatch: Sendable {
+    /// The arguments' bytes; a trailing 0 keeps it non-empty (a valid base pointer).
+    private(set) var bytes: [UInt8] = [0]
+    private(set) var lengths: [Int] = []
+    private(set) var argumentCounts: [Int] = []
+
+    init() {}
+
+    /// Room for `bytes` more argument bytes and `arguments` more arguments.
+    mutating func reserve(bytes extra: Int, arguments: Int) {
+        bytes.reserveCapacity(bytes.count + extra)
+        lengths.reserveCapacity(lengths.count + arguments)
+    }
+
+    var commandCount: Int { argumentCounts.count }
+
+    /// Starts the next command; the arguments appended after it belong to it.
+    mutating func begin() { argumentCounts.append(0) }
+
+    mutating func append(_ string: String) {
+        bytes.removeLast()
+        bytes.append(contentsOf: string.utf8)
+        close(string.utf8.count)
+    }
+
+    mutating func append(_ raw: [UInt8]) {
+        bytes.removeLast()
+        bytes.append(contentsOf: raw)
+        close(raw.count)
+    }
+
+    mutating func append<I: BinaryInteger>(_ value: I) { append(String(value)) }
+
+    private mutating func close(_ length: Int) {
+        bytes.append(0)
+        lengths.append(length)
+        argumentCounts[argumentCounts.count - 1] += 1
+    }
+}
+
 /// A reply from Redis (RESP2), copied out of hiredis' `redisReply` at once.
 /// Error replies are values here (`.error`), not thrown: in a pipeline one
 /// command can fail while the others succeed.

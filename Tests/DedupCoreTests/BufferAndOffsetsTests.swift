@@ -88,3 +88,23 @@ import Testing
         #expect(t.unresolvedCount == 0)
     }
 }
+
+@Suite("InboundMessage size")
+struct InboundMessageSizeTests {
+    /// The size is kept with the message, so it must follow every change of what it counts.
+    @Test func sizeFollowsKeyValueAndHeaders() {
+        var m = InboundMessage(topic: "t", partition: 0, offset: 0, value: Array(repeating: 1, count: 100))
+        let bare = m.approximateSize
+        m.value.append(contentsOf: [1, 2, 3])
+        #expect(m.approximateSize == bare + 3)
+        m.key = Array("k".utf8)
+        #expect(m.approximateSize == bare + 3 + 48 + 1)
+        m.headers.append(MessageHeader(name: String(repeating: "h", count: 16), value: [9]))
+        #expect(m.approximateSize == bare + 3 + 48 + 1 + 24 + 48 + 1 + 48 + 16)
+        m.key = nil
+        m.headers = []
+        m.value = []
+        #expect(m.approximateSize == bare - 100)
+        #expect(m.approximateSize == InboundMessage(topic: "t", partition: 0, offset: 0, value: []).approximateSize)
+    }
+}

@@ -89,3 +89,27 @@ import Testing
         #expect(long.raw.count == 500)
     }
 }
+@Suite("DedupKey hashing")
+struct DedupKeyHashingTests {
+    /// The cached hash and the seeded mix keep Hashable's contract: equal keys (made separately)
+    /// hash alike in every table; a large set finds, dedups and removes every key.
+    @Test func equalKeysHashAlikeAndTablesWork() {
+        let a = DedupKey(raw: "order-17", namespace: "n")
+        let b = DedupKey(raw: String("order-1") + "7", namespace: "n")
+        #expect(a == b)
+        #expect(a.hashValue == b.hashValue)
+        for seed in [0, 1, -1, 0x5eed, Int.max] { #expect(a._rawHashValue(seed: seed) == b._rawHashValue(seed: seed)) }
+        #expect(a != DedupKey(raw: "order-17", namespace: "other"))
+
+        let keys = (0..<50_000).map { DedupKey(raw: "id-\($0)", namespace: "n") }
+        var set = Set(keys)
+        #expect(set.count == keys.count)
+        for k in keys.prefix(1000) { #expect(set.insert(DedupKey(raw: k.raw, namespace: "n")).inserted == false) }
+        // A table filled from another table's order (different seed and capacity) still works.
+        var copy: [DedupKey: Int] = [:]
+        for (i, k) in set.enumerated() { copy[k] = i }
+        #expect(copy.count == keys.count)
+        for k in keys { set.remove(k) }
+        #expect(set.isEmpty)
+    }
+}

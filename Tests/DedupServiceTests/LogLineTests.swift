@@ -47,9 +47,65 @@ struct LogLineTests {
             let object = try JSONSerialization.jsonObject(with: Data(LogOutputHandler.line(for: d).utf8)) as? [String: Any]
             #expect(object?["partition"] as? Int == i)
         }
-        var negative: [UInt8] = []
-        LogOutputHandler.appendDecimal(-42, to: &negative)
-        LogOutputHandler.appendDecimal(.min, to: &negative)
-        #expect(String(decoding: negative, as: UTF8.self) == "-42-9223372036854775808")
+        var numbers = LineBuffer(capacity: 1)
+        for n: Int64 in [-42, .min, 0, 7, 10, .max] { numbers.appendDecimal(n); numbers.append(byte: 32) }
+        #expect(numbers.withBytes { String(decoding: $0, as: UTF8.self) } == "-42 -9223372036854775808 0 7 10 9223372036854775807 ")
+    }
+
+    /// One buffer serves the handler's whole life: lines of every size, emptied after each write,
+    /// growing past its first allocation.
+    @Test func reusedBufferGrowsAndStaysExact() {
+        var buffer = LineBuffer(capacity: 64)
+        var expected = ""
+        for i in 0..<300 {
+            let value = Array(String(repeating: "v\"\\\u{1}ä", count: i).utf8)
+            let d = Dispatch(
+                key: DedupKey(raw: "k\(i)", namespace: "n"),
+                message: InboundMessage(topic: "orders", partition: 1, offset: Int64(i), value: value))
+            LogOutputHandler.appendLine(for: d, to: &buffer)
+            expected += Self.reference(d)
+            if i % 100 == 99 {
+                #expect(buffer.withBytes { String(decoding: $0, as: UTF8.self) } == expected)
+                buffer.removeAll()
+                expected = ""
+            }
+        }
+        #expect(buffer.count == 0)
+    }
+
+    /// The word test that lets eight plain bytes be copied at once agrees with the byte test,
+    /// for every byte value in every position of a word.
+    @Test func wordEscapeTestMatchesTheByteTest() {
+        let plain = UInt64(0x4141_4141_4141_4141)
+        #expect(!LineBuffer.mayNeedEscape(plain))
+        for position in 0..<8 {
+            for value in 0...255 {
+                let shift = UInt64(position * 8)
+                let word = plain & ~(0xff << shift) | UInt64(value) << shift
+                let needs = value < 0x20 || value == 0x22 || value == 0x5c
+                #expect(LineBuffer.mayNeedEscape(word) == needs, "byte \(value) at \(position)")
+            }
+        }
+        var rng = SystemRandomNumberGenerator()
+        for _ in 0..<10_000 {
+            let word = rng.next() as UInt64
+            let needs = (0..<8).contains { i in
+                let b = UInt8(truncatingIfNeeded: word >> UInt64(i * 8))
+                return b < 0x20 || b == 0x22 || b == 0x5c
+            }
+            #expect(LineBuffer.mayNeedEscape(word) == needs)
+        }
+    }
+
+    @Test func asciiCheckCoversEveryPosition() {
+        for length in 0..<20 {
+            let ascii = [UInt8](repeating: 0x41, count: length)
+            #expect(ascii.withUnsafeBytes(LineBuffer.isASCII))
+            for position in 0..<length {
+                var bytes = ascii
+                bytes[position] = 0xc3
+                #expect(!bytes.withUnsafeBytes(LineBuffer.isASCII))
+            }
+        }
     }
 }

@@ -193,6 +193,19 @@ struct RedisConnectionTests {
         try await fx.connection.ping()
     }
 
+    /// Arguments travel back to back in one buffer (RedisCommandBatch): an empty one between two
+    /// others, and commands of different lengths in one pipeline, must keep their boundaries.
+    @Test func emptyArgumentsKeepTheirPlace() async throws {
+        let fx = try await RedisFixture()
+        let p = uniquePrefix()
+        let replies = try await fx.connection.pipeline([
+            ["MSET", RedisArgument(p + "a"), "", RedisArgument(p + "b"), "xyz"],
+            ["MGET", RedisArgument(p + "a"), RedisArgument(p + "b")],
+            ["PING"],
+        ])
+        #expect(replies == [.status("OK"), .array([.string([]), .string(Array("xyz".utf8))]), .status("PONG")])
+    }
+
     @Test func selectsTheDatabaseFromTheURL() async throws {
         let server = try RedisServerProcess()
         let url = try RedisURL("redis://127.0.0.1:\(server.port)/5")

@@ -21,6 +21,8 @@ final class BenchChild: @unchecked Sendable {
         /// Dispatched + duplicates + invalid: messages whose fate is decided.
         var resolved: Int
         var dispatched: Int
+        /// CPU time the child has used so far (user + system, in clock ticks), read with the line.
+        var cpuTicks: Int
     }
 
     struct State: Sendable {
@@ -34,12 +36,21 @@ final class BenchChild: @unchecked Sendable {
 
     let process = Process()
     let state = Mutex(State())
-    /// Latencies in microseconds beyond the window, one per dispatched line (latency leg only).
-    let latencies = Mutex<[Int64]>([])
+    /// One dispatched line of the latency leg: its `bench-ts` (send time) and when the line was
+    /// read here, both wall clock in µs.
+    struct Arrival: Sendable {
+        var sent: Int64
+        var arrival: Int64
+    }
+
+    /// Latency leg only: one per dispatched line that carries a `bench-ts` header.
+    let arrivals = Mutex<[Arrival]>([])
     private let done = DispatchSemaphore(value: 0)
     private let readers: Int
 
-    init(executable: String, config: String, captureOutput: Bool, windowMicros: Int64) throws {
+    /// `BENCH_CHILD_LOG=DIR` keeps each child's whole operational log (its `stats` lines every
+    /// 50 ms included) as DIR/NAME.log, for looking into a leg after the run.
+    init(name: String, executable: String, config: String, captureOutput: Bool) throws {
         let err = Pipe()
         let out = captureOutput ? Pipe() : nil
         readers = out == nil ? 2 : 3
@@ -55,30 +66,31 @@ final class BenchChild: @unchecked Sendable {
         let pid = process.processIdentifier
 
         let errFD = err.fileHandleForReading.fileDescriptor
+        let copy = ProcessInfo.processInfo.environment["BENCH_CHILD_LOG"].flatMap { dir -> FileHandle? in
+            let path = "\(dir)/\(name).log"
+            guard FileManager.default.createFile(atPath: path, contents: nil) else { return nil }
+            return FileHandle(forWritingAtPath: path)
+        }
         Self.thread("bench.child.stderr") { [self] in
-            Self.readLines(errFD) { line in self.parseLogLine(line) }
+            Self.readLines(errFD) { line in
+                self.parseLogLine(line)
+                copy?.write(Data(line) + [10])
+            }
+            try? copy?.close()
             withExtendedLifetime(err) {}
             done.signal()
         }
         if let out {
             let outFD = out.fileHandleForReading.fileDescriptor
             Self.thread("bench.child.stdout") { [self] in
-                var local: [Int64] = []
+                var local: [Arrival] = []
                 local.reserveCapacity(1 << 16)
-                let marker = Array(#""bench-ts":""#.utf8)
-                var arrivals: [Int64] = []
+                let marker = Array("\"\(BenchTraffic.timestampHeader)\":\"".utf8)
                 Self.readLines(outFD) { line in
                     let now = wallMicros()
-                    if let sent = Self.number(after: marker, in: line) {
-                        local.append(now - sent - windowMicros)
-                        arrivals.append(now)
-                    }
+                    if let sent = Self.number(after: marker, in: line) { local.append(Arrival(sent: sent, arrival: now)) }
                 }
-                if let path = ProcessInfo.processInfo.environment["BENCH_LATENCY_DUMP"], let t0 = arrivals.first {
-                    let text = zip(arrivals, local).map { "\(($0 - t0) / 1000) \($1 / 1000)" }.joined(separator: "\n")
-                    try? text.write(toFile: path, atomically: true, encoding: .utf8)
-                }
-                latencies.withLock { $0 = local }
+                arrivals.withLock { $0 = local }
                 withExtendedLifetime(out) {}
                 done.signal()
             }
@@ -120,6 +132,7 @@ final class BenchChild: @unchecked Sendable {
     // MARK: - Reading
 
     private func parseLogLine(_ bytes: ArraySlice<UInt8>) {
+        let pid = process.processIdentifier
         let line = String(decoding: bytes, as: UTF8.self)
         let now = ContinuousClock.now
         state.withLock { s in
@@ -129,7 +142,9 @@ final class BenchChild: @unchecked Sendable {
                 }
                 let dispatched = field("dispatched")
                 let resolved = dispatched + field("duplicates.local") + field("duplicates.redis") + field("invalid")
-                s.samples.append(Sample(at: now, consumed: field("consumed"), resolved: resolved, dispatched: dispatched))
+                s.samples.append(Sample(
+                    at: now, consumed: field("consumed"), resolved: resolved, dispatched: dispatched,
+                    cpuTicks: Self.cpuTicks(pid: pid) ?? 0))
                 return
             }
             if line.contains("partitions assigned") { s.assigned = true }
@@ -137,6 +152,17 @@ final class BenchChild: @unchecked Sendable {
             s.tail.append(line)
             if s.tail.count > 40 { s.tail.removeFirst() }
         }
+    }
+
+    /// A header value that is a decimal number (the `bench-ts` header as the bare consumer sees it).
+    static func number(_ bytes: UnsafeRawBufferPointer) -> Int64? {
+        guard !bytes.isEmpty else { return nil }
+        var v: Int64 = 0
+        for b in bytes {
+            guard b >= 48, b <= 57 else { return nil }
+            v = v * 10 + Int64(b - 48)
+        }
+        return v
     }
 
     /// The decimal number right after `marker` in `line`.
@@ -178,6 +204,18 @@ final class BenchChild: @unchecked Sendable {
             pending.removeFirst(start)
         }
         if !pending.isEmpty { body(pending[...]) }
+    }
+
+    /// utime + stime of a process in clock ticks, from /proc/PID/stat (fields 14 and 15, counted
+    /// after the command name, which is in parentheses and may contain spaces).
+    static func cpuTicks(pid: Int32) -> Int? {
+        guard let text = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+            let close = text.lastIndex(of: ")")
+        else { return nil }
+        let fields = text[text.index(after: close)...].split(separator: " ")
+        // fields[0] is the state (field 3), so field N is fields[N - 3].
+        guard fields.count > 12, let user = Int(fields[11]), let system = Int(fields[12]) else { return nil }
+        return user + system
     }
 
     /// (VmRSS, VmHWM) of a process in KiB, from /proc/PID/status.

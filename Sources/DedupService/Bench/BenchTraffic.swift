@@ -18,6 +18,9 @@ struct BenchTraffic {
         self.valueBytes = valueBytes
     }
 
+    /// The header holding the send time (wall clock, µs, decimal).
+    static let timestampHeader = "bench-ts"
+
     var uniqueCount: Int { generator.uniqueCount }
 
     mutating func next() -> (key: [UInt8], value: [UInt8], headers: [MessageHeader]) {
@@ -30,7 +33,7 @@ struct BenchTraffic {
             m.value.append(contentsOf: repeatElement(UInt8(ascii: "x"), count: missing))
             m.value.append(contentsOf: Array(#""}"#.utf8))
         }
-        m.headers.append(MessageHeader(name: "bench-ts", value: Array(String(wallMicros()).utf8)))
+        m.headers.append(MessageHeader(name: Self.timestampHeader, value: Array(String(wallMicros()).utf8)))
         return m
     }
 }
