@@ -340,7 +340,9 @@ public final class Worker: Service {
         do {
             let outcomes = try await store.claim(state.engine.storeGroups(keys, ttl: \.lease), owner: owner)
             storeSucceeded(&state)
-            state.engine.applyClaims(keys, outcomes, now: ContinuousClock.now)
+            // The window and the lease count from before the round trip: the window then ends
+            // one round trip sooner, and a lease believed to start earlier is renewed earlier.
+            state.engine.applyClaims(keys, outcomes, now: now)
         } catch {
             storeFailed(&state, error: error, rng: &rng)
             if config.failOpen { state.engine.applyClaimsWithoutStore(keys, now: ContinuousClock.now) }
