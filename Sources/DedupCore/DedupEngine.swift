@@ -310,6 +310,12 @@ public struct DedupEngine: Sendable {
     /// Applies the store's answers, in the order of `keys` from `keysToClaim`. Returns the keys
     /// the store says this worker now holds although it no longer waits on them (their
     /// partition was revoked while the answer was on its way): the caller releases them.
+    ///
+    /// The Worker applies answers before anything else touches these keys. Applying them later,
+    /// after more messages were ingested, is not safe yet: a renewal's `alreadyOwned` answer
+    /// that arrives after its copy was dispatched would be taken as the claim of a new copy
+    /// of the same key (see the branch `experiment/pipelined-round-trips`). Entries need a
+    /// generation to match first.
     @discardableResult
     public mutating func applyClaims(_ keys: [DedupKey], _ outcomes: [ClaimOutcome], now: ContinuousClock.Instant) -> [DedupKey] {
         precondition(keys.count == outcomes.count, "one outcome per key")
