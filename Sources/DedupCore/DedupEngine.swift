@@ -143,9 +143,6 @@ public struct DedupEngine: Sendable {
     private var entries: [DedupKey: Entry] = [:]
     /// New keys waiting for their claim, in arrival order.
     private var claimOrder: [DedupKey] = []
-    /// How many keys at the front of claimOrder the last `keysToClaim` asked for; nil once a
-    /// revocation reshuffled claimOrder.
-    private var claimsAsked: Int?
     /// Token mode: new keys whose message's token is still to be used (then they join claimOrder).
     private var awaitingToken: [DedupKey] = []
     private var parkedKeys: Set<DedupKey> = []
@@ -270,7 +267,6 @@ public struct DedupEngine: Sendable {
     /// by route, so `storeGroups` cuts them into few groups.
     public mutating func keysToClaim(now: ContinuousClock.Instant) -> [DedupKey] {
         var keys = claimOrder
-        claimsAsked = claimOrder.count
         for key in parkedKeys {
             if let i = entries.index(forKey: key), entries.values[i].deadline <= now { keys.append(key) }
         }
@@ -355,17 +351,13 @@ public struct DedupEngine: Sendable {
                 park(at: i, key, now: now)
             }
         }
-        if let asked = claimsAsked, newClaims == asked, asked <= claimOrder.count {
-            // The usual case: the answer covers exactly the keys asked, which are the front of
-            // claimOrder (keys ingested since were appended behind them).
-            claimOrder.removeFirst(asked)
+        if newClaims == claimOrder.count {
+            claimOrder.removeAll(keepingCapacity: true)
         } else {
-            // Some keys of claimOrder were not in this answer (ingested since it was asked, or
-            // revoked): keep those still waiting for a claim.
-            let answered = Set(keys)
-            claimOrder.removeAll { [entries] in answered.contains($0) || Self.place($0, in: entries) != .claiming }
+            // Some keys of claimOrder were not in this answer (ingested since it was asked):
+            // every answered key has left `claiming`, so what still claims is still waiting.
+            claimOrder.removeAll { [entries] in Self.place($0, in: entries) != .claiming }
         }
-        claimsAsked = nil
         return orphans
     }
 
@@ -555,7 +547,6 @@ public struct DedupEngine: Sendable {
         }
         for key in dropped { entries[key] = nil }
         if !dropped.isEmpty {
-            claimsAsked = nil
             claimOrder.removeAll { [entries] in Self.place($0, in: entries) == nil }
             awaitingToken.removeAll { [entries] in Self.place($0, in: entries) == nil }
             parkedKeys = parkedKeys.filter { place($0) != nil }

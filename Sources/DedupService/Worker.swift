@@ -342,7 +342,9 @@ public final class Worker: Service {
             storeSucceeded(&state)
             // The window and the lease count from before the round trip: the window then ends
             // one round trip sooner, and a lease believed to start earlier is renewed earlier.
-            state.engine.applyClaims(keys, outcomes, now: now)
+            // Claims for keys no longer held (none while answers are applied in the same pass;
+            // see `applyClaims`) are given back rather than left to expire.
+            state.toRelease.append(contentsOf: state.engine.applyClaims(keys, outcomes, now: now))
         } catch {
             storeFailed(&state, error: error, rng: &rng)
             if config.failOpen { state.engine.applyClaimsWithoutStore(keys, now: ContinuousClock.now) }

@@ -35,8 +35,7 @@ public final class RedisClaimStore: ClaimStore {
     }
 
     public func claim(_ groups: [KeyGroup], owner: String) async throws -> [ClaimOutcome] {
-        let batches = groups.map { ScriptBatch(keys: $0.keys, args: [RedisArgument(owner), RedisArgument(Self.millis($0.ttl))]) }
-        return try await run(.claim, batches) { element in
+        try await run(.claim, Self.batches(groups, owner: owner)) { element in
             // One byte is one of the script's own answers; anything longer is the foreign value.
             switch Self.shortCode(element) {
             case UInt8(ascii: "c"): return .claimed
@@ -48,8 +47,7 @@ public final class RedisClaimStore: ClaimStore {
     }
 
     public func confirm(_ groups: [KeyGroup], owner: String) async throws -> [ConfirmOutcome] {
-        let batches = groups.map { ScriptBatch(keys: $0.keys, args: [RedisArgument(owner), RedisArgument(Self.millis($0.ttl))]) }
-        return try await run(.confirm, batches) { element in
+        try await run(.confirm, Self.batches(groups, owner: owner)) { element in
             switch Self.shortCode(element) {
             case UInt8(ascii: "c"): return .confirmed
             case UInt8(ascii: "l"): return .confirmedAfterLeaseLost
@@ -105,6 +103,11 @@ public final class RedisClaimStore: ClaimStore {
         var keys: [String]
         var args: [RedisArgument]
         var perKeyArgs: [RedisArgument]? = nil
+    }
+
+    /// Claim and confirm scripts take `owner` and the group's time to live in milliseconds.
+    private static func batches(_ groups: [KeyGroup], owner: String) -> [ScriptBatch] {
+        groups.map { ScriptBatch(keys: $0.keys, args: [RedisArgument(owner), RedisArgument(millis($0.ttl))]) }
     }
 
     /// One `EVALSHA`: keys `range` of batch `batch`.
