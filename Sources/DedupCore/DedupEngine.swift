@@ -260,12 +260,16 @@ public struct DedupEngine: Sendable {
         return refused
     }
 
+    /// How many of the keys the last `keysToClaim` returned are renewals of buffered keys.
+    public private(set) var claimRenewals = 0
+
     /// Keys to claim in the next round trip: new keys, parked keys whose retry time came, and
     /// buffered keys whose lease is half used (claiming a key this worker owns extends its lease,
     /// so renewals ride in the same pipelined round trip). Nothing moves until `applyClaims`, so
     /// a failed round trip simply leaves them here. With several routes the keys come grouped
     /// by route, so `storeGroups` cuts them into few groups.
     public mutating func keysToClaim(now: ContinuousClock.Instant) -> [DedupKey] {
+        claimRenewals = 0
         var keys = claimOrder
         for key in parkedKeys {
             if let i = entries.index(forKey: key), entries.values[i].deadline <= now { keys.append(key) }
@@ -281,6 +285,7 @@ public struct DedupEngine: Sendable {
                 if hasRoutes { continue } else { break }
             }
             keys.append(entry.key)
+            claimRenewals += 1
         }
         return groupedByRoute(keys)
     }

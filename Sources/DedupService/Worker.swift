@@ -164,13 +164,18 @@ public final class Worker: Service {
             let timeout = state.pollTimeout(now: now, failOpen: config.failOpen)
             let events = await consumer.poll(maxMessages: config.batchSize, timeout: timeout)
             await ingest(events, state: &state, store: store, consumer: consumer, now: clock.now)
+            // The last round's confirms were answered by Redis while this batch was polled and keyed.
+            await finishRequests(&state, rng: &rng)
 
             if state.storeUsable(now: clock.now) {
                 // Releases first: a revoked partition that came straight back may be re-read
                 // in this very batch, and its keys must be free before they are claimed again.
                 await releaseRound(state: &state, store: store, rng: &rng)
                 if config.usesTokens { await tokenRound(state: &state, store: store, rng: &rng) }
-                await claimRound(state: &state, store: store, now: clock.now, rng: &rng)
+                // The claims are answered while this pass dispatches. Not when they renew a
+                // lease: that answer decides whether a buffered copy may still be dispatched.
+                state.requests = sendRequests(&state, store: store, now: clock.now, confirms: false)
+                if state.engine.claimRenewals > 0 { await finishRequests(&state, rng: &rng) }
             } else if config.failOpen {
                 let keys = state.engine.keysToClaim(now: clock.now)
                 if !keys.isEmpty { state.engine.applyClaimsWithoutStore(keys, now: clock.now) }
@@ -183,12 +188,13 @@ public final class Worker: Service {
             // lease is relied on that could not be renewed.
             // As many rounds per pass as the batch needs (one round per pass would cap dispatch at
             // handler.max_batch per poll, below what one poll brings in); each is confirmed before
-            // the next starts, so the crash window stays one round.
+            // the next starts, so the crash window stays one round. The last round's confirms are
+            // answered while the next batch is polled.
             var rounds = 0
-            var finished = false
+            var again = false
             repeat {
                 rounds += 1
-                finished = false
+                var finished = false
                 if state.round == nil,
                     config.failOpen || (state.storeDownSince == nil && state.engine.confirmingCount == 0)
                 {
@@ -201,13 +207,22 @@ public final class Worker: Service {
                     finished = true
                 }
                 await deadLetterRound(state: &state)
-                if state.storeUsable(now: clock.now) {
+                again = finished && rounds <= config.batchSize / max(1, config.handlerMaxBatch)
+                    && !isStopRequested && (state.engine.nextDeadline.map { $0 <= clock.now } ?? false)
+                if again {
+                    await finishRequests(&state, rng: &rng)
                     await confirmRound(state: &state, store: store, rng: &rng)
-                } else if config.failOpen {
-                    resolveWithoutStore(&state)
                 }
-            } while finished && rounds <= config.batchSize / max(1, config.handlerMaxBatch)
-                && !isStopRequested && (state.engine.nextDeadline.map { $0 <= clock.now } ?? false)
+            } while again
+            await finishRequests(&state, rng: &rng)
+
+            // Between sending and applying, nothing is ingested and nothing is confirmed, which
+            // is what `applyClaims` requires of late answers.
+            if state.storeUsable(now: clock.now) {
+                state.requests = sendRequests(&state, store: store, now: clock.now, claims: false)
+            } else if config.failOpen {
+                resolveWithoutStore(&state)
+            }
             storeOffsets(&state, consumer: consumer)
             await applyBackpressure(&state, consumer: consumer)
 
@@ -226,6 +241,7 @@ public final class Worker: Service {
             }
         }
         telemetry.stopping()
+        await finishRequests(&state, rng: &rng)
         await shutdown(state: &state, store: store, consumer: consumer, started: started)
     }
 
@@ -246,6 +262,8 @@ public final class Worker: Service {
         var storeFailures = 0
         /// The dispatch round in flight, if any; at most one at a time.
         var round: DispatchRound?
+        /// Confirms and claims sent to Redis and not yet answered, if any; at most one at a time.
+        var requests: PendingRequests?
         /// Bad input and given-up messages not yet acknowledged by `dead_letter.topic`.
         var deadLetters = DeadLetterQueue()
 
@@ -254,14 +272,15 @@ public final class Worker: Service {
             return now >= retry
         }
 
-        var isQuiet: Bool { engine.isIdle && toRelease.isEmpty && deadLetters.isEmpty && round == nil }
+        var isQuiet: Bool { engine.isIdle && toRelease.isEmpty && deadLetters.isEmpty && round == nil && requests == nil }
 
         /// Block in poll no longer than until the next deadline, the next store retry, or 100 ms.
         /// While the store is down, deadlines cannot be acted on (nothing is dispatched), so only
         /// the retry time counts: the loop waits instead of spinning.
         func pollTimeout(now: ContinuousClock.Instant, failOpen: Bool) -> Duration {
-            // With a round in flight, the pass itself waits for it (Worker.roundWait).
-            if round != nil { return .zero }
+            // With a round in flight, the pass itself waits for it (Worker.roundWait); with
+            // requests in flight, their answers are applied right after this poll.
+            if round != nil || requests != nil { return .zero }
             var t = Duration.milliseconds(100)
             if storeDownSince == nil || failOpen, let wake = engine.nextWakeup { t = min(t, wake - now) }
             if let retry = storeRetryAt { t = min(t, retry - now) }
@@ -334,20 +353,64 @@ public final class Worker: Service {
         }
     }
 
-    func claimRound(state: inout LoopState, store: RedisClaimStore, now: ContinuousClock.Instant, rng: inout SystemRandomNumberGenerator) async {
-        let keys = state.engine.keysToClaim(now: now)
-        guard !keys.isEmpty else { return }
-        do {
-            let outcomes = try await store.claim(state.engine.storeGroups(keys, ttl: \.lease), owner: owner)
-            storeSucceeded(&state)
-            // The window and the lease count from before the round trip: the window then ends
-            // one round trip sooner, and a lease believed to start earlier is renewed earlier.
-            // Claims for keys no longer held (none while answers are applied in the same pass;
-            // see `applyClaims`) are given back rather than left to expire.
-            state.toRelease.append(contentsOf: state.engine.applyClaims(keys, outcomes, now: now))
-        } catch {
+    /// One Redis exchange in flight: the confirms of the last dispatch round, the claims (new
+    /// keys, parked keys due, renewals), or both, each one pipelined round trip.
+    struct PendingRequests {
+        var confirmKeys: [DedupKey]
+        var claimKeys: [DedupKey]
+        /// The window and the lease count from here: the window then ends one round trip
+        /// sooner, and a lease believed to start earlier is renewed earlier.
+        var sentAt: ContinuousClock.Instant
+        /// Claims are not sent when the confirms fail (nil).
+        var task: Task<(confirms: Result<[ConfirmOutcome], any Error>, claims: Result<[ClaimOutcome], any Error>?), Never>
+    }
+
+    /// Sends what the engine has to confirm and to claim (either can be left out) without
+    /// waiting for the answers; nil when there is nothing to send.
+    func sendRequests(
+        _ state: inout LoopState, store: RedisClaimStore, now: ContinuousClock.Instant, confirms: Bool = true, claims: Bool = true
+    ) -> PendingRequests? {
+        let confirmKeys = confirms ? state.engine.keysToConfirm() : []
+        let claimKeys = claims ? state.engine.keysToClaim(now: now) : []
+        guard !confirmKeys.isEmpty || !claimKeys.isEmpty else { return nil }
+        let confirmGroups = state.engine.storeGroups(confirmKeys, ttl: \.retention)
+        let claimGroups = state.engine.storeGroups(claimKeys, ttl: \.lease)
+        let owner = self.owner
+        return PendingRequests(confirmKeys: confirmKeys, claimKeys: claimKeys, sentAt: now, task: Task {
+            let confirms: Result<[ConfirmOutcome], any Error>
+            do { confirms = .success(confirmGroups.isEmpty ? [] : try await store.confirm(confirmGroups, owner: owner)) } catch { return (.failure(error), nil) }
+            do { return (confirms, .success(claimGroups.isEmpty ? [] : try await store.claim(claimGroups, owner: owner))) } catch { return (confirms, .failure(error)) }
+        })
+    }
+
+    /// Waits for the requests in flight, if any, and applies Redis's answers. A failed part
+    /// moves nothing: its keys are simply sent again once Redis answers.
+    func finishRequests(_ state: inout LoopState, rng: inout SystemRandomNumberGenerator) async {
+        guard let requests = state.requests else { return }
+        state.requests = nil
+        let (confirms, claims) = await requests.task.value
+        switch confirms {
+        case .success(let outcomes):
+            if !requests.confirmKeys.isEmpty {
+                storeSucceeded(&state)
+                applyConfirms(requests.confirmKeys, outcomes, state: &state)
+            }
+        case .failure(let error):
             storeFailed(&state, error: error, rng: &rng)
-            if config.failOpen { state.engine.applyClaimsWithoutStore(keys, now: ContinuousClock.now) }
+        }
+        switch claims {
+        case .success(let outcomes):
+            if !requests.claimKeys.isEmpty {
+                storeSucceeded(&state)
+                // Claims for keys no longer held (their partition was revoked while the answer
+                // was on its way) are given back rather than left to expire.
+                state.toRelease.append(contentsOf: state.engine.applyClaims(requests.claimKeys, outcomes, now: requests.sentAt))
+            }
+        case .failure(let error):
+            storeFailed(&state, error: error, rng: &rng)
+            if config.failOpen { state.engine.applyClaimsWithoutStore(requests.claimKeys, now: ContinuousClock.now) }
+        case nil:
+            if config.failOpen { state.engine.applyClaimsWithoutStore(requests.claimKeys, now: ContinuousClock.now) }
         }
     }
 
@@ -361,23 +424,26 @@ public final class Worker: Service {
         state.toRelease.removeAll()
     }
 
+    /// Confirms the last round now (nothing else may be in flight): the next round may start
+    /// only after that.
     func confirmRound(state: inout LoopState, store: RedisClaimStore, rng: inout SystemRandomNumberGenerator) async {
-        let keys = state.engine.keysToConfirm()
-        guard !keys.isEmpty else { return }
-        do {
-            let outcomes = try await store.confirm(state.engine.storeGroups(keys, ttl: \.retention), owner: owner)
-            storeSucceeded(&state)
-            for (key, outcome) in zip(keys, outcomes) {
-                if case .notOwner(let other) = outcome {
-                    logger.warning(
-                        "confirm found another owner: the lease ran out while this copy was in the handler, so another worker may have dispatched the key too; raise dedup.lease",
-                        metadata: ["dedup.key": "\(key.raw)", "dedup.other_owner": "\(other)"])
-                }
-            }
-            state.engine.applyConfirms(keys, outcomes)
-        } catch {
-            storeFailed(&state, error: error, rng: &rng)
+        if state.storeUsable(now: .now) {
+            state.requests = sendRequests(&state, store: store, now: .now, claims: false)
+            await finishRequests(&state, rng: &rng)
+        } else if config.failOpen {
+            resolveWithoutStore(&state)
         }
+    }
+
+    func applyConfirms(_ keys: [DedupKey], _ outcomes: [ConfirmOutcome], state: inout LoopState) {
+        for (key, outcome) in zip(keys, outcomes) {
+            if case .notOwner(let other) = outcome {
+                logger.warning(
+                    "confirm found another owner: the lease ran out while this copy was in the handler, so another worker may have dispatched the key too; raise dedup.lease",
+                    metadata: ["dedup.key": "\(key.raw)", "dedup.other_owner": "\(other)"])
+            }
+        }
+        state.engine.applyConfirms(keys, outcomes)
     }
 
     func releaseRound(state: inout LoopState, store: RedisClaimStore, rng: inout SystemRandomNumberGenerator) async {
