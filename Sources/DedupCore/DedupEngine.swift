@@ -312,11 +312,13 @@ public struct DedupEngine: Sendable {
     /// the store says this worker now holds although it no longer waits on them (their
     /// partition was revoked while the answer was on its way): the caller releases them.
     ///
-    /// The Worker applies answers before anything else touches these keys. Applying them later,
-    /// after more messages were ingested, is not safe yet: a renewal's `alreadyOwned` answer
-    /// that arrives after its copy was dispatched would be taken as the claim of a new copy
-    /// of the same key (see the branch `experiment/pipelined-round-trips`). Entries need a
-    /// generation to match first.
+    /// Answers may come late: after more messages were ingested or partitions revoked, or after
+    /// other keys were dispatched (both tested). Two things must not happen between asking and
+    /// applying, and the Worker keeps them out: a renewed key's copy being dispatched (the
+    /// renewal's answer decides whether it may go; see `claimRenewals`), and an asked key being
+    /// dispatched, confirmed and then ingested again, whose old `alreadyOwned` would be taken
+    /// as the claim of the new copy (the duplicates of the branch
+    /// `experiment/pipelined-round-trips`). Entries carry no generation to tell them apart.
     @discardableResult
     public mutating func applyClaims(_ keys: [DedupKey], _ outcomes: [ClaimOutcome], now: ContinuousClock.Instant) -> [DedupKey] {
         precondition(keys.count == outcomes.count, "one outcome per key")

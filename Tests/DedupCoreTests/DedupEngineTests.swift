@@ -317,6 +317,42 @@ struct Harness {
         #expect(h.engine.buffer.count == 3)
     }
 
+    /// The worker's order: claims are sent after a batch is keyed and answered while other keys
+    /// are dispatched. That is safe for new and parked keys (nothing dispatches them); a renewal
+    /// is different, because its answer decides whether the buffered copy may go at all, so the
+    /// engine says how many renewals a claim carries and the worker waits for those answers.
+    @Test func claimAnswersArriveWhileAnotherRoundIsDispatched() throws {
+        var h = try Harness(window: .seconds(10), lease: .seconds(16))
+        _ = h.engine.ingest(msg("a", offset: 0))
+        let first = h.engine.keysToClaim(now: h.clock.now)
+        #expect(h.engine.claimRenewals == 0)
+        h.engine.applyClaims(first, [.claimed], now: h.clock.now)
+
+        // b arrives; its claim goes out, and a (its window over) is dispatched meanwhile.
+        h.advance(.seconds(7))
+        _ = h.engine.ingest(msg("b", offset: 1))
+        let asked = h.engine.keysToClaim(now: h.clock.now)
+        #expect(asked.map(\.raw) == ["b"])
+        #expect(h.engine.claimRenewals == 0, "a's lease (16 s) is not half used after 7 s")
+        h.advance(.seconds(3))
+        #expect(h.engine.takeDue(now: h.clock.now).map(\.key.raw) == ["a"])
+        h.engine.dispatchSucceeded(DedupKey(raw: "a", namespace: "test"))
+        h.engine.applyClaims(asked, [.claimed], now: h.clock.now)
+        #expect(h.engine.keysToConfirm().map(\.raw) == ["a"])
+        #expect(h.engine.buffer.count == 1, "b is in the window")
+
+        // After 8 s of b's 16 s lease, b's claim is a renewal: the caller must have its answer
+        // before dispatching b. An answer that finds b done elsewhere resolves the copy.
+        h.advance(.seconds(8))
+        _ = h.engine.ingest(msg("c", offset: 2))
+        let renewal = h.engine.keysToClaim(now: h.clock.now)
+        #expect(renewal.map(\.raw) == ["c", "b"])
+        #expect(h.engine.claimRenewals == 1)
+        h.engine.applyClaims(renewal, [.claimed, .done], now: h.clock.now)
+        #expect(h.engine.takeDue(now: h.clock.now + .seconds(60)).map(\.key.raw) == ["c"], "b was done elsewhere")
+        #expect(h.engine.counters.leasesLost == 1)
+    }
+
     @Test func tokenModeNeedsTheToken() throws {
         var engine = DedupEngine(settings: DedupSettings(
             template: try KeyTemplate("key"), namespace: "test", token: try KeyTemplate("header:form-token")))
