@@ -84,7 +84,7 @@ public enum Benchmark {
             Result { () throws(KafkaError) in
                 try BareConsumer.count(
                     bootstrapServers: bootstrap, groupID: "bench-k-\(nonce)", topics: [kTopic], target: target,
-                    timeout: .seconds(600), logger: quiet, progress: { kCount.set($0) })
+                    properties: mockConsumerProperties, timeout: .seconds(600), logger: quiet, progress: { kCount.set($0) })
             }
         }
         var traffic = BenchTraffic(duplicateRatio: o.duplicateRatio, valueBytes: o.valueBytes, prefix: "k-\(nonce)")
@@ -122,12 +122,15 @@ public enum Benchmark {
             latencyRate: latencyRate, latency: latency, benchRSSKiB: Int(usage.ru_maxrss))
     }
 
-    /// The latency leg's consumer settings, for the worker child and the bare consumer beside it.
-    /// The mock broker answers a fetch that finds nothing new only after fetch.wait.max.ms (a
-    /// produce does not wake it, as it wakes a real broker), so librdkafka's 500 ms (or 10 ms)
-    /// would measure the mock's wait, not the consumer: 1 ms keeps that wait below what the
-    /// target can see. Against a real broker the default is right (it answers once data arrives).
-    static let latencyConsumerProperties = ["fetch.wait.max.ms": "1"]
+    /// Every leg's consumer settings (K, the worker children, the bare consumer beside the latency
+    /// worker). The mock broker answers a fetch that finds nothing new only after
+    /// fetch.wait.max.ms (a produce does not wake it, as it wakes a real broker), so librdkafka's
+    /// 500 ms would measure the mock's wait, not the consumer: in the latency leg directly, and in
+    /// the throughput legs whenever the consumer has caught up with the producer, which pauses
+    /// while it is `maxLead` ahead: the fetch then sits in the mock while the producer sends
+    /// again, and the consumer's queue runs dry. 1 ms keeps that wait below what the targets can
+    /// see. Against a real broker the default is right (it answers once data arrives).
+    static let mockConsumerProperties = ["fetch.wait.max.ms": "1"]
     /// The send time is taken at `produce()`, so the producer's linger counts in the transport
     /// latency. The mock broker returns one record batch per partition per fetch (a FIXME in
     /// librdkafka's mock), so batches must stay larger than what arrives between two fetches:
@@ -189,7 +192,8 @@ public enum Benchmark {
               bootstrap_servers: "\(cluster.bootstrapServers)"
               topics: ["\(topic)"]
               group: "bench-\(name)-\(nonce)"
-            \(rate == nil ? "" : "  properties:\n" + latencyConsumerProperties.map { "    \($0.key): \($0.value)\n" }.joined())
+              properties:
+            \(mockConsumerProperties.map { "    \($0.key): \"\($0.value)\"\n" }.joined())
             redis:
               url: "\(redisURL)"
             dedup:
@@ -233,7 +237,7 @@ public enum Benchmark {
                 received.reserveCapacity(count)
                 _ = try BareConsumer.count(
                     bootstrapServers: bootstrap, groupID: bareGroup, topics: [topic], target: count + warmUp,
-                    properties: latencyConsumerProperties, timeout: .seconds(600),
+                    properties: mockConsumerProperties, timeout: .seconds(600),
                     logger: Logger(label: "bench", factory: { _ in SwiftLogNoOpLogHandler() }),
                     progress: { bareCount.set($0) }, header: BenchTraffic.timestampHeader,
                     onHeader: { bytes in
