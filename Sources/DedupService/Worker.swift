@@ -216,8 +216,9 @@ public final class Worker: Service {
             } while again
             await finishRequests(&state, rng: &rng)
 
-            // Between sending and applying, nothing is ingested and nothing is confirmed, which
-            // is what `applyClaims` requires of late answers.
+            // The claims were applied above, before anything more is ingested (what `applyClaims`
+            // requires of late answers). The last round's confirms go out now and are applied
+            // after the next poll, before the next round starts.
             if state.storeUsable(now: clock.now) {
                 state.requests = sendRequests(&state, store: store, now: clock.now, claims: false)
             } else if config.failOpen {
