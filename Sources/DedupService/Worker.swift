@@ -174,7 +174,7 @@ public final class Worker: Service {
                 if config.usesTokens { await tokenRound(state: &state, store: store, rng: &rng) }
                 // The claims are answered while this pass dispatches. Not when they renew a
                 // lease: that answer decides whether a buffered copy may still be dispatched.
-                state.requests = sendRequests(&state, store: store, now: clock.now, confirms: false)
+                state.requests = sendClaims(&state, store: store, now: clock.now)
                 if state.engine.claimRenewals > 0 { await finishRequests(&state, rng: &rng) }
             } else if config.failOpen {
                 let keys = state.engine.keysToClaim(now: clock.now)
@@ -220,7 +220,7 @@ public final class Worker: Service {
             // requires of late answers). The last round's confirms go out now and are applied
             // after the next poll, before the next round starts.
             if state.storeUsable(now: clock.now) {
-                state.requests = sendRequests(&state, store: store, now: clock.now, claims: false)
+                state.requests = sendConfirms(&state, store: store)
             } else if config.failOpen {
                 resolveWithoutStore(&state)
             }
@@ -263,7 +263,7 @@ public final class Worker: Service {
         var storeFailures = 0
         /// The dispatch round in flight, if any; at most one at a time.
         var round: DispatchRound?
-        /// Confirms and claims sent to Redis and not yet answered, if any; at most one at a time.
+        /// Claims or confirms sent to Redis and not yet answered, if any; at most one at a time.
         var requests: PendingRequests?
         /// Bad input and given-up messages not yet acknowledged by `dead_letter.topic`.
         var deadLetters = DeadLetterQueue()
@@ -354,64 +354,58 @@ public final class Worker: Service {
         }
     }
 
-    /// One Redis exchange in flight: the confirms of the last dispatch round, the claims (new
-    /// keys, parked keys due, renewals), or both, each one pipelined round trip.
-    struct PendingRequests {
-        var confirmKeys: [DedupKey]
-        var claimKeys: [DedupKey]
-        /// The window and the lease count from here: the window then ends one round trip
+    /// One Redis round trip in flight: the claims of a batch (new keys, parked keys due,
+    /// renewals), or the confirms of the last dispatch round.
+    enum PendingRequests {
+        /// The window and the lease count from `sentAt`: the window then ends one round trip
         /// sooner, and a lease believed to start earlier is renewed earlier.
-        var sentAt: ContinuousClock.Instant
-        /// Claims are not sent when the confirms fail (nil).
-        var task: Task<(confirms: Result<[ConfirmOutcome], any Error>, claims: Result<[ClaimOutcome], any Error>?), Never>
+        case claims([DedupKey], sentAt: ContinuousClock.Instant, Task<[ClaimOutcome], any Error>)
+        case confirms([DedupKey], Task<[ConfirmOutcome], any Error>)
     }
 
-    /// Sends what the engine has to confirm and to claim (either can be left out) without
-    /// waiting for the answers; nil when there is nothing to send.
-    func sendRequests(
-        _ state: inout LoopState, store: RedisClaimStore, now: ContinuousClock.Instant, confirms: Bool = true, claims: Bool = true
-    ) -> PendingRequests? {
-        let confirmKeys = confirms ? state.engine.keysToConfirm() : []
-        let claimKeys = claims ? state.engine.keysToClaim(now: now) : []
-        guard !confirmKeys.isEmpty || !claimKeys.isEmpty else { return nil }
-        let confirmGroups = state.engine.storeGroups(confirmKeys, ttl: \.retention)
-        let claimGroups = state.engine.storeGroups(claimKeys, ttl: \.lease)
+    /// Sends the engine's claims without waiting for the answers; nil when there are none.
+    func sendClaims(_ state: inout LoopState, store: RedisClaimStore, now: ContinuousClock.Instant) -> PendingRequests? {
+        let keys = state.engine.keysToClaim(now: now)
+        guard !keys.isEmpty else { return nil }
+        let groups = state.engine.storeGroups(keys, ttl: \.lease)
         let owner = self.owner
-        return PendingRequests(confirmKeys: confirmKeys, claimKeys: claimKeys, sentAt: now, task: Task {
-            let confirms: Result<[ConfirmOutcome], any Error>
-            do { confirms = .success(confirmGroups.isEmpty ? [] : try await store.confirm(confirmGroups, owner: owner)) } catch { return (.failure(error), nil) }
-            do { return (confirms, .success(claimGroups.isEmpty ? [] : try await store.claim(claimGroups, owner: owner))) } catch { return (confirms, .failure(error)) }
-        })
+        return .claims(keys, sentAt: now, Task { try await store.claim(groups, owner: owner) })
     }
 
-    /// Waits for the requests in flight, if any, and applies Redis's answers. A failed part
+    /// Sends the engine's confirms without waiting for the answers; nil when there are none.
+    func sendConfirms(_ state: inout LoopState, store: RedisClaimStore) -> PendingRequests? {
+        let keys = state.engine.keysToConfirm()
+        guard !keys.isEmpty else { return nil }
+        let groups = state.engine.storeGroups(keys, ttl: \.retention)
+        let owner = self.owner
+        return .confirms(keys, Task { try await store.confirm(groups, owner: owner) })
+    }
+
+    /// Waits for the round trip in flight, if any, and applies Redis's answers. A failed one
     /// moves nothing: its keys are simply sent again once Redis answers.
     func finishRequests(_ state: inout LoopState, rng: inout SystemRandomNumberGenerator) async {
         guard let requests = state.requests else { return }
         state.requests = nil
-        let (confirms, claims) = await requests.task.value
-        switch confirms {
-        case .success(let outcomes):
-            if !requests.confirmKeys.isEmpty {
-                storeSucceeded(&state)
-                applyConfirms(requests.confirmKeys, outcomes, state: &state)
-            }
-        case .failure(let error):
-            storeFailed(&state, error: error, rng: &rng)
-        }
-        switch claims {
-        case .success(let outcomes):
-            if !requests.claimKeys.isEmpty {
+        switch requests {
+        case .claims(let keys, let sentAt, let task):
+            do {
+                let outcomes = try await task.value
                 storeSucceeded(&state)
                 // Claims for keys no longer held (their partition was revoked while the answer
                 // was on its way) are given back rather than left to expire.
-                state.toRelease.append(contentsOf: state.engine.applyClaims(requests.claimKeys, outcomes, now: requests.sentAt))
+                state.toRelease.append(contentsOf: state.engine.applyClaims(keys, outcomes, now: sentAt))
+            } catch {
+                storeFailed(&state, error: error, rng: &rng)
+                if config.failOpen { state.engine.applyClaimsWithoutStore(keys, now: ContinuousClock.now) }
             }
-        case .failure(let error):
-            storeFailed(&state, error: error, rng: &rng)
-            if config.failOpen { state.engine.applyClaimsWithoutStore(requests.claimKeys, now: ContinuousClock.now) }
-        case nil:
-            if config.failOpen { state.engine.applyClaimsWithoutStore(requests.claimKeys, now: ContinuousClock.now) }
+        case .confirms(let keys, let task):
+            do {
+                let outcomes = try await task.value
+                storeSucceeded(&state)
+                applyConfirms(keys, outcomes, state: &state)
+            } catch {
+                storeFailed(&state, error: error, rng: &rng)
+            }
         }
     }
 
@@ -429,7 +423,7 @@ public final class Worker: Service {
     /// only after that.
     func confirmRound(state: inout LoopState, store: RedisClaimStore, rng: inout SystemRandomNumberGenerator) async {
         if state.storeUsable(now: .now) {
-            state.requests = sendRequests(&state, store: store, now: .now, claims: false)
+            state.requests = sendConfirms(&state, store: store)
             await finishRequests(&state, rng: &rng)
         } else if config.failOpen {
             resolveWithoutStore(&state)
