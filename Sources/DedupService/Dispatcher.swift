@@ -48,7 +48,7 @@ struct Dispatcher: Sendable {
         for (i, d) in due.enumerated() {
             let lane = d.message.key.map { key -> Int in
                 var h = Hasher()
-                h.combine(bytes: UnsafeRawBufferPointer(start: key, count: key.count))
+                key.withUnsafeBytes { h.combine(bytes: $0) }
                 return Int(UInt(bitPattern: h.finalize()) % UInt(workers))
             } ?? i % workers
             lanes[lane].append(i)

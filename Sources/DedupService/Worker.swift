@@ -285,7 +285,11 @@ public final class Worker: Service {
             var t = Duration.milliseconds(100)
             if storeDownSince == nil || failOpen, let wake = engine.nextWakeup { t = min(t, wake - now) }
             if let retry = storeRetryAt { t = min(t, retry - now) }
-            return max(.zero, t)
+            guard t > .zero else { return .zero }
+            // librdkafka counts poll timeouts in whole milliseconds: a deadline 0.4 ms away must
+            // be waited for as 1 ms, not polled for as 0 ms, or the loop spins through empty
+            // passes until it passes. A due message is then dispatched up to 1 ms late.
+            return .milliseconds((t / .milliseconds(1)).rounded(.up))
         }
     }
 
@@ -359,26 +363,22 @@ public final class Worker: Service {
     enum PendingRequests {
         /// The window and the lease count from `sentAt`: the window then ends one round trip
         /// sooner, and a lease believed to start earlier is renewed earlier.
-        case claims([DedupKey], sentAt: ContinuousClock.Instant, Task<[ClaimOutcome], any Error>)
-        case confirms([DedupKey], Task<[ConfirmOutcome], any Error>)
+        case claims([DedupKey], sentAt: ContinuousClock.Instant, RedisClaimStore.Request<ClaimOutcome>)
+        case confirms([DedupKey], RedisClaimStore.Request<ConfirmOutcome>)
     }
 
     /// Sends the engine's claims without waiting for the answers; nil when there are none.
     func sendClaims(_ state: inout LoopState, store: RedisClaimStore, now: ContinuousClock.Instant) -> PendingRequests? {
         let keys = state.engine.keysToClaim(now: now)
         guard !keys.isEmpty else { return nil }
-        let groups = state.engine.storeGroups(keys, ttl: \.lease)
-        let owner = self.owner
-        return .claims(keys, sentAt: now, Task { try await store.claim(groups, owner: owner) })
+        return .claims(keys, sentAt: now, store.sendClaims(state.engine.storeGroups(keys, ttl: \.lease), owner: owner))
     }
 
     /// Sends the engine's confirms without waiting for the answers; nil when there are none.
     func sendConfirms(_ state: inout LoopState, store: RedisClaimStore) -> PendingRequests? {
         let keys = state.engine.keysToConfirm()
         guard !keys.isEmpty else { return nil }
-        let groups = state.engine.storeGroups(keys, ttl: \.retention)
-        let owner = self.owner
-        return .confirms(keys, Task { try await store.confirm(groups, owner: owner) })
+        return .confirms(keys, store.sendConfirms(state.engine.storeGroups(keys, ttl: \.retention), owner: owner))
     }
 
     /// Waits for the round trip in flight, if any, and applies Redis's answers. A failed one
@@ -387,9 +387,9 @@ public final class Worker: Service {
         guard let requests = state.requests else { return }
         state.requests = nil
         switch requests {
-        case .claims(let keys, let sentAt, let task):
+        case .claims(let keys, let sentAt, let request):
             do {
-                let outcomes = try await task.value
+                let outcomes = try await request.outcomes()
                 storeSucceeded(&state)
                 // Claims for keys no longer held (their partition was revoked while the answer
                 // was on its way) are given back rather than left to expire.
@@ -398,9 +398,9 @@ public final class Worker: Service {
                 storeFailed(&state, error: error, rng: &rng)
                 if config.failOpen { state.engine.applyClaimsWithoutStore(keys, now: ContinuousClock.now) }
             }
-        case .confirms(let keys, let task):
+        case .confirms(let keys, let request):
             do {
-                let outcomes = try await task.value
+                let outcomes = try await request.outcomes()
                 storeSucceeded(&state)
                 applyConfirms(keys, outcomes, state: &state)
             } catch {

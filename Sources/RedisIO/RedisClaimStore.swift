@@ -35,24 +35,38 @@ public final class RedisClaimStore: ClaimStore {
     }
 
     public func claim(_ groups: [KeyGroup], owner: String) async throws -> [ClaimOutcome] {
-        try await run(.claim, Self.batches(groups, owner: owner)) { element in
-            // One byte is one of the script's own answers; anything longer is the foreign value.
-            switch Self.shortCode(element) {
-            case UInt8(ascii: "c"): return .claimed
-            case UInt8(ascii: "o"): return .alreadyOwned
-            case UInt8(ascii: "d"): return .done
-            default: return Self.text(element).map { .pendingElsewhere(owner: Self.owner(of: $0)) }
-            }
-        }
+        try await run(.claim, Self.batches(groups, owner: owner), element: Self.claimOutcome)
     }
 
     public func confirm(_ groups: [KeyGroup], owner: String) async throws -> [ConfirmOutcome] {
-        try await run(.confirm, Self.batches(groups, owner: owner)) { element in
-            switch Self.shortCode(element) {
-            case UInt8(ascii: "c"): return .confirmed
-            case UInt8(ascii: "l"): return .confirmedAfterLeaseLost
-            default: return Self.text(element).map { .notOwner(owner: Self.owner(of: $0)) }
-            }
+        try await run(.confirm, Self.batches(groups, owner: owner), element: Self.confirmOutcome)
+    }
+
+    /// `claim`, sent now; the caller awaits `outcomes()` when it needs them.
+    public func sendClaims(_ groups: [KeyGroup], owner: String) -> Request<ClaimOutcome> {
+        send(.claim, Self.batches(groups, owner: owner), element: Self.claimOutcome)
+    }
+
+    /// `confirm`, sent now; the caller awaits `outcomes()` when it needs them.
+    public func sendConfirms(_ groups: [KeyGroup], owner: String) -> Request<ConfirmOutcome> {
+        send(.confirm, Self.batches(groups, owner: owner), element: Self.confirmOutcome)
+    }
+
+    @Sendable private static func claimOutcome(_ element: UnsafePointer<redisReply>) -> ClaimOutcome? {
+        // One byte is one of the script's own answers; anything longer is the foreign value.
+        switch shortCode(element) {
+        case UInt8(ascii: "c"): return .claimed
+        case UInt8(ascii: "o"): return .alreadyOwned
+        case UInt8(ascii: "d"): return .done
+        default: return text(element).map { .pendingElsewhere(owner: owner(of: $0)) }
+        }
+    }
+
+    @Sendable private static func confirmOutcome(_ element: UnsafePointer<redisReply>) -> ConfirmOutcome? {
+        switch shortCode(element) {
+        case UInt8(ascii: "c"): return .confirmed
+        case UInt8(ascii: "l"): return .confirmedAfterLeaseLost
+        default: return text(element).map { .notOwner(owner: owner(of: $0)) }
         }
     }
 
@@ -99,7 +113,7 @@ public final class RedisClaimStore: ClaimStore {
 
     /// Keys run through one script with the same arguments (e.g. one lease).
     /// `perKeyArgs`, when given, holds one argument per key, passed with its chunk after `args`.
-    private struct ScriptBatch {
+    private struct ScriptBatch: Sendable {
         var keys: [String]
         var args: [RedisArgument]
         var perKeyArgs: [RedisArgument]? = nil
@@ -111,43 +125,33 @@ public final class RedisClaimStore: ClaimStore {
     }
 
     /// One `EVALSHA`: keys `range` of batch `batch`.
-    private struct Chunk {
+    private struct Chunk: Sendable {
         var batch: Int
         var range: Range<Int>
         var count: Int { range.count }
     }
 
-    private func run<Item: Sendable>(
-        _ script: LuaScript, keys: [String], args: [RedisArgument], perKeyArgs: [RedisArgument]? = nil,
-        repliesPerKey: Int = 1, element: @escaping @Sendable (UnsafePointer<redisReply>) -> Item?
-    ) async throws -> [Item] {
-        try await run(script, [ScriptBatch(keys: keys, args: args, perKeyArgs: perKeyArgs)], repliesPerKey: repliesPerKey, element: element)
-    }
+    /// A script run over the keys of `batches`: its chunks, and how to encode any of them.
+    private struct ScriptPlan: Sendable {
+        let batches: [ScriptBatch]
+        private(set) var chunks: [Chunk] = []
+        private var keyCount = 0, keyBytes = 0, argBytes = 0, argCount = 0
 
-    /// Runs `script` over the keys of all batches in one pipeline and returns the per-key
-    /// results, in key order (batch after batch). `element` turns one element of a chunk's reply
-    /// array into a result while hiredis still owns it (nil: not a value the script returns, a
-    /// protocol error).
-    private func run<Item: Sendable>(
-        _ script: LuaScript, _ batches: [ScriptBatch], repliesPerKey: Int = 1,
-        element: @escaping @Sendable (UnsafePointer<redisReply>) -> Item?
-    ) async throws -> [Item] {
-        var chunks: [Chunk] = []
-        var keyCount = 0, keyBytes = 0, argBytes = 0, argCount = 0
-        for (b, batch) in batches.enumerated() {
-            for start in stride(from: 0, to: batch.keys.count, by: maxKeysPerScript) {
-                chunks.append(Chunk(batch: b, range: start..<min(start + maxKeysPerScript, batch.keys.count)))
+        init(_ batches: [ScriptBatch], maxKeysPerScript: Int) {
+            self.batches = batches
+            for (b, batch) in batches.enumerated() {
+                for start in stride(from: 0, to: batch.keys.count, by: maxKeysPerScript) {
+                    chunks.append(Chunk(batch: b, range: start..<min(start + maxKeysPerScript, batch.keys.count)))
+                }
+                keyCount += batch.keys.count * (batch.perKeyArgs == nil ? 1 : 2)
+                keyBytes += batch.keys.reduce(0) { $0 + $1.utf8.count }
+                argBytes = max(argBytes, batch.args.reduce(0) { $0 + $1.bytes.count })
+                argCount = max(argCount, batch.args.count)
             }
-            keyCount += batch.keys.count * (batch.perKeyArgs == nil ? 1 : 2)
-            keyBytes += batch.keys.reduce(0) { $0 + $1.utf8.count }
-            argBytes = max(argBytes, batch.args.reduce(0) { $0 + $1.bytes.count })
-            argCount = max(argCount, batch.args.count)
         }
-        if chunks.isEmpty { return [] }
-        var sha = try await loadedSHA(script)
-        let started = ContinuousClock.now
-        defer { onRoundTrip?(script.name, ContinuousClock.now - started) }
-        func evalsha(_ sha: String, _ selected: [Int], after prefix: RedisCommandBatch = RedisCommandBatch()) -> RedisCommandBatch {
+
+        /// One `EVALSHA` per selected chunk, after the commands of `prefix`.
+        func evalsha(_ sha: String, _ selected: some Collection<Int>, after prefix: RedisCommandBatch = RedisCommandBatch()) -> RedisCommandBatch {
             var batch = prefix
             batch.reserve(
                 bytes: keyBytes + selected.count * (64 + argBytes),
@@ -165,7 +169,98 @@ public final class RedisClaimStore: ClaimStore {
             }
             return batch
         }
-        let parse: @Sendable (UnsafePointer<redisReply>) -> ChunkReply<Item> = { reply in
+    }
+
+    /// A script's round trip on its way (`sendClaims`, `sendConfirms`): the caller works while
+    /// Redis answers, then awaits `outcomes()`.
+    public struct Request<Item: Sendable>: Sendable {
+        fileprivate let finish: @Sendable () async throws -> [Item]
+
+        /// Redis's answers, one per key in key order. When the server had lost the script, it
+        /// is loaded again and the failed chunks retried here (one more round trip).
+        public func outcomes() async throws -> [Item] { try await finish() }
+    }
+
+    private func run<Item: Sendable>(
+        _ script: LuaScript, keys: [String], args: [RedisArgument], perKeyArgs: [RedisArgument]? = nil,
+        repliesPerKey: Int = 1, element: @escaping @Sendable (UnsafePointer<redisReply>) -> Item?
+    ) async throws -> [Item] {
+        try await run(script, [ScriptBatch(keys: keys, args: args, perKeyArgs: perKeyArgs)], repliesPerKey: repliesPerKey, element: element)
+    }
+
+    /// Runs `script` over the keys of all batches in one pipeline and returns the per-key
+    /// results, in key order (batch after batch). `element` turns one element of a chunk's reply
+    /// array into a result while hiredis still owns it (nil: not a value the script returns, a
+    /// protocol error).
+    private func run<Item: Sendable>(
+        _ script: LuaScript, _ batches: [ScriptBatch], repliesPerKey: Int = 1,
+        element: @escaping @Sendable (UnsafePointer<redisReply>) -> Item?
+    ) async throws -> [Item] {
+        _ = try await loadedSHA(script)
+        return try await send(script, batches, repliesPerKey: repliesPerKey, element: element).outcomes()
+    }
+
+    /// `run`, sent now and awaited later. Before the scripts are loaded (first use) the request
+    /// only starts when it is awaited: loading them is a round trip of its own.
+    private func send<Item: Sendable>(
+        _ script: LuaScript, _ batches: [ScriptBatch], repliesPerKey: Int = 1,
+        element: @escaping @Sendable (UnsafePointer<redisReply>) -> Item?
+    ) -> Request<Item> {
+        guard let sha = shas.withLock({ $0[script.name] }) else {
+            return Request { try await self.run(script, batches, repliesPerKey: repliesPerKey, element: element) }
+        }
+        let plan = ScriptPlan(batches, maxKeysPerScript: maxKeysPerScript)
+        if plan.chunks.isEmpty { return Request { [] } }
+        let parse = Self.chunkParser(element)
+        let started = ContinuousClock.now
+        let first = connection.send({ plan.evalsha(sha, plan.chunks.indices) }, parse: parse)
+        return Request { [self] in
+            defer { onRoundTrip?(script.name, ContinuousClock.now - started) }
+            var replies = try await first.value()
+            let missing = replies.indices.filter {
+                if case .error(let text) = replies[$0] { return text.hasPrefix("NOSCRIPT") }
+                return false
+            }
+            if !missing.isEmpty {
+                for (slot, reply) in zip(missing, try await reload(script, sha: sha, missing, plan, parse)) {
+                    replies[slot] = reply
+                }
+            }
+            return try Self.results(script, plan.chunks, replies, repliesPerKey: repliesPerKey)
+        }
+    }
+
+    /// The server lost its script cache (a restart, SCRIPT FLUSH): loads `script` again and
+    /// retries the `missing` chunks in one more round trip; their replies, in order.
+    private func reload<Item: Sendable>(
+        _ script: LuaScript, sha: String, _ missing: [Int], _ plan: ScriptPlan,
+        _ parse: @escaping @Sendable (UnsafePointer<redisReply>) -> ChunkReply<Item>
+    ) async throws -> [ChunkReply<Item>] {
+        logger.info("redis script cache lost; loading script again", metadata: ["redis.script": "\(script.name)"])
+        shas.withLock { $0 = [:] }
+        var load = RedisCommandBatch()
+        load.begin()
+        load.append("SCRIPT")
+        load.append("LOAD")
+        load.append(script.source)
+        let retry = try await connection.pipeline(plan.evalsha(sha, missing, after: load), parse: parse)
+        let newSHA: String
+        switch retry[0] {
+        case .text(let text): newSHA = text
+        case .error(let text): throw RedisError.fromServerReply(text, context: "SCRIPT LOAD \(script.name)")
+        case .items, .malformed: throw RedisError(.protocolError, "unexpected reply in SCRIPT LOAD")
+        }
+        defer { shas.withLock { $0[script.name] = newSHA } }
+        if newSHA == sha { return Array(retry.dropFirst()) }
+        // Cannot happen (the SHA1 of the same source); fall back to one more round trip.
+        return try await connection.pipeline(plan.evalsha(newSHA, missing), parse: parse)
+    }
+
+    /// Reads one chunk's reply while hiredis still owns it.
+    private static func chunkParser<Item: Sendable>(
+        _ element: @escaping @Sendable (UnsafePointer<redisReply>) -> Item?
+    ) -> @Sendable (UnsafePointer<redisReply>) -> ChunkReply<Item> {
+        { reply in
             let r = reply.pointee
             switch r.type {
             case REDIS_REPLY_ERROR:
@@ -186,40 +281,13 @@ public final class RedisClaimStore: ClaimStore {
                 return .malformed(Self.describe(RedisReply(reply)))
             }
         }
-        let all = Array(chunks.indices)
-        var replies = try await connection.pipeline(evalsha(sha, all), parse: parse)
+    }
 
-        let missing = replies.indices.filter {
-            if case .error(let text) = replies[$0] { return text.hasPrefix("NOSCRIPT") }
-            return false
-        }
-        if !missing.isEmpty {
-            logger.info("redis script cache lost; loading script again", metadata: ["redis.script": "\(script.name)"])
-            shas.withLock { $0 = [:] }
-            // Loaded again and the failed chunks retried in one more round trip.
-            var load = RedisCommandBatch()
-            load.begin()
-            load.append("SCRIPT")
-            load.append("LOAD")
-            load.append(script.source)
-            let retry = try await connection.pipeline(evalsha(sha, missing, after: load), parse: parse)
-            let newSHA: String
-            switch retry[0] {
-            case .text(let text): newSHA = text
-            case .error(let text): throw RedisError.fromServerReply(text, context: "SCRIPT LOAD \(script.name)")
-            case .items, .malformed: throw RedisError(.protocolError, "unexpected reply in SCRIPT LOAD")
-            }
-            if newSHA != sha {
-                // Cannot happen (the SHA1 of the same source); fall back to one more round trip.
-                sha = newSHA
-                let again = try await connection.pipeline(evalsha(sha, missing), parse: parse)
-                for (slot, index) in missing.enumerated() { replies[index] = again[slot] }
-            } else {
-                for (slot, index) in missing.enumerated() { replies[index] = retry[slot + 1] }
-            }
-            shas.withLock { $0[script.name] = sha }
-        }
-
+    /// The per-key results of all chunks, in key order; a chunk that did not answer with one
+    /// result per key fails the whole request.
+    private static func results<Item: Sendable>(
+        _ script: LuaScript, _ chunks: [Chunk], _ replies: [ChunkReply<Item>], repliesPerKey: Int
+    ) throws -> [Item] {
         var results: [Item] = []
         results.reserveCapacity(chunks.reduce(0) { $0 + $1.count } * repliesPerKey)
         for (chunk, reply) in zip(chunks, replies) {
@@ -239,7 +307,6 @@ public final class RedisClaimStore: ClaimStore {
         return results
     }
 
-    /// The SHA of `script`, loading all scripts in one pipeline the first time.
     private func loadedSHA(_ script: LuaScript) async throws -> String {
         if let sha = shas.withLock({ $0[script.name] }) { return sha }
         let replies = try await connection.pipeline(LuaScript.all.map { ["SCRIPT", "LOAD", RedisArgument($0.source)] })

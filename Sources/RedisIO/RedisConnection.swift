@@ -97,6 +97,22 @@ public final class RedisConnection: @unchecked Sendable {
         return try await onQueue { try self.runPipeline(batch, parse) }
     }
 
+    /// Like `pipeline(_:parse:)`, but returns as soon as the batch is handed to the connection's
+    /// queue; `build` runs there too, so encoding a large batch does not hold up the caller.
+    func send<T: Sendable>(
+        _ build: @escaping @Sendable () -> RedisCommandBatch,
+        parse: @escaping @Sendable (UnsafePointer<redisReply>) throws -> T
+    ) -> RedisPending<[T]> {
+        let pending = RedisPending<[T]>()
+        queue.async {
+            pending.complete(Result {
+                let batch = build()
+                return batch.commandCount == 0 ? [] : try self.runPipeline(batch, parse)
+            })
+        }
+        return pending
+    }
+
     /// Sends one command and returns its reply (an error reply is returned, not thrown).
     public func command(_ args: [RedisArgument]) async throws -> RedisReply {
         try await pipeline([args])[0]

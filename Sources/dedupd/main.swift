@@ -340,12 +340,14 @@ struct Bench: AsyncParsableCommand {
     @Option(help: "Dedup window of the worker legs.") var window: String = "100ms"
     @Option(help: "Fraction of repeats (0...1).") var duplicateRatio: Double = 0.3
     @Option(help: "Seconds of the paced latency leg.") var latencySeconds: Int = 10
+    @Option(help: "Messages per second of the latency leg (default: half of dedupd's measured rate).") var latencyRate: Int?
     @Option(help: "Mock brokers.") var brokers: Int = 1
     @Option(help: "appendfsync of the local redis-server: everysec or always.") var redisFsync: String = "everysec"
 
     func validate() throws {
         guard count >= 1000 else { throw ValidationError("--count must be at least 1000, got \(count)") }
         guard partitions >= 1 else { throw ValidationError("--partitions must be at least 1") }
+        if let latencyRate, latencyRate < 100 { throw ValidationError("--latency-rate must be at least 100 messages per second") }
         guard DurationParser.parse(window) != nil else { throw ValidationError("--window must be a duration such as 100ms") }
     }
 
@@ -358,6 +360,7 @@ struct Bench: AsyncParsableCommand {
         options.window = DurationParser.parse(window)!
         options.duplicateRatio = duplicateRatio
         options.latencySeconds = latencySeconds
+        options.latencyRate = latencyRate
         options.brokers = brokers
         options.redisFsync = redisFsync
         let figures = try await Benchmark.run(options, logger: Logger(label: "dedupd.bench"))

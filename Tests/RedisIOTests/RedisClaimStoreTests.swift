@@ -150,6 +150,60 @@ struct RedisClaimStoreTests {
         #expect(outcomes == [.alreadyOwned, .claimed, .claimed, .claimed, .claimed])
     }
 
+    @Test func sentRequestsRunInOrderAndAnswerWhenAwaited() async throws {
+        let fx = try await RedisFixture(maxKeysPerScript: 2)
+        let p = uniquePrefix()
+        let keys = (0..<5).map { "\(p)\($0)" }
+        _ = try await fx.store.claim([p + "warm"], owner: "w1", lease: .seconds(30))
+
+        let claims = fx.store.sendClaims([KeyGroup(keys, ttl: .seconds(30))], owner: "w1")
+        // The connection's queue is serial: a command issued after the send sees its effect.
+        let seen = try await fx.store.inspect(keys)
+        #expect(seen.allSatisfy { if case .pending(owner: "w1", _) = $0 { true } else { false } })
+        #expect(try await claims.outcomes() == Array(repeating: .claimed, count: 5))
+
+        let confirms = fx.store.sendConfirms([KeyGroup(Array(keys.prefix(3)), ttl: .seconds(60))], owner: "w1")
+        #expect(try await confirms.outcomes() == Array(repeating: .confirmed, count: 3))
+        #expect(try await fx.store.claim(keys, owner: "w2", lease: .seconds(30))
+                == [.done, .done, .done, .pendingElsewhere(owner: "w1"), .pendingElsewhere(owner: "w1")])
+    }
+
+    @Test func sentRequestsLoadScriptsOnFirstUseAndAfterAFlush() async throws {
+        let fx = try await RedisFixture(maxKeysPerScript: 2)
+        let p = uniquePrefix()
+        // First use: nothing is loaded yet, so the request loads the scripts when awaited.
+        #expect(try await fx.store.sendClaims([KeyGroup([p + "a"], ttl: .seconds(30))], owner: "w1").outcomes() == [.claimed])
+        #expect(try await fx.connection.command("SCRIPT", "FLUSH") == .status("OK"))
+        let outcomes = try await fx.store.sendClaims([KeyGroup((0..<3).map { "\(p)\($0)" } + [p + "a"], ttl: .seconds(30))], owner: "w1").outcomes()
+        #expect(outcomes == [.claimed, .claimed, .claimed, .alreadyOwned])
+    }
+
+    @Test func sentRequestFailsRetriablyWhenTheServerIsGone() async throws {
+        let fx = try await RedisFixture()
+        let p = uniquePrefix()
+        _ = try await fx.store.claim([p + "warm"], owner: "w1", lease: .seconds(30))
+        fx.server.stop()
+        let request = fx.store.sendClaims([KeyGroup([p + "k"], ttl: .seconds(30))], owner: "w1")
+        let error = try await #require(throws: RedisError.self) { try await request.outcomes() }
+        #expect(error.isRetriable)
+    }
+
+    @Test func pendingRepliesArriveWhicheverSideComesFirst() async throws {
+        let early = RedisPending<[Int]>()
+        early.complete(.success([1, 2]))
+        #expect(try await early.value() == [1, 2])
+
+        let late = RedisPending<[Int]>()
+        async let waited = late.value()
+        for _ in 0..<100 { await Task.yield() }
+        late.complete(.success([3]))
+        #expect(try await waited == [3])
+
+        let failed = RedisPending<[Int]>()
+        failed.complete(.failure(RedisError(.closed, "gone")))
+        await #expect(throws: RedisError.self) { try await failed.value() }
+    }
+
     @Test func emptyBatchesCostNothing() async throws {
         let fx = try await RedisFixture()
         #expect(try await fx.store.claim([], owner: "w1", lease: .seconds(1)) == [])

@@ -32,6 +32,8 @@ public enum Benchmark {
         public var valueBytes = 200
         /// Length of the paced latency leg.
         public var latencySeconds = 10
+        /// The latency leg's rate (messages per second); nil: half of dedupd's measured rate.
+        public var latencyRate: Int?
         public var brokers = 1
         /// The local redis-server's `appendfsync` (AOF is on either way).
         public var redisFsync = "everysec"
@@ -54,6 +56,9 @@ public enum Benchmark {
         public var bufferLimit: String
         public var latencyRate: Int
         public var latency: LatencyFigures
+        /// `cpuMicrosPerMessage` over the latency leg: fewer messages per loop pass than at full
+        /// speed, so each pays more of the pass's fixed costs (thread hops, round trips).
+        public var latencyCPUMicrosPerMessage: Double
         public var benchRSSKiB: Int
         public var ratio: Double { dRate / kRate }
     }
@@ -104,12 +109,12 @@ public enum Benchmark {
             o, name: "d", nonce: nonce, cluster: cluster, redisURL: redis.url, scratch: scratch, rate: nil,
             count: o.count, maxLead: maxLead, logger: logger)
 
-        // Latency: another child, fed at half of the rate just measured, and beside it a bare
+        // Latency: another child, fed at half of the rate just measured (or --latency-rate), and beside it a bare
         // consumer (its own group) reading the same topic, so each message's transport latency
         // (producer linger, the mock broker, fetching) is known and dedupd's own share with it.
-        let latencyRate = max(1000, Int(d.rate / 2))
+        let latencyRate = o.latencyRate ?? max(1000, Int(d.rate / 2))
         let latencyCount = min(o.count, latencyRate * o.latencySeconds)
-        logger.notice("bench: latency at half load", metadata: ["rate": "\(latencyRate)", "count": "\(latencyCount)"])
+        logger.notice("bench: latency", metadata: ["rate": "\(latencyRate)", "count": "\(latencyCount)"])
         let l = try await workerLeg(
             o, name: "l", nonce: nonce, cluster: cluster, redisURL: redis.url, scratch: scratch, rate: latencyRate,
             count: latencyCount, maxLead: maxLead, logger: logger)
@@ -119,7 +124,7 @@ public enum Benchmark {
         return Figures(
             options: o, kRate: kRate, rRate: rRate, dRate: d.rate, dCorrect: d.correct && l.correct,
             dDetail: d.detail, peakRSSKiB: d.peakRSSKiB, cpuMicrosPerMessage: d.cpuMicrosPerMessage, bufferLimit: "100000 messages / 64 MiB (defaults)",
-            latencyRate: latencyRate, latency: latency, benchRSSKiB: Int(usage.ru_maxrss))
+            latencyRate: latencyRate, latency: latency, latencyCPUMicrosPerMessage: l.cpuMicrosPerMessage, benchRSSKiB: Int(usage.ru_maxrss))
     }
 
     /// Every leg's consumer settings (K, the worker children, the bare consumer beside the latency
@@ -391,6 +396,7 @@ public enum Benchmark {
             ("dedupd's own: dispatch − window − bare arrival, per message, p50", ms(f.latency.own.p50)),
             ("dedupd's own, p99 (target < 5 ms)", ms(f.latency.own.p99)),
             ("dedupd's own, max", ms(f.latency.own.max)),
+            ("dedupd CPU time per message in the latency leg", String(format: "%.1f µs", f.latencyCPUMicrosPerMessage)),
         ]
         let width = rows.map(\.0.count).max()!
         var out = "dedupd bench: \(group(o.count)) messages (value ~\(o.valueBytes) B), \(o.partitions) partitions, "

@@ -1,0 +1,50 @@
+import Synchronization
+
+/// The replies of a round trip that is on its way: completed once on the connection's queue,
+/// awaited by the caller when it is ready for them.
+///
+/// This is what lets the worker's loop send a batch's claims, dispatch meanwhile, and only then
+/// wait, with two thread hops per round trip (to the connection's queue, and back to the
+/// awaiting task). A `Task` around an async call costs two more: one to start the task on the
+/// pool, and one from the finished task to whoever awaits its value. On two busy cores every
+/// hop is a wait in the run queue.
+public final class RedisPending<Value: Sendable>: Sendable {
+    private enum State {
+        case waiting
+        case done(Result<Value, any Error>)
+        case awaited(CheckedContinuation<Value, any Error>)
+    }
+
+    private let state: Mutex<State>
+
+    init() { state = Mutex(.waiting) }
+
+    init(_ result: Result<Value, any Error>) { state = Mutex(.done(result)) }
+
+    func complete(_ result: Result<Value, any Error>) {
+        let waiter = state.withLock { state -> CheckedContinuation<Value, any Error>? in
+            if case .awaited(let continuation) = state { return continuation }
+            state = .done(result)
+            return nil
+        }
+        waiter?.resume(with: result)
+    }
+
+    /// Waits for the replies (returns at once when they are already here). Await it once.
+    public func value() async throws -> Value {
+        if let done = state.withLock({ state -> Result<Value, any Error>? in
+            if case .done(let result) = state { return result }
+            return nil
+        }) {
+            return try done.get()
+        }
+        return try await withCheckedThrowingContinuation { continuation in
+            let done = state.withLock { state -> Result<Value, any Error>? in
+                if case .done(let result) = state { return result }
+                state = .awaited(continuation)
+                return nil
+            }
+            if let done { continuation.resume(with: done) }
+        }
+    }
+}
