@@ -183,6 +183,41 @@ struct KafkaIOTests {
         #expect(committed == ends)
     }
 
+    /// The worker's loop polls with a zero timeout whenever it waits for Redis; that path runs on
+    /// the caller's thread (`queue.sync`) and must deliver the same stream as a blocking poll.
+    @Test func zeroTimeoutPollsDeliverWhatIsAlreadyFetched() async throws {
+        let cluster = try MockKafkaCluster.make(brokers: 1, logger: quietLogger())
+        let topic = unique("zero")
+        try cluster.createTopic(topic, partitions: 1)
+        let producer = try KafkaProducer.make(bootstrapServers: cluster.bootstrapServers, logger: quietLogger())
+        for i in 0..<500 { try producer.send(topic: topic, key: nil, value: Array("v\(i)".utf8), headers: []) }
+        try await producer.flush(timeout: .seconds(30))
+        let consumer = try KafkaConsumer.make(
+            bootstrapServers: cluster.bootstrapServers, groupID: unique("group"), topics: [topic], logger: quietLogger())
+        var offsets: [Int64] = []
+        var zeroPolled = 0
+        func take(_ events: [KafkaConsumer.ConsumerEvent]) -> Int {
+            var n = 0
+            for case .message(let m) in events { offsets.append(m.offset); n += 1 }
+            return n
+        }
+        // Blocking polls until the group is joined and the first message is here...
+        let joined = ContinuousClock.now + .seconds(30)
+        while offsets.isEmpty && ContinuousClock.now < joined {
+            _ = take(await consumer.poll(maxMessages: 1, timeout: .milliseconds(100)))
+        }
+        // ...then only zero-timeout polls; the rest arrives with the same fetches.
+        let deadline = ContinuousClock.now + .seconds(10)
+        while offsets.count < 500 && ContinuousClock.now < deadline {
+            zeroPolled += take(await consumer.poll(maxMessages: 100, timeout: .zero))
+            await Task.yield()
+        }
+        #expect(offsets == (0..<500).map { Int64($0) })
+        #expect(zeroPolled > 0)
+        await consumer.close()
+        #expect(await consumer.poll(maxMessages: 10, timeout: .zero).isEmpty)  // closed: nothing, no crash
+    }
+
     @Test func pauseStopsAPartitionAndResumeRestartsIt() async throws {
         let cluster = try MockKafkaCluster.make(brokers: 1, logger: quietLogger())
         let topic = unique("paused")
