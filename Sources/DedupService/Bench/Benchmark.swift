@@ -109,6 +109,7 @@ public enum Benchmark {
             o, name: "d", nonce: nonce, cluster: cluster, redisURL: redis.url, scratch: scratch, rate: nil,
             count: o.count, maxLead: maxLead, logger: logger)
 
+        try await flushRedis(url: redis.url, logger: quiet)
         // Latency: another child, fed at half of the rate just measured (or --latency-rate), and beside it a bare
         // consumer (its own group) reading the same topic, so each message's transport latency
         // (producer linger, the mock broker, fetching) is known and dedupd's own share with it.
@@ -165,12 +166,19 @@ public enum Benchmark {
             done += n
         }
         let elapsed = clock.now - started
-        // The next legs start from an empty store: a million fresh keys growing Redis' main
-        // dictionary (incremental rehashing) would be charged to whichever leg comes next.
-        _ = try await connection.command("FLUSHALL", "SYNC")
         await connection.close()
+        try await flushRedis(url: url, logger: logger)
         guard stored == count else { throw LocalServerError("SET NX stored \(stored) of \(count) keys") }
         return Double(count) / seconds(elapsed)
+    }
+
+    /// Each leg starts from an empty store: the keys a leg left behind would grow Redis' main
+    /// dictionary in the next one (a resize, then incremental rehashing in Redis' only thread),
+    /// and the next leg would be charged for it.
+    static func flushRedis(url: String, logger: Logger) async throws {
+        let connection = try await RedisConnection.connect(try RedisURL(url), logger: logger)
+        _ = try await connection.command("FLUSHALL", "SYNC")
+        await connection.close()
     }
 
     struct WorkerLeg {
