@@ -298,7 +298,7 @@ public enum Benchmark {
         let status = child.stop()
         let bareReceived = try (await bare).get()
         guard let end = samples.firstIndex(where: { $0.resolved >= total }),
-            let first = samples.firstIndex(where: { $0.consumed > 0 }), first > 0
+            let first = samples.firstIndex(where: { $0.consumed > warmUp }), first > 0
         else {
             throw LocalServerError("dedupd leg \(name) did not finish (exit \(status)); log tail:\n\(child.logTail)")
         }
