@@ -215,12 +215,17 @@ public final class RedisClaimStore: ClaimStore {
         let started = ContinuousClock.now
         let first = connection.send({ plan.evalsha(sha, plan.chunks.indices) }, parse: parse)
         return Request { [self] in
-            defer { onRoundTrip?(script.name, ContinuousClock.now - started) }
-            var replies = try await first.value()
+            var replies: [ChunkReply<Item>]
+            do { replies = try await first.value() } catch {
+                onRoundTrip?(script.name, (first.answeredAt ?? .now) - started)
+                throw error
+            }
             let missing = replies.indices.filter {
                 if case .error(let text) = replies[$0] { return text.hasPrefix("NOSCRIPT") }
                 return false
             }
+            // The duration of the round trip(s), not of the caller's work before it awaited them.
+            defer { onRoundTrip?(script.name, (missing.isEmpty ? first.answeredAt ?? .now : .now) - started) }
             if !missing.isEmpty {
                 for (slot, reply) in zip(missing, try await reload(script, sha: sha, missing, plan, parse)) {
                     replies[slot] = reply

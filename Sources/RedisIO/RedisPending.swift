@@ -11,7 +11,7 @@ import Synchronization
 public final class RedisPending<Value: Sendable>: Sendable {
     private enum State {
         case waiting
-        case done(Result<Value, any Error>)
+        case done(Result<Value, any Error>, at: ContinuousClock.Instant)
         case awaited(CheckedContinuation<Value, any Error>)
     }
 
@@ -19,28 +19,36 @@ public final class RedisPending<Value: Sendable>: Sendable {
 
     init() { state = Mutex(.waiting) }
 
-    init(_ result: Result<Value, any Error>) { state = Mutex(.done(result)) }
-
     func complete(_ result: Result<Value, any Error>) {
+        let now = ContinuousClock.now
         let waiter = state.withLock { state -> CheckedContinuation<Value, any Error>? in
+            defer { state = .done(result, at: now) }
             if case .awaited(let continuation) = state { return continuation }
-            state = .done(result)
             return nil
         }
         waiter?.resume(with: result)
     }
 
+    /// When the replies arrived (nil while they have not): the round trip's own duration,
+    /// however late the caller awaits them.
+    public var answeredAt: ContinuousClock.Instant? {
+        state.withLock { state in
+            if case .done(_, let at) = state { return at }
+            return nil
+        }
+    }
+
     /// Waits for the replies (returns at once when they are already here). Await it once.
     public func value() async throws -> Value {
         if let done = state.withLock({ state -> Result<Value, any Error>? in
-            if case .done(let result) = state { return result }
+            if case .done(let result, _) = state { return result }
             return nil
         }) {
             return try done.get()
         }
         return try await withCheckedThrowingContinuation { continuation in
             let done = state.withLock { state -> Result<Value, any Error>? in
-                if case .done(let result) = state { return result }
+                if case .done(let result, _) = state { return result }
                 state = .awaited(continuation)
                 return nil
             }

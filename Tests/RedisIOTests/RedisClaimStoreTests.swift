@@ -1,5 +1,6 @@
 import DedupCore
 import Foundation
+import Synchronization
 import Testing
 @testable import RedisIO
 import TestSupport
@@ -188,9 +189,25 @@ struct RedisClaimStoreTests {
         #expect(error.isRetriable)
     }
 
+    @Test func aSentRequestReportsItsRoundTripNotTheCallersWait() async throws {
+        let fx = try await RedisFixture()
+        let durations = Mutex<[Duration]>([])
+        let store = RedisClaimStore(connection: fx.connection, logger: quietLogger, onRoundTrip: { _, d in durations.withLock { $0.append(d) } })
+        let p = uniquePrefix()
+        _ = try await store.claim([p + "warm"], owner: "w1", lease: .seconds(30))
+        let request = store.sendClaims([KeyGroup([p + "k"], ttl: .seconds(30))], owner: "w1")
+        try await Task.sleep(for: .milliseconds(300))  // the caller works meanwhile
+        #expect(try await request.outcomes() == [.claimed])
+        let recorded = durations.withLock { $0 }
+        #expect(recorded.count == 2)
+        #expect(recorded.last! < .milliseconds(300), "\(recorded)")
+    }
+
     @Test func pendingRepliesArriveWhicheverSideComesFirst() async throws {
         let early = RedisPending<[Int]>()
+        #expect(early.answeredAt == nil)
         early.complete(.success([1, 2]))
+        #expect(early.answeredAt != nil)
         #expect(try await early.value() == [1, 2])
 
         let late = RedisPending<[Int]>()
