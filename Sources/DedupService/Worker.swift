@@ -219,11 +219,7 @@ public final class Worker: Service {
             // The claims were applied above, before anything more is ingested (what `applyClaims`
             // requires of late answers). The last round's confirms go out now and are applied
             // after the next poll, before the next round starts.
-            if state.storeUsable(now: clock.now) {
-                state.requests = sendConfirms(&state, store: store)
-            } else if config.failOpen {
-                resolveWithoutStore(&state)
-            }
+            startConfirms(&state, store: store)
             storeOffsets(&state, consumer: consumer)
             await applyBackpressure(&state, consumer: consumer)
 
@@ -419,15 +415,20 @@ public final class Worker: Service {
         state.toRelease.removeAll()
     }
 
-    /// Confirms the last round now (nothing else may be in flight): the next round may start
-    /// only after that.
-    func confirmRound(state: inout LoopState, store: RedisClaimStore, rng: inout SystemRandomNumberGenerator) async {
+    /// Sends the last round's confirms (nothing else may be in flight), or with fail_open and
+    /// Redis down resolves them without a store.
+    func startConfirms(_ state: inout LoopState, store: RedisClaimStore) {
         if state.storeUsable(now: .now) {
             state.requests = sendConfirms(&state, store: store)
-            await finishRequests(&state, rng: &rng)
         } else if config.failOpen {
             resolveWithoutStore(&state)
         }
+    }
+
+    /// Confirms the last round now: the next round may start only after that.
+    func confirmRound(state: inout LoopState, store: RedisClaimStore, rng: inout SystemRandomNumberGenerator) async {
+        startConfirms(&state, store: store)
+        await finishRequests(&state, rng: &rng)
     }
 
     func applyConfirms(_ keys: [DedupKey], _ outcomes: [ConfirmOutcome], state: inout LoopState) {

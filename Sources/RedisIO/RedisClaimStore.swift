@@ -215,18 +215,16 @@ public final class RedisClaimStore: ClaimStore {
         let started = ContinuousClock.now
         let first = connection.send({ plan.evalsha(sha, plan.chunks.indices) }, parse: parse)
         return Request { [self] in
-            var replies: [ChunkReply<Item>]
-            do { replies = try await first.value() } catch {
-                onRoundTrip?(script.name, (first.answeredAt ?? .now) - started)
-                throw error
-            }
+            // The duration of the round trip(s), not of the caller's work before it awaited them.
+            var reloaded = false
+            defer { onRoundTrip?(script.name, (reloaded ? .now : first.answeredAt ?? .now) - started) }
+            var replies = try await first.value()
             let missing = replies.indices.filter {
                 if case .error(let text) = replies[$0] { return text.hasPrefix("NOSCRIPT") }
                 return false
             }
-            // The duration of the round trip(s), not of the caller's work before it awaited them.
-            defer { onRoundTrip?(script.name, (missing.isEmpty ? first.answeredAt ?? .now : .now) - started) }
             if !missing.isEmpty {
+                reloaded = true
                 for (slot, reply) in zip(missing, try await reload(script, sha: sha, missing, plan, parse)) {
                     replies[slot] = reply
                 }
@@ -312,6 +310,7 @@ public final class RedisClaimStore: ClaimStore {
         return results
     }
 
+    /// The SHA of `script`, loading all scripts in one pipeline the first time.
     private func loadedSHA(_ script: LuaScript) async throws -> String {
         if let sha = shas.withLock({ $0[script.name] }) { return sha }
         let replies = try await connection.pipeline(LuaScript.all.map { ["SCRIPT", "LOAD", RedisArgument($0.source)] })
