@@ -227,7 +227,7 @@ public final class Worker: Service {
             telemetry.loopPass(.init(
                 now: clock.now, counters: state.engine.counters, bufferMessages: state.engine.buffer.count,
                 bufferBytes: state.engine.buffer.bytes, parked: state.engine.parkedCount, assignment: Array(state.assignment),
-                paused: !state.pausedPartitions.isEmpty, redisUp: state.storeDownSince == nil), consumer: consumer)
+                paused: state.paused, redisUp: state.storeDownSince == nil), consumer: consumer)
             // Idle counts from the first assignment: joining the group takes seconds, and a worker
             // that never gets partitions (more workers than partitions) gives up after 30 s more.
             if let idle = config.stopWhenIdle, state.isQuiet, clock.now - state.lastActivity >= idle,
@@ -249,6 +249,9 @@ public final class Worker: Service {
         var everAssigned = false
         /// The latest offset stored per partition (what the final commit sends), for the summary.
         var storedPositions: [TopicPartition: Int64] = [:]
+        /// Consumption is paused: the assignment is paused and the consumer holds new assignments paused,
+        /// so partitions a rebalance brings in the meantime stay paused too.
+        var paused = false
         var pausedForBackpressure = false
         var pausedPartitions: Set<TopicPartition> = []
         /// Claims to give back (revocation, failed handler), kept until Redis took them.
@@ -304,10 +307,8 @@ public final class Worker: Service {
                 state.lastActivity = now
                 state.assignment.formUnion(partitions)
                 state.everAssigned = true
-                if !state.pausedPartitions.isEmpty {
-                    try? consumer.pause(partitions)
-                    state.pausedPartitions.formUnion(partitions)
-                }
+                // Held by the consumer (`holdNewAssignments`): they arrive paused.
+                if state.paused { state.pausedPartitions.formUnion(partitions) }
             case .revoked(let partitions):
                 state.lastActivity = now
                 let set = Set(partitions)
@@ -528,10 +529,12 @@ public final class Worker: Service {
 
     func applyBackpressure(_ state: inout LoopState, consumer: KafkaConsumer) async {
         let mustPause = state.engine.shouldPause || (state.storeDownSince != nil && !config.failOpen)
-        if mustPause && state.pausedPartitions.isEmpty && !state.assignment.isEmpty {
+        if mustPause && !state.paused {
             let partitions = Array(state.assignment)
+            consumer.holdNewAssignments(true)
             do {
                 try consumer.pause(partitions)
+                state.paused = true
                 state.pausedPartitions = Set(partitions)
                 state.pausedForBackpressure = state.engine.shouldPause
                 if state.engine.shouldPause {
@@ -539,12 +542,15 @@ public final class Worker: Service {
                         "buffer.messages": "\(state.engine.buffer.count)", "buffer.bytes": "\(state.engine.buffer.bytes)"])
                 }
             } catch {
+                consumer.holdNewAssignments(false)
                 logger.warning("pausing partitions failed", metadata: ["error": "\(error)"])
             }
-        } else if !mustPause && !state.pausedPartitions.isEmpty && state.engine.canResume {
+        } else if !mustPause && state.paused && state.engine.canResume {
             do {
                 try consumer.resume(Array(state.pausedPartitions))
+                consumer.holdNewAssignments(false)
                 if state.pausedForBackpressure { logger.info("buffer drained, resuming consumption") }
+                state.paused = false
                 state.pausedPartitions = []
                 state.pausedForBackpressure = false
             } catch {

@@ -83,6 +83,8 @@ final class ClientContext: Sendable {
     let delivery = Mutex<DeliveryState>(DeliveryState())
     /// Whether client errors from the error callback become consumer `.error` events.
     let recordErrors: Bool
+    /// A consumer's paused partitions; reached from the rebalance callback through the handle's opaque.
+    let pauses = PartitionPauses()
 
     struct DeliveryState: Sendable {
         var delivered = 0

@@ -155,6 +155,12 @@ public final class KafkaConsumer: @unchecked Sendable {
             if rebalanced { break }
             wait = 0
         }
+        let lost = context.pauses.repauseIfLost(rk, after: out)
+        if !lost.isEmpty {
+            context.logger.warning(
+                "librdkafka lost a pause: a paused partition delivered messages; pausing it again",
+                metadata: ["kafka.partitions": .string(lost.map(\.description).sorted().joined(separator: ","))])
+        }
         return out
     }
 
@@ -209,22 +215,28 @@ public final class KafkaConsumer: @unchecked Sendable {
 
     // MARK: Flow control and offsets (non-blocking in librdkafka)
 
-    /// Stops fetching from `partitions` until `resume`; messages already fetched may still be returned.
+    /// Stops fetching from `partitions` until `resume`. Messages fetched before the call are not returned after
+    /// it (librdkafka drops them and fetches them again on resume). A pause that librdkafka loses is restored
+    /// by the next poll that sees the partition's message (see `PartitionPauses`). A revoked partition loses
+    /// its pause.
     public func pause(_ partitions: [TopicPartition]) throws(KafkaError) {
-        try withOpenHandle { rk throws(KafkaError) in
-            let list = PartitionList(partitions)
-            let err = rd_kafka_pause_partitions(rk, list.list)
-            if err != RD_KAFKA_RESP_ERR_NO_ERROR { throw KafkaError(code: .partitions, err: err, message: "pause \(partitions)") }
-        }
+        try withOpenHandle { rk throws(KafkaError) in try context.pauses.pause(rk, partitions) }
     }
 
-    /// Fetches again from partitions paused with `pause`.
+    /// Fetches again from partitions paused with `pause` or held by `holdNewAssignments`.
     public func resume(_ partitions: [TopicPartition]) throws(KafkaError) {
-        try withOpenHandle { rk throws(KafkaError) in
-            let list = PartitionList(partitions)
-            let err = rd_kafka_resume_partitions(rk, list.list)
-            if err != RD_KAFKA_RESP_ERR_NO_ERROR { throw KafkaError(code: .partitions, err: err, message: "resume \(partitions)") }
-        }
+        try withOpenHandle { rk throws(KafkaError) in try context.pauses.resume(rk, partitions) }
+    }
+
+    /// While on, partitions that a rebalance assigns start paused: they are paused before librdkafka starts
+    /// fetching them, which a `pause` after the `.assigned` event cannot promise. The caller resumes them.
+    public func holdNewAssignments(_ hold: Bool) {
+        context.pauses.setHoldNewAssignments(hold)
+    }
+
+    /// Tests only: clears librdkafka's pause flag and nothing else, as a pause that librdkafka lost would.
+    func clearPauseInLibrdkafkaOnly(_ partitions: [TopicPartition]) throws(KafkaError) {
+        try withOpenHandle { rk throws(KafkaError) in try PartitionPauses.apply(rk, partitions, pause: false) }
     }
 
     /// Stores offsets for the next commit. `next` is the offset of the NEXT message to consume per partition
@@ -326,6 +338,7 @@ public final class KafkaConsumer: @unchecked Sendable {
                 return true
             }
             guard shouldClose else { return }
+            context.pauses.setClosing()
             let err = rd_kafka_consumer_close(rk)
             if err != RD_KAFKA_RESP_ERR_NO_ERROR {
                 context.logger.info("consumer close reported an error", metadata: ["kafka.error": .string(String(cString: rd_kafka_err2name(err)))])
@@ -523,6 +536,9 @@ private let kafkaRebalanceCallback: @convention(c) (
     let list = tps.map(\.description).joined(separator: ",")
     if err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS {
         context.logger.info("partitions assigned", metadata: ["kafka.partitions": .string(list)])
+        if let error = context.pauses.assigning(rk, tps) {
+            context.logger.warning("holding new partitions failed", metadata: ["error": "\(error)"])
+        }
         if cooperative {
             if let e = rd_kafka_incremental_assign(rk, partitions) { rd_kafka_error_destroy(e) }
         } else {
@@ -539,6 +555,9 @@ private let kafkaRebalanceCallback: @convention(c) (
             if let e = rd_kafka_incremental_unassign(rk, partitions) { rd_kafka_error_destroy(e) }
         } else {
             rd_kafka_assign(rk, nil)
+        }
+        if let error = context.pauses.revoked(rk, tps) {
+            context.logger.warning("clearing the pause of revoked partitions failed", metadata: ["error": "\(error)"])
         }
     }
     // Make the current poll return so the event reaches the caller without waiting for a message.

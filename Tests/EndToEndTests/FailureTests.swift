@@ -107,6 +107,38 @@ import TestSupport
         s.mock.terminate()
     }
 
+    /// A worker paused by backpressure when a rebalance takes its partitions and gives some back must fetch
+    /// them again: librdkafka keeps a revoked partition's pause, so a worker that resumed in between (its
+    /// buffer emptied by the revocation) would otherwise never read them again.
+    @Test(.timeLimit(.minutes(2)))
+    func aRebalanceWhileBackpressuredLeavesNoPartitionPaused() async throws {
+        let s = try Setup(topic: "t")
+        let config = s.dir.file("small-buffer.yaml")
+        try "buffer:\n  max_messages: 200\n".write(to: config, atomically: true, encoding: .utf8)
+        let unique = try s.produce(1500, prefix: "a", seed: 1)
+        // A 2 s window behind a 200-message buffer: the first worker is paused nearly all the time.
+        let first = try s.worker(["--window", "2s", "--config", config.path, "--stats-interval", "0"])
+        try await waitUntil(timeout: .seconds(40), "backpressure") { first.stderr.contains("buffer full, pausing consumption") }
+        let second = try DedupdProcess(
+            ["run", "--bootstrap-servers", s.bootstrap, "--topic", "t", "--group", "g", "--redis-url", s.redis.url,
+             "--output", s.dir.file("out-second.jsonl").path, "--window", "2s", "--config", config.path,
+             "--stats-interval", "0"], name: "second", in: s.dir)
+        let theirs: () -> [String] = {
+            dispatchedIDs(inJSONLines: (try? String(contentsOf: s.dir.file("out-second.jsonl"), encoding: .utf8)) ?? "")
+        }
+        try await waitUntil(timeout: .seconds(60), "every id dispatched (\(unique))") { s.dispatched.count + theirs().count >= unique }
+        first.terminate()
+        second.terminate()
+        #expect(try first.wait(timeout: .seconds(15)) == 0)
+        #expect(try second.wait(timeout: .seconds(15)) == 0)
+        #expect(first.stderr.components(separatedBy: "partitions revoked").count - 1 >= 1, "a rebalance happened")
+        #expect(!theirs().isEmpty, "the second worker took partitions")
+        let all = s.dispatched + theirs()
+        #expect(Set(all) == Set((0..<unique).map { "a-\($0)" }))
+        #expect(all.count == unique, "each id once")
+        s.mock.terminate()
+    }
+
     /// A handler slower than max.poll.interval.ms must not push the worker out of its group:
     /// the dispatch round runs beside the loop, which keeps polling.
     @Test(.timeLimit(.minutes(2)))

@@ -218,44 +218,6 @@ struct KafkaIOTests {
         #expect(await consumer.poll(maxMessages: 10, timeout: .zero).isEmpty)  // closed: nothing, no crash
     }
 
-    @Test func pauseStopsAPartitionAndResumeRestartsIt() async throws {
-        let cluster = try MockKafkaCluster.make(brokers: 1, logger: quietLogger())
-        let topic = unique("paused")
-        try cluster.createTopic(topic, partitions: 2)
-        let producer = try KafkaProducer.make(bootstrapServers: cluster.bootstrapServers, logger: quietLogger())
-        let consumer = try KafkaConsumer.make(
-            bootstrapServers: cluster.bootstrapServers, groupID: unique("g"), topics: [topic], logger: quietLogger())
-        defer { Task { await consumer.close() } }
-
-        var assigned: [TopicPartition] = []
-        await pollUntil(consumer, limit: .seconds(20), { if case .assigned(let tps) = $0 { assigned = tps } }, until: { !assigned.isEmpty })
-        try #require(assigned.count == 2)
-
-        let p0 = TopicPartition(topic: topic, partition: 0)
-        try consumer.pause([p0])
-        for i in 0..<20 {
-            try await producer.sendAndWait(topic: topic, key: nil, value: Array("m\(i)".utf8))
-        }
-        // Producer partitions keyless messages over both partitions; make sure p0 got some.
-        let (_, high0) = try await consumer.watermarks(p0, timeout: .seconds(5))
-        try #require(high0 > 0)
-
-        var fromP0 = 0
-        var fromP1 = 0
-        let count: (KafkaConsumer.ConsumerEvent) -> Void = {
-            if case .message(let m) = $0 { if m.partition == 0 { fromP0 += 1 } else { fromP1 += 1 } }
-        }
-        await pollUntil(consumer, limit: .seconds(10), count, until: { Int64(fromP1) + high0 >= 20 })
-        // Give p0 a fair chance to deliver if pausing did not work.
-        await pollUntil(consumer, limit: .seconds(1), count, until: { false })
-        #expect(fromP0 == 0)
-        #expect(Int64(fromP1) + high0 == 20)
-
-        try consumer.resume([p0])
-        await pollUntil(consumer, limit: .seconds(10), count, until: { Int64(fromP0) >= high0 })
-        #expect(Int64(fromP0) == high0)
-    }
-
     @Test func sendAndWaitResumesAfterAcknowledgement() async throws {
         let cluster = try MockKafkaCluster.make(brokers: 1, logger: quietLogger())
         let topic = unique("acked")
