@@ -249,11 +249,10 @@ public final class Worker: Service {
         var everAssigned = false
         /// The latest offset stored per partition (what the final commit sends), for the summary.
         var storedPositions: [TopicPartition: Int64] = [:]
-        /// Consumption is paused: the assignment is paused and the consumer holds new assignments paused,
-        /// so partitions a rebalance brings in the meantime stay paused too.
+        /// Consumption is paused: the whole assignment is, and the consumer holds new assignments
+        /// paused, so partitions a rebalance brings in the meantime arrive paused too.
         var paused = false
         var pausedForBackpressure = false
-        var pausedPartitions: Set<TopicPartition> = []
         /// Claims to give back (revocation, failed handler), kept until Redis took them.
         var toRelease: [DedupKey] = []
         /// Fail-closed store outage: no claim is made and consumption is paused until this time.
@@ -305,15 +304,13 @@ public final class Worker: Service {
                 }
             case .assigned(let partitions):
                 state.lastActivity = now
+                // While `paused`, the consumer held them: they arrive paused, like the rest.
                 state.assignment.formUnion(partitions)
                 state.everAssigned = true
-                // Held by the consumer (`holdNewAssignments`): they arrive paused.
-                if state.paused { state.pausedPartitions.formUnion(partitions) }
             case .revoked(let partitions):
                 state.lastActivity = now
                 let set = Set(partitions)
                 state.assignment.subtract(set)
-                state.pausedPartitions.subtract(set)
                 let released = state.engine.revoke(set)
                 state.deadLetters.drop(partitions: set)
                 if !released.isEmpty {
@@ -530,12 +527,10 @@ public final class Worker: Service {
     func applyBackpressure(_ state: inout LoopState, consumer: KafkaConsumer) async {
         let mustPause = state.engine.shouldPause || (state.storeDownSince != nil && !config.failOpen)
         if mustPause && !state.paused {
-            let partitions = Array(state.assignment)
             consumer.holdNewAssignments(true)
             do {
-                try consumer.pause(partitions)
+                try consumer.pause(Array(state.assignment))
                 state.paused = true
-                state.pausedPartitions = Set(partitions)
                 state.pausedForBackpressure = state.engine.shouldPause
                 if state.engine.shouldPause {
                     logger.info("buffer full, pausing consumption", metadata: [
@@ -547,11 +542,10 @@ public final class Worker: Service {
             }
         } else if !mustPause && state.paused && state.engine.canResume {
             do {
-                try consumer.resume(Array(state.pausedPartitions))
+                try consumer.resume(Array(state.assignment))
                 consumer.holdNewAssignments(false)
                 if state.pausedForBackpressure { logger.info("buffer drained, resuming consumption") }
                 state.paused = false
-                state.pausedPartitions = []
                 state.pausedForBackpressure = false
             } catch {
                 logger.warning("resuming partitions failed", metadata: ["error": "\(error)"])

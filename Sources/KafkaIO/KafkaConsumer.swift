@@ -536,7 +536,7 @@ private let kafkaRebalanceCallback: @convention(c) (
     let list = tps.map(\.description).joined(separator: ",")
     if err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS {
         context.logger.info("partitions assigned", metadata: ["kafka.partitions": .string(list)])
-        if let error = context.pauses.assigning(rk, tps) {
+        do { try context.pauses.assigning(rk, tps) } catch {
             context.logger.warning("holding new partitions failed", metadata: ["error": "\(error)"])
         }
         if cooperative {
@@ -556,7 +556,7 @@ private let kafkaRebalanceCallback: @convention(c) (
         } else {
             rd_kafka_assign(rk, nil)
         }
-        if let error = context.pauses.revoked(rk, tps) {
+        do { try context.pauses.revoked(rk, tps) } catch {
             context.logger.warning("clearing the pause of revoked partitions failed", metadata: ["error": "\(error)"])
         }
     }

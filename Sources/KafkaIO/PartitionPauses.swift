@@ -43,56 +43,46 @@ final class PartitionPauses: Sendable {
     func pause(_ rk: OpaquePointer, _ partitions: [TopicPartition]) throws(KafkaError) {
         try state.withLock { s throws(KafkaError) in
             try Self.apply(rk, partitions, pause: true)
-            s.paused.formUnion(partitions)
-            anyPaused.store(!s.paused.isEmpty, ordering: .releasing)
+            record(&s, partitions, paused: true)
         }
     }
 
     func resume(_ rk: OpaquePointer, _ partitions: [TopicPartition]) throws(KafkaError) {
         try state.withLock { s throws(KafkaError) in
-            s.paused.subtract(partitions)
-            anyPaused.store(!s.paused.isEmpty, ordering: .releasing)
+            record(&s, partitions, paused: false)
             try Self.apply(rk, partitions, pause: false)
         }
     }
 
     /// Rebalance callback, before `rd_kafka_assign`: pauses the new partitions when holding.
-    /// Returns the error for the caller to log; the assignment goes ahead either way.
-    func assigning(_ rk: OpaquePointer, _ partitions: [TopicPartition]) -> KafkaError? {
-        state.withLock { s in
-            guard s.holdNewAssignments, !partitions.isEmpty else { return nil }
+    /// The caller logs a failure; the assignment goes ahead either way.
+    func assigning(_ rk: OpaquePointer, _ partitions: [TopicPartition]) throws(KafkaError) {
+        try state.withLock { s throws(KafkaError) in
+            guard s.holdNewAssignments, !partitions.isEmpty else { return }
             // Before the first assignment librdkafka may have no topic object yet, and a pause skips
             // partitions of unknown topics. Creating the topic handle makes the partitions known;
             // `rd_kafka_assign` then starts the very partition objects that carry the pause.
             let topics = Set(partitions.map(\.topic)).compactMap { rd_kafka_topic_new(rk, $0, nil) }
             defer { topics.forEach { rd_kafka_topic_destroy($0) } }
-            do throws(KafkaError) {
-                try Self.apply(rk, partitions, pause: true)
-                s.paused.formUnion(partitions)
-                anyPaused.store(true, ordering: .releasing)
-                return nil
-            } catch {
-                return error
-            }
+            try Self.apply(rk, partitions, pause: true)
+            record(&s, partitions, paused: true)
         }
     }
 
     /// Rebalance callback, after the unassign: clears librdkafka's pause flag of the revoked partitions.
-    /// Returns the error for the caller to log.
-    func revoked(_ rk: OpaquePointer, _ partitions: [TopicPartition]) -> KafkaError? {
-        state.withLock { s in
+    /// The caller logs a failure.
+    func revoked(_ rk: OpaquePointer, _ partitions: [TopicPartition]) throws(KafkaError) {
+        try state.withLock { s throws(KafkaError) in
             let wasPaused = partitions.filter { s.paused.contains($0) }
-            guard !wasPaused.isEmpty else { return nil }
-            s.paused.subtract(wasPaused)
-            anyPaused.store(!s.paused.isEmpty, ordering: .releasing)
-            if s.closing { return nil }
-            do throws(KafkaError) {
-                try Self.apply(rk, wasPaused, pause: false)
-                return nil
-            } catch {
-                return error
-            }
+            guard !wasPaused.isEmpty else { return }
+            record(&s, wasPaused, paused: false)
+            if !s.closing { try Self.apply(rk, wasPaused, pause: false) }
         }
+    }
+
+    private func record(_ s: inout State, _ partitions: [TopicPartition], paused: Bool) {
+        if paused { s.paused.formUnion(partitions) } else { s.paused.subtract(partitions) }
+        anyPaused.store(!s.paused.isEmpty, ordering: .releasing)
     }
 
     /// End of a poll: pauses again every paused partition that delivered one of `events`.

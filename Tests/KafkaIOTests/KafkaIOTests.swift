@@ -271,14 +271,9 @@ struct KafkaIOTests {
             bootstrapServers: cluster.bootstrapServers, groupID: group, topics: [topic], logger: quietLogger())
         let secondAssigned = Mutex<[TopicPartition]>([])
         // Both members must poll for the rebalance to complete.
-        async let secondDone: Void = {
-            let deadline = ContinuousClock.now + .seconds(25)
-            while secondAssigned.withLock({ $0.isEmpty }) && ContinuousClock.now < deadline {
-                for e in await second.poll(maxMessages: 100, timeout: .milliseconds(100)) {
-                    if case .assigned(let tps) = e { secondAssigned.withLock { $0 = tps } }
-                }
-            }
-        }()
+        async let secondDone: Void = pollUntil(
+            second, limit: .seconds(25), { if case .assigned(let tps) = $0 { secondAssigned.withLock { $0 = tps } } },
+            until: { secondAssigned.withLock { !$0.isEmpty } })
         await pollUntil(first, limit: .seconds(25), record, until: { firstAssigned.count == 3 && secondAssigned.withLock { !$0.isEmpty } })
         await secondDone
         let theirs = secondAssigned.withLock { $0 }

@@ -124,15 +124,10 @@ struct PauseTests {
         let secondDelivered = Delivered()
         let stop = Atomic<Bool>(false)
         // Both members must poll for the rebalance to complete.
-        async let secondDone: Void = {
-            let deadline = ContinuousClock.now + .seconds(40)
-            while !stop.load(ordering: .relaxed) && ContinuousClock.now < deadline {
-                for e in await second.poll(maxMessages: 100, timeout: .milliseconds(100)) {
-                    if case .assigned(let tps) = e { secondAssigned.withLock { $0 = tps } }
-                    secondDelivered.record(e)
-                }
-            }
-        }()
+        async let secondDone: Void = pollUntil(second, limit: .seconds(40), { e in
+            if case .assigned(let tps) = e { secondAssigned.withLock { $0 = tps } }
+            secondDelivered.record(e)
+        }, until: { stop.load(ordering: .relaxed) })
         await pollUntil(first, limit: .seconds(25), record, until: { firstAssigned.count == 1 && secondAssigned.withLock { $0.count == 1 } })
         try #require(firstAssigned.count == 1)
 
