@@ -105,6 +105,8 @@ public enum ConfigSchema {
               doc: "How often a stats line is logged; 0 turns it off."),
         .init(name: "http.port", kind: .count, defaultValue: nil,
               doc: "Port of the HTTP endpoint serving /metrics (Prometheus), /healthz and /readyz; unset: no HTTP server."),
+        .init(name: "http.bind", kind: .string, defaultValue: "::",
+              doc: "Address the HTTP endpoint listens on. :: is every IPv6 and IPv4 address (dual stack; 0.0.0.0 when the host has no IPv6); 0.0.0.0 every IPv4 address; or one address such as 127.0.0.1 or ::1."),
         .init(name: "http.loop_stall_timeout", kind: .duration, defaultValue: "30s",
               doc: "/healthz answers 503 once the worker loop has not completed a pass for this long."),
     ]
@@ -210,6 +212,8 @@ public struct WorkerConfiguration: Sendable {
     public var redisPassword: String?
     public var redisPasswordFile: String?
     public var httpPort: Int?
+    /// `http.bind`: an IPv4 or IPv6 address; `::` is dual stack.
+    public var httpBind: String = "::"
     public var loopStallTimeout: Duration
 
     /// Merges sources (later ones win: pass file, then environment, then flags) and validates
@@ -274,6 +278,12 @@ public struct WorkerConfiguration: Sendable {
         httpPort = try r.optional("http.port").map { _ throws(ConfigError) in try r.count("http.port") }
         if let port = httpPort, port > 65535 { throw r.fail("http.port", "must be a port number from 1 to 65535") }
         loopStallTimeout = try r.duration("http.loop_stall_timeout")
+        httpBind = try r.string("http.bind").trimmingSpaces()
+        if httpBind.hasPrefix("[") && httpBind.hasSuffix("]") { httpBind = String(httpBind.dropFirst().dropLast()) }
+        guard httpBind.contains(":") || httpBind.split(separator: ".", omittingEmptySubsequences: false)
+            .map({ UInt8($0) }).filter({ $0 != nil }).count == 4 else {
+            throw r.fail("http.bind", "must be an IPv4 or IPv6 address such as 0.0.0.0, ::, 127.0.0.1 or ::1")
+        }
     }
 
     /// Each handler kind names what it needs; a key another kind needs is not an error (switching

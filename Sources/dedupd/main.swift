@@ -92,7 +92,7 @@ struct Run: AsyncParsableCommand {
         var services: [ServiceGroupConfiguration.ServiceConfiguration] = []
         // Listed first so it stops last: /readyz says "shutting down" while the worker drains.
         if let port = config.httpPort {
-            services.append(.init(service: HTTPEndpoint(port: port, registry: registry, telemetry: telemetry, logger: logger)))
+            services.append(.init(service: HTTPEndpoint(port: port, bind: config.httpBind, registry: registry, telemetry: telemetry, logger: logger)))
         }
         services.append(.init(service: worker, successTerminationBehavior: .gracefullyShutdownGroup))
         var groupConfig = ServiceGroupConfiguration(
@@ -142,12 +142,19 @@ struct Healthcheck: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Ask a running worker's /healthz (or --path /readyz); exit 0 when it answers 200.")
 
-    @Option(help: "The worker's http.port; default: DEDUPD_HTTP_PORT.") var port: Int?
+    @Option(help: "The worker's http.port; default: http.port of --config and DEDUPD_HTTP_PORT, as the worker reads them.") var port: Int?
+    @Option(help: "The worker's configuration file, for its http.port.") var config: String?
     @Option(help: "Path to ask.") var path: String = "/healthz"
 
     func run() throws {
-        guard let port = port ?? ProcessInfo.processInfo.environment["DEDUPD_HTTP_PORT"].flatMap(Int.init) else {
-            throw ValidationError("give --port or set DEDUPD_HTTP_PORT")
+        var configured: Int?
+        if port == nil {
+            // The same file and DEDUPD_* variables the worker reads, so the port is set in one place.
+            let layers = (try? ConfigLoader.layers(file: config)) ?? []
+            configured = layers.reversed().lazy.compactMap { $0["http.port"].flatMap { Int($0.text) } }.first
+        }
+        guard let port = port ?? configured else {
+            throw ValidationError("give --port, or --config with http.port, or set DEDUPD_HTTP_PORT")
         }
         guard let (status, body) = HealthProbe.get(port: port, path: path) else {
             print("no answer on 127.0.0.1:\(port)")

@@ -15,17 +15,28 @@ import Synchronization
 /// where Hummingbird adds minutes to every CI run.
 public final class HTTPEndpoint: Service, Sendable {
     public let port: UInt16
+    let bind: String
     let server: HTTPServer
     let logger: Logger
     let registry: PrometheusCollectorRegistry
     let telemetry: WorkerTelemetry
     let stopping: Stopping
 
-    public init(port: Int, registry: PrometheusCollectorRegistry, telemetry: WorkerTelemetry, logger: Logger) {
+    /// `bind`: `http.bind`, an IPv4 or IPv6 address; `::` listens on IPv6 and IPv4 (dual stack), or
+    /// on every IPv4 address when the host has no IPv6.
+    public init(port: Int, bind: String = "::", registry: PrometheusCollectorRegistry, telemetry: WorkerTelemetry, logger: Logger) {
         self.port = UInt16(port)
+        self.bind = bind
         self.logger = logger
         stopping = Stopping()
-        server = HTTPServer(address: .inet(port: UInt16(port)), timeout: 15, logger: FlyingFoxToSwiftLog(logger: logger, stopping: stopping))
+        let flyingFoxLogger = FlyingFoxToSwiftLog(logger: logger, stopping: stopping)
+        if bind.contains(":") && (bind != "::" || Self.hostHasIPv6()) {
+            let address = (try? sockaddr_in6.inet6(ip6: bind, port: UInt16(port))) ?? .inet6(port: UInt16(port))
+            server = HTTPServer(address: address, timeout: 15, logger: flyingFoxLogger)
+        } else {
+            let address = (try? sockaddr_in.inet(ip4: bind, port: UInt16(port))) ?? .inet(port: UInt16(port))
+            server = HTTPServer(address: address, timeout: 15, logger: flyingFoxLogger)
+        }
         self.registry = registry
         self.telemetry = telemetry
     }
@@ -45,7 +56,7 @@ public final class HTTPEndpoint: Service, Sendable {
         }
         await server.appendRoute("GET /healthz") { _ in Self.text(telemetry.liveness()) }
         await server.appendRoute("GET /readyz") { _ in Self.text(telemetry.readiness()) }
-        logger.info("http endpoint listening", metadata: ["http.port": "\(port)", "http.paths": "/metrics,/healthz,/readyz"])
+        logger.info("http endpoint listening", metadata: ["http.port": "\(port)", "http.bind": "\(bind)", "http.paths": "/metrics,/healthz,/readyz"])
         try await withGracefulShutdownHandler {
             do {
                 try await server.run()
@@ -58,6 +69,20 @@ public final class HTTPEndpoint: Service, Sendable {
             stopping.value.store(true, ordering: .relaxed)
             Task { await server.stop(timeout: 1) }
         }
+    }
+
+    /// Whether this host can open IPv6 sockets (a kernel booted with ipv6.disable=1 cannot).
+    static func hostHasIPv6() -> Bool {
+        let fd = socket(AF_INET6, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { return false }
+        close(fd)
+        return true
+    }
+
+    /// Whether `bind` is an address `http.bind` accepts: IPv4 or IPv6, as `inet_pton` reads them.
+    public static func isValidBindAddress(_ bind: String) -> Bool {
+        var v4 = in_addr(), v6 = in6_addr()
+        return inet_pton(AF_INET, bind, &v4) == 1 || inet_pton(AF_INET6, bind, &v6) == 1
     }
 
     /// Waits until the socket accepts connections (tests).
