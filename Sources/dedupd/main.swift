@@ -12,6 +12,7 @@ struct Dedupd: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "dedupd",
         abstract: "Makes a Kafka stream of submissions safe to act on: each unique message is handed to its handler once.",
+        version: BuildInfo.text,
         subcommands: [Demo.self, Run.self, CheckConfig.self, ExampleConfig.self, Healthcheck.self, Inspect.self, Forget.self, DLQ.self, Produce.self, MockKafka.self, Token.self, Bench.self],
         defaultSubcommand: nil
     )
@@ -86,6 +87,7 @@ struct Run: AsyncParsableCommand {
         OperationalLog.bootstrap(level: config.logLevel, format: config.logFormat)
         let logger = Logger(label: "dedupd")
         let (registry, factory) = PrometheusSetup.make()
+        BuildInfo.record(factory: factory)
         let telemetry = WorkerTelemetry(
             factory: factory, statsInterval: config.statsInterval, stallTimeout: config.loopStallTimeout, logger: logger)
         let worker = try Worker(config: config, logger: logger, telemetry: telemetry)
