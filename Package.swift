@@ -99,6 +99,8 @@ let package = Package(
         .testTarget(name: "KafkaIOTests", dependencies: ["KafkaIO", "TestSupport"]),
         .testTarget(name: "EndToEndTests", dependencies: [
             "KafkaIO", "RedisIO", "TestSupport", .product(name: "Yams", package: "Yams"),
+            .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
         ]),
         // The worker in process with its handlers and dead-letter topic, against a real
         // redis-server and the librdkafka mock cluster.
