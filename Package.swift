@@ -94,6 +94,15 @@ let package = Package(
             ],
             path: "Examples/CustomHandler"
         ),
+        // A worker whose handler blocks its thread on purpose, for the watchdog's end-to-end test.
+        .executableTarget(
+            name: "dedupd-stalling-worker",
+            dependencies: [
+                "DedupService",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            path: "Tests/Fixtures/StallingHandler"
+        ),
         .testTarget(name: "DedupCoreTests", dependencies: ["DedupCore"]),
         .testTarget(name: "RedisIOTests", dependencies: ["RedisIO", "TestSupport"]),
         .testTarget(name: "KafkaIOTests", dependencies: ["KafkaIO", "TestSupport"]),

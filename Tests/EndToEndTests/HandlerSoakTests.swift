@@ -169,7 +169,8 @@ import TestSupport
             #expect(gap < 5, "stats lines kept coming: longest gap \(gap) s")
             try await rig.expectCommitted(group: "soak-exec")
             // No command is left behind: the hung ones were killed with their process group.
-            let leftover = try shell("pgrep -f '\(script.path)' | wc -l").trimmingCharacters(in: .whitespacesAndNewlines)
+            // (The pattern's last letter in brackets keeps pgrep's own shell from matching it.)
+            let leftover = try shell("pgrep -f '\(script.path.dropLast())[h]' | wc -l").trimmingCharacters(in: .whitespacesAndNewlines)
             #expect(leftover == "0", "commands still running after the worker exited: \(leftover)")
             print("soak exec concurrency=\(concurrency) run=\(run): unique=\(rig.unique) succeeded=\(counts.count) "
                   + "duplicate_successes=\(counts.values.filter { $0 > 1 }.count) longest_stats_gap=\(String(format: "%.1f", gap))s elapsed=\(elapsed)")
