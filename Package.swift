@@ -113,7 +113,11 @@ let package = Package(
         ]),
         // The worker in process with its handlers and dead-letter topic, against a real
         // redis-server and the librdkafka mock cluster.
-        .testTarget(name: "DedupServiceTests", dependencies: ["DedupService", "KafkaIO", "RedisIO", "TestSupport"]),
+        .testTarget(name: "DedupServiceTests", dependencies: [
+            "DedupService", "KafkaIO", "RedisIO", "TestSupport",
+            .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"), .product(name: "NIOSSL", package: "swift-nio-ssl"),
+        ]),
         // Configuration, stats, metrics and the HTTP endpoint, with a worker in this process.
         .testTarget(name: "OperationsTests", dependencies: [
             "DedupService", "KafkaIO", "RedisIO", "TestSupport", .product(name: "Yams", package: "Yams"),
