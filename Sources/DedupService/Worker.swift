@@ -82,6 +82,10 @@ public final class Worker: Service {
     var isStopRequested: Bool { stopRequested.withLock { $0 } }
 
     public func run() async throws {
+        // The watchdog runs on its own thread for as long as the loop does (LoopWatchdog).
+        let watchdog = LoopWatchdog(telemetry: telemetry, timeout: config.loopStallTimeout, logger: logger)
+        watchdog.start()
+        defer { watchdog.stop() }
         try await withGracefulShutdownHandler {
             try await runPipeline()
         } onGracefulShutdown: { [self] in
@@ -111,7 +115,13 @@ public final class Worker: Service {
                     logger: logger)
                 if attempt > 1 { logger.notice("redis reachable", metadata: ["redis.url": "\(url.redacted)"]) }
                 telemetry.heartbeat(redisUp: true)
-                return RedisClaimStore(connection: connection, logger: logger, onRoundTrip: { [telemetry] op, d in telemetry.recordRoundTrip(op: op, duration: d) })
+                return RedisClaimStore(
+                    connection: connection, logger: logger,
+                    onSend: { [telemetry] op in
+                        let token = telemetry.inFlightLedger.begin(.redis(op))
+                        return { telemetry.inFlightLedger.end(token) }
+                    },
+                    onRoundTrip: { [telemetry] op, d in telemetry.recordRoundTrip(op: op, duration: d) })
             } catch let error as RedisError where error.isRetriable {
                 if attempt == 1 {
                     logger.error("redis unreachable, waiting for it (fail-closed: nothing is consumed meanwhile)",
@@ -494,7 +504,12 @@ public final class Worker: Service {
 
     func startRound(_ due: [Dispatch]) -> DispatchRound {
         let dispatchers = self.dispatchers
-        return DispatchRound(due: due) { await DispatchRound.run(due, dispatchers: dispatchers) }
+        let ledger = telemetry.inFlightLedger
+        let token = ledger.begin(.round(size: due.count))
+        return DispatchRound(due: due) {
+            defer { ledger.end(token) }
+            return await DispatchRound.run(due, dispatchers: dispatchers)
+        }
     }
 
     func applyRound(_ due: [Dispatch], _ outcome: DispatchRound.Outcome, state: inout LoopState) {
