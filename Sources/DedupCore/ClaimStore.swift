@@ -1,4 +1,4 @@
-/// What Redis said about one key when this worker tried to claim it (DESIGN.md step 3).
+/// What Redis said about one key when this worker tried to claim it (docs/architecture.md step 3).
 public enum ClaimOutcome: Sendable, Equatable {
     /// The key was absent; it is now `pending` under this worker with the requested lease.
     case claimed

@@ -1,5 +1,5 @@
 /// One unique message handed to its handler, with the dedup key so the downstream system can use
-/// it as an idempotency key (the one crash window in DESIGN.md's promises makes that worthwhile).
+/// it as an idempotency key (the one crash window in docs/architecture.md's promises makes that worthwhile).
 public struct Dispatch: Sendable {
     public var key: DedupKey
     public var message: InboundMessage
@@ -16,7 +16,7 @@ public struct Dispatch: Sendable {
     }
 }
 
-/// The owner of unique messages (DESIGN.md step 5). Built-in handlers live in DedupService;
+/// The owner of unique messages (docs/architecture.md step 5). Built-in handlers live in DedupService;
 /// a Swift user implements this protocol to plug in their own.
 ///
 /// `handle` returning normally means the message was taken: its key is then confirmed `done` in

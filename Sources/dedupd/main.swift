@@ -13,7 +13,7 @@ struct Dedupd: AsyncParsableCommand {
         commandName: "dedupd",
         abstract: "Makes a Kafka stream of submissions safe to act on: each unique message is handed to its handler once.",
         version: BuildInfo.text,
-        subcommands: [Demo.self, Run.self, CheckConfig.self, ExampleConfig.self, Healthcheck.self, Inspect.self, Forget.self, DLQ.self, Produce.self, MockKafka.self, Token.self, Bench.self],
+        subcommands: [Demo.self, Run.self, CheckConfig.self, ExampleConfig.self, Healthcheck.self, Inspect.self, Forget.self, DLQ.self, Produce.self, MockKafka.self, Token.self, Bench.self, Explain.self, ConfigReference.self],
         defaultSubcommand: nil
     )
 }
@@ -48,6 +48,14 @@ struct WorkerOptions: ParsableArguments {
     var statsInterval: String?
     @Option(name: .long, help: "Serve /metrics, /healthz and /readyz on this port (http.port).")
     var httpPort: String?
+    @Option(name: .customShort("X"), help: ArgumentHelp("A librdkafka property, NAME=VALUE (kafka.properties.NAME); repeatable.", valueName: "name=value"))
+    var kafkaProperties: [String] = []
+
+    func validate() throws {
+        for p in kafkaProperties where !p.contains("=") || p.hasPrefix("=") {
+            throw ValidationError("-X takes a librdkafka property as NAME=VALUE, got \(p)")
+        }
+    }
 
     var flags: [String: String] {
         var f: [String: String] = [:]
@@ -64,6 +72,10 @@ struct WorkerOptions: ParsableArguments {
         f["log.level"] = logLevel
         f["log.stats_interval"] = statsInterval
         f["http.port"] = httpPort
+        for p in kafkaProperties {
+            let eq = p.firstIndex(of: "=")!
+            f[ConfigSchema.kafkaPropertiesPrefix + p[..<eq]] = String(p[p.index(after: eq)...])
+        }
         return f
     }
 

@@ -483,3 +483,40 @@ extension DeployTests {
         #expect(logrotate.contains("copytruncate"), "the handler does not reopen its file")
     }
 }
+
+extension DeployTests {
+    /// Every `dedupd_*` series name in the Prometheus alert rules and the Grafana dashboard.
+    static func monitoringMetricNames() throws -> Set<String> {
+        var names = Set<String>()
+        for file in ["prometheus/dedupd-alerts.yaml", "grafana/dedupd-dashboard.json"] {
+            let text = try Self.text(file)
+            var rest = Substring(text)
+            while let r = rest.range(of: "dedupd_") {
+                let name = rest[r.lowerBound...].prefix { $0.isLetter || $0.isNumber || $0 == "_" }
+                names.insert(String(name))
+                rest = rest[name.endIndex...]
+            }
+        }
+        return names
+    }
+
+    @Test func alertRulesAndDashboardParse() throws {
+        let rules = try Self.yaml("prometheus/dedupd-alerts.yaml")
+        let groups = try #require(rules["groups"] as? [[String: Any]])
+        let alerts = groups.flatMap { ($0["rules"] as? [[String: Any]]) ?? [] }
+        #expect(alerts.count >= 5)
+        for alert in alerts {
+            #expect(alert["alert"] is String && alert["expr"] is String, "\(alert)")
+            let runbook = ((alert["annotations"] as? [String: Any])?["runbook"] as? String) ?? ""
+            let anchor = runbook.split(separator: "#").last.map(String.init) ?? ""
+            let doc = try String(contentsOf: Self.root.appendingPathComponent("docs/operations.md"), encoding: .utf8)
+            let headings = doc.split(separator: "\n").filter { $0.hasPrefix("#") }.map {
+                $0.drop { $0 == "#" || $0 == " " }.lowercased().replacingOccurrences(of: " ", with: "-").filter { $0.isLetter || $0.isNumber || $0 == "-" }
+            }
+            #expect(headings.contains(anchor), "\(alert["alert"] ?? ""): runbook anchor #\(anchor) is a heading of docs/operations.md")
+        }
+        let data = try Data(contentsOf: Self.deploy.appendingPathComponent("grafana/dedupd-dashboard.json"))
+        let dashboard = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+        #expect(((dashboard["panels"] as? [Any]) ?? []).count >= 5)
+    }
+}
