@@ -50,5 +50,6 @@ extension ConfigSchema {
     /// A table cell: no line breaks, `|` escaped.
     static func cell(_ text: String) -> String {
         text.replacingOccurrences(of: "|", with: "\\|").replacingOccurrences(of: "\n", with: " ")
+            .replacingOccurrences(of: "<", with: "\\<")
     }
 }
