@@ -404,9 +404,14 @@ struct AdminOptions: ParsableArguments {
     var route: String?
     @Option(name: .long, help: "Kafka bootstrap servers (kafka.bootstrap_servers).")
     var bootstrapServers: String?
+    @Option(name: .customShort("X"), help: ArgumentHelp("A librdkafka property, NAME=VALUE (kafka.properties.NAME); repeatable.", valueName: "name=value"))
+    var kafkaProperties: [String] = []
 
     func validate() throws {
         if namespace != nil && route != nil { throw ValidationError("give --namespace or --route, not both") }
+        for p in kafkaProperties where !p.contains("=") || p.hasPrefix("=") {
+            throw ValidationError("-X takes a librdkafka property as NAME=VALUE, got \(p)")
+        }
     }
 
     func load() throws -> AdminConfiguration {
@@ -414,6 +419,10 @@ struct AdminOptions: ParsableArguments {
         flags["redis.url"] = redisUrl
         flags["dedup.namespace"] = namespace
         flags["kafka.bootstrap_servers"] = bootstrapServers
+        for p in kafkaProperties {
+            let eq = p.firstIndex(of: "=")!
+            flags[ConfigSchema.kafkaPropertiesPrefix + p[..<eq]] = String(p[p.index(after: eq)...])
+        }
         var config: AdminConfiguration
         do {
             config = try ConfigLoader.resolveAdmin(ConfigLoader.layers(file: self.config, flags: flags))

@@ -175,6 +175,15 @@ import Glibc
         }
     }
 
+    /// The build stage writes the commit into BuildInfo.swift with sed: the line it replaces exists.
+    @Test func commitBuildArgReachesTheBinary() throws {
+        let dockerfile = try DeployTests.text("docker/Dockerfile")
+        let line = #"public static let commit = "unknown""#
+        #expect(dockerfile.contains(#"s/public static let commit = \"unknown\"/"#), "the Dockerfile's sed pattern")
+        let source = try String(contentsOf: Self.root.appendingPathComponent("Sources/DedupService/BuildInfo.swift"), encoding: .utf8)
+        #expect(source.contains(line), "BuildInfo.swift has the line the Dockerfile's sed replaces")
+    }
+
     static func runSwift(_ arguments: [String], in directory: URL) -> (Int32, String) {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: swiftExecutable()!)
