@@ -35,6 +35,8 @@ public enum ConfigSchema {
               doc: "Redis password (AUTH), instead of one in redis.url; best given as DEDUPD_REDIS_PASSWORD or through redis.password_file."),
         .init(name: "redis.password_file", kind: .string, defaultValue: nil,
               doc: "File holding the Redis password (a mounted Secret, a credentials file); one trailing newline is ignored."),
+        .init(name: "redis.allow_eviction", kind: .choice(["false", "true"]), defaultValue: "false",
+              doc: "true: start even when Redis's maxmemory-policy evicts keys with a TTL (every dedupd key has one; an evicted done record lets a duplicate through). false: such a Redis stops start-up with an error."),
         .init(name: "redis.connect_timeout", kind: .duration, defaultValue: "2s", doc: "Redis connect timeout."),
         .init(name: "redis.command_timeout", kind: .duration, defaultValue: "2s",
               doc: "Redis reply timeout for one pipelined round trip."),
@@ -196,6 +198,8 @@ public struct WorkerConfiguration: Sendable {
     public var redisURL: String
     public var redisConnectTimeout: Duration
     public var redisCommandTimeout: Duration
+    /// `redis.allow_eviction`: start on a Redis whose maxmemory-policy evicts keys.
+    public var redisAllowEviction = false
     /// The default route's dedup settings (the top-level `dedup.*` keys); its message size and
     /// buffer bounds hold for the whole worker.
     public var dedup: DedupSettings
@@ -253,6 +257,7 @@ public struct WorkerConfiguration: Sendable {
         }
         redisConnectTimeout = try r.duration("redis.connect_timeout")
         redisCommandTimeout = try r.duration("redis.command_timeout")
+        redisAllowEviction = try r.choice("redis.allow_eviction") == "true"
 
         let top = try Self.parseRoute(r)
         batchSize = try r.count("consumer.batch_size")
