@@ -29,6 +29,8 @@ public final class SignalEscalation: @unchecked Sendable {
                 if n >= 2 {
                     logger.warning("second signal, exiting now without finishing the shutdown",
                                    metadata: ["signal": "\(sig == SIGTERM ? "SIGTERM" : "SIGINT")"])
+                    // Log lines are written on their own queue: write this one before exiting.
+                    OperationalLog.flush()
                     _exit(128 + sig)
                 }
             }
