@@ -1,3 +1,5 @@
+import Synchronization
+
 /// What Redis said about one key when this worker tried to claim it (DESIGN.md step 3).
 public enum ClaimOutcome: Sendable, Equatable {
     /// The key was absent; it is now `pending` under this worker with the requested lease.
@@ -56,6 +58,19 @@ public protocol ClaimStore: Sendable {
     func renew(_ keys: [String], owner: String, lease: Duration) async throws -> [Bool]
     /// Reads each key's state without changing it.
     func inspect(_ keys: [String]) async throws -> [KeyState]
+
+    // The worker's requests: each is sent before the call returns (so requests reach the store
+    // in the order they were made, and a release always precedes a later claim of its key), and
+    // answered through the reply while the worker goes on.
+
+    /// `claim`, sent now.
+    func requestClaims(_ groups: [KeyGroup], owner: String) -> StoreReply<[ClaimOutcome]>
+    /// `confirm`, sent now.
+    func requestConfirms(_ groups: [KeyGroup], owner: String) -> StoreReply<[ConfirmOutcome]>
+    /// `release`, sent now.
+    func requestReleases(_ keys: [String], owner: String) -> StoreReply<[Bool]>
+    /// Token mode: uses each token for the message identified by its mark (see `TokenStore.use`), sent now.
+    func requestTokenUses(_ tokens: [String], marks: [String]) -> StoreReply<[TokenOutcome]>
 }
 
 extension ClaimStore {
@@ -67,5 +82,51 @@ extension ClaimStore {
     /// Confirms keys that all share one retention.
     public func confirm(_ keys: [String], owner: String, retention: Duration) async throws -> [ConfirmOutcome] {
         try await confirm([KeyGroup(keys, ttl: retention)], owner: owner)
+    }
+}
+
+/// The reply to one store request, on its way. The store completes it once, from any thread;
+/// the caller either awaits `value()` or hands it a callback with `whenAnswered`, once.
+public final class StoreReply<Value: Sendable>: Sendable {
+    private enum State {
+        case waiting
+        case done(Result<Value, any Error>)
+        case callback(@Sendable (Result<Value, any Error>) -> Void)
+    }
+
+    private let state = Mutex(State.waiting)
+
+    public init() {}
+
+    /// A reply that is already known.
+    public convenience init(_ result: Result<Value, any Error>) {
+        self.init()
+        complete(result)
+    }
+
+    public func complete(_ result: Result<Value, any Error>) {
+        let callback = state.withLock { state -> (@Sendable (Result<Value, any Error>) -> Void)? in
+            defer { state = .done(result) }
+            if case .callback(let f) = state { return f }
+            return nil
+        }
+        callback?(result)
+    }
+
+    /// Calls `callback` with the result once it is known (at once if it already is).
+    public func whenAnswered(_ callback: @escaping @Sendable (Result<Value, any Error>) -> Void) {
+        let done = state.withLock { state -> Result<Value, any Error>? in
+            if case .done(let result) = state { return result }
+            state = .callback(callback)
+            return nil
+        }
+        if let done { callback(done) }
+    }
+
+    /// Waits for the result.
+    public func value() async throws -> Value {
+        try await withCheckedThrowingContinuation { (c: CheckedContinuation<Value, any Error>) in
+            whenAnswered { c.resume(with: $0) }
+        }.self
     }
 }
