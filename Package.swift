@@ -98,6 +98,11 @@ let package = Package(
         // The worker in process with its handlers and dead-letter topic, against a real
         // redis-server and the librdkafka mock cluster.
         .testTarget(name: "DedupServiceTests", dependencies: ["DedupService", "KafkaIO", "RedisIO", "TestSupport"]),
+        // The real worker loop and engine through seeded random schedules, against a simulated
+        // log, store, handlers and clock: no servers.
+        .testTarget(name: "WorkerModelTests", dependencies: [
+            "DedupCore", "DedupService", .product(name: "Logging", package: "swift-log"),
+        ]),
         // Configuration, stats, metrics and the HTTP endpoint, with a worker in this process.
         .testTarget(name: "OperationsTests", dependencies: [
             "DedupService", "KafkaIO", "RedisIO", "TestSupport", .product(name: "Yams", package: "Yams"),

@@ -156,7 +156,9 @@ public struct DedupEngine: Sendable {
     }
 
     enum Outstanding: Sendable {
-        case claims(LedgerRequest)
+        /// The window and the lease count from `sentAt`: the window then ends one round trip
+        /// sooner, and a lease believed to start earlier is renewed earlier.
+        case claims(LedgerRequest, sentAt: ContinuousClock.Instant)
         case confirms(LedgerRequest)
         case releases([DedupKey])
         case tokens(LedgerRequest)
@@ -263,7 +265,7 @@ public struct DedupEngine: Sendable {
     mutating func take(_ answer: Answer, now: ContinuousClock.Instant) {
         switch answer {
         case .claims(let id, let result):
-            guard case .claims(let request)? = outstanding.removeValue(forKey: id) else { return }
+            guard case .claims(let request, let sentAt)? = outstanding.removeValue(forKey: id) else { return }
             claimInFlight = nil
             renewalsInFlight = false
             switch result {
@@ -271,7 +273,7 @@ public struct DedupEngine: Sendable {
                 storeAnswered(now: now)
                 // Claims for keys no longer held (their partition was revoked while the answer
                 // was on its way) are given back rather than left to expire.
-                toRelease.append(contentsOf: ledger.applyClaims(request, outcomes, now: now))
+                toRelease.append(contentsOf: ledger.applyClaims(request, outcomes, now: sentAt))
             case .failure(let error):
                 storeFailed(error, now: now)
                 if options.failOpen { ledger.applyClaimsWithoutStore(request, now: now) } else { ledger.requestFailed(request) }
@@ -407,7 +409,7 @@ public struct DedupEngine: Sendable {
                     let id = RequestID(rawValue: request.ticket)
                     claimInFlight = id
                     renewalsInFlight = request.renewals > 0
-                    outstanding[id] = .claims(request)
+                    outstanding[id] = .claims(request, sentAt: now)
                     return .claim(id, ledger.storeGroups(request.keys, ttl: \.lease))
                 }
             }
@@ -417,8 +419,9 @@ public struct DedupEngine: Sendable {
         }
         // One round at a time, and (fail-closed) only with the store up and the last round
         // confirmed: at most one round is ever exposed to the crash window (handler done, confirm
-        // not yet in Redis), and no lease is relied on that could not be renewed.
-        if round == nil, !renewalsInFlight,
+        // not yet in Redis). No round while a lease is due for renewal or being renewed: a copy
+        // is dispatched only while its lease has at least half its time left.
+        if round == nil, options.failOpen || (!renewalsInFlight && !ledger.renewalDue(now: now)),
             options.failOpen || (storeRetry.downSince == nil && ledger.confirmingCount == 0)
         {
             let due = ledger.takeDue(now: now, limit: options.handlerMaxBatch)
@@ -494,7 +497,11 @@ public struct DedupEngine: Sendable {
 
     mutating func backpressureAction() -> Action? {
         let full = ledger.shouldPause
-        let mustPause = full || (storeRetry.downSince != nil && !options.failOpen)
+        // Fail-closed, the store down: paused until the retry time. Then consumption resumes
+        // whether or not a request is waiting to go out; were the worker to wait for a request
+        // to succeed first, a worker whose every waiting key was revoked meanwhile would never
+        // send one and stay paused for good. A failing retry pauses it again.
+        let mustPause = full || (storeRetry.retryAt != nil && !options.failOpen)
         if mustPause && !paused {
             paused = true
             pausedForBackpressure = full

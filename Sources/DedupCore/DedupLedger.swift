@@ -355,6 +355,21 @@ public struct DedupLedger: Sendable {
         return LedgerRequest(ticket: ticket, keys: groupedByRoute(keys), renewals: renewals)
     }
 
+    /// Whether a buffered key's lease is half used and its renewal not yet sent.
+    public mutating func renewalDue(now: ContinuousClock.Instant) -> Bool {
+        while let first = leaseOrder.first, leaseTaken(first.key) != first.taken {
+            leaseOrder.removeFirst()
+        }
+        for entry in leaseOrder {
+            guard let i = entries.index(forKey: entry.key), entries.values[i].leaseTakenAt == entry.taken else { continue }
+            guard entry.taken <= now - routeSettings[entries.values[i].route].lease / 2 else {
+                if hasRoutes { continue } else { return false }
+            }
+            if entries.values[i].awaiting == 0 { return true }
+        }
+        return false
+    }
+
     /// The store keys of `keys` cut into groups of one time to live (`\.lease` for claims,
     /// `\.retention` for confirms), in the order of `keys`, for one round trip.
     public func storeGroups(_ keys: [DedupKey], ttl: KeyPath<DedupSettings, Duration>) -> [KeyGroup] {
