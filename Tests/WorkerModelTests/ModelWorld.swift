@@ -25,7 +25,7 @@ final class ModelWorld: @unchecked Sendable {
         var partitions = 3
         var messagesPerPartition = 24
         var uniqueKeys = 40
-        var maxBatch = 4
+        var maxBatch = 2
         /// Steps with faults; after them the world is calm until everything is committed.
         var faultSteps = 250
         var maxSteps = 6000
@@ -388,7 +388,7 @@ extension ModelWorld: DispatchRunner {
         let keys = due.map(\.key.raw)
         note("dispatch \(keys)")
         dispatched(keys)
-        pending.append(("round \(keys)", { done(Array(repeating: .success, count: due.count)) }, chance(0.15)))
+        pending.append(("round \(keys)", { done(Array(repeating: .success, count: due.count)) }, chance(0.3)))
     }
 
     func cancelAll() {}
@@ -399,8 +399,8 @@ extension ModelWorld: LoopClock {
     /// `deadline` and fires the timer.
     func schedule(at deadline: ContinuousClock.Instant, _ fire: @escaping @Sendable () -> Void) {
         try? step(fromPoll: false)
-        if !pending.isEmpty, chance(0.8) {
-            let i = Int.random(in: 0..<pending.count, using: &rng)
+        let prompt = pending.indices.filter { !pending[$0].slow || chance(0.08) }
+        if let i = prompt.randomElement(using: &rng), chance(0.8) {
             let p = pending.remove(at: i)
             if deadline > now { advance((deadline - now) / Int.random(in: 2...8, using: &rng)) }
             note("deliver \(p.label)")
