@@ -69,6 +69,14 @@ public enum ConfigSchema {
               doc: "kafka handler: topic to forward to (same cluster and kafka.properties as the consumer; idempotent producer)."),
         .init(name: "handler.url", kind: .string, defaultValue: nil,
               doc: "http handler: http:// or https:// URL to POST each message to, with an Idempotency-Key header."),
+        .init(name: "handler.headers", kind: .secret, defaultValue: nil,
+              doc: "http handler: extra request headers, NAME=VALUE[,NAME=VALUE]; a VALUE of env:VAR or file:PATH is read from that environment variable or file at start (for Authorization and API keys). Never printed."),
+        .init(name: "handler.tls_ca_file", kind: .string, defaultValue: nil,
+              doc: "http handler: PEM file of the certificate authorities that verify an https:// server, instead of the system's."),
+        .init(name: "handler.tls_cert_file", kind: .string, defaultValue: nil,
+              doc: "http handler: PEM client certificate for servers that ask for one (with handler.tls_key_file)."),
+        .init(name: "handler.tls_key_file", kind: .string, defaultValue: nil,
+              doc: "http handler: PEM private key of handler.tls_cert_file."),
         .init(name: "handler.command", kind: .string, defaultValue: nil,
               doc: "exec handler: command run by /bin/sh -c, the message value on stdin, DEDUPD_KEY/TOPIC/PARTITION/OFFSET in the environment."),
         .init(name: "handler.timeout", kind: .duration, defaultValue: "10s",
@@ -124,6 +132,7 @@ public enum ConfigSchema {
     public static let routeInheritedKeys: Set<String> = [
         "dedup.key", "dedup.namespace", "dedup.window", "dedup.retention", "dedup.lease", "dedup.token", "dedup.keep",
         "handler.type", "handler.output", "handler.topic", "handler.url", "handler.command", "handler.timeout",
+        "handler.headers", "handler.tls_ca_file", "handler.tls_cert_file", "handler.tls_key_file",
         "handler.max_elapsed", "handler.concurrency", "handler.max_attempts", "handler.backoff",
     ]
 
@@ -290,6 +299,16 @@ public struct WorkerConfiguration: Sendable {
             guard lower.hasPrefix("http://") || lower.hasPrefix("https://"), url.count > "https://".count else {
                 throw r.fail("handler.url", "must be an http:// or https:// URL")
             }
+            for header in h.headers {
+                let parts = header.split(separator: "=", maxSplits: 1)
+                guard parts.count == 2, !parts[0].trimmingSpaces().isEmpty, !parts[0].contains(" ") else {
+                    throw ConfigError(key: r.name("handler.headers"), value: "***", problem: "each header must be NAME=VALUE, NAME=env:VAR or NAME=file:PATH")
+                }
+            }
+            if (h.tlsCertFile == nil) != (h.tlsKeyFile == nil) {
+                throw ConfigError(key: r.name(h.tlsCertFile == nil ? "handler.tls_cert_file" : "handler.tls_key_file"), value: nil,
+                                  problem: "is required when \(h.tlsCertFile == nil ? "handler.tls_key_file" : "handler.tls_cert_file") is set")
+            }
         case "exec" where h.command == nil:
             throw ConfigError(key: r.name("handler.command"), value: nil, problem: "is required when handler.type is exec")
         default:
@@ -333,6 +352,10 @@ public struct WorkerConfiguration: Sendable {
             topic: r.optional("handler.topic"),
             url: r.optional("handler.url"),
             command: r.optional("handler.command"),
+            headers: r.optional("handler.headers") == nil ? [] : try r.list("handler.headers"),
+            tlsCAFile: r.optional("handler.tls_ca_file"),
+            tlsCertFile: r.optional("handler.tls_cert_file"),
+            tlsKeyFile: r.optional("handler.tls_key_file"),
             timeout: try r.duration("handler.timeout"),
             maxElapsed: try r.duration("handler.max_elapsed"),
             concurrency: try r.count("handler.concurrency"),
@@ -487,6 +510,13 @@ public struct HandlerSettings: Sendable, Equatable {
     public var url: String?
     /// `exec`: the shell command.
     public var command: String?
+    /// `http`: extra headers as written (`NAME=VALUE`, `NAME=env:VAR`, `NAME=file:PATH`), resolved
+    /// when the handler is made so a secret never sits in the configuration's printable values.
+    public var headers: [String]
+    /// `http`: PEM files for TLS (trusted CAs; client certificate and key).
+    public var tlsCAFile: String?
+    public var tlsCertFile: String?
+    public var tlsKeyFile: String?
     public var timeout: Duration
     public var maxElapsed: Duration
     /// Handler calls of this route in flight at once.
@@ -496,6 +526,7 @@ public struct HandlerSettings: Sendable, Equatable {
 
     public init(
         type: String = "log", output: String = "-", topic: String? = nil, url: String? = nil, command: String? = nil,
+        headers: [String] = [], tlsCAFile: String? = nil, tlsCertFile: String? = nil, tlsKeyFile: String? = nil,
         timeout: Duration = .seconds(10), maxElapsed: Duration = .seconds(120), concurrency: Int = 4, maxAttempts: Int = 5,
         backoff: Backoff = Backoff()
     ) {
@@ -504,6 +535,10 @@ public struct HandlerSettings: Sendable, Equatable {
         self.topic = topic
         self.url = url
         self.command = command
+        self.headers = headers
+        self.tlsCAFile = tlsCAFile
+        self.tlsCertFile = tlsCertFile
+        self.tlsKeyFile = tlsKeyFile
         self.timeout = timeout
         self.maxElapsed = maxElapsed
         self.concurrency = concurrency
@@ -516,7 +551,7 @@ public struct HandlerSettings: Sendable, Equatable {
     public var identity: String {
         switch type {
         case "kafka": "kafka \(topic ?? "") \(timeout)"
-        case "http": "http \(url ?? "") \(timeout)"
+        case "http": "http \(url ?? "") \(timeout) \(headers) \(tlsCAFile ?? "") \(tlsCertFile ?? "") \(tlsKeyFile ?? "")"
         case "exec": "exec \(command ?? "") \(timeout)"
         default: "log \(output)"
         }

@@ -61,6 +61,12 @@ public struct PermanentFailure: Error, Sendable, CustomStringConvertible {
     }
 }
 
+/// A retriable handler error that knows how long the other side asked it to wait (an HTTP
+/// `Retry-After`): the next attempt starts no sooner than that, even when backoff is shorter.
+public protocol RetryDelaying: Error {
+    var retryAfter: Duration? { get }
+}
+
 /// Exponential backoff with jitter for handler retries and store reconnects.
 public struct Backoff: Sendable, Equatable {
     public var initial: Duration

@@ -83,7 +83,8 @@ struct Dispatcher: Sendable {
                 return .gaveUp(error, attempts: d.attempt)
             } catch {
                 if d.attempt >= maxAttempts { return .gaveUp(error, attempts: d.attempt) }
-                let delay = backoff.jittered(attempt: d.attempt, using: &rng)
+                var delay = backoff.jittered(attempt: d.attempt, using: &rng)
+                if let asked = (error as? any RetryDelaying)?.retryAfter, asked > delay { delay = asked }
                 if let maxElapsed, ContinuousClock.now + delay - started > maxElapsed {
                     return .gaveUp(error, attempts: d.attempt)
                 }

@@ -22,6 +22,7 @@ public final class LogOutputHandler: BatchHandler {
     private let ownsFD: Bool
     /// Lines not yet written; a lock because `handle` (retries) may be called from several tasks.
     private let pending = Mutex(LineBuffer())
+    private let writer = DispatchQueue(label: "dedupd.handler.log")
 
     /// `path` is a file to append to, or `-` for stdout.
     public init(path: String) throws {
@@ -54,14 +55,19 @@ public final class LogOutputHandler: BatchHandler {
         }
     }
 
-    /// Writes what is pending. The lock is held during the write: the worker calls `flush` once
-    /// a round's calls have returned, so nothing else waits for it, and a line appended meanwhile
-    /// could not be told apart from the written ones when the buffer is emptied.
+    /// Writes what is pending, on the handler's own writer queue: write(2) to a pipe or a slow
+    /// disk blocks, and the caller is a cooperative thread. The lock is held during the write:
+    /// the worker calls `flush` once a round's calls have returned, so nothing else waits for it,
+    /// and a line appended meanwhile could not be told apart from the written ones when the
+    /// buffer is emptied.
     public func flush() async throws {
-        let fd = self.fd
-        let failure: Int32? = pending.withLock { buffer in
-            defer { buffer.removeAll() }
-            return buffer.withBytes { Self.writeAll(fd, $0) }
+        let failure: Int32? = await withCheckedContinuation { c in
+            writer.async { [self] in
+                c.resume(returning: pending.withLock { buffer in
+                    defer { buffer.removeAll() }
+                    return buffer.withBytes { Self.writeAll(fd, $0) }
+                })
+            }
         }
         if let failure {
             throw HandlerError(message: "log handler: write failed: \(String(cString: strerror(failure)))")

@@ -66,18 +66,24 @@ public struct OperationalLogHandler: LogHandler {
     }
 }
 
-/// Where whole lines go; one lock so lines from different threads never interleave.
+/// Where whole lines go. Lines are written in order by one serial queue, so lines from
+/// different threads never interleave and a caller never waits for the write: a log line can be
+/// emitted from a cooperative thread, and stderr may be a pipe whose reader is slow.
 public final class LineSink: Sendable {
     private let handle: FileHandle
-    private let lock = Mutex(())
+    private let queue = DispatchQueue(label: "dedupd.log")
 
     public init(handle: FileHandle) { self.handle = handle }
 
     public static let standardError = LineSink(handle: .standardError)
 
     public func write(line: String) {
-        lock.withLock { _ in handle.write(Data((line + "\n").utf8)) }
+        let data = Data((line + "\n").utf8)
+        queue.async { [handle] in handle.write(data) }
     }
+
+    /// Waits until every line written so far reached the file (before the process exits).
+    public func flush() { queue.sync {} }
 }
 
 extension Logger.Level {
@@ -90,5 +96,10 @@ public enum OperationalLog {
         let lvl = Logger.Level(configName: level) ?? .info
         let fmt = OperationalLogHandler.Format(rawValue: format) ?? .logfmt
         LoggingSystem.bootstrap { label in OperationalLogHandler(label: label, level: lvl, format: fmt) }
+        // Lines still queued when the process exits (main returns, exit(), the watchdog) are written first.
+        atexit { OperationalLog.flush() }
     }
+
+    /// Writes every queued line of the operational log.
+    public static func flush() { LineSink.standardError.flush() }
 }

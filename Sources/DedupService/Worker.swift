@@ -83,6 +83,10 @@ public final class Worker: Service {
     var isStopRequested: Bool { stopRequested.withLock { $0 } }
 
     public func run() async throws {
+        // The watchdog runs on its own thread for as long as the loop does (LoopWatchdog).
+        let watchdog = LoopWatchdog(telemetry: telemetry, timeout: config.loopStallTimeout, logger: logger)
+        watchdog.start()
+        defer { watchdog.stop() }
         try await withGracefulShutdownHandler {
             try await runPipeline()
         } onGracefulShutdown: { [self] in
@@ -112,7 +116,13 @@ public final class Worker: Service {
                     logger: logger)
                 if attempt > 1 { logger.notice("redis reachable", metadata: ["redis.url": "\(url.redacted)"]) }
                 telemetry.heartbeat(redisUp: true)
-                return RedisClaimStore(connection: connection, logger: logger, onRoundTrip: { [telemetry] op, d in telemetry.recordRoundTrip(op: op, duration: d) })
+                return RedisClaimStore(
+                    connection: connection, logger: logger,
+                    onSend: { [telemetry] op in
+                        let token = telemetry.inFlightLedger.begin(.redis(op))
+                        return { telemetry.inFlightLedger.end(token) }
+                    },
+                    onRoundTrip: { [telemetry] op, d in telemetry.recordRoundTrip(op: op, duration: d) })
             } catch let error as RedisError where error.isRetriable {
                 if attempt == 1 {
                     logger.error("redis unreachable, waiting for it (fail-closed: nothing is consumed meanwhile)",
@@ -132,7 +142,8 @@ public final class Worker: Service {
             properties: kafkaProperties(), logger: logger)
         logStart()
         try await runLoop(
-            source: consumer, store: store, rounds: HandlerRounds(dispatchers: dispatchers, handlers: handlers),
+            source: consumer, store: store,
+            rounds: HandlerRounds(dispatchers: dispatchers, handlers: handlers, ledger: telemetry.inFlightLedger),
             clock: SystemLoopClock())
     }
 

@@ -80,17 +80,25 @@ public protocol DispatchRunner: Sendable {
 final class HandlerRounds: DispatchRunner {
     let dispatchers: [Dispatcher]
     let handlers: [any Handler]
+    /// What is in flight, for the watchdog's report.
+    let ledger: InFlightLedger
     private let running = Mutex<[UInt64: Task<Void, Never>]>([:])
     private let nextID = Atomic<UInt64>(0)
 
-    init(dispatchers: [Dispatcher], handlers: [any Handler]) {
+    init(dispatchers: [Dispatcher], handlers: [any Handler], ledger: InFlightLedger) {
         self.dispatchers = dispatchers
         self.handlers = handlers
+        self.ledger = ledger
     }
 
     func start(_ due: [Dispatch], done: @escaping @Sendable ([DispatchResult]) -> Void) {
         let dispatchers = self.dispatchers
-        let round = DispatchRound(due: due) { await DispatchRound.run(due, dispatchers: dispatchers) }
+        let ledger = self.ledger
+        let token = ledger.begin(.round(size: due.count))
+        let round = DispatchRound(due: due) {
+            defer { ledger.end(token) }
+            return await DispatchRound.run(due, dispatchers: dispatchers)
+        }
         let id = nextID.add(1, ordering: .relaxed).newValue
         running.withLock { running in
             running[id] = Task { [self] in

@@ -204,20 +204,43 @@ struct PartitionList: ~Copyable {
 /// A serial queue where a handle's blocking librdkafka calls run, away from the cooperative pool; one hop per call.
 struct BlockingExecutor: Sendable {
     let queue: DispatchQueue
+    /// Jobs queued or running, so a caller can tell whether `queue.sync` would wait.
+    private let jobs = Jobs()
+
+    private final class Jobs: Sendable {
+        let count = Atomic<Int>(0)
+    }
 
     init(label: String) { queue = DispatchQueue(label: label) }
 
     func run<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
-        await withCheckedContinuation { c in queue.async { c.resume(returning: body()) } }
+        jobs.count.add(1, ordering: .acquiring)
+        return await withCheckedContinuation { c in
+            queue.async { [jobs] in
+                let value = body()
+                jobs.count.subtract(1, ordering: .releasing)
+                c.resume(returning: value)
+            }
+        }
     }
 
     func run<T: Sendable>(_ body: @escaping @Sendable () throws(KafkaError) -> T) async throws(KafkaError) -> T {
-        let result: Result<T, KafkaError> = await withCheckedContinuation { c in
-            queue.async {
-                do throws(KafkaError) { c.resume(returning: .success(try body())) } catch { c.resume(returning: .failure(error)) }
-            }
+        let result: Result<T, KafkaError> = await run { () -> Result<T, KafkaError> in
+            do throws(KafkaError) { return .success(try body()) } catch { return .failure(error) }
         }
         return try result.get()
+    }
+
+    /// Runs a `body` that does not block on the caller's own thread when the queue has nothing
+    /// queued or running (no thread hop), else on the queue like `run`. It never waits for
+    /// another job, so it may be called from a cooperative thread.
+    func runNonBlocking<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
+        if jobs.count.load(ordering: .acquiring) == 0 {
+            // Only the consumer's own loop submits jobs, so none can arrive between the check
+            // and the `sync`; if one did, `sync` would wait for at most that job.
+            return queue.sync(execute: body)
+        }
+        return await run(body)
     }
 }
 

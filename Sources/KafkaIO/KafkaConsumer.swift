@@ -119,10 +119,12 @@ public final class KafkaConsumer: @unchecked Sendable {
     /// `maxMessages` events. A rebalance ends the batch. Returns `[]` on timeout or after `close()`.
     public func poll(maxMessages: Int, timeout: Duration) async -> [ConsumerEvent] {
         let timeoutMs = timeout.kafkaMilliseconds
-        // A zero-timeout poll does not block, so it runs on the queue synchronously: on the caller's
-        // own thread while the queue is idle (only the loop polls), without the two thread hops of
-        // `executor.run`. Most passes of a loop that is waiting for Redis poll this way.
-        if timeoutMs == 0 { return executor.queue.sync { pollBatch(maxMessages: max(1, maxMessages), timeoutMs: 0) } }
+        // A zero-timeout poll does not block, so it runs on the caller's own thread while the
+        // queue is idle, without the two thread hops of `executor.run`. Most passes of a loop
+        // that is waiting for Redis poll this way.
+        if timeoutMs == 0 {
+            return await executor.runNonBlocking { [self] in pollBatch(maxMessages: max(1, maxMessages), timeoutMs: 0) }
+        }
         return await executor.run { [self] in pollBatch(maxMessages: max(1, maxMessages), timeoutMs: timeoutMs) }
     }
 

@@ -49,18 +49,23 @@ public final class KafkaProducer: @unchecked Sendable {
     }
 
     deinit {
-        poller.stop()
-        let pending = rd_kafka_outq_len(rk)
-        if pending > 0 {
-            context.logger.info("producer destroyed with undelivered messages", metadata: ["kafka.pending": .stringConvertible(pending)])
+        // The teardown blocks (the poller's last poll; rd_kafka_destroy joins librdkafka's
+        // threads), and the last reference may be dropped on a cooperative thread, so it runs on
+        // the poller's own thread once its loop has ended.
+        let context = self.context
+        poller.stop { rk in
+            let pending = rd_kafka_outq_len(rk)
+            if pending > 0 {
+                context.logger.info("producer destroyed with undelivered messages", metadata: ["kafka.pending": .stringConvertible(pending)])
+            }
+            rd_kafka_destroy(rk)
+            // Anyone still waiting in `sendAndWait` learns that the message's fate is unknown.
+            let waiters = context.delivery.withLock { d in
+                defer { d.waiters.removeAll() }
+                return d.waiters
+            }
+            for (_, w) in waiters { w.resume(throwing: KafkaError(code: .closed, message: "producer destroyed before delivery")) }
         }
-        rd_kafka_destroy(rk)
-        // Anyone still waiting in `sendAndWait` learns that the message's fate is unknown.
-        let waiters = context.delivery.withLock { d in
-            defer { d.waiters.removeAll() }
-            return d.waiters
-        }
-        for (_, w) in waiters { w.resume(throwing: KafkaError(code: .closed, message: "producer destroyed before delivery")) }
     }
 
     /// Delivered and failed messages so far (from delivery reports).
@@ -222,31 +227,39 @@ private func withHeaderValues<R>(_ headers: [MessageHeader], _ body: ([UnsafeRaw
     }
 }
 
-/// Serves delivery reports: a dedicated thread calling `rd_kafka_poll` until stopped.
+/// Serves delivery reports: a dedicated thread calling `rd_kafka_poll` until stopped, which then
+/// runs the producer's teardown.
 ///
-/// `@unchecked Sendable`: `rk` is thread-safe for `rd_kafka_poll`; `stopped` is a `Mutex`, `done` a semaphore.
+/// `@unchecked Sendable`: `rk` is thread-safe for `rd_kafka_poll` and is destroyed only by the
+/// teardown, on this thread, after its last poll; `state` is a `Mutex`.
 private final class DeliveryPoller: @unchecked Sendable {
+    typealias Teardown = @Sendable (OpaquePointer) -> Void
     private let rk: OpaquePointer
-    private let stopped = Mutex<Bool>(false)
-    private let done = DispatchSemaphore(value: 0)
+    private let state = Mutex<(stopped: Bool, teardown: Teardown?)>((false, nil))
 
     init(rk: OpaquePointer) {
         self.rk = rk
         let thread = Thread { [self] in
-            while !stopped.withLock({ $0 }) { rd_kafka_poll(self.rk, 100) }
-            done.signal()
+            while true {
+                let (stopped, teardown) = state.withLock { ($0.stopped, $0.teardown) }
+                if stopped {
+                    teardown?(self.rk)
+                    return
+                }
+                rd_kafka_poll(self.rk, 100)
+            }
         }
         thread.name = "kafka.producer.poller"
         thread.start()
     }
 
-    /// Stops the thread and waits for it (at most one poll interval).
-    func stop() {
-        let first = stopped.withLock { s in
-            defer { s = true }
-            return !s
+    /// Ends the thread after its current poll (at most 100 ms) and runs `teardown` there; returns at once.
+    func stop(then teardown: @escaping Teardown) {
+        state.withLock { s in
+            guard !s.stopped else { return }
+            s.stopped = true
+            s.teardown = teardown
         }
-        if first { done.wait() }
     }
 }
 

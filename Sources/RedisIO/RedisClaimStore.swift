@@ -23,14 +23,19 @@ public final class RedisClaimStore: ClaimStore {
     /// Called after each operation's round trip(s) with the script name (`claim`, `confirm`, ...)
     /// and how long it took, for metrics. Default: none.
     private let onRoundTrip: (@Sendable (String, Duration) -> Void)?
+    /// Called when an operation's pipeline is sent, with its script name; the closure it returns
+    /// is called once the answers are in (the worker's record of what is in flight). Default: none.
+    private let onSend: (@Sendable (String) -> @Sendable () -> Void)?
 
     public init(
         connection: RedisConnection, maxKeysPerScript: Int = 1000, logger: Logger,
+        onSend: (@Sendable (_ op: String) -> @Sendable () -> Void)? = nil,
         onRoundTrip: (@Sendable (_ op: String, _ duration: Duration) -> Void)? = nil
     ) {
         self.connection = connection
         self.maxKeysPerScript = max(1, maxKeysPerScript)
         self.logger = logger
+        self.onSend = onSend
         self.onRoundTrip = onRoundTrip
     }
 
@@ -252,11 +257,15 @@ public final class RedisClaimStore: ClaimStore {
         if plan.chunks.isEmpty { return Request { [] } }
         let parse = Self.chunkParser(element)
         let started = ContinuousClock.now
+        let answered = onSend?(script.name)
         let first = connection.send({ plan.evalsha(sha, plan.chunks.indices) }, parse: parse)
         return Request { [self] in
             // The duration of the round trip(s), not of the caller's work before it awaited them.
             var reloaded = false
-            defer { onRoundTrip?(script.name, (reloaded ? .now : first.answeredAt ?? .now) - started) }
+            defer {
+                answered?()
+                onRoundTrip?(script.name, (reloaded ? .now : first.answeredAt ?? .now) - started)
+            }
             var replies = try await first.value()
             let missing = replies.indices.filter {
                 if case .error(let text) = replies[$0] { return text.hasPrefix("NOSCRIPT") }

@@ -1,7 +1,8 @@
-import FlyingFox
-import FlyingSocks
 import Foundation
 import Logging
+import NIOCore
+import NIOHTTP1
+import NIOPosix
 import Prometheus
 import ServiceLifecycle
 import Synchronization
@@ -10,79 +11,121 @@ import Synchronization
 /// is alive) and `/readyz` (partitions assigned and Redis reachable). A ServiceLifecycle `Service`
 /// that stops on graceful shutdown.
 ///
-/// FlyingFox rather than Hummingbird or Vapor: three GET routes do not need SwiftNIO, and FlyingFox
-/// has no dependencies (its own socket layer on the system's poll), so it adds seconds to a build
-/// where Hummingbird adds minutes to every CI run.
+/// Served by SwiftNIO on its own event-loop thread, never on Swift's cooperative pool: a worker
+/// whose cooperative threads are all blocked must still answer `/healthz` (with 503), or a
+/// liveness probe could not tell a stalled worker from a busy one. Every answer is computed from
+/// locked state in `WorkerTelemetry`, so nothing here awaits anything.
 public final class HTTPEndpoint: Service, Sendable {
-    public let port: UInt16
-    let server: HTTPServer
+    public let port: Int
     let logger: Logger
     let registry: PrometheusCollectorRegistry
     let telemetry: WorkerTelemetry
-    let stopping: Stopping
+    private let listening = Mutex<(channel: (any Channel)?, waiters: [CheckedContinuation<Void, Never>])>((nil, []))
 
     public init(port: Int, registry: PrometheusCollectorRegistry, telemetry: WorkerTelemetry, logger: Logger) {
-        self.port = UInt16(port)
+        self.port = port
         self.logger = logger
-        stopping = Stopping()
-        server = HTTPServer(address: .inet(port: UInt16(port)), timeout: 15, logger: FlyingFoxToSwiftLog(logger: logger, stopping: stopping))
         self.registry = registry
         self.telemetry = telemetry
     }
 
-    static func text(_ result: (ok: Bool, detail: String)) -> HTTPResponse {
-        HTTPResponse(
-            statusCode: result.ok ? .ok : .serviceUnavailable, headers: [.contentType: "text/plain; charset=utf-8"],
-            body: Data((result.detail + "\n").utf8))
+    /// The answer to one GET, computed on the event loop.
+    static func answer(path: String, registry: PrometheusCollectorRegistry, telemetry: WorkerTelemetry)
+        -> (status: HTTPResponseStatus, contentType: String, body: [UInt8])
+    {
+        func text(_ result: (ok: Bool, detail: String)) -> (HTTPResponseStatus, String, [UInt8]) {
+            (result.ok ? .ok : .serviceUnavailable, "text/plain; charset=utf-8", Array((result.detail + "\n").utf8))
+        }
+        switch path.split(separator: "?", maxSplits: 1).first.map(String.init) ?? path {
+        case "/metrics": return (.ok, "text/plain; version=0.0.4; charset=utf-8", registry.emitToBuffer())
+        case "/healthz": return text(telemetry.liveness())
+        case "/readyz": return text(telemetry.readiness())
+        default: return (.notFound, "text/plain; charset=utf-8", Array("not found: /metrics, /healthz, /readyz\n".utf8))
+        }
     }
 
     public func run() async throws {
         let (registry, telemetry) = (self.registry, self.telemetry)
-        await server.appendRoute("GET /metrics") { _ in
-            HTTPResponse(
-                statusCode: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
-                body: Data(registry.emitToBuffer()))
-        }
-        await server.appendRoute("GET /healthz") { _ in Self.text(telemetry.liveness()) }
-        await server.appendRoute("GET /readyz") { _ in Self.text(telemetry.readiness()) }
-        logger.info("http endpoint listening", metadata: ["http.port": "\(port)", "http.paths": "/metrics,/healthz,/readyz"])
-        try await withGracefulShutdownHandler {
-            do {
-                try await server.run()
-            } catch {
-                // Closing the listening socket at shutdown ends `run` with CancellationError or
-                // SocketError.disconnected; that is the expected way out, not a failure.
-                if !(error is CancellationError) && !stopping.value.load(ordering: .relaxed) { throw error }
+        let bootstrap = ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .serverChannelOption(.backlog, value: 64)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
+                    try channel.pipeline.syncOperations.addHandler(Responder(registry: registry, telemetry: telemetry))
+                }
             }
-        } onGracefulShutdown: { [server, stopping] in
-            stopping.value.store(true, ordering: .relaxed)
-            Task { await server.stop(timeout: 1) }
+        // "::" takes IPv6 and, on a dual-stack host, IPv4 too; a host without IPv6 gets 0.0.0.0.
+        let channel: any Channel
+        do {
+            channel = try await bootstrap.bind(host: "::", port: port).get()
+        } catch {
+            channel = try await bootstrap.bind(host: "0.0.0.0", port: port).get()
+        }
+        let waiters = listening.withLock { state in
+            state.channel = channel
+            defer { state.waiters = [] }
+            return state.waiters
+        }
+        for w in waiters { w.resume() }
+        logger.info("http endpoint listening", metadata: ["http.port": "\(port)", "http.paths": "/metrics,/healthz,/readyz"])
+        await withGracefulShutdownHandler {
+            try? await channel.closeFuture.get()
+        } onGracefulShutdown: {
+            channel.close(promise: nil)
         }
     }
 
     /// Waits until the socket accepts connections (tests).
-    public func waitUntilListening() async throws { try await server.waitUntilListening(timeout: 10) }
-}
-
-/// Set once shutdown began: the listening socket's closing is then expected, not an error.
-final class Stopping: Sendable {
-    let value = Atomic(false)
-}
-
-/// FlyingFox's log lines go to the operational log at debug (connection chatter) or warning;
-/// its "server error" when the socket closes at shutdown is debug too.
-struct FlyingFoxToSwiftLog: FlyingSocks.Logging {
-    let logger: Logger
-    let stopping: Stopping
-    var quiet: Bool { stopping.value.load(ordering: .relaxed) }
-    func logDebug(_ debug: @autoclosure () -> String) { logger.debug("\(debug())", metadata: ["http": "flyingfox"]) }
-    func logInfo(_ info: @autoclosure () -> String) { logger.debug("\(info())", metadata: ["http": "flyingfox"]) }
-    func logWarning(_ warning: @autoclosure () -> String) { logger.warning("\(warning())", metadata: ["http": "flyingfox"]) }
-    func logError(_ error: @autoclosure () -> String) {
-        logger.log(level: quiet ? .debug : .error, "\(error())", metadata: ["http": "flyingfox"])
+    public func waitUntilListening() async {
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            let ready = listening.withLock { state -> Bool in
+                if state.channel != nil { return true }
+                state.waiters.append(c)
+                return false
+            }
+            if ready { c.resume() }
+        }
     }
-    func logCritical(_ critical: @autoclosure () -> String) {
-        logger.log(level: quiet ? .debug : .error, "\(critical())", metadata: ["http": "flyingfox"])
+
+    /// Answers each request as its end arrives; the connection stays open for the next one.
+    final class Responder: ChannelInboundHandler {
+        typealias InboundIn = HTTPServerRequestPart
+        typealias OutboundOut = HTTPServerResponsePart
+        let registry: PrometheusCollectorRegistry
+        let telemetry: WorkerTelemetry
+        private var head: HTTPRequestHead?
+
+        init(registry: PrometheusCollectorRegistry, telemetry: WorkerTelemetry) {
+            self.registry = registry
+            self.telemetry = telemetry
+        }
+
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            switch unwrapInboundIn(data) {
+            case .head(let h): head = h
+            case .body: break
+            case .end:
+                guard let h = head else { return }
+                let (status, contentType, body) = h.method == .GET || h.method == .HEAD
+                    ? HTTPEndpoint.answer(path: h.uri, registry: registry, telemetry: telemetry)
+                    : (.methodNotAllowed, "text/plain; charset=utf-8", Array("GET only\n".utf8))
+                var headers = HTTPHeaders()
+                headers.add(name: "Content-Type", value: contentType)
+                headers.add(name: "Content-Length", value: String(body.count))
+                if !h.isKeepAlive { headers.add(name: "Connection", value: "close") }
+                let keepAlive = h.isKeepAlive
+                context.write(wrapOutboundOut(.head(HTTPResponseHead(version: h.version, status: status, headers: headers))), promise: nil)
+                if h.method != .HEAD {
+                    context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(bytes: body)))), promise: nil)
+                }
+                let done = context.writeAndFlush(wrapOutboundOut(.end(nil)))
+                if !keepAlive {
+                    let channel = context.channel
+                    done.whenComplete { _ in channel.close(promise: nil) }
+                }
+            }
+        }
     }
 }
 

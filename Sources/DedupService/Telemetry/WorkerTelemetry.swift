@@ -113,6 +113,8 @@ public final class WorkerTelemetry: Sendable {
     let instruments: Instruments
     let health: Mutex<Health>
     let stallTimeout: Duration
+    /// Rounds, handler calls and Redis requests in flight, for the watchdog's stall report.
+    public let inFlightLedger = InFlightLedger()
     let inFlight = Atomic<Int>(0)
     let inFlightPeak = Atomic<Int>(0)
     let roundTrips = Mutex(RoundTripSamples())
@@ -332,14 +334,22 @@ struct CountingHandler: BatchHandler {
         guard let batch = base as? any BatchHandler else { throw NotABatchHandler() }
         let start = ContinuousClock.now
         telemetry.handlersStarted(1)
-        defer { telemetry.handlersFinished(1, timed: round.count, after: ContinuousClock.now - start) }
+        let token = telemetry.inFlightLedger.begin(.handler, now: start)
+        defer {
+            telemetry.inFlightLedger.end(token)
+            telemetry.handlersFinished(1, timed: round.count, after: ContinuousClock.now - start)
+        }
         try await batch.handleBatch(round)
     }
 
     func handle(_ dispatch: Dispatch) async throws {
         let start = ContinuousClock.now
         telemetry.handlerStarted()
-        defer { telemetry.handlerFinished(after: ContinuousClock.now - start) }
+        let token = telemetry.inFlightLedger.begin(.handler, now: start)
+        defer {
+            telemetry.inFlightLedger.end(token)
+            telemetry.handlerFinished(after: ContinuousClock.now - start)
+        }
         try await base.handle(dispatch)
     }
 

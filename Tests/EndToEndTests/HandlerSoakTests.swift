@@ -1,0 +1,192 @@
+import Foundation
+import KafkaIO
+import Synchronization
+import Testing
+import TestSupport
+
+/// Soaks of the built-in handlers against misbehaving receivers, each run several times in a row
+/// (a deadlock that shows one time in five is still a deadlock). The real `dedupd` binary runs
+/// as a user would; what arrived is counted on the receiving side.
+@Suite(.serialized) struct HandlerSoakTests {
+    /// Runs per soak and concurrency.
+    static let runs = 3
+    /// Sent messages; with 30% repeats, a little over 3,000 unique ids.
+    static let sent = 4_400
+
+    /// Mock Kafka in its own process, a real redis-server, and `sent` submissions on `submissions:6`.
+    struct Rig {
+        let dir: TemporaryDirectory
+        let redis: RedisServerProcess
+        let mock: DedupdProcess
+        let bootstrap: String
+        let unique: Int
+
+        init(name: String, extraTopics: [String] = []) throws {
+            dir = try TemporaryDirectory(prefix: "dedupd-soak-\(name)")
+            redis = try RedisServerProcess(appendFsync: "everysec")
+            mock = try DedupdProcess(
+                ["mock-kafka", "--brokers", "3", "--topic", "submissions:6"] + extraTopics.flatMap { ["--topic", $0] },
+                name: "mock-kafka", in: dir, stdin: true)
+            bootstrap = try mock.firstLine(timeout: .seconds(20))
+            let produce = try DedupdProcess(
+                ["produce", "--bootstrap-servers", bootstrap, "--topic", "submissions", "--count", "\(HandlerSoakTests.sent)",
+                 "--duplicate-ratio", "0.3", "--seed", "\(name.utf8.reduce(7) { $0 &* 31 &+ UInt64($1) })"],
+                name: "produce", in: dir)
+            guard try produce.wait(timeout: .seconds(60)) == 0,
+                let match = produce.stdout.firstMatch(of: /unique=(\d+)/), let unique = Int(match.1)
+            else { throw TestSupportError("produce failed: \(produce.stdout) \(produce.stderr)") }
+            self.unique = unique
+        }
+
+        /// `dedupd run` with `handler` (YAML lines under `handler:`), until idle.
+        func runWorker(group: String, handler: String) throws -> (status: Int32, log: String, elapsed: Duration) {
+            let config = dir.file("\(group).yaml")
+            try """
+            kafka:
+              bootstrap_servers: "\(bootstrap)"
+              topics: submissions
+              group: \(group)
+            redis:
+              url: "\(redis.url)"
+            dedup:
+              key: header:message-id
+              window: 200ms
+            handler:
+            \(handler)
+            run:
+              stop_when_idle: 3s
+            log:
+              stats_interval: 1s
+            """.write(to: config, atomically: true, encoding: .utf8)
+            let started = ContinuousClock.now
+            let worker = try DedupdProcess(["run", "--config", config.path], name: group, in: dir)
+            let status = try worker.wait(timeout: .seconds(240))
+            return (status, worker.stderr, ContinuousClock.now - started)
+        }
+
+        /// Every partition of the input topic committed to its end.
+        func expectCommitted(group: String) async throws {
+            let progress = try await KafkaConsumer.groupProgress(bootstrapServers: bootstrap, groupID: group, topic: "submissions")
+            #expect(progress.count == 6)
+            for p in progress { #expect(p.isCaughtUp, "\(group) partition \(p.partition): committed \(p.committed), end \(p.high)") }
+        }
+    }
+
+    /// The longest time between two stats lines (and from the first log line to the first stats line).
+    static func longestStatsGap(_ log: String) -> Double {
+        var times: [Double] = []
+        for line in log.split(separator: "\n") {
+            guard let ts = line.firstMatch(of: /ts=(\S+)/).flatMap({ timestamp(String($0.1)) }) else { continue }
+            if times.isEmpty || line.contains("msg=stats ") { times.append(ts) }
+        }
+        return zip(times, times.dropFirst()).map { $1 - $0 }.max() ?? .infinity
+    }
+
+    // MARK: http
+
+    @Test(.timeLimit(.minutes(20)), arguments: [4, 16])
+    func httpHandlerAgainstAFlakyWebhook(concurrency: Int) async throws {
+        for run in 1...Self.runs {
+            let rig = try Rig(name: "http-\(concurrency)-\(run)")
+            let webhook = try await FlakyWebhook(seed: UInt64(run * 100 + concurrency), slowDelay: .milliseconds(700))
+            let (status, log, elapsed) = try rig.runWorker(group: "soak-http", handler: """
+                  type: http
+                  url: "\(webhook.url)"
+                  timeout: 300ms
+                  concurrency: \(concurrency)
+                  max_attempts: 15
+                  backoff: 20ms
+                """)
+            await webhook.stop()
+            #expect(status == 0, "worker exited \(status): \(log.suffix(3000))")
+
+            let records = webhook.all
+            let byKey = Dictionary(grouping: records, by: \.key)
+            let okFates: Set<FlakyWebhook.Fate> = [.ok, .okThenClose]
+            let delivered = byKey.filter { $0.value.contains { okFates.contains($0.fate) } }
+            // A 2xx the worker saw: exactly one per id. A slow 200 came after the worker gave up.
+            let twice = byKey.filter { $0.value.filter { okFates.contains($0.fate) }.count > 1 }
+            let keysPerMessage = Dictionary(grouping: records, by: { "\($0.partition)/\($0.offset)" }).mapValues { Set($0.map(\.key)) }
+            let gap = Self.longestStatsGap(log)
+            #expect(delivered.count == rig.unique, "every unique id delivered with a 2xx: \(delivered.count) of \(rig.unique)")
+            #expect(Set(byKey.keys) == Set((0..<rig.unique).map { "ord-\($0)" }), "only the unique ids, all of them")
+            #expect(twice.isEmpty, "ids answered 2xx twice: \(twice.keys.sorted().prefix(10))")
+            #expect(keysPerMessage.values.allSatisfy { $0.count == 1 }, "one Idempotency-Key per message on every attempt")
+            #expect(gap < 5, "stats lines kept coming: longest gap \(gap) s")
+            try await rig.expectCommitted(group: "soak-http")
+            let fates = Dictionary(grouping: records, by: \.fate).mapValues(\.count)
+            print(
+                "soak http concurrency=\(concurrency) run=\(run): unique=\(rig.unique) attempts=\(records.count) delivered=\(delivered.count) "
+                    + "duplicate_2xx=\(twice.count) slow_2xx=\(fates[.slow] ?? 0) resets=\(fates[.reset] ?? 0) "
+                    + "throttled=\(fates[.throttled] ?? 0) 5xx=\((fates[.serverError] ?? 0) + (fates[.unavailable] ?? 0)) "
+                    + "longest_stats_gap=\(String(format: "%.1f", gap))s elapsed=\(elapsed)")
+            rig.mock.terminate()
+        }
+    }
+
+    // MARK: exec
+
+    /// Commands that exit non-zero, hang past the timeout, and hang ignoring SIGTERM, on a first
+    /// or second attempt; a success appends `key partition offset` to a file.
+    @Test(.timeLimit(.minutes(20)), arguments: [4, 16])
+    func execHandlerAgainstFailingAndHangingCommands(concurrency: Int) async throws {
+        for run in 1...Self.runs {
+            let rig = try Rig(name: "exec-\(concurrency)-\(run)")
+            let done = rig.dir.file("done.txt")
+            let script = rig.dir.file("handler.sh")
+            // The key's last digit picks the misbehaviour of the first attempt; 1 in 10 of those
+            // whose second-to-last digit is 0 also hang (exercising the timeout, 2% of ids).
+            try """
+            #!/bin/sh
+            cat > /dev/null
+            n=${DEDUPD_KEY##*-}
+            last=${n#${n%?}}
+            tens=$(( (n / 10) % 10 ))
+            if [ "$DEDUPD_ATTEMPT" = 1 ]; then
+              case "$last" in
+                1|4) exit 3 ;;
+                2) [ "$tens" = 0 ] && { trap '' TERM; sleep 5; } ; exit 75 ;;
+                3) [ "$tens" = 0 ] && sleep 5 ; exit 1 ;;
+              esac
+            fi
+            echo "$DEDUPD_KEY $DEDUPD_PARTITION $DEDUPD_OFFSET" >> "\(done.path)"
+            """.write(to: script, atomically: true, encoding: .utf8)
+            let (status, log, elapsed) = try rig.runWorker(group: "soak-exec", handler: """
+                  type: exec
+                  command: "sh \(script.path)"
+                  timeout: 300ms
+                  concurrency: \(concurrency)
+                  max_attempts: 5
+                  backoff: 20ms
+                """)
+            #expect(status == 0, "worker exited \(status): \(log.suffix(3000))")
+            let lines = ((try? String(contentsOf: done, encoding: .utf8)) ?? "").split(separator: "\n")
+            let keys = lines.map { String($0.split(separator: " ")[0]) }
+            let counts = Dictionary(grouping: keys, by: { $0 }).mapValues(\.count)
+            let gap = Self.longestStatsGap(log)
+            #expect(Set(keys) == Set((0..<rig.unique).map { "ord-\($0)" }), "every unique id succeeded: \(Set(keys).count) of \(rig.unique)")
+            #expect(counts.values.allSatisfy { $0 == 1 }, "no id succeeded twice: \(counts.filter { $0.value > 1 }.keys.sorted().prefix(10))")
+            #expect(gap < 5, "stats lines kept coming: longest gap \(gap) s")
+            try await rig.expectCommitted(group: "soak-exec")
+            // No command is left behind: the hung ones were killed with their process group.
+            let leftover = try shell("pgrep -f '\(script.path)' | wc -l").trimmingCharacters(in: .whitespacesAndNewlines)
+            #expect(leftover == "0", "commands still running after the worker exited: \(leftover)")
+            print("soak exec concurrency=\(concurrency) run=\(run): unique=\(rig.unique) succeeded=\(counts.count) "
+                  + "duplicate_successes=\(counts.values.filter { $0 > 1 }.count) longest_stats_gap=\(String(format: "%.1f", gap))s elapsed=\(elapsed)")
+            rig.mock.terminate()
+        }
+    }
+}
+
+/// Runs `command` with /bin/sh and returns its stdout.
+func shell(_ command: String) throws -> String {
+    let p = Process()
+    let out = Pipe()
+    p.executableURL = URL(fileURLWithPath: "/bin/sh")
+    p.arguments = ["-c", command]
+    p.standardOutput = out
+    try p.run()
+    let data = out.fileHandleForReading.readDataToEndOfFile()
+    p.waitUntilExit()
+    return String(decoding: data, as: UTF8.self)
+}
