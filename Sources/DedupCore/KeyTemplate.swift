@@ -278,8 +278,8 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
 
     /// `raw`'s hash, taken once: the engine looks a key up in several dictionaries per message,
     /// and hashing the string each time (SipHash over every byte, then Hasher's set-up and
-    /// finalization) was about 6% of the worker's CPU in perf. Process-local (Swift seeds string
-    /// hashing per process), like every `hashValue`.
+    /// finalization) shows in the worker's profile. Process-local (Swift seeds string hashing
+    /// per process), like every `hashValue`.
     private let rawHash: Int
 
     public static let maxRawLength = 200

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Bench
 import DedupCore
 import DedupService
 import Foundation
@@ -84,26 +85,7 @@ struct Run: AsyncParsableCommand {
     func run() async throws {
         let config = try options.load()
         OperationalLog.bootstrap(level: config.logLevel, format: config.logFormat)
-        let logger = Logger(label: "dedupd")
-        let (registry, factory) = PrometheusSetup.make()
-        let telemetry = WorkerTelemetry(
-            factory: factory, statsInterval: config.statsInterval, stallTimeout: config.loopStallTimeout, logger: logger)
-        let worker = try Worker(config: config, logger: logger, telemetry: telemetry)
-        var services: [ServiceGroupConfiguration.ServiceConfiguration] = []
-        // Listed first so it stops last: /readyz says "shutting down" while the worker drains.
-        if let port = config.httpPort {
-            services.append(.init(service: HTTPEndpoint(port: port, registry: registry, telemetry: telemetry, logger: logger)))
-        }
-        services.append(.init(service: worker, successTerminationBehavior: .gracefullyShutdownGroup))
-        var groupConfig = ServiceGroupConfiguration(
-            services: services,
-            gracefulShutdownSignals: [.sigterm, .sigint],
-            logger: logger)
-        // Past the deadline, in-flight handlers are cancelled; their messages stay uncommitted.
-        groupConfig.maximumGracefulShutdownDuration = config.shutdownDeadline
-        let escalation = SignalEscalation(logger: logger)
-        try await ServiceGroup(configuration: groupConfig).run()
-        withExtendedLifetime(escalation) {}
+        try await Worker.runService(config: config)
     }
 }
 
@@ -247,12 +229,12 @@ struct Demo: AsyncParsableCommand {
 
     func run() async throws {
         OperationalLog.bootstrap(level: logLevel, format: "logfmt")
-        var options = DedupService.Demo.Options()
+        var options = LocalDemo.Options()
         options.count = count
         options.duplicateRatio = duplicateRatio
         options.redisURL = redisUrl
-        let summary = try await DedupService.Demo.run(options, logger: Logger(label: "dedupd.demo"))
-        print(DedupService.Demo.render(summary))
+        let summary = try await LocalDemo.run(options, logger: Logger(label: "dedupd.demo"))
+        print(LocalDemo.render(summary))
         if !summary.isExact { throw ExitCode(1) }
     }
 }

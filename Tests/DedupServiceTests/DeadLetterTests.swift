@@ -1,8 +1,10 @@
 import DedupCore
 import Foundation
 import KafkaIO
+import LocalServers
 import RedisIO
 import Testing
+import TestSupport
 
 @testable import DedupService
 

@@ -1,9 +1,11 @@
 import DedupCore
 import Foundation
 import KafkaIO
+import LocalServers
 import RedisIO
 import Synchronization
 import Testing
+import TestSupport
 
 @testable import DedupService
 

@@ -1,10 +1,11 @@
 import DedupCore
 import Foundation
 import KafkaIO
+import LocalServers
 import Logging
 import RedisIO
-import Testing
 import TestSupport
+import Testing
 
 let adminQuiet = Logger(label: "admin-tests") { _ in SwiftLogNoOpLogHandler() }
 

@@ -1,9 +1,10 @@
 import DedupCore
 import Foundation
 import KafkaIO
+import LocalServers
 import Logging
-import Testing
 import TestSupport
+import Testing
 
 /// The built `dedupd` executable, next to the test bundle in the build products directory.
 func dedupdBinary() throws -> URL {

@@ -1,8 +1,9 @@
 import Foundation
 import KafkaIO
+import LocalServers
 import RedisIO
-import Testing
 import TestSupport
+import Testing
 
 /// The promises under failure (DESIGN.md "What the product promises"), checked from the handler
 /// side: three `dedupd run` workers in one group, killed and restarted while a producer sends

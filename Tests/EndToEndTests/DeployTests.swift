@@ -1,7 +1,8 @@
 import DedupCore
 import Foundation
-import Testing
+import LocalServers
 import TestSupport
+import Testing
 import Yams
 
 /// Static checks of deploy/ (no Docker engine runs here): config files pass `dedupd check-config`,

@@ -1,7 +1,8 @@
 import Foundation
 import KafkaIO
-import Testing
+import LocalServers
 import TestSupport
+import Testing
 
 /// Runs the real `dedupd` binary as a user would: mock Kafka in its own process, a real
 /// redis-server, the producer, and two workers in one group; then checks from the handler side.

@@ -1,9 +1,10 @@
-import Foundation
 import DedupCore
+import Foundation
 import KafkaIO
+import LocalServers
 import RedisIO
-import Testing
 import TestSupport
+import Testing
 
 /// Shutdown and store outages, seen from outside the binary as an operator sees them.
 @Suite(.serialized) struct FailureTests {

@@ -1,8 +1,9 @@
 import Foundation
 import KafkaIO
+import LocalServers
 import Synchronization
-import Testing
 import TestSupport
+import Testing
 
 /// Soaks of the built-in handlers against misbehaving receivers, each run several times in a row
 /// (a deadlock that shows one time in five is still a deadlock). The real `dedupd` binary runs

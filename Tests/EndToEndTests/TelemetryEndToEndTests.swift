@@ -1,5 +1,6 @@
 import DedupCore
 import Foundation
+import LocalServers
 #if canImport(FoundationNetworking)
 import FoundationNetworking
 #endif

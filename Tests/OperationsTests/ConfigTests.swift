@@ -1,7 +1,9 @@
 import DedupCore
+import DedupService
 import Foundation
-import Testing
+import LocalServers
 import TestSupport
+import Testing
 import Yams
 
 /// Configuration as an operator meets it: three sources, every validation message, secrets.

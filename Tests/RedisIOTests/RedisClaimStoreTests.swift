@@ -1,5 +1,6 @@
 import DedupCore
 import Foundation
+import LocalServers
 import Synchronization
 import Testing
 @testable import RedisIO

@@ -1,4 +1,5 @@
 import DedupCore
+import LocalServers
 import Testing
 @testable import RedisIO
 import TestSupport
