@@ -26,8 +26,8 @@ public struct WorkerConfiguration: Sendable {
     public var deadLetterTimeout: Duration
     public var stopWhenIdle: Duration?
     public var shutdownDeadline: Duration
-    public var logLevel: String
-    public var logFormat: String
+    public var logLevel: LogLevel
+    public var logFormat: LogFormat
     public var statsInterval: Duration
     /// `redis.password`, or the contents of `redis.password_file` once `ConfigLoader` read it.
     public var redisPassword: String?
@@ -81,8 +81,8 @@ public struct WorkerConfiguration: Sendable {
         routes = try Self.parseRoutes(r, defaults: dedup)
         stopWhenIdle = try r.optionalDuration("run.stop_when_idle")
         shutdownDeadline = try r.duration("run.shutdown_deadline")
-        logLevel = try r.choice("log.level")
-        logFormat = try r.choice("log.format")
+        logLevel = LogLevel(rawValue: try r.choice("log.level"))!
+        logFormat = LogFormat(rawValue: try r.choice("log.format"))!
         statsInterval = try r.duration("log.stats_interval", allowZero: true)
         redisPassword = r.optional("redis.password")
         redisPasswordFile = r.optional("redis.password_file")

@@ -161,7 +161,7 @@ struct Produce: AsyncParsableCommand {
     }
 
     func run() async throws {
-        OperationalLog.bootstrap(level: "warning", format: "logfmt")
+        OperationalLog.bootstrap(level: .warning, format: .logfmt)
         let report = try await SubmissionProducer.run(
             bootstrapServers: bootstrapServers, topic: topic, count: count, duplicateRatio: duplicateRatio,
             idPrefix: idPrefix, seed: seed, rate: rate, logger: Logger(label: "dedupd.produce"))
@@ -188,7 +188,7 @@ struct MockKafka: AsyncParsableCommand {
     @Option(help: "Topic to create, NAME or NAME:PARTITIONS; repeatable.") var topic: [String] = []
 
     func run() async throws {
-        OperationalLog.bootstrap(level: "warning", format: "logfmt")
+        OperationalLog.bootstrap(level: .warning, format: .logfmt)
         let logger = Logger(label: "dedupd.mock-kafka")
         let cluster = try MockKafkaCluster.make(brokers: brokers, logger: logger)
         for spec in topic {
@@ -225,10 +225,10 @@ struct Demo: AsyncParsableCommand {
     @Option(help: "Submissions to send.") var count: Int = 10_000
     @Option(help: "Fraction of repeats (0...1).") var duplicateRatio: Double = 0.3
     @Option(help: "Use this Redis instead of starting a local redis-server.") var redisUrl: String?
-    @Option(help: "Operational log level.") var logLevel: String = "notice"
+    @Option(help: "Operational log level.") var logLevel: LogLevel = .notice
 
     func run() async throws {
-        OperationalLog.bootstrap(level: logLevel, format: "logfmt")
+        OperationalLog.bootstrap(level: logLevel, format: .logfmt)
         var options = LocalDemo.Options()
         options.count = count
         options.duplicateRatio = duplicateRatio
@@ -299,7 +299,7 @@ struct Token: AsyncParsableCommand {
                 throw ValidationError("--ttl must be a duration such as 30s, 15m, 24h, got \(self.ttl)")
             }
             guard count > 0 else { throw ValidationError("--count must be greater than 0, got \(count)") }
-            OperationalLog.bootstrap(level: "warning", format: "logfmt")
+            OperationalLog.bootstrap(level: .warning, format: .logfmt)
             let config = try options.load()
             let store = try await options.connectStore(config)
             let issuer = TokenIssuer(store: store, namespace: config.namespace)
@@ -334,7 +334,7 @@ struct Bench: AsyncParsableCommand {
     }
 
     func run() async throws {
-        OperationalLog.bootstrap(level: "notice", format: "logfmt")
+        OperationalLog.bootstrap(level: .notice, format: .logfmt)
         let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
         var options = Benchmark.Options(executable: exe)
         options.count = count
@@ -428,7 +428,7 @@ struct Inspect: AsyncParsableCommand {
     func validate() throws { if keys.isEmpty { throw ValidationError("give at least one key") } }
 
     func run() async throws {
-        OperationalLog.bootstrap(level: "warning", format: "logfmt")
+        OperationalLog.bootstrap(level: .warning, format: .logfmt)
         let (store, dedupKeys) = try await options.open(keys)
         let states = try await store.inspect(dedupKeys.map(\.storeKey))
         for (key, state) in zip(dedupKeys, states) {
@@ -455,7 +455,7 @@ struct Forget: AsyncParsableCommand {
     func validate() throws { if keys.isEmpty { throw ValidationError("give at least one key") } }
 
     func run() async throws {
-        OperationalLog.bootstrap(level: "warning", format: "logfmt")
+        OperationalLog.bootstrap(level: .warning, format: .logfmt)
         let (store, dedupKeys) = try await options.open(keys)
         let results = try await store.forget(dedupKeys.map(\.storeKey), force: force)
         var kept = 0
@@ -502,7 +502,7 @@ struct DLQ: AsyncParsableCommand {
         }
 
         func run() async throws {
-            OperationalLog.bootstrap(level: "warning", format: "logfmt")
+            OperationalLog.bootstrap(level: .warning, format: .logfmt)
             let config = try options.load()
             guard let bootstrap = config.bootstrapServers else {
                 throw ValidationError("kafka.bootstrap_servers is required (--bootstrap-servers, DEDUPD_KAFKA_BOOTSTRAP_SERVERS or the file)")
@@ -518,3 +518,5 @@ struct DLQ: AsyncParsableCommand {
         }
     }
 }
+
+extension LogLevel: ExpressibleByArgument {}
