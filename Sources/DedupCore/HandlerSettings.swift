@@ -1,15 +1,30 @@
 /// What a worker does with the messages of one route (the `handler.*` keys).
 public struct HandlerSettings: Sendable, Equatable {
-    /// `log`, `kafka`, `http` or `exec`.
-    public var type: String
-    /// `log`: file to append to, `-` for stdout.
-    public var output: String
-    /// `kafka`: the topic to forward to.
-    public var topic: String?
-    /// `http`: the URL to POST to.
-    public var url: String?
-    /// `exec`: the shell command.
-    public var command: String?
+    /// The built-in handler kinds (`handler.type`), each with what it cannot do without.
+    public enum Kind: Sendable, Equatable {
+        /// Appends a JSON line per message to `output` (`-`: stdout).
+        case log(output: String)
+        /// Forwards each message to `topic` on the worker's cluster.
+        case kafka(topic: String)
+        /// POSTs each message's value to `url`.
+        case http(url: String)
+        /// Runs `command` with `/bin/sh -c`, the message on stdin.
+        case exec(command: String)
+
+        /// The `handler.type` value.
+        public var name: String {
+            switch self {
+            case .log: "log"
+            case .kafka: "kafka"
+            case .http: "http"
+            case .exec: "exec"
+            }
+        }
+    }
+
+    public var kind: Kind
+    /// `handler.type`: `log`, `kafka`, `http` or `exec`.
+    public var type: String { kind.name }
     /// `http`: extra headers as written (`NAME=VALUE`, `NAME=env:VAR`, `NAME=file:PATH`), resolved
     /// when the handler is made so a secret never sits in the configuration's printable values.
     public var headers: [String]
@@ -24,17 +39,13 @@ public struct HandlerSettings: Sendable, Equatable {
     public var maxAttempts: Int
     public var backoff: Backoff
 
+    /// Every value is given: the defaults are the schema's (`ConfigSchema.keys`), applied when
+    /// the configuration is read.
     public init(
-        type: String = "log", output: String = "-", topic: String? = nil, url: String? = nil, command: String? = nil,
-        headers: [String] = [], tlsCAFile: String? = nil, tlsCertFile: String? = nil, tlsKeyFile: String? = nil,
-        timeout: Duration = .seconds(10), maxElapsed: Duration = .seconds(120), concurrency: Int = 4, maxAttempts: Int = 5,
-        backoff: Backoff = Backoff()
+        kind: Kind, headers: [String], tlsCAFile: String?, tlsCertFile: String?, tlsKeyFile: String?,
+        timeout: Duration, maxElapsed: Duration, concurrency: Int, maxAttempts: Int, backoff: Backoff
     ) {
-        self.type = type
-        self.output = output
-        self.topic = topic
-        self.url = url
-        self.command = command
+        self.kind = kind
         self.headers = headers
         self.tlsCAFile = tlsCAFile
         self.tlsCertFile = tlsCertFile
@@ -49,11 +60,11 @@ public struct HandlerSettings: Sendable, Equatable {
     /// Routes whose handlers have the same identity share one handler instance (one file, one
     /// producer, one HTTP client); concurrency and retries stay per route.
     public var identity: String {
-        switch type {
-        case "kafka": "kafka \(topic ?? "") \(timeout)"
-        case "http": "http \(url ?? "") \(timeout) \(headers) \(tlsCAFile ?? "") \(tlsCertFile ?? "") \(tlsKeyFile ?? "")"
-        case "exec": "exec \(command ?? "") \(timeout)"
-        default: "log \(output)"
+        switch kind {
+        case .kafka(let topic): "kafka \(topic) \(timeout)"
+        case .http(let url): "http \(url) \(timeout) \(headers) \(tlsCAFile ?? "") \(tlsCertFile ?? "") \(tlsKeyFile ?? "")"
+        case .exec(let command): "exec \(command) \(timeout)"
+        case .log(let output): "log \(output)"
         }
     }
 }

@@ -99,16 +99,26 @@ public struct WorkerConfiguration: Sendable {
         loopStallTimeout = try r.duration("http.loop_stall_timeout")
     }
 
-    /// Each handler kind names what it needs; a key another kind needs is not an error (switching
+    /// The handler kind with what it needs; a key another kind needs is not an error (switching
     /// `handler.type` back and forth keeps working).
-    static func validateHandler(_ h: HandlerSettings, r: Reader) throws(ConfigError) {
-        switch h.type {
-        case "kafka" where h.topic == nil:
-            throw ConfigError(key: r.name("handler.topic"), value: nil, problem: "is required when handler.type is kafka")
-        case "http":
-            guard let url = h.url else {
-                throw ConfigError(key: r.name("handler.url"), value: nil, problem: "is required when handler.type is http")
+    static func parseHandlerKind(_ r: Reader) throws(ConfigError) -> HandlerSettings.Kind {
+        func required(_ key: String, _ type: String) throws(ConfigError) -> String {
+            guard let value = r.optional(key) else {
+                throw ConfigError(key: r.name(key), value: nil, problem: "is required when handler.type is \(type)")
             }
+            return value
+        }
+        switch try r.choice("handler.type") {
+        case "kafka": return .kafka(topic: try required("handler.topic", "kafka"))
+        case "http": return .http(url: try required("handler.url", "http"))
+        case "exec": return .exec(command: try required("handler.command", "exec"))
+        default: return .log(output: try r.string("handler.output"))
+        }
+    }
+
+    static func validateHandler(_ h: HandlerSettings, r: Reader) throws(ConfigError) {
+        switch h.kind {
+        case .http(let url):
             let lower = url.lowercased()
             guard lower.hasPrefix("http://") || lower.hasPrefix("https://"), url.count > "https://".count else {
                 throw r.fail("handler.url", "must be an http:// or https:// URL")
@@ -123,9 +133,7 @@ public struct WorkerConfiguration: Sendable {
                 throw ConfigError(key: r.name(h.tlsCertFile == nil ? "handler.tls_cert_file" : "handler.tls_key_file"), value: nil,
                                   problem: "is required when \(h.tlsCertFile == nil ? "handler.tls_key_file" : "handler.tls_cert_file") is set")
             }
-        case "exec" where h.command == nil:
-            throw ConfigError(key: r.name("handler.command"), value: nil, problem: "is required when handler.type is exec")
-        default:
+        case .log, .kafka, .exec:
             break
         }
     }
@@ -161,11 +169,7 @@ public struct WorkerConfiguration: Sendable {
             }
         }
         let handler = HandlerSettings(
-            type: try r.choice("handler.type"),
-            output: try r.string("handler.output"),
-            topic: r.optional("handler.topic"),
-            url: r.optional("handler.url"),
-            command: r.optional("handler.command"),
+            kind: try parseHandlerKind(r),
             headers: r.optional("handler.headers") == nil ? [] : try r.list("handler.headers"),
             tlsCAFile: r.optional("handler.tls_ca_file"),
             tlsCertFile: r.optional("handler.tls_cert_file"),
