@@ -20,11 +20,8 @@ public struct AdminConfiguration: Sendable {
         for layer in layers { merged.merge(layer) { _, new in new } }
         try ConfigSchema.rejectUnknownKeys(merged)
         let r = WorkerConfiguration.Reader(values: merged)
+        // Parsed (and so validated) by RedisIO's `RedisURL`, in `ConfigLoader`.
         redisURL = try r.string("redis.url")
-        guard redisURL.hasPrefix("redis://") else {
-            throw ConfigError(key: "redis.url", value: ConfigSchema.redact(redisURL), origin: merged["redis.url"]?.origin,
-                              problem: "must look like redis://[user:password@]host:port/db")
-        }
         redisPassword = r.optional("redis.password")
         redisPasswordFile = r.optional("redis.password_file")
         redisConnectTimeout = try r.duration("redis.connect_timeout")

@@ -220,18 +220,6 @@ extension ConfigSchema {
         return a.isEmpty ? b.count : prev[b.count]
     }
 
-    /// Whether a redis:// URL carries a password (`user:password@` or `:password@`).
-    public static func urlHasPassword(_ url: String) -> Bool { !passwordInURL(url).isEmpty }
-
-    static func passwordInURL(_ url: String) -> String {
-        guard let schemeEnd = url.range(of: "://"), let at = url.range(of: "@", options: .backwards),
-            at.lowerBound > schemeEnd.upperBound
-        else { return "" }
-        let userinfo = url[schemeEnd.upperBound..<at.lowerBound]
-        guard let colon = userinfo.firstIndex(of: ":") else { return "" }
-        return String(userinfo[userinfo.index(after: colon)...])
-    }
-
     /// Hides the password in a redis:// URL.
     public static func redact(_ url: String) -> String {
         guard let schemeEnd = url.range(of: "://"), let at = url.range(of: "@", options: .backwards),

@@ -56,11 +56,8 @@ public struct WorkerConfiguration: Sendable {
             props[String(name.dropFirst(ConfigSchema.kafkaPropertiesPrefix.count))] = value.text
         }
         kafkaProperties = props
+        // Parsed (and so validated) by RedisIO's `RedisURL`, in `ConfigLoader`.
         redisURL = try r.string("redis.url")
-        guard redisURL.hasPrefix("redis://") else {
-            throw ConfigError(key: "redis.url", value: ConfigSchema.redact(redisURL), origin: merged["redis.url"]?.origin,
-                              problem: "must look like redis://[user:password@]host:port/db")
-        }
         redisConnectTimeout = try r.duration("redis.connect_timeout")
         redisCommandTimeout = try r.duration("redis.command_timeout")
 
@@ -89,10 +86,6 @@ public struct WorkerConfiguration: Sendable {
         if redisPassword != nil, redisPasswordFile != nil {
             throw ConfigError(key: "redis.password_file", value: redisPasswordFile, origin: merged["redis.password_file"]?.origin,
                               problem: "set either redis.password or redis.password_file, not both")
-        }
-        if redisPassword != nil || redisPasswordFile != nil, ConfigSchema.urlHasPassword(redisURL) {
-            throw ConfigError(key: "redis.url", value: ConfigSchema.redact(redisURL), origin: merged["redis.url"]?.origin,
-                              problem: "holds a password and redis.password or redis.password_file is set too; give the password once")
         }
         httpPort = try r.optional("http.port").map { _ throws(ConfigError) in try r.count("http.port") }
         if let port = httpPort, port > 65535 { throw r.fail("http.port", "must be a port number from 1 to 65535") }
