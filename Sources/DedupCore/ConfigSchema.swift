@@ -231,3 +231,13 @@ extension ConfigSchema {
         return url[..<schemeEnd.upperBound] + redactedInfo + url[at.lowerBound...]
     }
 }
+
+extension ConfigSchema {
+    // A key's default as a typed value, for the initializers whose parameters default to it: each
+    // default is written once, in `keys`.
+
+    public static func defaultText(_ key: String) -> String { byName[key]!.defaultValue! }
+    public static func defaultDuration(_ key: String) -> Duration { DurationParser.parse(defaultText(key))! }
+    public static func defaultSize(_ key: String) -> Int { SizeParser.parse(defaultText(key))! }
+    public static func defaultCount(_ key: String) -> Int { Int(defaultText(key).replacingUnderscores())! }
+}

@@ -64,7 +64,8 @@ public struct DedupEngine: Sendable {
         public var maxAnswerWait: Duration
 
         public init(
-            batchSize: Int = 1000, handlerMaxBatch: Int = 500, failOpen: Bool = false, stopWhenIdle: Duration? = nil,
+            batchSize: Int = ConfigSchema.defaultCount("consumer.batch_size"),
+            handlerMaxBatch: Int = ConfigSchema.defaultCount("handler.max_batch"), failOpen: Bool = false, stopWhenIdle: Duration? = nil,
             deadLetters: Bool = false, maxPollWait: Duration = .milliseconds(100), maxAnswerWait: Duration = .milliseconds(50)
         ) {
             self.batchSize = batchSize
