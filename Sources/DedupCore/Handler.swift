@@ -42,6 +42,13 @@ public protocol BatchHandler: Handler {
     /// Takes every message of `round`, in order. Throwing means none of them was taken: the round
     /// then goes through `handle` one message at a time, with the usual retries.
     func handleBatch(_ round: [Dispatch]) async throws
+    /// Whether rounds go to `handleBatch` (a wrapper may take batches only when what it wraps
+    /// does). Default: true.
+    var takesBatches: Bool { get }
+}
+
+extension BatchHandler {
+    public var takesBatches: Bool { true }
 }
 
 /// Thrown by a handler when trying again cannot help (an HTTP 400, a command that says the input

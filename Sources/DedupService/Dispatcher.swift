@@ -31,8 +31,15 @@ struct Dispatcher: Sendable {
 
     func run(_ due: [Dispatch]) async -> [Result] {
         // One call for the whole round when the handler can take it so (no task or lock per message).
-        if let batch = handler as? any BatchHandler, (try? await batch.handleBatch(due)) != nil {
-            return Array(repeating: .success, count: due.count)
+        if let batch = handler as? any BatchHandler, batch.takesBatches {
+            do {
+                try await batch.handleBatch(due)
+                return Array(repeating: .success, count: due.count)
+            } catch {
+                logger.info(
+                    "handler failed the whole round, taking it message by message",
+                    metadata: ["dispatch.round": "\(due.count)", "error": "\(error)"])
+            }
         }
         let workers = min(concurrency, due.count)
         if workers <= 1 {

@@ -136,8 +136,8 @@ import Testing
         #expect(!m.matches(notJSON), "a message that is not JSON does not match a JSON condition")
         #expect(!m.matches(msg("1", offset: 0, topic: "orders", value: #"{"amount": 12.5}"#)), "no type header")
 
-        #expect(throws: RouteMatchError.self) { try RouteMatch(header: "no-equals-sign") }
-        #expect(throws: RouteMatchError.self) { try RouteMatch(json: "kind=refund") }
-        #expect(throws: RouteMatchError.self) { try RouteMatch() }
+        #expect(throws: SyntaxError.self) { try RouteMatch(header: "no-equals-sign") }
+        #expect(throws: SyntaxError.self) { try RouteMatch(json: "kind=refund") }
+        #expect(throws: SyntaxError.self) { try RouteMatch() }
     }
 }
