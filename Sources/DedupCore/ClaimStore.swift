@@ -1,6 +1,4 @@
-import Synchronization
-
-/// What Redis said about one key when this worker tried to claim it (DESIGN.md step 3).
+/// What Redis said about one key when this worker tried to claim it (docs/architecture.md step 3).
 public enum ClaimOutcome: Sendable, Equatable {
     /// The key was absent; it is now `pending` under this worker with the requested lease.
     case claimed
@@ -82,51 +80,5 @@ extension ClaimStore {
     /// Confirms keys that all share one retention.
     public func confirm(_ keys: [String], owner: String, retention: Duration) async throws -> [ConfirmOutcome] {
         try await confirm([KeyGroup(keys, ttl: retention)], owner: owner)
-    }
-}
-
-/// The reply to one store request, on its way. The store completes it once, from any thread;
-/// the caller either awaits `value()` or hands it a callback with `whenAnswered`, once.
-public final class StoreReply<Value: Sendable>: Sendable {
-    private enum State {
-        case waiting
-        case done(Result<Value, any Error>)
-        case callback(@Sendable (Result<Value, any Error>) -> Void)
-    }
-
-    private let state = Mutex(State.waiting)
-
-    public init() {}
-
-    /// A reply that is already known.
-    public convenience init(_ result: Result<Value, any Error>) {
-        self.init()
-        complete(result)
-    }
-
-    public func complete(_ result: Result<Value, any Error>) {
-        let callback = state.withLock { state -> (@Sendable (Result<Value, any Error>) -> Void)? in
-            defer { state = .done(result) }
-            if case .callback(let f) = state { return f }
-            return nil
-        }
-        callback?(result)
-    }
-
-    /// Calls `callback` with the result once it is known (at once if it already is).
-    public func whenAnswered(_ callback: @escaping @Sendable (Result<Value, any Error>) -> Void) {
-        let done = state.withLock { state -> Result<Value, any Error>? in
-            if case .done(let result) = state { return result }
-            state = .callback(callback)
-            return nil
-        }
-        if let done { callback(done) }
-    }
-
-    /// Waits for the result.
-    public func value() async throws -> Value {
-        try await withCheckedThrowingContinuation { (c: CheckedContinuation<Value, any Error>) in
-            whenAnswered { c.resume(with: $0) }
-        }.self
     }
 }

@@ -30,9 +30,9 @@ public enum DispatchResult: Sendable {
     case abandoned
 }
 
-/// The dedup pipeline of one worker as a state machine (DESIGN.md "One state machine, one
-/// executor"): no I/O and no clock of its own. The executor (`Worker`) feeds it events with
-/// `handle(_:now:)` and asks `nextAction(now:)` what to do, until `.finished`.
+/// The dedup pipeline of one worker as a state machine (docs/architecture.md): no I/O and no
+/// clock of its own. The executor (`Worker`) feeds it events with `handle(_:now:)` and asks
+/// `nextAction(now:)` what to do, until `.finished`.
 ///
 /// Every rule about order lives here: which requests may be in flight together, when a round
 /// may start, when offsets are stored, when to pause, when to poll and when to wait. The

@@ -1,7 +1,7 @@
 import Crypto
 import Foundation
 
-/// Turns a message into its dedup key (DESIGN.md step 2).
+/// Turns a message into its dedup key (docs/architecture.md step 2).
 ///
 /// A template is either one source or a composite of sources in braces with literal text between:
 /// - `header:NAME`         a header's value (message id, client token)

@@ -1,4 +1,4 @@
-/// What a route matches (DESIGN.md step 5): a topic, a header value, a JSON field's value, or
+/// What a route matches (docs/architecture.md step 5): a topic, a header value, a JSON field's value, or
 /// several of these at once (all must hold). A message that cannot be read the way a condition
 /// needs (no such header, not JSON) simply does not match that route.
 public struct RouteMatch: Sendable, CustomStringConvertible {

@@ -5,7 +5,7 @@ import Synchronization
 
 /// Runs one round of due messages through the handler: up to `concurrency` calls at once, each
 /// message retried with exponential backoff and jitter up to `maxAttempts` and `maxElapsed`
-/// (DESIGN.md step 5). A `PermanentFailure` is given up at once.
+/// (docs/architecture.md step 5). A `PermanentFailure` is given up at once.
 ///
 /// Tasks are per round (at most `concurrency` of them pulling from a shared index), not per
 /// message, so a large round costs no more tasks than a small one.

@@ -3,7 +3,7 @@ import DedupCore
 import Logging
 import Synchronization
 
-/// The seen-set in Redis (DESIGN.md step 3), on one `RedisConnection`.
+/// The seen-set in Redis (docs/architecture.md step 3), on one `RedisConnection`.
 ///
 /// Every batch method is one round trip whatever the batch size: the keys are
 /// cut into chunks of at most `maxKeysPerScript`, each chunk is one `EVALSHA`
