@@ -110,17 +110,30 @@ let package = Package(
             ],
             path: "Examples/CustomHandler"
         ),
+        // A worker whose handler blocks its thread on purpose, for the watchdog's end-to-end test.
+        .executableTarget(
+            name: "dedupd-stalling-worker",
+            dependencies: [
+                "DedupService",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            path: "Tests/Fixtures/StallingHandler"
+        ),
         .testTarget(name: "DedupCoreTests", dependencies: ["DedupCore"]),
         .testTarget(name: "RedisIOTests", dependencies: ["RedisIO", "LocalServers", "TestSupport"]),
         .testTarget(name: "KafkaIOTests", dependencies: ["KafkaIO", "LocalServers", "TestSupport"]),
         .testTarget(name: "EndToEndTests", dependencies: [
-            "DedupCore", "KafkaIO", "RedisIO", "LocalServers", "TestSupport", .product(name: "Yams", package: "Yams"),
+            "DedupCore", "DedupService", "KafkaIO", "RedisIO", "LocalServers", "TestSupport", .product(name: "Yams", package: "Yams"),
             .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
         ]),
         // The worker in process with its handlers and dead-letter topic, against a real
         // redis-server and the librdkafka mock cluster.
-        .testTarget(name: "DedupServiceTests", dependencies: ["DedupService", "KafkaIO", "RedisIO", "LocalServers", "TestSupport"]),
+        .testTarget(name: "DedupServiceTests", dependencies: [
+            "DedupService", "KafkaIO", "RedisIO", "LocalServers", "TestSupport",
+            .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"), .product(name: "NIOSSL", package: "swift-nio-ssl"),
+        ]),
         // The real worker loop and engine through seeded random schedules, against a simulated
         // log, store, handlers and clock: no servers.
         .testTarget(name: "WorkerModelTests", dependencies: [

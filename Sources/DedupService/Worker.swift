@@ -32,13 +32,19 @@ public final class Worker: Service {
     /// Metrics, health state and the stats line (Telemetry/WorkerTelemetry.swift).
     public let telemetry: WorkerTelemetry
 
+    /// Whether `run` starts a `LoopWatchdog`, which exits the process when the loop stalls.
+    let exitsOnStall: Bool
+
     /// `handler` replaces the default route's built-in handler, `routeHandlers` those of named
-    /// routes (by route name): the way a library user plugs in Swift handlers.
+    /// routes (by route name): the way a library user plugs in Swift handlers. `exitsOnStall`:
+    /// whether a stalled loop ends the process (`LoopWatchdog`); a worker embedded in a process
+    /// that must outlive it (a test) passes false and relies on `/healthz` alone.
     public init(
         config: WorkerConfiguration, handler: (any Handler)? = nil, routeHandlers: [String: any Handler] = [:],
-        logger: Logger = Logger(label: "dedupd"), telemetry: WorkerTelemetry? = nil
+        logger: Logger = Logger(label: "dedupd"), telemetry: WorkerTelemetry? = nil, exitsOnStall: Bool = true
     ) throws {
         self.config = config
+        self.exitsOnStall = exitsOnStall
         self.logger = logger
         self.owner = Self.makeOwnerID()
         let telemetry = telemetry ?? WorkerTelemetry(statsInterval: config.statsInterval, stallTimeout: config.loopStallTimeout, logger: logger)
@@ -84,9 +90,9 @@ public final class Worker: Service {
 
     public func run() async throws {
         // The watchdog runs on its own thread for as long as the loop does (LoopWatchdog).
-        let watchdog = LoopWatchdog(telemetry: telemetry, timeout: config.loopStallTimeout, logger: logger)
-        watchdog.start()
-        defer { watchdog.stop() }
+        let watchdog = exitsOnStall ? LoopWatchdog(telemetry: telemetry, timeout: config.loopStallTimeout, logger: logger) : nil
+        watchdog?.start()
+        defer { watchdog?.stop() }
         try await withGracefulShutdownHandler {
             try await runPipeline()
         } onGracefulShutdown: { [self] in

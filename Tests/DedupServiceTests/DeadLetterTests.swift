@@ -1,7 +1,6 @@
 import DedupCore
 import Foundation
 import KafkaIO
-import LocalServers
 import RedisIO
 import Testing
 import TestSupport
@@ -67,7 +66,7 @@ struct DeadLetterTests {
             "handler.concurrency": "16",
         ])
         let handler = RecordingHandler()
-        let worker = try Worker(config: config, handler: handler, logger: quietLogger())
+        let worker = try Worker(config: config, handler: handler, logger: quietLogger(), exitsOnStall: false)
         let started = ContinuousClock.now
         try await runUntilIdle(worker)
         let elapsed = ContinuousClock.now - started
@@ -127,7 +126,7 @@ struct DeadLetterTests {
             "dead_letter.topic": dlq, "handler.max_attempts": "3",
         ])
         let handler = RecordingHandler()
-        let worker = try Worker(config: config, handler: handler, logger: quietLogger())
+        let worker = try Worker(config: config, handler: handler, logger: quietLogger(), exitsOnStall: false)
         try await runUntilIdle(worker)
 
         #expect(handler.keys == ["fine-1"])
@@ -153,7 +152,7 @@ struct DeadLetterTests {
 
         // A corrected resend of the same key now passes.
         try await produce(cluster.bootstrapServers, topic, [(nil, bytes("a2"), [header("message-id", "perm-1")])])
-        let again = try Worker(config: config, handler: handler, logger: quietLogger())
+        let again = try Worker(config: config, handler: handler, logger: quietLogger(), exitsOnStall: false)
         try await runUntilIdle(again)
         #expect(handler.keys == ["fine-1", "perm-1"])
     }
@@ -179,7 +178,7 @@ struct DeadLetterTests {
             "dead_letter.timeout": "500ms",
         ])
         let handler = RecordingHandler()
-        let worker = try Worker(config: config, handler: handler, logger: quietLogger())
+        let worker = try Worker(config: config, handler: handler, logger: quietLogger(), exitsOnStall: false)
         let run = Task { try await runUntilIdle(worker, limit: .seconds(30)) }
 
         // Both good ones dispatched, the bad one held: the commit stops at its offset (1).

@@ -1,7 +1,6 @@
 import DedupCore
 import Foundation
 import KafkaIO
-import LocalServers
 import RedisIO
 import Synchronization
 import Testing
@@ -223,7 +222,7 @@ struct HandlerTests {
         let config = try workerConfig(bootstrap: cluster.bootstrapServers, topic: topic, redis: redis, [
             "handler.type": "kafka", "handler.topic": out, "handler.concurrency": "32",
         ])
-        let worker = try Worker(config: config, logger: quietLogger())
+        let worker = try Worker(config: config, logger: quietLogger(), exitsOnStall: false)
         try await runUntilIdle(worker)
         let forwarded = try await readTopic(cluster.bootstrapServers, out, count: 200)
         #expect(forwarded.count == 200)
@@ -247,7 +246,7 @@ struct HandlerTests {
         let config = try workerConfig(bootstrap: cluster.bootstrapServers, topic: topic, redis: redis, [
             "handler.type": "http", "handler.url": server.url, "handler.timeout": "2s", "dead_letter.topic": dlq,
         ])
-        let worker = try Worker(config: config, logger: quietLogger())
+        let worker = try Worker(config: config, logger: quietLogger(), exitsOnStall: false)
         try await runUntilIdle(worker)
         let counts = Dictionary(grouping: server.requests, by: \.key).mapValues(\.count)
         #expect(counts == ["ok-a": 1, "ok-b": 1, "flaky-a": 3, "throttle-a": 2, "bad-a": 1])
@@ -271,7 +270,7 @@ struct HandlerTests {
         let config = try workerConfig(bootstrap: cluster.bootstrapServers, topic: topic, redis: redis, [
             "handler.type": "exec", "handler.command": #"cat >> "\#(dir.path)/$DEDUPD_KEY""#,
         ])
-        let worker = try Worker(config: config, logger: quietLogger())
+        let worker = try Worker(config: config, logger: quietLogger(), exitsOnStall: false)
         try await runUntilIdle(worker)
         let files = try FileManager.default.contentsOfDirectory(atPath: dir.path).sorted()
         #expect(files == (0..<20).map { "e-\($0)" }.sorted())

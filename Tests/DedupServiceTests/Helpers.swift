@@ -1,7 +1,6 @@
 import DedupCore
 import Foundation
 import KafkaIO
-import LocalServers
 import Logging
 import RedisIO
 import Synchronization

@@ -1,11 +1,10 @@
 import DedupCore
 import Foundation
 import KafkaIO
-import LocalServers
 import Logging
 import RedisIO
-import TestSupport
 import Testing
+import TestSupport
 
 let adminQuiet = Logger(label: "admin-tests") { _ in SwiftLogNoOpLogHandler() }
 

@@ -1,22 +1,21 @@
 import DedupCore
 import Foundation
 import KafkaIO
-import LocalServers
 import Logging
-import TestSupport
 import Testing
+import TestSupport
 
 /// The built `dedupd` executable, next to the test bundle in the build products directory.
-func dedupdBinary() throws -> URL {
+func dedupdBinary(_ name: String = "dedupd") throws -> URL {
     var dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
     // swift-testing runs the bundle from `.build/<config>/dedupdPackageTests.xctest`.
     for _ in 0..<3 {
-        let candidate = dir.appendingPathComponent("dedupd")
+        let candidate = dir.appendingPathComponent(name)
         if FileManager.default.isExecutableFile(atPath: candidate.path) { return candidate }
         dir = dir.deletingLastPathComponent()
     }
-    if let env = ProcessInfo.processInfo.environment["TEST_DEDUPD_BINARY"] { return URL(fileURLWithPath: env) }
-    throw TestSupportError("dedupd binary not found next to \(CommandLine.arguments[0]); run `swift build` first")
+    if name == "dedupd", let env = ProcessInfo.processInfo.environment["TEST_DEDUPD_BINARY"] { return URL(fileURLWithPath: env) }
+    throw TestSupportError("\(name) binary not found next to \(CommandLine.arguments[0]); run `swift build` first")
 }
 
 /// A `dedupd` child process whose stdout and stderr go to files in a scratch directory, so
@@ -28,13 +27,13 @@ final class DedupdProcess: @unchecked Sendable {
     let name: String
     let input: Pipe?
 
-    init(_ arguments: [String], name: String, in dir: TemporaryDirectory, stdin: Bool = false) throws {
+    init(_ arguments: [String], name: String, in dir: TemporaryDirectory, stdin: Bool = false, executable: String = "dedupd") throws {
         self.name = name
         stdoutURL = dir.file("\(name).out")
         stderrURL = dir.file("\(name).err")
         FileManager.default.createFile(atPath: stdoutURL.path, contents: nil)
         FileManager.default.createFile(atPath: stderrURL.path, contents: nil)
-        process.executableURL = try dedupdBinary()
+        process.executableURL = try dedupdBinary(executable)
         process.arguments = arguments
         input = stdin ? Pipe() : nil
         process.standardInput = input ?? FileHandle.nullDevice

@@ -1,9 +1,8 @@
 import Foundation
 import KafkaIO
-import LocalServers
 import RedisIO
-import TestSupport
 import Testing
+import TestSupport
 
 /// The promises under failure (DESIGN.md "What the product promises"), checked from the handler
 /// side: three `dedupd run` workers in one group, killed and restarted while a producer sends

@@ -1,8 +1,7 @@
 import DedupCore
 import Foundation
-import LocalServers
-import TestSupport
 import Testing
+import TestSupport
 import Yams
 
 /// Static checks of deploy/ (no Docker engine runs here): config files pass `dedupd check-config`,

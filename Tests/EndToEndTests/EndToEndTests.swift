@@ -1,8 +1,7 @@
 import Foundation
 import KafkaIO
-import LocalServers
-import TestSupport
 import Testing
+import TestSupport
 
 /// Runs the real `dedupd` binary as a user would: mock Kafka in its own process, a real
 /// redis-server, the producer, and two workers in one group; then checks from the handler side.

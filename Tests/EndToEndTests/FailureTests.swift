@@ -1,10 +1,9 @@
-import DedupCore
 import Foundation
+import DedupCore
 import KafkaIO
-import LocalServers
 import RedisIO
-import TestSupport
 import Testing
+import TestSupport
 
 /// Shutdown and store outages, seen from outside the binary as an operator sees them.
 @Suite(.serialized) struct FailureTests {

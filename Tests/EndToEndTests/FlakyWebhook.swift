@@ -27,7 +27,7 @@ final class FlakyWebhook: Sendable {
 
     let seed: UInt64
     let slowDelay: Duration
-    private let records = Mutex<[Record]>([])
+    private let records = Mutex<(all: [Record], perKey: [String: Int])>(([], [:]))
     private let channel: any Channel
     var port: Int { channel.localAddress?.port ?? 0 }
     var url: String { "http://127.0.0.1:\(port)/hook" }
@@ -56,7 +56,7 @@ final class FlakyWebhook: Sendable {
 
     func stop() async { try? await channel.close() }
 
-    var all: [Record] { records.withLock { $0 } }
+    var all: [Record] { records.withLock { $0.all } }
 
     /// The fate of the `n`th request (from 1) for `key`.
     func fate(key: String, n: Int) -> Fate {
@@ -76,10 +76,10 @@ final class FlakyWebhook: Sendable {
     }
 
     func record(key: String, head: HTTPRequestHead) -> Fate {
-        records.withLock { all in
-            let n = all.reduce(0) { $0 + ($1.key == key ? 1 : 0) } + 1
-            let fate = fate(key: key, n: n)
-            all.append(Record(
+        records.withLock { r in
+            r.perKey[key, default: 0] += 1
+            let fate = fate(key: key, n: r.perKey[key]!)
+            r.all.append(Record(
                 key: key, partition: head.headers.first(name: "Dedupd-Partition") ?? "",
                 offset: head.headers.first(name: "Dedupd-Offset") ?? "",
                 attempt: Int(head.headers.first(name: "Dedupd-Attempt") ?? "") ?? 0, fate: fate, at: .now))

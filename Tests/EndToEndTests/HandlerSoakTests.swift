@@ -1,9 +1,9 @@
+import DedupCore
 import Foundation
 import KafkaIO
-import LocalServers
 import Synchronization
-import TestSupport
 import Testing
+import TestSupport
 
 /// Soaks of the built-in handlers against misbehaving receivers, each run several times in a row
 /// (a deadlock that shows one time in five is still a deadlock). The real `dedupd` binary runs
@@ -108,6 +108,11 @@ import Testing
             // A 2xx the worker saw: exactly one per id. A slow 200 came after the worker gave up.
             let twice = byKey.filter { $0.value.filter { okFates.contains($0.fate) }.count > 1 }
             let keysPerMessage = Dictionary(grouping: records, by: { "\($0.partition)/\($0.offset)" }).mapValues { Set($0.map(\.key)) }
+            // Retry-After: 1 on a 429: the next attempt of that id came at least a second later.
+            let hurried = byKey.values.flatMap { attempts in
+                zip(attempts, attempts.dropFirst()).filter { $0.fate == .throttled && $1.at - $0.at < .milliseconds(950) }
+            }
+            #expect(hurried.isEmpty, "attempts sooner than Retry-After asked: \(hurried.prefix(5).map { ($0.0.key, $0.1.at - $0.0.at) })")
             let gap = Self.longestStatsGap(log)
             #expect(delivered.count == rig.unique, "every unique id delivered with a 2xx: \(delivered.count) of \(rig.unique)")
             #expect(Set(byKey.keys) == Set((0..<rig.unique).map { "ord-\($0)" }), "only the unique ids, all of them")
@@ -170,10 +175,67 @@ import Testing
             #expect(gap < 5, "stats lines kept coming: longest gap \(gap) s")
             try await rig.expectCommitted(group: "soak-exec")
             // No command is left behind: the hung ones were killed with their process group.
-            let leftover = try shell("pgrep -f '\(script.path)' | wc -l").trimmingCharacters(in: .whitespacesAndNewlines)
+            // (The pattern's last letter in brackets keeps pgrep's own shell from matching it.)
+            let leftover = try shell("pgrep -f '\(script.path.dropLast())[h]' | wc -l").trimmingCharacters(in: .whitespacesAndNewlines)
             #expect(leftover == "0", "commands still running after the worker exited: \(leftover)")
             print("soak exec concurrency=\(concurrency) run=\(run): unique=\(rig.unique) succeeded=\(counts.count) "
                   + "duplicate_successes=\(counts.values.filter { $0 > 1 }.count) longest_stats_gap=\(String(format: "%.1f", gap))s elapsed=\(elapsed)")
+            rig.mock.terminate()
+        }
+    }
+}
+
+extension HandlerSoakTests {
+    // MARK: kafka
+
+    /// Forwards to a topic whose only leader (broker 3) goes down for 3 s and comes back while
+    /// the worker forwards. Every unique id must reach the forward topic; an id may be there
+    /// twice only if an attempt of it timed out (the worker gave up on a write the broker later
+    /// took), which the worker logs as a retry.
+    @Test(.timeLimit(.minutes(20)), arguments: [4, 16])
+    func kafkaHandlerWhileTheForwardTopicsLeaderGoesDownAndUp(concurrency: Int) async throws {
+        for run in 1...Self.runs {
+            let rig = try Rig(name: "kafka-\(concurrency)-\(run)", extraTopics: ["forwarded:3"])
+            // The input topic and the group's coordinator stay on brokers 1 and 2.
+            for p in 0..<6 { try rig.mock.send("leader submissions \(p) \(p % 2 + 1)") }
+            for p in 0..<3 { try rig.mock.send("leader forwarded \(p) 3") }
+            try rig.mock.send("coordinator soak-kafka 1")
+            let outage = Task {
+                try await Task.sleep(for: .milliseconds(1500))
+                try rig.mock.send("broker-down 3")
+                try await Task.sleep(for: .seconds(3))
+                try rig.mock.send("broker-up 3")
+            }
+            let (status, log, elapsed) = try rig.runWorker(group: "soak-kafka", handler: """
+                  type: kafka
+                  topic: forwarded
+                  timeout: 1s
+                  concurrency: \(concurrency)
+                  max_attempts: 30
+                  backoff: 50ms
+                """)
+            try await outage.value
+            #expect(status == 0, "worker exited \(status): \(log.suffix(3000))")
+            #expect(rig.mock.stdout.contains("ok broker-up 3"), "the outage happened: \(rig.mock.stdout)")
+
+            let ends = try await KafkaConsumer.endOffsets(bootstrapServers: rig.bootstrap, topic: "forwarded")
+            let records = try await consumeAll(bootstrap: rig.bootstrap, topic: "forwarded", count: Int(ends.values.reduce(0, +)))
+            let keys = records.compactMap { r in
+                r.headers.first { $0.name == DeadLetterHeader.dedupKey }?.value.map { String(decoding: $0, as: UTF8.self) }
+            }
+            let counts = Dictionary(grouping: keys, by: { $0 }).mapValues(\.count)
+            let retried = Set(log.split(separator: "\n").filter { $0.contains("msg=\"handler failed, retrying\"") }
+                .compactMap { $0.firstMatch(of: /dedup\.key=(\S+)/).map { String($0.1) } })
+            let unexplained = counts.filter { $0.value > 1 && !retried.contains($0.key) }
+            let gap = Self.longestStatsGap(log)
+            let expected = Set((0..<rig.unique).map { "ord-\($0)" })
+            #expect(Set(counts.keys) == expected, "every unique id forwarded: \(counts.count) of \(rig.unique)")
+            #expect(unexplained.isEmpty, "forwarded twice without a timed-out attempt: \(unexplained.keys.sorted().prefix(10))")
+            #expect(gap < 5, "stats lines kept coming: longest gap \(gap) s")
+            try await rig.expectCommitted(group: "soak-kafka")
+            print("soak kafka concurrency=\(concurrency) run=\(run): unique=\(rig.unique) forwarded_records=\(records.count) "
+                  + "ids=\(counts.count) ids_twice=\(counts.values.filter { $0 > 1 }.count) retried_ids=\(retried.count) "
+                  + "longest_stats_gap=\(String(format: "%.1f", gap))s elapsed=\(elapsed)")
             rig.mock.terminate()
         }
     }

@@ -1,7 +1,6 @@
 import Foundation
-import LocalServers
-import TestSupport
 import Testing
+import TestSupport
 
 /// Memory is bounded by configuration, not by traffic (issue 7): a real `dedupd run` with a 10 s
 /// window and a small delay buffer is fed far faster than the window lets it drain. It must pause

@@ -1,10 +1,9 @@
 import DedupCore
 import Foundation
 import KafkaIO
-import LocalServers
 import Logging
-import TestSupport
 import Testing
+import TestSupport
 
 /// Routes as a user runs them: the real `dedupd` binary with a YAML file of routes, the mock
 /// Kafka process and a real redis-server. Payments (by topic) go to a command, refunds (by

@@ -1,6 +1,5 @@
 import DedupCore
 import Foundation
-import LocalServers
 #if canImport(FoundationNetworking)
 import FoundationNetworking
 #endif

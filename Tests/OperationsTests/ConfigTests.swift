@@ -1,7 +1,6 @@
 import DedupCore
 import DedupService
 import Foundation
-import LocalServers
 import TestSupport
 import Testing
 import Yams
@@ -162,5 +161,34 @@ import Yams
         let c = try ConfigLoader.load(file: path, environment: [:])
         #expect(c.routes.map(\.name) == ["payments", "profile-edits"])
         #expect(c.routes[1].dedup.keep == .last && c.routes[1].dedup.namespace == "profile-edits")
+    }
+}
+
+/// The `http` handler's TLS and header settings: validated at start, secrets never printed.
+@Suite struct HTTPHandlerConfigTests {
+    let base = ["DEDUPD_KAFKA_BOOTSTRAP_SERVERS": "env:9092", "DEDUPD_KAFKA_TOPICS": "t",
+                "DEDUPD_HANDLER_TYPE": "http", "DEDUPD_HANDLER_URL": "https://hooks.example/in"]
+
+    @Test func headersAndTLSFilesReachTheSettingsAndHeaderValuesAreRedacted() throws {
+        var env = base
+        env["DEDUPD_HANDLER_HEADERS"] = "Authorization=env:HOOK_TOKEN, X-Team=payments-Zq81"
+        env["DEDUPD_HANDLER_TLS_CA_FILE"] = "/etc/dedupd/ca.pem"
+        let c = try ConfigLoader.load(file: nil, environment: env, flags: [:])
+        #expect(c.handler.headers == ["Authorization=env:HOOK_TOKEN", "X-Team=payments-Zq81"])
+        #expect(c.handler.tlsCAFile == "/etc/dedupd/ca.pem")
+        let described = ConfigLoader.describe(try ConfigLoader.layers(file: nil, environment: env, flags: [:])).joined(separator: "\n")
+        #expect(described.contains("handler.headers = ***"))
+        #expect(!described.contains("payments-Zq81"))
+    }
+
+    @Test func aClientCertificateNeedsItsKeyAndHeadersNeedANameAndAValue() throws {
+        var env = base
+        env["DEDUPD_HANDLER_TLS_CERT_FILE"] = "/etc/dedupd/client.pem"
+        let noKey = #expect(throws: ConfigError.self) { _ = try ConfigLoader.load(file: nil, environment: env, flags: [:]) }
+        #expect("\(noKey!)".contains("handler.tls_key_file"))
+        env = base
+        env["DEDUPD_HANDLER_HEADERS"] = "Authorization"
+        let bad = #expect(throws: ConfigError.self) { _ = try ConfigLoader.load(file: nil, environment: env, flags: [:]) }
+        #expect("\(bad!)".contains("handler.headers") && "\(bad!)".contains("NAME=VALUE"))
     }
 }

@@ -1,7 +1,6 @@
 import DedupCore
 import DedupService
 import Foundation
-import LocalServers
 import TestSupport
 import Testing
 

@@ -41,3 +41,28 @@ import TestSupport
         #expect(t.readiness(now: start + .seconds(34)).detail == "not ready: loop stalled: no pass for 31s (limit 30s), shutting down")
     }
 }
+
+/// The watchdog's decision and report, on a test clock (no thread, no exit).
+@Suite struct LoopWatchdogTests {
+    @Test func aStalledLoopIsReportedWithWhatIsInFlightAndAStoppingOneIsNot() {
+        let start = ContinuousClock.now
+        let t = WorkerTelemetry(stallTimeout: .seconds(30), now: start)
+        let watchdog = LoopWatchdog(telemetry: t, timeout: .seconds(30), logger: Logger(label: "test") { _ in SwiftLogNoOpLogHandler() })
+        #expect(watchdog.interval == .seconds(1))
+        let round = t.inFlightLedger.begin(.round(size: 500), now: start + .seconds(1))
+        let call = t.inFlightLedger.begin(.handler, now: start + .seconds(2))
+        _ = t.inFlightLedger.begin(.handler, now: start + .seconds(5))
+        let claim = t.inFlightLedger.begin(.redis("confirm"), now: start + .seconds(3))
+        #expect(watchdog.check(now: start + .seconds(29)) == nil, "not stalled yet")
+        let report = watchdog.check(now: start + .seconds(31))
+        #expect(report == "rounds=1 (500 messages, oldest 30s) handlers=2 (oldest 29s) redis=1 (confirm, oldest 28s)")
+        t.inFlightLedger.end(round)
+        t.inFlightLedger.end(call)
+        t.inFlightLedger.end(claim)
+        #expect(t.inFlightLedger.describe(now: start + .seconds(31)) == "rounds=none handlers=1 (oldest 26s) redis=none")
+        t.heartbeat(redisUp: true, now: start + .seconds(30))
+        #expect(watchdog.check(now: start + .seconds(31)) == nil, "a pass resets it")
+        t.stopping()
+        #expect(watchdog.check(now: start + .seconds(90)) == nil, "a draining worker is the shutdown deadline's business")
+    }
+}

@@ -1,5 +1,4 @@
 import Foundation
-import LocalServers
 import Logging
 import RedisIO
 import TestSupport

@@ -1,6 +1,5 @@
 import DedupCore
 import Foundation
-import LocalServers
 import Synchronization
 import Testing
 @testable import RedisIO

@@ -1,5 +1,4 @@
 import DedupCore
-import LocalServers
 import Testing
 @testable import RedisIO
 import TestSupport

@@ -1,7 +1,8 @@
 // Helpers the test targets share. The servers tests start (redis-server on a free port,
-// temporary directories, spawning with a default signal mask) are the LocalServers target's;
-// tests import it themselves.
-import LocalServers
+// temporary directories, spawning with a default signal mask) are the LocalServers target's,
+// re-exported here as the test harness; the library itself (DedupService) is imported by the
+// tests that use it.
+@_exported import LocalServers
 import Logging
 
 /// A logger that drops everything.

@@ -85,16 +85,24 @@ public final class LoopWatchdog: Sendable {
         self.onStall = onStall
     }
 
-    /// Starts the watching thread; it checks a few times per timeout, at least once a second.
+    /// How often the thread looks: a few times per timeout, at least once a second.
+    var interval: Duration { min(Duration.seconds(1), max(.milliseconds(50), timeout / 4)) }
+
+    /// Starts the watching thread. It acts on the second check in a row that finds the loop
+    /// stalled, so the worker exits between the timeout and the timeout plus two intervals, and
+    /// `/healthz` (which fails at the timeout) is seen failing before the worker goes.
     public func start() {
-        let interval = min(Duration.seconds(1), max(.milliseconds(50), timeout / 4))
+        let interval = self.interval
         let thread = Thread { [self] in
+            var stalledBefore = false
             while !stopped.withLock({ $0 }) {
                 usleep(useconds_t(interval.milliseconds * 1000))
-                if let report = check() {
+                let stalled = isStalled()
+                if stalled && stalledBefore, let report = check() {
                     onStall(report)
                     return
                 }
+                stalledBefore = stalled
             }
         }
         thread.name = "dedupd.watchdog"
@@ -103,11 +111,15 @@ public final class LoopWatchdog: Sendable {
 
     public func stop() { stopped.withLock { $0 = true } }
 
+    func isStalled(now: ContinuousClock.Instant = .now) -> Bool {
+        let health = telemetry.healthState
+        return !health.stopping && now - health.lastPass > timeout && !stopped.withLock { $0 }
+    }
+
     /// The stall report if the loop is stalled now (and logs it), else nil.
     func check(now: ContinuousClock.Instant = .now) -> String? {
-        let health = telemetry.healthState
-        let age = now - health.lastPass
-        guard !health.stopping, age > timeout, !stopped.withLock({ $0 }) else { return nil }
+        guard isStalled(now: now) else { return nil }
+        let age = now - telemetry.healthState.lastPass
         let inFlight = telemetry.inFlightLedger.describe(now: now)
         logger.error(
             "worker loop stalled; exiting so it can be restarted (its claims expire, its messages are read again)",
