@@ -29,6 +29,9 @@ public final class SignalEscalation: @unchecked Sendable {
                 if n >= 2 {
                     logger.warning("second signal, exiting now without finishing the shutdown",
                                    metadata: ["signal": "\(sig == SIGTERM ? "SIGTERM" : "SIGINT")"])
+                    // `_exit` skips atexit: the operational log's queued lines (this one too) are
+                    // written first.
+                    OperationalLog.flush()
                     _exit(128 + sig)
                 }
             }

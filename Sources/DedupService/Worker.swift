@@ -213,7 +213,10 @@ public final class Worker: Service {
             case .dispatch(let id, let due):
                 rounds.start(due) { inbox.post(.round(id, $0)) }
             case .deadLetter(let id, let letters):
-                guard let producer = deadLetters else { continue }
+                guard let producer = deadLetters else {
+                    inbox.post(.deadLetters(id, letters.map { _ in "no dead_letter.topic" }))
+                    continue
+                }
                 Task {
                     let results = await producer.send(letters)
                     inbox.post(.deadLetters(id, results.map { if case .failure(let e) = $0 { "\(e)" } else { nil } }))

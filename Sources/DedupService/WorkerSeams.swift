@@ -76,7 +76,8 @@ public protocol DispatchRunner: Sendable {
     func close() async
 }
 
-/// The production runner: each round in its own task, through each message's route's dispatcher.
+/// The production runner: each round in a task of its own, through each message's route's
+/// dispatcher.
 final class HandlerRounds: DispatchRunner {
     let dispatchers: [Dispatcher]
     let handlers: [any Handler]
@@ -94,15 +95,13 @@ final class HandlerRounds: DispatchRunner {
     func start(_ due: [Dispatch], done: @escaping @Sendable ([DispatchResult]) -> Void) {
         let dispatchers = self.dispatchers
         let ledger = self.ledger
-        let token = ledger.begin(.round(size: due.count))
-        let round = DispatchRound(due: due) {
-            defer { ledger.end(token) }
-            return await DispatchRound.run(due, dispatchers: dispatchers)
-        }
         let id = nextID.add(1, ordering: .relaxed).newValue
+        // Registered before the task can end (and remove itself): the lock is held meanwhile.
         running.withLock { running in
             running[id] = Task { [self] in
-                let outcome = await round.finish()
+                let token = ledger.begin(.round(size: due.count))
+                let outcome = await DispatchRound.run(due, dispatchers: dispatchers)
+                ledger.end(token)
                 _ = self.running.withLock { $0.removeValue(forKey: id) }
                 done(outcome.results.map { result in
                     switch result {
