@@ -35,6 +35,8 @@ public enum ConfigSchema {
               doc: "Redis password (AUTH), instead of one in redis.url; best given as DEDUPD_REDIS_PASSWORD or through redis.password_file."),
         .init(name: "redis.password_file", kind: .string, defaultValue: nil,
               doc: "File holding the Redis password (a mounted Secret, a credentials file); one trailing newline is ignored."),
+        .init(name: "redis.allow_eviction", kind: .choice(["false", "true"]), defaultValue: "false",
+              doc: "true: start even when Redis's maxmemory-policy evicts keys with a TTL (every dedupd key has one; an evicted done record lets a duplicate through). false: such a Redis stops start-up with an error."),
         .init(name: "redis.connect_timeout", kind: .duration, defaultValue: "2s", doc: "Redis connect timeout."),
         .init(name: "redis.command_timeout", kind: .duration, defaultValue: "2s",
               doc: "Redis reply timeout for one pipelined round trip."),

@@ -8,6 +8,8 @@ public struct WorkerConfiguration: Sendable {
     public var redisURL: String
     public var redisConnectTimeout: Duration
     public var redisCommandTimeout: Duration
+    /// `redis.allow_eviction`: start on a Redis whose maxmemory-policy evicts keys.
+    public var redisAllowEviction = false
     /// The default route's dedup settings (the top-level `dedup.*` keys); its message size and
     /// buffer bounds hold for the whole worker.
     public var dedup: DedupSettings
@@ -60,6 +62,7 @@ public struct WorkerConfiguration: Sendable {
         redisURL = try r.string("redis.url")
         redisConnectTimeout = try r.duration("redis.connect_timeout")
         redisCommandTimeout = try r.duration("redis.command_timeout")
+        redisAllowEviction = try r.choice("redis.allow_eviction") == "true"
 
         let top = try Self.parseRoute(r)
         batchSize = try r.count("consumer.batch_size")

@@ -121,6 +121,7 @@ public final class Worker: Service {
                     url, connectTimeout: config.redisConnectTimeout, commandTimeout: config.redisCommandTimeout,
                     logger: logger)
                 if attempt > 1 { logger.notice("redis reachable", metadata: ["redis.url": "\(url.redacted)"]) }
+                try await checkRequirements(connection)
                 telemetry.heartbeat(redisUp: true)
                 return RedisClaimStore(
                     connection: connection, logger: logger,
@@ -139,6 +140,27 @@ public final class Worker: Service {
             }
         }
         return nil
+    }
+
+    /// Refuses a Redis that evicts keys unless `redis.allow_eviction`; warns where the server
+    /// does not say, and when it keeps nothing across a restart (RedisRequirements).
+    func checkRequirements(_ connection: RedisConnection) async throws {
+        let found = try await RedisRequirements.read(from: connection)
+        if let refusal = found.configRefusal {
+            logger.warning(
+                "redis refused CONFIG GET, so its eviction policy is unknown: dedupd needs maxmemory-policy noeviction (an evicted done record lets a duplicate through)",
+                metadata: ["redis.reply": "\(refusal)"])
+        }
+        if let problem = found.evictionProblem {
+            guard config.redisAllowEviction else {
+                throw ConfigError(key: "redis.allow_eviction", value: "false", problem: problem)
+            }
+            logger.warning("redis evicts keys with a TTL; running anyway (redis.allow_eviction: true)",
+                           metadata: ["redis.maxmemory_policy": "\(found.maxmemoryPolicy ?? "")"])
+        }
+        if found.persistenceOff == true {
+            logger.warning("redis persists nothing (appendonly no, no save points): a restart of Redis forgets every done record")
+        }
     }
 
     func runPipeline() async throws {

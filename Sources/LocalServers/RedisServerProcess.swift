@@ -16,6 +16,8 @@ public final class RedisServerProcess: @unchecked Sendable {
     /// `appendfsync`: `always` (the default here: a restart keeps every acknowledged write) or
     /// `everysec`.
     public let appendFsync: String
+    /// Arguments added after dedupd's own.
+    public let extraArguments: [String]
     private let lock = NSLock()
     private var process: Process?
 
@@ -32,13 +34,17 @@ public final class RedisServerProcess: @unchecked Sendable {
     public var urlWithoutPassword: String { "redis://127.0.0.1:\(port)/0" }
 
     /// Starts a server and waits (at most `startTimeout`) until it answers PING.
-    public init(password: String? = nil, appendFsync: String = "always", startTimeout: Duration = .seconds(10)) throws {
+    /// `extraArguments` go to redis-server after dedupd's own (e.g. `--maxmemory-policy volatile-lru`).
+    public init(
+        password: String? = nil, appendFsync: String = "always", extraArguments: [String] = [], startTimeout: Duration = .seconds(10)
+    ) throws {
         guard let executable = Self.findExecutable() else {
             throw LocalServerError("redis-server not found on PATH or in /usr/bin")
         }
         self.executable = executable
         self.password = password
         self.appendFsync = appendFsync
+        self.extraArguments = extraArguments
         self.directory = try TemporaryDirectory(prefix: "dedupd-redis")
         self.port = try freePort()
         try start(timeout: startTimeout)
@@ -114,6 +120,7 @@ public final class RedisServerProcess: @unchecked Sendable {
             if let password {
                 arguments += ["--requirepass", password]
             }
+            arguments += extraArguments
             process.arguments = arguments
             process.standardInput = FileHandle.nullDevice
             process.standardOutput = FileHandle.nullDevice

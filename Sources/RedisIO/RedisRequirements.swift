@@ -1,0 +1,48 @@
+/// What dedupd needs of the Redis it keeps its seen-set in, checked at start-up.
+///
+/// A Redis whose `maxmemory-policy` evicts keys (`allkeys-*`, or `volatile-*`: every dedupd key
+/// has a TTL) forgets done records silently under memory pressure, and a forgotten done record
+/// is a duplicate dispatch; many managed offerings default to `volatile-lru`. A Redis without
+/// persistence forgets them all on a restart.
+public struct RedisRequirements: Sendable, Equatable {
+    /// `maxmemory-policy`, or nil when the server refused `CONFIG GET`.
+    public var maxmemoryPolicy: String?
+    /// The server's answer when it refused `CONFIG GET` (managed services rename or forbid it;
+    /// an ACL user may lack the permission).
+    public var configRefusal: String?
+    /// Neither AOF nor RDB snapshots: done records do not survive a restart. Nil when unknown.
+    public var persistenceOff: Bool?
+
+    /// Whether the policy can evict dedupd's keys.
+    public var evicts: Bool {
+        guard let policy = maxmemoryPolicy?.lowercased() else { return false }
+        return policy.hasPrefix("allkeys-") || policy.hasPrefix("volatile-")
+    }
+
+    /// Reads the three settings in one round trip.
+    public static func read(from connection: RedisConnection) async throws -> RedisRequirements {
+        let replies = try await connection.pipeline([
+            ["CONFIG", "GET", "maxmemory-policy"], ["CONFIG", "GET", "appendonly"], ["CONFIG", "GET", "save"],
+        ].map { $0.map { RedisArgument($0) } })
+        func value(_ reply: RedisReply) -> String? {
+            guard case .array(let items) = reply, items.count == 2 else { return nil }
+            return items[1].text
+        }
+        if case .error(let text) = replies[0] {
+            return RedisRequirements(maxmemoryPolicy: nil, configRefusal: text, persistenceOff: nil)
+        }
+        let appendOnly = value(replies[1])
+        let save = value(replies[2])
+        let off: Bool? = appendOnly.flatMap { aof in save.map { aof == "no" && $0.allSatisfy { $0 == " " } } }
+        return RedisRequirements(maxmemoryPolicy: value(replies[0]), configRefusal: nil, persistenceOff: off)
+    }
+
+    /// The refusal for an evicting policy, naming the fix; nil when the policy keeps every key.
+    public var evictionProblem: String? {
+        guard evicts, let policy = maxmemoryPolicy else { return nil }
+        return "redis maxmemory-policy is \(policy): under memory pressure Redis would silently evict dedupd's keys "
+            + "(every one has a TTL), and an evicted done record lets a duplicate through. Set maxmemory-policy "
+            + "to noeviction (redis-cli CONFIG SET maxmemory-policy noeviction, or in redis.conf / your provider's "
+            + "parameter group), or set redis.allow_eviction: true to run anyway"
+    }
+}
