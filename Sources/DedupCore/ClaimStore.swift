@@ -1,4 +1,4 @@
-/// What Redis said about one key when this worker tried to claim it (DESIGN.md step 3).
+/// What Redis said about one key when this worker tried to claim it (docs/architecture.md step 3).
 public enum ClaimOutcome: Sendable, Equatable {
     /// The key was absent; it is now `pending` under this worker with the requested lease.
     case claimed
@@ -56,6 +56,19 @@ public protocol ClaimStore: Sendable {
     func renew(_ keys: [String], owner: String, lease: Duration) async throws -> [Bool]
     /// Reads each key's state without changing it.
     func inspect(_ keys: [String]) async throws -> [KeyState]
+
+    // The worker's requests: each is sent before the call returns (so requests reach the store
+    // in the order they were made, and a release always precedes a later claim of its key), and
+    // answered through the reply while the worker goes on.
+
+    /// `claim`, sent now.
+    func requestClaims(_ groups: [KeyGroup], owner: String) -> StoreReply<[ClaimOutcome]>
+    /// `confirm`, sent now.
+    func requestConfirms(_ groups: [KeyGroup], owner: String) -> StoreReply<[ConfirmOutcome]>
+    /// `release`, sent now.
+    func requestReleases(_ keys: [String], owner: String) -> StoreReply<[Bool]>
+    /// Token mode: uses each token for the message identified by its mark (see `TokenStore.use`), sent now.
+    func requestTokenUses(_ tokens: [String], marks: [String]) -> StoreReply<[TokenOutcome]>
 }
 
 extension ClaimStore {

@@ -1,6 +1,6 @@
 import DequeModule
 
-/// Which copy of a key the delay buffer dispatches (DESIGN.md step 4).
+/// Which copy of a key the delay buffer dispatches (docs/architecture.md step 4).
 public enum KeepPolicy: String, Sendable, CaseIterable {
     /// Dispatch the first copy; later copies within the window are duplicates.
     case first
@@ -8,7 +8,7 @@ public enum KeepPolicy: String, Sendable, CaseIterable {
     case last
 }
 
-/// The delay queue (DESIGN.md step 4): the order in which buffered keys become due, and the
+/// The delay queue (docs/architecture.md step 4): the order in which buffered keys become due, and the
 /// bounds that make the consumer pause instead of growing (backpressure, not memory growth).
 ///
 /// The messages themselves stay in the engine's one entry per key; this holds only

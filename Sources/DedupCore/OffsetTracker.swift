@@ -1,7 +1,7 @@
 import DequeModule
 
 /// Knows, per partition, which consumed offsets are still unresolved, and so how far the
-/// committed offset may advance (DESIGN.md steps 1 and 7).
+/// committed offset may advance (docs/architecture.md steps 1 and 7).
 ///
 /// A message is *resolved* once it was dispatched and confirmed, recognised as a duplicate, or
 /// dead-lettered. The commit position of a partition is the lowest unresolved offset (or one past

@@ -3,7 +3,7 @@ import DedupCore
 import Logging
 import Synchronization
 
-/// The seen-set in Redis (DESIGN.md step 3), on one `RedisConnection`.
+/// The seen-set in Redis (docs/architecture.md step 3), on one `RedisConnection`.
 ///
 /// Every batch method is one round trip whatever the batch size: the keys are
 /// cut into chunks of at most `maxKeysPerScript`, each chunk is one `EVALSHA`
@@ -55,6 +55,45 @@ public final class RedisClaimStore: ClaimStore {
     /// `confirm`, sent now; the caller awaits `outcomes()` when it needs them.
     public func sendConfirms(_ groups: [KeyGroup], owner: String) -> Request<ConfirmOutcome> {
         send(.confirm, Self.batches(groups, owner: owner), element: Self.confirmOutcome)
+    }
+
+    /// `release`, sent now; the caller awaits `outcomes()` when it needs them.
+    public func sendReleases(_ keys: [String], owner: String) -> Request<Bool> {
+        send(.release, [ScriptBatch(keys: keys, args: [RedisArgument(owner)], perKeyArgs: nil)], element: Self.flag)
+    }
+
+    /// `use` (token mode), sent now; the caller awaits `outcomes()` when it needs them.
+    public func sendTokenUses(_ tokens: [String], marks: [String]) -> Request<TokenOutcome> {
+        precondition(tokens.count == marks.count, "one mark per token")
+        return send(
+            .useTokens, [ScriptBatch(keys: tokens, args: [], perKeyArgs: marks.map { RedisArgument($0) })],
+            element: Self.tokenOutcome)
+    }
+
+    public func requestClaims(_ groups: [KeyGroup], owner: String) -> StoreReply<[ClaimOutcome]> {
+        Self.reply(sendClaims(groups, owner: owner))
+    }
+
+    public func requestConfirms(_ groups: [KeyGroup], owner: String) -> StoreReply<[ConfirmOutcome]> {
+        Self.reply(sendConfirms(groups, owner: owner))
+    }
+
+    public func requestReleases(_ keys: [String], owner: String) -> StoreReply<[Bool]> {
+        Self.reply(sendReleases(keys, owner: owner))
+    }
+
+    public func requestTokenUses(_ tokens: [String], marks: [String]) -> StoreReply<[TokenOutcome]> {
+        Self.reply(sendTokenUses(tokens, marks: marks))
+    }
+
+    /// The request is on its way already; a task only waits for its answers (and reloads a
+    /// script the server lost).
+    private static func reply<Item: Sendable>(_ request: Request<Item>) -> StoreReply<[Item]> {
+        let reply = StoreReply<[Item]>()
+        Task {
+            do { reply.complete(.success(try await request.outcomes())) } catch { reply.complete(.failure(error)) }
+        }
+        return reply
     }
 
     @Sendable private static func claimOutcome(_ element: UnsafePointer<redisReply>) -> ClaimOutcome? {
@@ -401,14 +440,16 @@ extension RedisClaimStore: TokenStore {
 
     public func use(_ tokens: [String], marks: [String]) async throws -> [TokenOutcome] {
         precondition(tokens.count == marks.count, "one mark per token")
-        return try await run(.useTokens, keys: tokens, args: [], perKeyArgs: marks.map { RedisArgument($0) }) { element in
-            switch Self.shortCode(element) {
-            case UInt8(ascii: "a"): .accepted
-            case UInt8(ascii: "u"): .unknown
-            case UInt8(ascii: "e"): .expired
-            case UInt8(ascii: "r"): .reused
-            default: nil
-            }
+        return try await run(.useTokens, keys: tokens, args: [], perKeyArgs: marks.map { RedisArgument($0) }, element: Self.tokenOutcome)
+    }
+
+    @Sendable static func tokenOutcome(_ element: UnsafePointer<redisReply>) -> TokenOutcome? {
+        switch shortCode(element) {
+        case UInt8(ascii: "a"): .accepted
+        case UInt8(ascii: "u"): .unknown
+        case UInt8(ascii: "e"): .expired
+        case UInt8(ascii: "r"): .reused
+        default: nil
         }
     }
 }

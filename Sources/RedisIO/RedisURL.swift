@@ -1,6 +1,7 @@
 /// Where and how to connect to Redis: `redis://[user:password@]host[:port][/db]`.
 ///
-/// Also accepted: `redis://:password@host` (password only, the `default` user).
+/// Also accepted: `redis://:password@host` (password only, the `default` user) and
+/// `redis://user@host` (an ACL user whose password is given apart, e.g. `redis.password_file`).
 /// User and password are percent-decoded, so a password may contain `@`, `:` or
 /// `/` written as `%40`, `%3A`, `%2F`.
 ///
@@ -61,22 +62,28 @@ public struct RedisURL: Sendable, Hashable, CustomStringConvertible, CustomDebug
         if let at = rest.lastIndex(of: "@") {
             let userInfo = rest[..<at]
             hostPort = rest[rest.index(after: at)...]
-            guard let colon = userInfo.firstIndex(of: ":") else {
-                throw bad("credentials must be 'user:password@' or ':password@' (no ':' found before '@')")
+            if let colon = userInfo.firstIndex(of: ":") {
+                let rawUser = userInfo[..<colon]
+                let rawPassword = userInfo[userInfo.index(after: colon)...]
+                guard let decodedUser = Self.percentDecode(rawUser) else {
+                    throw bad("user name has an invalid percent-encoding")
+                }
+                guard let decodedPassword = Self.percentDecode(rawPassword) else {
+                    throw bad("password has an invalid percent-encoding")
+                }
+                guard !decodedPassword.isEmpty else {
+                    throw bad("password is empty")
+                }
+                user = decodedUser.isEmpty ? nil : decodedUser
+                password = decodedPassword
+            } else {
+                // `user@` alone names an ACL user whose password is given apart
+                // (`redis.password`, `redis.password_file`).
+                guard let decodedUser = Self.percentDecode(userInfo), !decodedUser.isEmpty else {
+                    throw bad("user name is empty or has an invalid percent-encoding")
+                }
+                user = decodedUser
             }
-            let rawUser = userInfo[..<colon]
-            let rawPassword = userInfo[userInfo.index(after: colon)...]
-            guard let decodedUser = Self.percentDecode(rawUser) else {
-                throw bad("user name has an invalid percent-encoding")
-            }
-            guard let decodedPassword = Self.percentDecode(rawPassword) else {
-                throw bad("password has an invalid percent-encoding")
-            }
-            guard !decodedPassword.isEmpty else {
-                throw bad("password is empty")
-            }
-            user = decodedUser.isEmpty ? nil : decodedUser
-            password = decodedPassword
         }
         // Host and port; IPv6 literals in brackets.
         var host: Substring

@@ -1,7 +1,8 @@
 import DedupCore
+import DedupService
 import Foundation
-import Testing
 import TestSupport
+import Testing
 import Yams
 
 /// Configuration as an operator meets it: three sources, every validation message, secrets.

@@ -35,6 +35,12 @@ struct RedisURLTests {
         #expect(url.database == 15)
     }
 
+    /// An ACL user whose password comes from `redis.password` or `redis.password_file`.
+    @Test func parsesUserWithoutPassword() throws {
+        let url = try RedisURL("redis://dedupd@redis:6379/0")
+        #expect(url.user == "dedupd" && url.password == nil && url.host == "redis")
+    }
+
     @Test func parsesIPv6() throws {
         let url = try RedisURL("redis://[::1]:6390/2")
         #expect(url.host == "::1")
@@ -53,7 +59,6 @@ struct RedisURLTests {
         ("redis://localhost:abc", "port 'abc'"),
         ("redis://localhost/x", "database 'x'"),
         ("redis://localhost/-1", "database '-1'"),
-        ("redis://user@localhost", "credentials"),
         ("redis://:@localhost", "password is empty"),
         ("redis://:bad%zz@localhost", "password has an invalid percent-encoding"),
         ("redis://us%4:pw@localhost:1", "user name has an invalid percent-encoding"),
