@@ -113,10 +113,7 @@ let package = Package(
         // A worker whose handler blocks its thread on purpose, for the watchdog's end-to-end test.
         .executableTarget(
             name: "dedupd-stalling-worker",
-            dependencies: [
-                "DedupService",
-                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-            ],
+            dependencies: ["DedupService", .product(name: "Logging", package: "swift-log")],
             path: "Tests/Fixtures/StallingHandler"
         ),
         .testTarget(name: "DedupCoreTests", dependencies: ["DedupCore"]),
