@@ -102,6 +102,7 @@ public struct AdminConfiguration: Sendable {
     public var redisURL: String
     public var redisPassword: String?
     public var redisPasswordFile: String?
+    public var redisTLS: RedisTLSSettings
     public var redisConnectTimeout: Duration
     public var redisCommandTimeout: Duration
     public var namespace: String
@@ -116,10 +117,7 @@ public struct AdminConfiguration: Sendable {
         try ConfigSchema.rejectUnknownKeys(merged)
         let r = WorkerConfiguration.Reader(values: merged)
         redisURL = try r.string("redis.url")
-        guard redisURL.hasPrefix("redis://") else {
-            throw ConfigError(key: "redis.url", value: ConfigSchema.redact(redisURL), origin: merged["redis.url"]?.origin,
-                              problem: "must look like redis://[user:password@]host:port/db")
-        }
+        redisTLS = try RedisTLSSettings(r, url: redisURL)
         redisPassword = r.optional("redis.password")
         redisPasswordFile = r.optional("redis.password_file")
         redisConnectTimeout = try r.duration("redis.connect_timeout")

@@ -1,3 +1,9 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 /// Every configuration key dedupd knows, with its default and meaning. This one table drives
 /// validation (unknown keys are rejected with the nearest known key), environment variable names,
 /// `check-config` output and the README's reference.
@@ -30,11 +36,19 @@ public enum ConfigSchema {
         .init(name: "kafka.group_instance_id", kind: .string, defaultValue: nil,
               doc: "Static membership id (group.instance.id), e.g. the pod name: a restarted worker takes its place back without a rebalance."),
         .init(name: "redis.url", kind: .secret, defaultValue: "redis://127.0.0.1:6379/0",
-              doc: "redis://[user:password@]host:port/db of the seen-set."),
+              doc: "redis://[user:password@]host:port/db of the seen-set; rediss:// for TLS (see redis.tls.*)."),
         .init(name: "redis.password", kind: .secret, defaultValue: nil,
               doc: "Redis password (AUTH), instead of one in redis.url; best given as DEDUPD_REDIS_PASSWORD or through redis.password_file."),
         .init(name: "redis.password_file", kind: .string, defaultValue: nil,
               doc: "File holding the Redis password (a mounted Secret, a credentials file); one trailing newline is ignored."),
+        .init(name: "redis.tls.ca_file", kind: .string, defaultValue: nil,
+              doc: "rediss:// URLs: PEM file of the certificate authorities that verify the server, instead of the system's trust store."),
+        .init(name: "redis.tls.cert_file", kind: .string, defaultValue: nil,
+              doc: "rediss:// URLs: PEM client certificate, for servers that ask for one (with redis.tls.key_file)."),
+        .init(name: "redis.tls.key_file", kind: .string, defaultValue: nil,
+              doc: "rediss:// URLs: PEM private key of redis.tls.cert_file."),
+        .init(name: "redis.tls.server_name", kind: .string, defaultValue: nil,
+              doc: "rediss:// URLs: the name the server's certificate must carry (and SNI). Default: the URL's host."),
         .init(name: "redis.allow_eviction", kind: .choice(["false", "true"]), defaultValue: "false",
               doc: "true: start even when Redis's maxmemory-policy evicts keys with a TTL (every dedupd key has one; an evicted done record lets a duplicate through). false: such a Redis stops start-up with an error."),
         .init(name: "redis.connect_timeout", kind: .duration, defaultValue: "2s", doc: "Redis connect timeout."),
@@ -196,6 +210,8 @@ public struct WorkerConfiguration: Sendable {
     public var redisURL: String
     public var redisConnectTimeout: Duration
     public var redisCommandTimeout: Duration
+    /// `redis.tls.*`, for a `rediss://` URL.
+    public var redisTLS = RedisTLSSettings()
     /// `redis.allow_eviction`: start on a Redis whose maxmemory-policy evicts keys.
     public var redisAllowEviction = false
     /// The default route's dedup settings (the top-level `dedup.*` keys); its message size and
@@ -247,10 +263,7 @@ public struct WorkerConfiguration: Sendable {
         }
         kafkaProperties = props
         redisURL = try r.string("redis.url")
-        guard redisURL.hasPrefix("redis://") else {
-            throw ConfigError(key: "redis.url", value: ConfigSchema.redact(redisURL), origin: merged["redis.url"]?.origin,
-                              problem: "must look like redis://[user:password@]host:port/db")
-        }
+        redisTLS = try RedisTLSSettings(r, url: redisURL)
         redisConnectTimeout = try r.duration("redis.connect_timeout")
         redisCommandTimeout = try r.duration("redis.command_timeout")
         redisAllowEviction = try r.choice("redis.allow_eviction") == "true"
@@ -628,6 +641,50 @@ extension ConfigSchema {
         let user = userinfo.split(separator: ":", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? ""
         let redactedInfo = userinfo.contains(":") ? "\(user):***" : "***"
         return url[..<schemeEnd.upperBound] + redactedInfo + url[at.lowerBound...]
+    }
+}
+
+/// The `redis.tls.*` keys, checked with `redis.url`: a `redis://` or `rediss://` URL, TLS files
+/// only with `rediss://`, a client certificate with its key, and files that exist.
+public struct RedisTLSSettings: Sendable, Equatable {
+    public var caFile: String?
+    public var certFile: String?
+    public var keyFile: String?
+    public var serverName: String?
+
+    public init(caFile: String? = nil, certFile: String? = nil, keyFile: String? = nil, serverName: String? = nil) {
+        self.caFile = caFile
+        self.certFile = certFile
+        self.keyFile = keyFile
+        self.serverName = serverName
+    }
+
+    init(_ r: WorkerConfiguration.Reader, url: String) throws(ConfigError) {
+        let lower = url.lowercased()
+        guard lower.hasPrefix("redis://") || lower.hasPrefix("rediss://") else {
+            throw ConfigError(key: "redis.url", value: ConfigSchema.redact(url), origin: r.values["redis.url"]?.origin,
+                              problem: "must look like redis://[user:password@]host:port/db, or rediss://... for TLS")
+        }
+        caFile = r.optional("redis.tls.ca_file")
+        certFile = r.optional("redis.tls.cert_file")
+        keyFile = r.optional("redis.tls.key_file")
+        serverName = r.optional("redis.tls.server_name")
+        let given: [(String, String?)] = [
+            ("redis.tls.ca_file", caFile), ("redis.tls.cert_file", certFile), ("redis.tls.key_file", keyFile),
+            ("redis.tls.server_name", serverName),
+        ]
+        if !lower.hasPrefix("rediss://"), let (key, _) = given.first(where: { $0.1 != nil }) {
+            throw r.fail(key, "is set but redis.url is not a rediss:// (TLS) URL")
+        }
+        if (certFile == nil) != (keyFile == nil) {
+            let missing = certFile == nil ? "redis.tls.cert_file" : "redis.tls.key_file"
+            throw ConfigError(key: missing, value: nil, problem: "is required when \(certFile == nil ? "redis.tls.key_file" : "redis.tls.cert_file") is set")
+        }
+        for (key, path) in given.prefix(3) {
+            if let path, access(path, R_OK) != 0 {
+                throw r.fail(key, "cannot read the file")
+            }
+        }
     }
 }
 

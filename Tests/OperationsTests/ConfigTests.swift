@@ -191,3 +191,32 @@ import Yams
         #expect("\(bad!)".contains("handler.headers") && "\(bad!)".contains("NAME=VALUE"))
     }
 }
+
+/// `redis.tls.*` with `redis.url`, checked without connecting (check-config sees the same).
+@Suite struct RedisTLSConfigTests {
+    let base = ["DEDUPD_KAFKA_BOOTSTRAP_SERVERS": "env:9092", "DEDUPD_KAFKA_TOPICS": "t"]
+
+    @Test func tlsKeysNeedARedissURLAndReadableFiles() throws {
+        let dir = try TemporaryDirectory(prefix: "dedupd-tls-config")
+        try "pem".write(to: dir.file("ca.pem"), atomically: true, encoding: .utf8)
+        var env = base
+        env["DEDUPD_REDIS_URL"] = "rediss://cache.example:6380/0"
+        env["DEDUPD_REDIS_TLS_CA_FILE"] = dir.file("ca.pem").path
+        let c = try ConfigLoader.load(file: nil, environment: env, flags: [:])
+        #expect(c.redisTLS.caFile == dir.file("ca.pem").path)
+
+        env["DEDUPD_REDIS_URL"] = "redis://cache.example:6379/0"
+        let plain = #expect(throws: ConfigError.self) { _ = try ConfigLoader.load(file: nil, environment: env, flags: [:]) }
+        #expect("\(plain!)".contains("redis.tls.ca_file") && "\(plain!)".contains("rediss://"))
+
+        env["DEDUPD_REDIS_URL"] = "rediss://cache.example:6380/0"
+        env["DEDUPD_REDIS_TLS_CA_FILE"] = "/nonexistent/ca.pem"
+        let missing = #expect(throws: ConfigError.self) { _ = try ConfigLoader.load(file: nil, environment: env, flags: [:]) }
+        #expect("\(missing!)".contains("redis.tls.ca_file") && "\(missing!)".contains("cannot read the file"))
+
+        env["DEDUPD_REDIS_TLS_CA_FILE"] = nil
+        env["DEDUPD_REDIS_TLS_CERT_FILE"] = dir.file("ca.pem").path
+        let noKey = #expect(throws: ConfigError.self) { _ = try ConfigLoader.load(file: nil, environment: env, flags: [:]) }
+        #expect("\(noKey!)".contains("redis.tls.key_file"))
+    }
+}
