@@ -23,7 +23,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.6"),
     ],
     targets: [
-        // System libraries from Debian: librdkafka-dev and libhiredis-dev.
+        // System libraries from Debian: librdkafka-dev, libhiredis-dev and libssl-dev (TLS to Redis).
         .systemLibrary(
             name: "CRdKafka",
             pkgConfig: "rdkafka",
@@ -33,6 +33,11 @@ let package = Package(
             name: "CHiredis",
             pkgConfig: "hiredis",
             providers: [.apt(["libhiredis-dev"])]
+        ),
+        .systemLibrary(
+            name: "COpenSSL",
+            pkgConfig: "openssl",
+            providers: [.apt(["libssl-dev"])]
         ),
         // Pure Swift: the logic, tested without servers.
         .target(
@@ -55,6 +60,7 @@ let package = Package(
             name: "RedisIO",
             dependencies: [
                 "CHiredis",
+                "COpenSSL",
                 "DedupCore",
                 .product(name: "Logging", package: "swift-log"),
             ]

@@ -7,6 +7,7 @@ public struct AdminConfiguration: Sendable {
     public var redisURL: String
     public var redisPassword: String?
     public var redisPasswordFile: String?
+    public var redisTLS: RedisTLSSettings
     public var redisConnectTimeout: Duration
     public var redisCommandTimeout: Duration
     public var namespace: String
@@ -22,6 +23,7 @@ public struct AdminConfiguration: Sendable {
         let r = WorkerConfiguration.Reader(values: merged)
         // Parsed (and so validated) by RedisIO's `RedisURL`, in `ConfigLoader`.
         redisURL = try r.string("redis.url")
+        redisTLS = try RedisTLSSettings(r, url: redisURL)
         redisPassword = r.optional("redis.password")
         redisPasswordFile = r.optional("redis.password_file")
         redisConnectTimeout = try r.duration("redis.connect_timeout")

@@ -8,6 +8,8 @@ public struct WorkerConfiguration: Sendable {
     public var redisURL: String
     public var redisConnectTimeout: Duration
     public var redisCommandTimeout: Duration
+    /// `redis.tls.*`, for a `rediss://` URL.
+    public var redisTLS = RedisTLSSettings()
     /// `redis.allow_eviction`: start on a Redis whose maxmemory-policy evicts keys.
     public var redisAllowEviction = false
     /// The default route's dedup settings (the top-level `dedup.*` keys); its message size and
@@ -60,6 +62,7 @@ public struct WorkerConfiguration: Sendable {
         kafkaProperties = props
         // Parsed (and so validated) by RedisIO's `RedisURL`, in `ConfigLoader`.
         redisURL = try r.string("redis.url")
+        redisTLS = try RedisTLSSettings(r, url: redisURL)
         redisConnectTimeout = try r.duration("redis.connect_timeout")
         redisCommandTimeout = try r.duration("redis.command_timeout")
         redisAllowEviction = try r.choice("redis.allow_eviction") == "true"

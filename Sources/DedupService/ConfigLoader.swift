@@ -63,9 +63,10 @@ public enum ConfigLoader {
     static func validateRedisURL(_ text: String, passwordGivenApart: Bool, layers: [[String: ConfigValue]]) throws(ConfigError) {
         let url: RedisURL
         do { url = try RedisURL(text) } catch {
-            let detail = text.lowercased().hasPrefix("redis://") ? " (\((error as? RedisError)?.message ?? "\(error)"))" : ""
+            let lower = text.lowercased()
+            let detail = lower.hasPrefix("redis://") || lower.hasPrefix("rediss://") ? " (\((error as? RedisError)?.message ?? "\(error)"))" : ""
             throw ConfigError(key: "redis.url", value: ConfigSchema.redact(text), origin: origin(of: "redis.url", in: layers),
-                              problem: "must look like redis://[user:password@]host:port/db\(detail)")
+                              problem: "must look like redis://[user:password@]host:port/db, or rediss://... for TLS\(detail)")
         }
         if passwordGivenApart, url.password != nil {
             throw ConfigError(key: "redis.url", value: ConfigSchema.redact(text), origin: origin(of: "redis.url", in: layers),

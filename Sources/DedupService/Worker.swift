@@ -119,7 +119,7 @@ public final class Worker: Service {
             do {
                 let connection = try await RedisConnection.connect(
                     url, connectTimeout: config.redisConnectTimeout, commandTimeout: config.redisCommandTimeout,
-                    logger: logger)
+                    tls: RedisTLSOptions(config.redisTLS), logger: logger)
                 if attempt > 1 { logger.notice("redis reachable", metadata: ["redis.url": "\(url.redacted)"]) }
                 try await checkRequirements(connection)
                 telemetry.heartbeat(redisUp: true)

@@ -1,4 +1,5 @@
-/// Where and how to connect to Redis: `redis://[user:password@]host[:port][/db]`.
+/// Where and how to connect to Redis: `redis://[user:password@]host[:port][/db]`, or
+/// `rediss://...` for TLS.
 ///
 /// Also accepted: `redis://:password@host` (password only, the `default` user) and
 /// `redis://user@host` (an ACL user whose password is given apart, e.g. `redis.password_file`).
@@ -18,8 +19,11 @@ public struct RedisURL: Sendable, Hashable, CustomStringConvertible, CustomDebug
     public var password: String?
     /// Logical database selected after connecting. Default: 0.
     public var database: Int
+    /// `rediss://`: the connection is TLS, the server's certificate verified.
+    public var tls: Bool
 
-    public init(host: String, port: Int = 6379, user: String? = nil, password: String? = nil, database: Int = 0) {
+    public init(host: String, port: Int = 6379, user: String? = nil, password: String? = nil, database: Int = 0, tls: Bool = false) {
+        self.tls = tls
         self.host = host
         self.port = port
         self.user = user
@@ -33,16 +37,12 @@ public struct RedisURL: Sendable, Hashable, CustomStringConvertible, CustomDebug
         func bad(_ what: String) -> RedisError {
             RedisError(.invalidURL, "invalid Redis URL: \(what)")
         }
-        let scheme = "redis://"
         guard let schemeEnd = string.firstRange(of: "://") else {
-            throw bad("missing scheme, expected redis://host[:port][/db]")
+            throw bad("missing scheme, expected redis://host[:port][/db] or rediss:// for TLS")
         }
         let givenScheme = string[..<schemeEnd.lowerBound].lowercased()
-        guard givenScheme + "://" == scheme else {
-            if givenScheme == "rediss" {
-                throw bad("scheme 'rediss' (TLS) is not supported, use redis://")
-            }
-            throw bad("scheme '\(givenScheme)' is not supported, use redis://")
+        guard givenScheme == "redis" || givenScheme == "rediss" else {
+            throw bad("scheme '\(givenScheme)' is not supported, use redis:// or rediss:// (TLS)")
         }
         var rest = Substring(string[schemeEnd.upperBound...])
         if let q = rest.firstIndex(where: { $0 == "?" || $0 == "#" }) {
@@ -122,12 +122,12 @@ public struct RedisURL: Sendable, Hashable, CustomStringConvertible, CustomDebug
             }
             database = d
         }
-        self.init(host: String(host), port: port, user: user, password: password, database: database)
+        self.init(host: String(host), port: port, user: user, password: password, database: database, tls: givenScheme == "rediss")
     }
 
     /// The URL with the password replaced by `***` (user name kept).
     public var redacted: String {
-        var s = "redis://"
+        var s = tls ? "rediss://" : "redis://"
         if password != nil {
             s += "\(user.map(Self.percentEncode) ?? ""):***@"
         }
@@ -140,7 +140,7 @@ public struct RedisURL: Sendable, Hashable, CustomStringConvertible, CustomDebug
     public var debugDescription: String { "RedisURL(\(redacted))" }
     public var customMirror: Mirror {
         Mirror(self, children: ["host": host, "port": port, "user": user as Any,
-                                "password": password == nil ? "nil" : "***", "database": database])
+                                "password": password == nil ? "nil" : "***", "database": database, "tls": tls])
     }
 
     private static func percentDecode(_ s: Substring) -> String? {

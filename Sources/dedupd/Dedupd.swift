@@ -403,7 +403,8 @@ struct AdminOptions: ParsableArguments {
         if let password = c.redisPassword { url.password = password }
         let logger = Logger(label: "dedupd.admin")
         let connection = try await RedisConnection.connect(
-            url, connectTimeout: c.redisConnectTimeout, commandTimeout: c.redisCommandTimeout, logger: logger)
+            url, connectTimeout: c.redisConnectTimeout, commandTimeout: c.redisCommandTimeout,
+            tls: RedisTLSOptions(c.redisTLS), logger: logger)
         return RedisClaimStore(connection: connection, logger: logger)
     }
 }

@@ -48,10 +48,17 @@ struct RedisURLTests {
         #expect(url.redacted == "redis://[::1]:6390/2")
     }
 
+    @Test func redissMeansTLS() throws {
+        let url = try RedisURL("rediss://dedupd:pw@cache.example:6380/0")
+        #expect(url.tls && url.host == "cache.example" && url.port == 6380 && url.user == "dedupd")
+        #expect(url.redacted == "rediss://dedupd:***@cache.example:6380/0")
+        #expect(try !RedisURL("redis://localhost").tls)
+    }
+
     @Test(arguments: [
         ("localhost:6379", "scheme"),
         ("http://localhost", "scheme 'http'"),
-        ("rediss://localhost", "TLS"),
+        ("redis+tls://localhost", "scheme 'redis+tls'"),
         ("redis://", "host is missing"),
         ("redis://:pw@", "host is missing"),
         ("redis://localhost:0", "port '0'"),
