@@ -23,7 +23,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.6"),
     ],
     targets: [
-        // System libraries from Debian: librdkafka-dev and libhiredis-dev.
+        // System libraries from Debian: librdkafka-dev, libhiredis-dev and libssl-dev (TLS to Redis).
         .systemLibrary(
             name: "CRdKafka",
             pkgConfig: "rdkafka",
@@ -33,6 +33,11 @@ let package = Package(
             name: "CHiredis",
             pkgConfig: "hiredis",
             providers: [.apt(["libhiredis-dev"])]
+        ),
+        .systemLibrary(
+            name: "COpenSSL",
+            pkgConfig: "openssl",
+            providers: [.apt(["libssl-dev"])]
         ),
         // Pure Swift: the logic, tested without servers.
         .target(
@@ -55,6 +60,7 @@ let package = Package(
             name: "RedisIO",
             dependencies: [
                 "CHiredis",
+                "COpenSSL",
                 "DedupCore",
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -77,11 +83,27 @@ let package = Package(
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
             ]
         ),
+        // Real servers started for local runs: redis-server on a free port, temporary
+        // directories, children spawned with a default signal mask (`dedupd demo`, `dedupd bench`,
+        // tests). Not part of the library.
+        .target(name: "LocalServers"),
+        // `dedupd bench`: the worker against a bare consumer, in child processes.
+        .target(
+            name: "Bench",
+            dependencies: [
+                "DedupCore", "DedupService", "KafkaIO", "RedisIO", "LocalServers",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         .executableTarget(
             name: "dedupd",
             dependencies: [
                 "DedupService",
                 "RedisIO",
+                "KafkaIO",
+                "Bench",
+                "LocalServers",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -97,32 +119,36 @@ let package = Package(
         // A worker whose handler blocks its thread on purpose, for the watchdog's end-to-end test.
         .executableTarget(
             name: "dedupd-stalling-worker",
-            dependencies: [
-                "DedupService",
-                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-            ],
+            dependencies: ["DedupService", .product(name: "Logging", package: "swift-log")],
             path: "Tests/Fixtures/StallingHandler"
         ),
         .testTarget(name: "DedupCoreTests", dependencies: ["DedupCore"]),
-        .testTarget(name: "RedisIOTests", dependencies: ["RedisIO", "TestSupport"]),
-        .testTarget(name: "KafkaIOTests", dependencies: ["KafkaIO", "TestSupport"]),
+        .testTarget(name: "RedisIOTests", dependencies: ["RedisIO", "LocalServers", "TestSupport"]),
+        .testTarget(name: "KafkaIOTests", dependencies: ["KafkaIO", "LocalServers", "TestSupport"]),
         .testTarget(name: "EndToEndTests", dependencies: [
-            "KafkaIO", "RedisIO", "TestSupport", .product(name: "Yams", package: "Yams"),
+            "DedupCore", "DedupService", "KafkaIO", "RedisIO", "LocalServers", "TestSupport", .product(name: "Yams", package: "Yams"),
             .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
         ]),
         // The worker in process with its handlers and dead-letter topic, against a real
         // redis-server and the librdkafka mock cluster.
         .testTarget(name: "DedupServiceTests", dependencies: [
-            "DedupService", "KafkaIO", "RedisIO", "TestSupport",
+            "DedupService", "KafkaIO", "RedisIO", "LocalServers", "TestSupport",
             .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"), .product(name: "NIOSSL", package: "swift-nio-ssl"),
         ]),
+        // The real worker loop and engine through seeded random schedules, against a simulated
+        // log, store, handlers and clock: no servers.
+        .testTarget(name: "WorkerModelTests", dependencies: [
+            "DedupCore", "DedupService", .product(name: "Logging", package: "swift-log"),
+        ]),
         // Configuration, stats, metrics and the HTTP endpoint, with a worker in this process.
         .testTarget(name: "OperationsTests", dependencies: [
-            "DedupService", "KafkaIO", "RedisIO", "TestSupport", .product(name: "Yams", package: "Yams"),
+            "DedupService", "KafkaIO", "RedisIO", "LocalServers", "TestSupport", .product(name: "Yams", package: "Yams"),
         ]),
-        // Harnesses shared by the test targets: a real redis-server on a free port, temp dirs.
-        .target(name: "TestSupport", dependencies: ["DedupService"], path: "Tests/TestSupport"),
+        // Helpers shared by the test targets (the servers themselves are LocalServers').
+        .target(name: "TestSupport", dependencies: [
+            "LocalServers", .product(name: "Logging", package: "swift-log"),
+        ], path: "Tests/TestSupport"),
     ]
 )

@@ -1,5 +1,5 @@
 // A custom Swift handler for dedupd, as a library user writes one: implement `Handler`, hand it
-// to `Worker`, run the worker as a ServiceLifecycle service. Everything else (consumer group,
+// to `Worker.runService`, which runs the worker as `dedupd run` does. Everything else (consumer group,
 // Redis claims, window, retries, dead letters, commits) is dedupd's.
 //
 //   swift run dedupd-example-handler --config dedupd.yaml      # or DEDUPD_* variables
@@ -12,7 +12,6 @@ import DedupCore
 import DedupService
 import Foundation
 import Logging
-import ServiceLifecycle
 import Synchronization
 
 /// Sums `amount` per `customer` of JSON orders; rejects orders without them for good.
@@ -44,11 +43,8 @@ struct ExampleHandler {
         let file = args.firstIndex(of: "--config").flatMap { $0 + 1 < args.count ? args[$0 + 1] : nil }
         let config = try ConfigLoader.load(file: file)
         OperationalLog.bootstrap(level: config.logLevel, format: config.logFormat)
-        let logger = Logger(label: "dedupd-example-handler")
-        let worker = try Worker(config: config, handler: OrderTotals(), logger: logger)
-        let group = ServiceGroup(configuration: .init(
-            services: [.init(service: worker, successTerminationBehavior: .gracefullyShutdownGroup)],
-            gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
-        try await group.run()
+        // The same wiring as `dedupd run`: health endpoint, shutdown deadline, signal escalation.
+        try await Worker.runService(
+            config: config, handler: OrderTotals(), logger: Logger(label: "dedupd-example-handler"))
     }
 }

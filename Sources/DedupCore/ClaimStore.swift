@@ -56,6 +56,19 @@ public protocol ClaimStore: Sendable {
     func renew(_ keys: [String], owner: String, lease: Duration) async throws -> [Bool]
     /// Reads each key's state without changing it.
     func inspect(_ keys: [String]) async throws -> [KeyState]
+
+    // The worker's requests: each is sent before the call returns (so requests reach the store
+    // in the order they were made, and a release always precedes a later claim of its key), and
+    // answered through the reply while the worker goes on.
+
+    /// `claim`, sent now.
+    func requestClaims(_ groups: [KeyGroup], owner: String) -> StoreReply<[ClaimOutcome]>
+    /// `confirm`, sent now.
+    func requestConfirms(_ groups: [KeyGroup], owner: String) -> StoreReply<[ConfirmOutcome]>
+    /// `release`, sent now.
+    func requestReleases(_ keys: [String], owner: String) -> StoreReply<[Bool]>
+    /// Token mode: uses each token for the message identified by its mark (see `TokenStore.use`), sent now.
+    func requestTokenUses(_ tokens: [String], marks: [String]) -> StoreReply<[TokenOutcome]>
 }
 
 extension ClaimStore {

@@ -17,7 +17,7 @@ public enum DeadLetterHeader {
 }
 
 /// One message on its way to the dead-letter topic: the original record (key, value, headers)
-/// plus why it is there and where it came from (docs/architecture.md "bad input → DLQ", step 5 "then DLQ").
+/// plus why it is there and where it came from (docs/architecture.md, steps 2 and 5).
 public struct DeadLetter: Sendable {
     /// Reason code of a handler that gave up (its last attempt failed, or it failed permanently).
     public static let handlerFailed = "handler_failed"

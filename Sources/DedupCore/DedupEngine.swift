@@ -1,601 +1,633 @@
-import DequeModule
-
-/// The settings the dedup decisions depend on.
-public struct DedupSettings: Sendable {
-    /// How a message becomes its key. Default: `header:message-id`.
-    public var template: KeyTemplate
-    /// Separates this route's keys from others' in Redis. Default: `default`.
-    public var namespace: String
-    /// The dedup window `W`: how long a new message waits for repeats before dispatch. Default: 5 s.
-    public var window: Duration
-    /// How long a dispatched key is remembered as `done`. Default: 24 h.
-    public var retention: Duration
-    /// Lease of a `pending` claim; must outlive the window plus handler time. Default: window + 30 s.
-    public var lease: Duration
-    /// Which copy within the window is dispatched. Default: `first`.
-    public var keep: KeepPolicy
-    /// Larger values are bad input. Default: 1 MiB.
-    public var maxMessageBytes: Int
-    /// Delay buffer bounds. Default: 100,000 messages, 64 MiB.
-    public var bufferMaxMessages: Int
-    public var bufferMaxBytes: Int
-    /// How soon a message whose key is pending under another worker is looked at again. Default: 500 ms.
-    public var parkRetry: Duration
-    /// A dead-letter topic is configured: bad input and given-up messages stay unresolved (their
-    /// offsets uncommitted) until the caller reports them dead-lettered with `deadLettered(_:)`,
-    /// so a message is never committed before the dead-letter topic acknowledged it.
-    /// Default: false (they are resolved at once: logged and counted only).
-    public var holdsDeadLetters: Bool
-    /// Token mode: where each message's one-time token is (e.g. `header:form-token`). A new key
-    /// is claimed only after its message's token was accepted. Default: off.
-    public var token: KeyTemplate?
-
-    public init(
-        template: KeyTemplate,
-        namespace: String = "default",
-        window: Duration = .seconds(5),
-        retention: Duration = .seconds(86_400),
-        lease: Duration? = nil,
-        keep: KeepPolicy = .first,
-        maxMessageBytes: Int = 1 << 20,
-        bufferMaxMessages: Int = 100_000,
-        bufferMaxBytes: Int = 64 << 20,
-        parkRetry: Duration = .milliseconds(500),
-        holdsDeadLetters: Bool = false,
-        token: KeyTemplate? = nil
-    ) {
-        self.template = template
-        self.namespace = namespace
-        self.window = window
-        self.retention = retention
-        self.lease = lease ?? window + .seconds(30)
-        self.keep = keep
-        self.maxMessageBytes = maxMessageBytes
-        self.bufferMaxMessages = bufferMaxMessages
-        self.bufferMaxBytes = bufferMaxBytes
-        self.parkRetry = parkRetry
-        self.holdsDeadLetters = holdsDeadLetters
-        self.token = token
-    }
+/// Names one store request (claims, confirms, releases, token uses) or one batch of dead letters.
+/// Every answer the engine takes names the request it answers.
+public struct RequestID: Hashable, Sendable, CustomStringConvertible {
+    public let rawValue: UInt64
+    public var description: String { "r\(rawValue)" }
 }
 
-/// Running totals, for the stats line, the shutdown summary and tests.
-public struct DedupCounters: Sendable, Equatable {
-    public var consumed = 0
-    public var dispatched = 0
-    /// Repeats resolved against this worker's own buffer, without a round trip.
-    public var duplicatesLocal = 0
-    /// Repeats Redis knew as `done`.
-    public var duplicatesStore = 0
-    public var invalid = 0
-    /// Handler gave up after its last attempt.
-    public var failed = 0
-    /// Claims given back (revocation, shutdown, failed handler).
-    public var released = 0
-    /// Times a message was parked because its key was pending under another worker.
-    public var parked = 0
-    /// Confirms that found another owner holding the key (a copy may have been dispatched twice).
-    public var confirmConflicts = 0
-    /// Leases extended for messages that waited longer than half a lease.
-    public var renewed = 0
-    /// Buffered messages whose lease ran out and whose key another worker took meanwhile.
-    public var leasesLost = 0
-    /// `on_store_error: fail_open`: messages let through without a claim while Redis was down.
-    public var unclaimed = 0
-    /// Bad input and given-up messages the dead-letter topic acknowledged.
-    public var deadLettered = 0
-
-    public init() {}
-    public var duplicates: Int { duplicatesLocal + duplicatesStore }
+/// Names one dispatch round.
+public struct RoundID: Hashable, Sendable, CustomStringConvertible {
+    public let rawValue: UInt64
+    public var description: String { "d\(rawValue)" }
 }
 
-/// The dedup decisions of one worker, as a state machine with no I/O and no clock of its own:
-/// the caller passes `now`, performs the store round trips the engine asks for, and feeds the
-/// outcomes back. That keeps every decision testable with a fake store and a test clock.
+/// What the source (the Kafka consumer) reports, in the order it happened.
+public enum SourceEvent: Sendable {
+    case message(InboundMessage)
+    case assigned([TopicPartition])
+    /// Taken away in a rebalance.
+    case revoked([TopicPartition])
+    /// Taken away without a rebalance (the session timed out): handled like `revoked`.
+    case lost([TopicPartition])
+}
+
+/// What happened to one message of a dispatch round.
+public enum DispatchResult: Sendable {
+    case success
+    /// The handler gave up: its last error and the attempts made.
+    case gaveUp(error: String, attempts: Int)
+    /// Never taken by the handler (shutdown deadline): not dispatched, not resolved.
+    case abandoned
+}
+
+/// The dedup pipeline of one worker as a state machine (docs/architecture.md): no I/O and no
+/// clock of its own. The executor (`Worker`) feeds it events with `handle(_:now:)` and asks
+/// `nextAction(now:)` what to do, until `.finished`.
 ///
-/// Where a message with a new key can be, in order:
-/// `claiming` (awaiting the claim round trip) → `buffered` (the window) → `inFlight` (handler)
-/// → `confirming` (awaiting the confirm round trip) → resolved. A key pending under another
-/// worker is `parked` and claimed again later. A repeat of a key in any of these places is
-/// resolved locally as a duplicate.
+/// Every rule about order lives here: which requests may be in flight together, when a round
+/// may start, when offsets are stored, when to pause, when to poll and when to wait. The
+/// per-key decisions are the `DedupLedger`'s; the engine adds request ids, store health and
+/// retry, dead letters, backpressure and shutdown.
 ///
-/// Each key has one `Entry` that moves from place to place, so a message costs one dictionary
-/// entry for its whole stay, not one per place. Several routes share one engine: each entry
-/// carries its route, whose settings (key, window, lease, retention, keep, token) apply to it,
-/// and offsets are tracked per partition across routes, so a commit never passes a message
-/// still waiting in any route.
+/// In flight at once: at most one claim request (new keys, parked keys, lease renewals), one
+/// confirm request, one release request, one token request, one dispatch round and one batch of
+/// dead letters. Each answer is matched to its request by id; an answer for entries that moved
+/// on meanwhile is recognised as stale by the ledger.
 public struct DedupEngine: Sendable {
-    public enum Ingested: Sendable, Equatable {
-        /// A new key: it will be claimed.
-        case new(DedupKey)
-        /// A repeat of a key this worker already holds; resolved.
-        case localDuplicate(DedupKey)
-        /// Could not be keyed (or no route takes it); resolved or held for the dead-letter topic.
-        case bad(BadInput)
+    /// How the loop runs, beside the dedup settings.
+    public struct Options: Sendable {
+        /// Most messages one poll returns. Default: 1000.
+        public var batchSize: Int
+        /// Most messages in one dispatch round; the keys of one round are confirmed together,
+        /// so this bounds what a crash between handler and confirm can repeat. Default: 500.
+        public var handlerMaxBatch: Int
+        /// `on_store_error: fail_open`. Default: false (fail-closed).
+        public var failOpen: Bool
+        /// Stop once nothing happened for this long. Default: never.
+        public var stopWhenIdle: Duration?
+        /// Bad input and given-up messages go to a dead-letter topic. Default: false.
+        public var deadLetters: Bool
+        /// Longest blocking poll. Default: 100 ms.
+        public var maxPollWait: Duration
+        /// Longest wait for answers before polling again, so a slow handler never keeps the
+        /// consumer from polling (`max.poll.interval.ms`). Default: 50 ms.
+        public var maxAnswerWait: Duration
+
+        public init(
+            batchSize: Int = ConfigSchema.defaultCount("consumer.batch_size"),
+            handlerMaxBatch: Int = ConfigSchema.defaultCount("handler.max_batch"), failOpen: Bool = false, stopWhenIdle: Duration? = nil,
+            deadLetters: Bool = false, maxPollWait: Duration = .milliseconds(100), maxAnswerWait: Duration = .milliseconds(50)
+        ) {
+            self.batchSize = batchSize
+            self.handlerMaxBatch = handlerMaxBatch
+            self.failOpen = failOpen
+            self.stopWhenIdle = stopWhenIdle
+            self.deadLetters = deadLetters
+            self.maxPollWait = maxPollWait
+            self.maxAnswerWait = maxAnswerWait
+        }
     }
 
-    enum Place: UInt8, Sendable {
-        case awaitingToken, claiming, buffered, parked, inFlight, confirming
+    /// Events the executor feeds in.
+    public enum Event: Sendable {
+        /// What one poll returned (`.poll` action).
+        case polled([SourceEvent])
+        /// What arrived while waiting (`.wait` action); empty when the wait timed out.
+        case answered([Answer])
+        /// A `.pause` or `.resume` could not be carried out; it is tried again.
+        case pauseFailed
+        /// SIGTERM or `requestStop()`.
+        case stop
     }
 
-    struct Entry: Sendable {
-        var place: Place
-        var route: Int
-        var message: InboundMessage
-        var size: Int
-        /// `buffered`: when the window ends; `parked`: when to claim again.
-        var deadline: ContinuousClock.Instant
-        /// `buffered`: when its lease was last taken or extended, to renew it before it runs out.
-        var leaseTakenAt: ContinuousClock.Instant?
-        /// Token mode, `awaitingToken`: the token to use.
-        var token: String?
+    /// The answer to a request or a round.
+    public enum Answer: Sendable {
+        case claims(RequestID, Result<[ClaimOutcome], any Error>)
+        case confirms(RequestID, Result<[ConfirmOutcome], any Error>)
+        case releases(RequestID, Result<[Bool], any Error>)
+        case tokens(RequestID, Result<[TokenOutcome], any Error>)
+        case round(RoundID, [DispatchResult])
+        /// Per dead letter in order: nil when the topic acknowledged it, else the error.
+        case deadLetters(RequestID, [String?])
     }
 
-    /// The default route's settings; its size and buffer bounds apply to the whole worker.
-    public let settings: DedupSettings
-    public let routing: Routing
-    /// Settings by route index: 0 is the default route, i the i-th named route.
-    public let routeSettings: [DedupSettings]
-    public private(set) var buffer: DelayBuffer
-    public private(set) var offsets = OffsetTracker()
-    public private(set) var counters = DedupCounters()
-
-    private var entries: [DedupKey: Entry] = [:]
-    /// New keys waiting for their claim, in arrival order.
-    private var claimOrder: [DedupKey] = []
-    /// Token mode: new keys whose message's token is still to be used (then they join claimOrder).
-    private var awaitingToken: [DedupKey] = []
-    private var parkedKeys: Set<DedupKey> = []
-    /// Dispatched keys waiting for the confirm round trip.
-    private var confirming: [DedupKey] = []
-    public private(set) var inFlightCount = 0
-    /// Buffered leases in the order taken: the oldest are at the front, so finding the ones to
-    /// renew costs only the ones due. Entries go stale (renewed again, or left the buffer) and
-    /// are dropped when they reach the front.
-    private var leaseOrder: Deque<(key: DedupKey, taken: ContinuousClock.Instant)> = []
-
-    public init(settings: DedupSettings, routing: Routing = Routing()) {
-        self.settings = settings
-        self.routing = routing
-        self.routeSettings = [settings] + routing.routes.map(\.settings)
-        self.buffer = DelayBuffer(
-            lanes: routeSettings.count, maxMessages: settings.bufferMaxMessages, maxBytes: settings.bufferMaxBytes)
+    /// What the executor does next.
+    public enum Action: Sendable {
+        /// Poll the source, blocking at most `timeout`, and feed `.polled`.
+        case poll(timeout: Duration)
+        /// Wait for answers until `until`, and feed `.answered` with what arrived.
+        case wait(until: ContinuousClock.Instant)
+        /// Send claims; owning keys again extends their lease (renewals ride here).
+        case claim(RequestID, [KeyGroup])
+        case confirm(RequestID, [KeyGroup])
+        case release(RequestID, [String])
+        case useTokens(RequestID, tokens: [String], marks: [String])
+        /// Run a round through the handlers.
+        case dispatch(RoundID, [Dispatch])
+        case deadLetter(RequestID, [DeadLetter])
+        case storeOffsets([TopicPartition: Int64])
+        /// Pause these partitions and hold partitions assigned from now on paused too.
+        case pause([TopicPartition])
+        /// Resume these partitions and stop holding new ones.
+        case resume([TopicPartition])
+        /// Something to tell the operator.
+        case report(Report)
+        /// Stopped: everything is confirmed or released and the offsets stored; commit and close.
+        case finished
     }
 
-    var hasRoutes: Bool { routeSettings.count > 1 }
+    /// State changes worth a log line; the executor words them.
+    public enum Report: Sendable {
+        case badInput(BadInput, InboundMessage)
+        case handlerGaveUp(Dispatch, error: String, attempts: Int)
+        case confirmConflict(DedupKey, otherOwner: String)
+        case storeDown(error: String)
+        case storeUp(downFor: Duration)
+        case deadLettersFailing(pending: Int, error: String)
+        case deadLettersAcknowledged(downFor: Duration)
+        case revokedWithWindow(released: Int)
+        case revokedWithHandler(inFlight: Int)
+        case bufferFull(messages: Int, bytes: Int)
+        case bufferDrained
+        case idle(Duration)
+        case waitingForRound(Int)
+    }
 
-    // MARK: - 1-2. Consume and key
+    enum State: Sendable {
+        case running
+        /// Stop requested: nothing is polled or claimed; what is in flight is answered, then each
+        /// step below is sent once and answered before the next.
+        case stopping(Shutdown)
+        case finished
+    }
 
-    /// Takes a consumed message: tracks its offset, picks its route, computes its key, resolves
-    /// repeats of keys this worker already holds.
-    public mutating func ingest(_ message: InboundMessage) -> Ingested {
-        counters.consumed += 1
-        let tp = message.topicPartition
-        offsets.track(tp, offset: message.offset)
+    enum Shutdown: Int, Sendable, Comparable {
+        case settle, confirm, deadLetters, storeOffsets, release, done
+        static func < (a: Self, b: Self) -> Bool { a.rawValue < b.rawValue }
+    }
 
-        let key: DedupKey
-        let route: Int
-        var token: String?
-        do throws(BadInput) {
-            if message.value.count > settings.maxMessageBytes {
-                throw BadInput(
-                    .tooLarge, "value is \(message.value.count) bytes, limit is \(settings.maxMessageBytes)")
+    enum Outstanding: Sendable {
+        /// The window and the lease count from `sentAt`: the window then ends one round trip
+        /// sooner, and a lease believed to start earlier is renewed earlier.
+        case claims(LedgerRequest, sentAt: ContinuousClock.Instant)
+        case confirms(LedgerRequest)
+        case releases([DedupKey])
+        case tokens(LedgerRequest)
+        case deadLetters([DeadLetter])
+    }
+
+    public let options: Options
+    public private(set) var ledger: DedupLedger
+    var state: State = .running
+    /// Store requests and dead-letter batches in flight, by id.
+    var outstanding: [RequestID: Outstanding] = [:]
+    var claimInFlight: RequestID?
+    var confirmInFlight: RequestID?
+    var releaseInFlight: RequestID?
+    var tokensInFlight: RequestID?
+    var deadLettersInFlight: RequestID?
+    /// The round in flight, with its messages.
+    var round: (id: RoundID, due: [Dispatch])?
+    /// Whether the claim in flight renews a buffered lease: its answer decides whether that copy
+    /// may still be dispatched, so no round starts before it.
+    var renewalsInFlight = false
+    /// A wait ended since the last poll: poll next, so the consumer is polled between waits.
+    var pollDue = true
+    var reports: [Report] = []
+
+    /// Claims to give back (revocation, failed handler, stale claim answers), until Redis took them.
+    public private(set) var toRelease: [DedupKey] = []
+    /// Bad input and given-up messages not yet acknowledged by the dead-letter topic.
+    public private(set) var deadLetters: [DeadLetter] = []
+    var deadLetterRetry = Retry(backoff: Backoff(initial: .milliseconds(200), maximum: .seconds(5)))
+    var storeRetry = Retry(backoff: Backoff(initial: .milliseconds(100), maximum: .seconds(5)))
+
+    public private(set) var assignment: Set<TopicPartition> = []
+    public private(set) var paused = false
+    var pausedForBackpressure = false
+    var everAssigned = false
+    let started: ContinuousClock.Instant
+    var lastActivity: ContinuousClock.Instant
+    /// The latest offset stored per partition (what the final commit sends), for the summary.
+    public private(set) var storedPositions: [TopicPartition: Int64] = [:]
+
+    /// Jitter for the retry delays; seeded, so a test replays the same delays.
+    var rng: SplitMix64
+
+    public init(settings: DedupSettings, routing: Routing = Routing(), options: Options = Options(),
+                now: ContinuousClock.Instant, seed: UInt64 = UInt64.random(in: 0...UInt64.max)) {
+        self.ledger = DedupLedger(settings: settings, routing: routing)
+        self.options = options
+        self.started = now
+        self.lastActivity = now
+        self.rng = SplitMix64(seed: seed)
+    }
+
+    public var counters: DedupCounters { ledger.counters }
+    /// The store answered nothing since this time (fail-closed: consumption is paused).
+    public var storeDownSince: ContinuousClock.Instant? { storeRetry.downSince }
+    public var isFinished: Bool { if case .finished = state { true } else { false } }
+    /// Not stopping yet.
+    public var isRunning: Bool { if case .running = state { true } else { false } }
+
+    // MARK: - Events
+
+    public mutating func handle(_ event: Event, now: ContinuousClock.Instant) {
+        switch event {
+        case .polled(let events):
+            pollDue = false
+            for e in events { take(e, now: now) }
+        case .answered(let answers):
+            pollDue = true
+            for a in answers { take(a, now: now) }
+        case .pauseFailed:
+            paused.toggle()
+        case .stop:
+            if case .running = state { state = .stopping(.settle) }
+        }
+    }
+
+    mutating func take(_ event: SourceEvent, now: ContinuousClock.Instant) {
+        lastActivity = now
+        switch event {
+        case .message(let message):
+            if case .bad(let bad) = ledger.ingest(message) { badInput(bad, message) }
+        case .assigned(let partitions):
+            // While paused, the source holds them: they arrive paused, like the rest.
+            assignment.formUnion(partitions)
+            everAssigned = true
+        case .revoked(let partitions), .lost(let partitions):
+            let set = Set(partitions)
+            assignment.subtract(set)
+            let released = ledger.revoke(set)
+            deadLetters.removeAll { set.contains($0.message.topicPartition) }
+            if !released.isEmpty {
+                reports.append(.revokedWithWindow(released: released.count))
+                toRelease.append(contentsOf: released)
             }
-            guard let r = hasRoutes || routing.unmatched != .default ? routing.route(for: message) : 0 else {
-                throw BadInput(.noRoute, "no route matches (routes: \(routing.routes.map(\.name).joined(separator: ", ")))")
+            // A round in flight is not interrupted: its messages keep their claims until the
+            // handler finishes and they are confirmed (the next owner sees them pending and
+            // waits) or released (the next owner claims them).
+            let inFlight = round?.due.filter { set.contains($0.message.topicPartition) }.count ?? 0
+            if inFlight > 0 { reports.append(.revokedWithHandler(inFlight: inFlight)) }
+        }
+    }
+
+    mutating func take(_ answer: Answer, now: ContinuousClock.Instant) {
+        switch answer {
+        case .claims(let id, let result):
+            guard case .claims(let request, let sentAt)? = outstanding.removeValue(forKey: id) else { return }
+            claimInFlight = nil
+            renewalsInFlight = false
+            switch result {
+            case .success(let outcomes):
+                storeAnswered(now: now)
+                // Claims for keys no longer held (their partition was revoked while the answer
+                // was on its way) are given back rather than left to expire.
+                toRelease.append(contentsOf: ledger.applyClaims(request, outcomes, now: sentAt))
+            case .failure(let error):
+                storeFailed(error, now: now)
+                if options.failOpen { ledger.applyClaimsWithoutStore(request, now: now) } else { ledger.requestFailed(request) }
             }
-            route = r
-            let s = routeSettings[r]
-            key = DedupKey(raw: try s.template.key(for: message), namespace: s.namespace)
-            token = try s.token?.key(for: message)
-        } catch {
-            counters.invalid += 1
-            if !settings.holdsDeadLetters { offsets.resolve(tp, offset: message.offset) }
-            return .bad(error)
-        }
-
-        guard let i = entries.index(forKey: key) else {
-            let place: Place = token == nil ? .claiming : .awaitingToken
-            entries[key] = Entry(
-                place: place, route: route, message: message, size: message.approximateSize,
-                deadline: .now, leaseTakenAt: nil, token: token)
-            if token == nil { claimOrder.append(key) } else { awaitingToken.append(key) }
-            return .new(key)
-        }
-        // A repeat of a key held here. `keep: last` swaps in the newer copy where that is still
-        // possible (before dispatch); the copy that loses is resolved as a duplicate either way.
-        var loser = message
-        if routeSettings[entries.values[i].route].keep == .last {
-            switch entries.values[i].place {
-            case .awaitingToken, .claiming, .parked, .buffered:
-                let size = message.approximateSize
-                if entries.values[i].place == .buffered { buffer.resized(by: size - entries.values[i].size) }
-                loser = entries.values[i].message
-                entries.values[i].message = message
-                entries.values[i].size = size
-            case .inFlight, .confirming:
-                break
+        case .confirms(let id, let result):
+            guard case .confirms(let request)? = outstanding.removeValue(forKey: id) else { return }
+            confirmInFlight = nil
+            switch result {
+            case .success(let outcomes):
+                storeAnswered(now: now)
+                for (key, other) in ledger.applyConfirms(request, outcomes) {
+                    reports.append(.confirmConflict(key, otherOwner: other))
+                }
+            case .failure(let error):
+                storeFailed(error, now: now)
+                ledger.requestFailed(request)
             }
-        }
-        counters.duplicatesLocal += 1
-        offsets.resolve(loser.topicPartition, offset: loser.offset)
-        return .localDuplicate(key)
-    }
-
-    // MARK: - 3. Claim
-
-    /// Token mode: the tokens to use in the next round trip (their Redis keys, in each route's
-    /// namespace), with the marks of their messages.
-    public func tokensToUse() -> (keys: [DedupKey], storeKeys: [String], marks: [String]) {
-        var out: (keys: [DedupKey], storeKeys: [String], marks: [String]) = ([], [], [])
-        for key in awaitingToken {
-            guard let e = entries[key], let token = e.token else { continue }
-            out.keys.append(key)
-            out.storeKeys.append(TokenKey.storeKey(token, namespace: routeSettings[e.route].namespace))
-            out.marks.append(TokenKey.mark(for: e.message))
-        }
-        return out
-    }
-
-    /// Applies the token store's answers: accepted keys go on to be claimed; the others are bad
-    /// input with the token's reason, returned for the caller to log or dead-letter.
-    public mutating func applyTokens(_ keys: [DedupKey], _ outcomes: [TokenOutcome]) -> [(BadInput, InboundMessage)] {
-        precondition(keys.count == outcomes.count, "one outcome per key")
-        var refused: [(BadInput, InboundMessage)] = []
-        for (key, outcome) in zip(keys, outcomes) {
-            guard let i = entries.index(forKey: key), entries.values[i].place == .awaitingToken else { continue }
-            let token = entries.values[i].token ?? ""
-            guard let reason = outcome.refusal else {
-                entries.values[i].place = .claiming
-                entries.values[i].token = nil
-                claimOrder.append(key)
-                continue
+        case .releases(let id, let result):
+            guard case .releases(let keys)? = outstanding.removeValue(forKey: id) else { return }
+            releaseInFlight = nil
+            switch result {
+            case .success: storeAnswered(now: now)
+            case .failure(let error):
+                storeFailed(error, now: now)
+                toRelease.insert(contentsOf: keys, at: 0)
             }
-            let message = entries.remove(at: i).value.message
-            counters.invalid += 1
-            if !settings.holdsDeadLetters { offsets.resolve(message.topicPartition, offset: message.offset) }
-            refused.append((BadInput(reason, "token \(token) is \(reason.code.dropFirst("token_".count))"), message))
-        }
-        awaitingToken.removeAll { [entries] in Self.place($0, in: entries) != .awaitingToken }
-        return refused
-    }
-
-    /// How many of the keys the last `keysToClaim` returned are renewals of buffered keys.
-    public private(set) var claimRenewals = 0
-
-    /// Keys to claim in the next round trip: new keys, parked keys whose retry time came, and
-    /// buffered keys whose lease is half used (claiming a key this worker owns extends its lease,
-    /// so renewals ride in the same pipelined round trip). Nothing moves until `applyClaims`, so
-    /// a failed round trip simply leaves them here. With several routes the keys come grouped
-    /// by route, so `storeGroups` cuts them into few groups.
-    public mutating func keysToClaim(now: ContinuousClock.Instant) -> [DedupKey] {
-        claimRenewals = 0
-        var keys = claimOrder
-        for key in parkedKeys {
-            if let i = entries.index(forKey: key), entries.values[i].deadline <= now { keys.append(key) }
-        }
-        while let first = leaseOrder.first, leaseTaken(first.key) != first.taken {
-            leaseOrder.removeFirst()
-        }
-        for entry in leaseOrder {
-            guard let i = entries.index(forKey: entry.key), entries.values[i].leaseTakenAt == entry.taken else { continue }
-            // Leases differ per route, so a young lease of one route may precede an old one of
-            // another: with routes the whole queue is looked at (it is ordered by time taken).
-            guard entry.taken <= now - routeSettings[entries.values[i].route].lease / 2 else {
-                if hasRoutes { continue } else { break }
+        case .tokens(let id, let result):
+            guard case .tokens(let request)? = outstanding.removeValue(forKey: id) else { return }
+            tokensInFlight = nil
+            switch result {
+            case .success(let outcomes):
+                storeAnswered(now: now)
+                for (bad, message) in ledger.applyTokens(request, outcomes) { badInput(bad, message) }
+            case .failure(let error):
+                storeFailed(error, now: now)
+                ledger.requestFailed(request)
             }
-            keys.append(entry.key)
-            claimRenewals += 1
-        }
-        return groupedByRoute(keys)
-    }
-
-    /// The store keys of `keys` cut into groups of one time to live (`\.lease` for claims,
-    /// `\.retention` for confirms), in the order of `keys`, for one round trip.
-    public func storeGroups(_ keys: [DedupKey], ttl: KeyPath<DedupSettings, Duration>) -> [KeyGroup] {
-        guard hasRoutes else { return keys.isEmpty ? [] : [KeyGroup(keys.map(\.storeKey), ttl: settings[keyPath: ttl])] }
-        var groups: [KeyGroup] = []
-        for key in keys {
-            let t = routeSettings[route(key)][keyPath: ttl]
-            if groups.last?.ttl == t { groups[groups.count - 1].keys.append(key.storeKey) } else { groups.append(KeyGroup([key.storeKey], ttl: t)) }
-        }
-        return groups
-    }
-
-    private func groupedByRoute(_ keys: [DedupKey]) -> [DedupKey] {
-        guard hasRoutes, keys.count > 1 else { return keys }
-        return keys.map { (key: $0, route: route($0)) }.enumerated()
-            .sorted { ($0.element.route, $0.offset) < ($1.element.route, $1.offset) }.map(\.element.key)
-    }
-
-    /// Applies the store's answers, in the order of `keys` from `keysToClaim`. Returns the keys
-    /// the store says this worker now holds although it no longer waits on them (their
-    /// partition was revoked while the answer was on its way): the caller releases them.
-    ///
-    /// Answers may come late: after more messages were ingested or partitions revoked, or after
-    /// other keys were dispatched (both tested). Two things must not happen between asking and
-    /// applying, and the Worker keeps them out: a renewed key's copy being dispatched (the
-    /// renewal's answer decides whether it may go; see `claimRenewals`), and an asked key being
-    /// dispatched, confirmed and then ingested again, whose old `alreadyOwned` would be taken
-    /// as the claim of the new copy (the duplicates of the branch
-    /// `experiment/pipelined-round-trips`). Entries carry no generation to tell them apart.
-    @discardableResult
-    public mutating func applyClaims(_ keys: [DedupKey], _ outcomes: [ClaimOutcome], now: ContinuousClock.Instant) -> [DedupKey] {
-        precondition(keys.count == outcomes.count, "one outcome per key")
-        var newClaims = 0
-        var orphans: [DedupKey] = []
-        for (key, outcome) in zip(keys, outcomes) {
-            guard let i = entries.index(forKey: key) else {
-                if case .claimed = outcome { orphans.append(key) }
-                continue
+        case .round(let id, let results):
+            guard let round, round.id == id else { return }
+            self.round = nil
+            for (dispatch, result) in zip(round.due, results) {
+                switch result {
+                case .success:
+                    ledger.dispatchSucceeded(dispatch.key)
+                case .gaveUp(let error, let attempts):
+                    reports.append(.handlerGaveUp(dispatch, error: error, attempts: attempts))
+                    if options.deadLetters {
+                        deadLetters.append(DeadLetter(
+                            message: dispatch.message, reason: DeadLetter.handlerFailed, error: error,
+                            dedupKey: dispatch.key.raw, attempts: attempts))
+                    }
+                    ledger.dispatchFailed(dispatch.key)
+                    toRelease.append(dispatch.key)
+                case .abandoned:
+                    ledger.dispatchAbandoned(dispatch.key)
+                    toRelease.append(dispatch.key)
+                }
             }
-            switch entries.values[i].place {
-            case .claiming: newClaims += 1
-            case .parked: parkedKeys.remove(key)
-            case .buffered:
-                applyRenewal(at: i, key, outcome, now: now)
-                continue
-            default: continue
+        case .deadLetters(let id, let errors):
+            guard case .deadLetters(let letters)? = outstanding.removeValue(forKey: id) else { return }
+            deadLettersInFlight = nil
+            var failed: [DeadLetter] = []
+            var firstError: String?
+            for (letter, error) in zip(letters, errors) {
+                if let error {
+                    failed.append(letter)
+                    if firstError == nil { firstError = error }
+                } else if assignment.contains(letter.message.topicPartition) {
+                    // A letter of a partition revoked meanwhile is read and dead-lettered again by
+                    // its next owner; its offset is not this worker's to resolve.
+                    ledger.deadLettered(letter.message)
+                }
             }
-            switch outcome {
-            case .claimed, .alreadyOwned:
-                // `alreadyOwned`: this worker claimed it before, e.g. its release failed when the
-                // partition was revoked and then came back. It was never dispatched: buffer it.
-                let route = entries.values[i].route
-                let deadline = now + routeSettings[route].window
-                entries.values[i].place = .buffered
-                entries.values[i].deadline = deadline
-                entries.values[i].leaseTakenAt = now
-                leaseOrder.append((key, now))
-                buffer.add(key, lane: route, deadline: deadline, size: entries.values[i].size)
-            case .done:
-                let message = entries.remove(at: i).value.message
-                counters.duplicatesStore += 1
-                offsets.resolve(message.topicPartition, offset: message.offset)
-            case .pendingElsewhere:
-                // A copy is in flight at another worker; its offset is not committed there, so
-                // nothing is lost by waiting. Look again until it is done or its lease expires.
-                park(at: i, key, now: now)
-            }
-        }
-        if newClaims == claimOrder.count {
-            claimOrder.removeAll(keepingCapacity: true)
-        } else {
-            // Some keys of claimOrder were not in this answer (ingested since it was asked):
-            // every answered key has left `claiming`, so what still claims is still waiting.
-            claimOrder.removeAll { [entries] in Self.place($0, in: entries) != .claiming }
-        }
-        return orphans
-    }
-
-    private mutating func park(at i: Dictionary<DedupKey, Entry>.Index, _ key: DedupKey, now: ContinuousClock.Instant) {
-        entries.values[i].place = .parked
-        entries.values[i].deadline = now + settings.parkRetry
-        entries.values[i].leaseTakenAt = nil
-        parkedKeys.insert(key)
-        counters.parked += 1
-    }
-
-    /// The answer to re-claiming a buffered key. Normally the lease is extended. If it had run
-    /// out and another worker took the key meanwhile, this copy leaves the buffer: a duplicate
-    /// if that worker is done, parked if its copy is still in flight.
-    private mutating func applyRenewal(
-        at i: Dictionary<DedupKey, Entry>.Index, _ key: DedupKey, _ outcome: ClaimOutcome, now: ContinuousClock.Instant
-    ) {
-        switch outcome {
-        case .claimed, .alreadyOwned:
-            entries.values[i].leaseTakenAt = now
-            leaseOrder.append((key, now))
-            counters.renewed += 1
-        case .done:
-            let e = entries.remove(at: i).value
-            buffer.removed(size: e.size)
-            counters.leasesLost += 1
-            counters.duplicatesStore += 1
-            offsets.resolve(e.message.topicPartition, offset: e.message.offset)
-        case .pendingElsewhere:
-            buffer.removed(size: entries.values[i].size)
-            counters.leasesLost += 1
-            park(at: i, key, now: now)
-        }
-    }
-
-    /// `on_store_error: fail_open`: the store did not answer, and the operator chose to let
-    /// messages through unclaimed rather than stop. Dedup then rests on the window alone.
-    public mutating func applyClaimsWithoutStore(_ keys: [DedupKey], now: ContinuousClock.Instant) {
-        let fresh = keys.filter { place($0) == .claiming || place($0) == .parked }.count
-        counters.unclaimed += fresh
-        applyClaims(keys, Array(repeating: .claimed, count: keys.count), now: now)
-    }
-
-    public var parkedCount: Int { parkedKeys.count }
-
-    // MARK: - 4-5. Delay buffer and dispatch
-
-    // Lookups read fields in place (`index(forKey:)`, then `values[i]`): `entries[key]` would
-    // copy the whole entry, retaining every buffer of its message, on each look.
-    private func place(_ key: DedupKey) -> Place? { Self.place(key, in: entries) }
-
-    private static func place(_ key: DedupKey, in entries: [DedupKey: Entry]) -> Place? {
-        guard let i = entries.index(forKey: key) else { return nil }
-        return entries.values[i].place
-    }
-
-    private func route(_ key: DedupKey) -> Int {
-        guard let i = entries.index(forKey: key) else { return 0 }
-        return entries.values[i].route
-    }
-
-    private func leaseTaken(_ key: DedupKey) -> ContinuousClock.Instant? {
-        guard let i = entries.index(forKey: key) else { return nil }
-        return entries.values[i].leaseTakenAt
-    }
-
-    private static func isLive(_ slot: DelayBuffer.Slot, in entries: [DedupKey: Entry]) -> Bool {
-        guard let i = entries.index(forKey: slot.key) else { return false }
-        return entries.values[i].place == .buffered && entries.values[i].deadline == slot.deadline
-    }
-
-    private func isLive(_ slot: DelayBuffer.Slot) -> Bool { Self.isLive(slot, in: entries) }
-
-    /// The earliest moment a buffered message becomes due.
-    public var nextDeadline: ContinuousClock.Instant? { buffer.nextDeadline(isLive: isLive) }
-
-    /// Messages whose window has passed, now handed to the handler.
-    public mutating func takeDue(now: ContinuousClock.Instant, limit: Int = .max) -> [Dispatch] {
-        let slots: [DelayBuffer.Slot]
-        do {
-            // A scoped copy for the check (the buffer is mutated meanwhile, so it cannot read
-            // `self`); it ends before `entries` is mutated below, which then needs no copy.
-            let entries = self.entries
-            slots = buffer.popDue(now: now, limit: limit) { Self.isLive($0, in: entries) }
-        }
-        var due: [Dispatch] = []
-        due.reserveCapacity(slots.count)
-        for slot in slots {
-            let i = self.entries.index(forKey: slot.key)!
-            self.entries.values[i].place = .inFlight
-            self.entries.values[i].leaseTakenAt = nil
-            buffer.removed(size: self.entries.values[i].size)
-            due.append(Dispatch(key: slot.key, message: self.entries.values[i].message, route: self.entries.values[i].route))
-        }
-        inFlightCount += due.count
-        return due
-    }
-
-    /// The handler took the message: its key goes to the next confirm round trip.
-    public mutating func dispatchSucceeded(_ key: DedupKey) {
-        guard let i = entries.index(forKey: key), entries.values[i].place == .inFlight else { return }
-        entries.values[i].place = .confirming
-        confirming.append(key)
-        inFlightCount -= 1
-        counters.dispatched += 1
-    }
-
-    /// The handler gave up after its last attempt. The offset is resolved (the caller has recorded
-    /// the message and its reason) — or, with `holdsDeadLetters`, once the caller reports it
-    /// dead-lettered — and the claim must be released so a corrected resend can pass.
-    public mutating func dispatchFailed(_ key: DedupKey) {
-        guard let i = entries.index(forKey: key), entries.values[i].place == .inFlight else { return }
-        let message = entries.remove(at: i).value.message
-        inFlightCount -= 1
-        counters.failed += 1
-        if !settings.holdsDeadLetters { offsets.resolve(message.topicPartition, offset: message.offset) }
-    }
-
-    /// With `holdsDeadLetters`: the dead-letter topic acknowledged this message (bad input or
-    /// given up), so its offset is resolved. A message of a partition revoked meanwhile is ignored.
-    public mutating func deadLettered(_ message: InboundMessage) {
-        counters.deadLettered += 1
-        offsets.resolve(message.topicPartition, offset: message.offset)
-    }
-
-    /// The handler never took the message (shutdown deadline): it is neither dispatched nor
-    /// resolved, so its offset stays uncommitted and the claim must be released.
-    public mutating func dispatchAbandoned(_ key: DedupKey) {
-        guard let i = entries.index(forKey: key), entries.values[i].place == .inFlight else { return }
-        entries.remove(at: i)
-        inFlightCount -= 1
-        counters.released += 1
-    }
-
-    /// Dispatched messages whose keys are not yet confirmed in the store.
-    public var confirmingCount: Int { confirming.count }
-
-    // MARK: - 6. Confirm
-
-    /// Keys to confirm, grouped by route (see `storeGroups(_:ttl: \.retention)`).
-    public func keysToConfirm() -> [DedupKey] { groupedByRoute(confirming) }
-
-    public mutating func applyConfirms(_ keys: [DedupKey], _ outcomes: [ConfirmOutcome]) {
-        precondition(keys.count == outcomes.count, "one outcome per key")
-        var applied = 0
-        for (key, outcome) in zip(keys, outcomes) {
-            guard let i = entries.index(forKey: key), entries.values[i].place == .confirming else { continue }
-            let message = entries.remove(at: i).value.message
-            applied += 1
-            if case .notOwner = outcome { counters.confirmConflicts += 1 }
-            offsets.resolve(message.topicPartition, offset: message.offset)
-        }
-        if applied == confirming.count {
-            confirming.removeAll(keepingCapacity: true)
-        } else {
-            confirming.removeAll { [entries] in Self.place($0, in: entries) != .confirming }
-        }
-    }
-
-    // MARK: - 7. Commit
-
-    /// Commit positions that advanced since the last call.
-    public mutating func takeCommitPositions() -> [TopicPartition: Int64] {
-        offsets.takeCommitPositions()
-    }
-
-    // MARK: - Rebalance and shutdown
-
-    /// Partitions were taken away. Their waiting messages are dropped here without storing an
-    /// offset, so the partition's next owner reads them again; returns the keys whose claims this
-    /// worker must release so that owner can claim them at once. Messages in a handler or
-    /// awaiting their confirm stay: the round is not interrupted.
-    public mutating func revoke(_ partitions: Set<TopicPartition>) -> [DedupKey] {
-        var released: [(key: DedupKey, deadline: ContinuousClock.Instant)] = []
-        var dropped: [DedupKey] = []
-        for (key, e) in entries where partitions.contains(e.message.topicPartition) {
-            switch e.place {
-            case .buffered:
-                released.append((key, e.deadline))
-                buffer.removed(size: e.size)
-                dropped.append(key)
-            case .awaitingToken, .claiming, .parked:
-                dropped.append(key)
-            case .inFlight, .confirming:
-                continue
+            deadLetters.insert(contentsOf: failed, at: 0)
+            if let firstError {
+                if deadLetterRetry.failed(now: now, rng: &rng) {
+                    reports.append(.deadLettersFailing(pending: failed.count, error: firstError))
+                }
+            } else if let downFor = deadLetterRetry.succeeded(now: now) {
+                reports.append(.deadLettersAcknowledged(downFor: downFor))
             }
         }
-        for key in dropped { entries[key] = nil }
-        if !dropped.isEmpty {
-            claimOrder.removeAll { [entries] in Self.place($0, in: entries) == nil }
-            awaitingToken.removeAll { [entries] in Self.place($0, in: entries) == nil }
-            parkedKeys = parkedKeys.filter { place($0) != nil }
-        }
-        if buffer.isEmpty { buffer.clearSlots() }
-        for tp in partitions { offsets.forget(tp) }
-        counters.released += released.count
-        return released.sorted { $0.deadline < $1.deadline }.map(\.key)
     }
 
-    /// Shutdown: everything still waiting (claiming, in the window, parked) is given back: claims
-    /// released, offsets not stored, so that the next worker dispatches it. Take the commit
-    /// positions first; this forgets the partitions it drains.
-    public mutating func drainForShutdown() -> [DedupKey] {
-        var partitions = Set<TopicPartition>()
-        for e in entries.values where e.place != .inFlight && e.place != .confirming {
-            partitions.insert(e.message.topicPartition)
-        }
-        return revoke(partitions)
+    mutating func badInput(_ bad: BadInput, _ message: InboundMessage) {
+        reports.append(.badInput(bad, message))
+        if options.deadLetters { deadLetters.append(DeadLetter(badInput: bad, message: message)) }
     }
 
-    // MARK: - State
+    mutating func storeAnswered(now: ContinuousClock.Instant) {
+        if let downFor = storeRetry.succeeded(now: now) { reports.append(.storeUp(downFor: downFor)) }
+    }
 
-    /// Whether this worker currently holds the key anywhere (claiming, window, handler, confirm).
-    public func isHolding(_ key: DedupKey) -> Bool { entries.index(forKey: key) != nil }
+    /// Fail-closed: a store error pauses consumption and retries with backoff and jitter. The
+    /// transition is reported once, not once per message or per retry.
+    mutating func storeFailed(_ error: any Error, now: ContinuousClock.Instant) {
+        if storeRetry.failed(now: now, rng: &rng) { reports.append(.storeDown(error: "\(error)")) }
+    }
 
-    /// Nothing is waiting anywhere: safe to stop when idle.
-    public var isIdle: Bool { entries.isEmpty }
+    // MARK: - Actions
 
-    /// When the caller must act again even if no message arrives.
-    public var nextWakeup: ContinuousClock.Instant? {
-        var t = nextDeadline
-        for key in parkedKeys {
-            guard let i = entries.index(forKey: key) else { continue }
-            let retry = entries.values[i].deadline
-            if t == nil || retry < t! { t = retry }
+    /// What to do next. Call again after carrying it out (and feeding its outcome, for `.poll`
+    /// and `.wait`), until `.finished`.
+    public mutating func nextAction(now: ContinuousClock.Instant) -> Action {
+        if !reports.isEmpty { return .report(reports.removeFirst()) }
+        switch state {
+        case .running:
+            if let action = runningAction(now: now) { return action }
+            if let action = idleStop(now: now) { return action }
+            return waitOrPoll(now: now)
+        case .stopping(let step):
+            return stoppingAction(step, now: now)
+        case .finished:
+            return .finished
+        }
+    }
+
+    var hasInFlight: Bool { !outstanding.isEmpty || round != nil }
+
+    var storeUsable: Bool { storeRetry.retryAt == nil }
+
+    mutating func runningAction(now: ContinuousClock.Instant) -> Action? {
+        storeRetry.expire(now: now)
+        deadLetterRetry.expire(now: now)
+        if storeUsable {
+            // Releases first: a revoked partition that came straight back may be re-read, and
+            // its keys must be free before they are claimed again.
+            if let action = releaseAction() { return action }
+            if tokensInFlight == nil, let action = tokensAction() { return action }
+            if claimInFlight == nil {
+                let request = ledger.keysToClaim(now: now)
+                if !request.isEmpty {
+                    let id = RequestID(rawValue: request.ticket)
+                    claimInFlight = id
+                    renewalsInFlight = request.renewals > 0
+                    outstanding[id] = .claims(request, sentAt: now)
+                    return .claim(id, ledger.storeGroups(request.keys, ttl: \.lease))
+                }
+            }
+        } else if options.failOpen, claimInFlight == nil {
+            let request = ledger.keysToClaim(now: now)
+            if !request.isEmpty { ledger.applyClaimsWithoutStore(request, now: now) }
+        }
+        // One round at a time, and (fail-closed) only with the store up and the last round
+        // confirmed: at most one round is ever exposed to the crash window (handler done, confirm
+        // not yet in Redis). No round while a lease is due for renewal or being renewed: a copy
+        // is dispatched only while its lease has at least half its time left.
+        if round == nil, options.failOpen || (!renewalsInFlight && !ledger.renewalDue(now: now)),
+            options.failOpen || (storeRetry.downSince == nil && ledger.confirmingCount == 0)
+        {
+            let due = ledger.takeDue(now: now, limit: options.handlerMaxBatch)
+            if !due.isEmpty {
+                let id = RoundID(rawValue: ledger.newTicket())
+                round = (id, due)
+                return .dispatch(id, due)
+            }
+        }
+        if confirmInFlight == nil, ledger.hasConfirmsToSend {
+            if storeUsable { return confirmAction() }
+            if options.failOpen {
+                // Redis down: dispatched messages are resolved without a `done` record (there is
+                // nowhere to write it) and releases are dropped (the claims expire by themselves).
+                let request = ledger.keysToConfirm()
+                ledger.applyConfirms(request, Array(repeating: .confirmedAfterLeaseLost, count: request.keys.count))
+                toRelease.removeAll()
+            }
+        }
+        if deadLettersInFlight == nil, deadLetterRetry.retryAt == nil, let action = deadLetterAction() { return action }
+        if let action = storeOffsetsAction() { return action }
+        return backpressureAction()
+    }
+
+    mutating func releaseAction() -> Action? {
+        guard releaseInFlight == nil else { return nil }
+        // A key taken up again since (re-read after its partition came back) is not released:
+        // its new claim is this worker's own.
+        toRelease.removeAll { ledger.isHolding($0) }
+        guard !toRelease.isEmpty else { return nil }
+        let id = RequestID(rawValue: ledger.newTicket())
+        let keys = toRelease
+        toRelease.removeAll()
+        releaseInFlight = id
+        outstanding[id] = .releases(keys)
+        return .release(id, keys.map(\.storeKey))
+    }
+
+    mutating func tokensAction() -> Action? {
+        let pending = ledger.tokensToUse()
+        guard !pending.keys.isEmpty else { return nil }
+        let id = RequestID(rawValue: pending.keys.ticket)
+        tokensInFlight = id
+        outstanding[id] = .tokens(pending.keys)
+        return .useTokens(id, tokens: pending.storeKeys, marks: pending.marks)
+    }
+
+    mutating func confirmAction() -> Action? {
+        let request = ledger.keysToConfirm()
+        guard !request.isEmpty else { return nil }
+        let id = RequestID(rawValue: request.ticket)
+        confirmInFlight = id
+        outstanding[id] = .confirms(request)
+        return .confirm(id, ledger.storeGroups(request.keys, ttl: \.retention))
+    }
+
+    mutating func deadLetterAction() -> Action? {
+        guard options.deadLetters, !deadLetters.isEmpty else { return nil }
+        let id = RequestID(rawValue: ledger.newTicket())
+        let letters = deadLetters
+        deadLetters.removeAll()
+        deadLettersInFlight = id
+        outstanding[id] = .deadLetters(letters)
+        return .deadLetter(id, letters)
+    }
+
+    mutating func storeOffsetsAction() -> Action? {
+        let positions = ledger.takeCommitPositions()
+        guard !positions.isEmpty else { return nil }
+        storedPositions.merge(positions) { _, new in new }
+        return .storeOffsets(positions)
+    }
+
+    mutating func backpressureAction() -> Action? {
+        let full = ledger.shouldPause
+        // Fail-closed, the store down: paused until the retry time. Then consumption resumes
+        // whether or not a request is waiting to go out; were the worker to wait for a request
+        // to succeed first, a worker whose every waiting key was revoked meanwhile would never
+        // send one and stay paused for good. A failing retry pauses it again.
+        let mustPause = full || (storeRetry.retryAt != nil && !options.failOpen)
+        if mustPause && !paused {
+            paused = true
+            pausedForBackpressure = full
+            if full { reports.append(.bufferFull(messages: ledger.buffer.count, bytes: ledger.buffer.bytes)) }
+            return .pause(Array(assignment))
+        }
+        if !mustPause && paused && ledger.canResume {
+            paused = false
+            if pausedForBackpressure { reports.append(.bufferDrained) }
+            pausedForBackpressure = false
+            return .resume(Array(assignment))
+        }
+        return nil
+    }
+
+    /// Idle counts from the first assignment: joining the group takes seconds, and a worker that
+    /// never gets partitions (more workers than partitions) gives up after 30 s more.
+    mutating func idleStop(now: ContinuousClock.Instant) -> Action? {
+        guard let idle = options.stopWhenIdle, ledger.isIdle, toRelease.isEmpty, deadLetters.isEmpty, !hasInFlight,
+            now - lastActivity >= idle, everAssigned || now - started >= idle + .seconds(30)
+        else { return nil }
+        state = .stopping(.settle)
+        return .report(.idle(idle))
+    }
+
+    /// With anything in flight: poll without blocking once after each wait, then wait for the
+    /// answers. With nothing in flight: block in poll until the next deadline, the next store
+    /// retry, or `maxPollWait`.
+    mutating func waitOrPoll(now: ContinuousClock.Instant) -> Action {
+        if hasInFlight && !pollDue {
+            var until = now + options.maxAnswerWait
+            if let wake = actionableWakeup(), wake > now { until = min(until, wake) }
+            return .wait(until: until)
+        }
+        return .poll(timeout: hasInFlight ? .zero : pollTimeout(now: now))
+    }
+
+    /// When something becomes due that the engine could act on. While the store is down
+    /// (fail-closed), deadlines cannot be acted on (nothing is dispatched), so only the retry
+    /// time counts: the loop waits instead of spinning.
+    func actionableWakeup() -> ContinuousClock.Instant? {
+        var t: ContinuousClock.Instant?
+        if storeRetry.downSince == nil || options.failOpen { t = ledger.nextWakeup }
+        for retry in [storeRetry.retryAt, deadLettersInFlight == nil && !deadLetters.isEmpty ? deadLetterRetry.retryAt : nil] {
+            if let retry { t = t.map { min($0, retry) } ?? retry }
         }
         return t
     }
 
-    /// Backpressure: pause the partitions while this is true.
-    public var shouldPause: Bool { buffer.isFull || parkedKeys.count >= settings.bufferMaxMessages }
-    /// Resume once the buffer has drained well below its bounds.
-    public var canResume: Bool { buffer.hasRoom && parkedKeys.count < settings.bufferMaxMessages / 2 }
+    /// Block in poll no longer than until the next thing due, or `maxPollWait`; in whole
+    /// milliseconds rounded up (librdkafka's unit): a deadline 0.4 ms away is waited for as 1 ms,
+    /// not polled for as 0 ms, or the loop would spin through empty passes until it passes.
+    public func pollTimeout(now: ContinuousClock.Instant) -> Duration {
+        var t = options.maxPollWait
+        if let wake = actionableWakeup() { t = min(t, wake - now) }
+        guard t > .zero else { return .zero }
+        return .milliseconds((t / .milliseconds(1)).rounded(.up))
+    }
+
+    // MARK: - Shutdown
+
+    /// Stop fetching; let what is in flight finish; confirm what was dispatched; send the dead
+    /// letters; store the offsets that are resolved; give back what still waits in the window.
+    /// Retry times are ignored: each step is tried once.
+    mutating func stoppingAction(_ step: Shutdown, now: ContinuousClock.Instant) -> Action {
+        if hasInFlight {
+            if step == .settle, let round, !reports.contains(where: { if case .waitingForRound = $0 { true } else { false } }) {
+                state = .stopping(.confirm)
+                return .report(.waitingForRound(round.due.count))
+            }
+            return .wait(until: now + .seconds(1))
+        }
+        switch step {
+        case .settle:
+            state = .stopping(.confirm)
+        case .confirm:
+            state = .stopping(.deadLetters)
+            if ledger.hasConfirmsToSend, let action = confirmAction() { return action }
+        case .deadLetters:
+            state = .stopping(.storeOffsets)
+            if let action = deadLetterAction() { return action }
+        case .storeOffsets:
+            state = .stopping(.release)
+            if let action = storeOffsetsAction() { return action }
+        case .release:
+            state = .stopping(.done)
+            toRelease.append(contentsOf: ledger.drainForShutdown())
+            if let action = releaseAction() { return action }
+        case .done:
+            state = .finished
+            return .finished
+        }
+        return nextAction(now: now)
+    }
+
+    /// What the shutdown summary reports: claims that could not be given back.
+    public var unreleasedCount: Int { toRelease.count }
+    public var roundInFlight: Int { round?.due.count ?? 0 }
+}
+
+/// The retry state of something that can fail (the store, the dead-letter topic): since when it
+/// fails, and when to try again (exponential backoff with jitter).
+struct Retry: Sendable {
+    let backoff: Backoff
+    var failures = 0
+    var downSince: ContinuousClock.Instant?
+    var retryAt: ContinuousClock.Instant?
+
+    /// Returns true when this failure starts an outage (report it once).
+    mutating func failed(now: ContinuousClock.Instant, rng: inout SplitMix64) -> Bool {
+        failures += 1
+        retryAt = now + backoff.jittered(attempt: failures, using: &rng)
+        guard downSince == nil else { return false }
+        downSince = now
+        return true
+    }
+
+    /// Returns how long it was down, when this success ends an outage.
+    mutating func succeeded(now: ContinuousClock.Instant) -> Duration? {
+        defer { failures = 0; downSince = nil; retryAt = nil }
+        return downSince.map { now - $0 }
+    }
+
+    /// The retry time came: requests may go out again (the outage lasts until one succeeds).
+    mutating func expire(now: ContinuousClock.Instant) {
+        if let t = retryAt, now >= t { retryAt = nil }
+    }
 }

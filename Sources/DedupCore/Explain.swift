@@ -51,8 +51,14 @@ public struct Explanation: Sendable {
                 out.append("window \(WorkerConfiguration.format(s.window)) keep \(s.keep.rawValue) retention \(WorkerConfiguration.format(s.retention))")
             }
             if let h = handler {
-                let target = h.type == "log" ? h.output : h.type == "kafka" ? h.topic : h.type == "http" ? h.url : h.command
-                out.append("handler \(h.type) \(target ?? "")")
+                let target: String
+                switch h.kind {
+                case .log(let output): target = output
+                case .kafka(let topic): target = topic
+                case .http(let url): target = url
+                case .exec(let command): target = command
+                }
+                out.append("handler \(h.type) \(target)")
             }
         case .bad(let reason, let detail):
             if let route { out.append("route \(route)") }

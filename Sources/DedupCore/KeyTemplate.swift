@@ -30,24 +30,16 @@ public struct KeyTemplate: Sendable, Equatable, CustomStringConvertible {
     let parts: [Part]
     public let description: String
 
-    public struct ParseError: Error, Sendable, CustomStringConvertible {
-        public var template: String
-        public var problem: String
-        public var description: String {
-            "invalid key template \"\(template)\": \(problem); expected header:NAME, key, json:/pointer, sha256:value, sha256:json:/a,/b or a composite like {header:tenant}:{json:/orderNo}"
-        }
-    }
-
     public init(_ text: String) throws {
         description = text
-        guard !text.isEmpty else { throw ParseError(template: text, problem: "it is empty") }
+        guard !text.isEmpty else { throw SyntaxError(.keyTemplate, text, problem: "it is empty") }
         if text.first == "{" || text.contains("{") {
             var parts: [Part] = []
             var rest = Substring(text)
             while !rest.isEmpty {
                 if rest.first == "{" {
                     guard let close = rest.firstIndex(of: "}") else {
-                        throw ParseError(template: text, problem: "a \"{\" has no matching \"}\"")
+                        throw SyntaxError(.keyTemplate, text, problem: "a \"{\" has no matching \"}\"")
                     }
                     let inner = rest[rest.index(after: rest.startIndex)..<close]
                     parts.append(.source(try Self.parseSource(String(inner), template: text)))
@@ -56,14 +48,14 @@ public struct KeyTemplate: Sendable, Equatable, CustomStringConvertible {
                     let next = rest.firstIndex(of: "{") ?? rest.endIndex
                     let literal = rest[..<next]
                     if literal.contains("}") {
-                        throw ParseError(template: text, problem: "a \"}\" has no matching \"{\"")
+                        throw SyntaxError(.keyTemplate, text, problem: "a \"}\" has no matching \"{\"")
                     }
                     parts.append(.literal(String(literal)))
                     rest = rest[next...]
                 }
             }
             guard parts.contains(where: { if case .source = $0 { true } else { false } }) else {
-                throw ParseError(template: text, problem: "it has no source")
+                throw SyntaxError(.keyTemplate, text, problem: "it has no source")
             }
             self.parts = parts
         } else {
@@ -76,7 +68,7 @@ public struct KeyTemplate: Sendable, Equatable, CustomStringConvertible {
         if s == "sha256:value" { return .sha256Value }
         if s.hasPrefix("header:") {
             let name = String(s.dropFirst("header:".count))
-            guard !name.isEmpty else { throw ParseError(template: template, problem: "header name is empty") }
+            guard !name.isEmpty else { throw SyntaxError(.keyTemplate, template, problem: "header name is empty") }
             return .header(name)
         }
         if s.hasPrefix("json:") {
@@ -85,15 +77,15 @@ public struct KeyTemplate: Sendable, Equatable, CustomStringConvertible {
         if s.hasPrefix("sha256:json:") {
             let list = s.dropFirst("sha256:json:".count).split(separator: ",", omittingEmptySubsequences: false)
             let ptrs = try list.map { try pointer(String($0), template: template) }
-            guard !ptrs.isEmpty else { throw ParseError(template: template, problem: "no JSON fields listed") }
+            guard !ptrs.isEmpty else { throw SyntaxError(.keyTemplate, template, problem: "no JSON fields listed") }
             return .sha256JSON(ptrs)
         }
-        throw ParseError(template: template, problem: "unknown source \"\(s)\"")
+        throw SyntaxError(.keyTemplate, template, problem: "unknown source \"\(s)\"")
     }
 
     static func pointer(_ s: String, template: String) throws -> JSONPointer {
         do { return try JSONPointer(s) } catch {
-            throw ParseError(template: template, problem: "\(error)")
+            throw SyntaxError(.keyTemplate, template, problem: "\(error)")
         }
     }
 
@@ -191,17 +183,12 @@ public struct JSONPointer: Sendable, Equatable, CustomStringConvertible {
     public let tokens: [String]
     public let description: String
 
-    public init(_ text: String) throws(PointerError) {
+    public init(_ text: String) throws(SyntaxError) {
         description = text
-        guard text.hasPrefix("/") else { throw PointerError(text: text) }
+        guard text.hasPrefix("/") else { throw SyntaxError(.jsonPointer, text, problem: "must start with \"/\"") }
         tokens = text.dropFirst().split(separator: "/", omittingEmptySubsequences: false).map {
             $0.replacingOccurrences(of: "~1", with: "/").replacingOccurrences(of: "~0", with: "~")
         }
-    }
-
-    public struct PointerError: Error, Sendable, CustomStringConvertible {
-        public var text: String
-        public var description: String { "JSON pointer \"\(text)\" must start with \"/\" (RFC 6901)" }
     }
 
     func resolve(in root: Any) -> Any? {
@@ -278,8 +265,8 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
 
     /// `raw`'s hash, taken once: the engine looks a key up in several dictionaries per message,
     /// and hashing the string each time (SipHash over every byte, then Hasher's set-up and
-    /// finalization) was about 6% of the worker's CPU in perf. Process-local (Swift seeds string
-    /// hashing per process), like every `hashValue`.
+    /// finalization) shows in the worker's profile. Process-local (Swift seeds string hashing
+    /// per process), like every `hashValue`.
     private let rawHash: Int
 
     public static let maxRawLength = 200

@@ -8,26 +8,26 @@ public struct RouteMatch: Sendable, CustomStringConvertible {
 
     /// `header` is `NAME=VALUE`, `json` is `/pointer=VALUE` (the value compared as text: a JSON
     /// string's contents, or a number, boolean or null as written in canonical JSON).
-    public init(topic: String? = nil, header: String? = nil, json: String? = nil) throws(RouteMatchError) {
+    public init(topic: String? = nil, header: String? = nil, json: String? = nil) throws(SyntaxError) {
         self.topic = topic
         if let header {
             guard let eq = header.firstIndex(of: "="), eq != header.startIndex else {
-                throw RouteMatchError(text: header, problem: "must look like NAME=VALUE, e.g. type=payment")
+                throw SyntaxError(.routeMatch, header, problem: "must look like NAME=VALUE, e.g. type=payment")
             }
             self.header = (String(header[..<eq]), String(header[header.index(after: eq)...]))
             headerTemplate = try? KeyTemplate("header:" + self.header!.name)
         }
         if let json {
             guard let eq = json.firstIndex(of: "="), json.first == "/" else {
-                throw RouteMatchError(text: json, problem: "must look like /pointer=VALUE, e.g. /kind=refund")
+                throw SyntaxError(.routeMatch, json, problem: "must look like /pointer=VALUE, e.g. /kind=refund")
             }
             self.json = (String(json[..<eq]), String(json[json.index(after: eq)...]))
             do { jsonTemplate = try KeyTemplate("json:" + self.json!.pointer) } catch {
-                throw RouteMatchError(text: json, problem: "\(error)")
+                throw SyntaxError(.routeMatch, json, problem: "\(error)")
             }
         }
         guard topic != nil || header != nil || json != nil else {
-            throw RouteMatchError(text: "", problem: "a route needs at least one of match.topic, match.header, match.json")
+            throw SyntaxError(.routeMatch, "", problem: "a route needs at least one of match.topic, match.header, match.json")
         }
     }
 
@@ -52,12 +52,6 @@ public struct RouteMatch: Sendable, CustomStringConvertible {
         if let json { parts.append("json:\(json.pointer)=\(json.value)") }
         return parts.joined(separator: " and ")
     }
-}
-
-public struct RouteMatchError: Error, Sendable, CustomStringConvertible {
-    public var text: String
-    public var problem: String
-    public var description: String { problem }
 }
 
 /// One route: which messages it takes, and its own dedup settings (key, namespace, window,

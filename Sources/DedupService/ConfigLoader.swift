@@ -1,6 +1,7 @@
 import DedupCore
 import Foundation
 import KafkaIO
+import RedisIO
 import Yams
 
 /// Reads the three configuration sources into one validated `WorkerConfiguration`.
@@ -32,6 +33,7 @@ public enum ConfigLoader {
     /// every `kafka.properties.*` entry against librdkafka's own configuration parser.
     public static func resolve(_ layers: [[String: ConfigValue]]) throws(ConfigError) -> WorkerConfiguration {
         var config = try WorkerConfiguration(layers: layers)
+        try validateRedisURL(config.redisURL, passwordGivenApart: config.redisPassword != nil || config.redisPasswordFile != nil, layers: layers)
         if let path = config.redisPasswordFile {
             config.redisPassword = try readPasswordFile(path, origin: origin(of: "redis.password_file", in: layers))
         }
@@ -53,10 +55,27 @@ public enum ConfigLoader {
     /// The admin commands' view of the same sources (Redis and Kafka connection, namespace).
     public static func resolveAdmin(_ layers: [[String: ConfigValue]]) throws(ConfigError) -> AdminConfiguration {
         var config = try AdminConfiguration(layers: layers)
+        try validateRedisURL(config.redisURL, passwordGivenApart: config.redisPassword != nil || config.redisPasswordFile != nil, layers: layers)
         if let path = config.redisPasswordFile {
             config.redisPassword = try readPasswordFile(path, origin: origin(of: "redis.password_file", in: layers))
         }
         return config
+    }
+
+    /// `redis.url` parsed by the parser the connection uses (`RedisURL`), so what passes here
+    /// connects; its password given only once.
+    static func validateRedisURL(_ text: String, passwordGivenApart: Bool, layers: [[String: ConfigValue]]) throws(ConfigError) {
+        let url: RedisURL
+        do { url = try RedisURL(text) } catch {
+            let lower = text.lowercased()
+            let detail = lower.hasPrefix("redis://") || lower.hasPrefix("rediss://") ? " (\((error as? RedisError)?.message ?? "\(error)"))" : ""
+            throw ConfigError(key: "redis.url", value: ConfigSchema.redact(text), origin: origin(of: "redis.url", in: layers),
+                              problem: "must look like redis://[user:password@]host:port/db, or rediss://... for TLS\(detail)")
+        }
+        if passwordGivenApart, url.password != nil {
+            throw ConfigError(key: "redis.url", value: ConfigSchema.redact(text), origin: origin(of: "redis.url", in: layers),
+                              problem: "holds a password and redis.password or redis.password_file is set too; give the password once")
+        }
     }
 
     static func origin(of key: String, in layers: [[String: ConfigValue]]) -> String? {

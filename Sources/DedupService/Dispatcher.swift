@@ -1,7 +1,5 @@
-import Dispatch
 import DedupCore
 import Logging
-import Synchronization
 
 /// Runs one round of due messages through the handler: up to `concurrency` calls at once, each
 /// message retried with exponential backoff and jitter up to `maxAttempts` and `maxElapsed`
@@ -31,8 +29,15 @@ struct Dispatcher: Sendable {
 
     func run(_ due: [Dispatch]) async -> [Result] {
         // One call for the whole round when the handler can take it so (no task or lock per message).
-        if let batch = handler as? any BatchHandler, (try? await batch.handleBatch(due)) != nil {
-            return Array(repeating: .success, count: due.count)
+        if let batch = handler as? any BatchHandler, batch.takesBatches {
+            do {
+                try await batch.handleBatch(due)
+                return Array(repeating: .success, count: due.count)
+            } catch {
+                logger.info(
+                    "handler failed the whole round, taking it message by message",
+                    metadata: ["dispatch.round": "\(due.count)", "error": "\(error)"])
+            }
         }
         let workers = min(concurrency, due.count)
         if workers <= 1 {
@@ -100,8 +105,9 @@ struct Dispatcher: Sendable {
     }
 }
 
-/// One round of handler calls running in its own task, beside the worker's loop.
-final class DispatchRound: Sendable {
+/// One round of handler calls (`HandlerRounds` runs each in a task of its own, beside the
+/// worker's loop).
+enum DispatchRound {
     struct Outcome: Sendable {
         /// One per message of the round, in order. A handler whose `flush` failed turns its
         /// messages' successes into `.gaveUp` (they were not made durable).
@@ -140,62 +146,5 @@ final class DispatchRound: Sendable {
             results[i] = .gaveUp(error, attempts: d.attempt)
         }
         return Outcome(results: results)
-    }
-
-    /// The outcome once known, and the loop's continuation while it waits for it.
-    private final class Slot: Sendable {
-        let state = Mutex<(outcome: Outcome?, waiter: CheckedContinuation<Outcome?, Never>?)>((nil, nil))
-
-        func complete(_ outcome: Outcome) {
-            let waiter = state.withLock { s -> CheckedContinuation<Outcome?, Never>? in
-                s.outcome = outcome
-                defer { s.waiter = nil }
-                return s.waiter
-            }
-            waiter?.resume(returning: outcome)
-        }
-
-        func expire() {
-            let waiter = state.withLock { s -> CheckedContinuation<Outcome?, Never>? in
-                defer { s.waiter = nil }
-                return s.waiter
-            }
-            waiter?.resume(returning: nil)
-        }
-    }
-
-    let due: [Dispatch]
-    private let slot = Slot()
-    private let task: Task<Void, Never>
-
-    init(due: [Dispatch], _ body: @escaping @Sendable () async -> Outcome) {
-        self.due = due
-        let slot = self.slot
-        task = Task { slot.complete(await body()) }
-    }
-
-    /// The outcome if the round finishes within `limit`, else nil (the round keeps running).
-    /// A continuation and a timer rather than a task group: a group would wait for its child
-    /// that awaits the round, which is exactly what must not happen here.
-    func outcome(waitingUpTo limit: Duration) async -> Outcome? {
-        let slot = self.slot
-        return await withCheckedContinuation { (c: CheckedContinuation<Outcome?, Never>) in
-            let done = slot.state.withLock { s -> Outcome? in
-                if let o = s.outcome { return o }
-                s.waiter = c
-                return nil
-            }
-            if let done { return c.resume(returning: done) }
-            DispatchQueue.global().asyncAfter(deadline: .now() + .milliseconds(Int(limit.milliseconds))) {
-                slot.expire()
-            }
-        }
-    }
-
-    /// Waits for the round to end; cancelling the caller cancels the round.
-    func finish() async -> Outcome {
-        let task = self.task
-        await withTaskCancellationHandler { await task.value } onCancel: { task.cancel() }
-        return slot.state.withLock { $0.outcome! }
     }
 }

@@ -14,9 +14,8 @@ import Glibc
 ///
 /// The lines are built straight into one buffer that lives as long as the handler (`LineBuffer`)
 /// and written from it with write(2): no array per line or per round, no `Data` copy. It runs
-/// once per unique message, and profiling the bench's worker showed the earlier `[UInt8]`
-/// version (an append, with its uniqueness check and capacity check, per byte) at 15% of its
-/// CPU time.
+/// once per unique message, where an append per byte (with its uniqueness and capacity checks)
+/// is a large share of the worker's CPU.
 public final class LogOutputHandler: BatchHandler {
     private let fd: Int32
     private let ownsFD: Bool

@@ -86,15 +86,11 @@ public final class LineSink: Sendable {
     public func flush() { queue.sync {} }
 }
 
-extension Logger.Level {
-    init?(configName: String) { self.init(rawValue: configName) }
-}
-
 /// Sets up swift-log once for the process.
 public enum OperationalLog {
-    public static func bootstrap(level: String, format: String) {
-        let lvl = Logger.Level(configName: level) ?? .info
-        let fmt = OperationalLogHandler.Format(rawValue: format) ?? .logfmt
+    public static func bootstrap(level: LogLevel, format: LogFormat) {
+        let lvl = Logger.Level(rawValue: level.rawValue) ?? .info
+        let fmt = OperationalLogHandler.Format(rawValue: format.rawValue) ?? .logfmt
         LoggingSystem.bootstrap { label in OperationalLogHandler(label: label, level: lvl, format: fmt) }
         // Lines still queued when the process exits (main returns, exit(), the watchdog) are written first.
         atexit { OperationalLog.flush() }

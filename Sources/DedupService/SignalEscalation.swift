@@ -29,7 +29,8 @@ public final class SignalEscalation: @unchecked Sendable {
                 if n >= 2 {
                     logger.warning("second signal, exiting now without finishing the shutdown",
                                    metadata: ["signal": "\(sig == SIGTERM ? "SIGTERM" : "SIGINT")"])
-                    // Log lines are written on their own queue: write this one before exiting.
+                    // `_exit` skips atexit: the operational log's queued lines (this one too) are
+                    // written first.
                     OperationalLog.flush()
                     _exit(128 + sig)
                 }

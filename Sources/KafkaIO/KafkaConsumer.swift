@@ -40,16 +40,13 @@ public final class KafkaConsumer: @unchecked Sendable {
         "max.poll.interval.ms": "20000",
         "enable.partition.eof": "false",
         // Prefetch counts toward the worker's memory: librdkafka's default (64 MiB) would double
-        // the footprint of a full delay buffer; 8 MiB is a quarter of a second of messages at
-        // 100,000 msg/s of 300 bytes; 256 KiB per partition and fetch keeps the overshoot of one
-        // fetch response small. librdkafka 2.0 backs a partition off for
-        // fetch.error.backoff.ms once its queue is over this bound (500 ms by default, which
-        // starved the worker: 11,450 msg/s, idle most of the time), hence the short backoff.
-        // The message count is the tighter bound for ~300-byte messages. At 25,000 the prefetch
-        // queue was empty at the start of most polls in `dedupd bench` (~0.5 s of every 2 s spent
-        // waiting in the first poll call) and the worker ran at 27,400 msg/s; at 35,000 it ran at
-        // 34,300. Memory is what stops it going higher: MemoryBoundTests peaked at 61 MiB with
-        // 25,000, 62-65 MiB with 35,000 and 73 MiB with 50,000 (bound 72 MiB).
+        // the footprint of a full delay buffer, so the queue is bounded to a fraction of a second
+        // of messages, and 256 KiB per partition and fetch keeps the overshoot of one fetch
+        // response small. librdkafka 2.0 backs a partition off for fetch.error.backoff.ms once
+        // its queue is over this bound, and its default (500 ms) starves the worker, hence the
+        // short backoff. The message count is the tighter bound for small messages: lower, and
+        // the prefetch queue runs empty between polls; higher, and MemoryBoundTests' bound is
+        // passed (the figures: docs/performance.md).
         "queued.max.messages.kbytes": "8192",
         "queued.min.messages": "35000",
         "max.partition.fetch.bytes": "262144",

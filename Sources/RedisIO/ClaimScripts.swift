@@ -12,8 +12,8 @@ struct LuaScript: Sendable, Hashable {
     /// or the foreign value ("p:other") when pending elsewhere.
     ///
     /// A new key costs one call: `SET NX GET` claims it if absent and returns what was there
-    /// (Redis >= 7.0). That is most of the claims, and one call instead of `GET` then `SET` cut
-    /// the script's Redis time per key from ~6.0 to ~4.2-5.3 µs here. A server that refuses the
+    /// (Redis >= 7.0). That is most of the claims, and one call instead of `GET` then `SET` costs
+    /// Redis less time per key. A server that refuses the
     /// combination (before 7.0) makes the first `pcall` fail; the rest of the chunk then reads
     /// and writes in two calls, as before.
     static let claim = LuaScript(name: "claim", source: """

@@ -57,6 +57,45 @@ public final class RedisClaimStore: ClaimStore {
         send(.confirm, Self.batches(groups, owner: owner), element: Self.confirmOutcome)
     }
 
+    /// `release`, sent now; the caller awaits `outcomes()` when it needs them.
+    public func sendReleases(_ keys: [String], owner: String) -> Request<Bool> {
+        send(.release, [ScriptBatch(keys: keys, args: [RedisArgument(owner)], perKeyArgs: nil)], element: Self.flag)
+    }
+
+    /// `use` (token mode), sent now; the caller awaits `outcomes()` when it needs them.
+    public func sendTokenUses(_ tokens: [String], marks: [String]) -> Request<TokenOutcome> {
+        precondition(tokens.count == marks.count, "one mark per token")
+        return send(
+            .useTokens, [ScriptBatch(keys: tokens, args: [], perKeyArgs: marks.map { RedisArgument($0) })],
+            element: Self.tokenOutcome)
+    }
+
+    public func requestClaims(_ groups: [KeyGroup], owner: String) -> StoreReply<[ClaimOutcome]> {
+        Self.reply(sendClaims(groups, owner: owner))
+    }
+
+    public func requestConfirms(_ groups: [KeyGroup], owner: String) -> StoreReply<[ConfirmOutcome]> {
+        Self.reply(sendConfirms(groups, owner: owner))
+    }
+
+    public func requestReleases(_ keys: [String], owner: String) -> StoreReply<[Bool]> {
+        Self.reply(sendReleases(keys, owner: owner))
+    }
+
+    public func requestTokenUses(_ tokens: [String], marks: [String]) -> StoreReply<[TokenOutcome]> {
+        Self.reply(sendTokenUses(tokens, marks: marks))
+    }
+
+    /// The request is on its way already; a task only waits for its answers (and reloads a
+    /// script the server lost).
+    private static func reply<Item: Sendable>(_ request: Request<Item>) -> StoreReply<[Item]> {
+        let reply = StoreReply<[Item]>()
+        Task {
+            do { reply.complete(.success(try await request.outcomes())) } catch { reply.complete(.failure(error)) }
+        }
+        return reply
+    }
+
     @Sendable private static func claimOutcome(_ element: UnsafePointer<redisReply>) -> ClaimOutcome? {
         // One byte is one of the script's own answers; anything longer is the foreign value.
         switch shortCode(element) {
@@ -401,14 +440,16 @@ extension RedisClaimStore: TokenStore {
 
     public func use(_ tokens: [String], marks: [String]) async throws -> [TokenOutcome] {
         precondition(tokens.count == marks.count, "one mark per token")
-        return try await run(.useTokens, keys: tokens, args: [], perKeyArgs: marks.map { RedisArgument($0) }) { element in
-            switch Self.shortCode(element) {
-            case UInt8(ascii: "a"): .accepted
-            case UInt8(ascii: "u"): .unknown
-            case UInt8(ascii: "e"): .expired
-            case UInt8(ascii: "r"): .reused
-            default: nil
-            }
+        return try await run(.useTokens, keys: tokens, args: [], perKeyArgs: marks.map { RedisArgument($0) }, element: Self.tokenOutcome)
+    }
+
+    @Sendable static func tokenOutcome(_ element: UnsafePointer<redisReply>) -> TokenOutcome? {
+        switch shortCode(element) {
+        case UInt8(ascii: "a"): .accepted
+        case UInt8(ascii: "u"): .unknown
+        case UInt8(ascii: "e"): .expired
+        case UInt8(ascii: "r"): .reused
+        default: nil
         }
     }
 }

@@ -8,38 +8,40 @@ import Glibc
 import Darwin
 #endif
 
-/// One blocking hiredis connection to one Redis server.
+/// One blocking connection to one Redis server, plaintext or TLS (`RedisSocket`: the socket and
+/// the TLS session are RedisIO's own, hiredis's reader decodes the replies).
 ///
-/// hiredis contexts are not thread-safe and every call blocks on the socket, so
-/// every C call on the context runs on one dedicated serial `DispatchQueue`,
-/// never on Swift's cooperative pool. A `pipeline` is one hop to that queue:
-/// all commands are appended, then all replies read (one round trip).
+/// Every call blocks on the socket, so every I/O call runs on one dedicated serial
+/// `DispatchQueue`, never on Swift's cooperative pool. A `pipeline` is one hop to that queue:
+/// all commands are written, then all replies read (one round trip).
 ///
-/// Reconnect: when hiredis reports an I/O or protocol error the context is
-/// freed and the call throws a retriable `RedisError`; the next call connects
-/// again (AUTH and SELECT included), so a restarted redis-server is picked up
-/// without restarting the process. A connection the server has closed while
-/// idle is noticed before sending (the socket is readable), and replaced at once.
+/// Reconnect: on an I/O or protocol error the socket is closed and the call throws a retriable
+/// `RedisError`; the next call connects again (TLS handshake, AUTH and SELECT included), so a
+/// restarted redis-server is picked up without restarting the process. A connection the server
+/// has closed while idle is noticed before sending (the socket is readable), and replaced at once.
 ///
 /// The password is never logged.
 ///
-/// `@unchecked Sendable` is safe because all mutable state (`context`,
-/// `closed`, `connects`) is read and written only on `queue`, a serial queue;
-/// the remaining stored properties are immutable `Sendable` values.
+/// `@unchecked Sendable` is safe because all mutable state (`socket`, `closed`, `connects`) is
+/// read and written only on `queue`, a serial queue; the remaining stored properties are
+/// immutable `Sendable` values.
 public final class RedisConnection: @unchecked Sendable {
     public let url: RedisURL
     public let connectTimeout: Duration
     public let commandTimeout: Duration
     private let logger: Logger
     private let queue: DispatchQueue
+    /// For `rediss://` URLs: trust roots and client certificate, loaded once.
+    private let tls: RedisTLSContext?
 
     // Only touched on `queue`.
-    private var context: UnsafeMutablePointer<redisContext>?
+    private var socket: RedisSocket?
     private var closed = false
     private var connects = 0
 
-    private init(url: RedisURL, connectTimeout: Duration, commandTimeout: Duration, logger: Logger) {
+    private init(url: RedisURL, connectTimeout: Duration, commandTimeout: Duration, tls: RedisTLSContext?, logger: Logger) {
         self.url = url
+        self.tls = tls
         self.connectTimeout = connectTimeout
         self.commandTimeout = commandTimeout
         var logger = logger
@@ -49,28 +51,26 @@ public final class RedisConnection: @unchecked Sendable {
         Self.ignoreSIGPIPE
     }
 
-    deinit {
-        // No call can be in flight: every queued block holds a strong reference.
-        if let context { redisFree(context) }
-    }
-
-    /// hiredis writes with `write(2)`: a write to a socket the server has closed
-    /// would raise SIGPIPE and kill the process. Ignored once, process-wide.
+    /// A write to a socket the server has closed raises SIGPIPE, which would kill the process
+    /// (OpenSSL writes with write(2)). Ignored once, process-wide.
     private static let ignoreSIGPIPE: Void = {
         _ = signal(SIGPIPE, SIG_IGN)
     }()
 
-    /// Connects (TCP, AUTH, SELECT). Throws if the first connection fails, so a
-    /// wrong address or password is reported at start.
+    /// Connects (TCP, TLS for `rediss://`, AUTH, SELECT, PING). Throws if the first connection
+    /// fails, so a wrong address, password or certificate is reported at start. `tls` applies to
+    /// `rediss://` URLs only.
     public static func connect(
         _ url: RedisURL,
         connectTimeout: Duration = .seconds(2),
         commandTimeout: Duration = .seconds(5),
+        tls: RedisTLSOptions = RedisTLSOptions(),
         logger: Logger
     ) async throws -> RedisConnection {
         let connection = RedisConnection(
-            url: url, connectTimeout: connectTimeout, commandTimeout: commandTimeout, logger: logger)
-        try await connection.onQueue { _ = try connection.connectedContext() }
+            url: url, connectTimeout: connectTimeout, commandTimeout: commandTimeout,
+            tls: url.tls ? try RedisTLSContext(tls) : nil, logger: logger)
+        try await connection.onQueue { _ = try connection.connectedSocket() }
         return connection
     }
 
@@ -140,7 +140,7 @@ public final class RedisConnection: @unchecked Sendable {
     public func close() async {
         _ = try? await onQueue {
             self.closed = true
-            self.dropContext()
+            self.socket = nil
         }
     }
 
@@ -155,60 +155,43 @@ public final class RedisConnection: @unchecked Sendable {
     }
 
     private func runPipeline<T>(_ batch: RedisCommandBatch, _ parse: (UnsafePointer<redisReply>) throws -> T) throws -> [T] {
-        let ctx = try connectedContext()
+        let socket = try connectedSocket()
         do {
-            return try Self.roundTrip(ctx, batch, parse)
+            return try Self.roundTrip(socket, batch, parse)
         } catch let error as RedisError {
             logger.info("redis connection lost", metadata: ["error.message": "\(error.message)"])
-            dropContext()
+            self.socket = nil
             throw error
         }
     }
 
-    private func dropContext() {
-        if let context {
-            redisFree(context)
-            self.context = nil
-        }
-    }
-
-    /// The current context, after (re)connecting if needed.
-    private func connectedContext() throws -> UnsafeMutablePointer<redisContext> {
+    /// The current socket, after (re)connecting if needed.
+    private func connectedSocket() throws -> RedisSocket {
         if closed { throw RedisError(.closed, "connection to \(url.redacted) was closed") }
-        if let context {
-            if Self.peerHasClosed(context) {
+        if let socket {
+            if socket.peerHasClosed() {
                 logger.debug("redis connection closed by server while idle; reconnecting")
-                dropContext()
+                self.socket = nil
             } else {
-                return context
+                return socket
             }
         }
-        let ctx = try openContext()
-        context = ctx
+        let opened = try openSocket()
+        socket = opened
         connects += 1
         if connects == 1 {
-            logger.info("redis connected")
+            logger.info("redis connected", metadata: url.tls ? ["redis.tls": "true"] : [:])
         } else {
             logger.info("redis reconnected", metadata: ["redis.connects": "\(connects)"])
         }
-        return ctx
+        return opened
     }
 
-    private func openContext() throws -> UnsafeMutablePointer<redisContext> {
-        let maybeCtx = url.host.withCString { redisConnectWithTimeout($0, Int32(url.port), Self.makeTimeval(connectTimeout)) }
-        guard let ctx = maybeCtx else {
-            throw RedisError(.connection, "cannot allocate a hiredis context")
-        }
-        if ctx.pointee.err != 0 {
-            let error = Self.contextError(ctx, action: "connecting to \(url.host):\(url.port)")
-            redisFree(ctx)
-            throw error
-        }
-        guard redisSetTimeout(ctx, Self.makeTimeval(commandTimeout)) == REDIS_OK else {
-            let error = Self.contextError(ctx, action: "setting the command timeout")
-            redisFree(ctx)
-            throw error
-        }
+    /// Connects, then AUTH, SELECT and PING in one round trip: the PING makes a server that
+    /// cannot speak with us (a TLS-only port reached with redis://) fail here, at connect.
+    private func openSocket() throws -> RedisSocket {
+        let socket = try RedisSocket.connect(
+            host: url.host, port: url.port, connectTimeout: connectTimeout, commandTimeout: commandTimeout, tls: tls)
         var setup = RedisCommandBatch()
         if let password = url.password {
             setup.begin()
@@ -221,53 +204,56 @@ public final class RedisConnection: @unchecked Sendable {
             setup.append("SELECT")
             setup.append(url.database)
         }
-        if setup.commandCount == 0 { return ctx }
+        setup.begin()
+        setup.append("PING")
+        let replies: [RedisReply]
         do {
-            let replies = try Self.roundTrip(ctx, setup) { RedisReply($0) }
-            var index = 0
-            if url.password != nil {
-                if case .error(let text) = replies[0] {
-                    // Never include the password; the server's text does not contain it.
-                    let who = url.user.map { "user '\($0)'" } ?? "the default user"
-                    throw RedisError(.auth, "AUTH as \(who) at \(url.host):\(url.port) was refused: \(text)")
-                }
-                index = 1
+            replies = try Self.roundTrip(socket, setup) { RedisReply($0) }
+        } catch let error as RedisError where !url.tls && (error.code == .timeout || error.code == .connection || error.code == .protocolError) {
+            // A TLS-only port takes the plaintext PING for a broken handshake: it waits or hangs up.
+            throw RedisError(error.code, "\(error.message) (no answer to PING; if the server only accepts TLS on this port, use rediss://)")
+        }
+        var index = 0
+        if url.password != nil {
+            if case .error(let text) = replies[0] {
+                // Never include the password; the server's text does not contain it.
+                let who = url.user.map { "user '\($0)'" } ?? "the default user"
+                throw RedisError(.auth, "AUTH as \(who) at \(url.host):\(url.port) was refused: \(text)")
             }
-            if url.database != 0 {
-                if case .error(let text) = replies[index] {
-                    let error = RedisError.fromServerReply(text, context: "SELECT \(url.database)")
-                    if error.code == .auth {
-                        throw RedisError(.auth, "\(url.host):\(url.port) requires AUTH (no password in URL): \(text)")
-                    }
-                    throw error
+            index = 1
+        }
+        if url.database != 0 {
+            if case .error(let text) = replies[index] {
+                let error = RedisError.fromServerReply(text, context: "SELECT \(url.database)")
+                if error.code == .auth {
+                    throw RedisError(.auth, "\(url.host):\(url.port) requires AUTH (no password in URL): \(text)")
                 }
+                throw error
             }
-        } catch {
-            redisFree(ctx)
+            index += 1
+        }
+        if case .error(let text) = replies[index] {
+            let error = RedisError.fromServerReply(text, context: "PING")
+            if error.code == .auth {
+                throw RedisError(.auth, "\(url.host):\(url.port) requires AUTH (no password in URL): \(text)")
+            }
             throw error
         }
-        return ctx
+        return socket
     }
 
-    /// Appends every command to the output buffer, then reads one reply per command and parses
-    /// it before freeing it. Every reply is read even when `parse` throws, so the connection
-    /// stays in step; the first error is thrown afterwards.
+    /// Writes every command, then reads one reply per command and parses it before freeing it.
+    /// Every reply is read even when `parse` throws, so the connection stays in step; the first
+    /// error is thrown afterwards.
     private static func roundTrip<T>(
-        _ ctx: UnsafeMutablePointer<redisContext>, _ batch: RedisCommandBatch, _ parse: (UnsafePointer<redisReply>) throws -> T
+        _ socket: RedisSocket, _ batch: RedisCommandBatch, _ parse: (UnsafePointer<redisReply>) throws -> T
     ) throws -> [T] {
-        try append(ctx, batch)
+        try socket.write(batch.encoded())
         var replies: [T] = []
         replies.reserveCapacity(batch.commandCount)
         var parseError: (any Error)?
         for _ in 0..<batch.commandCount {
-            var raw: UnsafeMutableRawPointer?
-            guard redisGetReply(ctx, &raw) == REDIS_OK else {
-                if let raw { freeReplyObject(raw) }
-                throw contextError(ctx, action: "reading a reply")
-            }
-            guard let raw else {
-                throw RedisError(.protocolError, "hiredis returned no reply")
-            }
+            let raw = try socket.nextReply()
             defer { freeReplyObject(raw) }
             guard parseError == nil else { continue }
             do {
@@ -278,71 +264,5 @@ public final class RedisConnection: @unchecked Sendable {
         }
         if let parseError { throw parseError }
         return replies
-    }
-
-    /// Hands every command of `batch` to hiredis (`redisAppendCommandArgv`), with argv pointers
-    /// into the batch's one contiguous buffer, valid for the duration of each call.
-    private static func append(_ ctx: UnsafeMutablePointer<redisContext>, _ batch: RedisCommandBatch) throws {
-        var argv: [UnsafePointer<CChar>?] = []
-        argv.reserveCapacity(batch.lengths.count)
-        let status: Int32 = batch.bytes.withUnsafeBufferPointer { bytes in
-            let base = UnsafeRawPointer(bytes.baseAddress!).assumingMemoryBound(to: CChar.self)
-            var offset = 0
-            for length in batch.lengths {
-                argv.append(base + offset)
-                offset += length
-            }
-            return argv.withUnsafeMutableBufferPointer { argvPointer in
-                batch.lengths.withUnsafeBufferPointer { lengthPointer in
-                    var first = 0
-                    for count in batch.argumentCounts {
-                        let status = redisAppendCommandArgv(
-                            ctx, Int32(count), argvPointer.baseAddress! + first, lengthPointer.baseAddress! + first)
-                        if status != REDIS_OK { return status }
-                        first += count
-                    }
-                    return REDIS_OK
-                }
-            }
-        }
-        guard status == REDIS_OK else {
-            throw contextError(ctx, action: "appending a command")
-        }
-    }
-
-    /// True if the server closed the socket (or sent something unsolicited) while
-    /// we were idle: RESP2 never sends without a request, so a readable socket
-    /// between calls means EOF or garbage. One `poll(2)` with a zero timeout.
-    private static func peerHasClosed(_ ctx: UnsafeMutablePointer<redisContext>) -> Bool {
-        var pfd = pollfd(fd: ctx.pointee.fd, events: Int16(POLLIN), revents: 0)
-        let n = poll(&pfd, 1, 0)
-        return n != 0
-    }
-
-    private static func contextError(_ ctx: UnsafeMutablePointer<redisContext>, action: String) -> RedisError {
-        let text = withUnsafePointer(to: ctx.pointee.errstr) {
-            $0.withMemoryRebound(to: CChar.self, capacity: MemoryLayout.size(ofValue: ctx.pointee.errstr)) {
-                String(cString: $0)
-            }
-        }
-        let message = "\(action): \(text.isEmpty ? "unknown error" : text)"
-        switch ctx.pointee.err {
-        case REDIS_ERR_PROTOCOL:
-            return RedisError(.protocolError, message, retriable: true)
-        case REDIS_ERR_IO where text.contains("temporarily unavailable") || text.contains("timed out"):
-            // hiredis 0.14 reports a socket timeout (SO_RCVTIMEO) as EAGAIN.
-            return RedisError(.timeout, message)
-        default:
-            return RedisError(.connection, message)
-        }
-    }
-
-    private static func makeTimeval(_ duration: Duration) -> timeval {
-        let (seconds, attoseconds) = duration.components
-        let micros = max(0, attoseconds / 1_000_000_000_000)
-        if seconds <= 0 && micros == 0 {
-            return timeval(tv_sec: 0, tv_usec: 1000)
-        }
-        return timeval(tv_sec: Int(seconds), tv_usec: Int(micros))
     }
 }

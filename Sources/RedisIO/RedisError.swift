@@ -16,6 +16,7 @@ public struct RedisError: Error, Sendable, CustomStringConvertible {
             case invalidURL = "invalid URL"
             case auth
             case closed
+            case tls
         }
 
         private let base: Base
@@ -37,6 +38,10 @@ public struct RedisError: Error, Sendable, CustomStringConvertible {
         public static let auth = Code(.auth)
         /// The connection was closed by its owner.
         public static let closed = Code(.closed)
+        /// A TLS file could not be loaded (not retriable), or the handshake failed: the server's
+        /// certificate was not accepted, or the port does not speak TLS (retriable: fail closed
+        /// and try again, as for an unreachable server).
+        public static let tls = Code(.tls)
 
         public var description: String { base.rawValue }
     }
@@ -49,7 +54,7 @@ public struct RedisError: Error, Sendable, CustomStringConvertible {
     public init(_ code: Code, _ message: String, retriable: Bool? = nil) {
         self.code = code
         self.message = message
-        self.retriable = retriable ?? (code == .connection || code == .timeout)
+        self.retriable = retriable ?? (code == .connection || code == .timeout || code == .tls)
     }
 
     /// Whether the same call may succeed later: connection and timeout errors are

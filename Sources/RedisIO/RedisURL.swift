@@ -1,6 +1,8 @@
-/// Where and how to connect to Redis: `redis://[user:password@]host[:port][/db]`.
+/// Where and how to connect to Redis: `redis://[user:password@]host[:port][/db]`, or
+/// `rediss://...` for TLS.
 ///
-/// Also accepted: `redis://:password@host` (password only, the `default` user).
+/// Also accepted: `redis://:password@host` (password only, the `default` user) and
+/// `redis://user@host` (an ACL user whose password is given apart, e.g. `redis.password_file`).
 /// User and password are percent-decoded, so a password may contain `@`, `:` or
 /// `/` written as `%40`, `%3A`, `%2F`.
 ///
@@ -17,8 +19,11 @@ public struct RedisURL: Sendable, Hashable, CustomStringConvertible, CustomDebug
     public var password: String?
     /// Logical database selected after connecting. Default: 0.
     public var database: Int
+    /// `rediss://`: the connection is TLS, the server's certificate verified.
+    public var tls: Bool
 
-    public init(host: String, port: Int = 6379, user: String? = nil, password: String? = nil, database: Int = 0) {
+    public init(host: String, port: Int = 6379, user: String? = nil, password: String? = nil, database: Int = 0, tls: Bool = false) {
+        self.tls = tls
         self.host = host
         self.port = port
         self.user = user
@@ -32,16 +37,12 @@ public struct RedisURL: Sendable, Hashable, CustomStringConvertible, CustomDebug
         func bad(_ what: String) -> RedisError {
             RedisError(.invalidURL, "invalid Redis URL: \(what)")
         }
-        let scheme = "redis://"
         guard let schemeEnd = string.firstRange(of: "://") else {
-            throw bad("missing scheme, expected redis://host[:port][/db]")
+            throw bad("missing scheme, expected redis://host[:port][/db] or rediss:// for TLS")
         }
         let givenScheme = string[..<schemeEnd.lowerBound].lowercased()
-        guard givenScheme + "://" == scheme else {
-            if givenScheme == "rediss" {
-                throw bad("scheme 'rediss' (TLS) is not supported, use redis://")
-            }
-            throw bad("scheme '\(givenScheme)' is not supported, use redis://")
+        guard givenScheme == "redis" || givenScheme == "rediss" else {
+            throw bad("scheme '\(givenScheme)' is not supported, use redis:// or rediss:// (TLS)")
         }
         var rest = Substring(string[schemeEnd.upperBound...])
         if let q = rest.firstIndex(where: { $0 == "?" || $0 == "#" }) {
@@ -61,22 +62,28 @@ public struct RedisURL: Sendable, Hashable, CustomStringConvertible, CustomDebug
         if let at = rest.lastIndex(of: "@") {
             let userInfo = rest[..<at]
             hostPort = rest[rest.index(after: at)...]
-            guard let colon = userInfo.firstIndex(of: ":") else {
-                throw bad("credentials must be 'user:password@' or ':password@' (no ':' found before '@')")
+            if let colon = userInfo.firstIndex(of: ":") {
+                let rawUser = userInfo[..<colon]
+                let rawPassword = userInfo[userInfo.index(after: colon)...]
+                guard let decodedUser = Self.percentDecode(rawUser) else {
+                    throw bad("user name has an invalid percent-encoding")
+                }
+                guard let decodedPassword = Self.percentDecode(rawPassword) else {
+                    throw bad("password has an invalid percent-encoding")
+                }
+                guard !decodedPassword.isEmpty else {
+                    throw bad("password is empty")
+                }
+                user = decodedUser.isEmpty ? nil : decodedUser
+                password = decodedPassword
+            } else {
+                // `user@` alone names an ACL user whose password is given apart
+                // (`redis.password`, `redis.password_file`).
+                guard let decodedUser = Self.percentDecode(userInfo), !decodedUser.isEmpty else {
+                    throw bad("user name is empty or has an invalid percent-encoding")
+                }
+                user = decodedUser
             }
-            let rawUser = userInfo[..<colon]
-            let rawPassword = userInfo[userInfo.index(after: colon)...]
-            guard let decodedUser = Self.percentDecode(rawUser) else {
-                throw bad("user name has an invalid percent-encoding")
-            }
-            guard let decodedPassword = Self.percentDecode(rawPassword) else {
-                throw bad("password has an invalid percent-encoding")
-            }
-            guard !decodedPassword.isEmpty else {
-                throw bad("password is empty")
-            }
-            user = decodedUser.isEmpty ? nil : decodedUser
-            password = decodedPassword
         }
         // Host and port; IPv6 literals in brackets.
         var host: Substring
@@ -115,12 +122,12 @@ public struct RedisURL: Sendable, Hashable, CustomStringConvertible, CustomDebug
             }
             database = d
         }
-        self.init(host: String(host), port: port, user: user, password: password, database: database)
+        self.init(host: String(host), port: port, user: user, password: password, database: database, tls: givenScheme == "rediss")
     }
 
     /// The URL with the password replaced by `***` (user name kept).
     public var redacted: String {
-        var s = "redis://"
+        var s = tls ? "rediss://" : "redis://"
         if password != nil {
             s += "\(user.map(Self.percentEncode) ?? ""):***@"
         }
@@ -133,7 +140,7 @@ public struct RedisURL: Sendable, Hashable, CustomStringConvertible, CustomDebug
     public var debugDescription: String { "RedisURL(\(redacted))" }
     public var customMirror: Mirror {
         Mirror(self, children: ["host": host, "port": port, "user": user as Any,
-                                "password": password == nil ? "nil" : "***", "database": database])
+                                "password": password == nil ? "nil" : "***", "database": database, "tls": tls])
     }
 
     private static func percentDecode(_ s: Substring) -> String? {

@@ -8,7 +8,7 @@ import Testing
     /// With a dead-letter topic, bad input and given-up messages hold the commit position until
     /// `deadLettered` says the topic acknowledged them; without one they are resolved at once.
     @Test func heldDeadLettersHoldTheCommitPosition() throws {
-        var engine = DedupEngine(settings: DedupSettings(
+        var engine = DedupLedger(settings: DedupSettings(
             template: try KeyTemplate("header:message-id"), namespace: "t", window: .seconds(1), holdsDeadLetters: true))
         let now = ContinuousClock.now
         let bad = msg(nil, offset: 0)
@@ -26,7 +26,7 @@ import Testing
         #expect(engine.takeCommitPositions() == [TopicPartition(topic: "t", partition: 0): 2])
         #expect(engine.counters.deadLettered == 2 && engine.counters.failed == 1 && engine.counters.invalid == 1)
 
-        var plain = DedupEngine(settings: DedupSettings(template: try KeyTemplate("header:message-id")))
+        var plain = DedupLedger(settings: DedupSettings(template: try KeyTemplate("header:message-id")))
         _ = plain.ingest(msg(nil, offset: 0))
         #expect(plain.takeCommitPositions() == [TopicPartition(topic: "t", partition: 0): 1])
     }

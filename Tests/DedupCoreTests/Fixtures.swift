@@ -43,7 +43,7 @@ final class FakeClaimStore: ClaimStore {
         }
     }
 
-    func claim(_ groups: [KeyGroup], owner: String) async throws -> [ClaimOutcome] {
+    func claim(_ groups: [KeyGroup], owner: String) throws -> [ClaimOutcome] {
         try op { e, now in
             groups.flatMap { g in g.keys.map { (k: $0, lease: g.ttl) } }.map { k, lease in
                 guard let v = e[k]?.value else {
@@ -57,7 +57,7 @@ final class FakeClaimStore: ClaimStore {
         }
     }
 
-    func confirm(_ groups: [KeyGroup], owner: String) async throws -> [ConfirmOutcome] {
+    func confirm(_ groups: [KeyGroup], owner: String) throws -> [ConfirmOutcome] {
         try op { e, now in
             groups.flatMap { g in g.keys.map { (k: $0, retention: g.ttl) } }.map { k, retention in
                 guard let v = e[k]?.value else {
@@ -73,7 +73,7 @@ final class FakeClaimStore: ClaimStore {
         }
     }
 
-    func release(_ keys: [String], owner: String) async throws -> [Bool] {
+    func release(_ keys: [String], owner: String) throws -> [Bool] {
         try op { e, _ in
             keys.map { k in
                 guard e[k]?.value == "p:" + owner else { return false }
@@ -102,5 +102,21 @@ final class FakeClaimStore: ClaimStore {
                 return .pending(owner: String(entry.value.dropFirst(2)), ttlMillis: ttl)
             }
         }
+    }
+
+    func requestClaims(_ groups: [KeyGroup], owner: String) -> StoreReply<[ClaimOutcome]> {
+        StoreReply(Result { try claim(groups, owner: owner) })
+    }
+
+    func requestConfirms(_ groups: [KeyGroup], owner: String) -> StoreReply<[ConfirmOutcome]> {
+        StoreReply(Result { try confirm(groups, owner: owner) })
+    }
+
+    func requestReleases(_ keys: [String], owner: String) -> StoreReply<[Bool]> {
+        StoreReply(Result { try release(keys, owner: owner) })
+    }
+
+    func requestTokenUses(_ tokens: [String], marks: [String]) -> StoreReply<[TokenOutcome]> {
+        StoreReply(.success(tokens.map { _ in .accepted }))
     }
 }

@@ -77,7 +77,7 @@ import Testing
 
     @Test(arguments: ["", "nope", "header:", "json:noslash", "{header:a", "x}{key}", "sha256:json:"])
     func badTemplatesAreRejected(_ text: String) {
-        #expect(throws: KeyTemplate.ParseError.self) { try KeyTemplate(text) }
+        #expect(throws: SyntaxError.self) { try KeyTemplate(text) }
     }
 
     @Test func longKeysAreHashedAndNamespaced() {

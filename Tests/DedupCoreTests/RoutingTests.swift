@@ -10,7 +10,7 @@ import Testing
 
     /// `type: payment` → payments (window 10 s, keep last, key json:/paymentId);
     /// JSON `kind: refund` → refunds (window 2 s); everything else → default (5 s, message-id).
-    func engine(unmatched: Routing.Unmatched = .default) throws -> DedupEngine {
+    func engine(unmatched: Routing.Unmatched = .default) throws -> DedupLedger {
         let base = DedupSettings(template: try KeyTemplate("header:message-id"), namespace: "default")
         let routing = Routing(
             routes: [
@@ -24,7 +24,7 @@ import Testing
                     settings: DedupSettings(template: try KeyTemplate("json:/refundId"), namespace: "refunds", window: .seconds(2))),
             ],
             unmatched: unmatched)
-        return DedupEngine(settings: base, routing: routing)
+        return DedupLedger(settings: base, routing: routing)
     }
 
     func payment(_ id: String, offset: Int64, amount: Int) -> InboundMessage {
@@ -57,7 +57,7 @@ import Testing
 
         // One round trip for all three routes, each key with its route's lease.
         let keys = e.keysToClaim(now: clock.now)
-        let groups = e.storeGroups(keys, ttl: \.lease)
+        let groups = e.storeGroups(keys.keys, ttl: \.lease)
         #expect(groups.map(\.ttl) == [.seconds(35), .seconds(40), .seconds(32)], "default, payments, refunds: window + 30 s")
         e.applyClaims(keys, try await store.claim(groups, owner: "w"), now: clock.now)
         #expect(store.roundTrips == 1)
@@ -67,7 +67,7 @@ import Testing
             for d in due { e.dispatchSucceeded(d.key) }
             let keys = e.keysToConfirm()
             if !keys.isEmpty {
-                e.applyConfirms(keys, try await store.confirm(e.storeGroups(keys, ttl: \.retention), owner: "w"))
+                e.applyConfirms(keys, try await store.confirm(e.storeGroups(keys.keys, ttl: \.retention), owner: "w"))
             }
             return due
         }
@@ -93,7 +93,7 @@ import Testing
     @Test func routesKeepTheirKeysApartUnlessTheyShareANamespace() throws {
         let a = try RouteMatch(topic: "a"), b = try RouteMatch(topic: "b")
         let s = DedupSettings(template: try KeyTemplate("header:message-id"), namespace: "shared")
-        var shared = DedupEngine(settings: s, routing: Routing(routes: [
+        var shared = DedupLedger(settings: s, routing: Routing(routes: [
             Route(name: "a", match: a, settings: s), Route(name: "b", match: b, settings: s),
         ]))
         #expect(shared.ingest(msg("x", offset: 0, topic: "a")) == .new(DedupKey(raw: "x", namespace: "shared")))
@@ -101,7 +101,7 @@ import Testing
 
         var apart = s
         apart.namespace = "b"
-        var separate = DedupEngine(settings: s, routing: Routing(routes: [
+        var separate = DedupLedger(settings: s, routing: Routing(routes: [
             Route(name: "a", match: a, settings: s), Route(name: "b", match: b, settings: apart),
         ]))
         _ = separate.ingest(msg("x", offset: 0, topic: "a"))
@@ -136,8 +136,8 @@ import Testing
         #expect(!m.matches(notJSON), "a message that is not JSON does not match a JSON condition")
         #expect(!m.matches(msg("1", offset: 0, topic: "orders", value: #"{"amount": 12.5}"#)), "no type header")
 
-        #expect(throws: RouteMatchError.self) { try RouteMatch(header: "no-equals-sign") }
-        #expect(throws: RouteMatchError.self) { try RouteMatch(json: "kind=refund") }
-        #expect(throws: RouteMatchError.self) { try RouteMatch() }
+        #expect(throws: SyntaxError.self) { try RouteMatch(header: "no-equals-sign") }
+        #expect(throws: SyntaxError.self) { try RouteMatch(json: "kind=refund") }
+        #expect(throws: SyntaxError.self) { try RouteMatch() }
     }
 }

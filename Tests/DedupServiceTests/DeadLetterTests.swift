@@ -3,6 +3,7 @@ import Foundation
 import KafkaIO
 import RedisIO
 import Testing
+import TestSupport
 
 @testable import DedupService
 

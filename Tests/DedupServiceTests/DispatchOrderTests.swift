@@ -1,6 +1,7 @@
 import DedupCore
 import Synchronization
 import Testing
+import TestSupport
 @testable import DedupService
 
 /// What is and is not ordered when a route dispatches with concurrency > 1: copies with the same

@@ -4,6 +4,7 @@ import KafkaIO
 import RedisIO
 import Synchronization
 import Testing
+import TestSupport
 
 @testable import DedupService
 

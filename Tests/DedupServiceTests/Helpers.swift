@@ -5,15 +5,9 @@ import Logging
 import RedisIO
 import Synchronization
 import Testing
+import TestSupport
 
 @testable import DedupService
-
-func quietLogger() -> Logger {
-    Logger(label: "dedupd.test", factory: { _ in SwiftLogNoOpLogHandler() })
-}
-
-/// A fresh name per test so groups, topics and namespaces never collide.
-func unique(_ prefix: String) -> String { "\(prefix)-\(UInt32.random(in: 0...UInt32.max))" }
 
 func bytes(_ s: String) -> [UInt8] { Array(s.utf8) }
 

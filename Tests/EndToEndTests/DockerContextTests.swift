@@ -175,6 +175,22 @@ import Glibc
         }
     }
 
+    /// The build stage installs every Debian package Package.swift's system libraries name.
+    @Test func buildStageInstallsEverySystemLibrary() throws {
+        let manifest = try String(contentsOf: Self.root.appendingPathComponent("Package.swift"), encoding: .utf8)
+        var packages: [String] = []
+        var rest = Substring(manifest)
+        while let r = rest.range(of: ".apt([\"") {
+            let name = rest[r.upperBound...].prefix { $0 != "\"" }
+            packages.append(String(name))
+            rest = rest[name.endIndex...]
+        }
+        #expect(packages.count >= 2, "\(packages)")
+        let build = try #require(Self.stages(try DeployTests.text("docker/Dockerfile")).first)
+        let runs = build.filter { $0.keyword == "RUN" }.map(\.arguments).joined(separator: " ")
+        for package in packages { #expect(runs.contains(" \(package) "), "the build stage installs \(package)") }
+    }
+
     /// The build stage writes the commit into BuildInfo.swift with sed: the line it replaces exists.
     @Test func commitBuildArgReachesTheBinary() throws {
         let dockerfile = try DeployTests.text("docker/Dockerfile")

@@ -104,9 +104,13 @@ import TestSupport
             let records = webhook.all
             let byKey = Dictionary(grouping: records, by: \.key)
             let okFates: Set<FlakyWebhook.Fate> = [.ok, .okThenClose]
-            let delivered = byKey.filter { $0.value.contains { okFates.contains($0.fate) } }
-            // A 2xx the worker saw: exactly one per id. A slow 200 came after the worker gave up.
+            // A slow 200 is sent after the worker's timeout, so the worker normally gave up on it
+            // and tried again; on a loaded machine its deadline may fire late and the 200 count.
+            // Either way the id was delivered, and the worker gave up on no message.
+            let delivered = byKey.filter { $0.value.contains { okFates.contains($0.fate) || $0.fate == .slow } }
+            // A prompt 2xx: at most one per id (a slow 200 may precede it).
             let twice = byKey.filter { $0.value.filter { okFates.contains($0.fate) }.count > 1 }
+            #expect(!log.contains("handler gave up"), "no message was given up: \(log.split(separator: "\n").filter { $0.contains("gave up") }.prefix(3))")
             let keysPerMessage = Dictionary(grouping: records, by: { "\($0.partition)/\($0.offset)" }).mapValues { Set($0.map(\.key)) }
             // Retry-After: 1 on a 429: the next attempt of that id came at least a second later.
             let hurried = byKey.values.flatMap { attempts in

@@ -1,3 +1,4 @@
+import DedupService
 import Foundation
 import KafkaIO
 import Testing

@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import Synchronization
 import Testing
+import TestSupport
 
 @testable import KafkaIO
 
@@ -37,13 +38,6 @@ final class RecordingLogHandler: LogHandler, Sendable {
         records.withLock { $0.append(Record(level: level, message: "\(message)", metadata: metadata ?? [:])) }
     }
 }
-
-func quietLogger() -> Logger {
-    Logger(label: "kafka.test", factory: { _ in SwiftLogNoOpLogHandler() })
-}
-
-/// A fresh name per test so groups and topics never collide.
-func unique(_ prefix: String) -> String { "\(prefix)-\(UInt32.random(in: 0...UInt32.max))" }
 
 /// Polls until `condition` holds over the events seen so far, or `limit` passes.
 func pollUntil(

@@ -2,6 +2,7 @@ import DedupCore
 import Logging
 import Synchronization
 import Testing
+import TestSupport
 
 @testable import KafkaIO
 

@@ -1,7 +1,8 @@
 import DedupCore
+import DedupService
 import Foundation
-import Testing
 import TestSupport
+import Testing
 import Yams
 
 /// Configuration as an operator meets it: three sources, every validation message, secrets.
@@ -74,7 +75,7 @@ import Yams
         (["dedup.window": "10s", "dedup.retention": "5s"], #"config key dedup.retention = "5s" (from flag): must be at least dedup.window (10s)"#),
         (["dedup.lease": "1s"], #"config key dedup.lease = "1s" (from flag): must be longer than dedup.window (5s) plus handler time"#),
         (["dedup.namespace": "a:b"], #"config key dedup.namespace = "a:b" (from flag): must be non-empty and contain no ':'"#),
-        (["redis.url": "http://app:pw-1@r"], #"config key redis.url = "http://app:***@r" (from flag): must look like redis://[user:password@]host:port/db"#),
+        (["redis.url": "http://app:pw-1@r"], #"config key redis.url = "http://app:***@r" (from flag): must look like redis://[user:password@]host:port/db, or rediss://... for TLS"#),
         (["redis.password": "pw-2", "redis.password_file": "/run/pw"], #"config key redis.password_file = "/run/pw" (from flag): set either redis.password or redis.password_file, not both"#),
         (["redis.password": "pw-3", "redis.url": "redis://:pw-4@r:6379/0"], #"config key redis.url = "redis://:***@r:6379/0" (from flag): holds a password and redis.password or redis.password_file is set too; give the password once"#),
         (["redis.password_file": "/nonexistent/pw"], #"config key redis.password_file = "/nonexistent/pw" (from flag): cannot read the file"#),
@@ -142,7 +143,7 @@ import Yams
                 if let d = key.defaultValue { #expect(value.text == d, "\(key.name) shows its default") }
             } else {
                 #expect(key.defaultValue == nil, "\(key.name) has a default, so it is set in the example")
-                #expect(yaml.contains("# \(key.name.split(separator: ".").last!):"), "\(key.name) listed, commented out")
+                #expect(yaml.contains("# \(key.name.split(separator: ".", maxSplits: 1).last!):"), "\(key.name) listed, commented out")
             }
         }
         _ = try ConfigLoader.load(file: path, environment: [:])
@@ -189,5 +190,34 @@ import Yams
         env["DEDUPD_HANDLER_HEADERS"] = "Authorization"
         let bad = #expect(throws: ConfigError.self) { _ = try ConfigLoader.load(file: nil, environment: env, flags: [:]) }
         #expect("\(bad!)".contains("handler.headers") && "\(bad!)".contains("NAME=VALUE"))
+    }
+}
+
+/// `redis.tls.*` with `redis.url`, checked without connecting (check-config sees the same).
+@Suite struct RedisTLSConfigTests {
+    let base = ["DEDUPD_KAFKA_BOOTSTRAP_SERVERS": "env:9092", "DEDUPD_KAFKA_TOPICS": "t"]
+
+    @Test func tlsKeysNeedARedissURLAndReadableFiles() throws {
+        let dir = try TemporaryDirectory(prefix: "dedupd-tls-config")
+        try "pem".write(to: dir.file("ca.pem"), atomically: true, encoding: .utf8)
+        var env = base
+        env["DEDUPD_REDIS_URL"] = "rediss://cache.example:6380/0"
+        env["DEDUPD_REDIS_TLS_CA_FILE"] = dir.file("ca.pem").path
+        let c = try ConfigLoader.load(file: nil, environment: env, flags: [:])
+        #expect(c.redisTLS.caFile == dir.file("ca.pem").path)
+
+        env["DEDUPD_REDIS_URL"] = "redis://cache.example:6379/0"
+        let plain = #expect(throws: ConfigError.self) { _ = try ConfigLoader.load(file: nil, environment: env, flags: [:]) }
+        #expect("\(plain!)".contains("redis.tls.ca_file") && "\(plain!)".contains("rediss://"))
+
+        env["DEDUPD_REDIS_URL"] = "rediss://cache.example:6380/0"
+        env["DEDUPD_REDIS_TLS_CA_FILE"] = "/nonexistent/ca.pem"
+        let missing = #expect(throws: ConfigError.self) { _ = try ConfigLoader.load(file: nil, environment: env, flags: [:]) }
+        #expect("\(missing!)".contains("redis.tls.ca_file") && "\(missing!)".contains("cannot read the file"))
+
+        env["DEDUPD_REDIS_TLS_CA_FILE"] = nil
+        env["DEDUPD_REDIS_TLS_CERT_FILE"] = dir.file("ca.pem").path
+        let noKey = #expect(throws: ConfigError.self) { _ = try ConfigLoader.load(file: nil, environment: env, flags: [:]) }
+        #expect("\(noKey!)".contains("redis.tls.key_file"))
     }
 }

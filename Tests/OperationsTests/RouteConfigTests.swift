@@ -1,7 +1,8 @@
 import DedupCore
+import DedupService
 import Foundation
-import Testing
 import TestSupport
+import Testing
 
 /// Routes as an operator writes them: a YAML list, tried in order, each route inheriting the
 /// top-level dedup and handler keys it does not set; mistakes named by their full key.

@@ -24,12 +24,3 @@ struct RedisFixture {
     }
 }
 
-/// Polls `condition` every 10 ms until it holds or `timeout` passes.
-func waitUntil(timeout: Duration = .seconds(3), _ condition: () async throws -> Bool) async throws -> Bool {
-    let deadline = ContinuousClock.now + timeout
-    while ContinuousClock.now < deadline {
-        if try await condition() { return true }
-        try await Task.sleep(for: .milliseconds(10))
-    }
-    return try await condition()
-}

@@ -35,6 +35,12 @@ struct RedisURLTests {
         #expect(url.database == 15)
     }
 
+    /// An ACL user whose password comes from `redis.password` or `redis.password_file`.
+    @Test func parsesUserWithoutPassword() throws {
+        let url = try RedisURL("redis://dedupd@redis:6379/0")
+        #expect(url.user == "dedupd" && url.password == nil && url.host == "redis")
+    }
+
     @Test func parsesIPv6() throws {
         let url = try RedisURL("redis://[::1]:6390/2")
         #expect(url.host == "::1")
@@ -42,10 +48,17 @@ struct RedisURLTests {
         #expect(url.redacted == "redis://[::1]:6390/2")
     }
 
+    @Test func redissMeansTLS() throws {
+        let url = try RedisURL("rediss://dedupd:pw@cache.example:6380/0")
+        #expect(url.tls && url.host == "cache.example" && url.port == 6380 && url.user == "dedupd")
+        #expect(url.redacted == "rediss://dedupd:***@cache.example:6380/0")
+        #expect(try !RedisURL("redis://localhost").tls)
+    }
+
     @Test(arguments: [
         ("localhost:6379", "scheme"),
         ("http://localhost", "scheme 'http'"),
-        ("rediss://localhost", "TLS"),
+        ("redis+tls://localhost", "scheme 'redis+tls'"),
         ("redis://", "host is missing"),
         ("redis://:pw@", "host is missing"),
         ("redis://localhost:0", "port '0'"),
@@ -53,7 +66,6 @@ struct RedisURLTests {
         ("redis://localhost:abc", "port 'abc'"),
         ("redis://localhost/x", "database 'x'"),
         ("redis://localhost/-1", "database '-1'"),
-        ("redis://user@localhost", "credentials"),
         ("redis://:@localhost", "password is empty"),
         ("redis://:bad%zz@localhost", "password has an invalid percent-encoding"),
         ("redis://us%4:pw@localhost:1", "user name has an invalid percent-encoding"),

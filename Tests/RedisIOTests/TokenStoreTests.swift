@@ -2,6 +2,7 @@ import DedupCore
 import Foundation
 import RedisIO
 import Testing
+import TestSupport
 
 @Suite("Token store against redis-server") struct TokenStoreTests {
     @Test func anIssuedTokenIsAcceptedOnceAndEachRefusalHasItsReason() async throws {

@@ -11,21 +11,20 @@ public enum BuiltinHandlers {
     public static func make(
         _ h: HandlerSettings, bootstrapServers: String, kafkaProperties: [String: String], logger: Logger
     ) throws -> any Handler {
-        switch h.type {
-        case "kafka":
-            // Validation guarantees the topic for this kind.
+        switch h.kind {
+        case .kafka(let topic):
             return try KafkaForwardHandler.make(
-                bootstrapServers: bootstrapServers, topic: h.topic ?? "",
+                bootstrapServers: bootstrapServers, topic: topic,
                 timeout: h.timeout, properties: kafkaProperties, logger: logger)
-        case "http":
+        case .http(let url):
             return try HTTPHandler(
-                url: h.url ?? "", timeout: h.timeout, concurrency: h.concurrency,
+                url: url, timeout: h.timeout, concurrency: h.concurrency,
                 tls: .init(caFile: h.tlsCAFile, certificateFile: h.tlsCertFile, keyFile: h.tlsKeyFile),
                 headers: try resolveHeaders(h.headers))
-        case "exec":
-            return ExecHandler(command: h.command ?? "", timeout: h.timeout)
-        default:
-            return try LogOutputHandler(path: h.output)
+        case .exec(let command):
+            return ExecHandler(command: command, timeout: h.timeout)
+        case .log(let output):
+            return try LogOutputHandler(path: output)
         }
     }
 

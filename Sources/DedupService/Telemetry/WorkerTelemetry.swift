@@ -328,14 +328,17 @@ struct CountingHandler: BatchHandler {
     let base: any Handler
     let telemetry: WorkerTelemetry
 
-    struct NotABatchHandler: Error {}
-
     /// A base that takes whole rounds (the `log` handler) keeps doing so through this wrapper:
-    /// one call and one clock reading per round, not per message. Any other base throws here,
-    /// which makes the Dispatcher take the round message by message through `handle`. The duration
-    /// metric still counts messages (each gets the round's time).
+    /// one call and one clock reading per round, not per message. Any other base does not, and
+    /// the Dispatcher takes its rounds message by message through `handle`.
+    var takesBatches: Bool { (base as? any BatchHandler)?.takesBatches ?? false }
+
+    /// The duration metric still counts messages (each gets the round's time).
     func handleBatch(_ round: [Dispatch]) async throws {
-        guard let batch = base as? any BatchHandler else { throw NotABatchHandler() }
+        guard let batch = base as? any BatchHandler else {
+            for dispatch in round { try await handle(dispatch) }
+            return
+        }
         let start = ContinuousClock.now
         telemetry.handlersStarted(1)
         let token = telemetry.inFlightLedger.begin(.handler, now: start)

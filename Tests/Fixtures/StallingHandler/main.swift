@@ -7,7 +7,6 @@ import DedupCore
 import DedupService
 import Foundation
 import Logging
-import ServiceLifecycle
 
 struct ThreadBlockingHandler: Handler {
     func handle(_ dispatch: Dispatch) async throws {
@@ -22,17 +21,7 @@ struct StallingWorker {
         let file = args.firstIndex(of: "--config").flatMap { $0 + 1 < args.count ? args[$0 + 1] : nil }
         let config = try ConfigLoader.load(file: file)
         OperationalLog.bootstrap(level: config.logLevel, format: config.logFormat)
-        let logger = Logger(label: "dedupd-stalling-worker")
-        let (registry, factory) = PrometheusSetup.make()
-        let telemetry = WorkerTelemetry(
-            factory: factory, statsInterval: config.statsInterval, stallTimeout: config.loopStallTimeout, logger: logger)
-        let worker = try Worker(config: config, handler: ThreadBlockingHandler(), logger: logger, telemetry: telemetry)
-        var services: [ServiceGroupConfiguration.ServiceConfiguration] = []
-        if let port = config.httpPort {
-            services.append(.init(service: HTTPEndpoint(port: port, registry: registry, telemetry: telemetry, logger: logger)))
-        }
-        services.append(.init(service: worker, successTerminationBehavior: .gracefullyShutdownGroup))
-        let group = ServiceGroup(configuration: .init(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
-        try await group.run()
+        // The same wiring as `dedupd run`: the health endpoint and the watchdog included.
+        try await Worker.runService(config: config, handler: ThreadBlockingHandler(), logger: Logger(label: "dedupd-stalling-worker"))
     }
 }

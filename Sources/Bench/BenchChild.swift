@@ -1,5 +1,6 @@
 import DedupCore
 import Foundation
+import LocalServers
 import Synchronization
 #if canImport(Glibc)
 import Glibc

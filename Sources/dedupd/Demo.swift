@@ -1,6 +1,8 @@
 import DedupCore
+import DedupService
 import Foundation
 import KafkaIO
+import LocalServers
 import Logging
 import ServiceLifecycle
 
@@ -8,7 +10,7 @@ import ServiceLifecycle
 /// libraries and redis-server. A mock Kafka cluster in this process (real Kafka protocol, the
 /// same librdkafka client as production), a redis-server on a free port in a temp dir, 10,000
 /// submissions with 30% repeats, the worker run until idle, and a summary a person can check.
-public enum Demo {
+enum LocalDemo {
     public struct Options: Sendable {
         public var count = 10_000
         public var duplicateRatio = 0.3

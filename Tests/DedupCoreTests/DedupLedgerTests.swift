@@ -3,7 +3,7 @@ import Testing
 
 /// Drives the engine the way the worker does, against the fake store, on a test clock.
 struct Harness {
-    var engine: DedupEngine
+    var engine: DedupLedger
     var clock = TestClock()
     let store = FakeClaimStore()
     let owner: String
@@ -14,7 +14,7 @@ struct Harness {
         maxMessages: Int = 1000
     ) throws {
         self.owner = owner
-        engine = DedupEngine(settings: DedupSettings(
+        engine = DedupLedger(settings: DedupSettings(
             template: try KeyTemplate("header:message-id"), namespace: "test", window: window, lease: lease, keep: keep,
             bufferMaxMessages: maxMessages))
         store.setNow(clock.now)
@@ -26,7 +26,7 @@ struct Harness {
     }
 
     @discardableResult
-    mutating func consume(_ messages: [InboundMessage]) async throws -> [DedupEngine.Ingested] {
+    mutating func consume(_ messages: [InboundMessage]) async throws -> [DedupLedger.Ingested] {
         let results = messages.map { engine.ingest($0) }
         let keys = engine.keysToClaim(now: clock.now)
         if !keys.isEmpty {
@@ -47,7 +47,7 @@ struct Harness {
     }
 }
 
-@Suite struct DedupEngineTests {
+@Suite struct DedupLedgerTests {
     let tp0 = TopicPartition(topic: "t", partition: 0)
 
     @Test func firstCopyIsDispatchedAfterTheWindowAndRepeatsAreLocal() async throws {
@@ -110,7 +110,7 @@ struct Harness {
 
     @Test func oversizedMessageIsBadInput() async throws {
         var h = try Harness()
-        h.engine = DedupEngine(settings: DedupSettings(
+        h.engine = DedupLedger(settings: DedupSettings(
             template: try KeyTemplate("header:message-id"), namespace: "test", maxMessageBytes: 10))
         let r = try await h.consume([msg("a", offset: 0, value: String(repeating: "x", count: 11))])
         guard case .bad(let bad) = r[0] else { Issue.record("expected bad input"); return }
@@ -170,7 +170,12 @@ struct Harness {
         await #expect(throws: FakeClaimStore.Down.self) {
             _ = try await h.store.claim(keys.map(\.storeKey), owner: "w1", lease: .seconds(1))
         }
-        #expect(h.engine.keysToClaim(now: h.clock.now) == keys, "still waiting for a claim")
+        h.engine.requestFailed(keys)
+        let again = h.engine.keysToClaim(now: h.clock.now)
+        #expect(again.keys == keys.keys && again.ticket != keys.ticket, "still waiting for a claim, in a new request")
+        #expect(h.engine.applyClaims(keys, [.claimed], now: h.clock.now).isEmpty && h.engine.buffer.count == 0,
+                "an answer to the failed request is stale")
+        h.engine.requestFailed(again)
         try await h.consume([])
         #expect(h.engine.buffer.count == 1)
         h.advance(.seconds(5))
@@ -224,8 +229,9 @@ struct Harness {
         h.advance(.seconds(4))
         #expect(h.engine.keysToClaim(now: h.clock.now).isEmpty, "not yet half used")
         h.advance(.seconds(1))
-        #expect(h.engine.keysToClaim(now: h.clock.now).map(\.raw) == ["a"])
-        try await h.consume([])
+        let renewal = h.engine.keysToClaim(now: h.clock.now)
+        #expect(renewal.map(\.raw) == ["a"] && renewal.renewals == 1)
+        h.engine.applyClaims(renewal, try await h.store.claim(renewal.map(\.storeKey), owner: "w1", lease: .seconds(10)), now: h.clock.now)
         #expect(h.engine.counters.renewed == 1)
         // Renewed at t=5s: the lease now runs to t=15s, past the original t=10s.
         h.advance(.seconds(6))
@@ -268,7 +274,7 @@ struct Harness {
     }
 
     @Test func tokenModeClaimsOnlyAfterTheTokenWasAccepted() async throws {
-        var engine = DedupEngine(settings: DedupSettings(
+        var engine = DedupLedger(settings: DedupSettings(
             template: try KeyTemplate("header:message-id"), namespace: "test",
             token: try KeyTemplate("header:message-id")))
         let clock = TestClock()
@@ -291,9 +297,9 @@ struct Harness {
         #expect(engine.counters.invalid == 3)
     }
 
-    /// The worker applies a claim answer after it polled and keyed the next batch: keys ingested
-    /// meanwhile wait for the next claim, and a key whose partition was revoked meanwhile comes
-    /// back as an orphan for the caller to release.
+    /// A claim answer applied after the next batch was polled and keyed: keys ingested meanwhile
+    /// wait for the next claim, and a key whose partition was revoked meanwhile comes back as an
+    /// orphan to release.
     @Test func claimAnswersArriveAfterTheNextBatch() throws {
         var h = try Harness()
         _ = h.engine.ingest(msg("a", offset: 0))
@@ -305,7 +311,9 @@ struct Harness {
         _ = h.engine.revoke([TopicPartition(topic: "t", partition: 1)])
         let orphans = h.engine.applyClaims(asked, [.claimed, .claimed], now: h.clock.now)
         #expect(orphans.map(\.raw) == ["b"], "claimed after its partition was revoked: to be released")
-        #expect(h.engine.keysToClaim(now: h.clock.now).map(\.raw) == ["c"], "c waits for the next claim")
+        let waiting = h.engine.keysToClaim(now: h.clock.now)
+        #expect(waiting.map(\.raw) == ["c"], "c waits for the next claim")
+        h.engine.requestFailed(waiting)
         #expect(h.engine.buffer.count == 1)
 
         // Without a revocation the asked keys leave the front of the queue, later ones stay.
@@ -317,15 +325,15 @@ struct Harness {
         #expect(h.engine.buffer.count == 3)
     }
 
-    /// The worker's order: claims are sent after a batch is keyed and answered while other keys
-    /// are dispatched. That is safe for new and parked keys (nothing dispatches them); a renewal
-    /// is different, because its answer decides whether the buffered copy may go at all, so the
-    /// engine says how many renewals a claim carries and the worker waits for those answers.
+    /// Claims are sent after a batch is keyed and answered while other keys are dispatched. That
+    /// is safe for new and parked keys (nothing dispatches them); a renewal is different, because
+    /// its answer decides whether the buffered copy may go at all, so the request says how many
+    /// renewals it carries and the engine starts no round before they are answered.
     @Test func claimAnswersArriveWhileAnotherRoundIsDispatched() throws {
         var h = try Harness(window: .seconds(10), lease: .seconds(16))
         _ = h.engine.ingest(msg("a", offset: 0))
         let first = h.engine.keysToClaim(now: h.clock.now)
-        #expect(h.engine.claimRenewals == 0)
+        #expect(first.renewals == 0)
         h.engine.applyClaims(first, [.claimed], now: h.clock.now)
 
         // b arrives; its claim goes out, and a (its window over) is dispatched meanwhile.
@@ -333,7 +341,7 @@ struct Harness {
         _ = h.engine.ingest(msg("b", offset: 1))
         let asked = h.engine.keysToClaim(now: h.clock.now)
         #expect(asked.map(\.raw) == ["b"])
-        #expect(h.engine.claimRenewals == 0, "a's lease (16 s) is not half used after 7 s")
+        #expect(asked.renewals == 0, "a's lease (16 s) is not half used after 7 s")
         h.advance(.seconds(3))
         #expect(h.engine.takeDue(now: h.clock.now).map(\.key.raw) == ["a"])
         h.engine.dispatchSucceeded(DedupKey(raw: "a", namespace: "test"))
@@ -347,14 +355,31 @@ struct Harness {
         _ = h.engine.ingest(msg("c", offset: 2))
         let renewal = h.engine.keysToClaim(now: h.clock.now)
         #expect(renewal.map(\.raw) == ["c", "b"])
-        #expect(h.engine.claimRenewals == 1)
+        #expect(renewal.renewals == 1)
         h.engine.applyClaims(renewal, [.claimed, .done], now: h.clock.now)
         #expect(h.engine.takeDue(now: h.clock.now + .seconds(60)).map(\.key.raw) == ["c"], "b was done elsewhere")
         #expect(h.engine.counters.leasesLost == 1)
     }
 
+    /// A renewal answered after its partition was revoked and the key read again must not be
+    /// taken as the claim of the new copy: the release sent at revocation may have reached the
+    /// store before it, so the new copy holds nothing until its own claim is answered.
+    @Test func aLateRenewalAnswerIsStaleForTheKeyReadAgain() throws {
+        var h = try Harness(window: .seconds(10), lease: .seconds(10))
+        _ = h.engine.ingest(msg("a", offset: 0))
+        h.engine.applyClaims(h.engine.keysToClaim(now: h.clock.now), [.claimed], now: h.clock.now)
+        h.advance(.seconds(6))
+        let renewal = h.engine.keysToClaim(now: h.clock.now)
+        #expect(renewal.renewals == 1)
+        #expect(h.engine.revoke([tp0]).map(\.raw) == ["a"])
+        _ = h.engine.ingest(msg("a", offset: 0))
+        #expect(h.engine.applyClaims(renewal, [.alreadyOwned], now: h.clock.now).isEmpty, "held again: not an orphan")
+        #expect(h.engine.buffer.count == 0, "the new copy waits for its own claim")
+        #expect(h.engine.keysToClaim(now: h.clock.now).map(\.raw) == ["a"])
+    }
+
     @Test func tokenModeNeedsTheToken() throws {
-        var engine = DedupEngine(settings: DedupSettings(
+        var engine = DedupLedger(settings: DedupSettings(
             template: try KeyTemplate("key"), namespace: "test", token: try KeyTemplate("header:form-token")))
         guard case .bad(let bad) = engine.ingest(msg(nil, offset: 0, key: "u1")) else {
             Issue.record("a message without its token is bad input")

@@ -1,6 +1,7 @@
 import DedupCore
 import Foundation
 import KafkaIO
+import LocalServers
 import Synchronization
 #if canImport(Glibc)
 import Glibc

@@ -1,6 +1,7 @@
 import DedupCore
 import Foundation
 import KafkaIO
+import LocalServers
 import Logging
 import RedisIO
 import Synchronization
@@ -140,11 +141,10 @@ public enum Benchmark {
     /// The send time is taken at `produce()`, so the producer's linger counts in the transport
     /// latency. The mock broker returns one record batch per partition per fetch (a FIXME in
     /// librdkafka's mock), so batches must stay larger than what arrives between two fetches:
-    /// with `linger.ms=1` (batches of ~2 messages per partition at 14,000 msg/s) the consumers
-    /// fell behind the producer and the transport alone reached 3 s at p99 by the end of a
-    /// 10 s leg (bench run of 2026-11-27, bare consumer beside the worker); 5 ms (librdkafka's
-    /// default) keeps up. The bare consumer beside the worker sees the same batches, so the
-    /// linger is measured apart from dedupd's own share.
+    /// with `linger.ms=1` the batches are tiny and the consumers fall behind the producer, so the
+    /// transport alone dominates the latency; 5 ms (librdkafka's default) keeps up. The bare
+    /// consumer beside the worker sees the same batches, so the linger is measured apart from
+    /// dedupd's own share.
     static let latencyProducerProperties = ["linger.ms": "5"]
 
     // MARK: - Legs

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Bench
 import DedupCore
 import DedupService
 import Foundation
@@ -97,27 +98,7 @@ struct Run: AsyncParsableCommand {
     func run() async throws {
         let config = try options.load()
         OperationalLog.bootstrap(level: config.logLevel, format: config.logFormat)
-        let logger = Logger(label: "dedupd")
-        let (registry, factory) = PrometheusSetup.make()
-        BuildInfo.record(factory: factory)
-        let telemetry = WorkerTelemetry(
-            factory: factory, statsInterval: config.statsInterval, stallTimeout: config.loopStallTimeout, logger: logger)
-        let worker = try Worker(config: config, logger: logger, telemetry: telemetry)
-        var services: [ServiceGroupConfiguration.ServiceConfiguration] = []
-        // Listed first so it stops last: /readyz says "shutting down" while the worker drains.
-        if let port = config.httpPort {
-            services.append(.init(service: HTTPEndpoint(port: port, bind: config.httpBind, registry: registry, telemetry: telemetry, logger: logger)))
-        }
-        services.append(.init(service: worker, successTerminationBehavior: .gracefullyShutdownGroup))
-        var groupConfig = ServiceGroupConfiguration(
-            services: services,
-            gracefulShutdownSignals: [.sigterm, .sigint],
-            logger: logger)
-        // Past the deadline, in-flight handlers are cancelled; their messages stay uncommitted.
-        groupConfig.maximumGracefulShutdownDuration = config.shutdownDeadline
-        let escalation = SignalEscalation(logger: logger)
-        try await ServiceGroup(configuration: groupConfig).run()
-        withExtendedLifetime(escalation) {}
+        try await Worker.runService(config: config)
     }
 }
 
@@ -200,7 +181,7 @@ struct Produce: AsyncParsableCommand {
     }
 
     func run() async throws {
-        OperationalLog.bootstrap(level: "warning", format: "logfmt")
+        OperationalLog.bootstrap(level: .warning, format: .logfmt)
         let report = try await SubmissionProducer.run(
             bootstrapServers: bootstrapServers, topic: topic, count: count, duplicateRatio: duplicateRatio,
             idPrefix: idPrefix, seed: seed, rate: rate, logger: Logger(label: "dedupd.produce"))
@@ -227,7 +208,7 @@ struct MockKafka: AsyncParsableCommand {
     @Option(help: "Topic to create, NAME or NAME:PARTITIONS; repeatable.") var topic: [String] = []
 
     func run() async throws {
-        OperationalLog.bootstrap(level: "warning", format: "logfmt")
+        OperationalLog.bootstrap(level: .warning, format: .logfmt)
         let logger = Logger(label: "dedupd.mock-kafka")
         let cluster = try MockKafkaCluster.make(brokers: brokers, logger: logger)
         for spec in topic {
@@ -264,16 +245,16 @@ struct Demo: AsyncParsableCommand {
     @Option(help: "Submissions to send.") var count: Int = 10_000
     @Option(help: "Fraction of repeats (0...1).") var duplicateRatio: Double = 0.3
     @Option(help: "Use this Redis instead of starting a local redis-server.") var redisUrl: String?
-    @Option(help: "Operational log level.") var logLevel: String = "notice"
+    @Option(help: "Operational log level.") var logLevel: LogLevel = .notice
 
     func run() async throws {
-        OperationalLog.bootstrap(level: logLevel, format: "logfmt")
-        var options = DedupService.Demo.Options()
+        OperationalLog.bootstrap(level: logLevel, format: .logfmt)
+        var options = LocalDemo.Options()
         options.count = count
         options.duplicateRatio = duplicateRatio
         options.redisURL = redisUrl
-        let summary = try await DedupService.Demo.run(options, logger: Logger(label: "dedupd.demo"))
-        print(DedupService.Demo.render(summary))
+        let summary = try await LocalDemo.run(options, logger: Logger(label: "dedupd.demo"))
+        print(LocalDemo.render(summary))
         if !summary.isExact { throw ExitCode(1) }
     }
 }
@@ -338,7 +319,7 @@ struct Token: AsyncParsableCommand {
                 throw ValidationError("--ttl must be a duration such as 30s, 15m, 24h, got \(self.ttl)")
             }
             guard count > 0 else { throw ValidationError("--count must be greater than 0, got \(count)") }
-            OperationalLog.bootstrap(level: "warning", format: "logfmt")
+            OperationalLog.bootstrap(level: .warning, format: .logfmt)
             let config = try options.load()
             let store = try await options.connectStore(config)
             let issuer = TokenIssuer(store: store, namespace: config.namespace)
@@ -373,7 +354,7 @@ struct Bench: AsyncParsableCommand {
     }
 
     func run() async throws {
-        OperationalLog.bootstrap(level: "notice", format: "logfmt")
+        OperationalLog.bootstrap(level: .notice, format: .logfmt)
         let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
         var options = Benchmark.Options(executable: exe)
         options.count = count
@@ -451,7 +432,8 @@ struct AdminOptions: ParsableArguments {
         if let password = c.redisPassword { url.password = password }
         let logger = Logger(label: "dedupd.admin")
         let connection = try await RedisConnection.connect(
-            url, connectTimeout: c.redisConnectTimeout, commandTimeout: c.redisCommandTimeout, logger: logger)
+            url, connectTimeout: c.redisConnectTimeout, commandTimeout: c.redisCommandTimeout,
+            tls: RedisTLSOptions(c.redisTLS), logger: logger)
         return RedisClaimStore(connection: connection, logger: logger)
     }
 }
@@ -476,7 +458,7 @@ struct Inspect: AsyncParsableCommand {
     func validate() throws { if keys.isEmpty { throw ValidationError("give at least one key") } }
 
     func run() async throws {
-        OperationalLog.bootstrap(level: "warning", format: "logfmt")
+        OperationalLog.bootstrap(level: .warning, format: .logfmt)
         let (store, dedupKeys) = try await options.open(keys)
         let states = try await store.inspect(dedupKeys.map(\.storeKey))
         for (key, state) in zip(dedupKeys, states) {
@@ -503,7 +485,7 @@ struct Forget: AsyncParsableCommand {
     func validate() throws { if keys.isEmpty { throw ValidationError("give at least one key") } }
 
     func run() async throws {
-        OperationalLog.bootstrap(level: "warning", format: "logfmt")
+        OperationalLog.bootstrap(level: .warning, format: .logfmt)
         let (store, dedupKeys) = try await options.open(keys)
         let results = try await store.forget(dedupKeys.map(\.storeKey), force: force)
         var kept = 0
@@ -550,7 +532,7 @@ struct DLQ: AsyncParsableCommand {
         }
 
         func run() async throws {
-            OperationalLog.bootstrap(level: "warning", format: "logfmt")
+            OperationalLog.bootstrap(level: .warning, format: .logfmt)
             let config = try options.load()
             guard let bootstrap = config.bootstrapServers else {
                 throw ValidationError("kafka.bootstrap_servers is required (--bootstrap-servers, DEDUPD_KAFKA_BOOTSTRAP_SERVERS or the file)")
@@ -566,6 +548,8 @@ struct DLQ: AsyncParsableCommand {
         }
     }
 }
+
+extension LogLevel: ExpressibleByArgument {}
 
 // MARK: - explain, config-reference
 

@@ -1,0 +1,45 @@
+import Foundation
+
+/// What the admin commands (`inspect`, `forget`, `dlq replay`) need from the same sources as the
+/// worker (file, `DEDUPD_*`, flags): the Redis connection, the namespace and the Kafka connection,
+/// without requiring the worker's own required keys.
+public struct AdminConfiguration: Sendable {
+    public var redisURL: String
+    public var redisPassword: String?
+    public var redisPasswordFile: String?
+    public var redisTLS: RedisTLSSettings
+    public var redisConnectTimeout: Duration
+    public var redisCommandTimeout: Duration
+    public var namespace: String
+    public var bootstrapServers: String?
+    public var kafkaProperties: [String: String]
+    /// Each configured route's key namespace (`routes.<name>.dedup.namespace`, else the name).
+    public var routeNamespaces: [String: String] = [:]
+
+    public init(layers: [[String: ConfigValue]]) throws(ConfigError) {
+        var merged: [String: ConfigValue] = [:]
+        for layer in layers { merged.merge(layer) { _, new in new } }
+        try ConfigSchema.rejectUnknownKeys(merged)
+        let r = WorkerConfiguration.Reader(values: merged)
+        // Parsed (and so validated) by RedisIO's `RedisURL`, in `ConfigLoader`.
+        redisURL = try r.string("redis.url")
+        redisTLS = try RedisTLSSettings(r, url: redisURL)
+        redisPassword = r.optional("redis.password")
+        redisPasswordFile = r.optional("redis.password_file")
+        redisConnectTimeout = try r.duration("redis.connect_timeout")
+        redisCommandTimeout = try r.duration("redis.command_timeout")
+        namespace = try r.string("dedup.namespace")
+        guard !namespace.isEmpty, !namespace.contains(":") else {
+            throw ConfigError(key: "dedup.namespace", value: namespace, problem: "must be non-empty and contain no ':'")
+        }
+        bootstrapServers = r.optional("kafka.bootstrap_servers")
+        var props: [String: String] = [:]
+        for (name, value) in merged where name.hasPrefix(ConfigSchema.kafkaPropertiesPrefix) {
+            props[String(name.dropFirst(ConfigSchema.kafkaPropertiesPrefix.count))] = value.text
+        }
+        kafkaProperties = props
+        for name in r.optional("routes").map({ _ in (try? r.list("routes")) ?? [] }) ?? [] {
+            routeNamespaces[name] = merged["routes.\(name).dedup.namespace"]?.text ?? name
+        }
+    }
+}

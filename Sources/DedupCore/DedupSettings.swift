@@ -1,0 +1,58 @@
+/// The settings the dedup decisions depend on.
+public struct DedupSettings: Sendable {
+    /// How a message becomes its key. Default: `header:message-id`.
+    public var template: KeyTemplate
+    /// Separates this route's keys from others' in Redis. Default: `default`.
+    public var namespace: String
+    /// The dedup window `W`: how long a new message waits for repeats before dispatch. Default: 5 s.
+    public var window: Duration
+    /// How long a dispatched key is remembered as `done`. Default: 24 h.
+    public var retention: Duration
+    /// Lease of a `pending` claim; must outlive the window plus handler time. Default: window + 30 s.
+    public var lease: Duration
+    /// Which copy within the window is dispatched. Default: `first`.
+    public var keep: KeepPolicy
+    /// Larger values are bad input. Default: 1 MiB.
+    public var maxMessageBytes: Int
+    /// Delay buffer bounds. Default: 100,000 messages, 64 MiB.
+    public var bufferMaxMessages: Int
+    public var bufferMaxBytes: Int
+    /// How soon a message whose key is pending under another worker is looked at again. Default: 500 ms.
+    public var parkRetry: Duration
+    /// A dead-letter topic is configured: bad input and given-up messages stay unresolved (their
+    /// offsets uncommitted) until the caller reports them dead-lettered with `deadLettered(_:)`,
+    /// so a message is never committed before the dead-letter topic acknowledged it.
+    /// Default: false (they are resolved at once: logged and counted only).
+    public var holdsDeadLetters: Bool
+    /// Token mode: where each message's one-time token is (e.g. `header:form-token`). A new key
+    /// is claimed only after its message's token was accepted. Default: off.
+    public var token: KeyTemplate?
+
+    public init(
+        template: KeyTemplate,
+        namespace: String = ConfigSchema.defaultText("dedup.namespace"),
+        window: Duration = ConfigSchema.defaultDuration("dedup.window"),
+        retention: Duration = ConfigSchema.defaultDuration("dedup.retention"),
+        lease: Duration? = nil,
+        keep: KeepPolicy = KeepPolicy(rawValue: ConfigSchema.defaultText("dedup.keep"))!,
+        maxMessageBytes: Int = ConfigSchema.defaultSize("dedup.max_message_bytes"),
+        bufferMaxMessages: Int = ConfigSchema.defaultCount("buffer.max_messages"),
+        bufferMaxBytes: Int = ConfigSchema.defaultSize("buffer.max_bytes"),
+        parkRetry: Duration = .milliseconds(500),
+        holdsDeadLetters: Bool = false,
+        token: KeyTemplate? = nil
+    ) {
+        self.template = template
+        self.namespace = namespace
+        self.window = window
+        self.retention = retention
+        self.lease = lease ?? window + .seconds(30)
+        self.keep = keep
+        self.maxMessageBytes = maxMessageBytes
+        self.bufferMaxMessages = bufferMaxMessages
+        self.bufferMaxBytes = bufferMaxBytes
+        self.parkRetry = parkRetry
+        self.holdsDeadLetters = holdsDeadLetters
+        self.token = token
+    }
+}

@@ -1,0 +1,47 @@
+import Synchronization
+
+/// The reply to one store request, on its way. The store completes it once, from any thread;
+/// the caller either awaits `value()` or hands it a callback with `whenAnswered`, once.
+public final class StoreReply<Value: Sendable>: Sendable {
+    private enum State {
+        case waiting
+        case done(Result<Value, any Error>)
+        case callback(@Sendable (Result<Value, any Error>) -> Void)
+    }
+
+    private let state = Mutex(State.waiting)
+
+    public init() {}
+
+    /// A reply that is already known.
+    public convenience init(_ result: Result<Value, any Error>) {
+        self.init()
+        complete(result)
+    }
+
+    public func complete(_ result: Result<Value, any Error>) {
+        let callback = state.withLock { state -> (@Sendable (Result<Value, any Error>) -> Void)? in
+            defer { state = .done(result) }
+            if case .callback(let f) = state { return f }
+            return nil
+        }
+        callback?(result)
+    }
+
+    /// Calls `callback` with the result once it is known (at once if it already is).
+    public func whenAnswered(_ callback: @escaping @Sendable (Result<Value, any Error>) -> Void) {
+        let done = state.withLock { state -> Result<Value, any Error>? in
+            if case .done(let result) = state { return result }
+            state = .callback(callback)
+            return nil
+        }
+        if let done { callback(done) }
+    }
+
+    /// Waits for the result.
+    public func value() async throws -> Value {
+        try await withCheckedThrowingContinuation { (c: CheckedContinuation<Value, any Error>) in
+            whenAnswered { c.resume(with: $0) }
+        }.self
+    }
+}

@@ -1,0 +1,324 @@
+/// The parsed, validated configuration of a worker.
+public struct WorkerConfiguration: Sendable {
+    public var bootstrapServers: String
+    public var topics: [String]
+    public var group: String
+    public var groupInstanceID: String?
+    public var kafkaProperties: [String: String]
+    public var redisURL: String
+    public var redisConnectTimeout: Duration
+    public var redisCommandTimeout: Duration
+    /// `redis.tls.*`, for a `rediss://` URL.
+    public var redisTLS = RedisTLSSettings()
+    /// `redis.allow_eviction`: start on a Redis whose maxmemory-policy evicts keys.
+    public var redisAllowEviction = false
+    /// The default route's dedup settings (the top-level `dedup.*` keys); its message size and
+    /// buffer bounds hold for the whole worker.
+    public var dedup: DedupSettings
+    /// The default route's handler (the top-level `handler.*` keys).
+    public var handler: HandlerSettings
+    /// Named routes, in the order they are tried.
+    public var routes: [RouteConfiguration]
+    public var unmatched: Routing.Unmatched
+    public var batchSize: Int
+    public var handlerMaxBatch: Int
+    public var failOpen: Bool
+    /// `nil`: bad input and given-up messages are logged and counted only.
+    public var deadLetterTopic: String?
+    /// Default: `bootstrapServers`.
+    public var deadLetterBootstrapServers: String
+    public var deadLetterTimeout: Duration
+    public var stopWhenIdle: Duration?
+    public var shutdownDeadline: Duration
+    public var logLevel: LogLevel
+    public var logFormat: LogFormat
+    public var statsInterval: Duration
+    /// `redis.password`, or the contents of `redis.password_file` once `ConfigLoader` read it.
+    public var redisPassword: String?
+    public var redisPasswordFile: String?
+    public var httpPort: Int?
+    public var loopStallTimeout: Duration
+    /// `http.bind`: an IPv4 or IPv6 address; `::` is dual stack.
+    public var httpBind: String = "::"
+
+    /// Merges sources (later ones win: pass file, then environment, then flags) and validates
+    /// every value once, at start, with a message naming the key.
+    public init(layers: [[String: ConfigValue]]) throws(ConfigError) {
+        var merged: [String: ConfigValue] = [:]
+        for layer in layers { merged.merge(layer) { _, new in new } }
+
+        try ConfigSchema.rejectUnknownKeys(merged)
+        let r = Reader(values: merged)
+
+        bootstrapServers = try r.required("kafka.bootstrap_servers")
+        topics = try r.list("kafka.topics")
+        guard !topics.isEmpty else {
+            throw ConfigError(key: "kafka.topics", value: nil, problem: "at least one topic is required")
+        }
+        group = try r.string("kafka.group")
+        groupInstanceID = r.optional("kafka.group_instance_id")
+        var props: [String: String] = [:]
+        for (name, value) in merged where name.hasPrefix(ConfigSchema.kafkaPropertiesPrefix) {
+            props[String(name.dropFirst(ConfigSchema.kafkaPropertiesPrefix.count))] = value.text
+        }
+        kafkaProperties = props
+        // Parsed (and so validated) by RedisIO's `RedisURL`, in `ConfigLoader`.
+        redisURL = try r.string("redis.url")
+        redisTLS = try RedisTLSSettings(r, url: redisURL)
+        redisConnectTimeout = try r.duration("redis.connect_timeout")
+        redisCommandTimeout = try r.duration("redis.command_timeout")
+        redisAllowEviction = try r.choice("redis.allow_eviction") == "true"
+
+        let top = try Self.parseRoute(r)
+        batchSize = try r.count("consumer.batch_size")
+        handlerMaxBatch = try r.count("handler.max_batch")
+        failOpen = try r.choice("dedup.on_store_error") == "fail_open"
+        handler = top.handler
+        dedup = top.dedup
+        dedup.maxMessageBytes = try r.size("dedup.max_message_bytes")
+        dedup.bufferMaxMessages = try r.count("buffer.max_messages")
+        dedup.bufferMaxBytes = try r.size("buffer.max_bytes")
+        deadLetterTopic = r.optional("dead_letter.topic")
+        deadLetterBootstrapServers = r.optional("dead_letter.bootstrap_servers") ?? bootstrapServers
+        deadLetterTimeout = try r.duration("dead_letter.timeout")
+        dedup.holdsDeadLetters = deadLetterTopic != nil
+        unmatched = Routing.Unmatched(rawValue: try r.choice("routing.unmatched"))!
+        routes = try Self.parseRoutes(r, defaults: dedup)
+        stopWhenIdle = try r.optionalDuration("run.stop_when_idle")
+        shutdownDeadline = try r.duration("run.shutdown_deadline")
+        logLevel = LogLevel(rawValue: try r.choice("log.level"))!
+        logFormat = LogFormat(rawValue: try r.choice("log.format"))!
+        statsInterval = try r.duration("log.stats_interval", allowZero: true)
+        redisPassword = r.optional("redis.password")
+        redisPasswordFile = r.optional("redis.password_file")
+        if redisPassword != nil, redisPasswordFile != nil {
+            throw ConfigError(key: "redis.password_file", value: redisPasswordFile, origin: merged["redis.password_file"]?.origin,
+                              problem: "set either redis.password or redis.password_file, not both")
+        }
+        httpPort = try r.optional("http.port").map { _ throws(ConfigError) in try r.count("http.port") }
+        if let port = httpPort, port > 65535 { throw r.fail("http.port", "must be a port number from 1 to 65535") }
+        loopStallTimeout = try r.duration("http.loop_stall_timeout")
+        httpBind = try r.string("http.bind").trimmingSpaces()
+        if httpBind.hasPrefix("[") && httpBind.hasSuffix("]") { httpBind = String(httpBind.dropFirst().dropLast()) }
+        guard httpBind.contains(":") || httpBind.split(separator: ".", omittingEmptySubsequences: false)
+            .map({ UInt8($0) }).filter({ $0 != nil }).count == 4 else {
+            throw r.fail("http.bind", "must be an IPv4 or IPv6 address such as 0.0.0.0, ::, 127.0.0.1 or ::1")
+        }
+    }
+
+    /// The handler kind with what it needs; a key another kind needs is not an error (switching
+    /// `handler.type` back and forth keeps working).
+    static func parseHandlerKind(_ r: Reader) throws(ConfigError) -> HandlerSettings.Kind {
+        func required(_ key: String, _ type: String) throws(ConfigError) -> String {
+            guard let value = r.optional(key) else {
+                throw ConfigError(key: r.name(key), value: nil, problem: "is required when handler.type is \(type)")
+            }
+            return value
+        }
+        switch try r.choice("handler.type") {
+        case "kafka": return .kafka(topic: try required("handler.topic", "kafka"))
+        case "http": return .http(url: try required("handler.url", "http"))
+        case "exec": return .exec(command: try required("handler.command", "exec"))
+        default: return .log(output: try r.string("handler.output"))
+        }
+    }
+
+    static func validateHandler(_ h: HandlerSettings, r: Reader) throws(ConfigError) {
+        switch h.kind {
+        case .http(let url):
+            let lower = url.lowercased()
+            guard lower.hasPrefix("http://") || lower.hasPrefix("https://"), url.count > "https://".count else {
+                throw r.fail("handler.url", "must be an http:// or https:// URL")
+            }
+            for header in h.headers {
+                let parts = header.split(separator: "=", maxSplits: 1)
+                guard parts.count == 2, !parts[0].trimmingSpaces().isEmpty, !parts[0].contains(" ") else {
+                    throw ConfigError(key: r.name("handler.headers"), value: "***", problem: "each header must be NAME=VALUE, NAME=env:VAR or NAME=file:PATH")
+                }
+            }
+            if (h.tlsCertFile == nil) != (h.tlsKeyFile == nil) {
+                throw ConfigError(key: r.name(h.tlsCertFile == nil ? "handler.tls_cert_file" : "handler.tls_key_file"), value: nil,
+                                  problem: "is required when \(h.tlsCertFile == nil ? "handler.tls_key_file" : "handler.tls_cert_file") is set")
+            }
+        case .log, .kafka, .exec:
+            break
+        }
+    }
+
+    /// The dedup and handler keys of one route: the top level (`r` without a prefix) or a named
+    /// route (`r` reading `routes.<name>.` first, then the top level).
+    static func parseRoute(_ r: Reader) throws(ConfigError) -> (dedup: DedupSettings, handler: HandlerSettings) {
+        let templateText = try r.string("dedup.key")
+        let template: KeyTemplate
+        do { template = try KeyTemplate(templateText) } catch {
+            throw r.fail("dedup.key", "\(error)")
+        }
+        let window = try r.duration("dedup.window")
+        let retention = try r.duration("dedup.retention")
+        let lease = try r.optionalDuration("dedup.lease")
+        if retention < window {
+            throw r.fail("dedup.retention", "must be at least dedup.window (\(Self.format(window)))")
+        }
+        if let lease, lease <= window {
+            throw r.fail("dedup.lease", "must be longer than dedup.window (\(Self.format(window))) plus handler time")
+        }
+        var namespace = try r.string("dedup.namespace")
+        if let route = r.routeName, r.values[r.name("dedup.namespace")] == nil { namespace = route }
+        guard !namespace.isEmpty, !namespace.contains(":") else {
+            throw r.fail("dedup.namespace", "must be non-empty and contain no ':'")
+        }
+        var dedup = DedupSettings(
+            template: template, namespace: namespace, window: window, retention: retention, lease: lease,
+            keep: KeepPolicy(rawValue: try r.choice("dedup.keep"))!)
+        if let tokenText = r.optional("dedup.token") {
+            do { dedup.token = try KeyTemplate(tokenText) } catch {
+                throw r.fail("dedup.token", "\(error)")
+            }
+        }
+        let handler = HandlerSettings(
+            kind: try parseHandlerKind(r),
+            headers: r.optional("handler.headers") == nil ? [] : try r.list("handler.headers"),
+            tlsCAFile: r.optional("handler.tls_ca_file"),
+            tlsCertFile: r.optional("handler.tls_cert_file"),
+            tlsKeyFile: r.optional("handler.tls_key_file"),
+            timeout: try r.duration("handler.timeout"),
+            maxElapsed: try r.duration("handler.max_elapsed"),
+            concurrency: try r.count("handler.concurrency"),
+            maxAttempts: try r.count("handler.max_attempts"),
+            backoff: Backoff(initial: try r.duration("handler.backoff"), maximum: .seconds(5)))
+        try validateHandler(handler, r: r)
+        return (dedup, handler)
+    }
+
+    /// The named routes, each with the worker-wide settings of `defaults` (size and buffer
+    /// bounds, dead-letter holding) and its own dedup and handler keys.
+    static func parseRoutes(_ r: Reader, defaults: DedupSettings) throws(ConfigError) -> [RouteConfiguration] {
+        let names = r.optional("routes") == nil ? [] : try r.list("routes")
+        for (key, value) in r.values {
+            guard let (route, _) = ConfigSchema.splitRouteKey(key), !names.contains(route) else { continue }
+            throw ConfigError(key: key, value: nil, origin: value.origin, problem: "route \"\(route)\" is not in routes (\(names.joined(separator: ", ")))")
+        }
+        var seen: Set<String> = []
+        var routes: [RouteConfiguration] = []
+        for name in names {
+            guard !name.isEmpty, name.unicodeScalars.allSatisfy({ $0.isASCII && ($0.properties.isAlphabetic || ("0"..."9").contains($0) || $0 == "_" || $0 == "-") }) else {
+                throw r.fail("routes", "route name \"\(name)\" must be letters, digits, _ or -")
+            }
+            guard name != "default" else { throw r.fail("routes", "\"default\" is the top-level route; give this route another name") }
+            guard seen.insert(name).inserted else { throw r.fail("routes", "route \"\(name)\" is named twice") }
+            let rr = Reader(values: r.values, routeName: name)
+            let match: RouteMatch
+            do {
+                match = try RouteMatch(
+                    topic: rr.values[rr.name("match.topic")]?.text, header: rr.values[rr.name("match.header")]?.text,
+                    json: rr.values[rr.name("match.json")]?.text)
+            } catch {
+                let key = error.text.isEmpty ? "match" : error.text.first == "/" ? "match.json" : "match.header"
+                throw ConfigError(key: rr.name(key), value: error.text.isEmpty ? nil : error.text,
+                                  origin: rr.values[rr.name(key)]?.origin, problem: error.problem)
+            }
+            var (dedup, handler) = try parseRoute(rr)
+            dedup.maxMessageBytes = defaults.maxMessageBytes
+            dedup.bufferMaxMessages = defaults.bufferMaxMessages
+            dedup.bufferMaxBytes = defaults.bufferMaxBytes
+            dedup.holdsDeadLetters = defaults.holdsDeadLetters
+            routes.append(RouteConfiguration(name: name, match: match, dedup: dedup, handler: handler))
+        }
+        return routes
+    }
+
+    /// The engine's view of the routes.
+    public var routing: Routing {
+        Routing(routes: routes.map { Route(name: $0.name, match: $0.match, settings: $0.dedup) }, unmatched: unmatched)
+    }
+
+    /// Some route uses tokens (token mode), so each pass has a token round trip.
+    public var usesTokens: Bool { dedup.token != nil || routes.contains { $0.dedup.token != nil } }
+
+    /// Handler settings by route index (0: the default route), as `Dispatch.route` counts.
+    public var handlersByRoute: [HandlerSettings] { [handler] + routes.map(\.handler) }
+
+    /// `90s` → `1m30s`, `0.5s` → `500ms`: durations printed the way they are written.
+    public static func format(_ d: Duration) -> String {
+        var ms = d.milliseconds
+        if ms == 0 { return "0s" }
+        if ms % 1000 != 0 && ms < 1000 { return "\(ms)ms" }
+        var out = ""
+        for (unit, size) in [("h", Int64(3_600_000)), ("m", 60_000), ("s", 1000)] where ms >= size {
+            out += "\(ms / size)\(unit)"
+            ms %= size
+        }
+        if ms > 0 { out += "\(ms)ms" }
+        return out
+    }
+
+    /// Reads typed values with errors naming the key. A route's reader reads `routes.<name>.KEY`
+    /// first and falls back to the top-level KEY, then its default.
+    struct Reader {
+        let values: [String: ConfigValue]
+        var routeName: String? = nil
+
+        /// The full name of `key` as this reader sees it, for messages.
+        func name(_ key: String) -> String { routeName.map { "routes.\($0).\(key)" } ?? key }
+
+        func raw(_ key: String) -> ConfigValue? {
+            if routeName != nil, let v = values[name(key)] { return v }
+            if let v = values[key] { return v }
+            if let d = ConfigSchema.byName[key]?.defaultValue { return ConfigValue(d, origin: "default") }
+            return nil
+        }
+        func optional(_ key: String) -> String? {
+            guard let v = raw(key)?.text, !v.isEmpty else { return nil }
+            return v
+        }
+        func string(_ key: String) throws(ConfigError) -> String {
+            raw(key)?.text ?? ""
+        }
+        func required(_ key: String) throws(ConfigError) -> String {
+            guard let v = optional(key) else {
+                throw ConfigError(key: key, value: nil, problem: "is required (set it in the file, as \(ConfigSchema.byName[key]!.environmentName), or by flag)")
+            }
+            return v
+        }
+        func list(_ key: String) throws(ConfigError) -> [String] {
+            try required(key).split(separator: ",").map { $0.trimmingSpaces() }.filter { !$0.isEmpty }
+        }
+        func fail(_ key: String, _ problem: String) -> ConfigError {
+            let v = raw(key)
+            // A route's error names the route's key when the route set it, else the inherited one.
+            let named = routeName != nil && values[name(key)] != nil ? name(key) : key
+            return ConfigError(key: named, value: v?.text, origin: v?.origin, problem: problem)
+        }
+        func choice(_ key: String) throws(ConfigError) -> String {
+            let v = try string(key)
+            guard case .choice(let allowed) = ConfigSchema.byName[key]!.kind, allowed.contains(v) else {
+                guard case .choice(let allowed) = ConfigSchema.byName[key]!.kind else { return v }
+                throw fail(key, "must be one of: \(allowed.joined(separator: ", "))")
+            }
+            return v
+        }
+        func duration(_ key: String, allowZero: Bool = false) throws(ConfigError) -> Duration {
+            guard let text = optional(key), let d = DurationParser.parse(text) else {
+                throw fail(key, "must be a duration such as 500ms, 2s, 5m, 24h")
+            }
+            if d <= .zero && !allowZero { throw fail(key, "must be greater than 0") }
+            return d
+        }
+        func optionalDuration(_ key: String) throws(ConfigError) -> Duration? {
+            guard optional(key) != nil else { return nil }
+            return try duration(key)
+        }
+        func count(_ key: String) throws(ConfigError) -> Int {
+            guard let text = optional(key), let n = Int(text.replacingUnderscores()), n > 0 else {
+                throw fail(key, "must be a whole number greater than 0")
+            }
+            return n
+        }
+        func size(_ key: String) throws(ConfigError) -> Int {
+            guard let text = optional(key), let n = SizeParser.parse(text), n > 0 else {
+                throw fail(key, "must be a size such as 65536, 512KiB, 64MiB")
+            }
+            return n
+        }
+    }
+}

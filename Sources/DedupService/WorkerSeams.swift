@@ -1,0 +1,174 @@
+import DedupCore
+import Dispatch
+import KafkaIO
+import Synchronization
+
+/// Where the worker's messages come from: the Kafka consumer in production, a fake in tests.
+public protocol MessageSource: AnyObject, Sendable {
+    /// Up to `maxMessages` messages and the rebalances between them, in order; blocks at most
+    /// `timeout` when there is nothing. A fake may throw to end the loop (a simulated crash).
+    func poll(upTo maxMessages: Int, timeout: Duration) async throws -> [SourceEvent]
+    /// Marks these positions (the next offset to read, per partition) as safe to commit.
+    func storeOffsets(_ positions: [TopicPartition: Int64]) throws
+    /// Pauses these partitions, and holds partitions assigned from now on paused too.
+    func pauseFetching(_ partitions: [TopicPartition]) throws
+    /// Resumes these partitions and stops holding new ones.
+    func resumeFetching(_ partitions: [TopicPartition]) throws
+    /// Commits the stored positions and waits for the broker.
+    func commit() async throws
+    func close() async
+}
+
+extension KafkaConsumer: MessageSource {
+    public func poll(upTo maxMessages: Int, timeout: Duration) async throws -> [SourceEvent] {
+        await poll(maxMessages: maxMessages, timeout: timeout).compactMap { event in
+            switch event {
+            case .message(let message): .message(message)
+            case .assigned(let partitions): .assigned(partitions)
+            case .revoked(let partitions): .revoked(partitions)
+            // KafkaIO has already logged it with librdkafka's own level; librdkafka recovers
+            // from transport errors by itself.
+            case .error: nil
+            }
+        }
+    }
+
+    public func pauseFetching(_ partitions: [TopicPartition]) throws {
+        holdNewAssignments(true)
+        do { try pause(partitions) } catch {
+            holdNewAssignments(false)
+            throw error
+        }
+    }
+
+    public func resumeFetching(_ partitions: [TopicPartition]) throws {
+        try resume(partitions)
+        holdNewAssignments(false)
+    }
+
+    public func commit() async throws { try await commitSync() }
+}
+
+/// The loop's time: `now`, and a timer that ends a wait. Injected, so a test clock drives the loop.
+public protocol LoopClock: Sendable {
+    var now: ContinuousClock.Instant { get }
+    /// Calls `fire` once, at `deadline` or soon after.
+    func schedule(at deadline: ContinuousClock.Instant, _ fire: @escaping @Sendable () -> Void)
+}
+
+public struct SystemLoopClock: LoopClock {
+    public init() {}
+    public var now: ContinuousClock.Instant { .now }
+    public func schedule(at deadline: ContinuousClock.Instant, _ fire: @escaping @Sendable () -> Void) {
+        let wait = max(.zero, deadline - .now)
+        let nanos = wait.components.seconds * 1_000_000_000 + wait.components.attoseconds / 1_000_000_000
+        DispatchQueue.global().asyncAfter(deadline: .now() + .nanoseconds(Int(nanos)), execute: fire)
+    }
+}
+
+/// Runs dispatch rounds beside the loop.
+public protocol DispatchRunner: Sendable {
+    /// Starts a round; `done` gets one result per message, in order, once the round ended.
+    func start(_ due: [Dispatch], done: @escaping @Sendable ([DispatchResult]) -> Void)
+    /// The shutdown deadline passed: rounds still running are cancelled; their messages that no
+    /// handler took come back `.abandoned`.
+    func cancelAll()
+    func close() async
+}
+
+/// The production runner: each round in a task of its own, through each message's route's
+/// dispatcher.
+final class HandlerRounds: DispatchRunner {
+    let dispatchers: [Dispatcher]
+    let handlers: [any Handler]
+    /// What is in flight, for the watchdog's report.
+    let ledger: InFlightLedger
+    private let running = Mutex<[UInt64: Task<Void, Never>]>([:])
+    private let nextID = Atomic<UInt64>(0)
+
+    init(dispatchers: [Dispatcher], handlers: [any Handler], ledger: InFlightLedger) {
+        self.dispatchers = dispatchers
+        self.handlers = handlers
+        self.ledger = ledger
+    }
+
+    func start(_ due: [Dispatch], done: @escaping @Sendable ([DispatchResult]) -> Void) {
+        let dispatchers = self.dispatchers
+        let ledger = self.ledger
+        let id = nextID.add(1, ordering: .relaxed).newValue
+        // Registered before the task can end (and remove itself): the lock is held meanwhile.
+        running.withLock { running in
+            running[id] = Task { [self] in
+                let token = ledger.begin(.round(size: due.count))
+                let outcome = await DispatchRound.run(due, dispatchers: dispatchers)
+                ledger.end(token)
+                _ = self.running.withLock { $0.removeValue(forKey: id) }
+                done(outcome.results.map { result in
+                    switch result {
+                    case .success: .success
+                    case .gaveUp(let error, let attempts): .gaveUp(error: "\(error)", attempts: attempts)
+                    case .abandoned: .abandoned
+                    }
+                })
+            }
+        }
+    }
+
+    func cancelAll() {
+        for task in running.withLock({ Array($0.values) }) { task.cancel() }
+    }
+
+    func close() async {
+        for handler in handlers { await handler.close() }
+    }
+}
+
+/// Where answers arrive (store replies, round outcomes, dead-letter acknowledgements), from any
+/// thread, until the loop takes them.
+final class AnswerInbox: Sendable {
+    private struct State {
+        var answers: [DedupEngine.Answer] = []
+        var waiter: CheckedContinuation<[DedupEngine.Answer], Never>?
+        var wait: UInt64 = 0
+    }
+
+    private let state = Mutex(State())
+
+    func post(_ answer: DedupEngine.Answer) {
+        let resume = state.withLock { s -> (CheckedContinuation<[DedupEngine.Answer], Never>, [DedupEngine.Answer])? in
+            s.answers.append(answer)
+            guard let waiter = s.waiter else { return nil }
+            s.waiter = nil
+            defer { s.answers.removeAll() }
+            return (waiter, s.answers)
+        }
+        if let (waiter, answers) = resume { waiter.resume(returning: answers) }
+    }
+
+    /// What arrived, waiting until `deadline` if nothing has yet; empty when the deadline passed.
+    func next(until deadline: ContinuousClock.Instant, clock: any LoopClock) async -> [DedupEngine.Answer] {
+        await withCheckedContinuation { (c: CheckedContinuation<[DedupEngine.Answer], Never>) in
+            let wait = state.withLock { s -> UInt64? in
+                guard s.answers.isEmpty else { return nil }
+                s.waiter = c
+                s.wait += 1
+                return s.wait
+            }
+            guard let wait else {
+                let answers = state.withLock { s in defer { s.answers.removeAll() }; return s.answers }
+                return c.resume(returning: answers)
+            }
+            clock.schedule(at: deadline) { [weak self] in self?.expire(wait) }
+        }
+    }
+
+    /// Ends the wait `wait` with nothing, unless it ended already.
+    func expire(_ wait: UInt64? = nil) {
+        let waiter = state.withLock { s -> CheckedContinuation<[DedupEngine.Answer], Never>? in
+            guard wait == nil || wait == s.wait else { return nil }
+            defer { s.waiter = nil }
+            return s.waiter
+        }
+        waiter?.resume(returning: [])
+    }
+}

@@ -1,0 +1,343 @@
+import CHiredis
+import COpenSSL
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// TLS settings for `rediss://` (the `redis.tls.*` keys). The server's certificate is always
+/// verified: against `caFile`, or the system's trust store when it is nil.
+public struct RedisTLSOptions: Sendable, Hashable {
+    /// PEM bundle of the certificate authorities to trust (`redis.tls.ca_file`).
+    public var caFile: String?
+    /// PEM client certificate (chain) and its key, for servers that ask for one.
+    public var certificateFile: String?
+    public var keyFile: String?
+    /// The name the server's certificate must carry; default: the URL's host.
+    public var serverName: String?
+
+    public init(caFile: String? = nil, certificateFile: String? = nil, keyFile: String? = nil, serverName: String? = nil) {
+        self.caFile = caFile
+        self.certificateFile = certificateFile
+        self.keyFile = keyFile
+        self.serverName = serverName
+    }
+}
+
+/// An OpenSSL client context made once from `RedisTLSOptions`: trust roots, client certificate.
+///
+/// `@unchecked Sendable`: the `SSL_CTX` is only read after `init` (OpenSSL allows `SSL_new` from
+/// several threads on one context), and freed in `deinit`.
+final class RedisTLSContext: @unchecked Sendable {
+    let options: RedisTLSOptions
+    let context: OpaquePointer
+
+    /// Throws `RedisError(.tls)` naming the setting whose file cannot be read or parsed.
+    init(_ options: RedisTLSOptions) throws {
+        guard let ctx = SSL_CTX_new(TLS_client_method()) else {
+            throw RedisError(.tls, "cannot create a TLS context: \(Self.lastError())", retriable: false)
+        }
+        context = ctx
+        self.options = options
+        _ = dedupd_ssl_ctx_set_min_tls12(ctx)
+        SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, nil)
+        if let ca = options.caFile {
+            guard SSL_CTX_load_verify_locations(ctx, ca, nil) == 1 else {
+                throw RedisError(.tls, "redis.tls.ca_file = \(ca): cannot load certificate authorities: \(Self.lastError())", retriable: false)
+            }
+        } else {
+            SSL_CTX_set_default_verify_paths(ctx)
+        }
+        if let cert = options.certificateFile {
+            guard SSL_CTX_use_certificate_chain_file(ctx, cert) == 1 else {
+                throw RedisError(.tls, "redis.tls.cert_file = \(cert): cannot load the client certificate: \(Self.lastError())", retriable: false)
+            }
+        }
+        if let key = options.keyFile {
+            guard SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) == 1, SSL_CTX_check_private_key(ctx) == 1 else {
+                throw RedisError(.tls, "redis.tls.key_file = \(key): cannot load the client key or it does not match redis.tls.cert_file: \(Self.lastError())", retriable: false)
+            }
+        }
+    }
+
+    deinit { SSL_CTX_free(context) }
+
+    /// The oldest queued OpenSSL error as text (and the queue emptied), or "unknown error".
+    static func lastError() -> String {
+        var text = ""
+        while case let code = ERR_get_error(), code != 0 {
+            if text.isEmpty {
+                var buffer = [CChar](repeating: 0, count: 256)
+                ERR_error_string_n(code, &buffer, buffer.count)
+                text = buffer.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+            }
+        }
+        return text.isEmpty ? "unknown error" : text
+    }
+}
+
+/// One TCP connection to a Redis server, plaintext or TLS, with hiredis's RESP reader as the
+/// protocol codec (hiredis 0.14 has no TLS of its own; its reader needs no socket).
+///
+/// Blocking calls bounded by the socket's timeouts; used only on `RedisConnection`'s queue.
+final class RedisSocket {
+    private let fd: Int32
+    private var ssl: OpaquePointer?
+    private let reader: UnsafeMutablePointer<redisReader>
+    private var readBuffer = [UInt8](repeating: 0, count: 64 * 1024)
+    private let peer: String
+
+    private init(fd: Int32, ssl: OpaquePointer?, reader: UnsafeMutablePointer<redisReader>, peer: String) {
+        self.fd = fd
+        self.ssl = ssl
+        self.reader = reader
+        self.peer = peer
+    }
+
+    deinit {
+        if let ssl {
+            SSL_shutdown(ssl)
+            SSL_free(ssl)
+        }
+        Glibc.close(fd)
+        redisReaderFree(reader)
+    }
+
+    /// Connects within `connectTimeout` (and completes the TLS handshake when `tls` is given);
+    /// reads and writes then time out after `commandTimeout`.
+    static func connect(
+        host: String, port: Int, connectTimeout: Duration, commandTimeout: Duration, tls: RedisTLSContext?
+    ) throws -> RedisSocket {
+        let peer = host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
+        let fd = try openTCP(host: host, port: port, timeout: connectTimeout, peer: peer)
+        var ssl: OpaquePointer?
+        do {
+            if let tls {
+                setTimeouts(fd, connectTimeout)
+                ssl = try handshake(fd: fd, host: host, tls: tls, peer: peer)
+            }
+            setTimeouts(fd, commandTimeout)
+        } catch {
+            Glibc.close(fd)
+            throw error
+        }
+        guard let reader = redisReaderCreate() else {
+            if let ssl { SSL_free(ssl) }
+            Glibc.close(fd)
+            throw RedisError(.connection, "cannot allocate a RESP reader")
+        }
+        return RedisSocket(fd: fd, ssl: ssl, reader: reader, peer: peer)
+    }
+
+    // MARK: TCP
+
+    private static func openTCP(host: String, port: Int, timeout: Duration, peer: String) throws -> Int32 {
+        var hints = addrinfo()
+        hints.ai_family = AF_UNSPEC
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        var list: UnsafeMutablePointer<addrinfo>?
+        let rc = getaddrinfo(host, String(port), &hints, &list)
+        guard rc == 0, let first = list else {
+            throw RedisError(.connection, "connecting to \(peer): cannot resolve \(host): \(String(cString: gai_strerror(rc)))")
+        }
+        defer { freeaddrinfo(list) }
+        var lastError = "no address"
+        var entry: UnsafeMutablePointer<addrinfo>? = first
+        while let a = entry {
+            entry = a.pointee.ai_next
+            let fd = socket(a.pointee.ai_family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            if fd < 0 { lastError = String(cString: strerror(errno)); continue }
+            let flags = fcntl(fd, F_GETFL, 0)
+            _ = fcntl(fd, F_SETFL, flags | O_NONBLOCK)
+            var connected = Glibc.connect(fd, a.pointee.ai_addr, a.pointee.ai_addrlen) == 0
+            if !connected && errno == EINPROGRESS {
+                var pfd = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+                let n = poll(&pfd, 1, Int32(clamping: max(1, timeout.milliseconds)))
+                if n == 0 {
+                    lastError = "connection timed out after \(timeout)"
+                } else {
+                    var soError: Int32 = 0
+                    var length = socklen_t(MemoryLayout<Int32>.size)
+                    getsockopt(fd, SOL_SOCKET, SO_ERROR, &soError, &length)
+                    if soError == 0 { connected = true } else { lastError = String(cString: strerror(soError)) }
+                }
+            } else if !connected {
+                lastError = String(cString: strerror(errno))
+            }
+            if connected {
+                _ = fcntl(fd, F_SETFL, flags)
+                var one: Int32 = 1
+                setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+                return fd
+            }
+            Glibc.close(fd)
+        }
+        throw RedisError(.connection, "connecting to \(peer): \(lastError)")
+    }
+
+    private static func setTimeouts(_ fd: Int32, _ timeout: Duration) {
+        let (seconds, atto) = timeout.components
+        var tv = timeval(tv_sec: Int(seconds), tv_usec: Int(atto / 1_000_000_000_000))
+        if tv.tv_sec == 0 && tv.tv_usec == 0 { tv.tv_usec = 1000 }
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    // MARK: TLS
+
+    private static func handshake(fd: Int32, host: String, tls: RedisTLSContext, peer: String) throws -> OpaquePointer {
+        guard let ssl = SSL_new(tls.context) else {
+            throw RedisError(.tls, "TLS to \(peer): cannot create a session: \(RedisTLSContext.lastError())")
+        }
+        SSL_set_fd(ssl, fd)
+        let name = tls.options.serverName ?? host
+        var address = in6_addr()
+        let isIP = inet_pton(AF_INET, name, &address) == 1 || inet_pton(AF_INET6, name, &address) == 1
+        if isIP {
+            X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), name)
+        } else {
+            _ = dedupd_ssl_set_server_name(ssl, name)
+            SSL_set1_host(ssl, name)
+        }
+        ERR_clear_error()
+        if SSL_connect(ssl) == 1 { return ssl }
+        let verify = SSL_get_verify_result(ssl)
+        let reason: String
+        if verify != X509_V_OK {
+            reason = "the server's certificate was not accepted: \(String(cString: X509_verify_cert_error_string(verify)))"
+                + (tls.options.caFile.map { " (verified against redis.tls.ca_file = \($0))" } ?? " (verified against the system's trust store; set redis.tls.ca_file)")
+        } else {
+            let text = RedisTLSContext.lastError()
+            let hint = text.contains("wrong version number") || text.contains("packet length too long") || text.contains("unknown error")
+                ? "; is the server speaking TLS on this port? use redis:// for a plaintext port" : ""
+            reason = "\(text)\(hint)"
+        }
+        SSL_free(ssl)
+        throw RedisError(.tls, "TLS handshake with \(peer) failed: \(reason)")
+    }
+
+    // MARK: I/O
+
+    /// Writes all of `bytes` or throws.
+    func write(_ bytes: [UInt8]) throws {
+        var offset = 0
+        try bytes.withUnsafeBytes { buffer in
+            while offset < buffer.count {
+                let base = buffer.baseAddress! + offset
+                let remaining = buffer.count - offset
+                if let ssl {
+                    let n = SSL_write(ssl, base, Int32(clamping: remaining))
+                    if n <= 0 { throw ioError(ssl: ssl, result: n, action: "writing a command") }
+                    offset += Int(n)
+                } else {
+                    let n = send(fd, base, remaining, Int32(MSG_NOSIGNAL))
+                    if n < 0 {
+                        if errno == EINTR { continue }
+                        throw ioError(ssl: nil, result: -1, action: "writing a command")
+                    }
+                    offset += n
+                }
+            }
+        }
+    }
+
+    /// The next reply, read from the socket as needed; the caller frees it with `freeReplyObject`.
+    func nextReply() throws -> UnsafeMutableRawPointer {
+        while true {
+            var reply: UnsafeMutableRawPointer?
+            guard redisReaderGetReply(reader, &reply) == REDIS_OK else {
+                throw RedisError(.protocolError, "reading a reply from \(peer): \(readerError())", retriable: true)
+            }
+            if let reply { return reply }
+            let n: Int = try readBuffer.withUnsafeMutableBytes { buffer in
+                while true {
+                    if let ssl {
+                        let n = SSL_read(ssl, buffer.baseAddress!, Int32(clamping: buffer.count))
+                        if n <= 0 { throw ioError(ssl: ssl, result: n, action: "reading a reply") }
+                        return Int(n)
+                    }
+                    let n = recv(fd, buffer.baseAddress!, buffer.count, 0)
+                    if n > 0 { return n }
+                    if n == 0 { throw closedByServer() }
+                    if errno == EINTR { continue }
+                    throw ioError(ssl: nil, result: -1, action: "reading a reply")
+                }
+            }
+            let status = readBuffer.withUnsafeBytes { redisReaderFeed(reader, $0.baseAddress!.assumingMemoryBound(to: CChar.self), n) }
+            guard status == REDIS_OK else {
+                throw RedisError(.protocolError, "reading a reply from \(peer): \(readerError())", retriable: true)
+            }
+        }
+    }
+
+    /// True if the server closed the socket (or sent something unsolicited) while we were idle:
+    /// RESP2 never sends without a request, so a readable socket between calls means EOF,
+    /// a TLS close, or garbage. One `poll(2)` with a zero timeout.
+    func peerHasClosed() -> Bool {
+        var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        return poll(&pfd, 1, 0) != 0
+    }
+
+    private func closedByServer() -> RedisError {
+        RedisError(.connection, "\(peer) closed the connection (if the server only accepts TLS on this port, use rediss://)")
+    }
+
+    private func ioError(ssl: OpaquePointer?, result: Int32, action: String) -> RedisError {
+        let saved = errno
+        if let ssl {
+            switch SSL_get_error(ssl, result) {
+            case SSL_ERROR_ZERO_RETURN: return closedByServer()
+            case SSL_ERROR_SYSCALL where saved == 0: return closedByServer()
+            case SSL_ERROR_SYSCALL where saved == EAGAIN || saved == EWOULDBLOCK:
+                return RedisError(.timeout, "\(action) from \(peer): timed out")
+            case SSL_ERROR_WANT_READ, SSL_ERROR_WANT_WRITE:
+                return RedisError(.timeout, "\(action) from \(peer): timed out")
+            case SSL_ERROR_SSL:
+                return RedisError(.tls, "\(action) from \(peer): TLS error: \(RedisTLSContext.lastError())")
+            default:
+                return RedisError(.connection, "\(action) from \(peer): \(String(cString: strerror(saved)))")
+            }
+        }
+        if saved == EAGAIN || saved == EWOULDBLOCK {
+            return RedisError(.timeout, "\(action) from \(peer): timed out")
+        }
+        return RedisError(.connection, "\(action) from \(peer): \(String(cString: strerror(saved)))")
+    }
+
+    private func readerError() -> String {
+        withUnsafePointer(to: reader.pointee.errstr) {
+            $0.withMemoryRebound(to: CChar.self, capacity: MemoryLayout.size(ofValue: reader.pointee.errstr)) { String(cString: $0) }
+        }
+    }
+}
+
+extension RedisCommandBatch {
+    /// The batch in RESP: `*<argc>` then `$<len>` and the bytes of each argument.
+    func encoded() -> [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(bytes.count + lengths.count * 16 + argumentCounts.count * 8)
+        func header(_ marker: UInt8, _ n: Int) {
+            out.append(marker)
+            out.append(contentsOf: String(n).utf8)
+            out.append(13)
+            out.append(10)
+        }
+        bytes.withUnsafeBufferPointer { all in
+            var argument = 0
+            var offset = 0
+            for count in argumentCounts {
+                header(UInt8(ascii: "*"), count)
+                for _ in 0..<count {
+                    let length = lengths[argument]
+                    header(UInt8(ascii: "$"), length)
+                    out.append(contentsOf: UnsafeBufferPointer(rebasing: all[offset..<(offset + length)]))
+                    out.append(13)
+                    out.append(10)
+                    offset += length
+                    argument += 1
+                }
+            }
+        }
+        return out
+    }
+}

@@ -1,0 +1,413 @@
+import DedupCore
+import DedupService
+
+/// Everything around one worker, simulated: a partitioned log with a consumer group's committed
+/// offsets, a seen-set that keeps state like the Redis scripts (leases expire on the model's
+/// clock), handlers, and time. One `World` plays the worker's `MessageSource`, `ClaimStore`,
+/// `DispatchRunner` and `LoopClock`, and decides, from a seeded generator, when each answer
+/// arrives, fails or is reordered, when partitions are revoked or assigned, when the store is
+/// down, when a handler is slow and when the worker crashes.
+///
+/// The world acts only when the worker polls or waits, on the worker's own task: the worker
+/// awaits nothing that the world has not already answered or will answer in that call, so one
+/// seed is one schedule, replayed exactly.
+///
+/// `@unchecked Sendable`: every member is touched only from the task that runs the worker's
+/// loop (the protocols require `Sendable`; nothing here crosses a task).
+final class ModelWorld: @unchecked Sendable {
+    struct Crash: Error {}
+
+    struct Violation: Error, CustomStringConvertible {
+        let description: String
+    }
+
+    struct Shape {
+        var partitions = 3
+        var messagesPerPartition = 24
+        var uniqueKeys = 40
+        var maxBatch = 2
+        /// Steps with faults; after them the world is calm until everything is committed.
+        var faultSteps = 250
+        var maxSteps = 6000
+        var window: Duration = .seconds(1)
+        var lease: Duration = .seconds(3)
+    }
+
+    let shape: Shape
+    var rng: SplitMix64
+    let start = ContinuousClock.now
+    var now: ContinuousClock.Instant
+    var steps = 0
+    var trace: [String] = []
+
+    // The log and the group.
+    var log: [[String]] = []
+    var committed: [Int64]
+    /// Per key: copies not yet committed.
+    var uncommittedCopies: [String: Int] = [:]
+
+    // The seen-set: value `p:owner` or `d:owner`, and when it expires.
+    var store: [String: (value: String, expires: ContinuousClock.Instant)] = [:]
+    var storeDown = false
+
+    // The current incarnation of the worker.
+    var owner = ""
+    var stop: () -> Void = {}
+    var assigned: Set<Int32> = []
+    var paused: Set<Int32> = []
+    var holdNew = false
+    var position: [Int32: Int64] = [:]
+    var pendingEvents: [SourceEvent] = []
+    /// Answers and round outcomes not delivered yet.
+    var pending: [(label: String, deliver: () -> Void, slow: Bool)] = []
+    var timer: (at: ContinuousClock.Instant, fire: @Sendable () -> Void)?
+    var stopRequested = false
+
+    /// The worker's own counters, summed over its incarnations, to show what the schedules reached.
+    struct Totals: CustomStringConvertible {
+        var c = DedupCounters()
+        mutating func add(_ o: DedupCounters) {
+            c.consumed += o.consumed; c.dispatched += o.dispatched; c.duplicatesLocal += o.duplicatesLocal
+            c.duplicatesStore += o.duplicatesStore; c.released += o.released; c.parked += o.parked
+            c.renewed += o.renewed; c.leasesLost += o.leasesLost; c.confirmConflicts += o.confirmConflicts
+        }
+        var description: String {
+            "consumed \(c.consumed), dispatched \(c.dispatched), local duplicates \(c.duplicatesLocal), store duplicates \(c.duplicatesStore), released \(c.released), parked \(c.parked), renewed \(c.renewed), leases lost \(c.leasesLost), confirm conflicts \(c.confirmConflicts)"
+        }
+    }
+
+    var counters = Totals()
+
+    // What happened.
+    var dispatches: [String: Int] = [:]
+    var crashes = 0
+    var error: Violation?
+
+    init(seed: UInt64, shape: Shape = Shape()) {
+        self.shape = shape
+        rng = SplitMix64(seed: seed)
+        now = start
+        committed = Array(repeating: 0, count: shape.partitions)
+        for _ in 0..<shape.partitions {
+            var keys: [String] = []
+            for _ in 0..<shape.messagesPerPartition {
+                let key = "k\(Int.random(in: 0..<shape.uniqueKeys, using: &rng))"
+                keys.append(key)
+                uncommittedCopies[key, default: 0] += 1
+            }
+            log.append(keys)
+        }
+    }
+
+    var uniqueKeys: Set<String> { Set(log.joined()) }
+    var faulty: Bool { steps < shape.faultSteps }
+    var allCommitted: Bool { (0..<shape.partitions).allSatisfy { committed[$0] == Int64(log[$0].count) } }
+
+    func chance(_ p: Double) -> Bool { Double.random(in: 0..<1, using: &rng) < p }
+
+    func note(_ line: String) {
+        trace.append("[\(steps) t=\(Int((now - start) / .milliseconds(1)))ms] \(line)")
+        if trace.count > 60 { trace.removeFirst(trace.count - 60) }
+    }
+
+    func fail(_ message: String) {
+        if error == nil { error = Violation(description: message) }
+    }
+
+    /// A new incarnation after a crash (or the first): nothing of the old one survives but the
+    /// log, the committed offsets and the store.
+    func restart(owner: String, stop: @escaping () -> Void) {
+        self.owner = owner
+        self.stop = stop
+        assigned = []
+        paused = []
+        holdNew = false
+        position = [:]
+        pending = []
+        timer = nil
+        pendingEvents = [.assigned((0..<Int32(shape.partitions)).map { TopicPartition(topic: "t", partition: $0) })]
+        for p in 0..<Int32(shape.partitions) { assign(p) }
+        note("start \(owner)")
+    }
+
+    func assign(_ p: Int32) {
+        assigned.insert(p)
+        position[p] = committed[Int(p)]
+        if holdNew { paused.insert(p) }
+    }
+
+    // MARK: - One step of the world
+
+    /// Runs between the worker's actions (at each poll and wait): time passes, answers arrive,
+    /// handlers finish, and while faults are on, partitions move, the store fails, the worker
+    /// crashes.
+    func step(fromPoll: Bool) throws {
+        steps += 1
+        if steps > shape.maxSteps {
+            fail("no progress after \(steps) steps: committed \(committed) of \(log.map(\.count))")
+        }
+        // A violation ends the run at the next poll; crashes happen at polls too.
+        if error != nil, fromPoll { throw Crash() }
+        deliverSome()
+        if faulty {
+            if fromPoll, chance(0.004) {
+                crashes += 1
+                note("crash")
+                throw Crash()
+            }
+            // Rebalances reach the worker in a poll (librdkafka runs them inside it), so the
+            // assignment changes only there.
+            if fromPoll, let p = assigned.sorted().randomElement(using: &rng), chance(0.02) {
+                assigned.remove(p)
+                paused.remove(p)
+                position[p] = nil
+                pendingEvents.append(.revoked([TopicPartition(topic: "t", partition: p)]))
+                note("revoke \(p)")
+            }
+            let unassigned = (0..<Int32(shape.partitions)).filter { !assigned.contains($0) }
+            if fromPoll, let p = unassigned.randomElement(using: &rng), chance(0.1) {
+                assign(p)
+                pendingEvents.append(.assigned([TopicPartition(topic: "t", partition: p)]))
+                note("assign \(p)")
+            }
+            if !storeDown, chance(0.01) {
+                storeDown = true
+                note("store down")
+            } else if storeDown, chance(0.08) {
+                storeDown = false
+                note("store up")
+            }
+        } else {
+            storeDown = false
+            for p in 0..<Int32(shape.partitions) where fromPoll && !assigned.contains(p) {
+                assign(p)
+                pendingEvents.append(.assigned([TopicPartition(topic: "t", partition: p)]))
+            }
+            if allCommitted, !stopRequested {
+                stopRequested = true
+                note("stop")
+                stop()
+            }
+        }
+    }
+
+    /// Delivers each pending answer with some chance, in random order (answers overtake each other).
+    func deliverSome() {
+        var i = 0
+        pending.shuffle(using: &rng)
+        while i < pending.count {
+            if chance(pending[i].slow ? 0.08 : 0.5) {
+                let p = pending.remove(at: i)
+                note("deliver \(p.label)")
+                p.deliver()
+            } else {
+                i += 1
+            }
+        }
+    }
+
+    func advance(_ d: Duration) {
+        now = now + d
+    }
+
+    // MARK: - Invariants
+
+    /// Nothing committed past a message whose key is neither dispatched nor still to be read.
+    func commit(_ p: Int32, to offset: Int64) {
+        let old = committed[Int(p)]
+        guard offset != old else { return }
+        guard offset > old else {
+            fail("partition \(p): commit went back from \(old) to \(offset)")
+            return
+        }
+        for o in old..<offset {
+            let key = log[Int(p)][Int(o)]
+            uncommittedCopies[key]! -= 1
+            if uncommittedCopies[key] == 0, dispatches[key, default: 0] == 0 {
+                fail("partition \(p) committed to \(offset) past offset \(o) (key \(key)): every copy of \(key) is committed and it was never dispatched")
+            }
+        }
+        committed[Int(p)] = offset
+    }
+
+    /// A key is dispatched only while this worker holds its claim, and twice only after a
+    /// crash, at most `handler.max_batch` keys per crash.
+    func dispatched(_ keys: [String]) {
+        for key in keys {
+            let storeKey = "dedupd:model:\(key)"
+            if let v = store[storeKey], v.expires > now, v.value == "p:" + owner {} else {
+                fail("\(key) dispatched without a claim: the store has \(store[storeKey].map { "\($0.value), \($0.expires > now ? "live" : "expired")" } ?? "nothing")")
+            }
+            dispatches[key, default: 0] += 1
+        }
+        let extra = dispatches.values.reduce(0) { $0 + max(0, $1 - 1) }
+        if extra > crashes * shape.maxBatch {
+            fail("\(extra) repeated dispatches after \(crashes) crashes (at most \(shape.maxBatch) per crash): \(dispatches.filter { $0.value > 1 }.keys.sorted())")
+        }
+    }
+
+    func checkEnd() {
+        let missing = uniqueKeys.filter { dispatches[$0, default: 0] == 0 }
+        if !missing.isEmpty { fail("never dispatched: \(missing.sorted())") }
+        if !allCommitted { fail("not all committed: \(committed) of \(log.map(\.count))") }
+    }
+
+    // MARK: - The store, like the Redis scripts
+
+    func live(_ key: String) -> String? {
+        guard let v = store[key], v.expires > now else { return nil }
+        return v.value
+    }
+
+    func claim(_ key: String, lease: Duration) -> ClaimOutcome {
+        switch live(key) {
+        case nil:
+            store[key] = ("p:" + owner, now + lease)
+            return .claimed
+        case "p:" + owner:
+            store[key]!.expires = now + lease
+            return .alreadyOwned
+        case let v? where v.hasPrefix("d:"):
+            return .done
+        case let v?:
+            return .pendingElsewhere(owner: String(v.dropFirst(2)))
+        }
+    }
+
+    func confirm(_ key: String, retention: Duration) -> ConfirmOutcome {
+        switch live(key) {
+        case nil:
+            store[key] = ("d:" + owner, now + retention)
+            return .confirmedAfterLeaseLost
+        case let v? where v == "p:" + owner || v.hasPrefix("d:"):
+            store[key] = ("d:" + owner, now + retention)
+            return .confirmed
+        case let v?:
+            return .notOwner(owner: String(v.dropFirst(2)))
+        }
+    }
+
+    func release(_ key: String) -> Bool {
+        guard live(key) == "p:" + owner else { return false }
+        store[key] = nil
+        return true
+    }
+
+    /// A request reaches the store when it is sent (requests on one connection are applied in
+    /// order); its answer comes back later. While the store is down a request fails, and may or
+    /// may not have been applied (the connection broke before or after).
+    func request<T: Sendable>(_ label: String, _ apply: () -> T) -> StoreReply<T> {
+        let reply = StoreReply<T>()
+        if storeDown {
+            if chance(0.5) { _ = apply() }
+            note("\(label) fails")
+            pending.append(("\(label) (failure)", { reply.complete(.failure(Violation(description: "store down"))) }, false))
+        } else {
+            let result = apply()
+            pending.append((label, { reply.complete(.success(result)) }, chance(0.05)))
+        }
+        return reply
+    }
+}
+
+extension ModelWorld: MessageSource {
+    func poll(upTo maxMessages: Int, timeout: Duration) async throws -> [SourceEvent] {
+        try step(fromPoll: true)
+        var events = pendingEvents
+        pendingEvents = []
+        var budget = Int.random(in: 0...maxMessages, using: &rng)
+        for p in assigned.sorted() where !paused.contains(p) {
+            while budget > 0, let o = position[p], o < log[Int(p)].count {
+                let key = log[Int(p)][Int(o)]
+                events.append(.message(InboundMessage(
+                    topic: "t", partition: p, offset: o, value: [],
+                    headers: [MessageHeader(name: "message-id", value: Array(key.utf8))])))
+                position[p] = o + 1
+                budget -= 1
+            }
+        }
+        advance(events.isEmpty ? max(timeout, .milliseconds(1)) : .microseconds(Int64.random(in: 0...3000, using: &rng)))
+        return events
+    }
+
+    func storeOffsets(_ positions: [TopicPartition: Int64]) throws {
+        for (tp, offset) in positions {
+            guard assigned.contains(tp.partition) else {
+                fail("stored offset \(offset) for partition \(tp.partition), which is not assigned")
+                continue
+            }
+            commit(tp.partition, to: offset)
+        }
+    }
+
+    func pauseFetching(_ partitions: [TopicPartition]) throws {
+        holdNew = true
+        for tp in partitions where assigned.contains(tp.partition) { paused.insert(tp.partition) }
+    }
+
+    func resumeFetching(_ partitions: [TopicPartition]) throws {
+        holdNew = false
+        for tp in partitions { paused.remove(tp.partition) }
+    }
+
+    func commit() async throws {}
+    /// Ends both the source and the runner: nothing to close in either.
+    func close() async {}
+}
+
+extension ModelWorld: ClaimStore {
+    func requestClaims(_ groups: [KeyGroup], owner: String) -> StoreReply<[ClaimOutcome]> {
+        request("claims \(groups.flatMap(\.keys).map { $0.split(separator: ":").last! })") {
+            groups.flatMap { g in g.keys.map { claim($0, lease: g.ttl) } }
+        }
+    }
+
+    func requestConfirms(_ groups: [KeyGroup], owner: String) -> StoreReply<[ConfirmOutcome]> {
+        request("confirms \(groups.flatMap(\.keys).map { $0.split(separator: ":").last! })") {
+            groups.flatMap { g in g.keys.map { confirm($0, retention: g.ttl) } }
+        }
+    }
+
+    func requestReleases(_ keys: [String], owner: String) -> StoreReply<[Bool]> {
+        request("releases \(keys.map { $0.split(separator: ":").last! })") { keys.map { release($0) } }
+    }
+
+    func requestTokenUses(_ tokens: [String], marks: [String]) -> StoreReply<[TokenOutcome]> {
+        request("tokens") { tokens.map { _ in .accepted } }
+    }
+
+    func claim(_ groups: [KeyGroup], owner: String) async throws -> [ClaimOutcome] { fatalError("the worker sends requests") }
+    func confirm(_ groups: [KeyGroup], owner: String) async throws -> [ConfirmOutcome] { fatalError("the worker sends requests") }
+    func release(_ keys: [String], owner: String) async throws -> [Bool] { fatalError("the worker sends requests") }
+    func renew(_ keys: [String], owner: String, lease: Duration) async throws -> [Bool] { fatalError("not used") }
+    func inspect(_ keys: [String]) async throws -> [KeyState] { fatalError("not used") }
+}
+
+extension ModelWorld: DispatchRunner {
+    func start(_ due: [Dispatch], done: @escaping @Sendable ([DispatchResult]) -> Void) {
+        let keys = due.map(\.key.raw)
+        note("dispatch \(keys)")
+        dispatched(keys)
+        pending.append(("round \(keys)", { done(Array(repeating: .success, count: due.count)) }, chance(0.3)))
+    }
+
+    func cancelAll() {}
+}
+
+extension ModelWorld: LoopClock {
+    /// The worker waits for answers: the world answers something now, or lets time pass to
+    /// `deadline` and fires the timer.
+    func schedule(at deadline: ContinuousClock.Instant, _ fire: @escaping @Sendable () -> Void) {
+        try? step(fromPoll: false)
+        let prompt = pending.indices.filter { !pending[$0].slow || chance(0.08) }
+        if let i = prompt.randomElement(using: &rng), chance(0.8) {
+            let p = pending.remove(at: i)
+            if deadline > now { advance((deadline - now) / Int.random(in: 2...8, using: &rng)) }
+            note("deliver \(p.label)")
+            p.deliver()
+        } else if deadline > now {
+            now = deadline
+        }
+        fire()
+    }
+}
