@@ -123,6 +123,8 @@ public enum ConfigSchema {
               doc: "How often a stats line is logged; 0 turns it off."),
         .init(name: "http.port", kind: .count, defaultValue: nil,
               doc: "Port of the HTTP endpoint serving /metrics (Prometheus), /healthz and /readyz; unset: no HTTP server."),
+        .init(name: "http.bind", kind: .string, defaultValue: "::",
+              doc: "Address the HTTP endpoint listens on. :: is every IPv6 and IPv4 address (dual stack; 0.0.0.0 when the host has no IPv6); 0.0.0.0 every IPv4 address; or one address such as 127.0.0.1 or ::1."),
         .init(name: "http.loop_stall_timeout", kind: .duration, defaultValue: "30s",
               doc: "/healthz answers 503 once the worker loop has not completed a pass for this long."),
     ]

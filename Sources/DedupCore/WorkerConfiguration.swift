@@ -38,6 +38,8 @@ public struct WorkerConfiguration: Sendable {
     public var redisPasswordFile: String?
     public var httpPort: Int?
     public var loopStallTimeout: Duration
+    /// `http.bind`: an IPv4 or IPv6 address; `::` is dual stack.
+    public var httpBind: String = "::"
 
     /// Merges sources (later ones win: pass file, then environment, then flags) and validates
     /// every value once, at start, with a message naming the key.
@@ -96,6 +98,12 @@ public struct WorkerConfiguration: Sendable {
         httpPort = try r.optional("http.port").map { _ throws(ConfigError) in try r.count("http.port") }
         if let port = httpPort, port > 65535 { throw r.fail("http.port", "must be a port number from 1 to 65535") }
         loopStallTimeout = try r.duration("http.loop_stall_timeout")
+        httpBind = try r.string("http.bind").trimmingSpaces()
+        if httpBind.hasPrefix("[") && httpBind.hasSuffix("]") { httpBind = String(httpBind.dropFirst().dropLast()) }
+        guard httpBind.contains(":") || httpBind.split(separator: ".", omittingEmptySubsequences: false)
+            .map({ UInt8($0) }).filter({ $0 != nil }).count == 4 else {
+            throw r.fail("http.bind", "must be an IPv4 or IPv6 address such as 0.0.0.0, ::, 127.0.0.1 or ::1")
+        }
     }
 
     /// The handler kind with what it needs; a key another kind needs is not an error (switching

@@ -37,6 +37,10 @@ public enum ConfigLoader {
         if let path = config.redisPasswordFile {
             config.redisPassword = try readPasswordFile(path, origin: origin(of: "redis.password_file", in: layers))
         }
+        guard HTTPEndpoint.isValidBindAddress(config.httpBind) else {
+            throw ConfigError(key: "http.bind", value: config.httpBind, origin: origin(of: "http.bind", in: layers),
+                              problem: "must be an IPv4 or IPv6 address such as 0.0.0.0, ::, 127.0.0.1 or ::1")
+        }
         var properties = config.kafkaProperties
         if let id = config.groupInstanceID { properties["group.instance.id"] = id }
         if let rejected = KafkaConfig.firstRejectedProperty(properties) {

@@ -15,6 +15,7 @@ extension Worker {
         logger: Logger = Logger(label: "dedupd")
     ) async throws {
         let (registry, factory) = PrometheusSetup.make()
+        BuildInfo.record(factory: factory)
         let telemetry = WorkerTelemetry(
             factory: factory, statsInterval: config.statsInterval, stallTimeout: config.loopStallTimeout, logger: logger)
         let worker = try Worker(
@@ -22,7 +23,7 @@ extension Worker {
         var services: [ServiceGroupConfiguration.ServiceConfiguration] = []
         // Listed first so it stops last: /readyz says "shutting down" while the worker drains.
         if let port = config.httpPort {
-            services.append(.init(service: HTTPEndpoint(port: port, registry: registry, telemetry: telemetry, logger: logger)))
+            services.append(.init(service: HTTPEndpoint(port: port, bind: config.httpBind, registry: registry, telemetry: telemetry, logger: logger)))
         }
         services.append(.init(service: worker, successTerminationBehavior: .gracefullyShutdownGroup))
         var groupConfig = ServiceGroupConfiguration(

@@ -13,7 +13,8 @@ struct Dedupd: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "dedupd",
         abstract: "Makes a Kafka stream of submissions safe to act on: each unique message is handed to its handler once.",
-        subcommands: [Demo.self, Run.self, CheckConfig.self, ExampleConfig.self, Healthcheck.self, Inspect.self, Forget.self, DLQ.self, Produce.self, MockKafka.self, Token.self, Bench.self],
+        version: BuildInfo.text,
+        subcommands: [Demo.self, Run.self, CheckConfig.self, ExampleConfig.self, Healthcheck.self, Inspect.self, Forget.self, DLQ.self, Produce.self, MockKafka.self, Token.self, Bench.self, Explain.self, ConfigReference.self],
         defaultSubcommand: nil
     )
 }
@@ -48,6 +49,14 @@ struct WorkerOptions: ParsableArguments {
     var statsInterval: String?
     @Option(name: .long, help: "Serve /metrics, /healthz and /readyz on this port (http.port).")
     var httpPort: String?
+    @Option(name: .customShort("X"), help: ArgumentHelp("A librdkafka property, NAME=VALUE (kafka.properties.NAME); repeatable.", valueName: "name=value"))
+    var kafkaProperties: [String] = []
+
+    func validate() throws {
+        for p in kafkaProperties where !p.contains("=") || p.hasPrefix("=") {
+            throw ValidationError("-X takes a librdkafka property as NAME=VALUE, got \(p)")
+        }
+    }
 
     var flags: [String: String] {
         var f: [String: String] = [:]
@@ -64,6 +73,10 @@ struct WorkerOptions: ParsableArguments {
         f["log.level"] = logLevel
         f["log.stats_interval"] = statsInterval
         f["http.port"] = httpPort
+        for p in kafkaProperties {
+            let eq = p.firstIndex(of: "=")!
+            f[ConfigSchema.kafkaPropertiesPrefix + p[..<eq]] = String(p[p.index(after: eq)...])
+        }
         return f
     }
 
@@ -124,12 +137,19 @@ struct Healthcheck: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Ask a running worker's /healthz (or --path /readyz); exit 0 when it answers 200.")
 
-    @Option(help: "The worker's http.port; default: DEDUPD_HTTP_PORT.") var port: Int?
+    @Option(help: "The worker's http.port; default: http.port of --config and DEDUPD_HTTP_PORT, as the worker reads them.") var port: Int?
+    @Option(help: "The worker's configuration file, for its http.port.") var config: String?
     @Option(help: "Path to ask.") var path: String = "/healthz"
 
     func run() throws {
-        guard let port = port ?? ProcessInfo.processInfo.environment["DEDUPD_HTTP_PORT"].flatMap(Int.init) else {
-            throw ValidationError("give --port or set DEDUPD_HTTP_PORT")
+        var configured: Int?
+        if port == nil {
+            // The same file and DEDUPD_* variables the worker reads, so the port is set in one place.
+            let layers = (try? ConfigLoader.layers(file: config)) ?? []
+            configured = layers.reversed().lazy.compactMap { $0["http.port"].flatMap { Int($0.text) } }.first
+        }
+        guard let port = port ?? configured else {
+            throw ValidationError("give --port, or --config with http.port, or set DEDUPD_HTTP_PORT")
         }
         guard let (status, body) = HealthProbe.get(port: port, path: path) else {
             print("no answer on 127.0.0.1:\(port)")
@@ -365,9 +385,14 @@ struct AdminOptions: ParsableArguments {
     var route: String?
     @Option(name: .long, help: "Kafka bootstrap servers (kafka.bootstrap_servers).")
     var bootstrapServers: String?
+    @Option(name: .customShort("X"), help: ArgumentHelp("A librdkafka property, NAME=VALUE (kafka.properties.NAME); repeatable.", valueName: "name=value"))
+    var kafkaProperties: [String] = []
 
     func validate() throws {
         if namespace != nil && route != nil { throw ValidationError("give --namespace or --route, not both") }
+        for p in kafkaProperties where !p.contains("=") || p.hasPrefix("=") {
+            throw ValidationError("-X takes a librdkafka property as NAME=VALUE, got \(p)")
+        }
     }
 
     func load() throws -> AdminConfiguration {
@@ -375,6 +400,10 @@ struct AdminOptions: ParsableArguments {
         flags["redis.url"] = redisUrl
         flags["dedup.namespace"] = namespace
         flags["kafka.bootstrap_servers"] = bootstrapServers
+        for p in kafkaProperties {
+            let eq = p.firstIndex(of: "=")!
+            flags[ConfigSchema.kafkaPropertiesPrefix + p[..<eq]] = String(p[p.index(after: eq)...])
+        }
         var config: AdminConfiguration
         do {
             config = try ConfigLoader.resolveAdmin(ConfigLoader.layers(file: self.config, flags: flags))
@@ -521,3 +550,65 @@ struct DLQ: AsyncParsableCommand {
 }
 
 extension LogLevel: ExpressibleByArgument {}
+
+// MARK: - explain, config-reference
+
+
+/// `dedupd explain`: one message through the configuration's routing and key templates, offline.
+struct Explain: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show which route a message (on stdin) takes and its dedup key, or the bad-input reason it would get; offline.",
+        discussion: """
+            Reads the message value from standard input (or --value). Nothing connects to Kafka or Redis. \
+            Exit status 0 when the message would be keyed, 1 when it is bad input.
+              echo '{"orderNo":"ord-13"}' | dedupd explain --config dedupd.yaml --header message-id=ord-13
+            """)
+
+    @Option(help: "The worker's configuration file; DEDUPD_* variables apply as for run.") var config: String?
+    @Option(name: .customLong("header"), help: "A header of the message, NAME=VALUE; repeatable.") var headers: [String] = []
+    @Option(name: .customLong("key"), help: "The message's Kafka record key.") var recordKey: String?
+    @Option(help: "The topic it arrives on; default: the first of kafka.topics.") var topic: String?
+    @Option(help: "The message value; default: standard input.") var value: String?
+
+    func run() throws {
+        let config: WorkerConfiguration
+        do {
+            // Not ConfigLoader.load: explain needs neither the password file nor librdkafka's checks.
+            config = try WorkerConfiguration(layers: ConfigLoader.layers(file: self.config))
+        } catch {
+            throw ValidationError("\(error)")
+        }
+        var parsed: [MessageHeader] = []
+        for h in headers {
+            guard let eq = h.firstIndex(of: "="), eq != h.startIndex else {
+                throw ValidationError("--header must be NAME=VALUE, got \(h)")
+            }
+            parsed.append(MessageHeader(name: String(h[..<eq]), value: Array(h[h.index(after: eq)...].utf8)))
+        }
+        let body = value.map { Array($0.utf8) } ?? [UInt8](FileHandle.standardInput.readDataToEndOfFile())
+        let message = InboundMessage(
+            topic: topic ?? config.topics[0], partition: 0, offset: 0,
+            key: recordKey.map { Array($0.utf8) }, value: body, headers: parsed)
+        let explanation = Explanation.explain(message, config: config)
+        for line in explanation.lines { print(line) }
+        if case .bad = explanation.outcome { throw ExitCode(1) }
+    }
+}
+
+
+/// `dedupd config-reference`: the generated block of docs/configuration.md.
+struct ConfigReference: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "config-reference",
+        abstract: "Print the configuration reference (Markdown): every key, its default, variable, flag and meaning.")
+
+    /// The `dedupd run` flag of each key (WorkerOptions), for the reference's flag column.
+    static let flags: [String: String] = [
+        "kafka.bootstrap_servers": "--bootstrap-servers", "kafka.topics": "--topic", "kafka.group": "--group",
+        "redis.url": "--redis-url", "dedup.key": "--key", "dedup.window": "--window", "dedup.retention": "--retention",
+        "handler.output": "--output", "run.stop_when_idle": "--stop-when-idle", "log.format": "--log-format",
+        "log.level": "--log-level", "log.stats_interval": "--stats-interval", "http.port": "--http-port",
+    ]
+
+    func run() throws { print(ConfigSchema.referenceMarkdown(flags: Self.flags), terminator: "") }
+}

@@ -169,6 +169,10 @@ let adminQuiet = Logger(label: "admin-tests") { _ in SwiftLogNoOpLogHandler() }
         #expect(live.0 == 0 && live.1.hasPrefix("HTTP/1.1 200"), "\(live)")
         let ready = try await DeployTests.dedupd(["healthcheck"], environment: ["DEDUPD_HTTP_PORT": "\(httpPort)"])
         #expect(ready.0 == 0, "DEDUPD_HTTP_PORT is the default port: \(ready)")
+        let withConfig = dir.file("http.yaml").path
+        try "http:\n  port: \(httpPort)\n".write(toFile: withConfig, atomically: true, encoding: .utf8)
+        let fromConfig = try await DeployTests.dedupd(["healthcheck", "--config", withConfig])
+        #expect(fromConfig.0 == 0, "http.port of the config file the worker reads (the image's HEALTHCHECK): \(fromConfig)")
         let notReady = try await DeployTests.dedupd(["healthcheck", "--port", "\(httpPort)", "--path", "/readyz"])
         #expect(notReady.0 == 1 && notReady.1.contains("503") && notReady.1.contains("redis unreachable"), "\(notReady)")
         let nobody = try await DeployTests.dedupd(["healthcheck", "--port", "\(try freePort())"])

@@ -4,7 +4,7 @@ import RedisIO
 import Testing
 import TestSupport
 
-/// The promises under failure (DESIGN.md "What the product promises"), checked from the handler
+/// The promises under failure (docs/architecture.md "What the product promises"), checked from the handler
 /// side: three `dedupd run` workers in one group, killed and restarted while a producer sends
 /// 50,000 submissions with 30% repeats; Redis restarted once; partition leaders and the group
 /// coordinator moved; a broker taken down and up once.
@@ -109,7 +109,7 @@ final class Chaos {
             // has been dispatched (then there is nothing left to make progress on). Up to 90 s:
             // a coordinator move shortly after a SIGKILL can hold the group in rebalances for
             // longer than a minute against the mock (rebalance timeout = max.poll.interval.ms,
-            // 20 s, plus the dead member's session; ../shared/ENVIRONMENT.md), seen once in CI.
+            // 20 s, plus the dead member's session, as measured against the mock), seen once in CI.
             try await waitUntil(timeout: .seconds(90)) {
                 let lines = self.dispatchedLines()
                 if lines.count >= lastDispatched + 200 { return true }

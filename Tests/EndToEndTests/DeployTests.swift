@@ -78,7 +78,7 @@ import Yams
         #expect("\(kafkaEnv["KAFKA_PROCESS_ROLES"] ?? "")" == "broker,controller", "KRaft, one node")
         let redis = try #require(services["redis"] as? [String: Any])
         let redisCommand = "\(redis["command"] ?? "")"
-        #expect(redisCommand.contains("--appendonly yes") && redisCommand.contains("--requirepass"))
+        #expect(redisCommand.contains("--appendonly yes") && redisCommand.contains("requirepass"))
         let produce = try #require(services["produce"] as? [String: Any])
         #expect((produce["command"] as? [String])?.first == "produce")
 
@@ -306,5 +306,217 @@ import Yams
         let data = pipe.fileHandleForReading.readDataToEndOfFile()
         p.waitUntilExit()
         return String(decoding: data, as: UTF8.self)
+    }
+}
+
+/// The defects a user or operator found by running deploy/ for real, each checked where a test can
+/// see it without Docker or Kubernetes.
+extension DeployTests {
+    static func allDeployFiles() throws -> [String] {
+        let fm = FileManager.default
+        return fm.enumerator(atPath: deploy.path)!.compactMap { $0 as? String }
+            .filter { !$0.hasPrefix("secrets/") && !$0.hasSuffix(".md") }
+            .filter { var d: ObjCBool = false; fm.fileExists(atPath: deploy.appendingPathComponent($0).path, isDirectory: &d); return !d.boolValue }
+    }
+
+    /// `DEDUPD_HTTP_PORT` in an image, compose file or manifest silently beats `http.port` in the
+    /// mounted config: the port is set in the config files only.
+    @Test func noDeployFileOverridesTheHTTPPort() throws {
+        for file in try Self.allDeployFiles() {
+            #expect(!(try Self.text(file)).contains("DEDUPD_HTTP_PORT"), "\(file) sets DEDUPD_HTTP_PORT")
+        }
+        let dockerfile = try Self.text("docker/Dockerfile")
+        let healthcheck = try #require(dockerfile.split(separator: "\n").first { $0.hasPrefix("HEALTHCHECK ") })
+        #expect(healthcheck.contains("--config"), "the healthcheck reads http.port from the config the worker reads")
+    }
+
+    @Test func composeKafkaKeepsItsDataAndIsReachableFromTheHost() throws {
+        let services = try #require(try Self.yaml("compose.yaml")["services"] as? [String: Any])
+        let kafka = try #require(services["kafka"] as? [String: Any])
+        let env = try #require(kafka["environment"] as? [String: Any])
+        let volumes = (kafka["volumes"] as? [String]) ?? []
+        let dataMount = try #require(volumes.first { $0.hasPrefix("kafka-data:") }?.split(separator: ":")[1], "a named volume for Kafka's data")
+        #expect("\(env["KAFKA_LOG_DIRS"] ?? "")" == String(dataMount), "Kafka writes its log dirs to the mounted volume")
+        let advertised = "\(env["KAFKA_ADVERTISED_LISTENERS"] ?? "")".split(separator: ",")
+        let host = try #require(advertised.first { $0.contains("//localhost:") }, "a listener advertised as localhost for the host")
+        let hostPort = String(host.split(separator: ":").last!)
+        let ports = ((kafka["ports"] as? [Any]) ?? []).map { "\($0)" }
+        #expect(ports.contains { $0.hasPrefix("\(hostPort):") || $0 == hostPort }, "port \(hostPort) is published: \(ports)")
+        let protocols = "\(env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"] ?? "")"
+        let name = String(host.split(separator: ":").first!)
+        #expect(protocols.contains("\(name):"), "the host listener \(name) has a security protocol")
+        #expect("\(env["KAFKA_LISTENERS"] ?? "")".contains("\(name)://:\(hostPort)"))
+    }
+
+    @Test func composeWorkersRunUnderAnInit() throws {
+        let services = try #require(try Self.yaml("compose.yaml")["services"] as? [String: Any])
+        var workers = 0
+        for (name, value) in services {
+            guard let service = value as? [String: Any], (service["command"] as? [String])?.first == "run" else { continue }
+            workers += 1
+            #expect(service["init"] as? Bool == true, "\(name): init: true reaps exec handlers' grandchildren")
+        }
+        #expect(workers == 2)
+    }
+
+    static let redisServer = ["/usr/bin/redis-server", "/usr/local/bin/redis-server"].first { FileManager.default.isExecutableFile(atPath: $0) }
+
+    /// Runs compose's Redis command and healthcheck here, with the secret file and the port
+    /// replaced: Redis requires the password, the healthcheck passes, and the password is in no
+    /// process's command line.
+    @Test(.enabled(if: redisServer != nil, "redis-server is not installed"))
+    func composeRedisKeepsThePasswordOutOfArgv() async throws {
+        let services = try #require(try Self.yaml("compose.yaml")["services"] as? [String: Any])
+        let redis = try #require(services["redis"] as? [String: Any])
+        let entrypoint = try #require(redis["entrypoint"] as? [String])
+        #expect(entrypoint == ["/bin/sh", "-c"])
+        let command = try #require((redis["command"] as? [String])?.first)
+        let healthcheck = try #require(((redis["healthcheck"] as? [String: Any])?["test"] as? [String]))
+        #expect(healthcheck.first == "CMD-SHELL")
+        let dir = try TemporaryDirectory(prefix: "dedupd-compose-redis")
+        let password = "compose-test-\(UInt32.random(in: 0...UInt32.max))"
+        try (password + "\n").write(to: dir.file("pw"), atomically: true, encoding: .utf8)
+        let port = try freePort()
+        func local(_ s: String) -> String {
+            s.replacingOccurrences(of: "$$", with: "$").replacingOccurrences(of: "/run/secrets/redis_password", with: dir.file("pw").path)
+        }
+        let server = local(command).replacingOccurrences(of: "redis-server - ", with: "redis-server - --port \(port) --dir \(dir.path) ")
+        #expect(server != local(command), "the command runs redis-server with its configuration on stdin")
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/sh")
+        p.arguments = ["-c", server]
+        p.currentDirectoryURL = dir.url
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        // Children inherit the test thread's blocked signals; unblock them so SIGKILL and SIGTERM work.
+        try withDefaultSignalMask { try p.run() }
+        defer { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() }
+        @Sendable func sh(_ script: String) -> Int32 {
+            let q = Process()
+            q.executableURL = URL(fileURLWithPath: "/bin/sh")
+            q.arguments = ["-c", script]
+            q.standardOutput = FileHandle.nullDevice
+            q.standardError = FileHandle.nullDevice
+            guard (try? q.run()) != nil else { return -1 }
+            q.waitUntilExit()
+            return q.terminationStatus
+        }
+        let check = local(healthcheck[1]).replacingOccurrences(of: "redis-cli ", with: "redis-cli -p \(port) ")
+        let deadline = ContinuousClock.now + .seconds(10)
+        var healthy = false
+        while !healthy && ContinuousClock.now < deadline {
+            healthy = try await offPool { sh(check) == 0 }
+            if !healthy { try await Task.sleep(for: .milliseconds(100)) }
+        }
+        #expect(healthy, "the healthcheck passes against the running Redis")
+        let refused = try await offPool { sh("redis-cli -p \(port) ping | grep -q NOAUTH") }
+        #expect(refused == 0, "Redis requires the password")
+        // Every process's command line: none holds the password.
+        for pid in try FileManager.default.contentsOfDirectory(atPath: "/proc") where Int(pid) != nil {
+            guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { continue }
+            let cmdline = String(decoding: data, as: UTF8.self)
+            #expect(!cmdline.contains(password), "pid \(pid): \(cmdline)")
+        }
+    }
+
+    static func kubernetesObjects() throws -> [String: [String: Any]] {
+        var byKind: [String: [String: Any]] = [:]
+        for file in try FileManager.default.contentsOfDirectory(atPath: deploy.appendingPathComponent("k8s").path) where file.hasSuffix(".yaml") {
+            for doc in try yamlDocuments("k8s/\(file)") { if let kind = doc["kind"] as? String { byKind[kind] = doc } }
+        }
+        return byKind
+    }
+
+    @Test func kubernetesWorkersAreSafeToRollDrainAndThrottleFree() throws {
+        let objects = try Self.kubernetesObjects()
+        let deployment = try #require(objects["Deployment"])
+        let template = try #require((deployment["spec"] as? [String: Any])?["template"] as? [String: Any])
+        let podSpec = try #require(template["spec"] as? [String: Any])
+        let container = try #require((podSpec["containers"] as? [[String: Any]])?.first)
+        let env = (container["env"] as? [[String: Any]]) ?? []
+        // Static membership needs stable member names, which a Deployment's pods do not have.
+        #expect(!env.contains { $0["name"] as? String == "DEDUPD_KAFKA_GROUP_INSTANCE_ID" }, "no group.instance.id in a Deployment")
+        let configMap = try #require(objects["ConfigMap"])
+        let embedded = try #require((configMap["data"] as? [String: Any])?["dedupd.yaml"] as? String)
+        let config = try #require(try Yams.load(yaml: embedded) as? [String: Any])
+        #expect((config["kafka"] as? [String: Any])?["group_instance_id"] == nil)
+        #expect((config["kafka"] as? [String: Any])?["properties"].flatMap { ($0 as? [String: Any])?["group.instance.id"] } == nil)
+
+        let pdb = try #require(objects["PodDisruptionBudget"]?["spec"] as? [String: Any])
+        #expect(pdb["unhealthyPodEvictionPolicy"] as? String == "AlwaysAllow", "an unready pod (Redis down) does not block drains")
+        #expect(podSpec["automountServiceAccountToken"] as? Bool == false)
+        let spread = (podSpec["topologySpreadConstraints"] as? [[String: Any]]) ?? []
+        #expect(spread.contains { $0["topologyKey"] as? String == "kubernetes.io/hostname" })
+
+        let volumes = (podSpec["volumes"] as? [[String: Any]]) ?? []
+        let mounts = (container["volumeMounts"] as? [[String: Any]]) ?? []
+        let tmp = try #require(mounts.first { $0["mountPath"] as? String == "/tmp" }, "a writable /tmp under the read-only root")
+        #expect(volumes.contains { $0["name"] as? String == tmp["name"] as? String && $0["emptyDir"] != nil })
+
+        let resources = try #require(container["resources"] as? [String: Any])
+        #expect((resources["limits"] as? [String: Any])?["cpu"] == nil, "no CPU limit: a quota throttles the loop's bursts")
+        #expect((resources["requests"] as? [String: Any])?["cpu"] != nil)
+
+        // The pod template carries the config's checksum, so a config change rolls the pods.
+        let annotations = try #require((template["metadata"] as? [String: Any])?["annotations"] as? [String: Any])
+        let checksum = try #require(annotations["dedupd.io/config-sha256"] as? String)
+        let dir = try TemporaryDirectory(prefix: "dedupd-k8s")
+        try embedded.write(to: dir.file("dedupd.yaml"), atomically: true, encoding: .utf8)
+        let actual = String(Self.run("/usr/bin/sha256sum", [dir.file("dedupd.yaml").path]).prefix(64))
+        #expect(checksum == actual, "deployment.yaml's dedupd.io/config-sha256 is stale: set it to \(actual)")
+
+        // Probes reach the pod over IPv6 in IPv6 and dual-stack clusters.
+        let bind = "\((config["http"] as? [String: Any])?["bind"] ?? ConfigSchema.byName["http.bind"]!.defaultValue!)"
+        #expect(bind == "::", "http.bind :: listens on IPv6 and IPv4")
+    }
+
+    @Test func systemdUnitDrainsExecHandlersAndTheLogFileRotates() throws {
+        let unit = try Self.text("systemd/dedupd.service")
+        let lines = unit.split(separator: "\n").map(String.init)
+        #expect(lines.contains("KillMode=mixed"), "exec handlers finish inside the drain")
+        #expect(lines.contains("Restart=on-failure"))
+        #expect(unit.contains("systemd 247"), "the unit says which systemd LoadCredential= with %d needs")
+        let host = try #require(try Yams.load(yaml: Self.text("config/dedupd.host.yaml")) as? [String: Any])
+        let output = try #require((host["handler"] as? [String: Any])?["output"] as? String)
+        let logrotate = try Self.text("systemd/dedupd.logrotate")
+        #expect(logrotate.contains("\(output) {"), "logrotate rotates the log handler's file \(output)")
+        #expect(logrotate.contains("copytruncate"), "the handler does not reopen its file")
+    }
+}
+
+extension DeployTests {
+    /// Every `dedupd_*` series name in the Prometheus alert rules and the Grafana dashboard.
+    static func monitoringMetricNames() throws -> Set<String> {
+        var names = Set<String>()
+        for file in ["prometheus/dedupd-alerts.yaml", "grafana/dedupd-dashboard.json"] {
+            let text = try Self.text(file)
+            var rest = Substring(text)
+            while let r = rest.range(of: "dedupd_") {
+                let name = rest[r.lowerBound...].prefix { $0.isLetter || $0.isNumber || $0 == "_" }
+                names.insert(String(name))
+                rest = rest[name.endIndex...]
+            }
+        }
+        return names
+    }
+
+    @Test func alertRulesAndDashboardParse() throws {
+        let rules = try Self.yaml("prometheus/dedupd-alerts.yaml")
+        let groups = try #require(rules["groups"] as? [[String: Any]])
+        let alerts = groups.flatMap { ($0["rules"] as? [[String: Any]]) ?? [] }
+        #expect(alerts.count >= 5)
+        for alert in alerts {
+            #expect(alert["alert"] is String && alert["expr"] is String, "\(alert)")
+            let runbook = ((alert["annotations"] as? [String: Any])?["runbook"] as? String) ?? ""
+            let anchor = runbook.split(separator: "#").last.map(String.init) ?? ""
+            let doc = try String(contentsOf: Self.root.appendingPathComponent("docs/operations.md"), encoding: .utf8)
+            let headings = doc.split(separator: "\n").filter { $0.hasPrefix("#") }.map {
+                $0.drop { $0 == "#" || $0 == " " }.lowercased().replacingOccurrences(of: " ", with: "-").filter { $0.isLetter || $0.isNumber || $0 == "-" }
+            }
+            #expect(headings.contains(anchor), "\(alert["alert"] ?? ""): runbook anchor #\(anchor) is a heading of docs/operations.md")
+        }
+        let data = try Data(contentsOf: Self.deploy.appendingPathComponent("grafana/dedupd-dashboard.json"))
+        let dashboard = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
+        #expect(((dashboard["panels"] as? [Any]) ?? []).count >= 5)
     }
 }

@@ -133,6 +133,15 @@ func timestamp(_ ts: String) -> Double? {
         let (stillReady, _) = try await httpGet(port, "/readyz")
         #expect(stillReady == 200)
         #expect(!metrics.contains(password))
+        // deploy/'s alert rules and dashboard use only series this scrape has.
+        let served = Set(metrics.split(separator: "\n").filter { !$0.hasPrefix("#") }
+            .map { String($0.prefix { $0 != "{" && $0 != " " }) })
+        let used = try DeployTests.monitoringMetricNames()
+        #expect(used.count >= 15, "\(used)")
+        for name in used.sorted() {
+            #expect(served.contains(name), "\(name), used in deploy/prometheus or deploy/grafana, is not served at /metrics")
+        }
+        #expect(metrics.contains(#"dedupd_build_info{"#) && metrics.contains(#"version=""#), "the build info metric")
 
         #expect(try await offPool { try worker.wait(timeout: .seconds(120)) } == 0, "worker: \(worker.stderr.suffix(3000))")
         let log = worker.stderr

@@ -17,13 +17,16 @@ import Synchronization
 /// locked state in `WorkerTelemetry`, so nothing here awaits anything.
 public final class HTTPEndpoint: Service, Sendable {
     public let port: Int
+    /// `http.bind`: an IPv4 or IPv6 address; `::` is dual stack.
+    let bind: String
     let logger: Logger
     let registry: PrometheusCollectorRegistry
     let telemetry: WorkerTelemetry
     private let listening = Mutex<(channel: (any Channel)?, waiters: [CheckedContinuation<Void, Never>])>((nil, []))
 
-    public init(port: Int, registry: PrometheusCollectorRegistry, telemetry: WorkerTelemetry, logger: Logger) {
+    public init(port: Int, bind: String = "::", registry: PrometheusCollectorRegistry, telemetry: WorkerTelemetry, logger: Logger) {
         self.port = port
+        self.bind = bind
         self.logger = logger
         self.registry = registry
         self.telemetry = telemetry
@@ -56,11 +59,16 @@ public final class HTTPEndpoint: Service, Sendable {
                 }
             }
         // "::" takes IPv6 and, on a dual-stack host, IPv4 too; a host without IPv6 gets 0.0.0.0.
+        // Any other http.bind address is bound as given.
         let channel: any Channel
-        do {
-            channel = try await bootstrap.bind(host: "::", port: port).get()
-        } catch {
-            channel = try await bootstrap.bind(host: "0.0.0.0", port: port).get()
+        if bind != "::" {
+            channel = try await bootstrap.bind(host: bind, port: port).get()
+        } else {
+            do {
+                channel = try await bootstrap.bind(host: "::", port: port).get()
+            } catch {
+                channel = try await bootstrap.bind(host: "0.0.0.0", port: port).get()
+            }
         }
         let waiters = listening.withLock { state in
             state.channel = channel
@@ -68,12 +76,18 @@ public final class HTTPEndpoint: Service, Sendable {
             return state.waiters
         }
         for w in waiters { w.resume() }
-        logger.info("http endpoint listening", metadata: ["http.port": "\(port)", "http.paths": "/metrics,/healthz,/readyz"])
+        logger.info("http endpoint listening", metadata: ["http.port": "\(port)", "http.bind": "\(bind)", "http.paths": "/metrics,/healthz,/readyz"])
         await withGracefulShutdownHandler {
             try? await channel.closeFuture.get()
         } onGracefulShutdown: {
             channel.close(promise: nil)
         }
+    }
+
+    /// Whether `bind` is an address `http.bind` accepts: IPv4 or IPv6, as `inet_pton` reads them.
+    public static func isValidBindAddress(_ bind: String) -> Bool {
+        var v4 = in_addr(), v6 = in6_addr()
+        return inet_pton(AF_INET, bind, &v4) == 1 || inet_pton(AF_INET6, bind, &v6) == 1
     }
 
     /// Waits until the socket accepts connections (tests).

@@ -26,6 +26,8 @@ public final class WorkerTelemetry: Sendable {
         public static let deadLettered = "dedupd.messages.dead_lettered.total"
         public static let leasesLost = "dedupd.leases.lost.total"
         public static let confirmConflicts = "dedupd.confirm.conflicts.total"
+        /// `dedup.on_store_error: fail_open`: messages dispatched without a claim while Redis was down.
+        public static let unclaimed = "dedupd.messages.unclaimed.total"
         public static let bufferMessages = "dedupd.buffer.messages"
         public static let bufferBytes = "dedupd.buffer.bytes"
         public static let parked = "dedupd.parked.messages"
@@ -44,7 +46,7 @@ public final class WorkerTelemetry: Sendable {
 
     final class Instruments: Sendable {
         let consumed, dispatched, duplicatesWindow, duplicatesRedis, invalid, failed, parkedTotal, released: Counter
-        let deadLettered, leasesLost, confirmConflicts: Counter
+        let deadLettered, leasesLost, confirmConflicts, unclaimed: Counter
         let bufferMessages, bufferBytes, parked, inFlight, lag, assigned, paused, redisUp: Gauge
         let handlerDuration: Timer
         let factory: any MetricsFactory
@@ -66,6 +68,7 @@ public final class WorkerTelemetry: Sendable {
             deadLettered = counter(Name.deadLettered)
             leasesLost = counter(Name.leasesLost)
             confirmConflicts = counter(Name.confirmConflicts)
+            unclaimed = counter(Name.unclaimed)
             bufferMessages = gauge(Name.bufferMessages)
             bufferBytes = gauge(Name.bufferBytes)
             parked = gauge(Name.parked)
@@ -198,6 +201,7 @@ public final class WorkerTelemetry: Sendable {
         add(i.deadLettered, c.deadLettered, before.deadLettered)
         add(i.leasesLost, c.leasesLost, before.leasesLost)
         add(i.confirmConflicts, c.confirmConflicts, before.confirmConflicts)
+        add(i.unclaimed, c.unclaimed, before.unclaimed)
         i.bufferMessages.record(s.bufferMessages)
         i.bufferBytes.record(s.bufferBytes)
         i.parked.record(s.parked)
