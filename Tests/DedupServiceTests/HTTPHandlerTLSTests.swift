@@ -10,49 +10,14 @@ import TestSupport
 @testable import DedupService
 
 /// The `http` handler over HTTPS against a server that presents a certificate of a test CA and
-/// asks for a client certificate of the same CA (certificates made here with `openssl`).
+/// asks for a client certificate of the same CA (`TLSTestCertificates`, made with `openssl`).
 @Suite(.serialized) struct HTTPHandlerTLSTests {
-    /// A CA, a server certificate for 127.0.0.1 and a client certificate, in `dir`.
-    struct Certificates {
-        let dir: TemporaryDirectory
-        var ca: String { dir.file("ca.pem").path }
-        var serverCert: String { dir.file("server.pem").path }
-        var serverKey: String { dir.file("server.key").path }
-        var clientCert: String { dir.file("client.pem").path }
-        var clientKey: String { dir.file("client.key").path }
-
-        init() throws {
-            dir = try TemporaryDirectory(prefix: "dedupd-tls")
-            let d = dir.path
-            try run("""
-                cd '\(d)' && \
-                openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=dedupd-test-ca && \
-                printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\\n' > san.ext && \
-                openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1 && \
-                openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile san.ext && \
-                openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj /CN=dedupd-worker && \
-                openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem -days 2
-                """)
-        }
-
-        func run(_ script: String) throws {
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: "/bin/sh")
-            p.arguments = ["-c", script]
-            p.standardOutput = FileHandle.nullDevice
-            p.standardError = FileHandle.nullDevice
-            try p.run()
-            p.waitUntilExit()
-            guard p.terminationStatus == 0 else { throw TestSupportError("openssl failed making test certificates") }
-        }
-    }
-
     /// Answers 200 to every request over TLS, requiring a client certificate signed by the CA.
-    static func server(_ certs: Certificates) async throws -> any Channel {
+    static func server(_ certs: TLSTestCertificates) async throws -> any Channel {
         var tls = TLSConfiguration.makeServerConfiguration(
-            certificateChain: try NIOSSLCertificate.fromPEMFile(certs.serverCert).map { .certificate($0) },
-            privateKey: .privateKey(try NIOSSLPrivateKey(file: certs.serverKey, format: .pem)))
-        tls.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile(certs.ca))
+            certificateChain: try NIOSSLCertificate.fromPEMFile(certs.path("server.pem")).map { .certificate($0) },
+            privateKey: .privateKey(try NIOSSLPrivateKey(file: certs.path("server.key"), format: .pem)))
+        tls.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile(certs.path("ca.pem")))
         tls.certificateVerification = .noHostnameVerification
         let context = try NIOSSLContext(configuration: tls)
         return try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
@@ -80,24 +45,24 @@ import TestSupport
     }
 
     @Test func httpsWithTheConfiguredCAAndClientCertificate() async throws {
-        let certs = try Certificates()
+        let certs = try TLSTestCertificates()
         let server = try await Self.server(certs)
         defer { server.close(promise: nil) }
         let url = "https://127.0.0.1:\(server.localAddress!.port!)/hook"
 
         let trusted = try HTTPHandler(
-            url: url, timeout: .seconds(5), tls: .init(caFile: certs.ca, certificateFile: certs.clientCert, keyFile: certs.clientKey))
+            url: url, timeout: .seconds(5), tls: .init(caFile: certs.path("ca.pem"), certificateFile: certs.path("client.pem"), keyFile: certs.path("client.key")))
         try await trusted.handle(dispatch("tls-ok-1"))
         await trusted.close()
 
         // The system's trust store does not know the test CA: verification fails.
-        let untrusting = try HTTPHandler(url: url, timeout: .seconds(5), tls: .init(certificateFile: certs.clientCert, keyFile: certs.clientKey))
+        let untrusting = try HTTPHandler(url: url, timeout: .seconds(5), tls: .init(certificateFile: certs.path("client.pem"), keyFile: certs.path("client.key")))
         let unverified = await #expect(throws: (any Error).self) { try await untrusting.handle(dispatch("tls-ca-1")) }
         #expect("\(unverified!)".lowercased().contains("certificate"), "names the certificate problem: \(unverified!)")
         await untrusting.close()
 
         // Without a client certificate the server refuses the handshake.
-        let anonymous = try HTTPHandler(url: url, timeout: .seconds(5), tls: .init(caFile: certs.ca))
+        let anonymous = try HTTPHandler(url: url, timeout: .seconds(5), tls: .init(caFile: certs.path("ca.pem")))
         await #expect(throws: (any Error).self) { try await anonymous.handle(dispatch("tls-anon-1")) }
         await anonymous.close()
     }
