@@ -75,7 +75,7 @@ public enum ConfigLoader {
             let lower = text.lowercased()
             let detail = lower.hasPrefix("redis://") || lower.hasPrefix("rediss://") ? " (\((error as? RedisError)?.message ?? "\(error)"))" : ""
             if !cluster, (try? RedisURL.clusterSeeds(text)) != nil {
-                throw fail("lists several nodes, which only redis.mode: cluster accepts (set redis.mode: cluster for a Redis Cluster)\(detail)")
+                throw fail("lists several nodes, which only redis.mode: cluster accepts (set redis.mode: cluster for a Redis Cluster)")
             }
             throw fail(cluster
                 ? "must look like redis://[user:password@]host:port[,host:port...] (seed nodes of the cluster, no db), or rediss://... for TLS\(detail)"

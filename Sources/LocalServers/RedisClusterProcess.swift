@@ -114,7 +114,7 @@ public final class RedisClusterProcess: @unchecked Sendable {
     }
 
     /// `count` free ports below 55536 whose cluster bus port (port + 10000) is free too.
-    private static func clusterPorts(_ count: Int) throws -> [Int] {
+    public static func clusterPorts(_ count: Int) throws -> [Int] {
         var ports: [Int] = []
         var attempts = 0
         while ports.count < count {

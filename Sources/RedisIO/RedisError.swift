@@ -73,6 +73,8 @@ public struct RedisError: Error, Sendable, CustomStringConvertible {
             return RedisError(.noScript, message)
         case "NOAUTH", "WRONGPASS", "NOPERM":
             return RedisError(.auth, message)
+        case "CROSSSLOT":
+            return RedisError(.serverReply, "\(message) (a Redis Cluster runs a script only on keys of one slot; dedupd groups its keys by slot and hash tag, so a key in another slot was passed: report this as a bug)")
         case "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN":
             return RedisError(.serverReply, message, retriable: true)
         default:

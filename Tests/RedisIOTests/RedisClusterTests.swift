@@ -104,6 +104,39 @@ struct RedisClusterTests {
         print("cluster reshard: \(round) rounds of 200 keys during the migration of 500 slots; redirected by MOVED \(redirections.moved), by ASK \(redirections.ask)")
     }
 
+    @Test func speaksTLSToEveryNode() async throws {
+        let certs = try TLSTestCertificates()
+        let cluster = try TLSRedisCluster(certs)
+        let tls = RedisTLSOptions(caFile: certs.path("ca.pem"), certificateFile: certs.path("client.pem"), keyFile: certs.path("client.key"))
+        let redis = try await RedisTarget.connect(url: cluster.url, cluster: true, tls: tls, logger: quietLogger)
+        let store = RedisClaimStore(redis: redis, logger: quietLogger)
+        let keys = (0..<1000).map { "\(uniquePrefix())\($0)" }
+        #expect(try await store.claim(keys, owner: "w1", lease: .seconds(30)).allSatisfy { $0 == .claimed })
+        #expect(try await store.confirm(keys, owner: "w1", retention: .seconds(60)).allSatisfy { $0 == .confirmed })
+        #expect(try await store.claim(keys, owner: "w2", lease: .seconds(30)).allSatisfy { $0 == .done })
+        guard case .cluster(let client) = redis else { Issue.record("not a cluster"); return }
+        #expect(client.primaries.count == 3)
+    }
+
+    @Test func aSeedListWhereNoNodeAnswersAndAStandaloneServerAreClearErrors() async throws {
+        let closed = try (0..<2).map { _ in try freePort() }
+        let none = try await #require(throws: RedisError.self) {
+            _ = try await RedisTarget.connect(url: "redis://127.0.0.1:\(closed[0]),127.0.0.1:\(closed[1])", cluster: true, logger: quietLogger)
+        }
+        #expect(none.isRetriable, "the worker waits for the cluster, failing closed")
+        #expect(none.message.contains("no Redis Cluster node answered") && none.message.contains("127.0.0.1:\(closed[1])"), "\(none)")
+
+        let standalone = try RedisServerProcess()
+        let notCluster = try await #require(throws: RedisError.self) {
+            _ = try await RedisTarget.connect(url: standalone.url, cluster: true, logger: quietLogger)
+        }
+        #expect(!notCluster.isRetriable)
+        #expect(notCluster.message.contains("not in cluster mode") && notCluster.message.contains("redis.mode: standalone"), "\(notCluster)")
+
+        let crossSlot = RedisError.fromServerReply("CROSSSLOT Keys in request don't hash to the same slot", context: "EVALSHA claim")
+        #expect(crossSlot.message.contains("hash tag"), "\(crossSlot)")
+    }
+
     @Test func failsClosedWhileAPrimaryIsDownAndResumesOnItsReplica() async throws {
         let cluster = try RedisClusterProcess()
         let store = try await Self.store(cluster)
