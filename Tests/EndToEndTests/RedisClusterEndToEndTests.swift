@@ -4,7 +4,7 @@ import Testing
 import TestSupport
 
 /// Two `dedupd run` workers with their seen-set on a six-node Redis Cluster; one primary is
-/// SIGKILLed mid-run. From the handler side: every unique submission dispatched, duplicates
+/// SIGKILLed mid-run, after 300 slots were migrated under the workers. From the handler side: every unique submission dispatched, duplicates
 /// within the failover bound (docs/operations.md "Redis Cluster"), offsets committed to the end.
 @Suite(.serialized) struct RedisClusterEndToEndTests {
     @Test(.timeLimit(.minutes(5)))
@@ -34,10 +34,17 @@ import TestSupport
         let produce = try DedupdProcess(
             ["produce", "--bootstrap-servers", bootstrap, "--topic", "orders", "--count", "12000", "--duplicate-ratio", "0.3",
              "--rate", "1500"], name: "produce", in: dir)
+        #expect(try await waitUntil(timeout: .seconds(60)) { dispatched().count >= 1000 })
+
+        // A slot migration while the workers claim: they are answered ASK, then MOVED.
+        let primaries = try cluster.primaryPorts()
+        let reshardStart = ContinuousClock.now
+        try await Task.detached { try cluster.reshard(from: primaries[1], to: primaries[2], slots: 300) }.value
+        let reshardTook = ContinuousClock.now - reshardStart
         #expect(try await waitUntil(timeout: .seconds(60)) { dispatched().count >= 2000 })
 
         // The crash: a primary dies; its replica is promoted after cluster-node-timeout.
-        let victim = try cluster.primaryPorts()[0]
+        let victim = primaries[0]
         let victimID = try #require(try cluster.topology().first { $0.port == victim }?.id)
         let atKill = dispatched().count
         cluster.node(port: victim)!.kill()
@@ -88,7 +95,7 @@ import TestSupport
         for p in progress {
             #expect(p.committed == p.high, "partition \(p.partition): committed \(p.committed), end \(p.high)")
         }
-        print("cluster e2e: unique=\(unique) dispatched=\(ids.count) lost=\(lost) duplicates=\(duplicates) bound=\(bound) failover=\(failover) largest_dispatch_gap=\(largestGap) killed_at=\(atKill) outages=\(outages)")
+        print("cluster e2e: unique=\(unique) dispatched=\(ids.count) lost=\(lost) duplicates=\(duplicates) bound=\(bound) failover=\(failover) largest_dispatch_gap=\(largestGap) killed_at=\(atKill) outages=\(outages) reshard_300_slots=\(reshardTook)")
         mock.terminate()
     }
 }
