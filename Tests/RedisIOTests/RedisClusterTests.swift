@@ -67,6 +67,21 @@ struct RedisClusterTests {
         }
         #expect(total == 1000)
 
+        // redis.wait_replicas: confirms wait for each written primary's replica; asking for more
+        // replicas than exist only waits out redis.wait_timeout and logs, the confirms stand.
+        let redis = store.redis
+        for (replicas, timeout) in [(1, Duration.seconds(2)), (2, .milliseconds(50))] {
+            let waiting = RedisClaimStore(redis: redis, logger: quietLogger, waitReplicas: (replicas, timeout))
+            let batch = (0..<300).map { "\(p)wait\(replicas):\($0)" }
+            _ = try await waiting.claim(batch, owner: "w1", lease: .seconds(30))
+            let started = ContinuousClock.now
+            #expect(try await waiting.confirm(batch, owner: "w1", retention: .seconds(60)).allSatisfy { $0 == .confirmed })
+            if replicas == 2 { #expect(ContinuousClock.now - started >= .milliseconds(50), "WAIT ran its timeout out") }
+            let slots = batch.map(ClusterSlot.of)
+            #expect(try await redis.waitForReplicas(replicas, timeout: timeout, slots: slots) == min(replicas, 1))
+            _ = try await waiting.forget(batch, force: true)
+        }
+
         let forgotten = try await store.forget([keys[0], keys[2000]], force: false)
         #expect(forgotten.map(\.removed) == [true, false])
         #expect(try await store.claim([keys[0]], owner: "w3", lease: .seconds(30)) == [.claimed])
