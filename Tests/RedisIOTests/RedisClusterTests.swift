@@ -119,11 +119,24 @@ struct RedisClusterTests {
         print("cluster reshard: \(round) rounds of 200 keys during the migration of 500 slots; redirected by MOVED \(redirections.moved), by ASK \(redirections.ask)")
     }
 
-    @Test func speaksTLSToEveryNode() async throws {
+    @Test func speaksTLSToEveryNodeAsAnACLUser() async throws {
         let certs = try TLSTestCertificates()
         let cluster = try TLSRedisCluster(certs)
         let tls = RedisTLSOptions(caFile: certs.path("ca.pem"), certificateFile: certs.path("client.pem"), keyFile: certs.path("client.key"))
-        let redis = try await RedisTarget.connect(url: cluster.url, cluster: true, tls: tls, logger: quietLogger)
+        // Every node gets the ACL user, and the default user is switched off.
+        let cli = ["--tls", "--cacert", certs.path("ca.pem"), "--cert", certs.path("client.pem"), "--key", certs.path("client.key")]
+        for node in cluster.nodes {
+            try RedisClusterProcess.cli(cli + ["-p", "\(node.port)", "ACL", "SETUSER", "dedupd", "on", ">pw-acl-9", "~*", "+@all"])
+            try RedisClusterProcess.cli(cli + ["-p", "\(node.port)", "ACL", "SETUSER", "default", "off"])
+        }
+        let seeds = cluster.url.replacingOccurrences(of: "rediss://", with: "rediss://dedupd@")
+        let refused = try await #require(throws: RedisError.self) {
+            _ = try await RedisTarget.connect(url: seeds, cluster: true, password: "wrong-pw", tls: tls, logger: quietLogger)
+        }
+        #expect(refused.code == .auth && !refused.message.contains("wrong-pw"), "\(refused)")
+        // The password given apart (redis.password_file) reaches every node.
+        let redis = try await RedisTarget.connect(url: seeds, cluster: true, password: "pw-acl-9", tls: tls, logger: quietLogger)
+        #expect(!redis.redacted.contains("pw-acl-9"))
         let store = RedisClaimStore(redis: redis, logger: quietLogger)
         let keys = (0..<1000).map { "\(uniquePrefix())\($0)" }
         #expect(try await store.claim(keys, owner: "w1", lease: .seconds(30)).allSatisfy { $0 == .claimed })
