@@ -400,8 +400,8 @@ public struct DedupLedger: Sendable {
 
     // MARK: - 4-5. Delay buffer and dispatch
 
-    // Lookups read fields in place (`index(forKey:)`, then `values[i]`, an array element): a copy would
-    // copy the whole entry, retaining every buffer of its message, on each look.
+    // Lookups read fields in place (`index(forKey:)`, then `values[i]`, an array element): a
+    // copy of the entry would retain every buffer of its message on each look.
     private func place(_ key: DedupKey) -> Place? { Self.place(key, in: entries) }
 
     private static func place(_ key: DedupKey, in entries: EntryTable) -> Place? {
