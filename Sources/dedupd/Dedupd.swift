@@ -14,7 +14,7 @@ struct Dedupd: AsyncParsableCommand {
         commandName: "dedupd",
         abstract: "Makes a Kafka stream of submissions safe to act on: each unique message is handed to its handler once.",
         version: BuildInfo.text,
-        subcommands: [Demo.self, Run.self, CheckConfig.self, ExampleConfig.self, Healthcheck.self, Inspect.self, Forget.self, DLQ.self, Produce.self, MockKafka.self, Token.self, Bench.self, Explain.self, ConfigReference.self],
+        subcommands: [Demo.self, Run.self, CheckConfig.self, ExampleConfig.self, Healthcheck.self, Inspect.self, Forget.self, DLQ.self, Produce.self, MockKafka.self, Token.self, Bench.self, BenchBare.self, Explain.self, ConfigReference.self],
         defaultSubcommand: nil
     )
 }
@@ -370,6 +370,29 @@ struct Bench: AsyncParsableCommand {
         options.redisFsync = redisFsync
         let figures = try await Benchmark.run(options, logger: Logger(label: "dedupd.bench"))
         print(Benchmark.render(figures))
+    }
+}
+
+/// The bench's bare consumer (K), run as a child process of `dedupd bench`.
+struct BenchBare: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bench-bare", abstract: "The bench's bare consumer (a child of dedupd bench).", shouldDisplay: false)
+
+    @Option var bootstrapServers: String
+    @Option var group: String
+    @Option var topic: String
+    @Option var count: Int
+    @Option(help: "A librdkafka property, NAME=VALUE; repeatable.") var property: [String] = []
+
+    func run() throws {
+        var properties: [String: String] = [:]
+        for p in property {
+            guard let eq = p.firstIndex(of: "=") else { throw ValidationError("--property takes NAME=VALUE, got \(p)") }
+            properties[String(p[..<eq])] = String(p[p.index(after: eq)...])
+        }
+        let n = try Benchmark.bareChild(
+            bootstrapServers: bootstrapServers, group: group, topic: topic, count: count, properties: properties)
+        if n < count { throw ExitCode(1) }
     }
 }
 
