@@ -14,10 +14,15 @@ public struct RoundID: Hashable, Sendable, CustomStringConvertible {
 /// What the source (the Kafka consumer) reports, in the order it happened.
 public enum SourceEvent: Sendable {
     case message(InboundMessage)
+    /// Added to this worker's assignment. Eager rebalancing assigns the whole new assignment
+    /// after revoking the whole old one; cooperative rebalancing adds only the partitions that
+    /// move here (possibly none), and the rest stay as they are.
     case assigned([TopicPartition])
-    /// Taken away in a rebalance.
+    /// Taken away in a rebalance: eager, the whole assignment; cooperative, only the
+    /// partitions that move elsewhere.
     case revoked([TopicPartition])
-    /// Taken away without a rebalance (the session timed out): handled like `revoked`.
+    /// Taken away without a rebalance (the session timed out, the member was fenced): handled
+    /// like `revoked`; another member may already own them.
     case lost([TopicPartition])
 }
 
@@ -213,7 +218,17 @@ public struct DedupEngine: Sendable {
         self.rng = SplitMix64(seed: seed)
     }
 
-    public var counters: DedupCounters { ledger.counters }
+    /// Rebalance counts live here, the rest in the ledger.
+    var rebalanceCounts = DedupCounters()
+
+    public var counters: DedupCounters {
+        var c = ledger.counters
+        c.rebalances = rebalanceCounts.rebalances
+        c.partitionsAssigned = rebalanceCounts.partitionsAssigned
+        c.partitionsRevoked = rebalanceCounts.partitionsRevoked
+        c.partitionsLost = rebalanceCounts.partitionsLost
+        return c
+    }
     /// The store answered nothing since this time (fail-closed: consumption is paused).
     public var storeDownSince: ContinuousClock.Instant? { storeRetry.downSince }
     public var isFinished: Bool { if case .finished = state { true } else { false } }
@@ -243,10 +258,20 @@ public struct DedupEngine: Sendable {
         case .message(let message):
             if case .bad(let bad) = ledger.ingest(message) { badInput(bad, message) }
         case .assigned(let partitions):
-            // While paused, the source holds them: they arrive paused, like the rest.
+            // Incremental: partitions already held keep their window, claims, leases and pause.
+            // While paused, the source holds new ones: they arrive paused, like the rest.
+            rebalanceCounts.rebalances += 1
+            rebalanceCounts.partitionsAssigned += partitions.count
             assignment.formUnion(partitions)
             everAssigned = true
         case .revoked(let partitions), .lost(let partitions):
+            if case .lost = event {
+                rebalanceCounts.partitionsLost += partitions.count
+            } else {
+                rebalanceCounts.partitionsRevoked += partitions.count
+            }
+            // Only what was taken is dropped: the entries, claims and offsets of the partitions
+            // that stay are untouched, so their window keeps running through the rebalance.
             let set = Set(partitions)
             assignment.subtract(set)
             let released = ledger.revoke(set)

@@ -106,6 +106,10 @@ public final class Worker: Service {
     func kafkaProperties() -> [String: String] {
         var props = config.kafkaProperties
         if let id = config.groupInstanceID { props["group.instance.id"] = id }
+        // Checked at start to agree with kafka.rebalance when given by hand.
+        if props[RebalanceMode.strategyProperty] == nil {
+            props[RebalanceMode.strategyProperty] = config.rebalance.defaultStrategy
+        }
         return props
     }
 

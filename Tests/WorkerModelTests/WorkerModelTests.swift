@@ -5,8 +5,8 @@ import Foundation
 import Testing
 
 /// The real `Worker` loop and `DedupEngine`, driven through thousands of seeded random schedules
-/// by `ModelWorld` (answers delayed, reordered and failed; revocations and assignments at any
-/// point; store outages; crashes that drop every in-memory object and restart from the committed
+/// by `ModelWorld` (answers delayed, reordered and failed; revocations, losses and assignments at
+/// any point, of some partitions as cooperative rebalancing does or of all as eager does; store outages; crashes that drop every in-memory object and restart from the committed
 /// offsets with the store kept; slow handlers). After every step: nothing committed past a
 /// message whose key was never dispatched; a key dispatched only under this worker's live claim;
 /// repeats only after crashes, at most `handler.max_batch` per crash. At the end: every unique
