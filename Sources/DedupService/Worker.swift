@@ -182,7 +182,10 @@ public final class Worker: Service {
     var engineOptions: DedupEngine.Options {
         DedupEngine.Options(
             batchSize: config.batchSize, handlerMaxBatch: config.handlerMaxBatch, failOpen: config.failOpen,
-            stopWhenIdle: config.stopWhenIdle, deadLetters: deadLetters != nil)
+            stopWhenIdle: config.stopWhenIdle, deadLetters: deadLetters != nil,
+            // Half the shutdown deadline: the other half is for the round in flight, the
+            // confirm and the commit.
+            shutdownDrain: config.shutdownDeadline / 2)
     }
 
     // MARK: - The loop

@@ -85,6 +85,10 @@ extension Worker {
             logger.info("buffer drained, resuming consumption")
         case .idle(let idle):
             logger.info("idle, stopping", metadata: ["run.stop_when_idle": "\(WorkerConfiguration.format(idle))"])
+        case .drainingWindow(let messages, let within):
+            logger.info(
+                "finishing the window before leaving the group",
+                metadata: ["buffer.messages": "\(messages)", "run.drain": "\(WorkerConfiguration.format(within))"])
         case .waitingForRound(let count):
             logger.info("waiting for the dispatch round in flight", metadata: ["dispatch.round": "\(count)"])
         }

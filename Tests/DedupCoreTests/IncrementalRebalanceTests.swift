@@ -12,8 +12,9 @@ import Testing
 
     /// An engine holding `a` (p0, offset 0), `b` (p1, offsets 0 and 1: a repeat) and `c` (p2),
     /// claimed and waiting in a 1 s window.
-    func engineHoldingThreePartitions(now: ContinuousClock.Instant) throws -> DedupEngine {
-        var engine = DedupEngine(settings: DedupSettings(template: template, window: .seconds(1)), now: now)
+    func engineHoldingThreePartitions(now: ContinuousClock.Instant, drain: Duration = .zero) throws -> DedupEngine {
+        var engine = DedupEngine(
+            settings: DedupSettings(template: template, window: .seconds(1)), options: .init(shutdownDrain: drain), now: now)
         engine.handle(.polled([.assigned([tp(0), tp(1), tp(2)]),
                                .message(msg("a", partition: 0, offset: 0)), .message(msg("b", partition: 1, offset: 0)),
                                .message(msg("b", partition: 1, offset: 1)), .message(msg("c", partition: 2, offset: 0))]), now: now)
@@ -88,5 +89,62 @@ import Testing
         #expect(c.partitionsLost == 2)
         #expect(c.partitionsRevoked == 0)
         #expect(c.rereadAfterRebalance == 1, "p0: offset 1 read past the stored position 1; p2 was stored to 1")
+    }
+
+    /// Runs a stopping engine to `.finished`, letting the test clock jump to each wait's end.
+    func runToFinish(_ engine: inout DedupEngine, from start: ContinuousClock.Instant) -> (released: [String], dispatched: [String], finishedAt: ContinuousClock.Instant) {
+        var now = start
+        var released: [String] = [], dispatched: [String] = []
+        for _ in 0..<200 {
+            switch engine.nextAction(now: now) {
+            case .release(let id, let keys):
+                released += keys
+                engine.handle(.answered([.releases(id, .success(keys.map { _ in true }))]), now: now)
+            case .dispatch(let id, let due):
+                dispatched += due.map(\.key.raw)
+                engine.handle(.answered([.round(id, due.map { _ in .success })]), now: now)
+            case .confirm(let id, let groups):
+                engine.handle(.answered([.confirms(id, .success(groups.flatMap(\.keys).map { _ in .confirmed }))]), now: now)
+            case .wait(let until):
+                now = max(now, until)
+                engine.handle(.answered([]), now: now)
+            case .poll:
+                Issue.record("a stopping engine polled")
+                return (released, dispatched, now)
+            case .finished:
+                return (released, dispatched, now)
+            default:
+                continue
+            }
+        }
+        Issue.record("did not finish")
+        return (released, dispatched, now)
+    }
+
+    /// SIGTERM in a rolling restart: what the window holds and is due within the drain is
+    /// dispatched before the worker leaves, so its next owner reads nothing again; nothing is
+    /// polled meanwhile.
+    @Test func stoppingFinishesTheWindowWithinTheDrain() throws {
+        let start = ContinuousClock.now
+        var engine = try engineHoldingThreePartitions(now: start, drain: .seconds(5))
+        engine.handle(.stop, now: start + .milliseconds(200))
+        let end = runToFinish(&engine, from: start + .milliseconds(200))
+        #expect(end.dispatched.sorted() == ["a", "b", "c"])
+        #expect(end.released.isEmpty)
+        #expect(end.finishedAt == start + .seconds(1), "done when the window ended, not at the end of the drain")
+        #expect(engine.counters.rereadAfterRebalance == 0)
+        #expect(engine.storedPositions == [tp(0): 1, tp(1): 2, tp(2): 1])
+    }
+
+    /// A window longer than the drain: released at once, as without a drain.
+    @Test func aWindowLongerThanTheDrainIsReleased() throws {
+        let start = ContinuousClock.now
+        var engine = try engineHoldingThreePartitions(now: start, drain: .milliseconds(500))
+        engine.handle(.stop, now: start + .milliseconds(200))
+        let end = runToFinish(&engine, from: start + .milliseconds(200))
+        #expect(end.dispatched.isEmpty)
+        #expect(end.released.count == 3)
+        #expect(end.finishedAt == start + .milliseconds(200))
+        #expect(engine.counters.rereadAfterRebalance == 4)
     }
 }
