@@ -116,7 +116,7 @@ public enum ConfigSchema {
         .init(name: "run.stop_when_idle", kind: .duration, defaultValue: nil,
               doc: "Exit 0 once nothing arrived for this long and nothing is waiting (batch runs, tests, demo)."),
         .init(name: "run.shutdown_deadline", kind: .duration, defaultValue: "10s",
-              doc: "On SIGTERM/SIGINT: how long in-flight handlers may finish before exit."),
+              doc: "On SIGTERM/SIGINT: how long the worker may take to stop. For the first half the window keeps running (what becomes due is dispatched, not left for the next owner to read again); handlers still running at the end are cancelled."),
         .init(name: "log.level", kind: .choice(LogLevel.allCases.map(\.rawValue)),
               defaultValue: "info", doc: "Operational log level (stderr)."),
         .init(name: "log.format", kind: .choice(LogFormat.allCases.map(\.rawValue)), defaultValue: "logfmt",
