@@ -63,6 +63,10 @@ final class ModelWorld: @unchecked Sendable {
     var pending: [(label: String, deliver: () -> Void, slow: Bool)] = []
     var timer: (at: ContinuousClock.Instant, fire: @Sendable () -> Void)?
     var stopRequested = false
+    /// The stop asked once everything is committed: the schedule ends when the worker finishes.
+    var finalStop = false
+    /// SIGTERMs during the faults (a rolling restart): the worker finishes and a new one starts.
+    var gracefulStops = 0
 
     /// The worker's own counters, summed over its incarnations, to show what the schedules reached.
     struct Totals: CustomStringConvertible {
@@ -120,6 +124,7 @@ final class ModelWorld: @unchecked Sendable {
     func restart(owner: String, stop: @escaping () -> Void) {
         self.owner = owner
         self.stop = stop
+        stopRequested = false
         assigned = []
         paused = []
         holdNew = false
@@ -200,6 +205,14 @@ final class ModelWorld: @unchecked Sendable {
                 pendingEvents.append(.assigned([]))
                 note("assign []")
             }
+            // SIGTERM, as in a rolling restart: the worker drains its window, confirms,
+            // releases the rest and finishes; the next incarnation starts from the commits.
+            if fromPoll, !stopRequested, chance(0.003) {
+                stopRequested = true
+                gracefulStops += 1
+                note("stop (SIGTERM)")
+                stop()
+            }
             if !storeDown, chance(0.01) {
                 storeDown = true
                 note("store down")
@@ -213,8 +226,9 @@ final class ModelWorld: @unchecked Sendable {
                 assign(p)
                 pendingEvents.append(.assigned([TopicPartition(topic: "t", partition: p)]))
             }
-            if allCommitted, !stopRequested {
+            if allCommitted, !finalStop {
                 stopRequested = true
+                finalStop = true
                 note("stop")
                 stop()
             }
