@@ -5,6 +5,8 @@ import Foundation
 /// without requiring the worker's own required keys.
 public struct AdminConfiguration: Sendable {
     public var redisURL: String
+    /// `redis.mode: cluster`: `redisURL` lists seed nodes of a Redis Cluster.
+    public var redisCluster: Bool
     public var redisPassword: String?
     public var redisPasswordFile: String?
     public var redisTLS: RedisTLSSettings
@@ -23,6 +25,7 @@ public struct AdminConfiguration: Sendable {
         let r = WorkerConfiguration.Reader(values: merged)
         // Parsed (and so validated) by RedisIO's `RedisURL`, in `ConfigLoader`.
         redisURL = try r.string("redis.url")
+        redisCluster = try r.choice("redis.mode") == "cluster"
         redisTLS = try RedisTLSSettings(r, url: redisURL)
         redisPassword = r.optional("redis.password")
         redisPasswordFile = r.optional("redis.password_file")

@@ -649,11 +649,8 @@ public struct DedupEngine: Sendable {
     /// before; so is what is parked behind another worker.
     mutating func drainAction(now: ContinuousClock.Instant) -> Action {
         let until = drainUntil ?? now
-        let dueInTime = { (engine: DedupEngine) -> Bool in
-            guard let next = engine.ledger.nextDeadline else { return false }
-            return next <= until
-        }
-        if now < until, hasInFlight || ledger.hasConfirmsToSend || dueInTime(self) {
+        let dueInTime = ledger.nextDeadline.map { $0 <= until } ?? false
+        if now < until, hasInFlight || ledger.hasConfirmsToSend || dueInTime {
             if !drainReported {
                 drainReported = true
                 reports.append(.drainingWindow(messages: ledger.buffer.count, within: until - now))

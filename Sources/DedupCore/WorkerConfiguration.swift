@@ -8,6 +8,11 @@ public struct WorkerConfiguration: Sendable {
     public var rebalance: RebalanceMode = .cooperative
     public var kafkaProperties: [String: String]
     public var redisURL: String
+    /// `redis.mode: cluster`: `redisURL` lists seed nodes of a Redis Cluster.
+    public var redisCluster = false
+    /// `redis.wait_replicas` (0: no WAIT) and `redis.wait_timeout`.
+    public var redisWaitReplicas = 0
+    public var redisWaitTimeout: Duration = .milliseconds(100)
     public var redisConnectTimeout: Duration
     public var redisCommandTimeout: Duration
     /// `redis.tls.*`, for a `rediss://` URL.
@@ -68,7 +73,13 @@ public struct WorkerConfiguration: Sendable {
         try rebalance.check(assignmentStrategy: props[RebalanceMode.strategyProperty], origin: merged[ConfigSchema.kafkaPropertiesPrefix + RebalanceMode.strategyProperty]?.origin)
         // Parsed (and so validated) by RedisIO's `RedisURL`, in `ConfigLoader`.
         redisURL = try r.string("redis.url")
+        redisCluster = try r.choice("redis.mode") == "cluster"
         redisTLS = try RedisTLSSettings(r, url: redisURL)
+        guard let replicas = Int(try r.string("redis.wait_replicas")), (0...64).contains(replicas) else {
+            throw r.fail("redis.wait_replicas", "must be a whole number from 0 to 64")
+        }
+        redisWaitReplicas = replicas
+        redisWaitTimeout = try r.duration("redis.wait_timeout")
         redisConnectTimeout = try r.duration("redis.connect_timeout")
         redisCommandTimeout = try r.duration("redis.command_timeout")
         redisAllowEviction = try r.choice("redis.allow_eviction") == "true"

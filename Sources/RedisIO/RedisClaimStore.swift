@@ -12,13 +12,18 @@ import Synchronization
 /// when the server answers `NOSCRIPT` (its script cache was flushed, e.g. by a
 /// restart), the script is loaded again and only the failed chunks are retried,
 /// once, in one more round trip.
+///
+/// In a Redis Cluster a script may only touch keys of one slot: a batch's keys are grouped by
+/// slot, each chunk holds keys of one slot, and the cluster sends each chunk to its primary
+/// (one round trip per node, side by side). Scripts are loaded on every primary.
 public final class RedisClaimStore: ClaimStore {
-    public let connection: RedisConnection
+    public let redis: RedisTarget
     /// Most keys passed to one `EVALSHA`. Default: 1000.
     public let maxKeysPerScript: Int
     private let logger: Logger
     /// Script name → SHA1 the server gave for it; empty until first use.
     private let shas = Mutex<[String: String]>([:])
+    private let waitReplicas: (count: Int, timeout: Duration)?
 
     /// Called after each operation's round trip(s) with the script name (`claim`, `confirm`, ...)
     /// and how long it took, for metrics. Default: none.
@@ -27,12 +32,25 @@ public final class RedisClaimStore: ClaimStore {
     /// is called once the answers are in (the worker's record of what is in flight). Default: none.
     private let onSend: (@Sendable (String) -> @Sendable () -> Void)?
 
-    public init(
+    public convenience init(
         connection: RedisConnection, maxKeysPerScript: Int = 1000, logger: Logger,
         onSend: (@Sendable (_ op: String) -> @Sendable () -> Void)? = nil,
         onRoundTrip: (@Sendable (_ op: String, _ duration: Duration) -> Void)? = nil
     ) {
-        self.connection = connection
+        self.init(redis: .server(connection), maxKeysPerScript: maxKeysPerScript, logger: logger, onSend: onSend, onRoundTrip: onRoundTrip)
+    }
+
+    /// `waitReplicas`: after a batch's confirms, `WAIT` until that many replicas of each primary
+    /// written to have them, at most `timeout` (`redis.wait_replicas`): one more round trip that
+    /// shrinks what a failover can lose.
+    public init(
+        redis: RedisTarget, maxKeysPerScript: Int = 1000, logger: Logger,
+        waitReplicas: (count: Int, timeout: Duration)? = nil,
+        onSend: (@Sendable (_ op: String) -> @Sendable () -> Void)? = nil,
+        onRoundTrip: (@Sendable (_ op: String, _ duration: Duration) -> Void)? = nil
+    ) {
+        self.redis = redis
+        self.waitReplicas = waitReplicas
         self.maxKeysPerScript = max(1, maxKeysPerScript)
         self.logger = logger
         self.onSend = onSend
@@ -168,25 +186,33 @@ public final class RedisClaimStore: ClaimStore {
         groups.map { ScriptBatch(keys: $0.keys, args: [RedisArgument(owner), RedisArgument(millis($0.ttl))]) }
     }
 
-    /// One `EVALSHA`: keys `range` of batch `batch`.
+    /// One `EVALSHA`: keys `range` of batch `batch`, all in hash slot `slot` in a cluster.
     private struct Chunk: Sendable {
         var batch: Int
         var range: Range<Int>
+        var slot: UInt16 = 0
         var count: Int { range.count }
     }
 
     /// A script run over the keys of `batches`: its chunks, and how to encode any of them.
     private struct ScriptPlan: Sendable {
-        let batches: [ScriptBatch]
+        private(set) var batches: [ScriptBatch]
         private(set) var chunks: [Chunk] = []
+        /// Cluster only: per batch, the original index of each key after grouping by slot.
+        private var orders: [[Int]] = []
         private var keyCount = 0, keyBytes = 0, argBytes = 0, argCount = 0
 
-        init(_ batches: [ScriptBatch], maxKeysPerScript: Int) {
+        init(_ batches: [ScriptBatch], maxKeysPerScript: Int, bySlot: Bool) {
             self.batches = batches
-            for (b, batch) in batches.enumerated() {
-                for start in stride(from: 0, to: batch.keys.count, by: maxKeysPerScript) {
-                    chunks.append(Chunk(batch: b, range: start..<min(start + maxKeysPerScript, batch.keys.count)))
+            for b in batches.indices {
+                if bySlot {
+                    groupBySlot(b, maxKeysPerScript: maxKeysPerScript)
+                } else {
+                    for start in stride(from: 0, to: batches[b].keys.count, by: maxKeysPerScript) {
+                        chunks.append(Chunk(batch: b, range: start..<min(start + maxKeysPerScript, batches[b].keys.count)))
+                    }
                 }
+                let batch = batches[b]
                 keyCount += batch.keys.count * (batch.perKeyArgs == nil ? 1 : 2)
                 keyBytes += batch.keys.reduce(0) { $0 + $1.utf8.count }
                 argBytes = max(argBytes, batch.args.reduce(0) { $0 + $1.bytes.count })
@@ -194,9 +220,49 @@ public final class RedisClaimStore: ClaimStore {
             }
         }
 
-        /// One `EVALSHA` per selected chunk, after the commands of `prefix`.
-        func evalsha(_ sha: String, _ selected: some Collection<Int>, after prefix: RedisCommandBatch = RedisCommandBatch()) -> RedisCommandBatch {
-            var batch = prefix
+        /// Reorders batch `b`'s keys so that keys of one slot are adjacent, and cuts chunks
+        /// that never cross a slot.
+        private mutating func groupBySlot(_ b: Int, maxKeysPerScript: Int) {
+            let batch = batches[b]
+            let slots = batch.keys.map(ClusterSlot.of)
+            let order = slots.indices.sorted { (slots[$0], $0) < (slots[$1], $1) }
+            batches[b].keys = order.map { batch.keys[$0] }
+            batches[b].perKeyArgs = batch.perKeyArgs.map { args in order.map { args[$0] } }
+            orders += Array(repeating: [], count: b - orders.count) + [order]
+            var start = 0
+            while start < order.count {
+                let slot = slots[order[start]]
+                var end = start + 1
+                while end < order.count, end - start < maxKeysPerScript, slots[order[end]] == slot { end += 1 }
+                chunks.append(Chunk(batch: b, range: start..<end, slot: slot))
+                start = end
+            }
+        }
+
+        /// The slot of each selected chunk's command (after those of `prefix`).
+        func slots(_ selected: some Collection<Int>) -> [UInt16] { selected.map { chunks[$0].slot } }
+
+        /// Per-key results in the order the keys were given: undoes `groupBySlot`.
+        func inKeyOrder<Item>(_ results: [Item], repliesPerKey: Int) -> [Item] {
+            guard !orders.isEmpty else { return results }
+            var out = results
+            var offset = 0
+            for (b, batch) in batches.enumerated() {
+                if b < orders.count, !orders[b].isEmpty {
+                    for (position, original) in orders[b].enumerated() {
+                        for r in 0..<repliesPerKey {
+                            out[offset + original * repliesPerKey + r] = results[offset + position * repliesPerKey + r]
+                        }
+                    }
+                }
+                offset += batch.keys.count * repliesPerKey
+            }
+            return out
+        }
+
+        /// One `EVALSHA` per selected chunk.
+        func evalsha(_ sha: String, _ selected: some Collection<Int>) -> RedisCommandBatch {
+            var batch = RedisCommandBatch()
             batch.reserve(
                 bytes: keyBytes + selected.count * (64 + argBytes),
                 arguments: keyCount + selected.count * (3 + argCount))
@@ -253,12 +319,12 @@ public final class RedisClaimStore: ClaimStore {
         guard let sha = shas.withLock({ $0[script.name] }) else {
             return Request { try await self.run(script, batches, repliesPerKey: repliesPerKey, element: element) }
         }
-        let plan = ScriptPlan(batches, maxKeysPerScript: maxKeysPerScript)
+        let plan = ScriptPlan(batches, maxKeysPerScript: maxKeysPerScript, bySlot: redis.isCluster)
         if plan.chunks.isEmpty { return Request { [] } }
         let parse = Self.chunkParser(element)
         let started = ContinuousClock.now
         let answered = onSend?(script.name)
-        let first = connection.send({ plan.evalsha(sha, plan.chunks.indices) }, parse: parse)
+        let first = redis.send({ plan.evalsha(sha, plan.chunks.indices) }, slots: plan.slots(plan.chunks.indices), parse: parse)
         return Request { [self] in
             // The duration of the round trip(s), not of the caller's work before it awaited them.
             var reloaded = false
@@ -277,34 +343,35 @@ public final class RedisClaimStore: ClaimStore {
                     replies[slot] = reply
                 }
             }
-            return try Self.results(script, plan.chunks, replies, repliesPerKey: repliesPerKey)
+            let results = plan.inKeyOrder(try Self.results(script, plan.chunks, replies, repliesPerKey: repliesPerKey), repliesPerKey: repliesPerKey)
+            if script == .confirm, let (count, timeout) = waitReplicas {
+                try await waitForReplicas(count, timeout: timeout, slots: plan.slots(plan.chunks.indices))
+            }
+            return results
         }
     }
 
-    /// The server lost its script cache (a restart, SCRIPT FLUSH): loads `script` again and
-    /// retries the `missing` chunks in one more round trip; their replies, in order.
+    /// The server lost its script cache (a restart, SCRIPT FLUSH, a replica promoted in a
+    /// cluster): loads the scripts again (on every primary) and retries the `missing` chunks,
+    /// in one more round trip; their replies, in order.
     private func reload<Item: Sendable>(
         _ script: LuaScript, sha: String, _ missing: [Int], _ plan: ScriptPlan,
         _ parse: @escaping @Sendable (UnsafePointer<redisReply>) -> ChunkReply<Item>
     ) async throws -> [ChunkReply<Item>] {
         logger.info("redis script cache lost; loading script again", metadata: ["redis.script": "\(script.name)"])
         shas.withLock { $0 = [:] }
-        var load = RedisCommandBatch()
-        load.begin()
-        load.append("SCRIPT")
-        load.append("LOAD")
-        load.append(script.source)
-        let retry = try await connection.pipeline(plan.evalsha(sha, missing, after: load), parse: parse)
-        let newSHA: String
-        switch retry[0] {
-        case .text(let text): newSHA = text
-        case .error(let text): throw RedisError.fromServerReply(text, context: "SCRIPT LOAD \(script.name)")
-        case .items, .malformed: throw RedisError(.protocolError, "unexpected reply in SCRIPT LOAD")
+        let newSHA = try await loadedSHA(script)
+        return try await redis.pipeline(plan.evalsha(newSHA, missing), slots: plan.slots(missing), parse: parse)
+    }
+
+    /// `WAIT count timeout` on each primary the confirms went to; fewer replicas in time is
+    /// logged, not an error (the records are on the primary, and the worker must go on).
+    private func waitForReplicas(_ count: Int, timeout: Duration, slots: [UInt16]) async throws {
+        let fewest = try await redis.waitForReplicas(count, timeout: timeout, slots: slots)
+        if fewest < count {
+            logger.warning("fewer redis replicas than redis.wait_replicas acknowledged a batch's confirms in redis.wait_timeout",
+                           metadata: ["redis.replicas_acked": "\(fewest)", "redis.wait_replicas": "\(count)"])
         }
-        defer { shas.withLock { $0[script.name] = newSHA } }
-        if newSHA == sha { return Array(retry.dropFirst()) }
-        // Cannot happen (the SHA1 of the same source); fall back to one more round trip.
-        return try await connection.pipeline(plan.evalsha(newSHA, missing), parse: parse)
     }
 
     /// Reads one chunk's reply while hiredis still owns it.
@@ -361,13 +428,14 @@ public final class RedisClaimStore: ClaimStore {
     /// The SHA of `script`, loading all scripts in one pipeline the first time.
     private func loadedSHA(_ script: LuaScript) async throws -> String {
         if let sha = shas.withLock({ $0[script.name] }) { return sha }
-        let replies = try await connection.pipeline(LuaScript.all.map { ["SCRIPT", "LOAD", RedisArgument($0.source)] })
         var loaded: [String: String] = [:]
-        for (s, reply) in zip(LuaScript.all, replies) {
-            guard let sha = try reply.throwingOnError("SCRIPT LOAD \(s.name)").text else {
-                throw Self.unexpected(reply, in: "SCRIPT LOAD")
+        for (_, replies) in try await redis.onEveryPrimary(LuaScript.all.map { ["SCRIPT", "LOAD", RedisArgument($0.source)] }) {
+            for (s, reply) in zip(LuaScript.all, replies) {
+                guard let sha = try reply.throwingOnError("SCRIPT LOAD \(s.name)").text else {
+                    throw Self.unexpected(reply, in: "SCRIPT LOAD")
+                }
+                loaded[s.name] = sha
             }
-            loaded[s.name] = sha
         }
         shas.withLock { $0.merge(loaded) { _, new in new } }
         logger.debug("redis scripts loaded")

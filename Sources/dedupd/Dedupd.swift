@@ -31,6 +31,8 @@ struct WorkerOptions: ParsableArguments {
     var group: String?
     @Option(name: .long, help: "redis://[user:password@]host:port/db (redis.url).")
     var redisUrl: String?
+    @Option(name: .long, help: "standalone or cluster (redis.mode).")
+    var redisMode: String?
     @Option(name: .long, help: "Key template, e.g. header:message-id, key, json:/orderNo (dedup.key).")
     var key: String?
     @Option(name: .long, help: "Dedup window, e.g. 5s (dedup.window).")
@@ -64,6 +66,7 @@ struct WorkerOptions: ParsableArguments {
         if !topic.isEmpty { f["kafka.topics"] = topic.joined(separator: ",") }
         f["kafka.group"] = group
         f["redis.url"] = redisUrl
+        f["redis.mode"] = redisMode
         f["dedup.key"] = key
         f["dedup.window"] = window
         f["dedup.retention"] = retention
@@ -324,7 +327,7 @@ struct Token: AsyncParsableCommand {
             let store = try await options.connectStore(config)
             let issuer = TokenIssuer(store: store, namespace: config.namespace)
             for token in try await issuer.issue(count: count, ttl: ttl) { print(token) }
-            await store.connection.close()
+            await store.redis.close()
         }
     }
 }
@@ -379,6 +382,8 @@ struct AdminOptions: ParsableArguments {
     var config: String?
     @Option(name: .long, help: "redis://[user:password@]host:port/db (redis.url).")
     var redisUrl: String?
+    @Option(name: .long, help: "standalone or cluster (redis.mode).")
+    var redisMode: String?
     @Option(name: .long, help: "Namespace of the keys (dedup.namespace); default: the configuration's, else 'default'.")
     var namespace: String?
     @Option(name: .long, help: "A route of the configuration: its keys' namespace (routes.<name>.dedup.namespace, else the name).")
@@ -398,6 +403,7 @@ struct AdminOptions: ParsableArguments {
     func load() throws -> AdminConfiguration {
         var flags: [String: String] = [:]
         flags["redis.url"] = redisUrl
+        flags["redis.mode"] = redisMode
         flags["dedup.namespace"] = namespace
         flags["kafka.bootstrap_servers"] = bootstrapServers
         for p in kafkaProperties {
@@ -428,13 +434,12 @@ struct AdminOptions: ParsableArguments {
     }
 
     func connectStore(_ c: AdminConfiguration) async throws -> RedisClaimStore {
-        var url = try RedisURL(c.redisURL)
-        if let password = c.redisPassword { url.password = password }
         let logger = Logger(label: "dedupd.admin")
-        let connection = try await RedisConnection.connect(
-            url, connectTimeout: c.redisConnectTimeout, commandTimeout: c.redisCommandTimeout,
+        let redis = try await RedisTarget.connect(
+            url: c.redisURL, cluster: c.redisCluster, password: c.redisPassword,
+            connectTimeout: c.redisConnectTimeout, commandTimeout: c.redisCommandTimeout,
             tls: RedisTLSOptions(c.redisTLS), logger: logger)
-        return RedisClaimStore(connection: connection, logger: logger)
+        return RedisClaimStore(redis: redis, logger: logger)
     }
 }
 
@@ -464,7 +469,7 @@ struct Inspect: AsyncParsableCommand {
         for (key, state) in zip(dedupKeys, states) {
             print("\(key.raw) \(describe(state)) redis.key=\(key.storeKey)")
         }
-        await store.connection.close()
+        await store.redis.close()
     }
 }
 
@@ -500,7 +505,7 @@ struct Forget: AsyncParsableCommand {
                 print("\(key.raw) kept: \(describe(r.state)); a copy is in flight, --force removes it redis.key=\(key.storeKey)")
             }
         }
-        await store.connection.close()
+        await store.redis.close()
         if kept > 0 { throw ExitCode(1) }
     }
 }
@@ -605,7 +610,7 @@ struct ConfigReference: ParsableCommand {
     /// The `dedupd run` flag of each key (WorkerOptions), for the reference's flag column.
     static let flags: [String: String] = [
         "kafka.bootstrap_servers": "--bootstrap-servers", "kafka.topics": "--topic", "kafka.group": "--group",
-        "redis.url": "--redis-url", "dedup.key": "--key", "dedup.window": "--window", "dedup.retention": "--retention",
+        "redis.url": "--redis-url", "redis.mode": "--redis-mode", "dedup.key": "--key", "dedup.window": "--window", "dedup.retention": "--retention",
         "handler.output": "--output", "run.stop_when_idle": "--stop-when-idle", "log.format": "--log-format",
         "log.level": "--log-level", "log.stats_interval": "--stats-interval", "http.port": "--http-port",
     ]
