@@ -23,6 +23,18 @@ public struct DedupCounters: Sendable, Equatable {
     public var unclaimed = 0
     /// Bad input and given-up messages the dead-letter topic acknowledged.
     public var deadLettered = 0
+    /// Assignments taken from the group (one per rebalance this worker took part in; an
+    /// incremental one may add nothing).
+    public var rebalances = 0
+    /// Partitions added by those assignments.
+    public var partitionsAssigned = 0
+    /// Partitions taken away in a rebalance (cooperative: only those that move; eager: all).
+    public var partitionsRevoked = 0
+    /// Partitions taken away without a rebalance (session timed out, member fenced).
+    public var partitionsLost = 0
+    /// Messages this worker had read from partitions it then gave up, past the last offset it
+    /// stored: their next owner reads them again from the committed offset.
+    public var rereadAfterRebalance = 0
 
     public init() {}
     public var duplicates: Int { duplicatesLocal + duplicatesStore }

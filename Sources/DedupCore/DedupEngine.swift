@@ -14,10 +14,15 @@ public struct RoundID: Hashable, Sendable, CustomStringConvertible {
 /// What the source (the Kafka consumer) reports, in the order it happened.
 public enum SourceEvent: Sendable {
     case message(InboundMessage)
+    /// Added to this worker's assignment. Eager rebalancing assigns the whole new assignment
+    /// after revoking the whole old one; cooperative rebalancing adds only the partitions that
+    /// move here (possibly none), and the rest stay as they are.
     case assigned([TopicPartition])
-    /// Taken away in a rebalance.
+    /// Taken away in a rebalance: eager, the whole assignment; cooperative, only the
+    /// partitions that move elsewhere.
     case revoked([TopicPartition])
-    /// Taken away without a rebalance (the session timed out): handled like `revoked`.
+    /// Taken away without a rebalance (the session timed out, the member was fenced): handled
+    /// like `revoked`; another member may already own them.
     case lost([TopicPartition])
 }
 
@@ -62,12 +67,18 @@ public struct DedupEngine: Sendable {
         /// Longest wait for answers before polling again, so a slow handler never keeps the
         /// consumer from polling (`max.poll.interval.ms`). Default: 50 ms.
         public var maxAnswerWait: Duration
+        /// On stop, how long the window may keep running: messages due within it are dispatched
+        /// rather than released, so the partitions' next owner (a rolling restart's) reads
+        /// nothing again. Nothing new is polled meanwhile. Default: zero (release at once).
+        public var shutdownDrain: Duration
 
         public init(
             batchSize: Int = ConfigSchema.defaultCount("consumer.batch_size"),
             handlerMaxBatch: Int = ConfigSchema.defaultCount("handler.max_batch"), failOpen: Bool = false, stopWhenIdle: Duration? = nil,
-            deadLetters: Bool = false, maxPollWait: Duration = .milliseconds(100), maxAnswerWait: Duration = .milliseconds(50)
+            deadLetters: Bool = false, maxPollWait: Duration = .milliseconds(100), maxAnswerWait: Duration = .milliseconds(50),
+            shutdownDrain: Duration = .zero
         ) {
+            self.shutdownDrain = shutdownDrain
             self.batchSize = batchSize
             self.handlerMaxBatch = handlerMaxBatch
             self.failOpen = failOpen
@@ -141,6 +152,8 @@ public struct DedupEngine: Sendable {
         case bufferDrained
         case idle(Duration)
         case waitingForRound(Int)
+        /// Stopping: the window keeps running until `until` for this many messages.
+        case drainingWindow(messages: Int, within: Duration)
     }
 
     enum State: Sendable {
@@ -152,6 +165,8 @@ public struct DedupEngine: Sendable {
     }
 
     enum Shutdown: Int, Sendable, Comparable {
+        /// Until `drainUntil`: what is in the window and due by then is dispatched and confirmed.
+        case drain
         case settle, confirm, deadLetters, storeOffsets, release, done
         static func < (a: Self, b: Self) -> Bool { a.rawValue < b.rawValue }
     }
@@ -184,6 +199,9 @@ public struct DedupEngine: Sendable {
     /// A wait ended since the last poll: poll next, so the consumer is polled between waits.
     var pollDue = true
     var reports: [Report] = []
+    /// Set by `.stop`: the end of the shutdown drain.
+    var drainUntil: ContinuousClock.Instant?
+    var drainReported = false
 
     /// Claims to give back (revocation, failed handler, stale claim answers), until Redis took them.
     public private(set) var toRelease: [DedupKey] = []
@@ -213,7 +231,17 @@ public struct DedupEngine: Sendable {
         self.rng = SplitMix64(seed: seed)
     }
 
-    public var counters: DedupCounters { ledger.counters }
+    /// Rebalance counts live here, the rest in the ledger.
+    var rebalanceCounts = DedupCounters()
+
+    public var counters: DedupCounters {
+        var c = ledger.counters
+        c.rebalances = rebalanceCounts.rebalances
+        c.partitionsAssigned = rebalanceCounts.partitionsAssigned
+        c.partitionsRevoked = rebalanceCounts.partitionsRevoked
+        c.partitionsLost = rebalanceCounts.partitionsLost
+        return c
+    }
     /// The store answered nothing since this time (fail-closed: consumption is paused).
     public var storeDownSince: ContinuousClock.Instant? { storeRetry.downSince }
     public var isFinished: Bool { if case .finished = state { true } else { false } }
@@ -233,7 +261,10 @@ public struct DedupEngine: Sendable {
         case .pauseFailed:
             paused.toggle()
         case .stop:
-            if case .running = state { state = .stopping(.settle) }
+            if case .running = state {
+                drainUntil = now + options.shutdownDrain
+                state = .stopping(.drain)
+            }
         }
     }
 
@@ -243,10 +274,20 @@ public struct DedupEngine: Sendable {
         case .message(let message):
             if case .bad(let bad) = ledger.ingest(message) { badInput(bad, message) }
         case .assigned(let partitions):
-            // While paused, the source holds them: they arrive paused, like the rest.
+            // Incremental: partitions already held keep their window, claims, leases and pause.
+            // While paused, the source holds new ones: they arrive paused, like the rest.
+            rebalanceCounts.rebalances += 1
+            rebalanceCounts.partitionsAssigned += partitions.count
             assignment.formUnion(partitions)
             everAssigned = true
         case .revoked(let partitions), .lost(let partitions):
+            if case .lost = event {
+                rebalanceCounts.partitionsLost += partitions.count
+            } else {
+                rebalanceCounts.partitionsRevoked += partitions.count
+            }
+            // Only what was taken is dropped: the entries, claims and offsets of the partitions
+            // that stay are untouched, so their window keeps running through the rebalance.
             let set = Set(partitions)
             assignment.subtract(set)
             let released = ledger.revoke(set)
@@ -396,7 +437,7 @@ public struct DedupEngine: Sendable {
 
     var storeUsable: Bool { storeRetry.retryAt == nil }
 
-    mutating func runningAction(now: ContinuousClock.Instant) -> Action? {
+    mutating func runningAction(now: ContinuousClock.Instant, draining: Bool = false) -> Action? {
         storeRetry.expire(now: now)
         deadLetterRetry.expire(now: now)
         if storeUsable {
@@ -444,7 +485,8 @@ public struct DedupEngine: Sendable {
         }
         if deadLettersInFlight == nil, deadLetterRetry.retryAt == nil, let action = deadLetterAction() { return action }
         if let action = storeOffsetsAction() { return action }
-        return backpressureAction()
+        // Draining polls nothing, so there is nothing to pause or resume.
+        return draining ? nil : backpressureAction()
     }
 
     mutating func releaseAction() -> Action? {
@@ -568,6 +610,7 @@ public struct DedupEngine: Sendable {
     /// letters; store the offsets that are resolved; give back what still waits in the window.
     /// Retry times are ignored: each step is tried once.
     mutating func stoppingAction(_ step: Shutdown, now: ContinuousClock.Instant) -> Action {
+        if step == .drain { return drainAction(now: now) }
         if hasInFlight {
             if step == .settle, let round, !reports.contains(where: { if case .waitingForRound = $0 { true } else { false } }) {
                 state = .stopping(.confirm)
@@ -576,6 +619,8 @@ public struct DedupEngine: Sendable {
             return .wait(until: now + .seconds(1))
         }
         switch step {
+        case .drain:
+            state = .stopping(.settle)
         case .settle:
             state = .stopping(.confirm)
         case .confirm:
@@ -595,6 +640,28 @@ public struct DedupEngine: Sendable {
             state = .finished
             return .finished
         }
+        return nextAction(now: now)
+    }
+
+    /// The window keeps running, without polling, while a buffered message is due before
+    /// `drainUntil` or an answer it needs is on its way: claims, rounds and confirms go on as
+    /// while running. A message due later (a window longer than the drain) is released as
+    /// before; so is what is parked behind another worker.
+    mutating func drainAction(now: ContinuousClock.Instant) -> Action {
+        let until = drainUntil ?? now
+        let dueInTime = ledger.nextDeadline.map { $0 <= until } ?? false
+        if now < until, hasInFlight || ledger.hasConfirmsToSend || dueInTime {
+            if !drainReported {
+                drainReported = true
+                reports.append(.drainingWindow(messages: ledger.buffer.count, within: until - now))
+                return nextAction(now: now)
+            }
+            if let action = runningAction(now: now, draining: true) { return action }
+            var wake = hasInFlight ? now + options.maxAnswerWait : until
+            if let next = actionableWakeup(), next > now { wake = min(wake, next) }
+            return .wait(until: min(wake, until))
+        }
+        state = .stopping(.settle)
         return nextAction(now: now)
     }
 

@@ -568,7 +568,8 @@ public struct DedupLedger: Sendable {
             parkedKeys = parkedKeys.filter { place($0) != nil }
         }
         if buffer.isEmpty { buffer.clearSlots() }
-        for tp in partitions { offsets.forget(tp) }
+        // Shutdown counts too: its partitions move to another worker in a rebalance.
+        for tp in partitions { counters.rereadAfterRebalance += offsets.forget(tp) }
         counters.released += released.count
         return released.sorted { $0.deadline < $1.deadline }.map(\.key)
     }

@@ -14,11 +14,25 @@ public struct OffsetTracker: Sendable {
         /// The next offset to commit, once something was resolved.
         var position: Int64?
         var dirty = false
+        /// The first offset read since the partition was assigned, the last one, and the last
+        /// position handed out to be stored: what a revocation makes the next owner read again.
+        var firstRead: Int64?
+        var lastRead: Int64?
+        var stored: Int64?
 
         mutating func track(_ offset: Int64) {
             if let last = outstanding.last?.offset, offset <= last { return }
             if let position, offset < position { return }
             outstanding.append((offset, false))
+            if firstRead == nil { firstRead = offset }
+            lastRead = max(lastRead ?? offset, offset)
+        }
+
+        /// Offsets read but not stored: the next owner starts from the stored position (or,
+        /// with nothing stored, from where this worker started) and reads them again.
+        var readPastStored: Int {
+            guard let lastRead, let from = stored ?? firstRead else { return 0 }
+            return Int(max(0, lastRead + 1 - from))
         }
 
         mutating func resolve(_ offset: Int64) {
@@ -90,6 +104,7 @@ public struct OffsetTracker: Sendable {
         for i in states.indices where states[i].dirty {
             out[names[i]] = states[i].position
             states[i].dirty = false
+            states[i].stored = states[i].position
         }
         return out
     }
@@ -103,12 +118,17 @@ public struct OffsetTracker: Sendable {
     }
 
     /// Forgets a partition that was revoked: its unresolved messages will be read again by its next owner.
-    public mutating func forget(_ tp: TopicPartition) {
-        guard let gone = slots[tp] else { return }
+    /// Returns how many messages that is (offsets read past the last stored position; librdkafka
+    /// commits stored offsets when a partition is unassigned).
+    @discardableResult
+    public mutating func forget(_ tp: TopicPartition) -> Int {
+        guard let gone = slots[tp] else { return 0 }
+        let reread = states[gone].readPastStored
         // Rare (a rebalance): the arrays are rebuilt without it.
         states.remove(at: gone)
         names.remove(at: gone)
         slots = Dictionary(uniqueKeysWithValues: names.enumerated().map { ($0.element, $0.offset) })
         last = nil
+        return reread
     }
 }

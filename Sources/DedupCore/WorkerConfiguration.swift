@@ -4,6 +4,8 @@ public struct WorkerConfiguration: Sendable {
     public var topics: [String]
     public var group: String
     public var groupInstanceID: String?
+    /// `kafka.rebalance`. Default: cooperative.
+    public var rebalance: RebalanceMode = .cooperative
     public var kafkaProperties: [String: String]
     public var redisURL: String
     /// `redis.mode: cluster`: `redisURL` lists seed nodes of a Redis Cluster.
@@ -67,6 +69,8 @@ public struct WorkerConfiguration: Sendable {
             props[String(name.dropFirst(ConfigSchema.kafkaPropertiesPrefix.count))] = value.text
         }
         kafkaProperties = props
+        rebalance = RebalanceMode(rawValue: try r.choice("kafka.rebalance"))!
+        try rebalance.check(assignmentStrategy: props[RebalanceMode.strategyProperty], origin: merged[ConfigSchema.kafkaPropertiesPrefix + RebalanceMode.strategyProperty]?.origin)
         // Parsed (and so validated) by RedisIO's `RedisURL`, in `ConfigLoader`.
         redisURL = try r.string("redis.url")
         redisCluster = try r.choice("redis.mode") == "cluster"
@@ -330,6 +334,48 @@ public struct WorkerConfiguration: Sendable {
                 throw fail(key, "must be a size such as 65536, 512KiB, 64MiB")
             }
             return n
+        }
+    }
+}
+
+/// `kafka.rebalance`: how the consumer group moves partitions.
+public enum RebalanceMode: String, Sendable, CaseIterable {
+    /// KIP-429 incremental rebalancing: only partitions that move are revoked.
+    case cooperative
+    /// Every rebalance revokes every partition of every member, then assigns anew.
+    case eager
+
+    /// The librdkafka property that picks the assignor, and so the protocol.
+    public static let strategyProperty = "partition.assignment.strategy"
+
+    /// The assignor dedupd sets when `kafka.properties` does not name one (eager: librdkafka's
+    /// own default).
+    public var defaultStrategy: String {
+        switch self {
+        case .cooperative: "cooperative-sticky"
+        case .eager: "range,roundrobin"
+        }
+    }
+
+    /// A `partition.assignment.strategy` given by hand must speak this protocol: librdkafka
+    /// picks the protocol from the assignors, so a mismatch would silently run the other one.
+    /// (librdkafka itself refuses a list that mixes cooperative and eager assignors.)
+    public func check(assignmentStrategy: String?, origin: String? = nil) throws(ConfigError) {
+        guard let assignmentStrategy else { return }
+        let names = assignmentStrategy.split(separator: ",").map { $0.trimmingSpaces().lowercased() }
+        let cooperativeNames = names.filter { $0 == "cooperative-sticky" }
+        let key = ConfigSchema.kafkaPropertiesPrefix + Self.strategyProperty
+        switch self {
+        case .cooperative where cooperativeNames.count != names.count || names.isEmpty:
+            throw ConfigError(
+                key: key, value: assignmentStrategy, origin: origin,
+                problem: "kafka.rebalance is cooperative, which needs cooperative-sticky (the eager assignors range and roundrobin revoke every partition on every rebalance); remove this property, set it to cooperative-sticky, or set kafka.rebalance: eager")
+        case .eager where !cooperativeNames.isEmpty:
+            throw ConfigError(
+                key: key, value: assignmentStrategy, origin: origin,
+                problem: "kafka.rebalance is eager, but cooperative-sticky is a cooperative assignor; remove this property, name eager assignors (range, roundrobin), or set kafka.rebalance: cooperative")
+        default:
+            return
         }
     }
 }

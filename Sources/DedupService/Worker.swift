@@ -106,6 +106,10 @@ public final class Worker: Service {
     func kafkaProperties() -> [String: String] {
         var props = config.kafkaProperties
         if let id = config.groupInstanceID { props["group.instance.id"] = id }
+        // Checked at start to agree with kafka.rebalance when given by hand.
+        if props[RebalanceMode.strategyProperty] == nil {
+            props[RebalanceMode.strategyProperty] = config.rebalance.defaultStrategy
+        }
         return props
     }
 
@@ -182,7 +186,10 @@ public final class Worker: Service {
     var engineOptions: DedupEngine.Options {
         DedupEngine.Options(
             batchSize: config.batchSize, handlerMaxBatch: config.handlerMaxBatch, failOpen: config.failOpen,
-            stopWhenIdle: config.stopWhenIdle, deadLetters: deadLetters != nil)
+            stopWhenIdle: config.stopWhenIdle, deadLetters: deadLetters != nil,
+            // Half the shutdown deadline: the other half is for the round in flight, the
+            // confirm and the commit.
+            shutdownDrain: config.shutdownDeadline / 2)
     }
 
     // MARK: - The loop

@@ -11,7 +11,7 @@ extension Worker {
                 "kafka.topics": "\(config.topics.joined(separator: ","))",
                 "dedup.key": "\(config.dedup.template)", "dedup.window": "\(WorkerConfiguration.format(config.dedup.window))",
                 "dedup.retention": "\(WorkerConfiguration.format(config.dedup.retention))",
-                "handler.type": "\(config.handler.type)",
+                "handler.type": "\(config.handler.type)", "kafka.rebalance": "\(config.rebalance.rawValue)",
             ])
         for route in config.routes {
             logger.info(
@@ -85,6 +85,10 @@ extension Worker {
             logger.info("buffer drained, resuming consumption")
         case .idle(let idle):
             logger.info("idle, stopping", metadata: ["run.stop_when_idle": "\(WorkerConfiguration.format(idle))"])
+        case .drainingWindow(let messages, let within):
+            logger.info(
+                "finishing the window before leaving the group",
+                metadata: ["buffer.messages": "\(messages)", "run.drain": "\(WorkerConfiguration.format(within))"])
         case .waitingForRound(let count):
             logger.info("waiting for the dispatch round in flight", metadata: ["dispatch.round": "\(count)"])
         }
@@ -99,6 +103,9 @@ extension Worker {
             "invalid": "\(c.invalid)", "failed": "\(c.failed)", "released": "\(c.released)",
             "released.unconfirmed": "\(engine.unreleasedCount)",
             "renewed": "\(c.renewed)", "dead_lettered": "\(c.deadLettered)", "leases_lost": "\(c.leasesLost)", "unclaimed": "\(c.unclaimed)",
+            "kafka.rebalances": "\(c.rebalances)", "kafka.partitions.assigned": "\(c.partitionsAssigned)",
+            "kafka.partitions.revoked": "\(c.partitionsRevoked)", "kafka.partitions.lost": "\(c.partitionsLost)",
+            "reread": "\(c.rereadAfterRebalance)",
             "kafka.committed": "\(committed.map { "\($0.key)=\($0.value)" }.joined(separator: ","))",
             "elapsed": "\(WorkerConfiguration.format(elapsed))",
         ]

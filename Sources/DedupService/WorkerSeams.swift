@@ -26,6 +26,7 @@ extension KafkaConsumer: MessageSource {
             case .message(let message): .message(message)
             case .assigned(let partitions): .assigned(partitions)
             case .revoked(let partitions): .revoked(partitions)
+            case .lost(let partitions): .lost(partitions)
             // KafkaIO has already logged it with librdkafka's own level; librdkafka recovers
             // from transport errors by itself.
             case .error: nil

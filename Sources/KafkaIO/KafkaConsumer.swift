@@ -19,10 +19,15 @@ public final class KafkaConsumer: @unchecked Sendable {
     /// What a poll returns, in the order it happened.
     public enum ConsumerEvent: Sendable {
         case message(InboundMessage)
-        /// Partitions assigned to this member (eager rebalance: the whole new assignment).
+        /// Partitions added to this member's assignment: eager, the whole new assignment;
+        /// cooperative (incremental), only the partitions that moved here, possibly none.
         case assigned([TopicPartition])
-        /// Partitions taken away from this member (eager rebalance: the whole old assignment).
+        /// Partitions taken away in a rebalance: eager, the whole old assignment; cooperative,
+        /// only the partitions that move elsewhere.
         case revoked([TopicPartition])
+        /// Partitions taken away without a rebalance (`rd_kafka_assignment_lost`: the session
+        /// timed out or the member was fenced); another member may own them already.
+        case lost([TopicPartition])
         case error(KafkaError)
     }
 
@@ -141,7 +146,7 @@ public final class KafkaConsumer: @unchecked Sendable {
             for e in events {
                 out.append(e)
                 switch e {
-                case .assigned, .revoked: rebalanced = true
+                case .assigned, .revoked, .lost: rebalanced = true
                 default: break
                 }
             }
@@ -524,8 +529,12 @@ extension KafkaConsumer {
     }
 }
 
-/// Eager rebalance: apply the new assignment (or drop the old one) and record it as an event for `poll`.
-/// Runs inside `rd_kafka_consumer_poll`, i.e. on the consumer's queue.
+/// Applies a rebalance and records it as an event for `poll`. The protocol follows the
+/// assignor (`partition.assignment.strategy`): eager replaces the whole assignment
+/// (`rd_kafka_assign`), cooperative adds or removes only the partitions listed
+/// (`rd_kafka_incremental_assign`/`_unassign`), so the partitions a member keeps go on
+/// fetching from where they are, with their pause flag. Runs inside `rd_kafka_consumer_poll`,
+/// i.e. on the consumer's queue.
 private let kafkaRebalanceCallback: @convention(c) (
     OpaquePointer?, rd_kafka_resp_err_t, UnsafeMutablePointer<rd_kafka_topic_partition_list_t>?, UnsafeMutableRawPointer?
 ) -> Void = { rk, err, partitions, _ in
@@ -534,12 +543,17 @@ private let kafkaRebalanceCallback: @convention(c) (
     let cooperative = String(cString: rd_kafka_rebalance_protocol(rk)) == "COOPERATIVE"
     let list = tps.map(\.description).joined(separator: ",")
     if err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS {
-        context.logger.info("partitions assigned", metadata: ["kafka.partitions": .string(list)])
+        context.logger.info(
+            "partitions assigned",
+            metadata: ["kafka.partitions": .string(list), "kafka.rebalance": .string(cooperative ? "cooperative" : "eager")])
         do { try context.pauses.assigning(rk, tps) } catch {
             context.logger.warning("holding new partitions failed", metadata: ["error": "\(error)"])
         }
         if cooperative {
-            if let e = rd_kafka_incremental_assign(rk, partitions) { rd_kafka_error_destroy(e) }
+            if let e = rd_kafka_incremental_assign(rk, partitions) {
+                context.logger.warning("incremental assign failed", metadata: ["kafka.error": .string(String(cString: rd_kafka_error_string(e)))])
+                rd_kafka_error_destroy(e)
+            }
         } else {
             rd_kafka_assign(rk, partitions)
         }
@@ -548,10 +562,18 @@ private let kafkaRebalanceCallback: @convention(c) (
         if err != RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS {
             context.logger.info("rebalance error", metadata: ["kafka.error": .string(String(cString: rd_kafka_err2name(err)))])
         }
-        context.logger.info("partitions revoked", metadata: ["kafka.partitions": .string(list)])
-        context.record(.revoked(tps))
+        // Lost (session timeout, fenced): the partitions may be someone else's already; the
+        // engine drops them as for a revocation, and librdkafka commits nothing for them.
+        let lost = rd_kafka_assignment_lost(rk) != 0
+        context.logger.info(
+            lost ? "partitions lost" : "partitions revoked",
+            metadata: ["kafka.partitions": .string(list), "kafka.rebalance": .string(cooperative ? "cooperative" : "eager")])
+        context.record(lost ? .lost(tps) : .revoked(tps))
         if cooperative {
-            if let e = rd_kafka_incremental_unassign(rk, partitions) { rd_kafka_error_destroy(e) }
+            if let e = rd_kafka_incremental_unassign(rk, partitions) {
+                context.logger.warning("incremental unassign failed", metadata: ["kafka.error": .string(String(cString: rd_kafka_error_string(e)))])
+                rd_kafka_error_destroy(e)
+            }
         } else {
             rd_kafka_assign(rk, nil)
         }

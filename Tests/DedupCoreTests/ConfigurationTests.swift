@@ -82,6 +82,42 @@ import Testing
         #expect(ConfigSchema.redact("redis://:s3cret@r:6379/0") == "redis://:***@r:6379/0")
         #expect(ConfigSchema.redact("redis://r:6379/0") == "redis://r:6379/0")
     }
+
+    /// `kafka.rebalance` picks the protocol; an assignor set by hand must speak the same one, or
+    /// start-up stops with an error naming the property, since librdkafka would silently run
+    /// the protocol of the assignor.
+    @Test func rebalanceModeAndAHandSetAssignorMustAgree() throws {
+        #expect(try WorkerConfiguration(layers: [layer(required)]).rebalance == .cooperative)
+        #expect(try WorkerConfiguration(layers: [layer(required.merging(["kafka.rebalance": "eager"]) { $1 })]).rebalance == .eager)
+        let strategy = "kafka.properties.partition.assignment.strategy"
+        // Agreeing by hand is fine.
+        _ = try WorkerConfiguration(layers: [layer(required.merging([strategy: "cooperative-sticky"]) { $1 })])
+        _ = try WorkerConfiguration(layers: [layer(required.merging(["kafka.rebalance": "eager", strategy: "roundrobin"]) { $1 })])
+
+        let eagerAssignor = #expect(throws: ConfigError.self) {
+            try WorkerConfiguration(layers: [layer(required.merging([strategy: "range,roundrobin"]) { $1 })])
+        }
+        #expect(eagerAssignor?.key == strategy)
+        #expect(eagerAssignor?.value == "range,roundrobin")
+        #expect(eagerAssignor?.description.contains("kafka.rebalance is cooperative") == true, "\(String(describing: eagerAssignor))")
+        #expect(eagerAssignor?.description.contains("(from file)") == true)
+
+        let cooperativeAssignor = #expect(throws: ConfigError.self) {
+            try WorkerConfiguration(layers: [layer(required.merging(["kafka.rebalance": "eager", strategy: "cooperative-sticky"]) { $1 })])
+        }
+        #expect(cooperativeAssignor?.key == strategy)
+        #expect(cooperativeAssignor?.description.contains("kafka.rebalance is eager") == true)
+
+        let mixed = #expect(throws: ConfigError.self) {
+            try WorkerConfiguration(layers: [layer(required.merging([strategy: "cooperative-sticky,range"]) { $1 })])
+        }
+        #expect(mixed?.key == strategy)
+
+        let badMode = #expect(throws: ConfigError.self) {
+            try WorkerConfiguration(layers: [layer(required.merging(["kafka.rebalance": "incremental"]) { $1 })])
+        }
+        #expect(badMode?.key == "kafka.rebalance")
+    }
 }
 
 @Suite struct SubmissionGeneratorTests {
@@ -95,4 +131,5 @@ import Testing
         var again = SubmissionGenerator(duplicateRatio: 0.3, seed: 7)
         #expect((0..<100).map { _ in again.next().id } == Array(ids.prefix(100)))
     }
+
 }

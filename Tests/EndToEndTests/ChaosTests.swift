@@ -5,7 +5,7 @@ import Testing
 import TestSupport
 
 /// The promises under failure (docs/architecture.md "What the product promises"), checked from the handler
-/// side: three `dedupd run` workers in one group, killed and restarted while a producer sends
+/// side, in both rebalance modes: three `dedupd run` workers in one group, killed and restarted while a producer sends
 /// 50,000 submissions with 30% repeats; Redis restarted once; partition leaders and the group
 /// coordinator moved; a broker taken down and up once.
 ///
@@ -17,17 +17,21 @@ import TestSupport
     /// crash window (handler done, confirm not yet in Redis) covers at most one round.
     static let round = 4
 
-    @Test(.timeLimit(.minutes(6)))
-    func sigkillRestartsLoseNothingAndRepeatOnlyWithinTheCrashWindow() async throws {
-        let outcome = try await Chaos(variant: "kill").run(sigkills: 10, sigterms: 1)
+    /// Both rebalance modes (`kafka.rebalance`): cooperative is the default, eager what a group
+    /// that has not moved yet runs.
+    static let modes = ["cooperative", "eager"]
+
+    @Test(.timeLimit(.minutes(6)), arguments: modes)
+    func sigkillRestartsLoseNothingAndRepeatOnlyWithinTheCrashWindow(mode: String) async throws {
+        let outcome = try await Chaos(variant: "kill", mode: mode).run(sigkills: 10, sigterms: 1)
         #expect(outcome.lost == 0)
         #expect(outcome.extra == 0)
         #expect(outcome.duplicates <= outcome.bound)
     }
 
-    @Test(.timeLimit(.minutes(6)))
-    func sigtermRestartsRepeatNothing() async throws {
-        let outcome = try await Chaos(variant: "term").run(sigkills: 0, sigterms: 6)
+    @Test(.timeLimit(.minutes(6)), arguments: modes)
+    func sigtermRestartsRepeatNothing(mode: String) async throws {
+        let outcome = try await Chaos(variant: "term", mode: mode).run(sigkills: 0, sigterms: 6)
         #expect(outcome.lost == 0)
         #expect(outcome.extra == 0)
         #expect(outcome.duplicates == 0)
@@ -40,15 +44,18 @@ struct ChaosOutcome {
 }
 
 final class Chaos {
+    /// `kill` or `term`, and the rebalance mode: together they name the run (group, logs).
     let variant: String
+    let mode: String
     let dir: TemporaryDirectory
     var workers: [DedupdProcess?] = [nil, nil, nil]
     var runs = 0
     var log: [String] = []
 
-    init(variant: String) throws {
-        self.variant = variant
-        dir = try TemporaryDirectory(prefix: "dedupd-chaos-\(variant)")
+    init(variant: String, mode: String) throws {
+        self.variant = "\(variant)-\(mode)"
+        self.mode = mode
+        dir = try TemporaryDirectory(prefix: "dedupd-chaos-\(variant)-\(mode)")
     }
 
     func note(_ s: String) {
@@ -67,6 +74,7 @@ final class Chaos {
               bootstrap_servers: \(bootstrap)
               topics: [orders]
               group: \(group)
+              rebalance: \(mode)
             redis:
               url: \(redis.url)
             dedup:

@@ -132,7 +132,7 @@ struct KafkaIOTests {
             for event in await consumer.poll(maxMessages: 2000, timeout: .milliseconds(200)) {
                 switch event {
                 case .assigned(let tps): assigned = tps
-                case .revoked: assigned = []
+                case .revoked, .lost: assigned = []
                 case .error(let e): errors.append(e)
                 case .message(let m):
                     if firstMessageAt == nil { firstMessageAt = clock.now }
@@ -279,6 +279,71 @@ struct KafkaIOTests {
         #expect(theirs.count == 3)
         #expect(Set(firstAssigned).union(theirs) == Set((0..<6).map { TopicPartition(topic: topic, partition: $0) }))
         #expect(Set(await first.assignment()) == Set(firstAssigned))
+        await second.close()
+        await first.close()
+    }
+
+    /// Cooperative-sticky (KIP-429): a second member's join takes away only the partitions that
+    /// move; the first member is never handed back what it kept, keeps fetching it, and a
+    /// partition it paused stays paused through the rebalance.
+    @Test func cooperativeRebalanceRevokesOnlyWhatMoves() async throws {
+        let cluster = try MockKafkaCluster.make(brokers: 1, logger: quietLogger())
+        let topic = unique("coop")
+        try cluster.createTopic(topic, partitions: 6)
+        let group = unique("g")
+        let cooperative = ["partition.assignment.strategy": "cooperative-sticky"]
+        let first = try KafkaConsumer.make(
+            bootstrapServers: cluster.bootstrapServers, groupID: group, topics: [topic], properties: cooperative,
+            logger: quietLogger())
+        var held: Set<TopicPartition> = []
+        var events: [String] = []
+        let record: (KafkaConsumer.ConsumerEvent) -> Void = { e in
+            switch e {
+            case .assigned(let tps):
+                events.append("assigned \(tps.count)")
+                held.formUnion(tps)
+            case .revoked(let tps), .lost(let tps):
+                events.append("revoked \(tps.count)")
+                held.subtract(tps)
+            default: break
+            }
+        }
+        await pollUntil(first, limit: .seconds(15), record, until: { held.count == 6 })
+        try #require(held.count == 6, "\(events)")
+        let paused = held.sorted { $0.partition < $1.partition }[0]
+        try first.pause([paused])
+        events.removeAll()
+
+        let second = try KafkaConsumer.make(
+            bootstrapServers: cluster.bootstrapServers, groupID: group, topics: [topic], properties: cooperative,
+            logger: quietLogger())
+        let secondHeld = Mutex<Set<TopicPartition>>([])
+        async let secondDone: Void = pollUntil(
+            second, limit: .seconds(25), { if case .assigned(let tps) = $0 { secondHeld.withLock { $0.formUnion(tps) } } },
+            until: { secondHeld.withLock { $0.count == 3 } })
+        await pollUntil(first, limit: .seconds(25), record, until: { held.count == 3 && secondHeld.withLock { $0.count == 3 } })
+        await secondDone
+        let theirs = secondHeld.withLock { $0 }
+        // Only the three that moved were revoked; nothing the first member kept came back to it
+        // as a new assignment (an empty incremental assignment may end the rebalance).
+        #expect(events.filter { $0.hasPrefix("revoked") } == ["revoked 3"], "\(events)")
+        #expect(events.filter { $0.hasPrefix("assigned") }.allSatisfy { $0 == "assigned 0" }, "\(events)")
+        #expect(held.isDisjoint(with: theirs) && held.union(theirs).count == 6)
+        #expect(Set(await first.assignment()) == held)
+
+        // What the first member kept keeps fetching, and the paused partition, if kept, stays paused.
+        let producer = try KafkaProducer.make(bootstrapServers: cluster.bootstrapServers, logger: quietLogger())
+        // 200 keys: every partition gets some (the chance that one gets none is below 1e-15).
+        for k in 0..<200 {
+            try await producer.sendAndWait(topic: topic, key: Array("k\(k)".utf8), value: Array("v\(k)".utf8))
+        }
+        var seen: Set<Int32> = []
+        await pollUntil(first, limit: .seconds(10), { if case .message(let m) = $0 { seen.insert(m.partition) } },
+                        until: { seen.count == held.count - (held.contains(paused) ? 1 : 0) })
+        // A moment more, for a message of the paused partition that should not come.
+        await pollUntil(first, limit: .seconds(1), { if case .message(let m) = $0 { seen.insert(m.partition) } }, until: { false })
+        let expected = Set(held.filter { $0 != paused }.map(\.partition))
+        #expect(seen == expected, "kept \(held), paused \(paused)")
         await second.close()
         await first.close()
     }

@@ -5,7 +5,8 @@ import DedupService
 /// offsets, a seen-set that keeps state like the Redis scripts (leases expire on the model's
 /// clock), handlers, and time. One `World` plays the worker's `MessageSource`, `ClaimStore`,
 /// `DispatchRunner` and `LoopClock`, and decides, from a seeded generator, when each answer
-/// arrives, fails or is reordered, when partitions are revoked or assigned, when the store is
+/// arrives, fails or is reordered, when partitions are revoked, lost or assigned (incrementally, as
+/// cooperative rebalancing does, or all at once, as eager does), when the store is
 /// down, when a handler is slow and when the worker crashes.
 ///
 /// The world acts only when the worker polls or waits, on the worker's own task: the worker
@@ -62,6 +63,10 @@ final class ModelWorld: @unchecked Sendable {
     var pending: [(label: String, deliver: () -> Void, slow: Bool)] = []
     var timer: (at: ContinuousClock.Instant, fire: @Sendable () -> Void)?
     var stopRequested = false
+    /// The stop asked once everything is committed: the schedule ends when the worker finishes.
+    var finalStop = false
+    /// SIGTERMs during the faults (a rolling restart): the worker finishes and a new one starts.
+    var gracefulStops = 0
 
     /// The worker's own counters, summed over its incarnations, to show what the schedules reached.
     struct Totals: CustomStringConvertible {
@@ -119,6 +124,7 @@ final class ModelWorld: @unchecked Sendable {
     func restart(owner: String, stop: @escaping () -> Void) {
         self.owner = owner
         self.stop = stop
+        stopRequested = false
         assigned = []
         paused = []
         holdNew = false
@@ -128,6 +134,14 @@ final class ModelWorld: @unchecked Sendable {
         pendingEvents = [.assigned((0..<Int32(shape.partitions)).map { TopicPartition(topic: "t", partition: $0) })]
         for p in 0..<Int32(shape.partitions) { assign(p) }
         note("start \(owner)")
+    }
+
+    func unassign(_ partitions: [Int32]) {
+        for p in partitions {
+            assigned.remove(p)
+            paused.remove(p)
+            position[p] = nil
+        }
     }
 
     func assign(_ p: Int32) {
@@ -157,18 +171,47 @@ final class ModelWorld: @unchecked Sendable {
             }
             // Rebalances reach the worker in a poll (librdkafka runs them inside it), so the
             // assignment changes only there.
-            if fromPoll, let p = assigned.sorted().randomElement(using: &rng), chance(0.02) {
-                assigned.remove(p)
-                paused.remove(p)
-                position[p] = nil
-                pendingEvents.append(.revoked([TopicPartition(topic: "t", partition: p)]))
-                note("revoke \(p)")
+            // Cooperative (incremental): some partitions move away, the rest stay with their
+            // window and claims; now and then they are lost (session timeout) rather than revoked.
+            if fromPoll, !assigned.isEmpty, chance(0.02) {
+                var moving = assigned.sorted().filter { _ in chance(0.4) }
+                if moving.isEmpty { moving = [assigned.sorted().randomElement(using: &rng)!] }
+                unassign(moving)
+                let tps = moving.map { TopicPartition(topic: "t", partition: $0) }
+                let lost = chance(0.25)
+                pendingEvents.append(lost ? .lost(tps) : .revoked(tps))
+                note("\(lost ? "lose" : "revoke") \(moving)")
+            }
+            // Eager: every partition revoked, then the whole new assignment, in one poll.
+            if fromPoll, !assigned.isEmpty, chance(0.004) {
+                let all = assigned.sorted()
+                unassign(all)
+                var next = (0..<Int32(shape.partitions)).filter { _ in chance(0.6) }
+                if next.isEmpty { next = [0] }
+                for p in next { assign(p) }
+                pendingEvents.append(.revoked(all.map { TopicPartition(topic: "t", partition: $0) }))
+                pendingEvents.append(.assigned(next.map { TopicPartition(topic: "t", partition: $0) }))
+                note("eager rebalance \(all) -> \(next)")
             }
             let unassigned = (0..<Int32(shape.partitions)).filter { !assigned.contains($0) }
-            if fromPoll, let p = unassigned.randomElement(using: &rng), chance(0.1) {
-                assign(p)
-                pendingEvents.append(.assigned([TopicPartition(topic: "t", partition: p)]))
-                note("assign \(p)")
+            if fromPoll, !unassigned.isEmpty, chance(0.1) {
+                var coming = unassigned.filter { _ in chance(0.5) }
+                if coming.isEmpty { coming = [unassigned.randomElement(using: &rng)!] }
+                for p in coming { assign(p) }
+                pendingEvents.append(.assigned(coming.map { TopicPartition(topic: "t", partition: $0) }))
+                note("assign \(coming)")
+            } else if fromPoll, chance(0.01) {
+                // A cooperative rebalance that moves nothing here ends with an empty assignment.
+                pendingEvents.append(.assigned([]))
+                note("assign []")
+            }
+            // SIGTERM, as in a rolling restart: the worker drains its window, confirms,
+            // releases the rest and finishes; the next incarnation starts from the commits.
+            if fromPoll, !stopRequested, chance(0.003) {
+                stopRequested = true
+                gracefulStops += 1
+                note("stop (SIGTERM)")
+                stop()
             }
             if !storeDown, chance(0.01) {
                 storeDown = true
@@ -183,8 +226,9 @@ final class ModelWorld: @unchecked Sendable {
                 assign(p)
                 pendingEvents.append(.assigned([TopicPartition(topic: "t", partition: p)]))
             }
-            if allCommitted, !stopRequested {
+            if allCommitted, !finalStop {
                 stopRequested = true
+                finalStop = true
                 note("stop")
                 stop()
             }

@@ -5,8 +5,9 @@ import Foundation
 import Testing
 
 /// The real `Worker` loop and `DedupEngine`, driven through thousands of seeded random schedules
-/// by `ModelWorld` (answers delayed, reordered and failed; revocations and assignments at any
-/// point; store outages; crashes that drop every in-memory object and restart from the committed
+/// by `ModelWorld` (answers delayed, reordered and failed; revocations, losses and assignments at
+/// any point, of some partitions as cooperative rebalancing does or of all as eager does; SIGTERMs
+/// that let the worker drain its window and finish before the next one starts; store outages; crashes that drop every in-memory object and restart from the committed
 /// offsets with the store kept; slow handlers). After every step: nothing committed past a
 /// message whose key was never dispatched; a key dispatched only under this worker's live claim;
 /// repeats only after crashes, at most `handler.max_batch` per crash. At the end: every unique
@@ -51,7 +52,8 @@ import Testing
             do {
                 try await worker.runLoop(
                     source: world, store: world, rounds: world, clock: world, seed: world.rng.next())
-                break
+                // A SIGTERM before the end: the next worker takes over, as in a rolling restart.
+                if world.finalStop || world.error != nil { break }
             } catch is ModelWorld.Crash {
                 continue
             }
@@ -72,11 +74,13 @@ import Testing
         let started = ContinuousClock.now
         var steps = 0
         var crashes = 0
+        var stops = 0
         var totals = ModelWorld.Totals()
         for seed in seeds {
             let world = try await Self.run(seed: seed, config: config)
             steps += world.steps
             crashes += world.crashes
+            stops += world.gracefulStops
             totals.add(world.counters.c)
             if let error = world.error {
                 // Replayed at once, in this process: the same seed makes the same schedule.
@@ -94,7 +98,7 @@ import Testing
         }
         let elapsed = ContinuousClock.now - started
         let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
-        print("model: \(seeds.count) schedules, \(steps) steps, \(crashes) crashes in \(elapsed) (\(Int(Double(seeds.count) / seconds)) schedules/s); \(totals)")
+        print("model: \(seeds.count) schedules, \(steps) steps, \(crashes) crashes, \(stops) SIGTERMs in \(elapsed) (\(Int(Double(seeds.count) / seconds)) schedules/s); \(totals)")
     }
 }
 

@@ -81,7 +81,7 @@ public enum DeadLetterReplay {
                         if marks.high > start { ends[tp] = marks.high } else { ends[tp] = nil }
                         if let c = committed[tp], c >= 0 { toStore[tp] = max(toStore[tp] ?? -1, c) }
                     }
-                case .revoked(let partitions):
+                case .revoked(let partitions), .lost(let partitions):
                     for tp in partitions { ends[tp] = nil }
                 case .error(let error):
                     logger.warning("kafka error", metadata: ["error": "\(error)"])

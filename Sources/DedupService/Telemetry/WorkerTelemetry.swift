@@ -28,6 +28,14 @@ public final class WorkerTelemetry: Sendable {
         public static let confirmConflicts = "dedupd.confirm.conflicts.total"
         /// `dedup.on_store_error: fail_open`: messages dispatched without a claim while Redis was down.
         public static let unclaimed = "dedupd.messages.unclaimed.total"
+        /// Assignments taken from the group: one per rebalance this worker took part in.
+        public static let rebalances = "dedupd.rebalances.total"
+        public static let partitionsAssignedTotal = "dedupd.rebalance.partitions.assigned.total"
+        public static let partitionsRevoked = "dedupd.rebalance.partitions.revoked.total"
+        public static let partitionsLost = "dedupd.rebalance.partitions.lost.total"
+        /// Messages read from partitions this worker then gave up, past its last stored offset:
+        /// the next owner reads them again.
+        public static let reread = "dedupd.rebalance.messages.reread.total"
         public static let bufferMessages = "dedupd.buffer.messages"
         public static let bufferBytes = "dedupd.buffer.bytes"
         public static let parked = "dedupd.parked.messages"
@@ -47,6 +55,7 @@ public final class WorkerTelemetry: Sendable {
     final class Instruments: Sendable {
         let consumed, dispatched, duplicatesWindow, duplicatesRedis, invalid, failed, parkedTotal, released: Counter
         let deadLettered, leasesLost, confirmConflicts, unclaimed: Counter
+        let rebalances, partitionsAssignedTotal, partitionsRevoked, partitionsLost, reread: Counter
         let bufferMessages, bufferBytes, parked, inFlight, lag, assigned, paused, redisUp: Gauge
         let handlerDuration: Timer
         let factory: any MetricsFactory
@@ -69,6 +78,11 @@ public final class WorkerTelemetry: Sendable {
             leasesLost = counter(Name.leasesLost)
             confirmConflicts = counter(Name.confirmConflicts)
             unclaimed = counter(Name.unclaimed)
+            rebalances = counter(Name.rebalances)
+            partitionsAssignedTotal = counter(Name.partitionsAssignedTotal)
+            partitionsRevoked = counter(Name.partitionsRevoked)
+            partitionsLost = counter(Name.partitionsLost)
+            reread = counter(Name.reread)
             bufferMessages = gauge(Name.bufferMessages)
             bufferBytes = gauge(Name.bufferBytes)
             parked = gauge(Name.parked)
@@ -202,6 +216,11 @@ public final class WorkerTelemetry: Sendable {
         add(i.leasesLost, c.leasesLost, before.leasesLost)
         add(i.confirmConflicts, c.confirmConflicts, before.confirmConflicts)
         add(i.unclaimed, c.unclaimed, before.unclaimed)
+        add(i.rebalances, c.rebalances, before.rebalances)
+        add(i.partitionsAssignedTotal, c.partitionsAssigned, before.partitionsAssigned)
+        add(i.partitionsRevoked, c.partitionsRevoked, before.partitionsRevoked)
+        add(i.partitionsLost, c.partitionsLost, before.partitionsLost)
+        add(i.reread, c.rereadAfterRebalance, before.rereadAfterRebalance)
         i.bufferMessages.record(s.bufferMessages)
         i.bufferBytes.record(s.bufferBytes)
         i.parked.record(s.parked)
