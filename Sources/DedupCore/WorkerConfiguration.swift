@@ -170,6 +170,13 @@ public struct WorkerConfiguration: Sendable {
         var dedup = DedupSettings(
             template: template, namespace: namespace, window: window, retention: retention, lease: lease,
             keep: KeepPolicy(rawValue: try r.choice("dedup.keep"))!)
+        dedup.layout = DedupSettings.LayoutKind(rawValue: try r.choice("dedup.layout"))!
+        dedup.compactBuckets = try r.count("dedup.compact.buckets")
+        dedup.compactSlots = try r.count("dedup.compact.slots")
+        dedup.readsKeysLayout = try r.choice("dedup.compact.read_keys_layout") == "true"
+        if case .compact(let records) = dedup.doneLayout, let (key, problem) = records.problem() {
+            throw r.fail(key, problem)
+        }
         if let tokenText = r.optional("dedup.token") {
             do { dedup.token = try KeyTemplate(tokenText) } catch {
                 throw r.fail("dedup.token", "\(error)")

@@ -158,6 +158,10 @@ public final class Worker: Service {
             logger.warning("redis evicts keys with a TTL; running anyway (redis.allow_eviction: true)",
                            metadata: ["redis.maxmemory_policy": "\(found.maxmemoryPolicy ?? "")"])
         }
+        let compact = ([config.dedup] + config.routes.map(\.dedup)).contains { $0.layout == .compact }
+        if compact, let problem = found.listpackProblem {
+            logger.warning("\(problem)")
+        }
         if found.persistenceOff == true {
             logger.warning("redis persists nothing (appendonly no, no save points): a restart of Redis forgets every done record")
         }

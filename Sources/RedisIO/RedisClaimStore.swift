@@ -1,4 +1,5 @@
 import CHiredis
+import Foundation
 import DedupCore
 import Logging
 import Synchronization
@@ -19,6 +20,8 @@ public final class RedisClaimStore: ClaimStore {
     private let logger: Logger
     /// Script name → SHA1 the server gave for it; empty until first use.
     private let shas = Mutex<[String: String]>([:])
+    /// Compact layout: per route's buckets, the slot whose buckets this store set TTLs for last.
+    private let swept = Mutex<[SweepScope: Int64]>([:])
 
     /// Called after each operation's round trip(s) with the script name (`claim`, `confirm`, ...)
     /// and how long it took, for metrics. Default: none.
@@ -26,12 +29,18 @@ public final class RedisClaimStore: ClaimStore {
     /// Called when an operation's pipeline is sent, with its script name; the closure it returns
     /// is called once the answers are in (the worker's record of what is in flight). Default: none.
     private let onSend: (@Sendable (String) -> @Sendable () -> Void)?
+    /// Wall-clock time in Unix milliseconds: which slot a compact confirm writes and which slots a
+    /// claim reads (workers agree on slots through their clocks; see `CompactRecords.clockSkew`).
+    /// Default: the system clock; tests move it.
+    let unixMillis: @Sendable () -> Int64
 
     public init(
         connection: RedisConnection, maxKeysPerScript: Int = 1000, logger: Logger,
         onSend: (@Sendable (_ op: String) -> @Sendable () -> Void)? = nil,
-        onRoundTrip: (@Sendable (_ op: String, _ duration: Duration) -> Void)? = nil
+        onRoundTrip: (@Sendable (_ op: String, _ duration: Duration) -> Void)? = nil,
+        unixMillis: (@Sendable () -> Int64)? = nil
     ) {
+        self.unixMillis = unixMillis ?? { Int64((Date().timeIntervalSince1970 * 1000).rounded(.down)) }
         self.connection = connection
         self.maxKeysPerScript = max(1, maxKeysPerScript)
         self.logger = logger
@@ -40,21 +49,30 @@ public final class RedisClaimStore: ClaimStore {
     }
 
     public func claim(_ groups: [KeyGroup], owner: String) async throws -> [ClaimOutcome] {
-        try await run(.claim, Self.batches(groups, owner: owner), element: Self.claimOutcome)
+        try await run(.claim, batches(groups, owner: owner, confirming: false), element: Self.claimOutcome)
     }
 
     public func confirm(_ groups: [KeyGroup], owner: String) async throws -> [ConfirmOutcome] {
-        try await run(.confirm, Self.batches(groups, owner: owner), element: Self.confirmOutcome)
+        _ = try await loadedSHA(.confirm)
+        return try await sendConfirms(groups, owner: owner).outcomes()
     }
 
     /// `claim`, sent now; the caller awaits `outcomes()` when it needs them.
     public func sendClaims(_ groups: [KeyGroup], owner: String) -> Request<ClaimOutcome> {
-        send(.claim, Self.batches(groups, owner: owner), element: Self.claimOutcome)
+        send(.claim, batches(groups, owner: owner, confirming: false), element: Self.claimOutcome)
     }
 
     /// `confirm`, sent now; the caller awaits `outcomes()` when it needs them.
     public func sendConfirms(_ groups: [KeyGroup], owner: String) -> Request<ConfirmOutcome> {
-        send(.confirm, Self.batches(groups, owner: owner), element: Self.confirmOutcome)
+        let request = send(.confirm, batches(groups, owner: owner, confirming: true), element: Self.confirmOutcome)
+        guard let sweep = sweepBuckets(groups) else { return request }
+        return Request {
+            let outcomes = try await request.outcomes()
+            for reply in try await sweep.value() {
+                if case .error(let text) = reply { throw RedisError.fromServerReply(text, context: "PEXPIRE of a compact bucket") }
+            }
+            return outcomes
+        }
     }
 
     /// `release`, sent now; the caller awaits `outcomes()` when it needs them.
@@ -155,47 +173,178 @@ public final class RedisClaimStore: ClaimStore {
         case malformed(String)
     }
 
-    /// Keys run through one script with the same arguments (e.g. one lease).
-    /// `perKeyArgs`, when given, holds one argument per key, passed with its chunk after `args`.
+    /// Items run through one script with the same arguments (e.g. one lease). An item is one
+    /// claimed key and passes `keysPerItem` keys (`keys` holds them item after item), all with the
+    /// hash tag of its first key. `perKeyArgs`, when given, holds one argument per item, passed
+    /// with its chunk after `args`. `script` nil: the operation's own script.
     private struct ScriptBatch: Sendable {
         var keys: [String]
         var args: [RedisArgument]
         var perKeyArgs: [RedisArgument]? = nil
+        var keysPerItem = 1
+        var script: LuaScript? = nil
+        var itemCount: Int { keys.count / keysPerItem }
     }
 
-    /// Claim and confirm scripts take `owner` and the group's time to live in milliseconds.
-    private static func batches(_ groups: [KeyGroup], owner: String) -> [ScriptBatch] {
-        groups.map { ScriptBatch(keys: $0.keys, args: [RedisArgument(owner), RedisArgument(millis($0.ttl))]) }
+    /// Claim and confirm scripts of the keys layout take `owner` and the group's time to live in
+    /// milliseconds; compact groups get their own batch (`compactClaims`, `compactConfirms`).
+    private func batches(_ groups: [KeyGroup], owner: String, confirming: Bool) -> [ScriptBatch] {
+        let now = unixMillis()
+        return groups.map { group in
+            switch group.layout {
+            case .keys:
+                return ScriptBatch(keys: group.keys, args: [RedisArgument(owner), RedisArgument(Self.millis(group.ttl))])
+            case .compact(let records):
+                return confirming
+                    ? Self.compactConfirms(group.keys, records, owner: owner, now: now)
+                    : Self.compactClaims(group.keys, records, owner: owner, lease: group.ttl, now: now)
+            }
+        }
     }
 
-    /// One `EVALSHA`: keys `range` of batch `batch`.
+    /// Per key: its pending key, [its keys-layout key], and the bucket of each live slot.
+    private static func compactClaims(_ keys: [String], _ records: CompactRecords, owner: String, lease: Duration, now: Int64) -> ScriptBatch {
+        let slots = records.liveSlots(at: now)
+        let legacy = records.readsKeysLayout
+        let m = 1 + (legacy ? 1 : 0) + slots.count
+        var storeKeys: [String] = []
+        storeKeys.reserveCapacity(keys.count * m)
+        var fields: [RedisArgument] = []
+        fields.reserveCapacity(keys.count)
+        for key in keys {
+            let p = records.placement(of: key)
+            storeKeys.append(p.pendingKey)
+            if legacy { storeKeys.append(p.keysLayoutKey) }
+            for slot in slots { storeKeys.append(p.bucketKey(slot: slot)) }
+            fields.append(RedisArgument(bytes: p.field))
+        }
+        return ScriptBatch(
+            keys: storeKeys, args: [RedisArgument(owner), RedisArgument(millis(lease)), RedisArgument(m), legacy ? "1" : "0"],
+            perKeyArgs: fields, keysPerItem: m, script: .claimCompact)
+    }
+
+    /// Per key: its pending key and the current slot's bucket.
+    private static func compactConfirms(_ keys: [String], _ records: CompactRecords, owner: String, now: Int64) -> ScriptBatch {
+        let slot = records.slot(at: now)
+        var storeKeys: [String] = []
+        storeKeys.reserveCapacity(keys.count * 2)
+        var fields: [RedisArgument] = []
+        fields.reserveCapacity(keys.count)
+        for key in keys {
+            let p = records.placement(of: key)
+            storeKeys.append(p.pendingKey)
+            storeKeys.append(p.bucketKey(slot: slot))
+            fields.append(RedisArgument(bytes: p.field))
+        }
+        return ScriptBatch(
+            keys: storeKeys, args: [RedisArgument(owner), RedisArgument(millis(records.lease))],
+            perKeyArgs: fields, keysPerItem: 2, script: .confirmCompact)
+    }
+
+    /// One route's buckets: the namespace and the settings that name them.
+    private struct SweepScope: Hashable {
+        var prefix: String
+        var namespace: String
+        var records: CompactRecords
+    }
+
+    /// Sets the TTL of compact buckets, once per bucket and slot rather than per confirmed key
+    /// (a `PEXPIRE` per key was ~2 µs of Redis CPU per id). The first confirm this store sends in
+    /// a slot sets the TTL of every bucket of the slots since its last sweep up to the one before
+    /// (now complete); its first confirm ever also covers the current slot and the slots a
+    /// stopped worker may have left without one. A bucket written after a sweep of its slot keeps
+    /// the TTL (`HSET` does not clear it); one written after the last sweep gets it at the next
+    /// slot edge from whichever worker confirms first. Single-key `PEXPIRE`s, pipelined after
+    /// the confirm on the same connection: nil when none is due.
+    private func sweepBuckets(_ groups: [KeyGroup]) -> RedisPending<[RedisReply]>? {
+        let now = unixMillis()
+        var commands: [[RedisArgument]] = []
+        for group in groups {
+            guard case .compact(let records) = group.layout, let key = group.keys.first else { continue }
+            let parts = key.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)
+            guard parts.count == 3 else { continue }
+            let scope = SweepScope(prefix: String(parts[0]), namespace: String(parts[1]), records: records)
+            let current = records.slot(at: now)
+            let range: ClosedRange<Int64>? = swept.withLock { swept in
+                let last = swept[scope]
+                if let last, last >= current { return nil }
+                swept[scope] = current
+                guard let last else { return current - Int64(records.slotsPerRetention) - 3...current }
+                return last...(current - 1)
+            }
+            guard let range else { continue }
+            for slot in range {
+                let ttl = RedisArgument(records.bucketTTLMillis(slot: slot, at: now))
+                for bucket in records.bucketKeys(prefix: scope.prefix, namespace: scope.namespace, slot: slot) {
+                    commands.append(["PEXPIRE", RedisArgument(bucket), ttl])
+                }
+            }
+        }
+        guard !commands.isEmpty else { return nil }
+        let all = commands
+        return connection.send({
+            var batch = RedisCommandBatch()
+            for command in all {
+                batch.begin()
+                for arg in command { batch.append(arg.bytes) }
+            }
+            return batch
+        }, parse: { RedisReply($0) })
+    }
+
+    /// One `EVALSHA`: items `items` of batch `batch`.
     private struct Chunk: Sendable {
         var batch: Int
-        var range: Range<Int>
-        var count: Int { range.count }
+        var items: [Int]
+        var count: Int { items.count }
     }
 
-    /// A script run over the keys of `batches`: its chunks, and how to encode any of them.
+    /// How one batch's items are cut into `EVALSHA` chunks: this is the seam for Redis Cluster,
+    /// where a chunk may only hold items whose keys hash to one slot (the slot of an item's first
+    /// key, `batch.keys[item * batch.keysPerItem]`; all of the item's keys share its hash tag).
+    /// Standalone, any items may share a chunk: runs of `maxItems`, in order.
+    private static func chunkItems(_ batch: ScriptBatch, maxItems: Int) -> [[Int]] {
+        let n = batch.itemCount
+        return stride(from: 0, to: n, by: maxItems).map { Array($0..<min($0 + maxItems, n)) }
+    }
+
+    /// A script run over the items of `batches`: its chunks, and how to encode any of them.
     private struct ScriptPlan: Sendable {
         let batches: [ScriptBatch]
+        let script: LuaScript
         private(set) var chunks: [Chunk] = []
+        /// Where each batch's first result goes in the answer.
+        private(set) var offsets: [Int] = []
+        private(set) var itemCount = 0
         private var keyCount = 0, keyBytes = 0, argBytes = 0, argCount = 0
 
-        init(_ batches: [ScriptBatch], maxKeysPerScript: Int) {
+        init(_ script: LuaScript, _ batches: [ScriptBatch], maxKeysPerScript: Int) {
+            self.script = script
             self.batches = batches
             for (b, batch) in batches.enumerated() {
-                for start in stride(from: 0, to: batch.keys.count, by: maxKeysPerScript) {
-                    chunks.append(Chunk(batch: b, range: start..<min(start + maxKeysPerScript, batch.keys.count)))
+                offsets.append(itemCount)
+                itemCount += batch.itemCount
+                for items in RedisClaimStore.chunkItems(batch, maxItems: maxKeysPerScript) {
+                    chunks.append(Chunk(batch: b, items: items))
                 }
-                keyCount += batch.keys.count * (batch.perKeyArgs == nil ? 1 : 2)
-                keyBytes += batch.keys.reduce(0) { $0 + $1.utf8.count }
+                keyCount += batch.keys.count + (batch.perKeyArgs == nil ? 0 : batch.itemCount)
+                keyBytes += batch.keys.reduce(0) { $0 + $1.utf8.count } + (batch.perKeyArgs?.reduce(0) { $0 + $1.bytes.count } ?? 0)
                 argBytes = max(argBytes, batch.args.reduce(0) { $0 + $1.bytes.count })
                 argCount = max(argCount, batch.args.count)
             }
         }
 
-        /// One `EVALSHA` per selected chunk, after the commands of `prefix`.
-        func evalsha(_ sha: String, _ selected: some Collection<Int>, after prefix: RedisCommandBatch = RedisCommandBatch()) -> RedisCommandBatch {
+        /// The scripts the plan's chunks run.
+        var scripts: [LuaScript] {
+            var seen: [LuaScript] = []
+            for batch in batches where !seen.contains(batch.script ?? script) { seen.append(batch.script ?? script) }
+            return seen
+        }
+
+        func script(of chunk: Int) -> LuaScript { batches[chunks[chunk].batch].script ?? script }
+
+        /// One `EVALSHA` per selected chunk, after the commands of `prefix`; `shas` maps script names to SHAs.
+        func evalsha(_ shas: [String: String], _ selected: some Collection<Int>, after prefix: RedisCommandBatch = RedisCommandBatch()) -> RedisCommandBatch {
             var batch = prefix
             batch.reserve(
                 bytes: keyBytes + selected.count * (64 + argBytes),
@@ -203,13 +352,16 @@ public final class RedisClaimStore: ClaimStore {
             for index in selected {
                 let chunk = chunks[index]
                 let source = batches[chunk.batch]
+                let m = source.keysPerItem
                 batch.begin()
                 batch.append("EVALSHA")
-                batch.append(sha)
-                batch.append(chunk.count)
-                for key in source.keys[chunk.range] { batch.append(key) }
+                batch.append(shas[(source.script ?? script).name] ?? "")
+                batch.append(chunk.count * m)
+                for item in chunk.items {
+                    for k in item * m..<(item + 1) * m { batch.append(source.keys[k]) }
+                }
                 for arg in source.args { batch.append(arg.bytes) }
-                if let perKeyArgs = source.perKeyArgs { for arg in perKeyArgs[chunk.range] { batch.append(arg.bytes) } }
+                if let perKeyArgs = source.perKeyArgs { for item in chunk.items { batch.append(perKeyArgs[item].bytes) } }
             }
             return batch
         }
@@ -250,15 +402,16 @@ public final class RedisClaimStore: ClaimStore {
         _ script: LuaScript, _ batches: [ScriptBatch], repliesPerKey: Int = 1,
         element: @escaping @Sendable (UnsafePointer<redisReply>) -> Item?
     ) -> Request<Item> {
-        guard let sha = shas.withLock({ $0[script.name] }) else {
+        let plan = ScriptPlan(script, batches, maxKeysPerScript: maxKeysPerScript)
+        let known = shas.withLock { $0 }
+        guard plan.scripts.allSatisfy({ known[$0.name] != nil }) else {
             return Request { try await self.run(script, batches, repliesPerKey: repliesPerKey, element: element) }
         }
-        let plan = ScriptPlan(batches, maxKeysPerScript: maxKeysPerScript)
         if plan.chunks.isEmpty { return Request { [] } }
         let parse = Self.chunkParser(element)
         let started = ContinuousClock.now
         let answered = onSend?(script.name)
-        let first = connection.send({ plan.evalsha(sha, plan.chunks.indices) }, parse: parse)
+        let first = connection.send({ plan.evalsha(known, plan.chunks.indices) }, parse: parse)
         return Request { [self] in
             // The duration of the round trip(s), not of the caller's work before it awaited them.
             var reloaded = false
@@ -273,38 +426,44 @@ public final class RedisClaimStore: ClaimStore {
             }
             if !missing.isEmpty {
                 reloaded = true
-                for (slot, reply) in zip(missing, try await reload(script, sha: sha, missing, plan, parse)) {
+                for (slot, reply) in zip(missing, try await reload(known, missing, plan, parse)) {
                     replies[slot] = reply
                 }
             }
-            return try Self.results(script, plan.chunks, replies, repliesPerKey: repliesPerKey)
+            return try Self.results(plan, replies, repliesPerKey: repliesPerKey)
         }
     }
 
-    /// The server lost its script cache (a restart, SCRIPT FLUSH): loads `script` again and
-    /// retries the `missing` chunks in one more round trip; their replies, in order.
+    /// The server lost its script cache (a restart, SCRIPT FLUSH): loads the scripts of the
+    /// `missing` chunks again and retries those chunks in one more round trip; their replies, in order.
     private func reload<Item: Sendable>(
-        _ script: LuaScript, sha: String, _ missing: [Int], _ plan: ScriptPlan,
+        _ known: [String: String], _ missing: [Int], _ plan: ScriptPlan,
         _ parse: @escaping @Sendable (UnsafePointer<redisReply>) -> ChunkReply<Item>
     ) async throws -> [ChunkReply<Item>] {
-        logger.info("redis script cache lost; loading script again", metadata: ["redis.script": "\(script.name)"])
+        var scripts: [LuaScript] = []
+        for index in missing where !scripts.contains(plan.script(of: index)) { scripts.append(plan.script(of: index)) }
+        logger.info("redis script cache lost; loading script again", metadata: ["redis.script": "\(scripts.map(\.name).joined(separator: ","))"])
         shas.withLock { $0 = [:] }
         var load = RedisCommandBatch()
-        load.begin()
-        load.append("SCRIPT")
-        load.append("LOAD")
-        load.append(script.source)
-        let retry = try await connection.pipeline(plan.evalsha(sha, missing, after: load), parse: parse)
-        let newSHA: String
-        switch retry[0] {
-        case .text(let text): newSHA = text
-        case .error(let text): throw RedisError.fromServerReply(text, context: "SCRIPT LOAD \(script.name)")
-        case .items, .malformed: throw RedisError(.protocolError, "unexpected reply in SCRIPT LOAD")
+        for script in scripts {
+            load.begin()
+            load.append("SCRIPT")
+            load.append("LOAD")
+            load.append(script.source)
         }
-        defer { shas.withLock { $0[script.name] = newSHA } }
-        if newSHA == sha { return Array(retry.dropFirst()) }
+        let retry = try await connection.pipeline(plan.evalsha(known, missing, after: load), parse: parse)
+        var loaded: [String: String] = [:]
+        for (script, reply) in zip(scripts, retry) {
+            switch reply {
+            case .text(let text): loaded[script.name] = text
+            case .error(let text): throw RedisError.fromServerReply(text, context: "SCRIPT LOAD \(script.name)")
+            case .items, .malformed: throw RedisError(.protocolError, "unexpected reply in SCRIPT LOAD")
+            }
+        }
+        defer { shas.withLock { $0.merge(loaded) { _, new in new } } }
+        if scripts.allSatisfy({ loaded[$0.name] == known[$0.name] }) { return Array(retry.dropFirst(scripts.count)) }
         // Cannot happen (the SHA1 of the same source); fall back to one more round trip.
-        return try await connection.pipeline(plan.evalsha(newSHA, missing), parse: parse)
+        return try await connection.pipeline(plan.evalsha(known.merging(loaded) { _, new in new }, missing), parse: parse)
     }
 
     /// Reads one chunk's reply while hiredis still owns it.
@@ -334,28 +493,32 @@ public final class RedisClaimStore: ClaimStore {
         }
     }
 
-    /// The per-key results of all chunks, in key order; a chunk that did not answer with one
-    /// result per key fails the whole request.
+    /// The per-item results of all chunks, in item order; a chunk that did not answer with one
+    /// result per item fails the whole request.
     private static func results<Item: Sendable>(
-        _ script: LuaScript, _ chunks: [Chunk], _ replies: [ChunkReply<Item>], repliesPerKey: Int
+        _ plan: ScriptPlan, _ replies: [ChunkReply<Item>], repliesPerKey: Int
     ) throws -> [Item] {
-        var results: [Item] = []
-        results.reserveCapacity(chunks.reduce(0) { $0 + $1.count } * repliesPerKey)
-        for (chunk, reply) in zip(chunks, replies) {
+        var results = [Item?](repeating: nil, count: plan.itemCount * repliesPerKey)
+        for (index, reply) in replies.enumerated() {
+            let chunk = plan.chunks[index]
+            let name = plan.script(of: index).name
             switch reply {
             case .items(let items) where items.count == chunk.count * repliesPerKey:
-                results.append(contentsOf: items)
+                let offset = plan.offsets[chunk.batch]
+                for (n, item) in chunk.items.enumerated() {
+                    for r in 0..<repliesPerKey { results[(offset + item) * repliesPerKey + r] = items[n * repliesPerKey + r] }
+                }
             case .items(let items):
-                throw RedisError(.protocolError, "script \(script.name) returned an array of \(items.count) for \(chunk.count) keys")
+                throw RedisError(.protocolError, "script \(name) returned an array of \(items.count) for \(chunk.count) keys")
             case .error(let text):
-                throw RedisError.fromServerReply(text, context: "EVALSHA \(script.name)")
+                throw RedisError.fromServerReply(text, context: "EVALSHA \(name)")
             case .text(let text):
-                throw RedisError(.protocolError, "script \(script.name) returned a string of \(text.utf8.count) bytes for \(chunk.count) keys")
+                throw RedisError(.protocolError, "script \(name) returned a string of \(text.utf8.count) bytes for \(chunk.count) keys")
             case .malformed(let what):
-                throw RedisError(.protocolError, "script \(script.name) returned \(what) for \(chunk.count) keys")
+                throw RedisError(.protocolError, "script \(name) returned \(what) for \(chunk.count) keys")
             }
         }
-        return results
+        return results.map { $0! }
     }
 
     /// The SHA of `script`, loading all scripts in one pipeline the first time.
