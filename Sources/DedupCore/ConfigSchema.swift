@@ -59,7 +59,7 @@ public enum ConfigSchema {
         .init(name: "dedup.lease", kind: .duration, defaultValue: nil,
               doc: "Lease of a pending claim; a dead worker's keys free up after it. Default: window + 30s."),
         .init(name: "dedup.layout", kind: .choice(DedupSettings.LayoutKind.allCases.map(\.rawValue)), defaultValue: "compact",
-              doc: "How done records are kept in Redis. compact: a 12-byte digest field in a time-bucketed hash (~20 B per remembered id; kept at least dedup.retention, at most one slot longer); keys: one string key per id (~180 B), the layout before 0.x. Switching stops the group first (docs/operations.md)."),
+              doc: "How done records are kept in Redis. compact: a 12-byte digest field in a time-bucketed hash (~20 B per remembered id; kept at least dedup.retention, at most one slot longer); keys: one string key per id (~180 B), the layout of 0.1.0. Switch with a stop-and-start of the group, not a rolling restart (docs/operations.md)."),
         .init(name: "dedup.compact.buckets", kind: .count, defaultValue: "8192",
               doc: "compact layout: hashes per slot and route, a power of two from 64. Size it so one slot's unique ids / buckets stays under ~100 (Redis keeps a hash of up to 128 fields as a listpack): unique ids per second × retention / dedup.compact.slots / 100."),
         .init(name: "dedup.compact.slots", kind: .count, defaultValue: "1",

@@ -25,8 +25,9 @@ public struct CompactRecords: Sendable, Hashable {
     public var slotsPerRetention: Int
     /// Buckets per slot and route, a power of two ≥ 2^tagBits. Default: 8192.
     public var buckets: Int
-    /// Also recognise done records of the `keys` layout (the upgrade; standalone Redis only).
-    /// Default: true.
+    /// Also recognise done records of the `keys` layout (the upgrade; standalone Redis only): the
+    /// pending claim then lives at the keys layout's key, whose done records answer the claim's
+    /// `SET NX GET`. Default: true.
     public var readsKeysLayout: Bool
     /// The route's lease: a foreign claim a confirm took by mistake is put back with it.
     public var lease: Duration
@@ -62,7 +63,8 @@ public struct CompactRecords: Sendable, Hashable {
     public struct Placement: Sendable, Hashable {
         /// `{<namespace>:<tag>}`: the hash tag every key of this store key carries.
         public var tag: String
-        /// `dedupd:{<namespace>:<tag>}:p:<rest>`: the pending claim.
+        /// The pending claim: `dedupd:{<namespace>:<tag>}:p:<rest>`, or the keys layout's key while
+        /// that layout is read (`readsKeysLayout`: standalone Redis only, its name has no tag).
         public var pendingKey: String
         /// `dedupd:<namespace>:<rest>`: the `keys` layout's key, read during an upgrade.
         public var keysLayoutKey: String
@@ -91,7 +93,7 @@ public struct CompactRecords: Sendable, Hashable {
         let hex = String(tagValue, radix: 16)
         let tag = "{" + namespace + ":" + (hex.count == 1 ? "0" + hex : hex) + "}"
         return Placement(
-            tag: tag, pendingKey: prefix + ":" + tag + ":p:" + rest, keysLayoutKey: storeKey, bucket: bucket,
+            tag: tag, pendingKey: readsKeysLayout ? storeKey : prefix + ":" + tag + ":p:" + rest, keysLayoutKey: storeKey, bucket: bucket,
             field: Array(digest[Self.fieldRange]), bucketPrefix: prefix + ":" + tag + ":d:")
     }
 

@@ -72,9 +72,10 @@ struct LuaScript: Sendable, Hashable {
         """)
 
     /// Compact layout, per item: "c", "o", "d" or the foreign value, as `claim`.
-    /// ARGV = owner, lease ms, keys per item m, "1" if an item's second key is its keys-layout
-    /// key, then one field per item. An item's keys: its pending key, [its keys-layout key], then
-    /// the bucket of every live slot, newest first.
+    /// ARGV = owner, lease ms, keys per item m, then one field per item. An item's keys: its
+    /// pending key, then the bucket of every live slot, newest first. While the keys layout is
+    /// read (an upgrade, standalone Redis) the pending key is the keys layout's own key, so its
+    /// done records (`d:owner`) answer the `SET NX GET` at no extra cost.
     ///
     /// The buckets are read before the pending key is written, in the same script: a confirm
     /// (which writes the field and deletes the pending key in one script on the same keys) is
@@ -84,23 +85,14 @@ struct LuaScript: Sendable, Hashable {
         local mine = 'p:' .. ARGV[1]
         local lease = ARGV[2]
         local m = tonumber(ARGV[3])
-        local legacy = ARGV[4] == '1'
         local combined = true
         local out = {}
         for i = 1, #KEYS / m do
           local base = (i - 1) * m
-          local field = ARGV[4 + i]
-          local first = base + 2
+          local field = ARGV[3 + i]
           local done = false
-          if legacy then
-            first = base + 3
-            local old = redis.call('GET', KEYS[base + 2])
-            if old and string.sub(old, 1, 2) == 'd:' then done = true end
-          end
-          if not done then
-            for b = first, base + m do
-              if redis.call('HEXISTS', KEYS[b], field) == 1 then done = true break end
-            end
+          for b = base + 2, base + m do
+            if redis.call('HEXISTS', KEYS[b], field) == 1 then done = true break end
           end
           if done then
             out[i] = 'd'
@@ -120,6 +112,8 @@ struct LuaScript: Sendable, Hashable {
             elseif v == mine then
               redis.call('PEXPIRE', key, lease)
               out[i] = 'o'
+            elseif string.sub(v, 1, 2) == 'd:' then
+              out[i] = 'd'
             else
               out[i] = v
             end

@@ -111,32 +111,30 @@ extension RedisClaimStore {
         return out
     }
 
-    /// KEYS = pending key, keys-layout key, live buckets newest first; ARGV = mode ("0" inspect,
-    /// "1" forget done, "2" forget even pending), field. Returns the state's value ("d" for a
-    /// field), its time to live, and how many records were removed.
+    /// KEYS = pending key, keys-layout key (the same key while the keys layout is read), live
+    /// buckets newest first; ARGV = mode ("0" inspect, "1" forget done, "2" forget even pending),
+    /// field. Returns the state's value ("d" for a field), its time to live (a bucket's is -1 until
+    /// its slot's TTLs are set), and how many records were removed.
     static let compactAdminScript = """
         local mode = ARGV[1]
         local field = ARGV[2]
-        local state, ttl = false, -2
         local p = redis.call('GET', KEYS[1])
-        if p then state, ttl = p, redis.call('PTTL', KEYS[1]) end
+        if p and string.sub(p, 1, 2) ~= 'p:' then p = false end
         local old = redis.call('GET', KEYS[2])
+        if old and string.sub(old, 1, 2) ~= 'd:' then old = false end
         local found = {}
         for b = 3, #KEYS do
           if redis.call('HEXISTS', KEYS[b], field) == 1 then found[#found + 1] = KEYS[b] end
         end
-        if not state then
-          if #found > 0 then state, ttl = 'd', redis.call('PTTL', found[1])
-          elseif old then state, ttl = old, redis.call('PTTL', KEYS[2]) end
-        end
+        local state, ttl = false, -2
+        if p then state, ttl = p, redis.call('PTTL', KEYS[1])
+        elseif #found > 0 then state, ttl = 'd', redis.call('PTTL', found[1])
+        elseif old then state, ttl = old, redis.call('PTTL', KEYS[2]) end
         local removed = 0
-        if mode ~= '0' then
-          local pendingKept = p and mode ~= '2'
-          if p and mode == '2' then redis.call('DEL', KEYS[1]); removed = removed + 1 end
-          if not pendingKept then
-            for _, b in ipairs(found) do removed = removed + redis.call('HDEL', b, field) end
-            if old and (string.sub(old, 1, 2) == 'd:' or mode == '2') then redis.call('DEL', KEYS[2]); removed = removed + 1 end
-          end
+        if mode == '2' and p then redis.call('DEL', KEYS[1]); removed = removed + 1 end
+        if mode ~= '0' and not (p and mode == '1') then
+          for _, b in ipairs(found) do removed = removed + redis.call('HDEL', b, field) end
+          if old then redis.call('DEL', KEYS[2]); removed = removed + 1 end
         end
         return {state, ttl, removed}
         """

@@ -202,11 +202,10 @@ public final class RedisClaimStore: ClaimStore {
         }
     }
 
-    /// Per key: its pending key, [its keys-layout key], and the bucket of each live slot.
+    /// Per key: its pending key and the bucket of each live slot.
     private static func compactClaims(_ keys: [String], _ records: CompactRecords, owner: String, lease: Duration, now: Int64) -> ScriptBatch {
         let slots = records.liveSlots(at: now)
-        let legacy = records.readsKeysLayout
-        let m = 1 + (legacy ? 1 : 0) + slots.count
+        let m = 1 + slots.count
         var storeKeys: [String] = []
         storeKeys.reserveCapacity(keys.count * m)
         var fields: [RedisArgument] = []
@@ -214,12 +213,11 @@ public final class RedisClaimStore: ClaimStore {
         for key in keys {
             let p = records.placement(of: key)
             storeKeys.append(p.pendingKey)
-            if legacy { storeKeys.append(p.keysLayoutKey) }
             for slot in slots { storeKeys.append(p.bucketKey(slot: slot)) }
             fields.append(RedisArgument(bytes: p.field))
         }
         return ScriptBatch(
-            keys: storeKeys, args: [RedisArgument(owner), RedisArgument(millis(lease)), RedisArgument(m), legacy ? "1" : "0"],
+            keys: storeKeys, args: [RedisArgument(owner), RedisArgument(millis(lease)), RedisArgument(m)],
             perKeyArgs: fields, keysPerItem: m, script: .claimCompact)
     }
 

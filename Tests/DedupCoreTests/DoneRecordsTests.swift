@@ -3,7 +3,7 @@ import Testing
 
 /// The compact layout's arithmetic (`CompactRecords`): names, hash tags, slots and bounds.
 @Suite struct DoneRecordsTests {
-    let records = CompactRecords(retention: .seconds(86_400), slotsPerRetention: 2, buckets: 8192)
+    let records = CompactRecords(retention: .seconds(86_400), slotsPerRetention: 2, buckets: 8192, readsKeysLayout: false)
 
     @Test func everyKeyOfAnItemCarriesItsHashTag() {
         let p = records.placement(of: "dedupd:orders:ord-13")
@@ -18,6 +18,11 @@ import Testing
         // Deterministic, and the namespace separates routes.
         #expect(records.placement(of: "dedupd:orders:ord-13") == p)
         #expect(records.placement(of: "dedupd:refunds:ord-13").pendingKey.contains("{refunds:"))
+        // While the keys layout is read, the pending claim is that layout's key (standalone only).
+        var upgrading = records
+        upgrading.readsKeysLayout = true
+        #expect(upgrading.placement(of: "dedupd:orders:ord-13").pendingKey == "dedupd:orders:ord-13")
+        #expect(upgrading.placement(of: "dedupd:orders:ord-13").bucketKey(slot: 42) == p.bucketKey(slot: 42))
     }
 
     @Test func keysSpreadOverAllTagsAndBuckets() {
