@@ -79,9 +79,15 @@ public enum SeenSetBench {
     /// Totals (bytes, µs) of one variant; the caller divides by the unique ids.
     static func measure(_ name: String, connection: RedisConnection, _ body: () async throws -> Void) async throws -> Row {
         _ = try await connection.command("FLUSHALL", "SYNC")
+        _ = try await connection.command("CONFIG", "RESETSTAT")
         let before = try await info(connection)
         try await body()
         let after = try await info(connection)
+        // BENCH_COMMANDSTATS=1: where Redis spent the time, per command (calls inside scripts included).
+        if ProcessInfo.processInfo.environment["BENCH_COMMANDSTATS"] != nil {
+            print("\(name): " + (try await connection.command("INFO", "commandstats").text ?? "")
+                .split(whereSeparator: \.isNewline).filter { $0.hasPrefix("cmdstat_") }.joined(separator: "; "))
+        }
         return Row(name: name, bytesPerID: Double(after.memory - before.memory), cpuMicrosPerUnique: (after.cpu - before.cpu) * 1e6)
     }
 

@@ -78,7 +78,9 @@ extension RedisClaimStore {
 
     private func compactAdmin(_ keys: [String], _ records: CompactRecords, mode: String) async throws -> [Forgotten] {
         guard !keys.isEmpty else { return [] }
-        // The admin reads every bucket a claim would, plus the keys-layout key whatever the setting.
+        // The admin reads what a claim reads: the live buckets, and the keys layout's key only
+        // while that layout is read (otherwise the pending key stands in for it, so that every
+        // key of the call shares the hash tag, as a Redis Cluster requires).
         let slots = records.liveSlots(at: unixMillis())
         let m = 2 + slots.count
         // One EVAL per key: a key's store keys share one hash tag, different keys may not.
@@ -87,7 +89,7 @@ extension RedisClaimStore {
             let p = records.placement(of: key)
             var command: [RedisArgument] = ["EVAL", RedisArgument(Self.compactAdminScript), RedisArgument(m)]
             command.append(RedisArgument(p.pendingKey))
-            command.append(RedisArgument(p.keysLayoutKey))
+            command.append(RedisArgument(records.readsKeysLayout ? p.keysLayoutKey : p.pendingKey))
             for slot in slots { command.append(RedisArgument(p.bucketKey(slot: slot))) }
             command.append(RedisArgument(mode))
             command.append(RedisArgument(bytes: p.field))

@@ -107,6 +107,14 @@ struct CompactLayoutTests {
         #expect(try await Self.claim(s, old, "old-worker", layout: .keys).allSatisfy { $0 == .claimed })
         #expect(try await Self.confirm(s, old, "old-worker", layout: .keys).allSatisfy { $0 == .confirmed })
         #expect(try await Self.claim(s, old, "new-worker").allSatisfy { $0 == .done })
+        // Side by side, each sees the other's copies in flight: the claim is the same key.
+        #expect(try await Self.claim(s, ["dedupd:orders:x"], "old-worker", layout: .keys) == [.claimed])
+        #expect(try await Self.claim(s, ["dedupd:orders:x"], "new-worker") == [.pendingElsewhere(owner: "old-worker")])
+        #expect(try await Self.claim(s, ["dedupd:orders:y"], "new-worker") == [.claimed])
+        #expect(try await Self.claim(s, ["dedupd:orders:y"], "old-worker", layout: .keys) == [.pendingElsewhere(owner: "new-worker")])
+        // What they do not share: a compact confirm leaves no record an old worker reads.
+        _ = try await Self.confirm(s, ["dedupd:orders:y"], "new-worker")
+        #expect(try await Self.claim(s, ["dedupd:orders:y"], "old-worker", layout: .keys) == [.claimed])
         var noLegacy = Self.records
         noLegacy.readsKeysLayout = false
         #expect(try await Self.claim(s, [old[0]], "new-worker", layout: .compact(noLegacy)) == [.claimed])
@@ -144,6 +152,19 @@ struct CompactLayoutTests {
         // The field is gone from its bucket (the bucket itself with it, being empty).
         #expect(try await fx.connection.command(["HEXISTS", RedisArgument(bucket), RedisArgument(bytes: p.field)]) == .integer(0))
         #expect(try await Self.claim(s, [key], "w2") == [.claimed])
+    }
+
+    /// A server that keeps fewer hash fields in a listpack than buckets are sized for is named at
+    /// start (the worker logs it as a warning), with the setting to change.
+    @Test func aSmallListpackLimitIsReported() async throws {
+        let small = try RedisServerProcess(extraArguments: ["--hash-max-listpack-entries", "16"])
+        let connection = try await RedisConnection.connect(try RedisURL(small.url), logger: quietLogger)
+        let found = try await RedisRequirements.read(from: connection)
+        #expect(found.hashListpackEntries == 16)
+        #expect(found.listpackProblem?.contains("dedup.compact.buckets") == true)
+        let fx = try await RedisFixture()
+        #expect(try await RedisRequirements.read(from: fx.connection).listpackProblem == nil)
+        await connection.close()
     }
 
     /// Two workers (two connections, two owners) claim, "dispatch" and confirm the same keys at
