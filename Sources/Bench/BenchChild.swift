@@ -6,8 +6,10 @@ import Synchronization
 import Glibc
 #endif
 
-/// A `dedupd run` child process for the benchmark: its own process, so its peak RSS is its own
-/// (the mock cluster, the producer and the bench's bookkeeping live in the parent).
+/// A child process of the benchmark (`dedupd run`, or `dedupd bench-bare` for the bare consumer):
+/// its own process, so its peak RSS and its CPU time are its own (the mock cluster, the producer
+/// and the bench's bookkeeping live in the parent). Both write `stats` lines on stderr, read here
+/// the same way, with the child's CPU time from /proc at each line.
 ///
 /// Its stderr (the operational log, with a `stats` line every 50 ms) is read on a thread of its
 /// own for the counters; its stdout, when `captureOutput` is set, is the `log` handler's output,
@@ -51,13 +53,13 @@ final class BenchChild: @unchecked Sendable {
 
     /// `BENCH_CHILD_LOG=DIR` keeps each child's whole operational log (its `stats` lines every
     /// 50 ms included) as DIR/NAME.log, for looking into a leg after the run.
-    init(name: String, executable: String, config: String, captureOutput: Bool) throws {
+    init(name: String, executable: String, arguments: [String], captureOutput: Bool) throws {
         let err = Pipe()
         let out = captureOutput ? Pipe() : nil
         readers = out == nil ? 2 : 3
         let process = self.process
         process.executableURL = URL(fileURLWithPath: executable)
-        process.arguments = ["run", "--config", config]
+        process.arguments = arguments
         process.standardInput = FileHandle.nullDevice
         process.standardError = err
         process.standardOutput = out ?? FileHandle.nullDevice

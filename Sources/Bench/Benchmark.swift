@@ -54,6 +54,11 @@ public enum Benchmark {
         /// CPU time (user + system) the dedupd child spent per message over the throughput leg:
         /// unlike the rate, it hardly moves when other work shares the machine.
         public var cpuMicrosPerMessage: Double
+        /// The same figure for the bare consumer (K), measured the same way in the same run.
+        public var bareCPUMicrosPerMessage: Double
+        /// redis-server's CPU time (INFO cpu, user + system) over dedupd's throughput leg, per
+        /// unique message: the cost every worker of a fleet puts on the shared Redis.
+        public var redisCPUMicrosPerUnique: Double
         public var bufferLimit: String
         public var latencyRate: Int
         public var latency: LatencyFigures
@@ -62,6 +67,7 @@ public enum Benchmark {
         public var latencyCPUMicrosPerMessage: Double
         public var benchRSSKiB: Int
         public var ratio: Double { dRate / kRate }
+        public var cpuRatio: Double { cpuMicrosPerMessage / bareCPUMicrosPerMessage }
     }
 
     public static func run(_ o: Options, logger: Logger) async throws -> Figures {
@@ -79,36 +85,20 @@ public enum Benchmark {
         logger.notice("bench: baseline R (redis SET NX PX, 1000-deep pipelines)")
         let rRate = try await redisBaseline(url: redis.url, count: o.count, nonce: nonce, logger: quiet)
 
-        // K: the bare consumer, on a thread of its own, while the stream is produced.
-        logger.notice("bench: baseline K (bare group consumer)")
-        let kTopic = "bench-k-\(nonce)"
-        try cluster.createTopic(kTopic, partitions: o.partitions)
-        let kCount = SharedCount()
-        let bootstrap = cluster.bootstrapServers
-        let target = o.count
-        async let kResult = onThread("bench.bare-consumer") { () -> Result<BareConsumer.Result, KafkaError> in
-            Result { () throws(KafkaError) in
-                try BareConsumer.count(
-                    bootstrapServers: bootstrap, groupID: "bench-k-\(nonce)", topics: [kTopic], target: target,
-                    properties: mockConsumerProperties, timeout: .seconds(600), logger: quiet, progress: { kCount.set($0) })
-            }
-        }
-        var traffic = BenchTraffic(duplicateRatio: o.duplicateRatio, valueBytes: o.valueBytes, prefix: "k-\(nonce)")
-        let kProducer = try KafkaProducer.make(bootstrapServers: bootstrap, logger: quiet)
-        _ = try await BenchProducer.run(
-            producer: kProducer, topic: kTopic, count: o.count, traffic: &traffic, maxLead: maxLead,
-            consumed: { kCount.current })
-        let k = try (await kResult).get()
-        guard k.messages == o.count, let kFirst = k.first, let kLast = k.last else {
-            throw LocalServerError("bare consumer read \(k.messages) of \(o.count) messages")
-        }
-        let kRate = Double(k.messages) / seconds(kLast - kFirst)
+        // K: the bare consumer, a child process like dedupd's, while the same stream is produced.
+        logger.notice("bench: baseline K (bare group consumer, child process)")
+        let k = try await workerLeg(
+            o, name: "k", nonce: nonce, cluster: cluster, redisURL: redis.url, scratch: scratch, rate: nil,
+            count: o.count, maxLead: maxLead, bareChild: true, logger: logger)
+        guard k.correct else { throw LocalServerError("bare consumer: \(k.detail)") }
 
         // dedupd: a child `dedupd run`, the same stream on its own topic.
         logger.notice("bench: dedupd (child process, log handler to /dev/null)")
+        let redisBefore = try await redisCPUMicros(url: redis.url, logger: quiet)
         let d = try await workerLeg(
             o, name: "d", nonce: nonce, cluster: cluster, redisURL: redis.url, scratch: scratch, rate: nil,
             count: o.count, maxLead: maxLead, logger: logger)
+        let redisAfter = try await redisCPUMicros(url: redis.url, logger: quiet)
 
         try await flushRedis(url: redis.url, logger: quiet)
         // Latency: another child, fed at half of the rate just measured (or --latency-rate), and beside it a bare
@@ -124,8 +114,11 @@ public enum Benchmark {
         var usage = rusage()
         getrusage(__rusage_who_t(RUSAGE_SELF.rawValue), &usage)
         return Figures(
-            options: o, kRate: kRate, rRate: rRate, dRate: d.rate, dCorrect: d.correct && l.correct,
-            dDetail: d.detail, peakRSSKiB: d.peakRSSKiB, cpuMicrosPerMessage: d.cpuMicrosPerMessage, bufferLimit: "100000 messages / 64 MiB (defaults)",
+            options: o, kRate: k.rate, rRate: rRate, dRate: d.rate, dCorrect: d.correct && l.correct,
+            dDetail: d.detail, peakRSSKiB: d.peakRSSKiB, cpuMicrosPerMessage: d.cpuMicrosPerMessage,
+            bareCPUMicrosPerMessage: k.cpuMicrosPerMessage,
+            redisCPUMicrosPerUnique: Double(redisAfter - redisBefore) / Double(max(1, d.unique)),
+            bufferLimit: "100000 messages / 64 MiB (defaults)",
             latencyRate: latencyRate, latency: latency, latencyCPUMicrosPerMessage: l.cpuMicrosPerMessage, benchRSSKiB: Int(usage.ru_maxrss))
     }
 
@@ -181,6 +174,20 @@ public enum Benchmark {
         await connection.close()
     }
 
+    /// redis-server's CPU time so far (`INFO cpu`: used_cpu_user + used_cpu_sys), in µs.
+    static func redisCPUMicros(url: String, logger: Logger) async throws -> Int {
+        let connection = try await RedisConnection.connect(try RedisURL(url), logger: logger)
+        let info = try await connection.command("INFO", "cpu").text ?? ""
+        await connection.close()
+        var total = 0.0
+        for line in info.split(whereSeparator: \.isNewline) {
+            let parts = line.split(separator: ":")
+            guard parts.count == 2, parts[0] == "used_cpu_user" || parts[0] == "used_cpu_sys" else { continue }
+            total += Double(parts[1].trimmingCharacters(in: .whitespaces)) ?? 0
+        }
+        return Int((total * 1e6).rounded())
+    }
+
     struct WorkerLeg {
         var rate: Double
         var peakRSSKiB: Int
@@ -191,11 +198,13 @@ public enum Benchmark {
         var bareReceived: [Int64: Int64]
         var correct: Bool
         var detail: String
+        /// Unique ids in the leg's stream.
+        var unique: Int
     }
 
     static func workerLeg(
         _ o: Options, name: String, nonce: String, cluster: MockKafkaCluster, redisURL: String,
-        scratch: TemporaryDirectory, rate: Int?, count: Int, maxLead: Int, logger: Logger
+        scratch: TemporaryDirectory, rate: Int?, count: Int, maxLead: Int, bareChild: Bool = false, logger: Logger
     ) async throws -> WorkerLeg {
         let topic = "bench-\(name)-\(nonce)"
         try cluster.createTopic(topic, partitions: o.partitions)
@@ -223,7 +232,14 @@ public enum Benchmark {
 
             """
         try yaml.write(toFile: config, atomically: true, encoding: .utf8)
-        let child = try BenchChild(name: name, executable: o.executable, config: config, captureOutput: rate != nil)
+        // The bare consumer (K) is a child of its own too, so both CPU figures are read the same
+        // way: /proc/PID/stat at each stats line of the child.
+        let arguments = bareChild
+            ? ["bench-bare", "--bootstrap-servers", cluster.bootstrapServers, "--group", "bench-\(name)-\(nonce)",
+               "--topic", topic, "--count", String(count)]
+                + mockConsumerProperties.map { "--property=\($0.key)=\($0.value)" }
+            : ["run", "--config", config]
+        let child = try BenchChild(name: name, executable: o.executable, arguments: arguments, captureOutput: rate != nil)
 
         // The latency leg starts with one warm-up message (no bench-ts): the paced stream starts
         // once the worker and the bare consumer both received it, i.e. once both joined their
@@ -298,22 +314,32 @@ public enum Benchmark {
         let status = child.stop()
         let bareReceived = try (await bare).get()
         guard let end = samples.firstIndex(where: { $0.resolved >= total }),
-            let first = samples.firstIndex(where: { $0.consumed > warmUp }), first > 0
+            let first = samples.firstIndex(where: { $0.consumed > warmUp }), first > 0 || bareChild
         else {
             throw LocalServerError("dedupd leg \(name) did not finish (exit \(status)); log tail:\n\(child.logTail)")
         }
-        // Each event lies between two stats lines 50 ms apart: take the middle of each.
-        let startAt = samples[first - 1].at + (samples[first].at - samples[first - 1].at) / 2
-        let endAt = end > 0 ? samples[end - 1].at + (samples[end].at - samples[end - 1].at) / 2 : samples[end].at
         let last = samples[end]
+        // The CPU span runs from the last stats line before the first message (the bare child
+        // writes its first line at its first message) to the first line after the last one.
+        let from = bareChild ? first : first - 1
+        let rate: Double
+        if bareChild {
+            rate = Double(count - 1) / seconds(samples[end].at - samples[first].at)
+        } else {
+            // Each event lies between two stats lines 50 ms apart: take the middle of each.
+            let startAt = samples[first - 1].at + (samples[first].at - samples[first - 1].at) / 2
+            let endAt = end > 0 ? samples[end - 1].at + (samples[end].at - samples[end - 1].at) / 2 : samples[end].at
+            rate = Double(count) / seconds(endAt - startAt)
+        }
         // The warm-up message is one more sent and one more unique id.
         let sent = report.sent - warmUp
-        let correct = last.dispatched == report.unique + warmUp && sent == count && status == 0
+        let correct = (bareChild ? last.consumed == count : last.dispatched == report.unique + warmUp) && sent == count && status == 0
         return WorkerLeg(
-            rate: Double(count) / seconds(endAt - startAt), peakRSSKiB: peak,
-            cpuMicrosPerMessage: Double(last.cpuTicks - samples[first - 1].cpuTicks) * 1e6 / Double(Int(sysconf(Int32(_SC_CLK_TCK)))) / Double(count),
+            rate: rate, peakRSSKiB: peak,
+            cpuMicrosPerMessage: Double(last.cpuTicks - samples[from].cpuTicks) * 1e6 / Double(Int(sysconf(Int32(_SC_CLK_TCK)))) / Double(count),
             dispatches: child.arrivals.withLock { $0 }, bareReceived: bareReceived, correct: correct,
-            detail: "dispatched=\(last.dispatched) unique=\(report.unique + warmUp) sent=\(sent) exit=\(status)")
+            detail: "dispatched=\(last.dispatched) consumed=\(last.consumed) unique=\(report.unique + warmUp) sent=\(sent) exit=\(status)",
+            unique: report.unique)
     }
 
     /// Latency percentiles in milliseconds.
@@ -390,11 +416,14 @@ public enum Benchmark {
         let mib = Double(f.peakRSSKiB) / 1024
         let bound = 64.0 + 64.0
         let rows: [(String, String)] = [
-            ("baseline K: bare group consumer (C API loop, count only)", rate(f.kRate)),
+            ("baseline K: bare group consumer (child process, C API loop, count only)", rate(f.kRate)),
+            ("baseline K: CPU time per message (user + system, first to last message)", String(format: "%.2f µs", f.bareCPUMicrosPerMessage)),
             ("baseline R: SET NX PX via RedisConnection, 1000-deep pipelines", "\(group(Int(f.rRate.rounded()))) cmd/s"),
             ("dedupd: claim, window \(WorkerConfiguration.format(o.window)), log → /dev/null, confirm, commit", rate(f.dRate)),
             ("ratio dedupd / K (target ≥ 0.60)", String(format: "%.2f", f.ratio)),
-            ("dedupd CPU time per message (user + system, whole process)", String(format: "%.1f µs", f.cpuMicrosPerMessage)),
+            ("dedupd CPU time per message (user + system, first to last message)", String(format: "%.2f µs", f.cpuMicrosPerMessage)),
+            ("ratio of CPU per message, dedupd / K (target ≤ 3)", String(format: "%.2f", f.cpuRatio)),
+            ("redis-server CPU per unique message (INFO cpu, dedupd leg)", String(format: "%.2f µs", f.redisCPUMicrosPerUnique)),
             ("peak RSS of the dedupd process (VmHWM)", String(format: "%.1f MiB", mib)),
             ("added latency beyond the window, p50 (at \(group(f.latencyRate)) msg/s; send → dispatch − window)", ms(f.latency.endToEnd.p50)),
             ("added latency beyond the window, p99", ms(f.latency.endToEnd.p99)),
@@ -415,13 +444,20 @@ public enum Benchmark {
             out += "| " + name.padding(toLength: width, withPad: " ", startingAt: 0) + " | \(value) |\n"
         }
         let verdicts = [
-            "dedupd/K \(String(format: "%.2f", f.ratio)) \(f.ratio >= 0.6 ? "≥" : "<") 0.60",
+            String(format: "dedupd CPU/message %.2f µs = %.2f × the bare consumer's %.2f µs (target ≤ 3)",
+                   f.cpuMicrosPerMessage, f.cpuRatio, f.bareCPUMicrosPerMessage),
+            "dedupd/K rate \(String(format: "%.2f", f.ratio))",
             "own p99 \(ms(f.latency.own.p99)) \(f.latency.own.p99 < 5 ? "<" : "≥") 5 ms (end to end \(ms(f.latency.endToEnd.p99)))",
             String(format: "peak RSS %.1f MiB %@ %.0f MiB (64 MiB + buffer.max_bytes)", mib, mib <= bound ? "≤" : ">", bound),
             "every unique id dispatched once: \(f.dCorrect ? "yes" : "NO (\(f.dDetail))")",
             String(format: "bench process itself (mock cluster, producer): %.1f MiB", Double(f.benchRSSKiB) / 1024),
         ]
-        out += "bench: " + verdicts.joined(separator: "; ")
+        out += "verdicts: " + verdicts.joined(separator: "; ") + "\n"
+        // The one line a script reads: always the last.
+        out += String(
+            format: "bench: dedupd_cpu_us=%.2f bare_cpu_us=%.2f cpu_ratio=%.2f dedupd_rate=%.0f bare_rate=%.0f rate_ratio=%.2f redis_cpu_us=%.2f rss_mib=%.1f",
+            f.cpuMicrosPerMessage, f.bareCPUMicrosPerMessage, f.cpuRatio, f.dRate, f.kRate, f.ratio,
+            f.redisCPUMicrosPerUnique, mib)
         return out
     }
 
@@ -444,5 +480,28 @@ public enum Benchmark {
         await withCheckedContinuation { c in
             BenchChild.thread(name) { c.resume(returning: body()) }
         }
+    }
+}
+
+extension Benchmark {
+    /// `dedupd bench-bare`: the bare consumer (K) as a child process, so its CPU time is read the
+    /// same way as the worker's. It writes a `stats` line on stderr at its first message, every
+    /// 4096 messages and at the last (the bench reads /proc/PID/stat at each line); a write per
+    /// 4096 messages is noise next to the consumer's own work.
+    public static func bareChild(
+        bootstrapServers: String, group: String, topic: String, count: Int, properties: [String: String]
+    ) throws -> Int {
+        let quiet = Logger(label: "bench", factory: { _ in SwiftLogNoOpLogHandler() })
+        var reported = 0
+        let result = try BareConsumer.count(
+            bootstrapServers: bootstrapServers, groupID: group, topics: [topic], target: count,
+            properties: properties, timeout: .seconds(600), logger: quiet,
+            progress: { n in
+                guard n == 1 || n - reported >= 4096 || n == count else { return }
+                reported = n
+                let line = Array("msg=stats consumed=\(n) dispatched=\(n)\n".utf8)
+                line.withUnsafeBytes { _ = write(2, $0.baseAddress, $0.count) }
+            })
+        return result.messages
     }
 }

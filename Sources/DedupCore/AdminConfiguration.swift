@@ -5,6 +5,8 @@ import Foundation
 /// without requiring the worker's own required keys.
 public struct AdminConfiguration: Sendable {
     public var redisURL: String
+    /// `redis.mode: cluster`: `redisURL` lists seed nodes of a Redis Cluster.
+    public var redisCluster: Bool
     public var redisPassword: String?
     public var redisPasswordFile: String?
     public var redisTLS: RedisTLSSettings
@@ -27,6 +29,7 @@ public struct AdminConfiguration: Sendable {
         let r = WorkerConfiguration.Reader(values: merged)
         // Parsed (and so validated) by RedisIO's `RedisURL`, in `ConfigLoader`.
         redisURL = try r.string("redis.url")
+        redisCluster = try r.choice("redis.mode") == "cluster"
         redisTLS = try RedisTLSSettings(r, url: redisURL)
         redisPassword = r.optional("redis.password")
         redisPasswordFile = r.optional("redis.password_file")
@@ -47,6 +50,16 @@ public struct AdminConfiguration: Sendable {
             routeLayouts[name] = try Self.layout(WorkerConfiguration.Reader(values: merged, routeName: name))
         }
         doneLayout = try Self.layout(r)
+        if redisCluster {
+            // As the worker reads it: a cluster never holds the keys layout (see WorkerConfiguration).
+            func untagged(_ layout: DoneLayout) -> DoneLayout {
+                guard case .compact(var records) = layout else { return layout }
+                records.readsKeysLayout = false
+                return .compact(records)
+            }
+            doneLayout = untagged(doneLayout)
+            routeLayouts = routeLayouts.mapValues(untagged)
+        }
     }
 
     /// The layout settings as the worker reads them (the admin commands must find what it wrote).

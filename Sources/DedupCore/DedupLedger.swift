@@ -63,6 +63,11 @@ public struct DedupLedger: Sendable {
         /// The ticket of the store request this entry waits on; 0 while it waits on none. Tickets
         /// are never reused, so an entry created again for the same key never matches an old one.
         var awaiting: UInt64 = 0
+
+        /// What a free slot of `EntryTable` holds: no buffers to keep alive.
+        static let vacant = Entry(
+            place: .claiming, route: 0, message: InboundMessage(topic: "", partition: 0, offset: 0, value: []),
+            size: 0, deadline: ContinuousClock.Instant.now, leaseTakenAt: nil, token: nil)
     }
 
     /// The default route's settings; its size and buffer bounds apply to the whole worker.
@@ -74,7 +79,7 @@ public struct DedupLedger: Sendable {
     public private(set) var offsets = OffsetTracker()
     public private(set) var counters = DedupCounters()
 
-    private var entries: [DedupKey: Entry] = [:]
+    private var entries = EntryTable()
     /// New keys waiting for their claim to be sent, in arrival order.
     private var claimOrder: [DedupKey] = []
     /// Token mode: new keys whose message's token is still to be used (then they join claimOrder).
@@ -139,9 +144,9 @@ public struct DedupLedger: Sendable {
 
         guard let i = entries.index(forKey: key) else {
             let place: Place = token == nil ? .claiming : .awaitingToken
-            entries[key] = Entry(
+            entries.insertNew(Entry(
                 place: place, route: route, message: message, size: message.approximateSize,
-                deadline: .now, leaseTakenAt: nil, token: token)
+                deadline: .now, leaseTakenAt: nil, token: token), for: key)
             if token == nil { claimOrder.append(key) } else { awaitingToken.append(key) }
             return .new(key)
         }
@@ -367,7 +372,7 @@ public struct DedupLedger: Sendable {
         return orphans
     }
 
-    private mutating func park(at i: Dictionary<DedupKey, Entry>.Index, _ key: DedupKey, now: ContinuousClock.Instant) {
+    private mutating func park(at i: Int, _ key: DedupKey, now: ContinuousClock.Instant) {
         entries.values[i].place = .parked
         entries.values[i].deadline = now + settings.parkRetry
         entries.values[i].leaseTakenAt = nil
@@ -379,7 +384,7 @@ public struct DedupLedger: Sendable {
     /// out and another worker took the key meanwhile, this copy leaves the buffer: a duplicate
     /// if that worker is done, parked if its copy is still in flight.
     private mutating func applyRenewal(
-        at i: Dictionary<DedupKey, Entry>.Index, _ key: DedupKey, _ outcome: ClaimOutcome, now: ContinuousClock.Instant
+        at i: Int, _ key: DedupKey, _ outcome: ClaimOutcome, now: ContinuousClock.Instant
     ) {
         switch outcome {
         case .claimed, .alreadyOwned:
@@ -413,11 +418,11 @@ public struct DedupLedger: Sendable {
 
     // MARK: - 4-5. Delay buffer and dispatch
 
-    // Lookups read fields in place (`index(forKey:)`, then `values[i]`): `entries[key]` would
-    // copy the whole entry, retaining every buffer of its message, on each look.
+    // Lookups read fields in place (`index(forKey:)`, then `values[i]`, an array element): a
+    // copy of the entry would retain every buffer of its message on each look.
     private func place(_ key: DedupKey) -> Place? { Self.place(key, in: entries) }
 
-    private static func place(_ key: DedupKey, in entries: [DedupKey: Entry]) -> Place? {
+    private static func place(_ key: DedupKey, in entries: EntryTable) -> Place? {
         guard let i = entries.index(forKey: key) else { return nil }
         return entries.values[i].place
     }
@@ -432,7 +437,7 @@ public struct DedupLedger: Sendable {
         return entries.values[i].leaseTakenAt
     }
 
-    private static func isLive(_ slot: DelayBuffer.Slot, in entries: [DedupKey: Entry]) -> Bool {
+    private static func isLive(_ slot: DelayBuffer.Slot, in entries: EntryTable) -> Bool {
         guard let i = entries.index(forKey: slot.key) else { return false }
         return entries.values[i].place == .buffered && entries.values[i].deadline == slot.deadline
     }
@@ -458,7 +463,13 @@ public struct DedupLedger: Sendable {
             self.entries.values[i].place = .inFlight
             self.entries.values[i].leaseTakenAt = nil
             buffer.removed(size: self.entries.values[i].size)
-            due.append(Dispatch(key: slot.key, message: self.entries.values[i].message, route: self.entries.values[i].route))
+            // The message moves to the handler; the entry keeps only where it came from (for its
+            // offset and a revocation), so no buffer of it is retained twice.
+            var message = InboundMessage(
+                topic: self.entries.values[i].message.topic, partition: self.entries.values[i].message.partition,
+                offset: self.entries.values[i].message.offset, value: [])
+            swap(&message, &self.entries.values[i].message)
+            due.append(Dispatch(key: slot.key, message: message, route: self.entries.values[i].route))
         }
         inFlightCount += due.count
         return due
@@ -556,7 +567,7 @@ public struct DedupLedger: Sendable {
     public mutating func revoke(_ partitions: Set<TopicPartition>) -> [DedupKey] {
         var released: [(key: DedupKey, deadline: ContinuousClock.Instant)] = []
         var dropped: [DedupKey] = []
-        for (key, e) in entries where partitions.contains(e.message.topicPartition) {
+        for (key, e) in entries.all where partitions.contains(e.message.topicPartition) {
             switch e.place {
             case .buffered:
                 released.append((key, e.deadline))
@@ -568,7 +579,7 @@ public struct DedupLedger: Sendable {
                 continue
             }
         }
-        for key in dropped { entries[key] = nil }
+        for key in dropped { entries.removeValue(forKey: key) }
         if !dropped.isEmpty {
             claimOrder.removeAll { [entries] in Self.place($0, in: entries) == nil }
             awaitingToken.removeAll { [entries] in Self.place($0, in: entries) == nil }
@@ -585,7 +596,7 @@ public struct DedupLedger: Sendable {
     /// positions first; this forgets the partitions it drains.
     public mutating func drainForShutdown() -> [DedupKey] {
         var partitions = Set<TopicPartition>()
-        for e in entries.values where e.place != .inFlight && e.place != .confirming {
+        for e in entries.entries where e.place != .inFlight && e.place != .confirming {
             partitions.insert(e.message.topicPartition)
         }
         return revoke(partitions)

@@ -32,22 +32,42 @@ public struct OffsetTracker: Sendable {
         }
     }
 
-    var partitions: [TopicPartition: PartitionState] = [:]
+    /// Partition → slot in `states`. The states live in an array, mutated in place through its
+    /// element: a dictionary value mutated through `partitions[tp]?.resolve(...)` allocated a
+    /// coroutine frame per call, two heap allocations per message.
+    private var slots: [TopicPartition: Int] = [:]
+    private var states: [PartitionState] = []
+    private var names: [TopicPartition] = []
+    /// The partition looked up last: messages come in runs of one partition, and comparing the
+    /// topic (the same string object each time) is cheaper than hashing it.
+    private var last: (tp: TopicPartition, slot: Int)?
 
     public init() {}
+
+    private mutating func slot(_ tp: TopicPartition, create: Bool) -> Int? {
+        if let last, last.tp == tp { return last.slot }
+        var found = slots[tp]
+        if found == nil, create {
+            found = states.count
+            slots[tp] = states.count
+            states.append(PartitionState())
+            names.append(tp)
+        }
+        if let found { last = (tp, found) }
+        return found
+    }
 
     /// Starts tracking a consumed offset. Offsets of a partition arrive in increasing order;
     /// one already tracked (a redelivery) is ignored.
     public mutating func track(_ tp: TopicPartition, offset: Int64) {
-        // Mutated in place through the dictionary's accessor: a copy taken out and written back
-        // would share the deque's storage and copy all of it on every append.
-        partitions[tp, default: PartitionState()].track(offset)
+        states[slot(tp, create: true)!].track(offset)
     }
 
     /// Marks an offset resolved and advances the partition's commit position past every
     /// resolved offset at the front.
     public mutating func resolve(_ tp: TopicPartition, offset: Int64) {
-        partitions[tp]?.resolve(offset)
+        guard let i = slot(tp, create: false) else { return }
+        states[i].resolve(offset)
     }
 
     /// Binary search: offsets in `outstanding` are increasing but not always contiguous
@@ -67,23 +87,28 @@ public struct OffsetTracker: Sendable {
     /// Commit positions that moved since the last call: the next offset to consume, per partition.
     public mutating func takeCommitPositions() -> [TopicPartition: Int64] {
         var out: [TopicPartition: Int64] = [:]
-        for (tp, state) in partitions where state.dirty {
-            out[tp] = state.position
-            partitions[tp]!.dirty = false
+        for i in states.indices where states[i].dirty {
+            out[names[i]] = states[i].position
+            states[i].dirty = false
         }
         return out
     }
 
     /// The current commit position of a partition, if anything was resolved there.
-    public func position(_ tp: TopicPartition) -> Int64? { partitions[tp]?.position }
+    public func position(_ tp: TopicPartition) -> Int64? { slots[tp].flatMap { states[$0].position } }
 
     /// Number of tracked offsets not yet resolved, over all partitions.
     public var unresolvedCount: Int {
-        partitions.values.reduce(0) { $0 + $1.outstanding.lazy.filter { !$0.resolved }.count }
+        states.reduce(0) { $0 + $1.outstanding.lazy.filter { !$0.resolved }.count }
     }
 
     /// Forgets a partition that was revoked: its unresolved messages will be read again by its next owner.
     public mutating func forget(_ tp: TopicPartition) {
-        partitions[tp] = nil
+        guard let gone = slots[tp] else { return }
+        // Rare (a rebalance): the arrays are rebuilt without it.
+        states.remove(at: gone)
+        names.remove(at: gone)
+        slots = Dictionary(uniqueKeysWithValues: names.enumerated().map { ($0.element, $0.offset) })
+        last = nil
     }
 }

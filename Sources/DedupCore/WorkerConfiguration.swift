@@ -6,6 +6,11 @@ public struct WorkerConfiguration: Sendable {
     public var groupInstanceID: String?
     public var kafkaProperties: [String: String]
     public var redisURL: String
+    /// `redis.mode: cluster`: `redisURL` lists seed nodes of a Redis Cluster.
+    public var redisCluster = false
+    /// `redis.wait_replicas` (0: no WAIT) and `redis.wait_timeout`.
+    public var redisWaitReplicas = 0
+    public var redisWaitTimeout: Duration = .milliseconds(100)
     public var redisConnectTimeout: Duration
     public var redisCommandTimeout: Duration
     /// `redis.tls.*`, for a `rediss://` URL.
@@ -64,7 +69,13 @@ public struct WorkerConfiguration: Sendable {
         kafkaProperties = props
         // Parsed (and so validated) by RedisIO's `RedisURL`, in `ConfigLoader`.
         redisURL = try r.string("redis.url")
+        redisCluster = try r.choice("redis.mode") == "cluster"
         redisTLS = try RedisTLSSettings(r, url: redisURL)
+        guard let replicas = Int(try r.string("redis.wait_replicas")), (0...64).contains(replicas) else {
+            throw r.fail("redis.wait_replicas", "must be a whole number from 0 to 64")
+        }
+        redisWaitReplicas = replicas
+        redisWaitTimeout = try r.duration("redis.wait_timeout")
         redisConnectTimeout = try r.duration("redis.connect_timeout")
         redisCommandTimeout = try r.duration("redis.command_timeout")
         redisAllowEviction = try r.choice("redis.allow_eviction") == "true"
@@ -84,6 +95,16 @@ public struct WorkerConfiguration: Sendable {
         dedup.holdsDeadLetters = deadLetterTopic != nil
         unmatched = Routing.Unmatched(rawValue: try r.choice("routing.unmatched"))!
         routes = try Self.parseRoutes(r, defaults: dedup)
+        if redisCluster {
+            // The keys layout's key has no hash tag, so it cannot share a script with a claim's
+            // buckets in a cluster; 0.1.0 had no cluster support, so there is nothing to read.
+            for (name, value) in merged where name.hasSuffix("dedup.compact.read_keys_layout") && value.text == "true" {
+                throw ConfigError(key: name, value: value.text, origin: value.origin,
+                                  problem: "must be false with redis.mode: cluster (the keys layout's keys have no hash tag)")
+            }
+            dedup.readsKeysLayout = false
+            for i in routes.indices { routes[i].dedup.readsKeysLayout = false }
+        }
         stopWhenIdle = try r.optionalDuration("run.stop_when_idle")
         shutdownDeadline = try r.duration("run.shutdown_deadline")
         logLevel = LogLevel(rawValue: try r.choice("log.level"))!

@@ -33,7 +33,7 @@ public enum ConfigLoader {
     /// every `kafka.properties.*` entry against librdkafka's own configuration parser.
     public static func resolve(_ layers: [[String: ConfigValue]]) throws(ConfigError) -> WorkerConfiguration {
         var config = try WorkerConfiguration(layers: layers)
-        try validateRedisURL(config.redisURL, passwordGivenApart: config.redisPassword != nil || config.redisPasswordFile != nil, layers: layers)
+        try validateRedisURL(config.redisURL, cluster: config.redisCluster, passwordGivenApart: config.redisPassword != nil || config.redisPasswordFile != nil, layers: layers)
         if let path = config.redisPasswordFile {
             config.redisPassword = try readPasswordFile(path, origin: origin(of: "redis.password_file", in: layers))
         }
@@ -55,7 +55,7 @@ public enum ConfigLoader {
     /// The admin commands' view of the same sources (Redis and Kafka connection, namespace).
     public static func resolveAdmin(_ layers: [[String: ConfigValue]]) throws(ConfigError) -> AdminConfiguration {
         var config = try AdminConfiguration(layers: layers)
-        try validateRedisURL(config.redisURL, passwordGivenApart: config.redisPassword != nil || config.redisPasswordFile != nil, layers: layers)
+        try validateRedisURL(config.redisURL, cluster: config.redisCluster, passwordGivenApart: config.redisPassword != nil || config.redisPasswordFile != nil, layers: layers)
         if let path = config.redisPasswordFile {
             config.redisPassword = try readPasswordFile(path, origin: origin(of: "redis.password_file", in: layers))
         }
@@ -63,18 +63,26 @@ public enum ConfigLoader {
     }
 
     /// `redis.url` parsed by the parser the connection uses (`RedisURL`), so what passes here
-    /// connects; its password given only once.
-    static func validateRedisURL(_ text: String, passwordGivenApart: Bool, layers: [[String: ConfigValue]]) throws(ConfigError) {
+    /// connects; its password given only once; a list of seed nodes only in cluster mode.
+    static func validateRedisURL(_ text: String, cluster: Bool, passwordGivenApart: Bool, layers: [[String: ConfigValue]]) throws(ConfigError) {
+        func fail(_ problem: String) -> ConfigError {
+            ConfigError(key: "redis.url", value: ConfigSchema.redact(text), origin: origin(of: "redis.url", in: layers), problem: problem)
+        }
         let url: RedisURL
-        do { url = try RedisURL(text) } catch {
+        do {
+            url = cluster ? try RedisURL.clusterSeeds(text)[0] : try RedisURL(text)
+        } catch {
             let lower = text.lowercased()
             let detail = lower.hasPrefix("redis://") || lower.hasPrefix("rediss://") ? " (\((error as? RedisError)?.message ?? "\(error)"))" : ""
-            throw ConfigError(key: "redis.url", value: ConfigSchema.redact(text), origin: origin(of: "redis.url", in: layers),
-                              problem: "must look like redis://[user:password@]host:port/db, or rediss://... for TLS\(detail)")
+            if !cluster, (try? RedisURL.clusterSeeds(text)) != nil {
+                throw fail("lists several nodes, which only redis.mode: cluster accepts (set redis.mode: cluster for a Redis Cluster)")
+            }
+            throw fail(cluster
+                ? "must look like redis://[user:password@]host:port[,host:port...] (seed nodes of the cluster, no db), or rediss://... for TLS\(detail)"
+                : "must look like redis://[user:password@]host:port/db, or rediss://... for TLS\(detail)")
         }
         if passwordGivenApart, url.password != nil {
-            throw ConfigError(key: "redis.url", value: ConfigSchema.redact(text), origin: origin(of: "redis.url", in: layers),
-                              problem: "holds a password and redis.password or redis.password_file is set too; give the password once")
+            throw fail("holds a password and redis.password or redis.password_file is set too; give the password once")
         }
     }
 

@@ -110,21 +110,22 @@ public final class Worker: Service {
     }
 
     func connectStore() async throws -> RedisClaimStore? {
-        var url = try RedisURL(config.redisURL)
-        if let password = config.redisPassword { url.password = password }
+        let where_ = ConfigSchema.redact(config.redisURL)
         var attempt = 0
         var rng = SystemRandomNumberGenerator()
         while !isStopRequested {
             attempt += 1
             do {
-                let connection = try await RedisConnection.connect(
-                    url, connectTimeout: config.redisConnectTimeout, commandTimeout: config.redisCommandTimeout,
+                let redis = try await RedisTarget.connect(
+                    url: config.redisURL, cluster: config.redisCluster, password: config.redisPassword,
+                    connectTimeout: config.redisConnectTimeout, commandTimeout: config.redisCommandTimeout,
                     tls: RedisTLSOptions(config.redisTLS), logger: logger)
-                if attempt > 1 { logger.notice("redis reachable", metadata: ["redis.url": "\(url.redacted)"]) }
-                try await checkRequirements(connection)
+                if attempt > 1 { logger.notice("redis reachable", metadata: ["redis.url": "\(where_)"]) }
+                try await checkRequirements(redis)
                 telemetry.heartbeat(redisUp: true)
                 return RedisClaimStore(
-                    connection: connection, logger: logger,
+                    redis: redis, logger: logger,
+                    waitReplicas: config.redisWaitReplicas > 0 ? (config.redisWaitReplicas, config.redisWaitTimeout) : nil,
                     onSend: { [telemetry] op in
                         let token = telemetry.inFlightLedger.begin(.redis(op))
                         return { telemetry.inFlightLedger.end(token) }
@@ -133,7 +134,7 @@ public final class Worker: Service {
             } catch let error as RedisError where error.isRetriable {
                 if attempt == 1 {
                     logger.error("redis unreachable, waiting for it (fail-closed: nothing is consumed meanwhile)",
-                                 metadata: ["redis.url": "\(url.redacted)", "error": "\(error)"])
+                                 metadata: ["redis.url": "\(where_)", "error": "\(error)"])
                 }
                 telemetry.heartbeat(redisUp: false)
                 try await Task.sleep(for: Backoff().jittered(attempt: attempt, using: &rng))
@@ -143,27 +144,30 @@ public final class Worker: Service {
     }
 
     /// Refuses a Redis that evicts keys unless `redis.allow_eviction`; warns where the server
-    /// does not say, and when it keeps nothing across a restart (RedisRequirements).
-    func checkRequirements(_ connection: RedisConnection) async throws {
-        let found = try await RedisRequirements.read(from: connection)
-        if let refusal = found.configRefusal {
-            logger.warning(
-                "redis refused CONFIG GET, so its eviction policy is unknown: dedupd needs maxmemory-policy noeviction (an evicted done record lets a duplicate through)",
-                metadata: ["redis.reply": "\(refusal)"])
-        }
-        if let problem = found.evictionProblem {
-            guard config.redisAllowEviction else {
-                throw ConfigError(key: "redis.allow_eviction", value: "false", problem: problem)
-            }
-            logger.warning("redis evicts keys with a TTL; running anyway (redis.allow_eviction: true)",
-                           metadata: ["redis.maxmemory_policy": "\(found.maxmemoryPolicy ?? "")"])
-        }
+    /// does not say, and when it keeps nothing across a restart (RedisRequirements). In a cluster
+    /// every primary is checked: each has its own configuration.
+    func checkRequirements(_ redis: RedisTarget) async throws {
         let compact = ([config.dedup] + config.routes.map(\.dedup)).contains { $0.layout == .compact }
-        if compact, let problem = found.listpackProblem {
-            logger.warning("\(problem)")
-        }
-        if found.persistenceOff == true {
-            logger.warning("redis persists nothing (appendonly no, no save points): a restart of Redis forgets every done record")
+        for (node, found) in try await RedisRequirements.read(from: redis) {
+            if let refusal = found.configRefusal {
+                logger.warning(
+                    "redis refused CONFIG GET, so its eviction policy is unknown: dedupd needs maxmemory-policy noeviction (an evicted done record lets a duplicate through)",
+                    metadata: ["redis.reply": "\(refusal)", "redis.node": "\(node)"])
+            }
+            if let problem = found.evictionProblem {
+                guard config.redisAllowEviction else {
+                    throw ConfigError(key: "redis.allow_eviction", value: "false", problem: redis.isCluster ? "\(node): \(problem)" : problem)
+                }
+                logger.warning("redis evicts keys with a TTL; running anyway (redis.allow_eviction: true)",
+                               metadata: ["redis.maxmemory_policy": "\(found.maxmemoryPolicy ?? "")", "redis.node": "\(node)"])
+            }
+            if found.persistenceOff == true {
+                logger.warning("redis persists nothing (appendonly no, no save points): a restart of Redis forgets every done record",
+                               metadata: ["redis.node": "\(node)"])
+            }
+            if compact, let problem = found.listpackProblem {
+                logger.warning("\(problem)", metadata: ["redis.node": "\(node)"])
+            }
         }
     }
 

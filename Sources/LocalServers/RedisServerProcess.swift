@@ -35,8 +35,10 @@ public final class RedisServerProcess: @unchecked Sendable {
 
     /// Starts a server and waits (at most `startTimeout`) until it answers PING.
     /// `extraArguments` go to redis-server after dedupd's own (e.g. `--maxmemory-policy volatile-lru`).
+    /// `port`: the port to listen on (default: a free one).
     public init(
-        password: String? = nil, appendFsync: String = "always", extraArguments: [String] = [], startTimeout: Duration = .seconds(10)
+        password: String? = nil, appendFsync: String = "always", extraArguments: [String] = [], port: Int? = nil,
+        startTimeout: Duration = .seconds(10)
     ) throws {
         guard let executable = Self.findExecutable() else {
             throw LocalServerError("redis-server not found on PATH or in /usr/bin")
@@ -46,7 +48,7 @@ public final class RedisServerProcess: @unchecked Sendable {
         self.appendFsync = appendFsync
         self.extraArguments = extraArguments
         self.directory = try TemporaryDirectory(prefix: "dedupd-redis")
-        self.port = try freePort()
+        self.port = try port ?? freePort()
         try start(timeout: startTimeout)
     }
 
@@ -90,9 +92,19 @@ public final class RedisServerProcess: @unchecked Sendable {
                 usleep(5_000)
             }
             if !Self.hasExited(process) {
-                kill(process.processIdentifier, SIGKILL)
+                _ = Glibc.kill(process.processIdentifier, SIGKILL)
                 while !Self.hasExited(process) { usleep(5_000) }
             }
+        }
+    }
+
+    /// SIGKILL, as a crash: no shutdown, no final AOF write. Waits until the process is gone.
+    public func kill() {
+        lock.withLock {
+            guard let process else { return }
+            self.process = nil
+            _ = Glibc.kill(process.processIdentifier, SIGKILL)
+            while !Self.hasExited(process) { usleep(5_000) }
         }
     }
 

@@ -10,15 +10,18 @@ extension RedisClaimStore {
 
     /// Removes each key that is `done`, so that a resend of its message is dispatched again. A key
     /// `pending` under a worker is a copy in flight: it is removed only with `force` (that worker
-    /// cannot confirm it afterwards, and a resend may then be dispatched twice). Atomic per call.
+    /// cannot confirm it afterwards, and a resend may then be dispatched twice). Atomic per key.
     public func forget(_ keys: [String], force: Bool) async throws -> [Forgotten] {
         guard !keys.isEmpty else { return [] }
-        var command: [RedisArgument] = ["EVAL", RedisArgument(Self.forgetScript), RedisArgument(keys.count)]
-        for key in keys { command.append(RedisArgument(key)) }
-        command.append(force ? "1" : "0")
-        let reply = try await connection.command(command).throwingOnError("forget")
-        guard case .array(let items) = reply, items.count == keys.count * 3 else {
-            throw RedisError(.protocolError, "forget: unexpected reply")
+        // One EVAL per key: in a cluster the keys may live on different nodes.
+        var items: [RedisReply] = []
+        for key in keys {
+            let command: [RedisArgument] = ["EVAL", RedisArgument(Self.forgetScript), 1, RedisArgument(key), force ? "1" : "0"]
+            let reply = try await redis.command(command, key: key).throwingOnError("forget")
+            guard case .array(let three) = reply, three.count == 3 else {
+                throw RedisError(.protocolError, "forget: unexpected reply")
+            }
+            items += three
         }
         return try stride(from: 0, to: items.count, by: 3).map { i in
             guard let ttl = items[i + 1].int, let removed = items[i + 2].int else {
@@ -93,7 +96,7 @@ extension RedisClaimStore {
             for slot in slots { command.append(RedisArgument(p.bucketKey(slot: slot))) }
             command.append(RedisArgument(mode))
             command.append(RedisArgument(bytes: p.field))
-            let reply = try await connection.command(command).throwingOnError(mode == "0" ? "inspect" : "forget")
+            let reply = try await redis.command(command, key: p.pendingKey).throwingOnError(mode == "0" ? "inspect" : "forget")
             guard case .array(let items) = reply, items.count == 3, let ttl = items[1].int, let removed = items[2].int else {
                 throw RedisError(.protocolError, "compact inspect/forget: unexpected reply")
             }

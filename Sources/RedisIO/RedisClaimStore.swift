@@ -13,8 +13,12 @@ import Synchronization
 /// when the server answers `NOSCRIPT` (its script cache was flushed, e.g. by a
 /// restart), the script is loaded again and only the failed chunks are retried,
 /// once, in one more round trip.
+///
+/// In a Redis Cluster a script may only touch keys of one slot: a batch's keys are grouped by
+/// slot, each chunk holds keys of one slot, and the cluster sends each chunk to its primary
+/// (one round trip per node, side by side). Scripts are loaded on every primary.
 public final class RedisClaimStore: ClaimStore {
-    public let connection: RedisConnection
+    public let redis: RedisTarget
     /// Most keys passed to one `EVALSHA`. Default: 1000.
     public let maxKeysPerScript: Int
     private let logger: Logger
@@ -22,6 +26,7 @@ public final class RedisClaimStore: ClaimStore {
     private let shas = Mutex<[String: String]>([:])
     /// Compact layout: per route's buckets, the slot whose buckets this store set TTLs for last.
     private let swept = Mutex<[SweepScope: Int64]>([:])
+    private let waitReplicas: (count: Int, timeout: Duration)?
 
     /// Called after each operation's round trip(s) with the script name (`claim`, `confirm`, ...)
     /// and how long it took, for metrics. Default: none.
@@ -34,14 +39,30 @@ public final class RedisClaimStore: ClaimStore {
     /// Default: the system clock; tests move it.
     let unixMillis: @Sendable () -> Int64
 
-    public init(
+    public convenience init(
         connection: RedisConnection, maxKeysPerScript: Int = 1000, logger: Logger,
         onSend: (@Sendable (_ op: String) -> @Sendable () -> Void)? = nil,
         onRoundTrip: (@Sendable (_ op: String, _ duration: Duration) -> Void)? = nil,
         unixMillis: (@Sendable () -> Int64)? = nil
     ) {
+        self.init(
+            redis: .server(connection), maxKeysPerScript: maxKeysPerScript, logger: logger, onSend: onSend, onRoundTrip: onRoundTrip,
+            unixMillis: unixMillis)
+    }
+
+    /// `waitReplicas`: after a batch's confirms, `WAIT` until that many replicas of each primary
+    /// written to have them, at most `timeout` (`redis.wait_replicas`): one more round trip that
+    /// shrinks what a failover can lose.
+    public init(
+        redis: RedisTarget, maxKeysPerScript: Int = 1000, logger: Logger,
+        waitReplicas: (count: Int, timeout: Duration)? = nil,
+        onSend: (@Sendable (_ op: String) -> @Sendable () -> Void)? = nil,
+        onRoundTrip: (@Sendable (_ op: String, _ duration: Duration) -> Void)? = nil,
+        unixMillis: (@Sendable () -> Int64)? = nil
+    ) {
         self.unixMillis = unixMillis ?? { Int64((Date().timeIntervalSince1970 * 1000).rounded(.down)) }
-        self.connection = connection
+        self.redis = redis
+        self.waitReplicas = waitReplicas
         self.maxKeysPerScript = max(1, maxKeysPerScript)
         self.logger = logger
         self.onSend = onSend
@@ -253,7 +274,7 @@ public final class RedisClaimStore: ClaimStore {
     /// stopped worker may have left without one. A bucket written after a sweep of its slot keeps
     /// the TTL (`HSET` does not clear it); one written after the last sweep gets it at the next
     /// slot edge from whichever worker confirms first. Single-key `PEXPIRE`s, pipelined after
-    /// the confirm on the same connection: nil when none is due.
+    /// the confirm on the same connection (routed per key in a cluster): nil when none is due.
     private func sweepBuckets(_ groups: [KeyGroup]) -> RedisPending<[RedisReply]>? {
         let now = unixMillis()
         var commands: [[RedisArgument]] = []
@@ -280,30 +301,44 @@ public final class RedisClaimStore: ClaimStore {
         }
         guard !commands.isEmpty else { return nil }
         let all = commands
-        return connection.send({
+        let slots = redis.isCluster ? commands.map { ClusterSlot.of(String(decoding: $0[1].bytes, as: UTF8.self)) } : []
+        return redis.send({
             var batch = RedisCommandBatch()
             for command in all {
                 batch.begin()
                 for arg in command { batch.append(arg.bytes) }
             }
             return batch
-        }, parse: { RedisReply($0) })
+        }, slots: slots, parse: { RedisReply($0) })
     }
 
-    /// One `EVALSHA`: items `items` of batch `batch`.
+    /// One `EVALSHA`: items `items` of batch `batch`, all in hash slot `slot` in a cluster.
     private struct Chunk: Sendable {
         var batch: Int
         var items: [Int]
+        var slot: UInt16 = 0
         var count: Int { items.count }
     }
 
-    /// How one batch's items are cut into `EVALSHA` chunks: this is the seam for Redis Cluster,
-    /// where a chunk may only hold items whose keys hash to one slot (the slot of an item's first
-    /// key, `batch.keys[item * batch.keysPerItem]`; all of the item's keys share its hash tag).
-    /// Standalone, any items may share a chunk: runs of `maxItems`, in order.
-    private static func chunkItems(_ batch: ScriptBatch, maxItems: Int) -> [[Int]] {
+    /// How one batch's items are cut into `EVALSHA` chunks, with each chunk's hash slot. In a
+    /// Redis Cluster a chunk may only hold items of one slot: the slot of an item's first key,
+    /// `batch.keys[item * batch.keysPerItem]` (all of an item's keys share its hash tag), so
+    /// items are grouped by slot, in order within a slot. Standalone, any items may share a
+    /// chunk: runs of `maxItems`, in order (slot 0).
+    private static func chunkItems(_ batch: ScriptBatch, maxItems: Int, bySlot: Bool) -> [(slot: UInt16, items: [Int])] {
         let n = batch.itemCount
-        return stride(from: 0, to: n, by: maxItems).map { Array($0..<min($0 + maxItems, n)) }
+        guard bySlot else { return stride(from: 0, to: n, by: maxItems).map { (0, Array($0..<min($0 + maxItems, n))) } }
+        let slots = (0..<n).map { ClusterSlot.of(batch.keys[$0 * batch.keysPerItem]) }
+        let order = slots.indices.sorted { (slots[$0], $0) < (slots[$1], $1) }
+        var out: [(slot: UInt16, items: [Int])] = []
+        for item in order {
+            if let last = out.last, last.slot == slots[item], last.items.count < maxItems {
+                out[out.count - 1].items.append(item)
+            } else {
+                out.append((slots[item], [item]))
+            }
+        }
+        return out
     }
 
     /// A script run over the items of `batches`: its chunks, and how to encode any of them.
@@ -316,14 +351,14 @@ public final class RedisClaimStore: ClaimStore {
         private(set) var itemCount = 0
         private var keyCount = 0, keyBytes = 0, argBytes = 0, argCount = 0
 
-        init(_ script: LuaScript, _ batches: [ScriptBatch], maxKeysPerScript: Int) {
+        init(_ script: LuaScript, _ batches: [ScriptBatch], maxKeysPerScript: Int, bySlot: Bool) {
             self.script = script
             self.batches = batches
             for (b, batch) in batches.enumerated() {
                 offsets.append(itemCount)
                 itemCount += batch.itemCount
-                for items in RedisClaimStore.chunkItems(batch, maxItems: maxKeysPerScript) {
-                    chunks.append(Chunk(batch: b, items: items))
+                for (slot, items) in RedisClaimStore.chunkItems(batch, maxItems: maxKeysPerScript, bySlot: bySlot) {
+                    chunks.append(Chunk(batch: b, items: items, slot: slot))
                 }
                 keyCount += batch.keys.count + (batch.perKeyArgs == nil ? 0 : batch.itemCount)
                 keyBytes += batch.keys.reduce(0) { $0 + $1.utf8.count } + (batch.perKeyArgs?.reduce(0) { $0 + $1.bytes.count } ?? 0)
@@ -341,9 +376,12 @@ public final class RedisClaimStore: ClaimStore {
 
         func script(of chunk: Int) -> LuaScript { batches[chunks[chunk].batch].script ?? script }
 
-        /// One `EVALSHA` per selected chunk, after the commands of `prefix`; `shas` maps script names to SHAs.
-        func evalsha(_ shas: [String: String], _ selected: some Collection<Int>, after prefix: RedisCommandBatch = RedisCommandBatch()) -> RedisCommandBatch {
-            var batch = prefix
+        /// The slot of each selected chunk's command.
+        func slots(_ selected: some Collection<Int>) -> [UInt16] { selected.map { chunks[$0].slot } }
+
+        /// One `EVALSHA` per selected chunk; `shas` maps script names to SHAs.
+        func evalsha(_ shas: [String: String], _ selected: some Collection<Int>) -> RedisCommandBatch {
+            var batch = RedisCommandBatch()
             batch.reserve(
                 bytes: keyBytes + selected.count * (64 + argBytes),
                 arguments: keyCount + selected.count * (3 + argCount))
@@ -400,7 +438,7 @@ public final class RedisClaimStore: ClaimStore {
         _ script: LuaScript, _ batches: [ScriptBatch], repliesPerKey: Int = 1,
         element: @escaping @Sendable (UnsafePointer<redisReply>) -> Item?
     ) -> Request<Item> {
-        let plan = ScriptPlan(script, batches, maxKeysPerScript: maxKeysPerScript)
+        let plan = ScriptPlan(script, batches, maxKeysPerScript: maxKeysPerScript, bySlot: redis.isCluster)
         let known = shas.withLock { $0 }
         guard plan.scripts.allSatisfy({ known[$0.name] != nil }) else {
             return Request { try await self.run(script, batches, repliesPerKey: repliesPerKey, element: element) }
@@ -409,7 +447,7 @@ public final class RedisClaimStore: ClaimStore {
         let parse = Self.chunkParser(element)
         let started = ContinuousClock.now
         let answered = onSend?(script.name)
-        let first = connection.send({ plan.evalsha(known, plan.chunks.indices) }, parse: parse)
+        let first = redis.send({ plan.evalsha(known, plan.chunks.indices) }, slots: plan.slots(plan.chunks.indices), parse: parse)
         return Request { [self] in
             // The duration of the round trip(s), not of the caller's work before it awaited them.
             var reloaded = false
@@ -428,12 +466,17 @@ public final class RedisClaimStore: ClaimStore {
                     replies[slot] = reply
                 }
             }
-            return try Self.results(plan, replies, repliesPerKey: repliesPerKey)
+            let results = try Self.results(plan, replies, repliesPerKey: repliesPerKey)
+            if script == .confirm, let (count, timeout) = waitReplicas {
+                try await waitForReplicas(count, timeout: timeout, slots: plan.slots(plan.chunks.indices))
+            }
+            return results
         }
     }
 
-    /// The server lost its script cache (a restart, SCRIPT FLUSH): loads the scripts of the
-    /// `missing` chunks again and retries those chunks in one more round trip; their replies, in order.
+    /// The server lost its script cache (a restart, SCRIPT FLUSH, a replica promoted in a
+    /// cluster): loads the scripts again (on every primary) and retries the `missing` chunks,
+    /// in one more round trip; their replies, in order.
     private func reload<Item: Sendable>(
         _ known: [String: String], _ missing: [Int], _ plan: ScriptPlan,
         _ parse: @escaping @Sendable (UnsafePointer<redisReply>) -> ChunkReply<Item>
@@ -442,26 +485,19 @@ public final class RedisClaimStore: ClaimStore {
         for index in missing where !scripts.contains(plan.script(of: index)) { scripts.append(plan.script(of: index)) }
         logger.info("redis script cache lost; loading script again", metadata: ["redis.script": "\(scripts.map(\.name).joined(separator: ","))"])
         shas.withLock { $0 = [:] }
-        var load = RedisCommandBatch()
-        for script in scripts {
-            load.begin()
-            load.append("SCRIPT")
-            load.append("LOAD")
-            load.append(script.source)
+        for script in scripts { _ = try await loadedSHA(script) }
+        let reloaded = shas.withLock { $0 }
+        return try await redis.pipeline(plan.evalsha(reloaded, missing), slots: plan.slots(missing), parse: parse)
+    }
+
+    /// `WAIT count timeout` on each primary the confirms went to; fewer replicas in time is
+    /// logged, not an error (the records are on the primary, and the worker must go on).
+    private func waitForReplicas(_ count: Int, timeout: Duration, slots: [UInt16]) async throws {
+        let fewest = try await redis.waitForReplicas(count, timeout: timeout, slots: slots)
+        if fewest < count {
+            logger.warning("fewer redis replicas than redis.wait_replicas acknowledged a batch's confirms in redis.wait_timeout",
+                           metadata: ["redis.replicas_acked": "\(fewest)", "redis.wait_replicas": "\(count)"])
         }
-        let retry = try await connection.pipeline(plan.evalsha(known, missing, after: load), parse: parse)
-        var loaded: [String: String] = [:]
-        for (script, reply) in zip(scripts, retry) {
-            switch reply {
-            case .text(let text): loaded[script.name] = text
-            case .error(let text): throw RedisError.fromServerReply(text, context: "SCRIPT LOAD \(script.name)")
-            case .items, .malformed: throw RedisError(.protocolError, "unexpected reply in SCRIPT LOAD")
-            }
-        }
-        defer { shas.withLock { $0.merge(loaded) { _, new in new } } }
-        if scripts.allSatisfy({ loaded[$0.name] == known[$0.name] }) { return Array(retry.dropFirst(scripts.count)) }
-        // Cannot happen (the SHA1 of the same source); fall back to one more round trip.
-        return try await connection.pipeline(plan.evalsha(known.merging(loaded) { _, new in new }, missing), parse: parse)
     }
 
     /// Reads one chunk's reply while hiredis still owns it.
@@ -522,13 +558,14 @@ public final class RedisClaimStore: ClaimStore {
     /// The SHA of `script`, loading all scripts in one pipeline the first time.
     private func loadedSHA(_ script: LuaScript) async throws -> String {
         if let sha = shas.withLock({ $0[script.name] }) { return sha }
-        let replies = try await connection.pipeline(LuaScript.all.map { ["SCRIPT", "LOAD", RedisArgument($0.source)] })
         var loaded: [String: String] = [:]
-        for (s, reply) in zip(LuaScript.all, replies) {
-            guard let sha = try reply.throwingOnError("SCRIPT LOAD \(s.name)").text else {
-                throw Self.unexpected(reply, in: "SCRIPT LOAD")
+        for (_, replies) in try await redis.onEveryPrimary(LuaScript.all.map { ["SCRIPT", "LOAD", RedisArgument($0.source)] }) {
+            for (s, reply) in zip(LuaScript.all, replies) {
+                guard let sha = try reply.throwingOnError("SCRIPT LOAD \(s.name)").text else {
+                    throw Self.unexpected(reply, in: "SCRIPT LOAD")
+                }
+                loaded[s.name] = sha
             }
-            loaded[s.name] = sha
         }
         shas.withLock { $0.merge(loaded) { _, new in new } }
         logger.debug("redis scripts loaded")

@@ -59,7 +59,7 @@ public struct RedisError: Error, Sendable, CustomStringConvertible {
 
     /// Whether the same call may succeed later: connection and timeout errors are
     /// (the connection reconnects on the next call), and server replies that mean
-    /// "not now" (`LOADING`, `BUSY`, `TRYAGAIN`, `MASTERDOWN`).
+    /// "not now" (`LOADING`, `BUSY`, `TRYAGAIN`, `MASTERDOWN`, `CLUSTERDOWN` while a failover runs).
     public var isRetriable: Bool { retriable }
 
     public var description: String { "RedisError(\(code)): \(message)" }
@@ -73,7 +73,9 @@ public struct RedisError: Error, Sendable, CustomStringConvertible {
             return RedisError(.noScript, message)
         case "NOAUTH", "WRONGPASS", "NOPERM":
             return RedisError(.auth, message)
-        case "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN":
+        case "CROSSSLOT":
+            return RedisError(.serverReply, "\(message) (a Redis Cluster runs a script only on keys of one slot; dedupd groups its keys by slot and hash tag, so a key in another slot was passed: report this as a bug)")
+        case "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN":
             return RedisError(.serverReply, message, retriable: true)
         default:
             return RedisError(.serverReply, message)

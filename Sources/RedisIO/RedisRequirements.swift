@@ -24,10 +24,20 @@ public struct RedisRequirements: Sendable, Equatable {
 
     /// Reads the three settings in one round trip.
     public static func read(from connection: RedisConnection) async throws -> RedisRequirements {
-        let replies = try await connection.pipeline([
-            ["CONFIG", "GET", "maxmemory-policy"], ["CONFIG", "GET", "appendonly"], ["CONFIG", "GET", "save"],
-            ["CONFIG", "GET", "hash-max-ziplist-entries"],
-        ].map { $0.map { RedisArgument($0) } })
+        try await read(from: .server(connection))[0].found
+    }
+
+    /// Reads them from the server, or from every primary of a cluster (each keeps its own).
+    public static func read(from target: RedisTarget) async throws -> [(node: String, found: RedisRequirements)] {
+        try await target.onEveryPrimary(commands).map { ($0.node, parse($0.replies)) }
+    }
+
+    private static let commands = [
+        ["CONFIG", "GET", "maxmemory-policy"], ["CONFIG", "GET", "appendonly"], ["CONFIG", "GET", "save"],
+        ["CONFIG", "GET", "hash-max-ziplist-entries"],
+    ].map { $0.map { RedisArgument($0) } }
+
+    private static func parse(_ replies: [RedisReply]) -> RedisRequirements {
         func value(_ reply: RedisReply) -> String? {
             guard case .array(let items) = reply, items.count == 2 else { return nil }
             return items[1].text

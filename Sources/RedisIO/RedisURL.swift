@@ -173,3 +173,34 @@ public struct RedisURL: Sendable, Hashable, CustomStringConvertible, CustomDebug
         return out
     }
 }
+
+extension RedisURL {
+    /// The seed nodes of a Redis Cluster: `redis://[user:password@]host:port[,host:port...]`
+    /// (`rediss://` for TLS), all with the same user, password and scheme. A cluster has only
+    /// database 0, so any other is an error.
+    public static func clusterSeeds(_ string: String) throws -> [RedisURL] {
+        func bad(_ what: String) -> RedisError { RedisError(.invalidURL, "invalid Redis Cluster URL: \(what)") }
+        guard let schemeEnd = string.firstRange(of: "://") else {
+            throw bad("missing scheme, expected redis://host:port[,host:port...] or rediss:// for TLS")
+        }
+        let scheme = string[..<schemeEnd.upperBound]
+        var rest = string[schemeEnd.upperBound...]
+        var userInfo: Substring = ""
+        if let at = rest.lastIndex(of: "@") {
+            userInfo = rest[...at]
+            rest = rest[rest.index(after: at)...]
+        }
+        var path: Substring = ""
+        if let slash = rest.firstIndex(of: "/") {
+            path = rest[slash...]
+            rest = rest[..<slash]
+        }
+        let hosts = rest.split(separator: ",", omittingEmptySubsequences: false)
+        guard !hosts.contains(where: \.isEmpty) else { throw bad("empty node in the seed list '\(rest)'") }
+        let seeds = try hosts.map { try RedisURL(String(scheme) + userInfo + $0 + path) }
+        if let seed = seeds.first, seed.database != 0 {
+            throw bad("database \(seed.database): Redis Cluster has only database 0; remove '/\(seed.database)'")
+        }
+        return seeds
+    }
+}

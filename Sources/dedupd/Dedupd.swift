@@ -14,7 +14,7 @@ struct Dedupd: AsyncParsableCommand {
         commandName: "dedupd",
         abstract: "Makes a Kafka stream of submissions safe to act on: each unique message is handed to its handler once.",
         version: BuildInfo.text,
-        subcommands: [Demo.self, Run.self, CheckConfig.self, ExampleConfig.self, Healthcheck.self, Inspect.self, Forget.self, DLQ.self, Produce.self, MockKafka.self, Token.self, Bench.self, Explain.self, ConfigReference.self],
+        subcommands: [Demo.self, Run.self, CheckConfig.self, ExampleConfig.self, Healthcheck.self, Inspect.self, Forget.self, DLQ.self, Produce.self, MockKafka.self, Token.self, Bench.self, BenchBare.self, Explain.self, ConfigReference.self],
         defaultSubcommand: nil
     )
 }
@@ -31,6 +31,8 @@ struct WorkerOptions: ParsableArguments {
     var group: String?
     @Option(name: .long, help: "redis://[user:password@]host:port/db (redis.url).")
     var redisUrl: String?
+    @Option(name: .long, help: "standalone or cluster (redis.mode).")
+    var redisMode: String?
     @Option(name: .long, help: "Key template, e.g. header:message-id, key, json:/orderNo (dedup.key).")
     var key: String?
     @Option(name: .long, help: "Dedup window, e.g. 5s (dedup.window).")
@@ -64,6 +66,7 @@ struct WorkerOptions: ParsableArguments {
         if !topic.isEmpty { f["kafka.topics"] = topic.joined(separator: ",") }
         f["kafka.group"] = group
         f["redis.url"] = redisUrl
+        f["redis.mode"] = redisMode
         f["dedup.key"] = key
         f["dedup.window"] = window
         f["dedup.retention"] = retention
@@ -324,7 +327,7 @@ struct Token: AsyncParsableCommand {
             let store = try await options.connectStore(config)
             let issuer = TokenIssuer(store: store, namespace: config.namespace)
             for token in try await issuer.issue(count: count, ttl: ttl) { print(token) }
-            await store.connection.close()
+            await store.redis.close()
         }
     }
 }
@@ -383,6 +386,29 @@ struct Bench: AsyncParsableCommand {
     }
 }
 
+/// The bench's bare consumer (K), run as a child process of `dedupd bench`.
+struct BenchBare: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bench-bare", abstract: "The bench's bare consumer (a child of dedupd bench).", shouldDisplay: false)
+
+    @Option var bootstrapServers: String
+    @Option var group: String
+    @Option var topic: String
+    @Option var count: Int
+    @Option(help: "A librdkafka property, NAME=VALUE; repeatable.") var property: [String] = []
+
+    func run() throws {
+        var properties: [String: String] = [:]
+        for p in property {
+            guard let eq = p.firstIndex(of: "=") else { throw ValidationError("--property takes NAME=VALUE, got \(p)") }
+            properties[String(p[..<eq])] = String(p[p.index(after: eq)...])
+        }
+        let n = try Benchmark.bareChild(
+            bootstrapServers: bootstrapServers, group: group, topic: topic, count: count, properties: properties)
+        if n < count { throw ExitCode(1) }
+    }
+}
+
 // MARK: - Admin commands: inspect, forget, dlq replay
 
 
@@ -392,6 +418,8 @@ struct AdminOptions: ParsableArguments {
     var config: String?
     @Option(name: .long, help: "redis://[user:password@]host:port/db (redis.url).")
     var redisUrl: String?
+    @Option(name: .long, help: "standalone or cluster (redis.mode).")
+    var redisMode: String?
     @Option(name: .long, help: "Namespace of the keys (dedup.namespace); default: the configuration's, else 'default'.")
     var namespace: String?
     @Option(name: .long, help: "A route of the configuration: its keys' namespace (routes.<name>.dedup.namespace, else the name).")
@@ -411,6 +439,7 @@ struct AdminOptions: ParsableArguments {
     func load() throws -> AdminConfiguration {
         var flags: [String: String] = [:]
         flags["redis.url"] = redisUrl
+        flags["redis.mode"] = redisMode
         flags["dedup.namespace"] = namespace
         flags["kafka.bootstrap_servers"] = bootstrapServers
         for p in kafkaProperties {
@@ -442,13 +471,12 @@ struct AdminOptions: ParsableArguments {
     }
 
     func connectStore(_ c: AdminConfiguration) async throws -> RedisClaimStore {
-        var url = try RedisURL(c.redisURL)
-        if let password = c.redisPassword { url.password = password }
         let logger = Logger(label: "dedupd.admin")
-        let connection = try await RedisConnection.connect(
-            url, connectTimeout: c.redisConnectTimeout, commandTimeout: c.redisCommandTimeout,
+        let redis = try await RedisTarget.connect(
+            url: c.redisURL, cluster: c.redisCluster, password: c.redisPassword,
+            connectTimeout: c.redisConnectTimeout, commandTimeout: c.redisCommandTimeout,
             tls: RedisTLSOptions(c.redisTLS), logger: logger)
-        return RedisClaimStore(connection: connection, logger: logger)
+        return RedisClaimStore(redis: redis, logger: logger)
     }
 }
 
@@ -478,7 +506,7 @@ struct Inspect: AsyncParsableCommand {
         for (key, state) in zip(dedupKeys, states) {
             print("\(key.raw) \(describe(state)) redis.key=\(key.storeKey)")
         }
-        await store.connection.close()
+        await store.redis.close()
     }
 }
 
@@ -514,7 +542,7 @@ struct Forget: AsyncParsableCommand {
                 print("\(key.raw) kept: \(describe(r.state)); a copy is in flight, --force removes it redis.key=\(key.storeKey)")
             }
         }
-        await store.connection.close()
+        await store.redis.close()
         if kept > 0 { throw ExitCode(1) }
     }
 }
@@ -619,7 +647,7 @@ struct ConfigReference: ParsableCommand {
     /// The `dedupd run` flag of each key (WorkerOptions), for the reference's flag column.
     static let flags: [String: String] = [
         "kafka.bootstrap_servers": "--bootstrap-servers", "kafka.topics": "--topic", "kafka.group": "--group",
-        "redis.url": "--redis-url", "dedup.key": "--key", "dedup.window": "--window", "dedup.retention": "--retention",
+        "redis.url": "--redis-url", "redis.mode": "--redis-mode", "dedup.key": "--key", "dedup.window": "--window", "dedup.retention": "--retention",
         "handler.output": "--output", "run.stop_when_idle": "--stop-when-idle", "log.format": "--log-format",
         "log.level": "--log-level", "log.stats_interval": "--stats-interval", "http.port": "--http-port",
     ]

@@ -42,25 +42,30 @@ public final class TLSRedisServer: @unchecked Sendable {
     public let port: Int
     let dir: TemporaryDirectory
 
-    public init(_ certs: TLSTestCertificates, certificate: String = "server.pem", clientCertificates: String = "no") throws {
+    public init(
+        _ certs: TLSTestCertificates, certificate: String = "server.pem", clientCertificates: String = "no",
+        port: Int? = nil, extraArguments: [String] = []
+    ) throws {
         dir = try TemporaryDirectory(prefix: "dedupd-redis-tls-server")
-        port = try freePort()
+        self.port = try port ?? freePort()
         process.executableURL = URL(fileURLWithPath: "/usr/bin/redis-server")
         process.arguments = [
-            "--port", "0", "--tls-port", "\(port)", "--bind", "127.0.0.1", "--dir", dir.path, "--save", "",
+            "--port", "0", "--tls-port", "\(self.port)", "--bind", "127.0.0.1", "--dir", dir.path, "--save", "",
             "--tls-cert-file", certs.path(certificate), "--tls-key-file", certs.path("server.key"),
             "--tls-ca-cert-file", certs.path("ca.pem"), "--tls-auth-clients", clientCertificates,
             "--logfile", dir.file("redis.log").path,
-        ]
+        ] + extraArguments
+        FileManager.default.createFile(atPath: dir.file("stderr.log").path, contents: nil)
         process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
+        process.standardError = try FileHandle(forWritingTo: dir.file("stderr.log"))
         try withDefaultSignalMask { try process.run() }
         let deadline = ContinuousClock.now + .seconds(10)
         while ContinuousClock.now < deadline {
             if let log = try? String(contentsOf: dir.file("redis.log"), encoding: .utf8), log.contains("Ready to accept connections") { return }
             usleep(20_000)
         }
-        throw TestSupportError("TLS redis-server did not start")
+        let log = (try? String(contentsOf: dir.file("redis.log"), encoding: .utf8)) ?? (try? String(contentsOf: dir.file("stderr.log"), encoding: .utf8)) ?? "(no log)"
+        throw TestSupportError("TLS redis-server did not start: \(log.split(separator: "\n").suffix(5).joined(separator: "\n"))")
     }
 
     deinit {
@@ -69,3 +74,31 @@ public final class TLSRedisServer: @unchecked Sendable {
     }
 }
 
+
+/// A Redis Cluster of three TLS-only primaries (no replicas), its cluster bus on TLS too, joined
+/// with `redis-cli --tls --cluster create`.
+public final class TLSRedisCluster: Sendable {
+    public let nodes: [TLSRedisServer]
+
+    /// The seed list for `redis.mode: cluster`.
+    public var url: String { "rediss://" + nodes.map { "127.0.0.1:\($0.port)" }.joined(separator: ",") }
+
+    public init(_ certs: TLSTestCertificates) throws {
+        let ports = try RedisClusterProcess.clusterPorts(3)
+        nodes = try ports.map { port in
+            try TLSRedisServer(certs, port: port, extraArguments: [
+                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "1500",
+                "--tls-cluster", "yes", "--tls-replication", "yes",
+            ])
+        }
+        let tls = ["--tls", "--cacert", certs.path("ca.pem"), "--cert", certs.path("client.pem"), "--key", certs.path("client.key")]
+        let create = try RedisClusterProcess.cli(tls + ["--cluster", "create"] + ports.map { "127.0.0.1:\($0)" } + ["--cluster-replicas", "0", "--cluster-yes"])
+        guard create.status == 0 else { throw TestSupportError("redis-cli --tls --cluster create failed: \(create.output.suffix(800))") }
+        let deadline = ContinuousClock.now + .seconds(30)
+        while ContinuousClock.now < deadline {
+            if try ports.allSatisfy({ try RedisClusterProcess.cli(tls + ["-p", "\($0)", "cluster", "info"]).output.contains("cluster_state:ok") }) { return }
+            usleep(100_000)
+        }
+        throw TestSupportError("TLS redis cluster not ready within 30 s")
+    }
+}

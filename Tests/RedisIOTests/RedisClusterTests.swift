@@ -1,0 +1,209 @@
+import DedupCore
+import Foundation
+import Synchronization
+import Testing
+@testable import RedisIO
+import TestSupport
+
+@Suite("Cluster slots and seed lists")
+struct ClusterSlotTests {
+    @Test func slotsMatchRedis() {
+        // Values from the Redis Cluster specification and `CLUSTER KEYSLOT`.
+        #expect(ClusterSlot.of("123456789") == 0x31C3 & 16383)
+        #expect(ClusterSlot.of("foo") == 12182)
+        #expect(ClusterSlot.of("bar") == 5061)
+        #expect(ClusterSlot.of("{user1000}.following") == ClusterSlot.of("{user1000}.followers"))
+        #expect(ClusterSlot.of("{user1000}.following") == ClusterSlot.of("user1000"))
+        // An empty tag does not count: the whole key is hashed.
+        #expect(ClusterSlot.of("foo{}{bar}") != ClusterSlot.of("bar"))
+        #expect(ClusterSlot.of("foo{{bar}}zap") == ClusterSlot.of("{bar"))
+    }
+
+    @Test func seedListKeepsCredentialsAndScheme() throws {
+        let seeds = try RedisURL.clusterSeeds("rediss://app:s%40cret@10.0.0.1:7000,10.0.0.2:7001,[::1]:7002")
+        #expect(seeds.map(\.host) == ["10.0.0.1", "10.0.0.2", "::1"])
+        #expect(seeds.map(\.port) == [7000, 7001, 7002])
+        #expect(seeds.allSatisfy { $0.user == "app" && $0.password == "s@cret" && $0.tls })
+        #expect(try RedisURL.clusterSeeds("redis://h:1/0").count == 1)
+    }
+
+    @Test func seedListRefusesDatabasesAndEmptyNodes() throws {
+        let db = try #require(throws: RedisError.self) { try RedisURL.clusterSeeds("redis://h:1,h:2/3") }
+        #expect(db.message.contains("only database 0"))
+        let empty = try #require(throws: RedisError.self) { try RedisURL.clusterSeeds("redis://h:1,,h:2") }
+        #expect(empty.message.contains("empty node"))
+    }
+}
+
+/// Against a real six-node cluster (three primaries, three replicas) started by the test.
+@Suite("RedisClaimStore against a Redis Cluster", .serialized)
+struct RedisClusterTests {
+    static func store(_ cluster: RedisClusterProcess, maxKeysPerScript: Int = 1000) async throws -> RedisClaimStore {
+        let redis = try await RedisTarget.connect(url: cluster.url, cluster: true, commandTimeout: .seconds(3), logger: quietLogger)
+        return RedisClaimStore(redis: redis, maxKeysPerScript: maxKeysPerScript, logger: quietLogger)
+    }
+
+    @Test func claimsAndConfirmsSpreadOverEveryPrimary() async throws {
+        let cluster = try RedisClusterProcess()
+        let store = try await Self.store(cluster, maxKeysPerScript: 50)
+        let p = uniquePrefix()
+        let keys = (0..<3000).map { "\(p)\($0)" }
+        #expect(try await store.claim(keys, owner: "w1", lease: .seconds(30)).allSatisfy { $0 == .claimed })
+        #expect(try await store.claim(keys, owner: "w2", lease: .seconds(30)) == Array(repeating: .pendingElsewhere(owner: "w1"), count: keys.count))
+        // Results stay in key order although the keys were grouped by slot: mixed states.
+        _ = try await store.confirm(Array(keys[..<1000]), owner: "w1", retention: .seconds(60))
+        let mixed = try await store.claim(keys, owner: "w1", lease: .seconds(30))
+        #expect(mixed[..<1000].allSatisfy { $0 == .done })
+        #expect(mixed[1000...].allSatisfy { $0 == .alreadyOwned })
+        #expect(try await store.release(Array(keys[1000...]), owner: "w1").allSatisfy { $0 })
+
+        // Every primary holds some of the keys, and together exactly the confirmed ones.
+        var total: Int64 = 0
+        for port in try cluster.primaryPorts() {
+            let connection = try await RedisConnection.connect(try RedisURL("redis://127.0.0.1:\(port)/0"), logger: quietLogger)
+            let size = try #require(try await connection.command("DBSIZE").int)
+            #expect(size > 0, "primary \(port) holds none of the keys")
+            total += size
+        }
+        #expect(total == 1000)
+
+        // redis.wait_replicas: confirms wait for each written primary's replica; asking for more
+        // replicas than exist only waits out redis.wait_timeout and logs, the confirms stand.
+        let redis = store.redis
+        for (replicas, timeout) in [(1, Duration.seconds(2)), (2, .milliseconds(50))] {
+            let waiting = RedisClaimStore(redis: redis, logger: quietLogger, waitReplicas: (replicas, timeout))
+            let batch = (0..<300).map { "\(p)wait\(replicas):\($0)" }
+            _ = try await waiting.claim(batch, owner: "w1", lease: .seconds(30))
+            let started = ContinuousClock.now
+            #expect(try await waiting.confirm(batch, owner: "w1", retention: .seconds(60)).allSatisfy { $0 == .confirmed })
+            if replicas == 2 { #expect(ContinuousClock.now - started >= .milliseconds(50), "WAIT ran its timeout out") }
+            let slots = batch.map(ClusterSlot.of)
+            #expect(try await redis.waitForReplicas(replicas, timeout: timeout, slots: slots) == min(replicas, 1))
+            _ = try await waiting.forget(batch, force: true)
+        }
+
+        let forgotten = try await store.forget([keys[0], keys[2000]], force: false)
+        #expect(forgotten.map(\.removed) == [true, false])
+        #expect(try await store.claim([keys[0]], owner: "w3", lease: .seconds(30)) == [.claimed])
+    }
+
+    @Test func followsMovedAndAskDuringAReshard() async throws {
+        let cluster = try RedisClusterProcess()
+        let store = try await Self.store(cluster, maxKeysPerScript: 100)
+        let primaries = try cluster.primaryPorts()
+        let p = uniquePrefix()
+        // Keys claimed before, during and after a migration of 500 slots: each key is claimed
+        // once by its first worker, seen as pending by the second, confirmed, then seen done.
+        let finished = Finished()
+        let reshard = Task.detached {
+            defer { finished.set() }
+            try cluster.reshard(from: primaries[0], to: primaries[1], slots: 500)
+        }
+        var round = 0
+        while round < 400 {
+            let keys = (0..<200).map { "\(p)\(round):\($0)" }
+            #expect(try await store.claim(keys, owner: "a", lease: .seconds(30)).allSatisfy { $0 == .claimed })
+            #expect(try await store.claim(keys, owner: "b", lease: .seconds(30)).allSatisfy { $0 == .pendingElsewhere(owner: "a") })
+            #expect(try await store.confirm(keys, owner: "a", retention: .seconds(60)).allSatisfy { $0 == .confirmed })
+            #expect(try await store.claim(keys, owner: "b", lease: .seconds(30)).allSatisfy { $0 == .done })
+            round += 1
+            if round >= 20, finished.isSet { break }
+        }
+        try await reshard.value
+        // After the migration the old keys are still found, on their new primary.
+        let first = (0..<200).map { "\(p)0:\($0)" }
+        #expect(try await store.claim(first, owner: "c", lease: .seconds(30)).allSatisfy { $0 == .done })
+        guard case .cluster(let client) = store.redis else { Issue.record("not a cluster"); return }
+        let redirections = client.redirections
+        #expect(redirections.moved > 0, "the migrated slots answered MOVED")
+        print("cluster reshard: \(round) rounds of 200 keys during the migration of 500 slots; redirected by MOVED \(redirections.moved), by ASK \(redirections.ask)")
+    }
+
+    @Test func speaksTLSToEveryNodeAsAnACLUser() async throws {
+        let certs = try TLSTestCertificates()
+        let cluster = try TLSRedisCluster(certs)
+        let tls = RedisTLSOptions(caFile: certs.path("ca.pem"), certificateFile: certs.path("client.pem"), keyFile: certs.path("client.key"))
+        // Every node gets the ACL user, and the default user is switched off.
+        let cli = ["--tls", "--cacert", certs.path("ca.pem"), "--cert", certs.path("client.pem"), "--key", certs.path("client.key")]
+        for node in cluster.nodes {
+            try RedisClusterProcess.cli(cli + ["-p", "\(node.port)", "ACL", "SETUSER", "dedupd", "on", ">pw-acl-9", "~*", "+@all"])
+            try RedisClusterProcess.cli(cli + ["-p", "\(node.port)", "ACL", "SETUSER", "default", "off"])
+        }
+        let seeds = cluster.url.replacingOccurrences(of: "rediss://", with: "rediss://dedupd@")
+        let refused = try await #require(throws: RedisError.self) {
+            _ = try await RedisTarget.connect(url: seeds, cluster: true, password: "wrong-pw", tls: tls, logger: quietLogger)
+        }
+        #expect(refused.code == .auth && !refused.message.contains("wrong-pw"), "\(refused)")
+        // The password given apart (redis.password_file) reaches every node.
+        let redis = try await RedisTarget.connect(url: seeds, cluster: true, password: "pw-acl-9", tls: tls, logger: quietLogger)
+        #expect(!redis.redacted.contains("pw-acl-9"))
+        let store = RedisClaimStore(redis: redis, logger: quietLogger)
+        let keys = (0..<1000).map { "\(uniquePrefix())\($0)" }
+        #expect(try await store.claim(keys, owner: "w1", lease: .seconds(30)).allSatisfy { $0 == .claimed })
+        #expect(try await store.confirm(keys, owner: "w1", retention: .seconds(60)).allSatisfy { $0 == .confirmed })
+        #expect(try await store.claim(keys, owner: "w2", lease: .seconds(30)).allSatisfy { $0 == .done })
+        guard case .cluster(let client) = redis else { Issue.record("not a cluster"); return }
+        #expect(client.primaries.count == 3)
+    }
+
+    @Test func aSeedListWhereNoNodeAnswersAndAStandaloneServerAreClearErrors() async throws {
+        let closed = try (0..<2).map { _ in try freePort() }
+        let none = try await #require(throws: RedisError.self) {
+            _ = try await RedisTarget.connect(url: "redis://127.0.0.1:\(closed[0]),127.0.0.1:\(closed[1])", cluster: true, logger: quietLogger)
+        }
+        #expect(none.isRetriable, "the worker waits for the cluster, failing closed")
+        #expect(none.message.contains("no Redis Cluster node answered") && none.message.contains("127.0.0.1:\(closed[1])"), "\(none)")
+
+        let standalone = try RedisServerProcess()
+        let notCluster = try await #require(throws: RedisError.self) {
+            _ = try await RedisTarget.connect(url: standalone.url, cluster: true, logger: quietLogger)
+        }
+        #expect(!notCluster.isRetriable)
+        #expect(notCluster.message.contains("not in cluster mode") && notCluster.message.contains("redis.mode: standalone"), "\(notCluster)")
+
+        let crossSlot = RedisError.fromServerReply("CROSSSLOT Keys in request don't hash to the same slot", context: "EVALSHA claim")
+        #expect(crossSlot.message.contains("hash tag"), "\(crossSlot)")
+    }
+
+    @Test func failsClosedWhileAPrimaryIsDownAndResumesOnItsReplica() async throws {
+        let cluster = try RedisClusterProcess()
+        let store = try await Self.store(cluster)
+        let p = uniquePrefix()
+        let before = (0..<1000).map { "\(p)before:\($0)" }
+        _ = try await store.claim(before, owner: "w1", lease: .seconds(30))
+        #expect(try await store.confirm(before, owner: "w1", retention: .seconds(300)).allSatisfy { $0 == .confirmed })
+        // WAIT makes sure the replicas have the done records before the crash (AOF always is
+        // the primary's own disk; a promoted replica only has what was replicated).
+        _ = try await store.redis.waitForReplicas(1, timeout: .seconds(2), slots: before.map(ClusterSlot.of))
+
+        let victim = try cluster.primaryPorts()[0]
+        cluster.node(port: victim)!.kill()
+        let killed = ContinuousClock.now
+        var failures = 0
+        var recovered: Duration?
+        let after = (0..<500).map { "\(p)after:\($0)" }
+        while ContinuousClock.now - killed < .seconds(30) {
+            do {
+                let outcomes = try await store.claim(after, owner: "w1", lease: .seconds(30))
+                #expect(outcomes.allSatisfy { $0 == .claimed || $0 == .alreadyOwned })
+                recovered = ContinuousClock.now - killed
+                break
+            } catch let error as RedisError {
+                #expect(error.isRetriable, "a node down is retriable: \(error)")
+                failures += 1
+                try await Task.sleep(for: .milliseconds(200))
+            }
+        }
+        let took = try #require(recovered, "the replica took over within 30 s")
+        #expect(failures > 0, "claims failed (closed) while the slots had no primary")
+        // The done records written before the crash were replicated: still done on the new primary.
+        #expect(try await store.claim(before, owner: "w2", lease: .seconds(30)).allSatisfy { $0 == .done })
+        print("cluster failover: claims failed closed \(failures) times, served again \(took) after SIGKILL of primary \(victim)")
+    }
+}
+
+private final class Finished: Sendable {
+    private let flag = Mutex(false)
+    func set() { flag.withLock { $0 = true } }
+    var isSet: Bool { flag.withLock { $0 } }
+}
