@@ -378,11 +378,12 @@ struct Bench: AsyncParsableCommand {
                 count: count, duplicateRatio: duplicateRatio, appendOnly: appendOnly, fsync: redisFsync,
                 logger: Logger(label: "bench", factory: { _ in SwiftLogNoOpLogHandler() })))
         }
+        // Printed first: the full bench's output ends with its one summary line for scripts.
+        print(SeenSetBench.render(seenSet))
         if !seenSetOnly {
             let figures = try await Benchmark.run(options, logger: logger)
             print(Benchmark.render(figures))
         }
-        print(SeenSetBench.render(seenSet))
     }
 }
 
