@@ -17,6 +17,10 @@ public struct AdminConfiguration: Sendable {
     public var kafkaProperties: [String: String]
     /// Each configured route's key namespace (`routes.<name>.dedup.namespace`, else the name).
     public var routeNamespaces: [String: String] = [:]
+    /// Where the top-level route keeps its done records (`dedup.layout` and its settings).
+    public var doneLayout: DoneLayout = .keys
+    /// Each configured route's done-record layout.
+    public var routeLayouts: [String: DoneLayout] = [:]
 
     public init(layers: [[String: ConfigValue]]) throws(ConfigError) {
         var merged: [String: ConfigValue] = [:]
@@ -43,6 +47,30 @@ public struct AdminConfiguration: Sendable {
         kafkaProperties = props
         for name in r.optional("routes").map({ _ in (try? r.list("routes")) ?? [] }) ?? [] {
             routeNamespaces[name] = merged["routes.\(name).dedup.namespace"]?.text ?? name
+            routeLayouts[name] = try Self.layout(WorkerConfiguration.Reader(values: merged, routeName: name))
         }
+        doneLayout = try Self.layout(r)
+        if redisCluster {
+            // As the worker reads it: a cluster never holds the keys layout (see WorkerConfiguration).
+            func untagged(_ layout: DoneLayout) -> DoneLayout {
+                guard case .compact(var records) = layout else { return layout }
+                records.readsKeysLayout = false
+                return .compact(records)
+            }
+            doneLayout = untagged(doneLayout)
+            routeLayouts = routeLayouts.mapValues(untagged)
+        }
+    }
+
+    /// The layout settings as the worker reads them (the admin commands must find what it wrote).
+    static func layout(_ r: WorkerConfiguration.Reader) throws(ConfigError) -> DoneLayout {
+        guard try r.choice("dedup.layout") == "compact" else { return .keys }
+        let lease: Duration
+        if let given = try r.optionalDuration("dedup.lease") { lease = given } else { lease = try r.duration("dedup.window") + .seconds(30) }
+        let records = CompactRecords(
+            retention: try r.duration("dedup.retention"), slotsPerRetention: try r.count("dedup.compact.slots"),
+            buckets: try r.count("dedup.compact.buckets"), readsKeysLayout: try r.choice("dedup.compact.read_keys_layout") == "true", lease: lease)
+        if let (key, problem) = records.problem() { throw r.fail(key, problem) }
+        return .compact(records)
     }
 }

@@ -37,9 +37,13 @@ public enum KeyState: Sendable, Equatable {
 public struct KeyGroup: Sendable, Equatable {
     public var keys: [String]
     public var ttl: Duration
-    public init(_ keys: [String], ttl: Duration) {
+    /// Where the group's done records are (its route's `dedup.layout`): claims look there, confirms
+    /// write there. Default: `.keys`.
+    public var layout: DoneLayout
+    public init(_ keys: [String], ttl: Duration, layout: DoneLayout = .keys) {
         self.keys = keys
         self.ttl = ttl
+        self.layout = layout
     }
 }
 

@@ -66,6 +66,14 @@ public enum ConfigSchema {
               doc: "How long a dispatched key is remembered (repeats within it are dropped)."),
         .init(name: "dedup.lease", kind: .duration, defaultValue: nil,
               doc: "Lease of a pending claim; a dead worker's keys free up after it. Default: window + 30s."),
+        .init(name: "dedup.layout", kind: .choice(DedupSettings.LayoutKind.allCases.map(\.rawValue)), defaultValue: "compact",
+              doc: "How done records are kept in Redis. compact: a 12-byte digest field in a time-bucketed hash (~20 B per remembered id; kept at least dedup.retention, at most one slot longer); keys: one string key per id (~180 B), the layout of 0.1.0. Switch with a stop-and-start of the group, not a rolling restart (docs/operations.md)."),
+        .init(name: "dedup.compact.buckets", kind: .count, defaultValue: "8192",
+              doc: "compact layout: hashes per slot and route, a power of two from 64. Size it so one slot's unique ids / buckets stays under ~100 (Redis keeps a hash of up to 128 fields as a listpack): unique ids per second × retention / dedup.compact.slots / 100."),
+        .init(name: "dedup.compact.slots", kind: .count, defaultValue: "1",
+              doc: "compact layout: slots per retention. A slot is retention / slots long; a done record lives at least dedup.retention and at most one slot (+30s) more; a claim looks in slots + 1 buckets (each about 1 µs of Redis CPU)."),
+        .init(name: "dedup.compact.read_keys_layout", kind: .choice(["true", "false"]), defaultValue: "true",
+              doc: "compact layout: also recognise done records written by the keys layout (the pending claim then lives at that layout's key, dedupd:<namespace>:<key>). Turn off once dedup.retention has passed since the switch; always off with redis.mode: cluster."),
         .init(name: "dedup.token", kind: .string, defaultValue: nil,
               doc: "Token mode: where a message's one-time token is, e.g. header:form-token. Only a message whose token was issued (dedupd token issue) and not yet used is dispatched; unknown, expired and reused tokens are bad input."),
         .init(name: "dedup.keep", kind: .choice(KeepPolicy.allCases.map(\.rawValue)), defaultValue: "first",
@@ -151,6 +159,7 @@ public enum ConfigSchema {
     /// Top-level keys a route can set for itself.
     public static let routeInheritedKeys: Set<String> = [
         "dedup.key", "dedup.namespace", "dedup.window", "dedup.retention", "dedup.lease", "dedup.token", "dedup.keep",
+        "dedup.layout", "dedup.compact.buckets", "dedup.compact.slots", "dedup.compact.read_keys_layout",
         "handler.type", "handler.output", "handler.topic", "handler.url", "handler.command", "handler.timeout",
         "handler.headers", "handler.tls_ca_file", "handler.tls_cert_file", "handler.tls_key_file",
         "handler.max_elapsed", "handler.concurrency", "handler.max_attempts", "handler.backoff",

@@ -500,7 +500,7 @@ public struct DedupEngine: Sendable {
         toRelease.removeAll()
         releaseInFlight = id
         outstanding[id] = .releases(keys)
-        return .release(id, keys.map(\.storeKey))
+        return .release(id, ledger.pendingStoreKeys(keys))
     }
 
     mutating func tokensAction() -> Action? {

@@ -289,13 +289,31 @@ public struct DedupLedger: Sendable {
     /// The store keys of `keys` cut into groups of one time to live (`\.lease` for claims,
     /// `\.retention` for confirms), in the order of `keys`, for one round trip.
     public func storeGroups(_ keys: [DedupKey], ttl: KeyPath<DedupSettings, Duration>) -> [KeyGroup] {
-        guard hasRoutes else { return keys.isEmpty ? [] : [KeyGroup(keys.map(\.storeKey), ttl: settings[keyPath: ttl])] }
+        guard hasRoutes else {
+            return keys.isEmpty ? [] : [KeyGroup(keys.map(\.storeKey), ttl: settings[keyPath: ttl], layout: settings.doneLayout)]
+        }
         var groups: [KeyGroup] = []
         for key in keys {
-            let t = routeSettings[route(key)][keyPath: ttl]
-            if groups.last?.ttl == t { groups[groups.count - 1].keys.append(key.storeKey) } else { groups.append(KeyGroup([key.storeKey], ttl: t)) }
+            let s = routeSettings[route(key)]
+            let t = s[keyPath: ttl], layout = s.doneLayout
+            if groups.last?.ttl == t, groups.last?.layout == layout {
+                groups[groups.count - 1].keys.append(key.storeKey)
+            } else {
+                groups.append(KeyGroup([key.storeKey], ttl: t, layout: layout))
+            }
         }
         return groups
+    }
+
+    /// Where each key's pending claim is in the store: its store key in the keys layout, its own
+    /// pending key in the compact layout (what a release deletes).
+    public func pendingStoreKeys(_ keys: [DedupKey]) -> [String] {
+        keys.map { key in
+            switch (hasRoutes ? routeSettings[route(key)] : settings).doneLayout {
+            case .keys: key.storeKey
+            case .compact(let records): records.placement(of: key.storeKey).pendingKey
+            }
+        }
     }
 
     private func groupedByRoute(_ keys: [DedupKey]) -> [DedupKey] {

@@ -27,6 +27,30 @@ public struct DedupSettings: Sendable {
     /// Token mode: where each message's one-time token is (e.g. `header:form-token`). A new key
     /// is claimed only after its message's token was accepted. Default: off.
     public var token: KeyTemplate?
+    /// Where done records are kept (`dedup.layout`). Default: compact.
+    public var layout: LayoutKind
+    /// Compact layout: slots per retention (`dedup.compact.slots`). Default: 1.
+    public var compactSlots: Int
+    /// Compact layout: buckets per slot (`dedup.compact.buckets`). Default: 8192.
+    public var compactBuckets: Int
+    /// Compact layout: also recognise done records of the keys layout
+    /// (`dedup.compact.read_keys_layout`). Default: true.
+    public var readsKeysLayout: Bool
+
+    public enum LayoutKind: String, Sendable, CaseIterable {
+        case keys, compact
+    }
+
+    /// The store's view of `layout` and its settings.
+    public var doneLayout: DoneLayout {
+        switch layout {
+        case .keys: .keys
+        case .compact:
+            .compact(CompactRecords(
+                retention: retention, slotsPerRetention: compactSlots, buckets: compactBuckets, readsKeysLayout: readsKeysLayout,
+                lease: lease))
+        }
+    }
 
     public init(
         template: KeyTemplate,
@@ -40,7 +64,11 @@ public struct DedupSettings: Sendable {
         bufferMaxBytes: Int = ConfigSchema.defaultSize("buffer.max_bytes"),
         parkRetry: Duration = .milliseconds(500),
         holdsDeadLetters: Bool = false,
-        token: KeyTemplate? = nil
+        token: KeyTemplate? = nil,
+        layout: LayoutKind = LayoutKind(rawValue: ConfigSchema.defaultText("dedup.layout"))!,
+        compactSlots: Int = ConfigSchema.defaultCount("dedup.compact.slots"),
+        compactBuckets: Int = ConfigSchema.defaultCount("dedup.compact.buckets"),
+        readsKeysLayout: Bool = ConfigSchema.defaultText("dedup.compact.read_keys_layout") == "true"
     ) {
         self.template = template
         self.namespace = namespace
@@ -54,5 +82,9 @@ public struct DedupSettings: Sendable {
         self.parkRetry = parkRetry
         self.holdsDeadLetters = holdsDeadLetters
         self.token = token
+        self.layout = layout
+        self.compactSlots = compactSlots
+        self.compactBuckets = compactBuckets
+        self.readsKeysLayout = readsKeysLayout
     }
 }

@@ -99,6 +99,16 @@ public struct WorkerConfiguration: Sendable {
         dedup.holdsDeadLetters = deadLetterTopic != nil
         unmatched = Routing.Unmatched(rawValue: try r.choice("routing.unmatched"))!
         routes = try Self.parseRoutes(r, defaults: dedup)
+        if redisCluster {
+            // The keys layout's key has no hash tag, so it cannot share a script with a claim's
+            // buckets in a cluster; 0.1.0 had no cluster support, so there is nothing to read.
+            for (name, value) in merged where name.hasSuffix("dedup.compact.read_keys_layout") && value.text == "true" {
+                throw ConfigError(key: name, value: value.text, origin: value.origin,
+                                  problem: "must be false with redis.mode: cluster (the keys layout's keys have no hash tag)")
+            }
+            dedup.readsKeysLayout = false
+            for i in routes.indices { routes[i].dedup.readsKeysLayout = false }
+        }
         stopWhenIdle = try r.optionalDuration("run.stop_when_idle")
         shutdownDeadline = try r.duration("run.shutdown_deadline")
         logLevel = LogLevel(rawValue: try r.choice("log.level"))!
@@ -185,6 +195,13 @@ public struct WorkerConfiguration: Sendable {
         var dedup = DedupSettings(
             template: template, namespace: namespace, window: window, retention: retention, lease: lease,
             keep: KeepPolicy(rawValue: try r.choice("dedup.keep"))!)
+        dedup.layout = DedupSettings.LayoutKind(rawValue: try r.choice("dedup.layout"))!
+        dedup.compactBuckets = try r.count("dedup.compact.buckets")
+        dedup.compactSlots = try r.count("dedup.compact.slots")
+        dedup.readsKeysLayout = try r.choice("dedup.compact.read_keys_layout") == "true"
+        if case .compact(let records) = dedup.doneLayout, let (key, problem) = records.problem() {
+            throw r.fail(key, problem)
+        }
         if let tokenText = r.optional("dedup.token") {
             do { dedup.token = try KeyTemplate(tokenText) } catch {
                 throw r.fail("dedup.token", "\(error)")

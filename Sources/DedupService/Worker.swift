@@ -151,6 +151,7 @@ public final class Worker: Service {
     /// does not say, and when it keeps nothing across a restart (RedisRequirements). In a cluster
     /// every primary is checked: each has its own configuration.
     func checkRequirements(_ redis: RedisTarget) async throws {
+        let compact = ([config.dedup] + config.routes.map(\.dedup)).contains { $0.layout == .compact }
         for (node, found) in try await RedisRequirements.read(from: redis) {
             if let refusal = found.configRefusal {
                 logger.warning(
@@ -167,6 +168,9 @@ public final class Worker: Service {
             if found.persistenceOff == true {
                 logger.warning("redis persists nothing (appendonly no, no save points): a restart of Redis forgets every done record",
                                metadata: ["redis.node": "\(node)"])
+            }
+            if compact, let problem = found.listpackProblem {
+                logger.warning("\(problem)", metadata: ["redis.node": "\(node)"])
             }
         }
     }

@@ -60,3 +60,87 @@ extension RedisClaimStore {
         return out
         """
 }
+
+/// The same operator actions on a route whose done records are compact (or may be in both layouts).
+extension RedisClaimStore {
+    /// Each key's state: pending (its pending key, or a pending value in the keys layout's key),
+    /// done (its field in a live bucket, or a done keys-layout key), or absent. For `.keys` this is
+    /// `inspect(_:)`.
+    public func inspect(_ keys: [String], layout: DoneLayout) async throws -> [KeyState] {
+        guard case .compact(let records) = layout else { return try await inspect(keys) }
+        return try await compactAdmin(keys, records, mode: "0").map(\.state)
+    }
+
+    /// `forget(_:force:)` for `layout`: in the compact layout the key's field is removed from every
+    /// live bucket that holds it (and a done keys-layout key is deleted too); a pending claim is
+    /// removed only with `force`.
+    public func forget(_ keys: [String], force: Bool, layout: DoneLayout) async throws -> [Forgotten] {
+        guard case .compact(let records) = layout else { return try await forget(keys, force: force) }
+        return try await compactAdmin(keys, records, mode: force ? "2" : "1")
+    }
+
+    private func compactAdmin(_ keys: [String], _ records: CompactRecords, mode: String) async throws -> [Forgotten] {
+        guard !keys.isEmpty else { return [] }
+        // The admin reads what a claim reads: the live buckets, and the keys layout's key only
+        // while that layout is read (otherwise the pending key stands in for it, so that every
+        // key of the call shares the hash tag, as a Redis Cluster requires).
+        let slots = records.liveSlots(at: unixMillis())
+        let m = 2 + slots.count
+        // One EVAL per key: a key's store keys share one hash tag, different keys may not.
+        var out: [Forgotten] = []
+        for key in keys {
+            let p = records.placement(of: key)
+            var command: [RedisArgument] = ["EVAL", RedisArgument(Self.compactAdminScript), RedisArgument(m)]
+            command.append(RedisArgument(p.pendingKey))
+            command.append(RedisArgument(records.readsKeysLayout ? p.keysLayoutKey : p.pendingKey))
+            for slot in slots { command.append(RedisArgument(p.bucketKey(slot: slot))) }
+            command.append(RedisArgument(mode))
+            command.append(RedisArgument(bytes: p.field))
+            let reply = try await redis.command(command, key: p.pendingKey).throwingOnError(mode == "0" ? "inspect" : "forget")
+            guard case .array(let items) = reply, items.count == 3, let ttl = items[1].int, let removed = items[2].int else {
+                throw RedisError(.protocolError, "compact inspect/forget: unexpected reply")
+            }
+            let state: KeyState
+            switch items[0] {
+            case .null: state = .absent
+            case let value:
+                let text = value.text ?? ""
+                if text.hasPrefix("d:") || text == "d" {
+                    state = .done(ttlMillis: ttl)
+                } else {
+                    state = .pending(owner: text.hasPrefix("p:") ? String(text.dropFirst(2)) : text, ttlMillis: ttl)
+                }
+            }
+            out.append(Forgotten(state: state, removed: removed > 0))
+        }
+        return out
+    }
+
+    /// KEYS = pending key, keys-layout key (the same key while the keys layout is read), live
+    /// buckets newest first; ARGV = mode ("0" inspect, "1" forget done, "2" forget even pending),
+    /// field. Returns the state's value ("d" for a field), its time to live (a bucket's is -1 until
+    /// its slot's TTLs are set), and how many records were removed.
+    static let compactAdminScript = """
+        local mode = ARGV[1]
+        local field = ARGV[2]
+        local p = redis.call('GET', KEYS[1])
+        if p and string.sub(p, 1, 2) ~= 'p:' then p = false end
+        local old = redis.call('GET', KEYS[2])
+        if old and string.sub(old, 1, 2) ~= 'd:' then old = false end
+        local found = {}
+        for b = 3, #KEYS do
+          if redis.call('HEXISTS', KEYS[b], field) == 1 then found[#found + 1] = KEYS[b] end
+        end
+        local state, ttl = false, -2
+        if p then state, ttl = p, redis.call('PTTL', KEYS[1])
+        elseif #found > 0 then state, ttl = 'd', redis.call('PTTL', found[1])
+        elseif old then state, ttl = old, redis.call('PTTL', KEYS[2]) end
+        local removed = 0
+        if mode == '2' and p then redis.call('DEL', KEYS[1]); removed = removed + 1 end
+        if mode ~= '0' and not (p and mode == '1') then
+          for _, b in ipairs(found) do removed = removed + redis.call('HDEL', b, field) end
+          if old then redis.call('DEL', KEYS[2]); removed = removed + 1 end
+        end
+        return {state, ttl, removed}
+        """
+}

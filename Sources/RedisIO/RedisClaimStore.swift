@@ -1,4 +1,5 @@
 import CHiredis
+import Foundation
 import DedupCore
 import Logging
 import Synchronization
@@ -23,6 +24,8 @@ public final class RedisClaimStore: ClaimStore {
     private let logger: Logger
     /// Script name → SHA1 the server gave for it; empty until first use.
     private let shas = Mutex<[String: String]>([:])
+    /// Compact layout: per route's buckets, the slot whose buckets this store set TTLs for last.
+    private let swept = Mutex<[SweepScope: Int64]>([:])
     private let waitReplicas: (count: Int, timeout: Duration)?
 
     /// Called after each operation's round trip(s) with the script name (`claim`, `confirm`, ...)
@@ -31,13 +34,20 @@ public final class RedisClaimStore: ClaimStore {
     /// Called when an operation's pipeline is sent, with its script name; the closure it returns
     /// is called once the answers are in (the worker's record of what is in flight). Default: none.
     private let onSend: (@Sendable (String) -> @Sendable () -> Void)?
+    /// Wall-clock time in Unix milliseconds: which slot a compact confirm writes and which slots a
+    /// claim reads (workers agree on slots through their clocks; see `CompactRecords.clockSkew`).
+    /// Default: the system clock; tests move it.
+    let unixMillis: @Sendable () -> Int64
 
     public convenience init(
         connection: RedisConnection, maxKeysPerScript: Int = 1000, logger: Logger,
         onSend: (@Sendable (_ op: String) -> @Sendable () -> Void)? = nil,
-        onRoundTrip: (@Sendable (_ op: String, _ duration: Duration) -> Void)? = nil
+        onRoundTrip: (@Sendable (_ op: String, _ duration: Duration) -> Void)? = nil,
+        unixMillis: (@Sendable () -> Int64)? = nil
     ) {
-        self.init(redis: .server(connection), maxKeysPerScript: maxKeysPerScript, logger: logger, onSend: onSend, onRoundTrip: onRoundTrip)
+        self.init(
+            redis: .server(connection), maxKeysPerScript: maxKeysPerScript, logger: logger, onSend: onSend, onRoundTrip: onRoundTrip,
+            unixMillis: unixMillis)
     }
 
     /// `waitReplicas`: after a batch's confirms, `WAIT` until that many replicas of each primary
@@ -47,8 +57,10 @@ public final class RedisClaimStore: ClaimStore {
         redis: RedisTarget, maxKeysPerScript: Int = 1000, logger: Logger,
         waitReplicas: (count: Int, timeout: Duration)? = nil,
         onSend: (@Sendable (_ op: String) -> @Sendable () -> Void)? = nil,
-        onRoundTrip: (@Sendable (_ op: String, _ duration: Duration) -> Void)? = nil
+        onRoundTrip: (@Sendable (_ op: String, _ duration: Duration) -> Void)? = nil,
+        unixMillis: (@Sendable () -> Int64)? = nil
     ) {
+        self.unixMillis = unixMillis ?? { Int64((Date().timeIntervalSince1970 * 1000).rounded(.down)) }
         self.redis = redis
         self.waitReplicas = waitReplicas
         self.maxKeysPerScript = max(1, maxKeysPerScript)
@@ -58,21 +70,30 @@ public final class RedisClaimStore: ClaimStore {
     }
 
     public func claim(_ groups: [KeyGroup], owner: String) async throws -> [ClaimOutcome] {
-        try await run(.claim, Self.batches(groups, owner: owner), element: Self.claimOutcome)
+        try await run(.claim, batches(groups, owner: owner, confirming: false), element: Self.claimOutcome)
     }
 
     public func confirm(_ groups: [KeyGroup], owner: String) async throws -> [ConfirmOutcome] {
-        try await run(.confirm, Self.batches(groups, owner: owner), element: Self.confirmOutcome)
+        _ = try await loadedSHA(.confirm)
+        return try await sendConfirms(groups, owner: owner).outcomes()
     }
 
     /// `claim`, sent now; the caller awaits `outcomes()` when it needs them.
     public func sendClaims(_ groups: [KeyGroup], owner: String) -> Request<ClaimOutcome> {
-        send(.claim, Self.batches(groups, owner: owner), element: Self.claimOutcome)
+        send(.claim, batches(groups, owner: owner, confirming: false), element: Self.claimOutcome)
     }
 
     /// `confirm`, sent now; the caller awaits `outcomes()` when it needs them.
     public func sendConfirms(_ groups: [KeyGroup], owner: String) -> Request<ConfirmOutcome> {
-        send(.confirm, Self.batches(groups, owner: owner), element: Self.confirmOutcome)
+        let request = send(.confirm, batches(groups, owner: owner, confirming: true), element: Self.confirmOutcome)
+        guard let sweep = sweepBuckets(groups) else { return request }
+        return Request {
+            let outcomes = try await request.outcomes()
+            for reply in try await sweep.value() {
+                if case .error(let text) = reply { throw RedisError.fromServerReply(text, context: "PEXPIRE of a compact bucket") }
+            }
+            return outcomes
+        }
     }
 
     /// `release`, sent now; the caller awaits `outcomes()` when it needs them.
@@ -173,95 +194,193 @@ public final class RedisClaimStore: ClaimStore {
         case malformed(String)
     }
 
-    /// Keys run through one script with the same arguments (e.g. one lease).
-    /// `perKeyArgs`, when given, holds one argument per key, passed with its chunk after `args`.
+    /// Items run through one script with the same arguments (e.g. one lease). An item is one
+    /// claimed key and passes `keysPerItem` keys (`keys` holds them item after item), all with the
+    /// hash tag of its first key. `perKeyArgs`, when given, holds one argument per item, passed
+    /// with its chunk after `args`. `script` nil: the operation's own script.
     private struct ScriptBatch: Sendable {
         var keys: [String]
         var args: [RedisArgument]
         var perKeyArgs: [RedisArgument]? = nil
+        var keysPerItem = 1
+        var script: LuaScript? = nil
+        var itemCount: Int { keys.count / keysPerItem }
     }
 
-    /// Claim and confirm scripts take `owner` and the group's time to live in milliseconds.
-    private static func batches(_ groups: [KeyGroup], owner: String) -> [ScriptBatch] {
-        groups.map { ScriptBatch(keys: $0.keys, args: [RedisArgument(owner), RedisArgument(millis($0.ttl))]) }
+    /// Claim and confirm scripts of the keys layout take `owner` and the group's time to live in
+    /// milliseconds; compact groups get their own batch (`compactClaims`, `compactConfirms`).
+    private func batches(_ groups: [KeyGroup], owner: String, confirming: Bool) -> [ScriptBatch] {
+        let now = unixMillis()
+        return groups.map { group in
+            switch group.layout {
+            case .keys:
+                return ScriptBatch(keys: group.keys, args: [RedisArgument(owner), RedisArgument(Self.millis(group.ttl))])
+            case .compact(let records):
+                return confirming
+                    ? Self.compactConfirms(group.keys, records, owner: owner, now: now)
+                    : Self.compactClaims(group.keys, records, owner: owner, lease: group.ttl, now: now)
+            }
+        }
     }
 
-    /// One `EVALSHA`: keys `range` of batch `batch`, all in hash slot `slot` in a cluster.
+    /// Per key: its pending key and the bucket of each live slot.
+    private static func compactClaims(_ keys: [String], _ records: CompactRecords, owner: String, lease: Duration, now: Int64) -> ScriptBatch {
+        let slots = records.liveSlots(at: now)
+        let m = 1 + slots.count
+        var storeKeys: [String] = []
+        storeKeys.reserveCapacity(keys.count * m)
+        var fields: [RedisArgument] = []
+        fields.reserveCapacity(keys.count)
+        for key in keys {
+            let p = records.placement(of: key)
+            storeKeys.append(p.pendingKey)
+            for slot in slots { storeKeys.append(p.bucketKey(slot: slot)) }
+            fields.append(RedisArgument(bytes: p.field))
+        }
+        return ScriptBatch(
+            keys: storeKeys, args: [RedisArgument(owner), RedisArgument(millis(lease)), RedisArgument(m)],
+            perKeyArgs: fields, keysPerItem: m, script: .claimCompact)
+    }
+
+    /// Per key: its pending key and the current slot's bucket.
+    private static func compactConfirms(_ keys: [String], _ records: CompactRecords, owner: String, now: Int64) -> ScriptBatch {
+        let slot = records.slot(at: now)
+        var storeKeys: [String] = []
+        storeKeys.reserveCapacity(keys.count * 2)
+        var fields: [RedisArgument] = []
+        fields.reserveCapacity(keys.count)
+        for key in keys {
+            let p = records.placement(of: key)
+            storeKeys.append(p.pendingKey)
+            storeKeys.append(p.bucketKey(slot: slot))
+            fields.append(RedisArgument(bytes: p.field))
+        }
+        return ScriptBatch(
+            keys: storeKeys, args: [RedisArgument(owner), RedisArgument(millis(records.lease))],
+            perKeyArgs: fields, keysPerItem: 2, script: .confirmCompact)
+    }
+
+    /// One route's buckets: the namespace and the settings that name them.
+    private struct SweepScope: Hashable {
+        var prefix: String
+        var namespace: String
+        var records: CompactRecords
+    }
+
+    /// Sets the TTL of compact buckets, once per bucket and slot rather than per confirmed key
+    /// (a `PEXPIRE` per key was ~2 µs of Redis CPU per id). The first confirm this store sends in
+    /// a slot sets the TTL of every bucket of the slots since its last sweep up to the one before
+    /// (now complete); its first confirm ever also covers the current slot and the slots a
+    /// stopped worker may have left without one. A bucket written after a sweep of its slot keeps
+    /// the TTL (`HSET` does not clear it); one written after the last sweep gets it at the next
+    /// slot edge from whichever worker confirms first. Single-key `PEXPIRE`s, pipelined after
+    /// the confirm on the same connection (routed per key in a cluster): nil when none is due.
+    private func sweepBuckets(_ groups: [KeyGroup]) -> RedisPending<[RedisReply]>? {
+        let now = unixMillis()
+        var commands: [[RedisArgument]] = []
+        for group in groups {
+            guard case .compact(let records) = group.layout, let key = group.keys.first else { continue }
+            let parts = key.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)
+            guard parts.count == 3 else { continue }
+            let scope = SweepScope(prefix: String(parts[0]), namespace: String(parts[1]), records: records)
+            let current = records.slot(at: now)
+            let range: ClosedRange<Int64>? = swept.withLock { swept in
+                let last = swept[scope]
+                if let last, last >= current { return nil }
+                swept[scope] = current
+                guard let last else { return current - Int64(records.slotsPerRetention) - 3...current }
+                return last...(current - 1)
+            }
+            guard let range else { continue }
+            for slot in range {
+                let ttl = RedisArgument(records.bucketTTLMillis(slot: slot, at: now))
+                for bucket in records.bucketKeys(prefix: scope.prefix, namespace: scope.namespace, slot: slot) {
+                    commands.append(["PEXPIRE", RedisArgument(bucket), ttl])
+                }
+            }
+        }
+        guard !commands.isEmpty else { return nil }
+        let all = commands
+        let slots = redis.isCluster ? commands.map { ClusterSlot.of(String(decoding: $0[1].bytes, as: UTF8.self)) } : []
+        return redis.send({
+            var batch = RedisCommandBatch()
+            for command in all {
+                batch.begin()
+                for arg in command { batch.append(arg.bytes) }
+            }
+            return batch
+        }, slots: slots, parse: { RedisReply($0) })
+    }
+
+    /// One `EVALSHA`: items `items` of batch `batch`, all in hash slot `slot` in a cluster.
     private struct Chunk: Sendable {
         var batch: Int
-        var range: Range<Int>
+        var items: [Int]
         var slot: UInt16 = 0
-        var count: Int { range.count }
+        var count: Int { items.count }
     }
 
-    /// A script run over the keys of `batches`: its chunks, and how to encode any of them.
+    /// How one batch's items are cut into `EVALSHA` chunks, with each chunk's hash slot. In a
+    /// Redis Cluster a chunk may only hold items of one slot: the slot of an item's first key,
+    /// `batch.keys[item * batch.keysPerItem]` (all of an item's keys share its hash tag), so
+    /// items are grouped by slot, in order within a slot. Standalone, any items may share a
+    /// chunk: runs of `maxItems`, in order (slot 0).
+    private static func chunkItems(_ batch: ScriptBatch, maxItems: Int, bySlot: Bool) -> [(slot: UInt16, items: [Int])] {
+        let n = batch.itemCount
+        guard bySlot else { return stride(from: 0, to: n, by: maxItems).map { (0, Array($0..<min($0 + maxItems, n))) } }
+        let slots = (0..<n).map { ClusterSlot.of(batch.keys[$0 * batch.keysPerItem]) }
+        let order = slots.indices.sorted { (slots[$0], $0) < (slots[$1], $1) }
+        var out: [(slot: UInt16, items: [Int])] = []
+        for item in order {
+            if let last = out.last, last.slot == slots[item], last.items.count < maxItems {
+                out[out.count - 1].items.append(item)
+            } else {
+                out.append((slots[item], [item]))
+            }
+        }
+        return out
+    }
+
+    /// A script run over the items of `batches`: its chunks, and how to encode any of them.
     private struct ScriptPlan: Sendable {
-        private(set) var batches: [ScriptBatch]
+        let batches: [ScriptBatch]
+        let script: LuaScript
         private(set) var chunks: [Chunk] = []
-        /// Cluster only: per batch, the original index of each key after grouping by slot.
-        private var orders: [[Int]] = []
+        /// Where each batch's first result goes in the answer.
+        private(set) var offsets: [Int] = []
+        private(set) var itemCount = 0
         private var keyCount = 0, keyBytes = 0, argBytes = 0, argCount = 0
 
-        init(_ batches: [ScriptBatch], maxKeysPerScript: Int, bySlot: Bool) {
+        init(_ script: LuaScript, _ batches: [ScriptBatch], maxKeysPerScript: Int, bySlot: Bool) {
+            self.script = script
             self.batches = batches
-            for b in batches.indices {
-                if bySlot {
-                    groupBySlot(b, maxKeysPerScript: maxKeysPerScript)
-                } else {
-                    for start in stride(from: 0, to: batches[b].keys.count, by: maxKeysPerScript) {
-                        chunks.append(Chunk(batch: b, range: start..<min(start + maxKeysPerScript, batches[b].keys.count)))
-                    }
+            for (b, batch) in batches.enumerated() {
+                offsets.append(itemCount)
+                itemCount += batch.itemCount
+                for (slot, items) in RedisClaimStore.chunkItems(batch, maxItems: maxKeysPerScript, bySlot: bySlot) {
+                    chunks.append(Chunk(batch: b, items: items, slot: slot))
                 }
-                let batch = batches[b]
-                keyCount += batch.keys.count * (batch.perKeyArgs == nil ? 1 : 2)
-                keyBytes += batch.keys.reduce(0) { $0 + $1.utf8.count }
+                keyCount += batch.keys.count + (batch.perKeyArgs == nil ? 0 : batch.itemCount)
+                keyBytes += batch.keys.reduce(0) { $0 + $1.utf8.count } + (batch.perKeyArgs?.reduce(0) { $0 + $1.bytes.count } ?? 0)
                 argBytes = max(argBytes, batch.args.reduce(0) { $0 + $1.bytes.count })
                 argCount = max(argCount, batch.args.count)
             }
         }
 
-        /// Reorders batch `b`'s keys so that keys of one slot are adjacent, and cuts chunks
-        /// that never cross a slot.
-        private mutating func groupBySlot(_ b: Int, maxKeysPerScript: Int) {
-            let batch = batches[b]
-            let slots = batch.keys.map(ClusterSlot.of)
-            let order = slots.indices.sorted { (slots[$0], $0) < (slots[$1], $1) }
-            batches[b].keys = order.map { batch.keys[$0] }
-            batches[b].perKeyArgs = batch.perKeyArgs.map { args in order.map { args[$0] } }
-            orders += Array(repeating: [], count: b - orders.count) + [order]
-            var start = 0
-            while start < order.count {
-                let slot = slots[order[start]]
-                var end = start + 1
-                while end < order.count, end - start < maxKeysPerScript, slots[order[end]] == slot { end += 1 }
-                chunks.append(Chunk(batch: b, range: start..<end, slot: slot))
-                start = end
-            }
+        /// The scripts the plan's chunks run.
+        var scripts: [LuaScript] {
+            var seen: [LuaScript] = []
+            for batch in batches where !seen.contains(batch.script ?? script) { seen.append(batch.script ?? script) }
+            return seen
         }
 
-        /// The slot of each selected chunk's command (after those of `prefix`).
+        func script(of chunk: Int) -> LuaScript { batches[chunks[chunk].batch].script ?? script }
+
+        /// The slot of each selected chunk's command.
         func slots(_ selected: some Collection<Int>) -> [UInt16] { selected.map { chunks[$0].slot } }
 
-        /// Per-key results in the order the keys were given: undoes `groupBySlot`.
-        func inKeyOrder<Item>(_ results: [Item], repliesPerKey: Int) -> [Item] {
-            guard !orders.isEmpty else { return results }
-            var out = results
-            var offset = 0
-            for (b, batch) in batches.enumerated() {
-                if b < orders.count, !orders[b].isEmpty {
-                    for (position, original) in orders[b].enumerated() {
-                        for r in 0..<repliesPerKey {
-                            out[offset + original * repliesPerKey + r] = results[offset + position * repliesPerKey + r]
-                        }
-                    }
-                }
-                offset += batch.keys.count * repliesPerKey
-            }
-            return out
-        }
-
-        /// One `EVALSHA` per selected chunk.
-        func evalsha(_ sha: String, _ selected: some Collection<Int>) -> RedisCommandBatch {
+        /// One `EVALSHA` per selected chunk; `shas` maps script names to SHAs.
+        func evalsha(_ shas: [String: String], _ selected: some Collection<Int>) -> RedisCommandBatch {
             var batch = RedisCommandBatch()
             batch.reserve(
                 bytes: keyBytes + selected.count * (64 + argBytes),
@@ -269,13 +388,16 @@ public final class RedisClaimStore: ClaimStore {
             for index in selected {
                 let chunk = chunks[index]
                 let source = batches[chunk.batch]
+                let m = source.keysPerItem
                 batch.begin()
                 batch.append("EVALSHA")
-                batch.append(sha)
-                batch.append(chunk.count)
-                for key in source.keys[chunk.range] { batch.append(key) }
+                batch.append(shas[(source.script ?? script).name] ?? "")
+                batch.append(chunk.count * m)
+                for item in chunk.items {
+                    for k in item * m..<(item + 1) * m { batch.append(source.keys[k]) }
+                }
                 for arg in source.args { batch.append(arg.bytes) }
-                if let perKeyArgs = source.perKeyArgs { for arg in perKeyArgs[chunk.range] { batch.append(arg.bytes) } }
+                if let perKeyArgs = source.perKeyArgs { for item in chunk.items { batch.append(perKeyArgs[item].bytes) } }
             }
             return batch
         }
@@ -316,15 +438,16 @@ public final class RedisClaimStore: ClaimStore {
         _ script: LuaScript, _ batches: [ScriptBatch], repliesPerKey: Int = 1,
         element: @escaping @Sendable (UnsafePointer<redisReply>) -> Item?
     ) -> Request<Item> {
-        guard let sha = shas.withLock({ $0[script.name] }) else {
+        let plan = ScriptPlan(script, batches, maxKeysPerScript: maxKeysPerScript, bySlot: redis.isCluster)
+        let known = shas.withLock { $0 }
+        guard plan.scripts.allSatisfy({ known[$0.name] != nil }) else {
             return Request { try await self.run(script, batches, repliesPerKey: repliesPerKey, element: element) }
         }
-        let plan = ScriptPlan(batches, maxKeysPerScript: maxKeysPerScript, bySlot: redis.isCluster)
         if plan.chunks.isEmpty { return Request { [] } }
         let parse = Self.chunkParser(element)
         let started = ContinuousClock.now
         let answered = onSend?(script.name)
-        let first = redis.send({ plan.evalsha(sha, plan.chunks.indices) }, slots: plan.slots(plan.chunks.indices), parse: parse)
+        let first = redis.send({ plan.evalsha(known, plan.chunks.indices) }, slots: plan.slots(plan.chunks.indices), parse: parse)
         return Request { [self] in
             // The duration of the round trip(s), not of the caller's work before it awaited them.
             var reloaded = false
@@ -339,11 +462,11 @@ public final class RedisClaimStore: ClaimStore {
             }
             if !missing.isEmpty {
                 reloaded = true
-                for (slot, reply) in zip(missing, try await reload(script, sha: sha, missing, plan, parse)) {
+                for (slot, reply) in zip(missing, try await reload(known, missing, plan, parse)) {
                     replies[slot] = reply
                 }
             }
-            let results = plan.inKeyOrder(try Self.results(script, plan.chunks, replies, repliesPerKey: repliesPerKey), repliesPerKey: repliesPerKey)
+            let results = try Self.results(plan, replies, repliesPerKey: repliesPerKey)
             if script == .confirm, let (count, timeout) = waitReplicas {
                 try await waitForReplicas(count, timeout: timeout, slots: plan.slots(plan.chunks.indices))
             }
@@ -355,13 +478,16 @@ public final class RedisClaimStore: ClaimStore {
     /// cluster): loads the scripts again (on every primary) and retries the `missing` chunks,
     /// in one more round trip; their replies, in order.
     private func reload<Item: Sendable>(
-        _ script: LuaScript, sha: String, _ missing: [Int], _ plan: ScriptPlan,
+        _ known: [String: String], _ missing: [Int], _ plan: ScriptPlan,
         _ parse: @escaping @Sendable (UnsafePointer<redisReply>) -> ChunkReply<Item>
     ) async throws -> [ChunkReply<Item>] {
-        logger.info("redis script cache lost; loading script again", metadata: ["redis.script": "\(script.name)"])
+        var scripts: [LuaScript] = []
+        for index in missing where !scripts.contains(plan.script(of: index)) { scripts.append(plan.script(of: index)) }
+        logger.info("redis script cache lost; loading script again", metadata: ["redis.script": "\(scripts.map(\.name).joined(separator: ","))"])
         shas.withLock { $0 = [:] }
-        let newSHA = try await loadedSHA(script)
-        return try await redis.pipeline(plan.evalsha(newSHA, missing), slots: plan.slots(missing), parse: parse)
+        for script in scripts { _ = try await loadedSHA(script) }
+        let reloaded = shas.withLock { $0 }
+        return try await redis.pipeline(plan.evalsha(reloaded, missing), slots: plan.slots(missing), parse: parse)
     }
 
     /// `WAIT count timeout` on each primary the confirms went to; fewer replicas in time is
@@ -401,28 +527,32 @@ public final class RedisClaimStore: ClaimStore {
         }
     }
 
-    /// The per-key results of all chunks, in key order; a chunk that did not answer with one
-    /// result per key fails the whole request.
+    /// The per-item results of all chunks, in item order; a chunk that did not answer with one
+    /// result per item fails the whole request.
     private static func results<Item: Sendable>(
-        _ script: LuaScript, _ chunks: [Chunk], _ replies: [ChunkReply<Item>], repliesPerKey: Int
+        _ plan: ScriptPlan, _ replies: [ChunkReply<Item>], repliesPerKey: Int
     ) throws -> [Item] {
-        var results: [Item] = []
-        results.reserveCapacity(chunks.reduce(0) { $0 + $1.count } * repliesPerKey)
-        for (chunk, reply) in zip(chunks, replies) {
+        var results = [Item?](repeating: nil, count: plan.itemCount * repliesPerKey)
+        for (index, reply) in replies.enumerated() {
+            let chunk = plan.chunks[index]
+            let name = plan.script(of: index).name
             switch reply {
             case .items(let items) where items.count == chunk.count * repliesPerKey:
-                results.append(contentsOf: items)
+                let offset = plan.offsets[chunk.batch]
+                for (n, item) in chunk.items.enumerated() {
+                    for r in 0..<repliesPerKey { results[(offset + item) * repliesPerKey + r] = items[n * repliesPerKey + r] }
+                }
             case .items(let items):
-                throw RedisError(.protocolError, "script \(script.name) returned an array of \(items.count) for \(chunk.count) keys")
+                throw RedisError(.protocolError, "script \(name) returned an array of \(items.count) for \(chunk.count) keys")
             case .error(let text):
-                throw RedisError.fromServerReply(text, context: "EVALSHA \(script.name)")
+                throw RedisError.fromServerReply(text, context: "EVALSHA \(name)")
             case .text(let text):
-                throw RedisError(.protocolError, "script \(script.name) returned a string of \(text.utf8.count) bytes for \(chunk.count) keys")
+                throw RedisError(.protocolError, "script \(name) returned a string of \(text.utf8.count) bytes for \(chunk.count) keys")
             case .malformed(let what):
-                throw RedisError(.protocolError, "script \(script.name) returned \(what) for \(chunk.count) keys")
+                throw RedisError(.protocolError, "script \(name) returned \(what) for \(chunk.count) keys")
             }
         }
-        return results
+        return results.map { $0! }
     }
 
     /// The SHA of `script`, loading all scripts in one pipeline the first time.

@@ -12,6 +12,9 @@ public struct RedisRequirements: Sendable, Equatable {
     public var configRefusal: String?
     /// Neither AOF nor RDB snapshots: done records do not survive a restart. Nil when unknown.
     public var persistenceOff: Bool?
+    /// `hash-max-listpack-entries` (read by its older alias, `hash-max-ziplist-entries`): a compact
+    /// bucket with more fields becomes a hashtable, several times larger. Nil when unknown.
+    public var hashListpackEntries: Int? = nil
 
     /// Whether the policy can evict dedupd's keys.
     public var evicts: Bool {
@@ -31,6 +34,7 @@ public struct RedisRequirements: Sendable, Equatable {
 
     private static let commands = [
         ["CONFIG", "GET", "maxmemory-policy"], ["CONFIG", "GET", "appendonly"], ["CONFIG", "GET", "save"],
+        ["CONFIG", "GET", "hash-max-ziplist-entries"],
     ].map { $0.map { RedisArgument($0) } }
 
     private static func parse(_ replies: [RedisReply]) -> RedisRequirements {
@@ -44,7 +48,21 @@ public struct RedisRequirements: Sendable, Equatable {
         let appendOnly = value(replies[1])
         let save = value(replies[2])
         let off: Bool? = appendOnly.flatMap { aof in save.map { aof == "no" && $0.allSatisfy { $0 == " " } } }
-        return RedisRequirements(maxmemoryPolicy: value(replies[0]), configRefusal: nil, persistenceOff: off)
+        return RedisRequirements(
+            maxmemoryPolicy: value(replies[0]), configRefusal: nil, persistenceOff: off,
+            hashListpackEntries: value(replies[3]).flatMap { Int($0) })
+    }
+
+    /// Fields a compact bucket holds on average with `dedup.compact.buckets` sized by the guidance;
+    /// a server that converts smaller hashes makes buckets hashtables.
+    public static let bucketFieldsGuidance = 100
+
+    /// The warning for a server that keeps fewer hash fields as a listpack than the compact
+    /// layout's buckets are sized for, or nil.
+    public var listpackProblem: String? {
+        guard let entries = hashListpackEntries, entries < Self.bucketFieldsGuidance + 28 else { return nil }
+        return "redis hash-max-listpack-entries is \(entries): compact buckets sized for ~\(Self.bucketFieldsGuidance) fields become hashtables "
+            + "(several times the memory per id). Raise it to 128 (the default) or set dedup.compact.buckets so that one slot's unique ids / buckets stays under \(entries * 3 / 4)"
     }
 
     /// The refusal for an evicting policy, naming the fix; nil when the policy keeps every key.

@@ -348,6 +348,8 @@ struct Bench: AsyncParsableCommand {
     @Option(help: "Messages per second of the latency leg (default: half of dedupd's measured rate).") var latencyRate: Int?
     @Option(help: "Mock brokers.") var brokers: Int = 1
     @Option(help: "appendfsync of the local redis-server: everysec or always.") var redisFsync: String = "everysec"
+    @Flag(help: "Only the seen-set leg: Redis memory per remembered id and Redis CPU per unique message of the compact layout, the keys layout and SET NX PX, with AOF and without (no Kafka).")
+    var seenSetOnly = false
 
     func validate() throws {
         guard count >= 1000 else { throw ValidationError("--count must be at least 1000, got \(count)") }
@@ -368,8 +370,20 @@ struct Bench: AsyncParsableCommand {
         options.latencyRate = latencyRate
         options.brokers = brokers
         options.redisFsync = redisFsync
-        let figures = try await Benchmark.run(options, logger: Logger(label: "dedupd.bench"))
-        print(Benchmark.render(figures))
+        let logger = Logger(label: "dedupd.bench")
+        logger.notice("bench: seen-set leg (compact layout, keys layout, SET NX PX; with and without AOF)")
+        var seenSet: [SeenSetBench.Figures] = []
+        for appendOnly in [true, false] {
+            seenSet.append(try await SeenSetBench.run(
+                count: count, duplicateRatio: duplicateRatio, appendOnly: appendOnly, fsync: redisFsync,
+                logger: Logger(label: "bench", factory: { _ in SwiftLogNoOpLogHandler() })))
+        }
+        // Printed first: the full bench's output ends with its one summary line for scripts.
+        print(SeenSetBench.render(seenSet))
+        if !seenSetOnly {
+            let figures = try await Benchmark.run(options, logger: logger)
+            print(Benchmark.render(figures))
+        }
     }
 }
 
@@ -445,15 +459,16 @@ struct AdminOptions: ParsableArguments {
                 throw ValidationError("no route \(route) in the configuration (routes: \(known.isEmpty ? "none" : known))")
             }
             config.namespace = ns
+            config.doneLayout = config.routeLayouts[route] ?? config.doneLayout
         }
         return config
     }
 
     /// Loads the configuration, connects to Redis and namespaces `keys`: the set-up `inspect` and `forget` share.
-    func open(_ keys: [String]) async throws -> (RedisClaimStore, [DedupKey]) {
+    func open(_ keys: [String]) async throws -> (RedisClaimStore, [DedupKey], DoneLayout) {
         let config = try load()
         let store = try await connectStore(config)
-        return (store, keys.map { DedupKey(raw: $0, namespace: config.namespace) })
+        return (store, keys.map { DedupKey(raw: $0, namespace: config.namespace) }, config.doneLayout)
     }
 
     func connectStore(_ c: AdminConfiguration) async throws -> RedisClaimStore {
@@ -487,8 +502,8 @@ struct Inspect: AsyncParsableCommand {
 
     func run() async throws {
         OperationalLog.bootstrap(level: .warning, format: .logfmt)
-        let (store, dedupKeys) = try await options.open(keys)
-        let states = try await store.inspect(dedupKeys.map(\.storeKey))
+        let (store, dedupKeys, layout) = try await options.open(keys)
+        let states = try await store.inspect(dedupKeys.map(\.storeKey), layout: layout)
         for (key, state) in zip(dedupKeys, states) {
             print("\(key.raw) \(describe(state)) redis.key=\(key.storeKey)")
         }
@@ -514,8 +529,8 @@ struct Forget: AsyncParsableCommand {
 
     func run() async throws {
         OperationalLog.bootstrap(level: .warning, format: .logfmt)
-        let (store, dedupKeys) = try await options.open(keys)
-        let results = try await store.forget(dedupKeys.map(\.storeKey), force: force)
+        let (store, dedupKeys, layout) = try await options.open(keys)
+        let results = try await store.forget(dedupKeys.map(\.storeKey), force: force, layout: layout)
         var kept = 0
         for (key, r) in zip(dedupKeys, results) {
             switch (r.state, r.removed) {

@@ -146,7 +146,8 @@ struct DeadLetterTests {
         let connection = try await RedisConnection.connect(try RedisURL(redis.url), logger: quietLogger())
         let store = RedisClaimStore(connection: connection, logger: quietLogger())
         let ns = config.dedup.namespace
-        let states = try await store.inspect(["perm-1", "retry-1", "fine-1"].map { DedupKey(raw: $0, namespace: ns).storeKey })
+        let states = try await store.inspect(
+            ["perm-1", "retry-1", "fine-1"].map { DedupKey(raw: $0, namespace: ns).storeKey }, layout: config.dedup.doneLayout)
         #expect(states[0] == .absent && states[1] == .absent)
         if case .done = states[2] {} else { Issue.record("fine-1 should be done, is \(states[2])") }
 

@@ -87,6 +87,40 @@ struct RedisClusterTests {
         #expect(try await store.claim([keys[0]], owner: "w3", lease: .seconds(30)) == [.claimed])
     }
 
+    /// The compact layout on a cluster: every chunk's keys share a slot (the pending key and its
+    /// buckets carry one hash tag), claims, confirms, repeats, the bucket TTL sweep and
+    /// inspect/forget all route; the routes' 64 tags spread the buckets over every primary.
+    @Test func compactLayoutRoutesByHashTag() async throws {
+        let cluster = try RedisClusterProcess()
+        let store = try await Self.store(cluster, maxKeysPerScript: 100)
+        let records = CompactRecords(retention: .seconds(3600), buckets: 1024, readsKeysLayout: false)
+        let layout = DoneLayout.compact(records)
+        let keys = (0..<2000).map { "dedupd:orders:\(uniquePrefix())\($0)" }
+        #expect(try await store.claim([KeyGroup(keys, ttl: .seconds(30), layout: layout)], owner: "w1").allSatisfy { $0 == .claimed })
+        #expect(try await store.claim([KeyGroup(keys, ttl: .seconds(30), layout: layout)], owner: "w2").allSatisfy { $0 == .pendingElsewhere(owner: "w1") })
+        #expect(try await store.confirm([KeyGroup(Array(keys[..<1500]), ttl: .seconds(3600), layout: layout)], owner: "w1").allSatisfy { $0 == .confirmed })
+        let again = try await store.claim([KeyGroup(keys, ttl: .seconds(30), layout: layout)], owner: "w2")
+        #expect(again[..<1500].allSatisfy { $0 == .done })
+        #expect(again[1500...].allSatisfy { $0 == .pendingElsewhere(owner: "w1") })
+        // Buckets on every primary, each with its TTL from the sweep; no pending key of a confirmed id left.
+        for port in try cluster.primaryPorts() {
+            let connection = try await RedisConnection.connect(try RedisURL("redis://127.0.0.1:\(port)/0"), logger: quietLogger)
+            guard case .array(let names) = try await connection.command("KEYS", "dedupd:{orders:*:d:*") else {
+                Issue.record("KEYS failed on \(port)")
+                continue
+            }
+            #expect(!names.isEmpty, "primary \(port) holds no bucket")
+            if let first = names.first?.text {
+                #expect(try await connection.command("PTTL", RedisArgument(first)).int ?? -1 > 0)
+            }
+            await connection.close()
+        }
+        let forgotten = try await store.forget([keys[0]], force: false, layout: layout)
+        #expect(forgotten.first?.removed == true)
+        #expect(try await store.claim([KeyGroup([keys[0]], ttl: .seconds(30), layout: layout)], owner: "w3") == [.claimed])
+        #expect(try await store.inspect([keys[1]], layout: layout).first.map { if case .done = $0 { true } else { false } } == true)
+    }
+
     @Test func followsMovedAndAskDuringAReshard() async throws {
         let cluster = try RedisClusterProcess()
         let store = try await Self.store(cluster, maxKeysPerScript: 100)

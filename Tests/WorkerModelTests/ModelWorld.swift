@@ -49,6 +49,13 @@ final class ModelWorld: @unchecked Sendable {
 
     // The seen-set: value `p:owner` or `d:owner`, and when it expires.
     var store: [String: (value: String, expires: ContinuousClock.Instant)] = [:]
+    // The compact layout's buckets: fields, and when the whole bucket expires.
+    var buckets: [String: (fields: Set<[UInt8]>, expires: ContinuousClock.Instant)] = [:]
+    /// The model's wall clock at `start` (Unix ms), random per seed so slot edges fall anywhere.
+    let epochMillis: Int64
+    var unixMillis: Int64 { epochMillis + Int64((now - start) / .milliseconds(1)) }
+    /// The route's layout, as the configuration says (the worker's key groups carry it too).
+    var layout: DoneLayout = .keys
     var storeDown = false
 
     // The current incarnation of the worker.
@@ -92,6 +99,7 @@ final class ModelWorld: @unchecked Sendable {
         self.shape = shape
         rng = SplitMix64(seed: seed)
         now = start
+        epochMillis = 1_700_000_000_000 + Int64.random(in: 0..<86_400_000, using: &rng)
         committed = Array(repeating: 0, count: shape.partitions)
         for _ in 0..<shape.partitions {
             var keys: [String] = []
@@ -278,7 +286,7 @@ final class ModelWorld: @unchecked Sendable {
     /// crash, at most `handler.max_batch` keys per crash.
     func dispatched(_ keys: [String]) {
         for key in keys {
-            let storeKey = "dedupd:model:\(key)"
+            let storeKey = pendingKey("dedupd:model:\(key)", layout)
             if let v = store[storeKey], v.expires > now, v.value == "p:" + owner {} else {
                 fail("\(key) dispatched without a claim: the store has \(store[storeKey].map { "\($0.value), \($0.expires > now ? "live" : "expired")" } ?? "nothing")")
             }
@@ -303,7 +311,24 @@ final class ModelWorld: @unchecked Sendable {
         return v.value
     }
 
-    func claim(_ key: String, lease: Duration) -> ClaimOutcome {
+    /// Where a key's pending claim is.
+    func pendingKey(_ key: String, _ layout: DoneLayout) -> String {
+        guard case .compact(let records) = layout else { return key }
+        return records.placement(of: key).pendingKey
+    }
+
+    /// Compact layout: whether a live bucket of a slot the claim looks in holds the key's field.
+    func doneInBuckets(_ key: String, _ records: CompactRecords) -> Bool {
+        let p = records.placement(of: key)
+        return records.liveSlots(at: unixMillis).contains { slot in
+            guard let b = buckets[p.bucketKey(slot: slot)], b.expires > now else { return false }
+            return b.fields.contains(p.field)
+        }
+    }
+
+    func claim(_ key: String, lease: Duration, layout: DoneLayout) -> ClaimOutcome {
+        if case .compact(let records) = layout, doneInBuckets(key, records) { return .done }
+        let key = pendingKey(key, layout)
         switch live(key) {
         case nil:
             store[key] = ("p:" + owner, now + lease)
@@ -318,7 +343,21 @@ final class ModelWorld: @unchecked Sendable {
         }
     }
 
-    func confirm(_ key: String, retention: Duration) -> ConfirmOutcome {
+    func confirm(_ key: String, retention: Duration, layout: DoneLayout) -> ConfirmOutcome {
+        if case .compact(let records) = layout {
+            // Like the script: the field goes to the current slot's bucket and the pending key is deleted.
+            let p = records.placement(of: key)
+            let v = live(p.pendingKey)
+            guard v == nil || v == "p:" + owner else { return .notOwner(owner: String(v!.dropFirst(2))) }
+            let slot = records.slot(at: unixMillis)
+            let bucket = p.bucketKey(slot: slot)
+            var b: (fields: Set<[UInt8]>, expires: ContinuousClock.Instant) = buckets[bucket].flatMap { $0.expires > now ? $0 : nil } ?? ([], now)
+            b.fields.insert(p.field)
+            b.expires = now + .milliseconds(records.bucketTTLMillis(slot: slot, at: unixMillis))
+            buckets[bucket] = b
+            store[p.pendingKey] = nil
+            return v == nil ? .confirmedAfterLeaseLost : .confirmed
+        }
         switch live(key) {
         case nil:
             store[key] = ("d:" + owner, now + retention)
@@ -402,13 +441,13 @@ extension ModelWorld: MessageSource {
 extension ModelWorld: ClaimStore {
     func requestClaims(_ groups: [KeyGroup], owner: String) -> StoreReply<[ClaimOutcome]> {
         request("claims \(groups.flatMap(\.keys).map { $0.split(separator: ":").last! })") {
-            groups.flatMap { g in g.keys.map { claim($0, lease: g.ttl) } }
+            groups.flatMap { g in g.keys.map { claim($0, lease: g.ttl, layout: g.layout) } }
         }
     }
 
     func requestConfirms(_ groups: [KeyGroup], owner: String) -> StoreReply<[ConfirmOutcome]> {
         request("confirms \(groups.flatMap(\.keys).map { $0.split(separator: ":").last! })") {
-            groups.flatMap { g in g.keys.map { confirm($0, retention: g.ttl) } }
+            groups.flatMap { g in g.keys.map { confirm($0, retention: g.ttl, layout: g.layout) } }
         }
     }
 

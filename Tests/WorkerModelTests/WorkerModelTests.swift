@@ -20,8 +20,15 @@ import Testing
 @Suite struct WorkerModelTests {
     static let shape = ModelWorld.Shape()
 
-    static func config(_ shape: ModelWorld.Shape) throws -> WorkerConfiguration {
+    /// The default layout is compact; a retention of a minute in 4 slots makes schedules cross
+    /// slot edges (the model's wall clock starts at a random time of day).
+    static func config(_ shape: ModelWorld.Shape, layout: String = "compact") throws -> WorkerConfiguration {
         let values: [String: String] = [
+            "dedup.layout": layout,
+            "dedup.retention": "60s",
+            "dedup.compact.slots": "4",
+            // The pending claims under their own hash-tagged names (the keys layout has its own run).
+            "dedup.compact.read_keys_layout": "false",
             "kafka.bootstrap_servers": "model:9092",
             "kafka.topics": "t",
             "kafka.group": "model",
@@ -44,6 +51,7 @@ import Testing
     /// Runs one schedule to its end; returns the world (its `error` says what was violated).
     static func run(seed: UInt64, config: WorkerConfiguration, shape: ModelWorld.Shape = shape) async throws -> ModelWorld {
         let world = ModelWorld(seed: seed, shape: shape)
+        world.layout = config.dedup.doneLayout
         let logger = Logger(label: "model", factory: { _ in SwiftLogNoOpLogHandler() })
         while world.error == nil {
             let worker = try Worker(config: config, handler: NoHandler(), logger: logger)
@@ -63,13 +71,21 @@ import Testing
     }
 
     @Test func randomSchedulesKeepThePromises() async throws {
-        let config = try Self.config(Self.shape)
+        try await runSchedules(config: try Self.config(Self.shape), count: Environment.schedules)
+    }
+
+    /// The keys layout (`dedup.layout: keys`, the upgrade's fallback) keeps them too.
+    @Test func randomSchedulesKeepThePromisesInTheKeysLayout() async throws {
+        try await runSchedules(config: try Self.config(Self.shape, layout: "keys"), count: Environment.schedules / 4)
+    }
+
+    func runSchedules(config: WorkerConfiguration, count: Int) async throws {
         var seeds: [UInt64]
         if let given = Environment.seed {
             seeds = [given]
         } else {
             var rng = SplitMix64(seed: UInt64.random(in: 0...UInt64.max))
-            seeds = (0..<Environment.schedules).map { _ in rng.next() }
+            seeds = (0..<count).map { _ in rng.next() }
         }
         let started = ContinuousClock.now
         var steps = 0

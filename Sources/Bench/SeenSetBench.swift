@@ -1,0 +1,134 @@
+import DedupCore
+import Foundation
+import LocalServers
+import Logging
+import RedisIO
+
+/// The seen-set leg of `dedupd bench` (issue 15): what each way of remembering ids costs Redis,
+/// in one run against one local redis-server: the compact layout (default settings), the keys
+/// layout, and a plain pipelined `SET NX PX` for reference.
+///
+/// The stream is the bench's: `count` messages, `duplicateRatio` of them repeats of earlier ids.
+/// Batches of 1,000 go through `RedisClaimStore` as the worker sends them (a claim round trip,
+/// then a confirm round trip for what it claimed; repeats inside one batch are resolved locally,
+/// as the engine does). Memory is `used_memory` after minus before, once nothing is pending,
+/// divided by the unique ids; CPU is `used_cpu_user + used_cpu_sys` after minus before, divided
+/// by the unique ids. Each variant starts from an empty server (`FLUSHALL`).
+public enum SeenSetBench {
+    public struct Row: Sendable {
+        public var name: String
+        public var bytesPerID: Double
+        public var cpuMicrosPerUnique: Double
+    }
+
+    public struct Figures: Sendable {
+        public var count: Int
+        public var unique: Int
+        public var persistence: String
+        public var rows: [Row]
+    }
+
+    /// `appendOnly` false: `--appendonly no`; else AOF with `appendfsync fsync`.
+    public static func run(count: Int, duplicateRatio: Double, appendOnly: Bool, fsync: String = "everysec", logger: Logger) async throws -> Figures {
+        let server = try RedisServerProcess(appendFsync: fsync, extraArguments: appendOnly ? [] : ["--appendonly", "no"])
+        defer { server.stop() }
+        let connection = try await RedisConnection.connect(try RedisURL(server.url), logger: logger)
+        defer { Task { await connection.close() } }
+        let ids = stream(count: count, duplicateRatio: duplicateRatio)
+        let unique = Set(ids).count
+        let retention: Duration = .seconds(86400)
+        let compact = DoneLayout.compact(CompactRecords(
+            retention: retention, slotsPerRetention: ConfigSchema.defaultCount("dedup.compact.slots"),
+            buckets: ConfigSchema.defaultCount("dedup.compact.buckets"), readsKeysLayout: false))
+        let upgrading = DoneLayout.compact(CompactRecords(
+            retention: retention, slotsPerRetention: ConfigSchema.defaultCount("dedup.compact.slots"),
+            buckets: ConfigSchema.defaultCount("dedup.compact.buckets"), readsKeysLayout: true))
+        var rows: [Row] = []
+        for (name, layout) in [("compact", compact), ("compact + reading the keys layout", upgrading), ("keys", DoneLayout.keys)] {
+            rows.append(try await measure(name, connection: connection) {
+                let store = RedisClaimStore(connection: connection, logger: logger)
+                var seen = Set<String>()
+                for start in stride(from: 0, to: ids.count, by: 1000) {
+                    var batch: [String] = []
+                    var inBatch = Set<String>()
+                    for id in ids[start..<min(start + 1000, ids.count)] where inBatch.insert(id).inserted { batch.append(id) }
+                    let outcomes = try await store.claim([KeyGroup(batch, ttl: .seconds(60), layout: layout)], owner: "bench")
+                    let claimed = zip(batch, outcomes).filter { $0.1 == .claimed }.map(\.0)
+                    _ = try await store.confirm([KeyGroup(claimed, ttl: retention, layout: layout)], owner: "bench")
+                    seen.formUnion(claimed)
+                }
+                guard seen.count == unique else { throw LocalServerError("\(name): claimed \(seen.count) of \(unique) unique ids") }
+            })
+        }
+        rows.append(try await measure("SET NX PX (reference)", connection: connection) {
+            for start in stride(from: 0, to: ids.count, by: 1000) {
+                let commands: [[RedisArgument]] = ids[start..<min(start + 1000, ids.count)].map {
+                    ["SET", RedisArgument($0), "1", "NX", "PX", 86_400_000]
+                }
+                _ = try await connection.pipeline(commands)
+            }
+        })
+        for i in rows.indices {
+            rows[i].bytesPerID /= Double(unique)
+            rows[i].cpuMicrosPerUnique /= Double(unique)
+        }
+        return Figures(
+            count: count, unique: unique, persistence: appendOnly ? "AOF, appendfsync \(fsync)" : "no AOF", rows: rows)
+    }
+
+    /// Totals (bytes, µs) of one variant; the caller divides by the unique ids.
+    static func measure(_ name: String, connection: RedisConnection, _ body: () async throws -> Void) async throws -> Row {
+        _ = try await connection.command("FLUSHALL", "SYNC")
+        _ = try await connection.command("CONFIG", "RESETSTAT")
+        let before = try await info(connection)
+        try await body()
+        let after = try await info(connection)
+        // BENCH_COMMANDSTATS=1: where Redis spent the time, per command (calls inside scripts included).
+        if ProcessInfo.processInfo.environment["BENCH_COMMANDSTATS"] != nil {
+            print("\(name): " + (try await connection.command("INFO", "commandstats").text ?? "")
+                .split(whereSeparator: \.isNewline).filter { $0.hasPrefix("cmdstat_") }.joined(separator: "; "))
+        }
+        return Row(name: name, bytesPerID: Double(after.memory - before.memory), cpuMicrosPerUnique: (after.cpu - before.cpu) * 1e6)
+    }
+
+    static func info(_ connection: RedisConnection) async throws -> (memory: Int64, cpu: Double) {
+        let text = try await connection.command("INFO", "all").text ?? ""
+        var fields: [Substring: Substring] = [:]
+        for line in text.split(whereSeparator: \.isNewline) {
+            let parts = line.split(separator: ":", maxSplits: 1)
+            if parts.count == 2 { fields[parts[0]] = parts[1] }
+        }
+        guard let memory = fields["used_memory"].flatMap({ Int64($0) }),
+              let user = fields["used_cpu_user"].flatMap({ Double($0) }), let sys = fields["used_cpu_sys"].flatMap({ Double($0) })
+        else { throw LocalServerError("INFO lacks used_memory or used_cpu_*") }
+        return (memory, user + sys)
+    }
+
+    /// Ids as a worker's store keys; a repeat is an earlier id, chosen at random (seeded).
+    static func stream(count: Int, duplicateRatio: Double) -> [String] {
+        var rng = SplitMix64(seed: 15)
+        var ids: [String] = []
+        ids.reserveCapacity(count)
+        var next = 0
+        for _ in 0..<count {
+            if next > 0, Double(rng.next() % 1_000_000) / 1_000_000 < duplicateRatio {
+                ids.append(ids[Int(rng.next() % UInt64(ids.count))])
+            } else {
+                ids.append("dedupd:bench:order-\(next)")
+                next += 1
+            }
+        }
+        return ids
+    }
+
+    public static func render(_ figures: [Figures]) -> String {
+        var out = "seen-set: Redis memory per remembered id and Redis CPU per unique message (INFO deltas; batches of 1,000, claim then confirm)\n"
+        out += "| persistence | ids (unique) | layout | bytes per id | Redis CPU per unique message |\n| --- | --- | --- | --- | --- |\n"
+        for f in figures {
+            for r in f.rows {
+                out += String(format: "| %@ | %d (%d) | %@ | %.1f B | %.2f µs |\n", f.persistence, f.count, f.unique, r.name, r.bytesPerID, r.cpuMicrosPerUnique)
+            }
+        }
+        return out
+    }
+}

@@ -1,0 +1,82 @@
+import DedupCore
+import Testing
+
+/// The compact layout's arithmetic (`CompactRecords`): names, hash tags, slots and bounds.
+@Suite struct DoneRecordsTests {
+    let records = CompactRecords(retention: .seconds(86_400), slotsPerRetention: 2, buckets: 8192, readsKeysLayout: false)
+
+    @Test func everyKeyOfAnItemCarriesItsHashTag() {
+        let p = records.placement(of: "dedupd:orders:ord-13")
+        #expect(p.tag.hasPrefix("{orders:") && p.tag.hasSuffix("}") && p.tag.count == "{orders:00}".count)
+        #expect(p.pendingKey == "dedupd:\(p.tag):p:ord-13")
+        #expect(p.keysLayoutKey == "dedupd:orders:ord-13")
+        #expect(p.bucketKey(slot: 42).hasPrefix("dedupd:\(p.tag):d:42:"))
+        #expect(p.field.count == 12)
+        #expect(p.bucket >= 0 && p.bucket < 8192)
+        // The tag is the bucket's top 6 bits: a bucket's keys all share one tag.
+        #expect(Int(p.tag.dropFirst("{orders:".count).dropLast(), radix: 16) == p.bucket >> (13 - CompactRecords.tagBits))
+        // Deterministic, and the namespace separates routes.
+        #expect(records.placement(of: "dedupd:orders:ord-13") == p)
+        #expect(records.placement(of: "dedupd:refunds:ord-13").pendingKey.contains("{refunds:"))
+        // While the keys layout is read, the pending claim is that layout's key (standalone only).
+        var upgrading = records
+        upgrading.readsKeysLayout = true
+        #expect(upgrading.placement(of: "dedupd:orders:ord-13").pendingKey == "dedupd:orders:ord-13")
+        #expect(upgrading.placement(of: "dedupd:orders:ord-13").bucketKey(slot: 42) == p.bucketKey(slot: 42))
+    }
+
+    @Test func keysSpreadOverAllTagsAndBuckets() {
+        let placements = (0..<20_000).map { records.placement(of: "dedupd:n:id-\($0)") }
+        #expect(Set(placements.map(\.tag)).count == 1 << CompactRecords.tagBits)
+        #expect(Set(placements.map(\.bucket)).count > 7000)
+        #expect(Set(placements.map(\.field)).count == placements.count)
+    }
+
+    /// A record confirmed at any time is in a slot every later claim reads until the retention
+    /// has passed, whatever the clocks differ by within the allowance; and it is gone by one slot
+    /// (plus the allowance) after.
+    @Test func claimsReadTheConfirmedSlotForTheWholeRetention() {
+        let r = CompactRecords.millis(records.retention), l = records.slotMillis
+        let skew = CompactRecords.millis(CompactRecords.clockSkew)
+        #expect(l == r / 2)
+        var rng = SplitMix64(seed: 7)
+        for _ in 0..<2000 {
+            let confirmedAt = 1_800_000_000_000 + Int64(rng.next() % UInt64(3 * l))
+            let confirmerSkew = Int64(rng.next() % UInt64(2 * skew)) - skew
+            let slot = records.slot(at: confirmedAt + confirmerSkew)
+            let ttl = records.bucketTTLMillis(slot: slot, at: confirmedAt + confirmerSkew)
+            #expect(ttl >= r && ttl <= r + l + 2 * skew)
+            let claimAt = confirmedAt + Int64(rng.next() % UInt64(r))
+            let claimerSkew = Int64(rng.next() % UInt64(2 * skew)) - skew
+            let live = records.liveSlots(at: claimAt + claimerSkew)
+            #expect(live.contains(slot), "confirmed \(confirmedAt), claimed \(claimAt)")
+            #expect(live.count == 3 || live.count == 4)
+            #expect(live == live.sorted(by: >))
+            // Past the longest life, no claim reads the slot any more.
+            #expect(!records.liveSlots(at: (slot + 1) * l + r + 2 * skew).contains(slot))
+        }
+    }
+
+    @Test func badSettingsNameTheKey() {
+        func problem(_ pairs: [String: String]) -> String? {
+            let values = ["kafka.bootstrap_servers": "k:9092", "kafka.topics": "t"].merging(pairs) { $1 }
+            do {
+                _ = try WorkerConfiguration(layers: [values.mapValues { ConfigValue($0, origin: "file") }])
+                return nil
+            } catch { return "\(error)" }
+        }
+        #expect(problem(["dedup.compact.buckets": "1000"])?.contains("dedup.compact.buckets") == true)
+        #expect(problem(["dedup.compact.buckets": "32"])?.contains("power of two from 64") == true)
+        #expect(problem(["dedup.compact.slots": "100"])?.contains("dedup.compact.slots") == true)
+        #expect(problem(["dedup.retention": "2s", "dedup.window": "1s", "dedup.compact.slots": "4"])?.contains("shorter than 1s") == true)
+        #expect(problem(["dedup.layout": "tree"])?.contains("dedup.layout") == true)
+        #expect(problem(["dedup.retention": "1s", "dedup.window": "5s"])?.contains("dedup.retention") == true)
+        // The keys layout ignores the compact settings' values.
+        #expect(problem(["dedup.layout": "keys", "dedup.compact.buckets": "4096"]) == nil)
+    }
+
+    @Test func defaultsAreCompact() throws {
+        let c = try WorkerConfiguration(layers: [["kafka.bootstrap_servers": "k:9092", "kafka.topics": "t"].mapValues { ConfigValue($0, origin: "file") }])
+        #expect(c.dedup.doneLayout == .compact(CompactRecords(retention: .seconds(86_400), slotsPerRetention: 1, buckets: 8192, readsKeysLayout: true, lease: .seconds(35))))
+    }
+}
