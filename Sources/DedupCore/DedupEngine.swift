@@ -201,6 +201,9 @@ public struct DedupEngine: Sendable {
     var reports: [Report] = []
     /// Set by `.stop`: the end of the shutdown drain.
     var drainUntil: ContinuousClock.Instant?
+    /// Set by `.stop`: until when failed confirms are tried again (three quarters of the shutdown
+    /// deadline, `shutdownDrain` being half of it), leaving the rest for the steps after them.
+    var confirmRetryUntil: ContinuousClock.Instant?
     var drainReported = false
 
     /// Claims to give back (revocation, failed handler, stale claim answers), until Redis took them.
@@ -263,6 +266,7 @@ public struct DedupEngine: Sendable {
         case .stop:
             if case .running = state {
                 drainUntil = now + options.shutdownDrain
+                confirmRetryUntil = now + options.shutdownDrain * 3 / 2
                 state = .stopping(.drain)
             }
         }
@@ -624,6 +628,14 @@ public struct DedupEngine: Sendable {
         case .settle:
             state = .stopping(.confirm)
         case .confirm:
+            // A dispatched message whose confirm fails (Redis down at that moment) would be
+            // dispatched again by the partition's next owner once its lease ran out: confirms are
+            // tried again with the store's backoff until `confirmRetryUntil`, then once more.
+            storeRetry.expire(now: now)
+            if ledger.hasConfirmsToSend, !options.failOpen, let until = confirmRetryUntil, now < until {
+                if storeUsable, let action = confirmAction() { return action }
+                return .wait(until: min(storeRetry.retryAt ?? until, until))
+            }
             state = .stopping(.deadLetters)
             if ledger.hasConfirmsToSend, let action = confirmAction() { return action }
         case .deadLetters:

@@ -136,6 +136,47 @@ import Testing
         #expect(engine.storedPositions == [tp(0): 1, tp(1): 2, tp(2): 1])
     }
 
+    /// SIGTERM while Redis is briefly down: the dispatched messages' confirms fail, and are tried
+    /// again with the store's backoff until they go through, so the next owner does not dispatch
+    /// them again; their offsets are stored and nothing is released.
+    @Test func confirmsThatFailWhileStoppingAreTriedAgain() throws {
+        let start = ContinuousClock.now
+        var engine = try engineHoldingThreePartitions(now: start, drain: .seconds(5))
+        engine.handle(.stop, now: start + .milliseconds(200))
+        var now = start + .milliseconds(200)
+        var failures = 0, confirmed: [String] = [], released: [String] = []
+        loop: for _ in 0..<300 {
+            switch engine.nextAction(now: now) {
+            case .release(let id, let keys):
+                released += keys
+                engine.handle(.answered([.releases(id, .success(keys.map { _ in true }))]), now: now)
+            case .dispatch(let id, let due):
+                engine.handle(.answered([.round(id, due.map { _ in .success })]), now: now)
+            case .confirm(let id, let groups):
+                if failures < 2 {
+                    failures += 1
+                    engine.handle(.answered([.confirms(id, .failure(Unexpected("redis down")))]), now: now)
+                } else {
+                    confirmed += groups.flatMap(\.keys)
+                    engine.handle(.answered([.confirms(id, .success(groups.flatMap(\.keys).map { _ in .confirmed }))]), now: now)
+                }
+            case .wait(let until):
+                now = max(now, until)
+                engine.handle(.answered([]), now: now)
+            case .finished:
+                break loop
+            default:
+                continue
+            }
+        }
+        #expect(engine.isFinished)
+        #expect(failures == 2)
+        #expect(confirmed.count == 3, "the round's three keys confirmed on the third try")
+        #expect(released.isEmpty)
+        #expect(engine.storedPositions == [tp(0): 1, tp(1): 2, tp(2): 1])
+        #expect(now < start + .seconds(8), "within three quarters of the shutdown deadline")
+    }
+
     /// A window longer than the drain: released at once, as without a drain.
     @Test func aWindowLongerThanTheDrainIsReleased() throws {
         let start = ContinuousClock.now
