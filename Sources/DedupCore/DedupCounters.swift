@@ -35,6 +35,9 @@ public struct DedupCounters: Sendable, Equatable {
     /// Messages this worker had read from partitions it then gave up, past the last offset it
     /// stored: their next owner reads them again from the committed offset.
     public var rereadAfterRebalance = 0
+    /// Dispatched messages whose confirm never went through before the worker stopped (Redis
+    /// down past the confirm retries of a shutdown): their next owner dispatches them again.
+    public var unconfirmedAtStop = 0
 
     public init() {}
     public var duplicates: Int { duplicatesLocal + duplicatesStore }

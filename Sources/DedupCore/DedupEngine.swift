@@ -243,6 +243,7 @@ public struct DedupEngine: Sendable {
         c.partitionsAssigned = rebalanceCounts.partitionsAssigned
         c.partitionsRevoked = rebalanceCounts.partitionsRevoked
         c.partitionsLost = rebalanceCounts.partitionsLost
+        c.unconfirmedAtStop = rebalanceCounts.unconfirmedAtStop
         return c
     }
     /// The store answered nothing since this time (fail-closed: consumption is paused).
@@ -649,6 +650,7 @@ public struct DedupEngine: Sendable {
             toRelease.append(contentsOf: ledger.drainForShutdown())
             if let action = releaseAction() { return action }
         case .done:
+            rebalanceCounts.unconfirmedAtStop = ledger.confirmingCount
             state = .finished
             return .finished
         }

@@ -110,6 +110,11 @@ extension Worker {
             "elapsed": "\(WorkerConfiguration.format(elapsed))",
         ]
         if let commitError { metadata["error"] = "\(commitError)" }
+        if c.unconfirmedAtStop > 0 {
+            logger.warning(
+                "dispatched messages could not be confirmed before stopping (redis did not answer within the shutdown deadline): the partition's next owner will dispatch them again",
+                metadata: ["unconfirmed": "\(c.unconfirmedAtStop)"])
+        }
         logger.notice(commitError == nil ? "shutdown complete, offsets committed" : "shutdown complete, final commit failed",
                       metadata: metadata)
     }

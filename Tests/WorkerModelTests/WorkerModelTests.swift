@@ -62,6 +62,9 @@ import Testing
                     source: world, store: world, rounds: world, clock: world, seed: world.rng.next())
                 // A SIGTERM before the end: the next worker takes over, as in a rolling restart.
                 if world.finalStop || world.error != nil { break }
+                // A stop that could not confirm its last round (the store stayed down past the
+                // confirm retries) leaves them to be dispatched again: a crash, for the bound.
+                if worker.counters.withLock({ $0.unconfirmedAtStop }) > 0 { world.crashes += 1 }
             } catch is ModelWorld.Crash {
                 continue
             }
