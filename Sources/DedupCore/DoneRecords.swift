@@ -3,9 +3,9 @@ import Crypto
 /// How `done` records are kept in the store (`dedup.layout`, docs/architecture.md step 3).
 public enum DoneLayout: Sendable, Hashable {
     /// One string key per remembered id, `dedupd:<namespace>:<key>` holding `d:<owner>` for the
-    /// retention (the layout before issue 15, ~180 B of Redis memory per id).
+    /// retention (the layout before issue 15; its memory per id is in docs/performance.md).
     case keys
-    /// A field of a time-bucketed hash per remembered id (~20 B per id).
+    /// A field of a time-bucketed hash per remembered id: several times smaller than a key.
     case compact(CompactRecords)
 }
 

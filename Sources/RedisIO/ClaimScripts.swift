@@ -10,20 +10,12 @@ struct LuaScript: Sendable, Hashable {
     let name: String
     let source: String
 
-    /// Per key: "c" claimed, "o" already owned (lease renewed), "d" done,
-    /// or the foreign value ("p:other") when pending elsewhere.
-    ///
-    /// A new key costs one call: `SET NX GET` claims it if absent and returns what was there
-    /// (Redis >= 7.0). That is most of the claims, and one call instead of `GET` then `SET` costs
-    /// Redis less time per key. A server that refuses the
-    /// combination (before 7.0) makes the first `pcall` fail; the rest of the chunk then reads
-    /// and writes in two calls, as before.
-    static let claim = LuaScript(name: "claim", source: """
-        local mine = 'p:' .. ARGV[1]
-        local lease = ARGV[2]
+    /// The claim of one pending key, shared by `claim` and `claimCompact`: "c" claimed, "o"
+    /// already this owner's (lease renewed), "d" a keys-layout done record, or the foreign value.
+    /// `combined` turns false, for the rest of the script, on a server that refuses `SET NX GET`.
+    private static let claimKey = """
         local combined = true
-        local out = {}
-        for i, key in ipairs(KEYS) do
+        local function claimKey(key, mine, lease)
           local v
           if combined then
             v = redis.pcall('SET', key, mine, 'NX', 'GET', 'PX', lease)
@@ -33,16 +25,31 @@ struct LuaScript: Sendable, Hashable {
             v = redis.call('GET', key)
             if not v then redis.call('SET', key, mine, 'PX', lease) end
           end
-          if not v then
-            out[i] = 'c'
-          elseif v == mine then
+          if not v then return 'c' end
+          if v == mine then
             redis.call('PEXPIRE', key, lease)
-            out[i] = 'o'
-          elseif string.sub(v, 1, 2) == 'd:' then
-            out[i] = 'd'
-          else
-            out[i] = v
+            return 'o'
           end
+          if string.sub(v, 1, 2) == 'd:' then return 'd' end
+          return v
+        end
+
+        """
+
+    /// Per key: "c" claimed, "o" already owned (lease renewed), "d" done,
+    /// or the foreign value ("p:other") when pending elsewhere.
+    ///
+    /// A new key costs one call: `SET NX GET` claims it if absent and returns what was there
+    /// (Redis >= 7.0). That is most of the claims, and one call instead of `GET` then `SET` costs
+    /// Redis less time per key. A server that refuses the
+    /// combination (before 7.0) makes the first `pcall` fail; the rest of the chunk then reads
+    /// and writes in two calls, as before.
+    static let claim = LuaScript(name: "claim", source: claimKey + """
+        local mine = 'p:' .. ARGV[1]
+        local lease = ARGV[2]
+        local out = {}
+        for i, key in ipairs(KEYS) do
+          out[i] = claimKey(key, mine, lease)
         end
         return out
         """)
@@ -81,11 +88,10 @@ struct LuaScript: Sendable, Hashable {
     /// (which writes the field and deletes the pending key in one script on the same keys) is
     /// either wholly before this claim (the field is found) or wholly after (the pending key is
     /// found), never in between.
-    static let claimCompact = LuaScript(name: "claim_compact", source: """
+    static let claimCompact = LuaScript(name: "claim_compact", source: claimKey + """
         local mine = 'p:' .. ARGV[1]
         local lease = ARGV[2]
         local m = tonumber(ARGV[3])
-        local combined = true
         local out = {}
         for i = 1, #KEYS / m do
           local base = (i - 1) * m
@@ -97,26 +103,7 @@ struct LuaScript: Sendable, Hashable {
           if done then
             out[i] = 'd'
           else
-            local key = KEYS[base + 1]
-            local v
-            if combined then
-              v = redis.pcall('SET', key, mine, 'NX', 'GET', 'PX', lease)
-              if type(v) == 'table' and v.err then combined = false end
-            end
-            if not combined then
-              v = redis.call('GET', key)
-              if not v then redis.call('SET', key, mine, 'PX', lease) end
-            end
-            if not v then
-              out[i] = 'c'
-            elseif v == mine then
-              redis.call('PEXPIRE', key, lease)
-              out[i] = 'o'
-            elseif string.sub(v, 1, 2) == 'd:' then
-              out[i] = 'd'
-            else
-              out[i] = v
-            end
+            out[i] = claimKey(KEYS[base + 1], mine, lease)
           end
         end
         return out
@@ -126,11 +113,11 @@ struct LuaScript: Sendable, Hashable {
     /// pending key was absent), or the foreign value. ARGV = owner, lease ms, then one field per
     /// item. An item's keys: its pending key, the current slot's bucket.
     ///
-    /// The pending key is taken with `GETDEL` (one call where `GET` then `DEL` are two: in a
-    /// script each call costs about a microsecond of Redis CPU, most of what a key costs); the
-    /// rare foreign claim is put back, with a whole lease. The bucket's TTL is not set here
-    /// (`PEXPIRE` per key cost ~2 µs of the ~7 measured): `RedisClaimStore` sets it once per
-    /// bucket and slot (`sweepBuckets`).
+    /// The pending key is taken with `GETDEL` (one call where `GET` then `DEL` are two: each
+    /// call inside a script is most of what a key costs Redis); the rare foreign claim is put
+    /// back, with a whole lease. The bucket's TTL is not set here (a `PEXPIRE` per key would be
+    /// the costliest call of the script): `RedisClaimStore` sets it once per bucket and slot
+    /// (`sweepBuckets`). Figures: docs/performance.md.
     static let confirmCompact = LuaScript(name: "confirm_compact", source: """
         local mine = 'p:' .. ARGV[1]
         local lease = ARGV[2]
