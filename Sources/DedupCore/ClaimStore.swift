@@ -73,6 +73,37 @@ public protocol ClaimStore: Sendable {
     func requestReleases(_ keys: [String], owner: String) -> StoreReply<[Bool]>
     /// Token mode: uses each token for the message identified by its mark (see `TokenStore.use`), sent now.
     func requestTokenUses(_ tokens: [String], marks: [String]) -> StoreReply<[TokenOutcome]>
+
+    // Guard (docs/architecture.md "The guard"): an entity's record is its state and at most one
+    // hold (a message's transition in flight: its hold id, target state, owner and lease).
+
+    /// Per step, atomically: the entity held by another unexpired hold is `busy`; else a
+    /// recorded state (or none) not in `allowedFrom` is `rejected`; else the entity is now held
+    /// for the step with its lease (extended, if this same hold had it). Sent now.
+    func requestHolds(_ steps: [EntityStep], owner: String) -> StoreReply<[HoldOutcome]>
+    /// Per step: the entity held by this step's hold (or by none) enters its target state, kept
+    /// for the step's time to live, and the hold is gone; held by another, nothing changes. Sent now.
+    func requestMoves(_ steps: [EntityStep], owner: String) -> StoreReply<[MoveOutcome]>
+    /// Per step: the hold is removed if it is this step's; returns whether it was. Sent now.
+    func requestUnholds(_ steps: [EntityStep], owner: String) -> StoreReply<[Bool]>
+}
+
+/// What a store without entity records answers a guard request with.
+public struct GuardUnsupported: Error, CustomStringConvertible {
+    public init() {}
+    public var description: String { "this claim store keeps no entity records (guard)" }
+}
+
+extension ClaimStore {
+    public func requestHolds(_ steps: [EntityStep], owner: String) -> StoreReply<[HoldOutcome]> {
+        StoreReply(.failure(GuardUnsupported()))
+    }
+    public func requestMoves(_ steps: [EntityStep], owner: String) -> StoreReply<[MoveOutcome]> {
+        StoreReply(.failure(GuardUnsupported()))
+    }
+    public func requestUnholds(_ steps: [EntityStep], owner: String) -> StoreReply<[Bool]> {
+        StoreReply(.failure(GuardUnsupported()))
+    }
 }
 
 extension ClaimStore {

@@ -51,7 +51,7 @@ extension ConfigSchema {
     static var routesExample: String {
         let about = """
             Routes: several kinds of submission in one worker, each with its own key, window, \
-            retention, keep policy, token and handler. Tried in order; the first whose match holds \
+            retention, keep policy, token, guard and handler. Tried in order; the first whose match holds \
             (every condition given) takes the message. A route's dedup.* and handler.* keys default \
             to the top-level ones above, except dedup.namespace, which defaults to the route's name. \
             Route keys: match.topic, match.header (NAME=VALUE), match.json (/pointer=VALUE), and \
@@ -66,6 +66,14 @@ extension ConfigSchema {
             #   - name: profile-edits
             #     match: {header: "type=profile-edit"}
             #     dedup: {key: "{header:tenant}:{json:/userId}", window: 30s, keep: last}
+            #   - name: orders
+            #     match: {topic: order-events}
+            #     guard:
+            #       entity: "json:/orderNo"
+            #       state: "json:/status"
+            #       initial: [created]
+            #       transitions: {created: [paid, cancelled], paid: [shipped, refunded], shipped: [delivered]}
+            #       on_reject: dead_letter
 
             """
     }

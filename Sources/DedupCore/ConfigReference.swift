@@ -26,7 +26,9 @@ extension ConfigSchema {
         for key in routeKeys {
             let inherited = routeInheritedKeys.contains(key.name)
             let meaning = inherited
-                ? (key.name == "dedup.namespace" ? "as the top-level key; default: the route's name" : "as the top-level key; default: the top-level value")
+                ? (key.name == "dedup.namespace" ? "as the top-level key; default: the route's name"
+                    : key.section == "guard" ? "as the top-level key, for this route only (a route's guard is its own, never the top-level one)"
+                    : "as the top-level key; default: the top-level value")
                 : cell(key.doc)
             out += "| `\(key.name)` | \(meaning) |\n"
         }

@@ -78,6 +78,18 @@ public enum ConfigSchema {
               doc: "Token mode: where a message's one-time token is, e.g. header:form-token. Only a message whose token was issued (dedupd token issue) and not yet used is dispatched; unknown, expired and reused tokens are bad input."),
         .init(name: "dedup.keep", kind: .choice(KeepPolicy.allCases.map(\.rawValue)), defaultValue: "first",
               doc: "first: dispatch the first copy; last: dispatch the newest copy seen within the window."),
+        .init(name: "guard.entity", kind: .string, defaultValue: nil,
+              doc: "Guard: which entity a message is about, a key template such as json:/orderNo. Setting it turns the guard on (with guard.state, guard.initial, guard.transitions): a unique message is dispatched only if its entity's recorded state allows the state it asks for. Routes do not inherit the top-level guard; set it under the route."),
+        .init(name: "guard.state", kind: .string, defaultValue: nil,
+              doc: "Guard: the state the message asks its entity to enter, a key template such as json:/status."),
+        .init(name: "guard.initial", kind: .list, defaultValue: nil,
+              doc: "Guard: states an entity with no recorded state may enter, e.g. [created]."),
+        .init(name: "guard.transitions", kind: .string, defaultValue: nil,
+              doc: "Guard: from each state, the states allowed next. In the file a mapping, e.g. {created: [paid, cancelled], paid: [shipped, refunded]}; as one value (environment, flags): created=paid|cancelled;paid=shipped|refunded."),
+        .init(name: "guard.on_reject", kind: .choice(EntityGuard.OnReject.allCases.map(\.rawValue)), defaultValue: "drop",
+              doc: "Guard: a message whose transition is not allowed is never dispatched. drop: counted and logged; dead_letter: also sent to dead_letter.topic with reason rejected_transition."),
+        .init(name: "guard.retention", kind: .duration, defaultValue: nil,
+              doc: "Guard: how long an entity's state is kept after its last move. Default: dedup.retention."),
         .init(name: "dedup.on_store_error", kind: .choice(["fail_closed", "fail_open"]), defaultValue: "fail_closed",
               doc: "fail_closed: while Redis is unreachable, pause and dispatch nothing unclaimed; fail_open: dispatch without a claim (dedup by the window only)."),
         .init(name: "dedup.max_message_bytes", kind: .size, defaultValue: "1MiB",
@@ -163,6 +175,7 @@ public enum ConfigSchema {
         "handler.type", "handler.output", "handler.topic", "handler.url", "handler.command", "handler.timeout",
         "handler.headers", "handler.tls_ca_file", "handler.tls_cert_file", "handler.tls_key_file",
         "handler.max_elapsed", "handler.concurrency", "handler.max_attempts", "handler.backoff",
+        "guard.entity", "guard.state", "guard.initial", "guard.transitions", "guard.on_reject", "guard.retention",
     ]
 
     public static let routeKeysByName: [String: ConfigKey] = Dictionary(uniqueKeysWithValues: routeKeys.map { ($0.name, $0) })
@@ -174,6 +187,10 @@ public enum ConfigSchema {
         guard let dot = rest.firstIndex(of: ".") else { return nil }
         return (String(rest[..<dot]), String(rest[rest.index(after: dot)...]))
     }
+
+    /// The file's `guard.transitions` mapping flattens to one key per state under this prefix
+    /// (`guard.transitions.created`), the state names as written.
+    public static let guardTransitionsPrefix = "guard.transitions."
 
     /// Keys under this prefix pass through to librdkafka unchanged, e.g. `kafka.properties.security.protocol`.
     public static let kafkaPropertiesPrefix = "kafka.properties."
@@ -218,9 +235,11 @@ extension ConfigSchema {
     static func rejectUnknownKeys(_ merged: [String: ConfigValue]) throws(ConfigError) {
         for (name, value) in merged where byName[name] == nil {
             if name.hasPrefix(kafkaPropertiesPrefix), name.count > kafkaPropertiesPrefix.count { continue }
+            if name.hasPrefix(guardTransitionsPrefix), name.count > guardTransitionsPrefix.count { continue }
             var problem = "unknown key"
             if let (route, key) = splitRouteKey(name) {
                 if routeKeysByName[key] != nil { continue }
+                if key.hasPrefix(guardTransitionsPrefix), key.count > guardTransitionsPrefix.count { continue }
                 if let near = nearest(to: key, in: routeKeys) { problem += "; did you mean routes.\(route).\(near)?" }
             } else if let near = nearest(to: name) {
                 problem += "; did you mean \(near)?"

@@ -21,6 +21,9 @@ public enum DeadLetterHeader {
 public struct DeadLetter: Sendable {
     /// Reason code of a handler that gave up (its last attempt failed, or it failed permanently).
     public static let handlerFailed = "handler_failed"
+    /// Reason code of a message whose transition its entity's recorded state did not allow
+    /// (guard, `on_reject: dead_letter`).
+    public static let rejectedTransition = "rejected_transition"
 
     public var message: InboundMessage
     /// `BadInput.Reason.code`, or `handlerFailed`.

@@ -38,6 +38,12 @@ public struct DedupCounters: Sendable, Equatable {
     /// Dispatched messages whose confirm never went through before the worker stopped (Redis
     /// down past the confirm retries of a shutdown): their next owner dispatches them again.
     public var unconfirmedAtStop = 0
+    /// Guard: unique messages whose transition their entity's recorded state did not allow
+    /// (never dispatched), in all and per route index (0: the default route).
+    public var rejectedTransitions = 0
+    public var rejectedTransitionsByRoute: [Int: Int] = [:]
+    /// Guard: times a message waited because another message held its entity.
+    public var entityBusy = 0
 
     public init() {}
     public var duplicates: Int { duplicatesLocal + duplicatesStore }

@@ -103,8 +103,10 @@ public struct DedupEngine: Sendable {
 
     /// The answer to a request or a round.
     public enum Answer: Sendable {
-        case claims(RequestID, Result<[ClaimOutcome], any Error>)
-        case confirms(RequestID, Result<[ConfirmOutcome], any Error>)
+        /// `holds`: the answers to the request's entity holds (guard), in order.
+        case claims(RequestID, Result<[ClaimOutcome], any Error>, holds: [HoldOutcome] = [])
+        /// `moves`: the answers to the request's entity moves (guard), in order.
+        case confirms(RequestID, Result<[ConfirmOutcome], any Error>, moves: [MoveOutcome] = [])
         case releases(RequestID, Result<[Bool], any Error>)
         case tokens(RequestID, Result<[TokenOutcome], any Error>)
         case round(RoundID, [DispatchResult])
@@ -118,10 +120,13 @@ public struct DedupEngine: Sendable {
         case poll(timeout: Duration)
         /// Wait for answers until `until`, and feed `.answered` with what arrived.
         case wait(until: ContinuousClock.Instant)
-        /// Send claims; owning keys again extends their lease (renewals ride here).
-        case claim(RequestID, [KeyGroup])
-        case confirm(RequestID, [KeyGroup])
-        case release(RequestID, [String])
+        /// Send claims; owning keys again extends their lease (renewals ride here). Guard: the
+        /// entity holds go in the same round trip, and a failure of either fails both.
+        case claim(RequestID, [KeyGroup], holds: [EntityStep])
+        /// Confirm dispatched keys; guard: their entities move in the same round trip.
+        case confirm(RequestID, [KeyGroup], moves: [EntityStep])
+        /// Release claims; guard: give back entity holds of messages that left without moving.
+        case release(RequestID, [String], unholds: [EntityStep])
         case useTokens(RequestID, tokens: [String], marks: [String])
         /// Run a round through the handlers.
         case dispatch(RoundID, [Dispatch])
@@ -147,6 +152,8 @@ public struct DedupEngine: Sendable {
         case deadLettersFailing(pending: Int, error: String)
         case deadLettersAcknowledged(downFor: Duration)
         case revokedWithWindow(released: Int)
+        /// Guard: a message whose transition its entity's recorded state does not allow.
+        case rejectedTransition(DedupLedger.Rejection)
         case revokedWithHandler(inFlight: Int)
         case bufferFull(messages: Int, bytes: Int)
         case bufferDrained
@@ -176,7 +183,7 @@ public struct DedupEngine: Sendable {
         /// sooner, and a lease believed to start earlier is renewed earlier.
         case claims(LedgerRequest, sentAt: ContinuousClock.Instant)
         case confirms(LedgerRequest)
-        case releases([DedupKey])
+        case releases([DedupKey], unholds: [EntityStep])
         case tokens(LedgerRequest)
         case deadLetters([DeadLetter])
     }
@@ -208,6 +215,8 @@ public struct DedupEngine: Sendable {
 
     /// Claims to give back (revocation, failed handler, stale claim answers), until Redis took them.
     public private(set) var toRelease: [DedupKey] = []
+    /// Guard: entity holds to give back, until Redis took them.
+    public private(set) var toUnhold: [EntityStep] = []
     /// Bad input and given-up messages not yet acknowledged by the dead-letter topic.
     public private(set) var deadLetters: [DeadLetter] = []
     var deadLetterRetry = Retry(backoff: Backoff(initial: .milliseconds(200), maximum: .seconds(5)))
@@ -311,7 +320,7 @@ public struct DedupEngine: Sendable {
 
     mutating func take(_ answer: Answer, now: ContinuousClock.Instant) {
         switch answer {
-        case .claims(let id, let result):
+        case .claims(let id, let result, let holds):
             guard case .claims(let request, let sentAt)? = outstanding.removeValue(forKey: id) else { return }
             claimInFlight = nil
             renewalsInFlight = false
@@ -319,19 +328,29 @@ public struct DedupEngine: Sendable {
             case .success(let outcomes):
                 storeAnswered(now: now)
                 // Claims for keys no longer held (their partition was revoked while the answer
-                // was on its way) are given back rather than left to expire.
-                toRelease.append(contentsOf: ledger.applyClaims(request, outcomes, now: sentAt))
+                // was on its way) are given back rather than left to expire; so are the claims
+                // of rejected transitions.
+                toRelease.append(contentsOf: ledger.applyClaims(request, outcomes, holds: holds, now: sentAt))
+                for rejection in ledger.takeRejections() {
+                    reports.append(.rejectedTransition(rejection))
+                    if rejection.deadLetter {
+                        deadLetters.append(DeadLetter(
+                            message: rejection.message, reason: DeadLetter.rejectedTransition,
+                            error: "entity \(rejection.entity): \(rejection.from ?? "(no state)") -> \(rejection.to) is not allowed",
+                            dedupKey: rejection.key.raw))
+                    }
+                }
             case .failure(let error):
                 storeFailed(error, now: now)
                 if options.failOpen { ledger.applyClaimsWithoutStore(request, now: now) } else { ledger.requestFailed(request) }
             }
-        case .confirms(let id, let result):
+        case .confirms(let id, let result, let moves):
             guard case .confirms(let request)? = outstanding.removeValue(forKey: id) else { return }
             confirmInFlight = nil
             switch result {
             case .success(let outcomes):
                 storeAnswered(now: now)
-                for (key, other) in ledger.applyConfirms(request, outcomes) {
+                for (key, other) in ledger.applyConfirms(request, outcomes, moves: moves) {
                     reports.append(.confirmConflict(key, otherOwner: other))
                 }
             case .failure(let error):
@@ -339,13 +358,14 @@ public struct DedupEngine: Sendable {
                 ledger.requestFailed(request)
             }
         case .releases(let id, let result):
-            guard case .releases(let keys)? = outstanding.removeValue(forKey: id) else { return }
+            guard case .releases(let keys, let unholds)? = outstanding.removeValue(forKey: id) else { return }
             releaseInFlight = nil
             switch result {
             case .success: storeAnswered(now: now)
             case .failure(let error):
                 storeFailed(error, now: now)
                 toRelease.insert(contentsOf: keys, at: 0)
+                toUnhold.insert(contentsOf: unholds, at: 0)
             }
         case .tokens(let id, let result):
             guard case .tokens(let request)? = outstanding.removeValue(forKey: id) else { return }
@@ -457,7 +477,7 @@ public struct DedupEngine: Sendable {
                     claimInFlight = id
                     renewalsInFlight = request.renewals > 0
                     outstanding[id] = .claims(request, sentAt: now)
-                    return .claim(id, ledger.storeGroups(request.keys, ttl: \.lease))
+                    return .claim(id, ledger.storeGroups(request.keys, ttl: \.lease), holds: request.holds)
                 }
             }
         } else if options.failOpen, claimInFlight == nil {
@@ -499,13 +519,17 @@ public struct DedupEngine: Sendable {
         // A key taken up again since (re-read after its partition came back) is not released:
         // its new claim is this worker's own.
         toRelease.removeAll { ledger.isHolding($0) }
-        guard !toRelease.isEmpty else { return nil }
+        // An entity hold is never taken up again under the same id (each attempt has its own),
+        // so giving one back is always right.
+        toUnhold.append(contentsOf: ledger.takeUnholds())
+        guard !toRelease.isEmpty || !toUnhold.isEmpty else { return nil }
         let id = RequestID(rawValue: ledger.newTicket())
-        let keys = toRelease
+        let keys = toRelease, unholds = toUnhold
         toRelease.removeAll()
+        toUnhold.removeAll()
         releaseInFlight = id
-        outstanding[id] = .releases(keys)
-        return .release(id, ledger.pendingStoreKeys(keys))
+        outstanding[id] = .releases(keys, unholds: unholds)
+        return .release(id, ledger.pendingStoreKeys(keys), unholds: unholds)
     }
 
     mutating func tokensAction() -> Action? {
@@ -523,7 +547,7 @@ public struct DedupEngine: Sendable {
         let id = RequestID(rawValue: request.ticket)
         confirmInFlight = id
         outstanding[id] = .confirms(request)
-        return .confirm(id, ledger.storeGroups(request.keys, ttl: \.retention))
+        return .confirm(id, ledger.storeGroups(request.keys, ttl: \.retention), moves: request.holds)
     }
 
     mutating func deadLetterAction() -> Action? {
@@ -568,7 +592,7 @@ public struct DedupEngine: Sendable {
     /// Idle counts from the first assignment: joining the group takes seconds, and a worker that
     /// never gets partitions (more workers than partitions) gives up after 30 s more.
     mutating func idleStop(now: ContinuousClock.Instant) -> Action? {
-        guard let idle = options.stopWhenIdle, ledger.isIdle, toRelease.isEmpty, deadLetters.isEmpty, !hasInFlight,
+        guard let idle = options.stopWhenIdle, ledger.isIdle, toRelease.isEmpty, toUnhold.isEmpty, deadLetters.isEmpty, !hasInFlight,
             now - lastActivity >= idle, everAssigned || now - started >= idle + .seconds(30)
         else { return nil }
         state = .stopping(.settle)
@@ -680,7 +704,7 @@ public struct DedupEngine: Sendable {
     }
 
     /// What the shutdown summary reports: claims that could not be given back.
-    public var unreleasedCount: Int { toRelease.count }
+    public var unreleasedCount: Int { toRelease.count + toUnhold.count }
     public var roundInFlight: Int { round?.due.count ?? 0 }
 }
 

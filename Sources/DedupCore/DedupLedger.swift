@@ -10,7 +10,10 @@ public struct LedgerRequest: Sendable, Equatable {
     /// How many of `keys` renew the lease of a buffered key (claiming a key this worker owns
     /// extends its lease, so renewals ride in the claim round trip).
     public var renewals: Int
-
+    /// Guard: the keys of `keys` whose message holds (claims) or moves (confirms) its entity in
+    /// the same round trip, in the order of `keys`, and those steps.
+    public var holdKeys: [DedupKey] = []
+    public var holds: [EntityStep] = []
 }
 
 extension LedgerRequest: RandomAccessCollection {
@@ -47,6 +50,35 @@ public struct DedupLedger: Sendable {
 
     enum Place: UInt8, Sendable {
         case awaitingToken, claiming, buffered, parked, inFlight, confirming
+        /// Guard: an earlier message of the same entity is still on its way here; this one is
+        /// claimed once that one is resolved (transitions are judged in offset order).
+        case awaitingEntity
+    }
+
+    /// A guarded message's part in its entity's state machine.
+    struct GuardStep: Sendable {
+        /// The entity's store key, and the entity as the template read it (for logs).
+        var entityKey: String
+        var entity: String
+        /// The state the message asks for.
+        var target: String
+        /// The ticket of the claim request that last asked for the entity (the hold's attempt).
+        var attempt: UInt64 = 0
+        /// The store said the entity is held for this attempt.
+        var held = false
+    }
+
+    /// A message whose transition was not allowed: resolved without dispatch.
+    public struct Rejection: Sendable {
+        public var key: DedupKey
+        public var message: InboundMessage
+        public var route: Int
+        public var entity: String
+        /// The recorded state (nil: none).
+        public var from: String?
+        public var to: String
+        /// It goes to the dead-letter topic (`on_reject: dead_letter` with a topic configured).
+        public var deadLetter: Bool
     }
 
     struct Entry: Sendable {
@@ -63,6 +95,8 @@ public struct DedupLedger: Sendable {
         /// The ticket of the store request this entry waits on; 0 while it waits on none. Tickets
         /// are never reused, so an entry created again for the same key never matches an old one.
         var awaiting: UInt64 = 0
+        /// Guard: the message's step; nil on routes without a guard.
+        var step: GuardStep? = nil
 
         /// What a free slot of `EntryTable` holds: no buffers to keep alive.
         static let vacant = Entry(
@@ -95,6 +129,14 @@ public struct DedupLedger: Sendable {
     /// are dropped when they reach the front.
     private var leaseOrder: Deque<(key: DedupKey, taken: ContinuousClock.Instant)> = []
     private var lastTicket: UInt64 = 0
+    /// Guard: per entity (store key), the keys of its messages here in arrival order; the first
+    /// is the one being judged or dispatched, the rest wait (`awaitingEntity`).
+    private var entityLines: [String: Deque<DedupKey>] = [:]
+    private var awaitingEntityCount = 0
+    /// Guard: holds to give back (their message left without moving its entity), and messages
+    /// whose transition was rejected, for the caller to take.
+    private var unholds: [EntityStep] = []
+    private var rejections: [Rejection] = []
 
     public init(settings: DedupSettings, routing: Routing = Routing()) {
         self.settings = settings
@@ -143,11 +185,39 @@ public struct DedupLedger: Sendable {
         }
 
         guard let i = entries.index(forKey: key) else {
-            let place: Place = token == nil ? .claiming : .awaitingToken
+            var step: GuardStep?
+            if let g = routeSettings[route].entityGuard {
+                do throws(BadInput) {
+                    let entity = try g.entity.key(for: message)
+                    step = GuardStep(
+                        entityKey: DedupKey(raw: entity, namespace: routeSettings[route].namespace, prefix: "dedupd-entity").storeKey,
+                        entity: entity, target: try g.state.key(for: message))
+                } catch {
+                    counters.invalid += 1
+                    if !settings.holdsDeadLetters { offsets.resolve(tp, offset: message.offset) }
+                    return .bad(BadInput(error.reason, "guard: " + error.detail))
+                }
+            }
+            var place: Place = token == nil ? .claiming : .awaitingToken
+            if let step {
+                // One message of an entity at a time: the next is judged against the state the
+                // earlier one leaves.
+                if entityLines[step.entityKey] == nil {
+                    entityLines[step.entityKey] = [key]
+                } else {
+                    entityLines[step.entityKey]!.append(key)
+                    place = .awaitingEntity
+                    awaitingEntityCount += 1
+                }
+            }
             entries.insertNew(Entry(
                 place: place, route: route, message: message, size: message.approximateSize,
-                deadline: .now, leaseTakenAt: nil, token: token), for: key)
-            if token == nil { claimOrder.append(key) } else { awaitingToken.append(key) }
+                deadline: .now, leaseTakenAt: nil, token: token, step: step), for: key)
+            switch place {
+            case .claiming: claimOrder.append(key)
+            case .awaitingToken: awaitingToken.append(key)
+            default: break
+            }
             return .new(key)
         }
         // A repeat of a key held here. `keep: last` swaps in the newer copy where that is still
@@ -161,7 +231,7 @@ public struct DedupLedger: Sendable {
                 loser = entries.values[i].message
                 entries.values[i].message = message
                 entries.values[i].size = size
-            case .inFlight, .confirming:
+            case .inFlight, .confirming, .awaitingEntity:
                 break
             }
         }
@@ -210,7 +280,7 @@ public struct DedupLedger: Sendable {
                 claimOrder.append(key)
                 continue
             }
-            let message = entries.remove(at: i).value.message
+            let message = removeEntry(at: i).message
             counters.invalid += 1
             if !settings.holdsDeadLetters { offsets.resolve(message.topicPartition, offset: message.offset) }
             refused.append((BadInput(reason, "token \(token) is \(reason.code.dropFirst("token_".count))"), message))
@@ -265,10 +335,32 @@ public struct DedupLedger: Sendable {
             renewals += 1
         }
         let ticket = keys.isEmpty ? 0 : newTicket()
-        for key in keys {
-            if let i = entries.index(forKey: key) { entries.values[i].awaiting = ticket }
+        var request = LedgerRequest(ticket: ticket, keys: groupedByRoute(keys), renewals: renewals)
+        for key in request.keys {
+            guard let i = entries.index(forKey: key) else { continue }
+            entries.values[i].awaiting = ticket
+            guard var step = entries.values[i].step else { continue }
+            // A renewal extends the hold it has; any other claim asks anew, as a new attempt.
+            if entries.values[i].place != .buffered {
+                step.attempt = ticket
+                step.held = false
+                entries.values[i].step = step
+            } else if !step.held {
+                continue
+            }
+            request.holdKeys.append(key)
+            request.holds.append(storeStep(key, step, route: entries.values[i].route, ttl: \.lease))
         }
-        return LedgerRequest(ticket: ticket, keys: groupedByRoute(keys), renewals: renewals)
+        return request
+    }
+
+    /// The store's view of a message's step: its hold's lease (claims) or the state's retention
+    /// (confirms).
+    private func storeStep(_ key: DedupKey, _ step: GuardStep, route: Int, ttl: KeyPath<DedupSettings, Duration>) -> EntityStep {
+        let s = routeSettings[route], g = s.entityGuard!
+        return EntityStep(
+            entityKey: step.entityKey, holdID: key.raw + "#" + String(step.attempt), target: step.target,
+            allowedFrom: g.allowedFrom(step.target), ttl: ttl == \.retention ? g.retention : s[keyPath: ttl])
     }
 
     /// Whether a buffered key's lease is half used and its renewal not yet sent.
@@ -327,16 +419,34 @@ public struct DedupLedger: Sendable {
     /// was revoked, resolved or created again since) and changes nothing here. Returns the keys
     /// the store says this worker now holds although nothing here waits on them any more: they
     /// are to be released.
+    ///
+    /// Guard: `holds` answers the request's `holds`. A key whose claim and hold both succeeded is
+    /// buffered; a rejected transition is resolved without dispatch (its claim released, the
+    /// rejection left for `takeRejections`); an entity held by another message parks the key; a
+    /// hold taken for a key that turned out a duplicate, pending elsewhere or stale is given back.
     @discardableResult
-    public mutating func applyClaims(_ request: LedgerRequest, _ outcomes: [ClaimOutcome], now: ContinuousClock.Instant) -> [DedupKey] {
+    public mutating func applyClaims(
+        _ request: LedgerRequest, _ outcomes: [ClaimOutcome], holds: [HoldOutcome] = [], now: ContinuousClock.Instant
+    ) -> [DedupKey] {
         precondition(request.keys.count == outcomes.count, "one outcome per key")
+        precondition(holds.isEmpty || holds.count == request.holds.count, "one hold outcome per hold")
         var orphans: [DedupKey] = []
+        var h = 0
         for (key, outcome) in zip(request.keys, outcomes) {
+            var hold: HoldOutcome?
+            var holdStep: EntityStep?
+            if h < request.holdKeys.count, request.holdKeys[h] == key {
+                holdStep = request.holds[h]
+                hold = holds.isEmpty ? nil : holds[h]
+                h += 1
+            }
+            let held: Bool = if case .held = hold { true } else { false }
             guard let i = entries.index(forKey: key), entries.values[i].awaiting == request.ticket else {
                 switch outcome {
                 case .claimed, .alreadyOwned: if entries.index(forKey: key) == nil { orphans.append(key) }
                 case .done, .pendingElsewhere: break
                 }
+                if held, let holdStep { unholds.append(holdStep) }
                 continue
             }
             entries.values[i].awaiting = 0
@@ -344,12 +454,31 @@ public struct DedupLedger: Sendable {
             case .claiming: break
             case .parked: parkedKeys.remove(key)
             case .buffered:
-                applyRenewal(at: i, key, outcome, now: now)
+                applyRenewal(at: i, key, outcome, hold: hold, holdStep: holdStep, now: now, orphans: &orphans)
                 continue
-            case .awaitingToken, .inFlight, .confirming: continue
+            case .awaitingToken, .inFlight, .confirming, .awaitingEntity: continue
+            }
+            if held, let holdStep {
+                switch outcome {
+                case .claimed, .alreadyOwned: break
+                // The message is not this worker's to dispatch: the entity goes back.
+                case .done, .pendingElsewhere: unholds.append(holdStep)
+                }
             }
             switch outcome {
             case .claimed, .alreadyOwned:
+                switch hold {
+                case .held?, nil:
+                    entries.values[i].step?.held = held
+                case .rejected(let state)?:
+                    reject(at: i, key, from: state)
+                    orphans.append(key)
+                    continue
+                case .busy?:
+                    counters.entityBusy += 1
+                    park(at: i, key, now: now)
+                    continue
+                }
                 // `alreadyOwned`: this worker claimed it before, e.g. its release failed when the
                 // partition was revoked and then came back. It was never dispatched: buffer it.
                 let route = entries.values[i].route
@@ -360,7 +489,7 @@ public struct DedupLedger: Sendable {
                 leaseOrder.append((key, now))
                 buffer.add(key, lane: route, deadline: deadline, size: entries.values[i].size)
             case .done:
-                let message = entries.remove(at: i).value.message
+                let message = removeEntry(at: i).message
                 counters.duplicatesStore += 1
                 offsets.resolve(message.topicPartition, offset: message.offset)
             case .pendingElsewhere:
@@ -372,35 +501,112 @@ public struct DedupLedger: Sendable {
         return orphans
     }
 
+    /// Guard: the transition is not allowed from the entity's recorded state. The message is
+    /// resolved without dispatch (once dead-lettered, when it goes to the dead-letter topic);
+    /// its claim is the caller's to release.
+    private mutating func reject(at i: Int, _ key: DedupKey, from: String?) {
+        let e = removeEntry(at: i)
+        counters.rejectedTransitions += 1
+        counters.rejectedTransitionsByRoute[e.route, default: 0] += 1
+        let deadLetter = routeSettings[e.route].entityGuard?.onReject == .deadLetter && settings.holdsDeadLetters
+        if !deadLetter { offsets.resolve(e.message.topicPartition, offset: e.message.offset) }
+        rejections.append(Rejection(
+            key: key, message: e.message, route: e.route, entity: e.step?.entity ?? "", from: from, to: e.step?.target ?? "",
+            deadLetter: deadLetter))
+    }
+
+    /// Removes an entry; a guarded message leaves its entity's line, and the next message of that
+    /// entity here (if any) goes on to be claimed.
+    @discardableResult
+    private mutating func removeEntry(at i: Int) -> Entry {
+        let (key, e) = entries.remove(at: i)
+        if let step = e.step { leaveLine(key, step.entityKey) }
+        return e
+    }
+
+    private mutating func leaveLine(_ key: DedupKey, _ entityKey: String) {
+        guard var line = entityLines[entityKey] else { return }
+        if let j = line.firstIndex(of: key) { line.remove(at: j) }
+        // Members dropped meanwhile (a revoked partition) leave with it.
+        while let first = line.first, entries.index(forKey: first) == nil { line.removeFirst() }
+        guard let head = line.first else {
+            entityLines[entityKey] = nil
+            return
+        }
+        entityLines[entityKey] = line
+        guard let h = entries.index(forKey: head), entries.values[h].place == .awaitingEntity else { return }
+        awaitingEntityCount -= 1
+        if entries.values[h].token == nil {
+            entries.values[h].place = .claiming
+            claimOrder.append(head)
+        } else {
+            entries.values[h].place = .awaitingToken
+            awaitingToken.append(head)
+        }
+    }
+
+    /// Guard: holds to give back, taken by the caller (they go out with the next releases).
+    public mutating func takeUnholds() -> [EntityStep] {
+        defer { unholds.removeAll() }
+        return unholds
+    }
+
+    /// Guard: rejected transitions since the last call, for the caller to log and dead-letter.
+    public mutating func takeRejections() -> [Rejection] {
+        defer { rejections.removeAll() }
+        return rejections
+    }
+
     private mutating func park(at i: Int, _ key: DedupKey, now: ContinuousClock.Instant) {
         entries.values[i].place = .parked
         entries.values[i].deadline = now + settings.parkRetry
         entries.values[i].leaseTakenAt = nil
+        entries.values[i].step?.held = false
         parkedKeys.insert(key)
         counters.parked += 1
     }
 
     /// The answer to re-claiming a buffered key. Normally the lease is extended. If it had run
     /// out and another worker took the key meanwhile, this copy leaves the buffer: a duplicate
-    /// if that worker is done, parked if its copy is still in flight.
+    /// if that worker is done, parked if its copy is still in flight. Guard: the entity's hold is
+    /// extended with it; a hold that ran out meanwhile takes the copy out of the buffer too, to be
+    /// judged again (parked) or rejected (another message moved the entity where this one's
+    /// transition is not allowed).
     private mutating func applyRenewal(
-        at i: Int, _ key: DedupKey, _ outcome: ClaimOutcome, now: ContinuousClock.Instant
+        at i: Int, _ key: DedupKey, _ outcome: ClaimOutcome, hold: HoldOutcome?, holdStep: EntityStep?,
+        now: ContinuousClock.Instant, orphans: inout [DedupKey]
     ) {
+        let held: Bool = if case .held = hold { true } else { false }
         switch outcome {
         case .claimed, .alreadyOwned:
-            entries.values[i].leaseTakenAt = now
-            leaseOrder.append((key, now))
-            counters.renewed += 1
+            switch hold {
+            case .held?, nil:
+                entries.values[i].leaseTakenAt = now
+                leaseOrder.append((key, now))
+                counters.renewed += 1
+            case .rejected(let state)?:
+                buffer.removed(size: entries.values[i].size)
+                counters.leasesLost += 1
+                reject(at: i, key, from: state)
+                orphans.append(key)
+            case .busy?:
+                buffer.removed(size: entries.values[i].size)
+                counters.leasesLost += 1
+                counters.entityBusy += 1
+                park(at: i, key, now: now)
+            }
         case .done:
-            let e = entries.remove(at: i).value
+            let e = removeEntry(at: i)
             buffer.removed(size: e.size)
             counters.leasesLost += 1
             counters.duplicatesStore += 1
             offsets.resolve(e.message.topicPartition, offset: e.message.offset)
+            if held, let holdStep { unholds.append(holdStep) }
         case .pendingElsewhere:
             buffer.removed(size: entries.values[i].size)
             counters.leasesLost += 1
             park(at: i, key, now: now)
+            if held, let holdStep { unholds.append(holdStep) }
         }
     }
 
@@ -490,7 +696,8 @@ public struct DedupLedger: Sendable {
     /// dead-lettered — and the claim must be released so a corrected resend can pass.
     public mutating func dispatchFailed(_ key: DedupKey) {
         guard let i = entries.index(forKey: key), entries.values[i].place == .inFlight else { return }
-        let message = entries.remove(at: i).value.message
+        giveBackHold(at: i, key)
+        let message = removeEntry(at: i).message
         inFlightCount -= 1
         counters.failed += 1
         if !settings.holdsDeadLetters { offsets.resolve(message.topicPartition, offset: message.offset) }
@@ -507,9 +714,16 @@ public struct DedupLedger: Sendable {
     /// resolved, so its offset stays uncommitted and the claim must be released.
     public mutating func dispatchAbandoned(_ key: DedupKey) {
         guard let i = entries.index(forKey: key), entries.values[i].place == .inFlight else { return }
-        entries.remove(at: i)
+        giveBackHold(at: i, key)
+        removeEntry(at: i)
         inFlightCount -= 1
         counters.released += 1
+    }
+
+    /// Guard: the message leaves without moving its entity; a hold it has goes back.
+    private mutating func giveBackHold(at i: Int, _ key: DedupKey) {
+        guard let step = entries.values[i].step, step.held else { return }
+        unholds.append(storeStep(key, step, route: entries.values[i].route, ttl: \.lease))
     }
 
     // MARK: - 6. Confirm
@@ -520,10 +734,17 @@ public struct DedupLedger: Sendable {
         let keys = groupedByRoute(confirming)
         confirming.removeAll(keepingCapacity: true)
         let ticket = keys.isEmpty ? 0 : newTicket()
+        var request = LedgerRequest(ticket: ticket, keys: keys, renewals: 0)
         for key in keys {
-            if let i = entries.index(forKey: key) { entries.values[i].awaiting = ticket }
+            guard let i = entries.index(forKey: key) else { continue }
+            entries.values[i].awaiting = ticket
+            // Guard: the entity moves to the message's state in the same round trip.
+            if let step = entries.values[i].step {
+                request.holdKeys.append(key)
+                request.holds.append(storeStep(key, step, route: entries.values[i].route, ttl: \.retention))
+            }
         }
-        return LedgerRequest(ticket: ticket, keys: keys, renewals: 0)
+        return request
     }
 
     /// Whether a confirm is still to be sent.
@@ -531,19 +752,33 @@ public struct DedupLedger: Sendable {
 
     /// Resolves the keys the store confirmed. Returns the keys another owner held (the lease ran
     /// out while the copy was in the handler), for the caller to report.
+    /// Guard: `moves` answers the request's moves; a move that found another message holding the
+    /// entity is a conflict too.
     @discardableResult
-    public mutating func applyConfirms(_ request: LedgerRequest, _ outcomes: [ConfirmOutcome]) -> [(DedupKey, String)] {
+    public mutating func applyConfirms(
+        _ request: LedgerRequest, _ outcomes: [ConfirmOutcome], moves: [MoveOutcome] = []
+    ) -> [(DedupKey, String)] {
         precondition(request.keys.count == outcomes.count, "one outcome per key")
+        precondition(moves.isEmpty || moves.count == request.holds.count, "one move outcome per move")
         var conflicts: [(DedupKey, String)] = []
+        var h = 0
         for (key, outcome) in zip(request.keys, outcomes) {
+            var move: MoveOutcome?
+            if h < request.holdKeys.count, request.holdKeys[h] == key {
+                move = moves.isEmpty ? nil : moves[h]
+                h += 1
+            }
             guard let i = entries.index(forKey: key), entries.values[i].awaiting == request.ticket,
                 entries.values[i].place == .confirming
             else { continue }
-            let message = entries.remove(at: i).value.message
+            let message = removeEntry(at: i).message
             confirmingCount -= 1
             if case .notOwner(let other) = outcome {
                 counters.confirmConflicts += 1
                 conflicts.append((key, other))
+            } else if case .notOwner(let other)? = move {
+                counters.confirmConflicts += 1
+                conflicts.append((key, "entity held by " + other))
             }
             offsets.resolve(message.topicPartition, offset: message.offset)
         }
@@ -573,13 +808,20 @@ public struct DedupLedger: Sendable {
                 released.append((key, e.deadline))
                 buffer.removed(size: e.size)
                 dropped.append(key)
-            case .awaitingToken, .claiming, .parked:
+                if let step = e.step, step.held { unholds.append(storeStep(key, step, route: e.route, ttl: \.lease)) }
+            case .awaitingToken, .claiming, .parked, .awaitingEntity:
                 dropped.append(key)
             case .inFlight, .confirming:
                 continue
             }
         }
-        for key in dropped { entries.removeValue(forKey: key) }
+        for key in dropped {
+            // Read the place now: dropping the head of a line promotes the next, which may be
+            // dropped too.
+            guard let i = entries.index(forKey: key) else { continue }
+            if entries.values[i].place == .awaitingEntity { awaitingEntityCount -= 1 }
+            removeEntry(at: i)
+        }
         if !dropped.isEmpty {
             claimOrder.removeAll { [entries] in Self.place($0, in: entries) == nil }
             awaitingToken.removeAll { [entries] in Self.place($0, in: entries) == nil }
@@ -624,7 +866,11 @@ public struct DedupLedger: Sendable {
     }
 
     /// Backpressure: pause the partitions while this is true.
-    public var shouldPause: Bool { buffer.isFull || parkedKeys.count >= settings.bufferMaxMessages }
+    /// Messages waiting behind another of their entity count like parked ones.
+    public var shouldPause: Bool { buffer.isFull || parkedKeys.count + awaitingEntityCount >= settings.bufferMaxMessages }
     /// Resume once the buffer has drained well below its bounds.
-    public var canResume: Bool { buffer.hasRoom && parkedKeys.count < settings.bufferMaxMessages / 2 }
+    public var canResume: Bool { buffer.hasRoom && parkedKeys.count + awaitingEntityCount < settings.bufferMaxMessages / 2 }
+
+    /// Guard: messages waiting behind an earlier message of their entity.
+    public var awaitingEntity: Int { awaitingEntityCount }
 }

@@ -36,6 +36,9 @@ public struct DedupSettings: Sendable {
     /// Compact layout: also recognise done records of the keys layout
     /// (`dedup.compact.read_keys_layout`). Default: true.
     public var readsKeysLayout: Bool
+    /// The route's guard (`guard.*`): a unique message is dispatched only if it moves its entity
+    /// forward. Default: none.
+    public var entityGuard: EntityGuard?
 
     public enum LayoutKind: String, Sendable, CaseIterable {
         case keys, compact

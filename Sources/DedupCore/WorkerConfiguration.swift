@@ -99,6 +99,10 @@ public struct WorkerConfiguration: Sendable {
         dedup.holdsDeadLetters = deadLetterTopic != nil
         unmatched = Routing.Unmatched(rawValue: try r.choice("routing.unmatched"))!
         routes = try Self.parseRoutes(r, defaults: dedup)
+        if failOpen, let guarded = ([("", dedup)] + routes.map { ("routes.\($0.name).", $0.dedup) }).first(where: { $0.1.entityGuard != nil }) {
+            throw ConfigError(key: "dedup.on_store_error", value: "fail_open", origin: merged["dedup.on_store_error"]?.origin,
+                              problem: "cannot be fail_open with a guard (\(guarded.0)guard.entity): without Redis no transition can be checked")
+        }
         if redisCluster {
             // The keys layout's key has no hash tag, so it cannot share a script with a claim's
             // buckets in a cluster; 0.1.0 had no cluster support, so there is nothing to read.
@@ -207,6 +211,7 @@ public struct WorkerConfiguration: Sendable {
                 throw r.fail("dedup.token", "\(error)")
             }
         }
+        dedup.entityGuard = try parseGuard(r, dedup: dedup)
         let handler = HandlerSettings(
             kind: try parseHandlerKind(r),
             headers: r.optional("handler.headers") == nil ? [] : try r.list("handler.headers"),
@@ -220,6 +225,58 @@ public struct WorkerConfiguration: Sendable {
             backoff: Backoff(initial: try r.duration("handler.backoff"), maximum: .seconds(5)))
         try validateHandler(handler, r: r)
         return (dedup, handler)
+    }
+
+    /// The route's guard (`guard.*`), nil when `guard.entity` is not set. A route's guard is its
+    /// own: keys are read under the route only, never inherited from the top level.
+    static func parseGuard(_ r: Reader, dedup: DedupSettings) throws(ConfigError) -> EntityGuard? {
+        let g = Reader(values: r.values, routeName: r.routeName, inherits: false)
+        let prefix = r.routeName.map { "routes.\($0)." } ?? ""
+        let tableKeys = r.values.keys.filter { $0.hasPrefix(prefix + ConfigSchema.guardTransitionsPrefix) }.sorted()
+        guard g.optional("guard.entity") != nil else {
+            for key in ["guard.state", "guard.initial", "guard.transitions", "guard.retention"] where g.optional(key) != nil {
+                throw g.fail(key, "has no effect without guard.entity (the guard is off)")
+            }
+            if let key = tableKeys.first {
+                throw ConfigError(key: key, value: nil, origin: r.values[key]?.origin, problem: "has no effect without guard.entity (the guard is off)")
+            }
+            return nil
+        }
+        func template(_ key: String) throws(ConfigError) -> KeyTemplate {
+            guard let text = g.optional(key) else { throw g.fail(key, "is required when guard.entity is set") }
+            do { return try KeyTemplate(text) } catch { throw g.fail(key, "\(error)") }
+        }
+        let entity = try template("guard.entity"), state = try template("guard.state")
+        let initial = g.optional("guard.initial") == nil ? [] : try g.list("guard.initial")
+        var transitions: [String: Set<String>] = [:]
+        var tableOrigin = r.values[g.name("guard.transitions")]?.origin
+        if let text = g.optional("guard.transitions") {
+            guard let parsed = EntityGuard.parseTransitions(text) else {
+                throw g.fail("guard.transitions", "must be a mapping (in the file) or FROM=TO|TO;FROM=TO (one value), e.g. created=paid|cancelled;paid=shipped")
+            }
+            transitions = parsed
+        }
+        for key in tableKeys {
+            let from = String(key.dropFirst(prefix.count + ConfigSchema.guardTransitionsPrefix.count))
+            let value = r.values[key]!
+            tableOrigin = tableOrigin ?? value.origin
+            transitions[from, default: []].formUnion(
+                value.text.split(separator: ",").map { $0.trimmingSpaces() }.filter { !$0.isEmpty })
+        }
+        let onReject = EntityGuard.OnReject(rawValue: try g.choice("guard.on_reject"))!
+        let rule = EntityGuard(
+            entity: entity, state: state, initial: Set(initial), transitions: transitions, onReject: onReject,
+            retention: try g.optionalDuration("guard.retention") ?? dedup.retention)
+        if let (key, problem) = rule.problem() {
+            if key == "guard.transitions" {
+                throw ConfigError(key: g.name(key), value: nil, origin: tableOrigin ?? r.values[g.name("guard.entity")]?.origin, problem: problem)
+            }
+            throw g.fail(key, problem)
+        }
+        if dedup.keep != .first {
+            throw g.fail("guard.entity", "needs dedup.keep: first (the guard judges the message the window keeps; with keep: last the state it asks for could change after it was judged)")
+        }
+        return rule
     }
 
     /// The named routes, each with the worker-wide settings of `defaults` (size and buffer
@@ -289,12 +346,15 @@ public struct WorkerConfiguration: Sendable {
     struct Reader {
         let values: [String: ConfigValue]
         var routeName: String? = nil
+        /// A route's reader falls back to the top-level key; the guard's does not.
+        var inherits = true
 
         /// The full name of `key` as this reader sees it, for messages.
         func name(_ key: String) -> String { routeName.map { "routes.\($0).\(key)" } ?? key }
 
         func raw(_ key: String) -> ConfigValue? {
             if routeName != nil, let v = values[name(key)] { return v }
+            if routeName != nil, !inherits { return ConfigSchema.byName[key]?.defaultValue.map { ConfigValue($0, origin: "default") } }
             if let v = values[key] { return v }
             if let d = ConfigSchema.byName[key]?.defaultValue { return ConfigValue(d, origin: "default") }
             return nil

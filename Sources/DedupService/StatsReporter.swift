@@ -40,7 +40,7 @@ struct StatsReporter: Sendable {
             "consumed": "\(c.consumed)", "dispatched": "\(c.dispatched)",
             "duplicates.local": "\(c.duplicatesLocal)", "duplicates.redis": "\(c.duplicatesStore)",
             "invalid": "\(c.invalid)", "failed": "\(c.failed)", "released": "\(c.released)",
-            "dead_lettered": "\(c.deadLettered)",
+            "dead_lettered": "\(c.deadLettered)", "rejected_transitions": "\(c.rejectedTransitions)",
             "parked": "\(s.parked)", "buffer.messages": "\(s.bufferMessages)", "buffer.bytes": "\(s.bufferBytes)",
             "handlers.in_flight.peak": "\(inFlightPeak)",
             "kafka.partitions": "\(s.assignment.count)",

@@ -239,12 +239,50 @@ public final class Worker: Service {
                     cancelled = Task.isCancelled
                 }
                 engine.handle(.answered(answers), now: clock.now)
-            case .claim(let id, let groups):
-                store.requestClaims(groups, owner: owner).whenAnswered { inbox.post(.claims(id, $0)) }
-            case .confirm(let id, let groups):
-                store.requestConfirms(groups, owner: owner).whenAnswered { inbox.post(.confirms(id, $0)) }
-            case .release(let id, let keys):
-                store.requestReleases(keys, owner: owner).whenAnswered { inbox.post(.releases(id, $0)) }
+            // Guard steps are sent right after their claims, confirms or releases, on the same
+            // connection: one pipelined round trip; the answer is posted once both are in.
+            case .claim(let id, let groups, let holds):
+                let claims = store.requestClaims(groups, owner: owner)
+                if holds.isEmpty {
+                    claims.whenAnswered { inbox.post(.claims(id, $0)) }
+                } else {
+                    let held = store.requestHolds(holds, owner: owner)
+                    claims.whenAnswered { c in
+                        held.whenAnswered { h in
+                            switch (c, h) {
+                            case (.success(let c), .success(let h)): inbox.post(.claims(id, .success(c), holds: h))
+                            case (.failure(let e), _), (_, .failure(let e)): inbox.post(.claims(id, .failure(e)))
+                            }
+                        }
+                    }
+                }
+            case .confirm(let id, let groups, let moves):
+                let confirms = store.requestConfirms(groups, owner: owner)
+                if moves.isEmpty {
+                    confirms.whenAnswered { inbox.post(.confirms(id, $0)) }
+                } else {
+                    let moved = store.requestMoves(moves, owner: owner)
+                    confirms.whenAnswered { c in
+                        moved.whenAnswered { m in
+                            switch (c, m) {
+                            case (.success(let c), .success(let m)): inbox.post(.confirms(id, .success(c), moves: m))
+                            case (.failure(let e), _), (_, .failure(let e)): inbox.post(.confirms(id, .failure(e)))
+                            }
+                        }
+                    }
+                }
+            case .release(let id, let keys, let unholds):
+                let released = keys.isEmpty ? StoreReply(.success([])) : store.requestReleases(keys, owner: owner)
+                if unholds.isEmpty {
+                    released.whenAnswered { inbox.post(.releases(id, $0)) }
+                } else {
+                    let unheld = store.requestUnholds(unholds, owner: owner)
+                    released.whenAnswered { r in
+                        unheld.whenAnswered { u in
+                            if case .failure(let e) = u { inbox.post(.releases(id, .failure(e))) } else { inbox.post(.releases(id, r)) }
+                        }
+                    }
+                }
             case .useTokens(let id, let tokens, let marks):
                 store.requestTokenUses(tokens, marks: marks).whenAnswered { inbox.post(.tokens(id, $0)) }
             case .dispatch(let id, let due):

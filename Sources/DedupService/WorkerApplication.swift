@@ -17,7 +17,8 @@ extension Worker {
         let (registry, factory) = PrometheusSetup.make()
         BuildInfo.record(factory: factory)
         let telemetry = WorkerTelemetry(
-            factory: factory, statsInterval: config.statsInterval, stallTimeout: config.loopStallTimeout, logger: logger)
+            factory: factory, statsInterval: config.statsInterval, stallTimeout: config.loopStallTimeout, logger: logger,
+            routeNames: ["default"] + config.routes.map(\.name))
         let worker = try Worker(
             config: config, handler: handler, routeHandlers: routeHandlers, logger: logger, telemetry: telemetry)
         var services: [ServiceGroupConfiguration.ServiceConfiguration] = []

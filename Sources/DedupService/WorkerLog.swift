@@ -89,10 +89,21 @@ extension Worker {
             logger.info(
                 "finishing the window before leaving the group",
                 metadata: ["buffer.messages": "\(messages)", "run.drain": "\(WorkerConfiguration.format(within))"])
+        case .rejectedTransition(let r):
+            logger.info(
+                r.deadLetter ? "transition not allowed; message dead-lettered, not dispatched" : "transition not allowed; message not dispatched",
+                metadata: [
+                    "guard.entity": "\(r.entity)", "guard.from": "\(r.from ?? "")", "guard.to": "\(r.to)",
+                    "dedup.key": "\(r.key.raw)", "route": "\(routeName(r.route))", "kafka.topic": "\(r.message.topic)",
+                    "kafka.partition": "\(r.message.partition)", "kafka.offset": "\(r.message.offset)",
+                ])
         case .waitingForRound(let count):
             logger.info("waiting for the dispatch round in flight", metadata: ["dispatch.round": "\(count)"])
         }
     }
+
+    /// A route's name as configured; the default route is `default`.
+    func routeName(_ index: Int) -> String { index == 0 ? "default" : config.routes[index - 1].name }
 
     func logSummary(_ engine: DedupEngine, commitError: (any Error)?, elapsed: Duration) {
         let c = engine.counters
@@ -105,7 +116,7 @@ extension Worker {
             "renewed": "\(c.renewed)", "dead_lettered": "\(c.deadLettered)", "leases_lost": "\(c.leasesLost)", "unclaimed": "\(c.unclaimed)",
             "kafka.rebalances": "\(c.rebalances)", "kafka.partitions.assigned": "\(c.partitionsAssigned)",
             "kafka.partitions.revoked": "\(c.partitionsRevoked)", "kafka.partitions.lost": "\(c.partitionsLost)",
-            "reread": "\(c.rereadAfterRebalance)",
+            "reread": "\(c.rereadAfterRebalance)", "rejected_transitions": "\(c.rejectedTransitions)",
             "kafka.committed": "\(committed.map { "\($0.key)=\($0.value)" }.joined(separator: ","))",
             "elapsed": "\(WorkerConfiguration.format(elapsed))",
         ]

@@ -18,7 +18,7 @@ import Testing
         engine.handle(.polled([.assigned([tp(0), tp(1), tp(2)]),
                                .message(msg("a", partition: 0, offset: 0)), .message(msg("b", partition: 1, offset: 0)),
                                .message(msg("b", partition: 1, offset: 1)), .message(msg("c", partition: 2, offset: 0))]), now: now)
-        guard case .claim(let id, let groups) = engine.nextAction(now: now) else { throw Unexpected("expected a claim") }
+        guard case .claim(let id, let groups, _) = engine.nextAction(now: now) else { throw Unexpected("expected a claim") }
         engine.handle(.answered([.claims(id, .success(Array(repeating: .claimed, count: groups.flatMap(\.keys).count)))]), now: now)
         #expect(engine.ledger.buffer.count == 3)
         return engine
@@ -35,13 +35,13 @@ import Testing
         var released: [String] = [], dispatched: [String] = []
         for _ in 0..<50 {
             switch engine.nextAction(now: now) {
-            case .release(let id, let keys):
+            case .release(let id, let keys, _):
                 released += keys
                 engine.handle(.answered([.releases(id, .success(keys.map { _ in true }))]), now: now)
             case .dispatch(let id, let due):
                 dispatched += due.map(\.key.raw)
                 engine.handle(.answered([.round(id, due.map { _ in .success })]), now: now)
-            case .confirm(let id, let groups):
+            case .confirm(let id, let groups, _):
                 engine.handle(.answered([.confirms(id, .success(groups.flatMap(\.keys).map { _ in .confirmed }))]), now: now)
             case .poll, .wait:
                 return (released, dispatched)
@@ -97,13 +97,13 @@ import Testing
         var released: [String] = [], dispatched: [String] = []
         for _ in 0..<200 {
             switch engine.nextAction(now: now) {
-            case .release(let id, let keys):
+            case .release(let id, let keys, _):
                 released += keys
                 engine.handle(.answered([.releases(id, .success(keys.map { _ in true }))]), now: now)
             case .dispatch(let id, let due):
                 dispatched += due.map(\.key.raw)
                 engine.handle(.answered([.round(id, due.map { _ in .success })]), now: now)
-            case .confirm(let id, let groups):
+            case .confirm(let id, let groups, _):
                 engine.handle(.answered([.confirms(id, .success(groups.flatMap(\.keys).map { _ in .confirmed }))]), now: now)
             case .wait(let until):
                 now = max(now, until)
@@ -147,12 +147,12 @@ import Testing
         var failures = 0, confirmed: [String] = [], released: [String] = []
         loop: for _ in 0..<300 {
             switch engine.nextAction(now: now) {
-            case .release(let id, let keys):
+            case .release(let id, let keys, _):
                 released += keys
                 engine.handle(.answered([.releases(id, .success(keys.map { _ in true }))]), now: now)
             case .dispatch(let id, let due):
                 engine.handle(.answered([.round(id, due.map { _ in .success })]), now: now)
-            case .confirm(let id, let groups):
+            case .confirm(let id, let groups, _):
                 if failures < 2 {
                     failures += 1
                     engine.handle(.answered([.confirms(id, .failure(Unexpected("redis down")))]), now: now)

@@ -13,7 +13,7 @@ import Testing
         engine.handle(.polled([.assigned([TopicPartition(topic: "t", partition: 0)]), .message(InboundMessage(
             topic: "t", partition: 0, offset: 0, value: Array("{}".utf8),
             headers: [MessageHeader(name: "message-id", value: Array("a".utf8))]))]), now: start)
-        guard case .claim(let id, _) = engine.nextAction(now: start) else {
+        guard case .claim(let id, _, _) = engine.nextAction(now: start) else {
             Issue.record("expected a claim")
             return engine
         }

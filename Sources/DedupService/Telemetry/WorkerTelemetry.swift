@@ -26,6 +26,10 @@ public final class WorkerTelemetry: Sendable {
         public static let deadLettered = "dedupd.messages.dead_lettered.total"
         public static let leasesLost = "dedupd.leases.lost.total"
         public static let confirmConflicts = "dedupd.confirm.conflicts.total"
+        /// Guard: messages whose transition their entity's recorded state did not allow, by route.
+        public static let rejectedTransitions = "dedupd.messages.rejected_transition.total"
+        /// Dimension of `rejectedTransitions`: the route's name (`default` for the top level).
+        public static let route = "route"
         /// `dedup.on_store_error: fail_open`: messages dispatched without a claim while Redis was down.
         public static let unclaimed = "dedupd.messages.unclaimed.total"
         /// Assignments taken from the group: one per rebalance this worker took part in.
@@ -60,8 +64,10 @@ public final class WorkerTelemetry: Sendable {
         let handlerDuration: Timer
         let factory: any MetricsFactory
         let roundTripTimers: Mutex<[String: Timer]>
+        /// By route index.
+        let rejectedTransitions: [Counter]
 
-        init(factory: any MetricsFactory) {
+        init(factory: any MetricsFactory, routeNames: [String]) {
             func counter(_ name: String, _ dims: [(String, String)] = []) -> Counter {
                 Counter(label: name, dimensions: dims, factory: factory)
             }
@@ -92,6 +98,7 @@ public final class WorkerTelemetry: Sendable {
             paused = gauge(Name.paused)
             redisUp = gauge(Name.redisUp)
             handlerDuration = Timer(label: Name.handlerDuration, dimensions: [], factory: factory)
+            rejectedTransitions = routeNames.map { counter(Name.rejectedTransitions, [(Name.route, $0)]) }
             self.factory = factory
             roundTripTimers = Mutex([:])
         }
@@ -147,12 +154,13 @@ public final class WorkerTelemetry: Sendable {
     ///   - factory: where metrics go; a `PrometheusMetricsFactory` for `/metrics`, a test factory in
     ///     tests. Default: none (the figures still reach the stats line and the health state).
     ///   - statsInterval: `log.stats_interval`; zero turns the stats line off.
+    ///   - routeNames: by route index (`default` first), for counters per route.
     public init(
         factory: any MetricsFactory = NOOPMetricsHandler.instance, statsInterval: Duration = .zero,
         stallTimeout: Duration = .seconds(30), logger: Logger = Logger(label: "dedupd"),
-        now: ContinuousClock.Instant = .now
+        now: ContinuousClock.Instant = .now, routeNames: [String] = ["default"]
     ) {
-        instruments = Instruments(factory: factory)
+        instruments = Instruments(factory: factory, routeNames: routeNames)
         health = Mutex(Health(lastPass: now))
         self.stallTimeout = stallTimeout
         publishing = Mutex(Publishing(stats: statsInterval > .zero ? StatsReporter(interval: statsInterval, logger: logger, now: now) : nil))
@@ -221,6 +229,9 @@ public final class WorkerTelemetry: Sendable {
         add(i.partitionsRevoked, c.partitionsRevoked, before.partitionsRevoked)
         add(i.partitionsLost, c.partitionsLost, before.partitionsLost)
         add(i.reread, c.rereadAfterRebalance, before.rereadAfterRebalance)
+        for (route, count) in c.rejectedTransitionsByRoute where route < i.rejectedTransitions.count {
+            add(i.rejectedTransitions[route], count, before.rejectedTransitionsByRoute[route] ?? 0)
+        }
         i.bufferMessages.record(s.bufferMessages)
         i.bufferBytes.record(s.bufferBytes)
         i.parked.record(s.parked)
