@@ -215,5 +215,81 @@ struct LuaScript: Sendable, Hashable {
         return out
         """)
 
-    static let all: [LuaScript] = [.claim, .confirm, .claimCompact, .confirmCompact, .release, .renew, .inspect, .issueTokens, .useTokens]
+    // Guard: an entity's record is a small hash (listpack): `s` its state, and while a message's
+    // transition is in flight its hold: `h` the hold id, `t` the target state, `o` the owner and
+    // `x` when the hold expires, in Redis server time (ms), so every worker judges expiry by one
+    // clock. ARGV[1] = owner, then a fixed number of arguments per entity.
+
+    /// Per entity: "h" .. state (held; the state it moves from, "" for none), "r" .. state (the
+    /// recorded state does not allow the target), "b" .. owner (held by another hold). Per entity
+    /// ARGV: hold id, target, allowed states ("|a|b|", "||" standing for no state), lease ms.
+    /// A hold that is this one's is extended without judging again.
+    static let holdEntities = LuaScript(name: "hold_entities", source: """
+        local t = redis.call('TIME')
+        local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+        local owner = ARGV[1]
+        local out = {}
+        for i, key in ipairs(KEYS) do
+          local id, target, allowed, lease = ARGV[4 * i - 2], ARGV[4 * i - 1], ARGV[4 * i], tonumber(ARGV[4 * i + 1])
+          local r = redis.call('HMGET', key, 's', 'h', 'o', 'x')
+          local state = r[1] or ''
+          local live = r[2] and tonumber(r[4]) > now
+          if live and not (r[2] == id and r[3] == owner) then
+            out[i] = 'b' .. r[3]
+          elseif live or string.find(allowed, '|' .. state .. '|', 1, true) then
+            redis.call('HSET', key, 'h', id, 't', target, 'o', owner, 'x', now + lease)
+            if redis.call('PTTL', key) < lease then redis.call('PEXPIRE', key, lease) end
+            out[i] = 'h' .. state
+          else
+            out[i] = 'r' .. state
+          end
+        end
+        return out
+        """)
+
+    /// Per entity: "m" moved (held by this hold), "l" moved with no live hold (the lease ran out,
+    /// and nobody else holds it: the handler did take the message), "n" .. owner (another hold:
+    /// nothing changed). Per entity ARGV: hold id, target, retention ms.
+    static let moveEntities = LuaScript(name: "move_entities", source: """
+        local t = redis.call('TIME')
+        local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+        local owner = ARGV[1]
+        local out = {}
+        for i, key in ipairs(KEYS) do
+          local id, target, retention = ARGV[3 * i - 1], ARGV[3 * i], ARGV[3 * i + 1]
+          local r = redis.call('HMGET', key, 'h', 'o', 'x')
+          local mine = r[1] == id and r[2] == owner
+          if mine or not r[1] or tonumber(r[3]) <= now then
+            redis.call('HSET', key, 's', target)
+            redis.call('HDEL', key, 'h', 't', 'o', 'x')
+            redis.call('PEXPIRE', key, retention)
+            if mine then out[i] = 'm' else out[i] = 'l' end
+          else
+            out[i] = 'n' .. r[2]
+          end
+        end
+        return out
+        """)
+
+    /// Per entity: 1 if it was held by this hold and the hold is gone, else 0. An entity with no
+    /// state left is deleted. Per entity ARGV: hold id.
+    static let unholdEntities = LuaScript(name: "unhold_entities", source: """
+        local owner = ARGV[1]
+        local out = {}
+        for i, key in ipairs(KEYS) do
+          local r = redis.call('HMGET', key, 'h', 'o', 's')
+          if r[1] == ARGV[i + 1] and r[2] == owner then
+            if r[3] then redis.call('HDEL', key, 'h', 't', 'o', 'x') else redis.call('DEL', key) end
+            out[i] = 1
+          else
+            out[i] = 0
+          end
+        end
+        return out
+        """)
+
+    static let all: [LuaScript] = [
+        .claim, .confirm, .claimCompact, .confirmCompact, .release, .renew, .inspect, .issueTokens, .useTokens,
+        .holdEntities, .moveEntities, .unholdEntities,
+    ]
 }

@@ -125,6 +125,69 @@ public final class RedisClaimStore: ClaimStore {
         Self.reply(sendTokenUses(tokens, marks: marks))
     }
 
+    // MARK: - Guard
+
+    public func requestHolds(_ steps: [EntityStep], owner: String) -> StoreReply<[HoldOutcome]> {
+        Self.reply(send(.holdEntities, [Self.entityBatch(steps, owner: owner) { step in
+            [RedisArgument(step.holdID), RedisArgument(step.target),
+             RedisArgument("|" + step.allowedFrom.joined(separator: "|") + "|"), RedisArgument(Self.millis(step.ttl))]
+        }], element: Self.holdOutcome))
+    }
+
+    public func requestMoves(_ steps: [EntityStep], owner: String) -> StoreReply<[MoveOutcome]> {
+        Self.reply(send(.moveEntities, [Self.entityBatch(steps, owner: owner) { step in
+            [RedisArgument(step.holdID), RedisArgument(step.target), RedisArgument(Self.millis(step.ttl))]
+        }], element: Self.moveOutcome))
+    }
+
+    public func requestUnholds(_ steps: [EntityStep], owner: String) -> StoreReply<[Bool]> {
+        Self.reply(send(.unholdEntities, [Self.entityBatch(steps, owner: owner) { [RedisArgument($0.holdID)] }], element: Self.flag))
+    }
+
+    /// `requestHolds`, awaited.
+    public func hold(_ steps: [EntityStep], owner: String) async throws -> [HoldOutcome] {
+        try await requestHolds(steps, owner: owner).value()
+    }
+
+    /// `requestMoves`, awaited.
+    public func move(_ steps: [EntityStep], owner: String) async throws -> [MoveOutcome] {
+        try await requestMoves(steps, owner: owner).value()
+    }
+
+    /// `requestUnholds`, awaited.
+    public func unhold(_ steps: [EntityStep], owner: String) async throws -> [Bool] {
+        try await requestUnholds(steps, owner: owner).value()
+    }
+
+    private static func entityBatch(_ steps: [EntityStep], owner: String, args: (EntityStep) -> [RedisArgument]) -> ScriptBatch {
+        var perItem: [RedisArgument] = []
+        for step in steps { perItem += args(step) }
+        return ScriptBatch(
+            keys: steps.map(\.entityKey), args: [RedisArgument(owner)], perKeyArgs: perItem,
+            argsPerItem: steps.isEmpty ? 1 : perItem.count / steps.count)
+    }
+
+    @Sendable private static func holdOutcome(_ element: UnsafePointer<redisReply>) -> HoldOutcome? {
+        guard let text = text(element), let code = text.utf8.first else { return nil }
+        let rest = String(text.dropFirst())
+        switch code {
+        case UInt8(ascii: "h"): return .held(from: rest.isEmpty ? nil : rest)
+        case UInt8(ascii: "r"): return .rejected(state: rest.isEmpty ? nil : rest)
+        case UInt8(ascii: "b"): return .busy(owner: rest)
+        default: return nil
+        }
+    }
+
+    @Sendable private static func moveOutcome(_ element: UnsafePointer<redisReply>) -> MoveOutcome? {
+        guard let text = text(element), let code = text.utf8.first else { return nil }
+        switch code {
+        case UInt8(ascii: "m"): return .moved
+        case UInt8(ascii: "l"): return .movedAfterLeaseLost
+        case UInt8(ascii: "n"): return .notOwner(owner: String(text.dropFirst()))
+        default: return nil
+        }
+    }
+
     /// The request is on its way already; a task only waits for its answers (and reloads a
     /// script the server lost).
     private static func reply<Item: Sendable>(_ request: Request<Item>) -> StoreReply<[Item]> {
@@ -196,12 +259,13 @@ public final class RedisClaimStore: ClaimStore {
 
     /// Items run through one script with the same arguments (e.g. one lease). An item is one
     /// claimed key and passes `keysPerItem` keys (`keys` holds them item after item), all with the
-    /// hash tag of its first key. `perKeyArgs`, when given, holds one argument per item, passed
-    /// with its chunk after `args`. `script` nil: the operation's own script.
+    /// hash tag of its first key. `perKeyArgs`, when given, holds `argsPerItem` arguments per
+    /// item, passed with its chunk after `args`. `script` nil: the operation's own script.
     private struct ScriptBatch: Sendable {
         var keys: [String]
         var args: [RedisArgument]
         var perKeyArgs: [RedisArgument]? = nil
+        var argsPerItem = 1
         var keysPerItem = 1
         var script: LuaScript? = nil
         var itemCount: Int { keys.count / keysPerItem }
@@ -360,7 +424,7 @@ public final class RedisClaimStore: ClaimStore {
                 for (slot, items) in RedisClaimStore.chunkItems(batch, maxItems: maxKeysPerScript, bySlot: bySlot) {
                     chunks.append(Chunk(batch: b, items: items, slot: slot))
                 }
-                keyCount += batch.keys.count + (batch.perKeyArgs == nil ? 0 : batch.itemCount)
+                keyCount += batch.keys.count + (batch.perKeyArgs?.count ?? 0)
                 keyBytes += batch.keys.reduce(0) { $0 + $1.utf8.count } + (batch.perKeyArgs?.reduce(0) { $0 + $1.bytes.count } ?? 0)
                 argBytes = max(argBytes, batch.args.reduce(0) { $0 + $1.bytes.count })
                 argCount = max(argCount, batch.args.count)
@@ -397,7 +461,10 @@ public final class RedisClaimStore: ClaimStore {
                     for k in item * m..<(item + 1) * m { batch.append(source.keys[k]) }
                 }
                 for arg in source.args { batch.append(arg.bytes) }
-                if let perKeyArgs = source.perKeyArgs { for item in chunk.items { batch.append(perKeyArgs[item].bytes) } }
+                if let perKeyArgs = source.perKeyArgs {
+                    let a = source.argsPerItem
+                    for item in chunk.items { for j in item * a..<(item + 1) * a { batch.append(perKeyArgs[j].bytes) } }
+                }
             }
             return batch
         }

@@ -490,18 +490,40 @@ func describe(_ state: KeyState) -> String {
     }
 }
 
+func describe(_ entity: EntityState) -> String {
+    func left(_ ms: Int64) -> String { ms < 0 ? "no expiry" : WorkerConfiguration.format(.milliseconds(ms)) }
+    guard entity.ttlMillis != -2 else { return "absent (no recorded state: guard.initial applies)" }
+    var out = "state=\(entity.state ?? "(none)") ttl_left=\(left(entity.ttlMillis))"
+    if let p = entity.pending {
+        out += " pending to=\(p.target) hold=\(p.holdID) owner=\(p.owner) lease_left=\(left(p.ttlMillis))"
+    }
+    return out
+}
+
 struct Inspect: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Show dedup keys' state in Redis: absent, pending (owner, lease left) or done (TTL left).")
+        abstract: "Show dedup keys' state in Redis: absent, pending (owner, lease left) or done (TTL left); with --entity, guard entities' state.")
 
     @OptionGroup var options: AdminOptions
-    @Argument(help: "Dedup keys as handlers see them (e.g. a message id), without the dedupd:<namespace>: prefix.")
+    @Flag(help: "The arguments are guard entities (e.g. an order number): show each one's recorded state and a transition in flight.")
+    var entity = false
+    @Argument(help: "Dedup keys as handlers see them (e.g. a message id), without the dedupd:<namespace>: prefix; with --entity, entity ids.")
     var keys: [String]
 
     func validate() throws { if keys.isEmpty { throw ValidationError("give at least one key") } }
 
     func run() async throws {
         OperationalLog.bootstrap(level: .warning, format: .logfmt)
+        if entity {
+            let config = try options.load()
+            let store = try await options.connectStore(config)
+            let entityKeys = keys.map { DedupKey(raw: $0, namespace: config.namespace, prefix: "dedupd-entity") }
+            for (key, state) in zip(entityKeys, try await store.inspectEntities(entityKeys.map(\.storeKey))) {
+                print("\(key.raw) \(describe(state)) redis.key=\(key.storeKey)")
+            }
+            await store.redis.close()
+            return
+        }
         let (store, dedupKeys, layout) = try await options.open(keys)
         let states = try await store.inspect(dedupKeys.map(\.storeKey), layout: layout)
         for (key, state) in zip(dedupKeys, states) {
@@ -521,14 +543,35 @@ struct Forget: AsyncParsableCommand {
             """)
 
     @OptionGroup var options: AdminOptions
-    @Flag(help: "Remove pending keys too.") var force = false
-    @Argument(help: "Dedup keys as handlers see them, without the dedupd:<namespace>: prefix.")
+    @Flag(help: "Remove pending keys too (with --entity: entities held by a message in flight).") var force = false
+    @Flag(help: "The arguments are guard entities: reset each one's recorded state, so it starts again from guard.initial.")
+    var entity = false
+    @Argument(help: "Dedup keys as handlers see them, without the dedupd:<namespace>: prefix; with --entity, entity ids.")
     var keys: [String]
 
     func validate() throws { if keys.isEmpty { throw ValidationError("give at least one key") } }
 
     func run() async throws {
         OperationalLog.bootstrap(level: .warning, format: .logfmt)
+        if entity {
+            let config = try options.load()
+            let store = try await options.connectStore(config)
+            let entityKeys = keys.map { DedupKey(raw: $0, namespace: config.namespace, prefix: "dedupd-entity") }
+            var kept = 0
+            for (key, r) in zip(entityKeys, try await store.forgetEntities(entityKeys.map(\.storeKey), force: force)) {
+                if r.state.ttlMillis == -2 {
+                    print("\(key.raw) absent, nothing removed redis.key=\(key.storeKey)")
+                } else if r.removed {
+                    print("\(key.raw) removed (was \(describe(r.state))) redis.key=\(key.storeKey)")
+                } else {
+                    kept += 1
+                    print("\(key.raw) kept: \(describe(r.state)); a transition is in flight, --force removes it redis.key=\(key.storeKey)")
+                }
+            }
+            await store.redis.close()
+            if kept > 0 { throw ExitCode(1) }
+            return
+        }
         let (store, dedupKeys, layout) = try await options.open(keys)
         let results = try await store.forget(dedupKeys.map(\.storeKey), force: force, layout: layout)
         var kept = 0
