@@ -328,8 +328,7 @@ public struct DedupEngine: Sendable {
             case .success(let outcomes):
                 storeAnswered(now: now)
                 // Claims for keys no longer held (their partition was revoked while the answer
-                // was on its way) are given back rather than left to expire; so are the claims
-                // of rejected transitions.
+                // was on its way) are given back rather than left to expire.
                 toRelease.append(contentsOf: ledger.applyClaims(request, outcomes, holds: holds, now: sentAt))
                 for rejection in ledger.takeRejections() {
                     reports.append(.rejectedTransition(rejection))

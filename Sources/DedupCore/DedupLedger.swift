@@ -66,6 +66,11 @@ public struct DedupLedger: Sendable {
         var attempt: UInt64 = 0
         /// The store said the entity is held for this attempt.
         var held = false
+        /// The transition was not allowed: the message is confirmed (a repeat of it is a
+        /// duplicate) without being dispatched, and its entity does not move.
+        var rejected = false
+        /// Rejected and on its way to the dead-letter topic, whose acknowledgement resolves it.
+        var deadLettered = false
     }
 
     /// A message whose transition was not allowed: resolved without dispatch.
@@ -421,8 +426,8 @@ public struct DedupLedger: Sendable {
     /// are to be released.
     ///
     /// Guard: `holds` answers the request's `holds`. A key whose claim and hold both succeeded is
-    /// buffered; a rejected transition is resolved without dispatch (its claim released, the
-    /// rejection left for `takeRejections`); an entity held by another message parks the key; a
+    /// buffered; a rejected transition is confirmed without dispatch (the rejection left for
+    /// `takeRejections`); an entity held by another message parks the key; a
     /// hold taken for a key that turned out a duplicate, pending elsewhere or stale is given back.
     @discardableResult
     public mutating func applyClaims(
@@ -454,7 +459,7 @@ public struct DedupLedger: Sendable {
             case .claiming: break
             case .parked: parkedKeys.remove(key)
             case .buffered:
-                applyRenewal(at: i, key, outcome, hold: hold, holdStep: holdStep, now: now, orphans: &orphans)
+                applyRenewal(at: i, key, outcome, hold: hold, holdStep: holdStep, now: now)
                 continue
             case .awaitingToken, .inFlight, .confirming, .awaitingEntity: continue
             }
@@ -472,7 +477,6 @@ public struct DedupLedger: Sendable {
                     entries.values[i].step?.held = held
                 case .rejected(let state)?:
                     reject(at: i, key, from: state)
-                    orphans.append(key)
                     continue
                 case .busy?:
                     counters.entityBusy += 1
@@ -502,14 +506,19 @@ public struct DedupLedger: Sendable {
     }
 
     /// Guard: the transition is not allowed from the entity's recorded state. The message is
-    /// resolved without dispatch (once dead-lettered, when it goes to the dead-letter topic);
-    /// its claim is the caller's to release.
+    /// never dispatched; it goes to the next confirm like a dispatched one (its key becomes done,
+    /// so a repeat of it is a duplicate) but its entity does not move. It is resolved once
+    /// confirmed, or, going to the dead-letter topic, once that acknowledged it.
     private mutating func reject(at i: Int, _ key: DedupKey, from: String?) {
-        let e = removeEntry(at: i)
+        let e = entries.values[i]
         counters.rejectedTransitions += 1
         counters.rejectedTransitionsByRoute[e.route, default: 0] += 1
         let deadLetter = routeSettings[e.route].entityGuard?.onReject == .deadLetter && settings.holdsDeadLetters
-        if !deadLetter { offsets.resolve(e.message.topicPartition, offset: e.message.offset) }
+        entries.values[i].place = .confirming
+        entries.values[i].step?.rejected = true
+        entries.values[i].step?.deadLettered = deadLetter
+        confirming.append(key)
+        confirmingCount += 1
         rejections.append(Rejection(
             key: key, message: e.message, route: e.route, entity: e.step?.entity ?? "", from: from, to: e.step?.target ?? "",
             deadLetter: deadLetter))
@@ -574,7 +583,7 @@ public struct DedupLedger: Sendable {
     /// transition is not allowed).
     private mutating func applyRenewal(
         at i: Int, _ key: DedupKey, _ outcome: ClaimOutcome, hold: HoldOutcome?, holdStep: EntityStep?,
-        now: ContinuousClock.Instant, orphans: inout [DedupKey]
+        now: ContinuousClock.Instant
     ) {
         let held: Bool = if case .held = hold { true } else { false }
         switch outcome {
@@ -586,9 +595,9 @@ public struct DedupLedger: Sendable {
                 counters.renewed += 1
             case .rejected(let state)?:
                 buffer.removed(size: entries.values[i].size)
+                entries.values[i].leaseTakenAt = nil
                 counters.leasesLost += 1
                 reject(at: i, key, from: state)
-                orphans.append(key)
             case .busy?:
                 buffer.removed(size: entries.values[i].size)
                 counters.leasesLost += 1
@@ -739,7 +748,7 @@ public struct DedupLedger: Sendable {
             guard let i = entries.index(forKey: key) else { continue }
             entries.values[i].awaiting = ticket
             // Guard: the entity moves to the message's state in the same round trip.
-            if let step = entries.values[i].step {
+            if let step = entries.values[i].step, !step.rejected {
                 request.holdKeys.append(key)
                 request.holds.append(storeStep(key, step, route: entries.values[i].route, ttl: \.retention))
             }
@@ -771,7 +780,8 @@ public struct DedupLedger: Sendable {
             guard let i = entries.index(forKey: key), entries.values[i].awaiting == request.ticket,
                 entries.values[i].place == .confirming
             else { continue }
-            let message = removeEntry(at: i).message
+            let e = removeEntry(at: i)
+            let message = e.message
             confirmingCount -= 1
             if case .notOwner(let other) = outcome {
                 counters.confirmConflicts += 1
@@ -780,7 +790,7 @@ public struct DedupLedger: Sendable {
                 counters.confirmConflicts += 1
                 conflicts.append((key, "entity held by " + other))
             }
-            offsets.resolve(message.topicPartition, offset: message.offset)
+            if e.step?.deadLettered != true { offsets.resolve(message.topicPartition, offset: message.offset) }
         }
         return conflicts
     }

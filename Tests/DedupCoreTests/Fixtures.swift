@@ -119,4 +119,61 @@ final class FakeClaimStore: ClaimStore {
     func requestTokenUses(_ tokens: [String], marks: [String]) -> StoreReply<[TokenOutcome]> {
         StoreReply(.success(tokens.map { _ in .accepted }))
     }
+
+    // Guard: entity records with the semantics of the Redis scripts (hold_entities, ...).
+
+    struct EntityRecord { var state: String?; var hold: (id: String, target: String, owner: String, expires: ContinuousClock.Instant)? }
+    let entities = Mutex<[String: EntityRecord]>([:])
+
+    func entityState(_ key: String) -> String? { entities.withLock { $0[key]?.state } }
+
+    func requestHolds(_ steps: [EntityStep], owner: String) -> StoreReply<[HoldOutcome]> {
+        StoreReply(Result {
+            try op { _, now in
+                entities.withLock { records in
+                    steps.map { step -> HoldOutcome in
+                        var r = records[step.entityKey] ?? EntityRecord(state: nil, hold: nil)
+                        let live = r.hold.map { $0.expires > now } ?? false
+                        if live, let hold = r.hold, !(hold.id == step.holdID && hold.owner == owner) { return .busy(owner: hold.owner) }
+                        guard live || step.allowedFrom.contains(r.state ?? EntityGuard.noState) else { return .rejected(state: r.state) }
+                        r.hold = (step.holdID, step.target, owner, now + step.ttl)
+                        records[step.entityKey] = r
+                        return .held(from: r.state)
+                    }
+                }
+            }
+        })
+    }
+
+    func requestMoves(_ steps: [EntityStep], owner: String) -> StoreReply<[MoveOutcome]> {
+        StoreReply(Result {
+            try op { _, now in
+                entities.withLock { records in
+                    steps.map { step -> MoveOutcome in
+                        var r = records[step.entityKey] ?? EntityRecord(state: nil, hold: nil)
+                        let mine = r.hold.map { $0.id == step.holdID && $0.owner == owner } ?? false
+                        if !mine, let hold = r.hold, hold.expires > now { return .notOwner(owner: hold.owner) }
+                        r.state = step.target
+                        r.hold = nil
+                        records[step.entityKey] = r
+                        return mine ? .moved : .movedAfterLeaseLost
+                    }
+                }
+            }
+        })
+    }
+
+    func requestUnholds(_ steps: [EntityStep], owner: String) -> StoreReply<[Bool]> {
+        StoreReply(Result {
+            try op { _, _ in
+                entities.withLock { records in
+                    steps.map { step -> Bool in
+                        guard let hold = records[step.entityKey]?.hold, hold.id == step.holdID, hold.owner == owner else { return false }
+                        records[step.entityKey]!.hold = nil
+                        return true
+                    }
+                }
+            }
+        })
+    }
 }
