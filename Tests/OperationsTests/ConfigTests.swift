@@ -163,8 +163,66 @@ import Yams
         let path = dir.file("routes.yaml").path
         try uncommented.write(toFile: path, atomically: true, encoding: .utf8)
         let c = try ConfigLoader.load(file: path, environment: [:])
-        #expect(c.routes.map(\.name) == ["payments", "profile-edits"])
+        #expect(c.routes.map(\.name) == ["payments", "profile-edits", "orders"])
         #expect(c.routes[1].dedup.keep == .last && c.routes[1].dedup.namespace == "profile-edits")
+        #expect(c.routes[2].dedup.entityGuard?.transitions["paid"] == ["shipped", "refunded"])
+        #expect(c.routes[2].dedup.entityGuard?.onReject == .deadLetter)
+        #expect(c.dedup.entityGuard == nil && c.routes[0].dedup.entityGuard == nil, "a guard is the route's own")
+    }
+}
+
+/// `guard.*`: the shape of the issue's YAML, and the tables `check-config` refuses, each naming
+/// the key and where it came from.
+@Suite struct GuardConfigTests {
+    func load(_ yaml: String, env: [String: String] = [:]) throws -> WorkerConfiguration {
+        let dir = try TemporaryDirectory(prefix: "dedupd-guard-config")
+        let path = dir.file("g.yaml").path
+        try ("kafka: {bootstrap_servers: \"k:9092\", topics: [orders]}\n" + yaml).write(toFile: path, atomically: true, encoding: .utf8)
+        return try ConfigLoader.load(file: path, environment: env)
+    }
+
+    func refusal(_ yaml: String, env: [String: String] = [:]) -> String {
+        do { _ = try load(yaml, env: env); return "accepted" } catch { return "\(error)" }
+    }
+
+    let good = """
+        guard:
+          entity: json:/orderNo
+          state: json:/status
+          initial: [created]
+          transitions:
+            created: [paid, cancelled]
+            paid: [shipped, refunded]
+            shipped: [delivered]
+          on_reject: drop
+        """
+
+    @Test func theIssuesShapeLoads() throws {
+        let g = try #require(try load(good).dedup.entityGuard)
+        #expect(g.initial == ["created"] && g.transitions.count == 3 && g.onReject == .drop)
+        #expect(g.retention == .seconds(86_400), "default: dedup.retention")
+        let env = try #require(try load("", env: [
+            "DEDUPD_GUARD_ENTITY": "json:/orderNo", "DEDUPD_GUARD_STATE": "json:/status", "DEDUPD_GUARD_INITIAL": "created",
+            "DEDUPD_GUARD_TRANSITIONS": "created=paid|cancelled;paid=shipped",
+        ]).dedup.entityGuard)
+        #expect(env.transitions == ["created": ["paid", "cancelled"], "paid": ["shipped"]])
+    }
+
+    @Test func tablesThatCannotWorkAreRefusedNamingTheKey() {
+        var e = refusal(good.replacingOccurrences(of: "    created: [paid, cancelled]\n    paid: [shipped, refunded]\n    shipped: [delivered]\n", with: "    {}\n"))
+        #expect(e.contains("guard.transitions") && e.contains("empty") && e.contains("g.yaml"), "\(e)")
+        e = refusal(good.replacingOccurrences(of: "shipped: [delivered]", with: "shiped: [delivered]"))
+        #expect(e.contains("guard.transitions") && e.contains("\"shiped\"") && e.contains("g.yaml"), "\(e)")
+        e = refusal(good.replacingOccurrences(of: "json:/status", with: "json:status"))
+        #expect(e.contains("guard.state") && e.contains("g.yaml"), "\(e)")
+        e = refusal(good.replacingOccurrences(of: "  entity: json:/orderNo\n", with: ""))
+        #expect(e.contains("guard.state") && e.contains("no effect without guard.entity"), "\(e)")
+        e = refusal(good + "\ndedup: {keep: last}")
+        #expect(e.contains("guard.entity") && e.contains("keep: first"), "\(e)")
+        e = refusal(good + "\ndedup: {on_store_error: fail_open}")
+        #expect(e.contains("dedup.on_store_error"), "\(e)")
+        e = refusal(good.replacingOccurrences(of: "initial: [created]", with: "initial: []"))
+        #expect(e.contains("guard.initial"), "\(e)")
     }
 }
 
