@@ -32,6 +32,20 @@ final class ModelWorld: @unchecked Sendable {
         var maxSteps = 6000
         var window: Duration = .seconds(1)
         var lease: Duration = .seconds(3)
+        /// Guard: each message asks its entity (one of `entities`) to enter a state of the cycle
+        /// a → b → c → a (initial a), so most moves are rejected and some are allowed.
+        var guarded = false
+        var entities = 5
+    }
+
+    static let guardTable = EntityGuard(
+        entity: try! KeyTemplate("json:/e"), state: try! KeyTemplate("json:/s"), initial: ["a"],
+        transitions: ["a": ["b"], "b": ["c"], "c": ["a"]], retention: .seconds(60))
+
+    /// Guard: the entity and state a key's message asks for (every copy of a key asks the same).
+    func guardStep(_ key: String) -> (entity: String, state: String) {
+        let n = Int(key.dropFirst())!
+        return ("E\(n % shape.entities)", ["a", "b", "c"][(n / shape.entities) % 3])
     }
 
     let shape: Shape
@@ -57,6 +71,12 @@ final class ModelWorld: @unchecked Sendable {
     /// The route's layout, as the configuration says (the worker's key groups carry it too).
     var layout: DoneLayout = .keys
     var storeDown = false
+
+    // Guard: entity records like the hold/move/unhold scripts keep them.
+    var entities: [String: (state: String?, hold: (id: String, target: String, owner: String, expires: ContinuousClock.Instant)?)] = [:]
+    /// Keys confirmed without being dispatched: their transition was rejected.
+    var rejected: Set<String> = []
+    var moves = 0, movesAfterLeaseLost = 0
 
     // The current incarnation of the worker.
     var owner = ""
@@ -275,7 +295,7 @@ final class ModelWorld: @unchecked Sendable {
         for o in old..<offset {
             let key = log[Int(p)][Int(o)]
             uncommittedCopies[key]! -= 1
-            if uncommittedCopies[key] == 0, dispatches[key, default: 0] == 0 {
+            if uncommittedCopies[key] == 0, dispatches[key, default: 0] == 0, !rejected.contains(key) {
                 fail("partition \(p) committed to \(offset) past offset \(o) (key \(key)): every copy of \(key) is committed and it was never dispatched")
             }
         }
@@ -283,12 +303,24 @@ final class ModelWorld: @unchecked Sendable {
     }
 
     /// A key is dispatched only while this worker holds its claim, and twice only after a
-    /// crash, at most `handler.max_batch` keys per crash.
+    /// crash, at most `handler.max_batch` keys per crash. Guard: only while this message holds
+    /// its entity, and only if the entity's state allows the move.
     func dispatched(_ keys: [String]) {
         for key in keys {
             let storeKey = pendingKey("dedupd:model:\(key)", layout)
             if let v = store[storeKey], v.expires > now, v.value == "p:" + owner {} else {
                 fail("\(key) dispatched without a claim: the store has \(store[storeKey].map { "\($0.value), \($0.expires > now ? "live" : "expired")" } ?? "nothing")")
+            }
+            if shape.guarded {
+                let (entity, target) = guardStep(key)
+                let record = entities[entityKey(entity)]
+                guard let hold = record?.hold, hold.expires > now, hold.owner == owner, hold.id.hasPrefix(key + "#") else {
+                    fail("\(key) dispatched without holding \(entity): \(record.map { "\($0)" } ?? "no record")")
+                    continue
+                }
+                if !Self.guardTable.allows(from: record?.state, to: target) {
+                    fail("\(key) dispatched an illegal move of \(entity): \(record?.state ?? "-") -> \(target)")
+                }
             }
             dispatches[key, default: 0] += 1
         }
@@ -299,7 +331,7 @@ final class ModelWorld: @unchecked Sendable {
     }
 
     func checkEnd() {
-        let missing = uniqueKeys.filter { dispatches[$0, default: 0] == 0 }
+        let missing = uniqueKeys.filter { dispatches[$0, default: 0] == 0 && !rejected.contains($0) }
         if !missing.isEmpty { fail("never dispatched: \(missing.sorted())") }
         if !allCommitted { fail("not all committed: \(committed) of \(log.map(\.count))") }
     }
@@ -370,6 +402,44 @@ final class ModelWorld: @unchecked Sendable {
         }
     }
 
+    func entityKey(_ entity: String) -> String { DedupKey(raw: entity, namespace: "model", prefix: "dedupd-entity").storeKey }
+
+    func hold(_ step: EntityStep) -> HoldOutcome {
+        var r = entities[step.entityKey] ?? (nil, nil)
+        let live = r.hold.map { $0.expires > now } ?? false
+        if live, let h = r.hold, !(h.id == step.holdID && h.owner == owner) { return .busy(owner: h.owner) }
+        guard live || step.allowedFrom.contains(r.state ?? EntityGuard.noState) else { return .rejected(state: r.state) }
+        r.hold = (step.holdID, step.target, owner, now + step.ttl)
+        entities[step.entityKey] = r
+        return .held(from: r.state)
+    }
+
+    /// Moves written under this message's live hold must be legal; one whose hold ran out is the
+    /// documented lease window, counted.
+    func move(_ step: EntityStep) -> MoveOutcome {
+        var r = entities[step.entityKey] ?? (nil, nil)
+        let mine = r.hold.map { $0.id == step.holdID && $0.owner == owner && $0.expires > now } ?? false
+        if !mine, let h = r.hold, h.expires > now { return .notOwner(owner: h.owner) }
+        if mine {
+            if !Self.guardTable.allows(from: r.state, to: step.target) {
+                fail("move of \(step.entityKey) \(r.state ?? "-") -> \(step.target) under a live hold is illegal")
+            }
+            moves += 1
+        } else {
+            movesAfterLeaseLost += 1
+        }
+        r.state = step.target
+        r.hold = nil
+        entities[step.entityKey] = r
+        return mine ? .moved : .movedAfterLeaseLost
+    }
+
+    func unhold(_ step: EntityStep) -> Bool {
+        guard let h = entities[step.entityKey]?.hold, h.id == step.holdID, h.owner == owner else { return false }
+        entities[step.entityKey]!.hold = nil
+        return true
+    }
+
     func release(_ key: String) -> Bool {
         guard live(key) == "p:" + owner else { return false }
         store[key] = nil
@@ -402,8 +472,13 @@ extension ModelWorld: MessageSource {
         for p in assigned.sorted() where !paused.contains(p) {
             while budget > 0, let o = position[p], o < log[Int(p)].count {
                 let key = log[Int(p)][Int(o)]
+                var value: [UInt8] = []
+                if shape.guarded {
+                    let (entity, state) = guardStep(key)
+                    value = Array(#"{"e":"\#(entity)","s":"\#(state)"}"#.utf8)
+                }
                 events.append(.message(InboundMessage(
-                    topic: "t", partition: p, offset: o, value: [],
+                    topic: "t", partition: p, offset: o, value: value,
                     headers: [MessageHeader(name: "message-id", value: Array(key.utf8))])))
                 position[p] = o + 1
                 budget -= 1
@@ -447,8 +522,27 @@ extension ModelWorld: ClaimStore {
 
     func requestConfirms(_ groups: [KeyGroup], owner: String) -> StoreReply<[ConfirmOutcome]> {
         request("confirms \(groups.flatMap(\.keys).map { $0.split(separator: ":").last! })") {
-            groups.flatMap { g in g.keys.map { confirm($0, retention: g.ttl, layout: g.layout) } }
+            groups.flatMap { g in
+                g.keys.map { storeKey in
+                    // A key confirmed that no round dispatched: the guard rejected its move.
+                    let key = String(storeKey.split(separator: ":").last!)
+                    if shape.guarded, dispatches[key, default: 0] == 0 { rejected.insert(key) }
+                    return confirm(storeKey, retention: g.ttl, layout: g.layout)
+                }
+            }
         }
+    }
+
+    func requestHolds(_ steps: [EntityStep], owner: String) -> StoreReply<[HoldOutcome]> {
+        request("holds \(steps.map(\.holdID))") { steps.map { hold($0) } }
+    }
+
+    func requestMoves(_ steps: [EntityStep], owner: String) -> StoreReply<[MoveOutcome]> {
+        request("moves \(steps.map(\.holdID))") { steps.map { move($0) } }
+    }
+
+    func requestUnholds(_ steps: [EntityStep], owner: String) -> StoreReply<[Bool]> {
+        request("unholds \(steps.map(\.holdID))") { steps.map { unhold($0) } }
     }
 
     func requestReleases(_ keys: [String], owner: String) -> StoreReply<[Bool]> {

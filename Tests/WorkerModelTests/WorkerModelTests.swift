@@ -11,7 +11,9 @@ import Testing
 /// offsets with the store kept; slow handlers). After every step: nothing committed past a
 /// message whose key was never dispatched; a key dispatched only under this worker's live claim;
 /// repeats only after crashes, at most `handler.max_batch` per crash. At the end: every unique
-/// key dispatched and every offset committed.
+/// key dispatched and every offset committed. With a guard (`randomSchedulesKeepThePromisesWithAGuard`)
+/// also: a message dispatched only while it holds its entity and its move is allowed from the
+/// entity's state, every move written under a live hold legal, every key dispatched or rejected.
 ///
 /// A failing schedule prints its seed and the last steps, and is replayed at once in the same
 /// process. `DEDUPD_MODEL_SEED=<seed>` runs only that seed; Swift seeds its hashing per process,
@@ -23,7 +25,7 @@ import Testing
     /// The default layout is compact; a retention of a minute in 4 slots makes schedules cross
     /// slot edges (the model's wall clock starts at a random time of day).
     static func config(_ shape: ModelWorld.Shape, layout: String = "compact") throws -> WorkerConfiguration {
-        let values: [String: String] = [
+        var values: [String: String] = [
             "dedup.layout": layout,
             "dedup.retention": "60s",
             "dedup.compact.slots": "4",
@@ -41,6 +43,12 @@ import Testing
             "buffer.max_messages": "12",
             "log.stats_interval": "0",
         ]
+        if shape.guarded {
+            values["guard.entity"] = "json:/e"
+            values["guard.state"] = "json:/s"
+            values["guard.initial"] = "a"
+            values["guard.transitions"] = "a=b;b=c;c=a"
+        }
         return try WorkerConfiguration(layers: [values.mapValues { ConfigValue($0, origin: "model") }])
     }
 
@@ -82,7 +90,16 @@ import Testing
         try await runSchedules(config: try Self.config(Self.shape, layout: "keys"), count: Environment.schedules / 4)
     }
 
-    func runSchedules(config: WorkerConfiguration, count: Int) async throws {
+    /// With a guard: a message is dispatched only while it holds its entity and its move is
+    /// allowed from the entity's state; every move written under a live hold is legal; every
+    /// message is dispatched or rejected.
+    @Test func randomSchedulesKeepThePromisesWithAGuard() async throws {
+        var shape = Self.shape
+        shape.guarded = true
+        try await runSchedules(config: try Self.config(shape), count: Environment.schedules / 2, shape: shape)
+    }
+
+    func runSchedules(config: WorkerConfiguration, count: Int, shape: ModelWorld.Shape = shape) async throws {
         var seeds: [UInt64]
         if let given = Environment.seed {
             seeds = [given]
@@ -95,15 +112,19 @@ import Testing
         var crashes = 0
         var stops = 0
         var totals = ModelWorld.Totals()
+        var rejected = 0, moves = 0, lateMoves = 0
         for seed in seeds {
-            let world = try await Self.run(seed: seed, config: config)
+            let world = try await Self.run(seed: seed, config: config, shape: shape)
             steps += world.steps
+            rejected += world.rejected.count
+            moves += world.moves
+            lateMoves += world.movesAfterLeaseLost
             crashes += world.crashes
             stops += world.gracefulStops
             totals.add(world.counters.c)
             if let error = world.error {
                 // Replayed at once, in this process: the same seed makes the same schedule.
-                let again = try await Self.run(seed: seed, config: config)
+                let again = try await Self.run(seed: seed, config: config, shape: shape)
                 Issue.record("""
                     seed \(seed): \(error)
                     replayed in this process: \(again.error.map { "\($0)" } ?? "passed (not reproducible!)")
@@ -117,7 +138,7 @@ import Testing
         }
         let elapsed = ContinuousClock.now - started
         let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
-        print("model: \(seeds.count) schedules, \(steps) steps, \(crashes) crashes, \(stops) SIGTERMs in \(elapsed) (\(Int(Double(seeds.count) / seconds)) schedules/s); \(totals)")
+        print("model: \(seeds.count) schedules, \(steps) steps, \(crashes) crashes, \(stops) SIGTERMs in \(elapsed) (\(Int(Double(seeds.count) / seconds)) schedules/s); \(totals)\(shape.guarded ? "; guard: \(moves) moves, \(lateMoves) after the lease ran out, \(rejected) rejected" : "")")
     }
 }
 
