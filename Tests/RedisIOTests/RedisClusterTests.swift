@@ -119,6 +119,16 @@ struct RedisClusterTests {
         #expect(forgotten.first?.removed == true)
         #expect(try await store.claim([KeyGroup([keys[0]], ttl: .seconds(30), layout: layout)], owner: "w3") == [.claimed])
         #expect(try await store.inspect([keys[1]], layout: layout).first.map { if case .done = $0 { true } else { false } } == true)
+
+        // Guard entities: each its own key and slot; a batch's holds and moves are grouped by slot.
+        let entities = (0..<300).map { DedupKey(raw: "\(uniquePrefix())o\($0)", namespace: "orders", prefix: "dedupd-entity").storeKey }
+        func step(_ e: String, _ to: String) -> EntityStep {
+            EntityStep(entityKey: e, holdID: e + "#1", target: to, allowedFrom: to == "created" ? [EntityGuard.noState] : ["created"], ttl: .seconds(30))
+        }
+        #expect(try await store.hold(entities.map { step($0, "created") }, owner: "w1").allSatisfy { $0 == .held(from: nil) })
+        #expect(try await store.move(entities.map { step($0, "created") }, owner: "w1").allSatisfy { $0 == .moved })
+        #expect(try await store.hold(entities.map { step($0, "created") }, owner: "w1").allSatisfy { $0 == .rejected(state: "created") })
+        #expect(try await store.inspectEntities([entities[7]]).first?.state == "created")
     }
 
     @Test func followsMovedAndAskDuringAReshard() async throws {
