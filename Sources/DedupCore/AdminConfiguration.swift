@@ -21,6 +21,10 @@ public struct AdminConfiguration: Sendable {
     public var doneLayout: DoneLayout = .keys
     /// Each configured route's done-record layout.
     public var routeLayouts: [String: DoneLayout] = [:]
+    /// Guard: where the top-level route keeps entity states (`DedupSettings.entityRecords`).
+    public var entityRecords: CompactRecords
+    /// Each configured route's entity records.
+    public var routeEntityRecords: [String: CompactRecords] = [:]
 
     public init(layers: [[String: ConfigValue]]) throws(ConfigError) {
         var merged: [String: ConfigValue] = [:]
@@ -48,8 +52,10 @@ public struct AdminConfiguration: Sendable {
         for name in r.optional("routes").map({ _ in (try? r.list("routes")) ?? [] }) ?? [] {
             routeNamespaces[name] = merged["routes.\(name).dedup.namespace"]?.text ?? name
             routeLayouts[name] = try Self.layout(WorkerConfiguration.Reader(values: merged, routeName: name))
+            routeEntityRecords[name] = try Self.entityRecords(WorkerConfiguration.Reader(values: merged, routeName: name))
         }
         doneLayout = try Self.layout(r)
+        entityRecords = try Self.entityRecords(r)
         if redisCluster {
             // As the worker reads it: a cluster never holds the keys layout (see WorkerConfiguration).
             func untagged(_ layout: DoneLayout) -> DoneLayout {
@@ -60,6 +66,17 @@ public struct AdminConfiguration: Sendable {
             doneLayout = untagged(doneLayout)
             routeLayouts = routeLayouts.mapValues(untagged)
         }
+    }
+
+    /// Entity records as the worker keeps them: the compact settings with `guard.retention`
+    /// (a route's own, never inherited), else `dedup.retention`.
+    static func entityRecords(_ r: WorkerConfiguration.Reader) throws(ConfigError) -> CompactRecords {
+        let g = WorkerConfiguration.Reader(values: r.values, routeName: r.routeName, inherits: false)
+        var retention = try r.duration("dedup.retention")
+        if let own = try g.optionalDuration("guard.retention") { retention = own }
+        return CompactRecords(
+            retention: retention,
+            slotsPerRetention: try r.count("dedup.compact.slots"), buckets: try r.count("dedup.compact.buckets"), readsKeysLayout: false)
     }
 
     /// The layout settings as the worker reads them (the admin commands must find what it wrote).

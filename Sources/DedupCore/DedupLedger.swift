@@ -354,18 +354,17 @@ public struct DedupLedger: Sendable {
                 continue
             }
             request.holdKeys.append(key)
-            request.holds.append(storeStep(key, step, route: entries.values[i].route, ttl: \.lease))
+            request.holds.append(storeStep(key, step, route: entries.values[i].route))
         }
         return request
     }
 
-    /// The store's view of a message's step: its hold's lease (claims) or the state's retention
-    /// (confirms).
-    private func storeStep(_ key: DedupKey, _ step: GuardStep, route: Int, ttl: KeyPath<DedupSettings, Duration>) -> EntityStep {
+    /// The store's view of a message's step.
+    private func storeStep(_ key: DedupKey, _ step: GuardStep, route: Int) -> EntityStep {
         let s = routeSettings[route], g = s.entityGuard!
         return EntityStep(
             entityKey: step.entityKey, holdID: key.raw + "#" + String(step.attempt), target: step.target,
-            allowedFrom: g.allowedFrom(step.target), ttl: ttl == \.retention ? g.retention : s[keyPath: ttl])
+            allowedFrom: g.allowedFrom(step.target), ttl: s.lease, records: s.entityRecords)
     }
 
     /// Whether a buffered key's lease is half used and its renewal not yet sent.
@@ -732,7 +731,7 @@ public struct DedupLedger: Sendable {
     /// Guard: the message leaves without moving its entity; a hold it has goes back.
     private mutating func giveBackHold(at i: Int, _ key: DedupKey) {
         guard let step = entries.values[i].step, step.held else { return }
-        unholds.append(storeStep(key, step, route: entries.values[i].route, ttl: \.lease))
+        unholds.append(storeStep(key, step, route: entries.values[i].route))
     }
 
     // MARK: - 6. Confirm
@@ -750,7 +749,7 @@ public struct DedupLedger: Sendable {
             // Guard: the entity moves to the message's state in the same round trip.
             if let step = entries.values[i].step, !step.rejected {
                 request.holdKeys.append(key)
-                request.holds.append(storeStep(key, step, route: entries.values[i].route, ttl: \.retention))
+                request.holds.append(storeStep(key, step, route: entries.values[i].route))
             }
         }
         return request
@@ -789,6 +788,9 @@ public struct DedupLedger: Sendable {
             } else if case .notOwner(let other)? = move {
                 counters.confirmConflicts += 1
                 conflicts.append((key, "entity held by " + other))
+            } else if case .superseded(let state)? = move {
+                counters.confirmConflicts += 1
+                conflicts.append((key, "entity moved on to " + (state ?? "(no state)")))
             }
             if e.step?.deadLettered != true { offsets.resolve(message.topicPartition, offset: message.offset) }
         }
@@ -818,7 +820,7 @@ public struct DedupLedger: Sendable {
                 released.append((key, e.deadline))
                 buffer.removed(size: e.size)
                 dropped.append(key)
-                if let step = e.step, step.held { unholds.append(storeStep(key, step, route: e.route, ttl: \.lease)) }
+                if let step = e.step, step.held { unholds.append(storeStep(key, step, route: e.route)) }
             case .awaitingToken, .claiming, .parked, .awaitingEntity:
                 dropped.append(key)
             case .inFlight, .confirming:

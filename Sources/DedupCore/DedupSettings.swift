@@ -44,6 +44,13 @@ public struct DedupSettings: Sendable {
         case keys, compact
     }
 
+    /// Guard: where entity states are kept: the compact layout's buckets with `guard.retention`.
+    public var entityRecords: CompactRecords {
+        CompactRecords(
+            retention: entityGuard?.retention ?? retention, slotsPerRetention: compactSlots, buckets: compactBuckets,
+            readsKeysLayout: false, lease: lease)
+    }
+
     /// The store's view of `layout` and its settings.
     public var doneLayout: DoneLayout {
         switch layout {

@@ -91,7 +91,8 @@ public struct EntityGuard: Sendable, Equatable {
 /// One message's step of its entity's state machine, as the store sees it: hold the entity for
 /// this message (the claim round trip), move it (the confirm round trip) or give it back.
 public struct EntityStep: Sendable, Equatable {
-    /// The entity's store key: `dedupd-entity:<namespace>:<entity>`.
+    /// The entity's name in the store, `dedupd-entity:<namespace>:<entity>`: its records' keys
+    /// and field derive from it (`CompactRecords.placement`).
     public var entityKey: String
     /// Names this message's hold: its dedup key and the attempt, so that giving back an earlier
     /// attempt's hold can never free a later one of the same message.
@@ -100,15 +101,19 @@ public struct EntityStep: Sendable, Equatable {
     public var target: String
     /// Recorded states from which `target` is allowed (`EntityGuard.noState`: none recorded).
     public var allowedFrom: [String]
-    /// The hold's lease (claims), or how long the moved state is kept (confirms).
+    /// The hold's lease.
     public var ttl: Duration
+    /// Where the entity's state is kept: a field of a time-bucketed hash, as done records are,
+    /// kept `guard.retention` (at least) after its last move.
+    public var records: CompactRecords
 
-    public init(entityKey: String, holdID: String, target: String, allowedFrom: [String], ttl: Duration) {
+    public init(entityKey: String, holdID: String, target: String, allowedFrom: [String], ttl: Duration, records: CompactRecords) {
         self.entityKey = entityKey
         self.holdID = holdID
         self.target = target
         self.allowedFrom = allowedFrom
         self.ttl = ttl
+        self.records = records
     }
 }
 
@@ -128,8 +133,11 @@ public enum MoveOutcome: Sendable, Equatable {
     /// The entity was held for this message and is now in the new state.
     case moved
     /// The hold had expired and no other message held the entity: moved anyway, because the
-    /// handler did take the message.
+    /// handler did take the message (or it was in the target state already: a retried move).
     case movedAfterLeaseLost
+    /// The hold had expired and another message moved the entity meanwhile to a state from
+    /// which this move is not allowed: nothing was written (a newer state is never overwritten).
+    case superseded(state: String?)
     /// Another message holds the entity; nothing was changed.
     case notOwner(owner: String)
 }
@@ -141,7 +149,8 @@ public struct EntityState: Sendable, Equatable {
     /// A transition in flight: the message holding the entity, the state it asks for, its owner
     /// and how long the hold has left.
     public var pending: (holdID: String, target: String, owner: String, ttlMillis: Int64)?
-    /// How long the record is kept; -2 when there is none.
+    /// How long the recorded state is kept at least (its bucket's time to live; -1 until the
+    /// bucket's TTL is set at the next slot edge); -2 when no state is recorded.
     public var ttlMillis: Int64
 
     public init(state: String?, pending: (holdID: String, target: String, owner: String, ttlMillis: Int64)?, ttlMillis: Int64) {

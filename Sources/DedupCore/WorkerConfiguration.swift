@@ -273,6 +273,9 @@ public struct WorkerConfiguration: Sendable {
             }
             throw g.fail(key, problem)
         }
+        if CompactRecords.millis(rule.retention) / Int64(max(1, dedup.compactSlots)) < 1000 {
+            throw g.fail("guard.retention", "makes slots shorter than 1s (it is cut into dedup.compact.slots slots); use a longer guard.retention")
+        }
         if dedup.keep != .first {
             throw g.fail("guard.entity", "needs dedup.keep: first (the guard judges the message the window keeps; with keep: last the state it asks for could change after it was judged)")
         }

@@ -215,71 +215,100 @@ struct LuaScript: Sendable, Hashable {
         return out
         """)
 
-    // Guard: an entity's record is a small hash (listpack): `s` its state, and while a message's
-    // transition is in flight its hold: `h` the hold id, `t` the target state, `o` the owner and
-    // `x` when the hold expires, in Redis server time (ms), so every worker judges expiry by one
-    // clock. ARGV[1] = owner, then a fixed number of arguments per entity.
+    // Guard: an entity's recorded state is a field of a time-bucketed hash, as done records are
+    // (`CompactRecords` with `guard.retention`): the field is the entity's digest, the value its
+    // state; a move writes the current slot's bucket and deletes the field from the other live
+    // buckets, so one copy exists. A transition in flight is a hold: a small hash of its own,
+    // `<prefix>:{<ns>:<tag>}:p:<entity>` with `h` the hold id, `t` the target and `o` the owner,
+    // living for the lease (its TTL, on Redis's clock). Every key of one entity carries its hash
+    // tag. ARGV[1] = owner, ARGV[2] = keys per entity, then a fixed number of arguments per entity.
 
     /// Per entity: "h" .. state (held; the state it moves from, "" for none), "r" .. state (the
-    /// recorded state does not allow the target), "b" .. owner (held by another hold). Per entity
-    /// ARGV: hold id, target, allowed states ("|a|b|", "||" standing for no state), lease ms.
-    /// A hold that is this one's is extended without judging again.
+    /// recorded state does not allow the target), "b" .. owner (held by another hold). KEYS per
+    /// entity: its hold, then the bucket of every live slot, newest first. ARGV per entity: field,
+    /// hold id, target, allowed states ("|a|b|", "||" standing for no state), lease ms. A hold
+    /// that is this one's is extended without judging again.
     static let holdEntities = LuaScript(name: "hold_entities", source: """
-        local t = redis.call('TIME')
-        local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
         local owner = ARGV[1]
+        local m = tonumber(ARGV[2])
         local out = {}
-        for i, key in ipairs(KEYS) do
-          local id, target, allowed, lease = ARGV[4 * i - 2], ARGV[4 * i - 1], ARGV[4 * i], tonumber(ARGV[4 * i + 1])
-          local r = redis.call('HMGET', key, 's', 'h', 'o', 'x')
-          local state = r[1] or ''
-          local live = r[2] and tonumber(r[4]) > now
-          if live and not (r[2] == id and r[3] == owner) then
-            out[i] = 'b' .. r[3]
-          elseif live or string.find(allowed, '|' .. state .. '|', 1, true) then
-            redis.call('HSET', key, 'h', id, 't', target, 'o', owner, 'x', now + lease)
-            if redis.call('PTTL', key) < lease then redis.call('PEXPIRE', key, lease) end
-            out[i] = 'h' .. state
+        for i = 1, #KEYS / m do
+          local base, a = (i - 1) * m, 2 + (i - 1) * 5
+          local field, id, target, allowed, lease = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
+          local hold = KEYS[base + 1]
+          local h = redis.call('HMGET', hold, 'h', 'o')
+          if h[1] and not (h[1] == id and h[2] == owner) then
+            out[i] = 'b' .. h[2]
           else
-            out[i] = 'r' .. state
+            local state = ''
+            for b = base + 2, base + m do
+              local s = redis.call('HGET', KEYS[b], field)
+              if s then state = s break end
+            end
+            if h[1] or string.find(allowed, '|' .. state .. '|', 1, true) then
+              redis.call('HSET', hold, 'h', id, 't', target, 'o', owner)
+              redis.call('PEXPIRE', hold, lease)
+              out[i] = 'h' .. state
+            else
+              out[i] = 'r' .. state
+            end
           end
         end
         return out
         """)
 
-    /// Per entity: "m" moved (held by this hold), "l" moved with no live hold (the lease ran out,
-    /// and nobody else holds it: the handler did take the message), "n" .. owner (another hold:
-    /// nothing changed). Per entity ARGV: hold id, target, retention ms.
+    /// Per entity: "m" moved (held by this hold); "l" moved with no hold (the lease ran out and
+    /// nobody else holds it: the handler did take the message), or found already in the target
+    /// state (a retried move); "s" .. state when, with no hold, the recorded state no longer
+    /// allows the move (another message moved the entity meanwhile: nothing is written, a newer
+    /// state is never overwritten by an older move); "n" .. owner (another hold: nothing
+    /// changed). KEYS per entity: its hold, the current slot's bucket, the other live buckets.
+    /// ARGV per entity: field, hold id, target, allowed states.
     static let moveEntities = LuaScript(name: "move_entities", source: """
-        local t = redis.call('TIME')
-        local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
         local owner = ARGV[1]
+        local m = tonumber(ARGV[2])
         local out = {}
-        for i, key in ipairs(KEYS) do
-          local id, target, retention = ARGV[3 * i - 1], ARGV[3 * i], ARGV[3 * i + 1]
-          local r = redis.call('HMGET', key, 'h', 'o', 'x')
-          local mine = r[1] == id and r[2] == owner
-          if mine or not r[1] or tonumber(r[3]) <= now then
-            redis.call('HSET', key, 's', target)
-            redis.call('HDEL', key, 'h', 't', 'o', 'x')
-            redis.call('PEXPIRE', key, retention)
-            if mine then out[i] = 'm' else out[i] = 'l' end
+        for i = 1, #KEYS / m do
+          local base, a = (i - 1) * m, 2 + (i - 1) * 4
+          local field, id, target, allowed = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+          local h = redis.call('HMGET', KEYS[base + 1], 'h', 'o')
+          local mine = h[1] == id and h[2] == owner
+          if h[1] and not mine then
+            out[i] = 'n' .. h[2]
           else
-            out[i] = 'n' .. r[2]
+            local state = ''
+            if not mine then
+              for b = base + 2, base + m do
+                local s = redis.call('HGET', KEYS[b], field)
+                if s then state = s break end
+              end
+            end
+            if mine or state == target or string.find(allowed, '|' .. state .. '|', 1, true) then
+              redis.call('HSET', KEYS[base + 2], field, target)
+              for b = base + 3, base + m do redis.call('HDEL', KEYS[b], field) end
+              if mine then
+                redis.call('DEL', KEYS[base + 1])
+                out[i] = 'm'
+              else
+                out[i] = 'l'
+              end
+            else
+              out[i] = 's' .. state
+            end
           end
         end
         return out
         """)
 
-    /// Per entity: 1 if it was held by this hold and the hold is gone, else 0. An entity with no
-    /// state left is deleted. Per entity ARGV: hold id.
+    /// Per entity: 1 if it was held by this hold and the hold is gone, else 0. KEYS per entity:
+    /// its hold. ARGV per entity: hold id.
     static let unholdEntities = LuaScript(name: "unhold_entities", source: """
         local owner = ARGV[1]
         local out = {}
         for i, key in ipairs(KEYS) do
-          local r = redis.call('HMGET', key, 'h', 'o', 's')
-          if r[1] == ARGV[i + 1] and r[2] == owner then
-            if r[3] then redis.call('HDEL', key, 'h', 't', 'o', 'x') else redis.call('DEL', key) end
+          local h = redis.call('HMGET', key, 'h', 'o')
+          if h[1] == ARGV[i + 2] and h[2] == owner then
+            redis.call('DEL', key)
             out[i] = 1
           else
             out[i] = 0

@@ -153,45 +153,57 @@ extension RedisClaimStore {
         public var removed: Bool
     }
 
-    /// Each entity's record: its state and a hold in flight (an expired hold is not shown).
-    public func inspectEntities(_ keys: [String]) async throws -> [EntityState] {
-        try await entityAdmin(keys, mode: "0").map(\.state)
+    /// Each entity's recorded state and a hold in flight, kept as `records` says (the route's
+    /// `DedupSettings.entityRecords`).
+    public func inspectEntities(_ keys: [String], records: CompactRecords) async throws -> [EntityState] {
+        try await entityAdmin(keys, records, mode: "0").map(\.state)
     }
 
-    /// Removes each entity's record, so that it starts again from `guard.initial`. An entity held
-    /// by a message in flight is removed only with `force` (that message's move then writes its
-    /// state anew).
-    public func forgetEntities(_ keys: [String], force: Bool) async throws -> [ForgottenEntity] {
-        try await entityAdmin(keys, mode: force ? "2" : "1")
+    /// Removes each entity's recorded state, so that it starts again from `guard.initial`. An
+    /// entity held by a message in flight is kept unless `force` (the hold is removed too; that
+    /// message's move then writes its state anew).
+    public func forgetEntities(_ keys: [String], records: CompactRecords, force: Bool) async throws -> [ForgottenEntity] {
+        try await entityAdmin(keys, records, mode: force ? "2" : "1")
     }
 
-    private func entityAdmin(_ keys: [String], mode: String) async throws -> [ForgottenEntity] {
+    private func entityAdmin(_ keys: [String], _ records: CompactRecords, mode: String) async throws -> [ForgottenEntity] {
+        let slots = records.liveSlots(at: unixMillis())
         var out: [ForgottenEntity] = []
         // One EVAL per entity: in a cluster they may live on different nodes.
         for key in keys {
-            let command: [RedisArgument] = ["EVAL", RedisArgument(Self.entityAdminScript), 1, RedisArgument(key), RedisArgument(mode)]
-            let reply = try await redis.command(command, key: key).throwingOnError(mode == "0" ? "inspect --entity" : "forget --entity")
-            guard case .array(let items) = reply, items.count == 7, let hold = items[3].int, let ttl = items[4].int,
-                let removed = items[5].int
+            let p = records.placement(of: key)
+            var command: [RedisArgument] = ["EVAL", RedisArgument(Self.entityAdminScript), RedisArgument(1 + slots.count), RedisArgument(p.pendingKey)]
+            for slot in slots { command.append(RedisArgument(p.bucketKey(slot: slot))) }
+            command += [RedisArgument(mode), RedisArgument(bytes: p.field)]
+            let reply = try await redis.command(command, key: p.pendingKey).throwingOnError(mode == "0" ? "inspect --entity" : "forget --entity")
+            guard case .array(let items) = reply, items.count == 7, let holdTTL = items[3].int, let ttl = items[5].int,
+                let removed = items[6].int
             else { throw RedisError(.protocolError, "entity inspect/forget: unexpected reply") }
-            let pending = items[1].text.map { (holdID: $0, target: items[2].text ?? "", owner: items[0].text ?? "", ttlMillis: hold) }
-            out.append(ForgottenEntity(state: EntityState(state: items[6].text, pending: pending, ttlMillis: ttl), removed: removed == 1))
+            let pending = items[1].text.map { (holdID: $0, target: items[2].text ?? "", owner: items[0].text ?? "", ttlMillis: holdTTL) }
+            out.append(ForgottenEntity(state: EntityState(state: items[4].text, pending: pending, ttlMillis: ttl), removed: removed > 0))
         }
         return out
     }
 
-    /// KEYS[1] = the entity; ARGV[1] = mode ("0" inspect, "1" forget unless held, "2" forget).
-    /// Returns {owner, hold id, target, hold ms left, record TTL, removed, state}; the hold fields
-    /// are nil when no live hold exists.
+    /// KEYS = the entity's hold, then its live buckets newest first; ARGV = mode ("0" inspect,
+    /// "1" forget unless held, "2" forget and drop a hold), field. Returns {owner, hold id,
+    /// target, hold ms left, state, its bucket's TTL (-2: no state), records removed}.
     static let entityAdminScript = """
-        local t = redis.call('TIME')
-        local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-        local r = redis.call('HMGET', KEYS[1], 's', 'h', 't', 'o', 'x')
-        local live = r[2] and tonumber(r[5]) > now
-        local ttl = redis.call('PTTL', KEYS[1])
+        local h = redis.call('HMGET', KEYS[1], 'o', 'h', 't')
+        local holdTTL = redis.call('PTTL', KEYS[1])
+        local state, ttl, found = false, -2, {}
+        for b = 2, #KEYS do
+          local s = redis.call('HGET', KEYS[b], ARGV[2])
+          if s then
+            if not state then state, ttl = s, redis.call('PTTL', KEYS[b]) end
+            found[#found + 1] = KEYS[b]
+          end
+        end
         local removed = 0
-        if ARGV[1] == '2' or (ARGV[1] == '1' and not live) then removed = redis.call('DEL', KEYS[1]) end
-        if live then return {r[4], r[2], r[3], tonumber(r[5]) - now, ttl, removed, r[1]} end
-        return {false, false, false, 0, ttl, removed, r[1]}
+        if ARGV[1] == '2' or (ARGV[1] == '1' and not h[2]) then
+          for _, b in ipairs(found) do removed = removed + redis.call('HDEL', b, ARGV[2]) end
+          if ARGV[1] == '2' then removed = removed + redis.call('DEL', KEYS[1]) end
+        end
+        return {h[1], h[2], h[3], holdTTL, state, ttl, removed}
         """
 }

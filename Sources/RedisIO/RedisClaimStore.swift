@@ -128,20 +128,41 @@ public final class RedisClaimStore: ClaimStore {
     // MARK: - Guard
 
     public func requestHolds(_ steps: [EntityStep], owner: String) -> StoreReply<[HoldOutcome]> {
-        Self.reply(send(.holdEntities, [Self.entityBatch(steps, owner: owner) { step in
-            [RedisArgument(step.holdID), RedisArgument(step.target),
-             RedisArgument("|" + step.allowedFrom.joined(separator: "|") + "|"), RedisArgument(Self.millis(step.ttl))]
-        }], element: Self.holdOutcome))
+        let now = unixMillis()
+        return Self.reply(send(.holdEntities, Self.entityBatches(steps, owner: owner) { step, p in
+            let slots = step.records.liveSlots(at: now)
+            return ([p.pendingKey] + slots.map { p.bucketKey(slot: $0) }, [
+                RedisArgument(bytes: p.field), RedisArgument(step.holdID), RedisArgument(step.target),
+                RedisArgument("|" + step.allowedFrom.joined(separator: "|") + "|"), RedisArgument(Self.millis(step.ttl)),
+            ])
+        }, element: Self.holdOutcome))
     }
 
     public func requestMoves(_ steps: [EntityStep], owner: String) -> StoreReply<[MoveOutcome]> {
-        Self.reply(send(.moveEntities, [Self.entityBatch(steps, owner: owner) { step in
-            [RedisArgument(step.holdID), RedisArgument(step.target), RedisArgument(Self.millis(step.ttl))]
-        }], element: Self.moveOutcome))
+        let now = unixMillis()
+        let request = send(.moveEntities, Self.entityBatches(steps, owner: owner) { step, p in
+            let current = step.records.slot(at: now)
+            let others = step.records.liveSlots(at: now).filter { $0 != current }
+            return ([p.pendingKey, p.bucketKey(slot: current)] + others.map { p.bucketKey(slot: $0) },
+                    [RedisArgument(bytes: p.field), RedisArgument(step.holdID), RedisArgument(step.target),
+                     RedisArgument("|" + step.allowedFrom.joined(separator: "|") + "|")])
+        }, element: Self.moveOutcome)
+        // The entity buckets get their TTLs the way done records' buckets do.
+        let groups = steps.map { KeyGroup([$0.entityKey], ttl: $0.records.retention, layout: .compact($0.records)) }
+        guard let sweep = sweepBuckets(groups) else { return Self.reply(request) }
+        return Self.reply(Request {
+            let outcomes = try await request.outcomes()
+            for reply in try await sweep.value() {
+                if case .error(let text) = reply { throw RedisError.fromServerReply(text, context: "PEXPIRE of an entity bucket") }
+            }
+            return outcomes
+        })
     }
 
     public func requestUnholds(_ steps: [EntityStep], owner: String) -> StoreReply<[Bool]> {
-        Self.reply(send(.unholdEntities, [Self.entityBatch(steps, owner: owner) { [RedisArgument($0.holdID)] }], element: Self.flag))
+        Self.reply(send(.unholdEntities, Self.entityBatches(steps, owner: owner) { step, p in
+            ([p.pendingKey], [RedisArgument(step.holdID)])
+        }, element: Self.flag))
     }
 
     /// `requestHolds`, awaited.
@@ -159,12 +180,26 @@ public final class RedisClaimStore: ClaimStore {
         try await requestUnholds(steps, owner: owner).value()
     }
 
-    private static func entityBatch(_ steps: [EntityStep], owner: String, args: (EntityStep) -> [RedisArgument]) -> ScriptBatch {
-        var perItem: [RedisArgument] = []
-        for step in steps { perItem += args(step) }
-        return ScriptBatch(
-            keys: steps.map(\.entityKey), args: [RedisArgument(owner)], perKeyArgs: perItem,
-            argsPerItem: steps.isEmpty ? 1 : perItem.count / steps.count)
+    /// The steps as script items: each entity's keys (all with its hash tag) and arguments, from
+    /// its placement. Steps of routes with different settings (or a slot count that differs)
+    /// make separate batches; the answers stay in the steps' order.
+    private static func entityBatches(
+        _ steps: [EntityStep], owner: String, item: (EntityStep, CompactRecords.Placement) -> ([String], [RedisArgument])
+    ) -> [ScriptBatch] {
+        var batches: [ScriptBatch] = []
+        for step in steps {
+            let (keys, args) = item(step, step.records.placement(of: step.entityKey))
+            if var last = batches.last, last.keysPerItem == keys.count, last.argsPerItem == args.count {
+                last.keys += keys
+                last.perKeyArgs! += args
+                batches[batches.count - 1] = last
+            } else {
+                batches.append(ScriptBatch(
+                    keys: keys, args: [RedisArgument(owner), RedisArgument(keys.count)], perKeyArgs: args, argsPerItem: args.count,
+                    keysPerItem: keys.count))
+            }
+        }
+        return batches
     }
 
     @Sendable private static func holdOutcome(_ element: UnsafePointer<redisReply>) -> HoldOutcome? {
@@ -184,6 +219,7 @@ public final class RedisClaimStore: ClaimStore {
         case UInt8(ascii: "m"): return .moved
         case UInt8(ascii: "l"): return .movedAfterLeaseLost
         case UInt8(ascii: "n"): return .notOwner(owner: String(text.dropFirst()))
+        case UInt8(ascii: "s"): return .superseded(state: text.count > 1 ? String(text.dropFirst()) : nil)
         default: return nil
         }
     }

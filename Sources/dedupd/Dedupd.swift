@@ -460,6 +460,7 @@ struct AdminOptions: ParsableArguments {
             }
             config.namespace = ns
             config.doneLayout = config.routeLayouts[route] ?? config.doneLayout
+            config.entityRecords = config.routeEntityRecords[route] ?? config.entityRecords
         }
         return config
     }
@@ -518,7 +519,7 @@ struct Inspect: AsyncParsableCommand {
             let config = try options.load()
             let store = try await options.connectStore(config)
             let entityKeys = keys.map { DedupKey(raw: $0, namespace: config.namespace, prefix: "dedupd-entity") }
-            for (key, state) in zip(entityKeys, try await store.inspectEntities(entityKeys.map(\.storeKey))) {
+            for (key, state) in zip(entityKeys, try await store.inspectEntities(entityKeys.map(\.storeKey), records: config.entityRecords)) {
                 print("\(key.raw) \(describe(state)) redis.key=\(key.storeKey)")
             }
             await store.redis.close()
@@ -558,7 +559,7 @@ struct Forget: AsyncParsableCommand {
             let store = try await options.connectStore(config)
             let entityKeys = keys.map { DedupKey(raw: $0, namespace: config.namespace, prefix: "dedupd-entity") }
             var kept = 0
-            for (key, r) in zip(entityKeys, try await store.forgetEntities(entityKeys.map(\.storeKey), force: force)) {
+            for (key, r) in zip(entityKeys, try await store.forgetEntities(entityKeys.map(\.storeKey), records: config.entityRecords, force: force)) {
                 if r.state.ttlMillis == -2 {
                     print("\(key.raw) absent, nothing removed redis.key=\(key.storeKey)")
                 } else if r.removed {

@@ -151,8 +151,11 @@ final class FakeClaimStore: ClaimStore {
                 entities.withLock { records in
                     steps.map { step -> MoveOutcome in
                         var r = records[step.entityKey] ?? EntityRecord(state: nil, hold: nil)
-                        let mine = r.hold.map { $0.id == step.holdID && $0.owner == owner } ?? false
+                        let mine = r.hold.map { $0.id == step.holdID && $0.owner == owner && $0.expires > now } ?? false
                         if !mine, let hold = r.hold, hold.expires > now { return .notOwner(owner: hold.owner) }
+                        if !mine, r.state != step.target, !step.allowedFrom.contains(r.state ?? EntityGuard.noState) {
+                            return .superseded(state: r.state)
+                        }
                         r.state = step.target
                         r.hold = nil
                         records[step.entityKey] = r

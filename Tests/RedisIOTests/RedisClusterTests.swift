@@ -123,12 +123,14 @@ struct RedisClusterTests {
         // Guard entities: each its own key and slot; a batch's holds and moves are grouped by slot.
         let entities = (0..<300).map { DedupKey(raw: "\(uniquePrefix())o\($0)", namespace: "orders", prefix: "dedupd-entity").storeKey }
         func step(_ e: String, _ to: String) -> EntityStep {
-            EntityStep(entityKey: e, holdID: e + "#1", target: to, allowedFrom: to == "created" ? [EntityGuard.noState] : ["created"], ttl: .seconds(30))
+            EntityStep(
+                entityKey: e, holdID: e + "#1", target: to, allowedFrom: to == "created" ? [EntityGuard.noState] : ["created"], ttl: .seconds(30),
+                records: CompactRecords(retention: .seconds(3600), buckets: 1024, readsKeysLayout: false))
         }
         #expect(try await store.hold(entities.map { step($0, "created") }, owner: "w1").allSatisfy { $0 == .held(from: nil) })
         #expect(try await store.move(entities.map { step($0, "created") }, owner: "w1").allSatisfy { $0 == .moved })
         #expect(try await store.hold(entities.map { step($0, "created") }, owner: "w1").allSatisfy { $0 == .rejected(state: "created") })
-        #expect(try await store.inspectEntities([entities[7]]).first?.state == "created")
+        #expect(try await store.inspectEntities([entities[7]], records: CompactRecords(retention: .seconds(3600), buckets: 1024, readsKeysLayout: false)).first?.state == "created")
     }
 
     @Test func followsMovedAndAskDuringAReshard() async throws {

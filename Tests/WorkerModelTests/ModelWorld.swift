@@ -74,7 +74,8 @@ final class ModelWorld: @unchecked Sendable {
 
     // Guard: entity records like the hold/move/unhold scripts keep them.
     var entities: [String: (state: String?, hold: (id: String, target: String, owner: String, expires: ContinuousClock.Instant)?)] = [:]
-    /// Keys confirmed without being dispatched: their transition was rejected.
+    /// Keys whose transition the store judged not allowed (the worker resolves them without
+    /// dispatch; a copy read again while the confirm is still to land is a local duplicate).
     var rejected: Set<String> = []
     var moves = 0, movesAfterLeaseLost = 0
 
@@ -408,7 +409,10 @@ final class ModelWorld: @unchecked Sendable {
         var r = entities[step.entityKey] ?? (nil, nil)
         let live = r.hold.map { $0.expires > now } ?? false
         if live, let h = r.hold, !(h.id == step.holdID && h.owner == owner) { return .busy(owner: h.owner) }
-        guard live || step.allowedFrom.contains(r.state ?? EntityGuard.noState) else { return .rejected(state: r.state) }
+        guard live || step.allowedFrom.contains(r.state ?? EntityGuard.noState) else {
+            rejected.insert(String(step.holdID.prefix { $0 != "#" }))
+            return .rejected(state: r.state)
+        }
         r.hold = (step.holdID, step.target, owner, now + step.ttl)
         entities[step.entityKey] = r
         return .held(from: r.state)
@@ -420,6 +424,9 @@ final class ModelWorld: @unchecked Sendable {
         var r = entities[step.entityKey] ?? (nil, nil)
         let mine = r.hold.map { $0.id == step.holdID && $0.owner == owner && $0.expires > now } ?? false
         if !mine, let h = r.hold, h.expires > now { return .notOwner(owner: h.owner) }
+        if !mine, r.state != step.target, !step.allowedFrom.contains(r.state ?? EntityGuard.noState) {
+            return .superseded(state: r.state)
+        }
         if mine {
             if !Self.guardTable.allows(from: r.state, to: step.target) {
                 fail("move of \(step.entityKey) \(r.state ?? "-") -> \(step.target) under a live hold is illegal")
@@ -524,9 +531,11 @@ extension ModelWorld: ClaimStore {
         request("confirms \(groups.flatMap(\.keys).map { $0.split(separator: ":").last! })") {
             groups.flatMap { g in
                 g.keys.map { storeKey in
-                    // A key confirmed that no round dispatched: the guard rejected its move.
+                    // A key confirmed that no round dispatched must have been rejected.
                     let key = String(storeKey.split(separator: ":").last!)
-                    if shape.guarded, dispatches[key, default: 0] == 0 { rejected.insert(key) }
+                    if shape.guarded, dispatches[key, default: 0] == 0, !rejected.contains(key) {
+                        fail("\(key) confirmed without being dispatched or rejected")
+                    }
                     return confirm(storeKey, retention: g.ttl, layout: g.layout)
                 }
             }
