@@ -493,8 +493,9 @@ func describe(_ state: KeyState) -> String {
 
 func describe(_ entity: EntityState) -> String {
     func left(_ ms: Int64) -> String { ms < 0 ? "no expiry" : WorkerConfiguration.format(.milliseconds(ms)) }
-    guard entity.ttlMillis != -2 else { return "absent (no recorded state: guard.initial applies)" }
-    var out = "state=\(entity.state ?? "(none)") ttl_left=\(left(entity.ttlMillis))"
+    guard entity.state != nil || entity.pending != nil else { return "absent (no recorded state: guard.initial applies)" }
+    var out = "state=\(entity.state ?? "(none)")"
+    if entity.state != nil { out += entity.ttlMillis == -1 ? " ttl_left=(set at the next slot edge)" : " ttl_left=\(left(entity.ttlMillis))" }
     if let p = entity.pending {
         out += " pending to=\(p.target) hold=\(p.holdID) owner=\(p.owner) lease_left=\(left(p.ttlMillis))"
     }
@@ -560,7 +561,7 @@ struct Forget: AsyncParsableCommand {
             let entityKeys = keys.map { DedupKey(raw: $0, namespace: config.namespace, prefix: "dedupd-entity") }
             var kept = 0
             for (key, r) in zip(entityKeys, try await store.forgetEntities(entityKeys.map(\.storeKey), records: config.entityRecords, force: force)) {
-                if r.state.ttlMillis == -2 {
+                if r.state.state == nil && r.state.pending == nil {
                     print("\(key.raw) absent, nothing removed redis.key=\(key.storeKey)")
                 } else if r.removed {
                     print("\(key.raw) removed (was \(describe(r.state))) redis.key=\(key.storeKey)")
