@@ -45,3 +45,17 @@ public final class StoreReply<Value: Sendable>: Sendable {
         }.self
     }
 }
+
+extension StoreReply {
+    /// Calls `callback` once this reply and `other` are both answered: both values, or the
+    /// first error (requests sent together, e.g. claims and the guard's holds, answered as one).
+    public func whenAnswered<Other: Sendable>(
+        with other: StoreReply<Other>, _ callback: @escaping @Sendable (Result<(Value, Other), any Error>) -> Void
+    ) {
+        whenAnswered { mine in
+            other.whenAnswered { theirs in
+                callback(Result { (try mine.get(), try theirs.get()) })
+            }
+        }
+    }
+}

@@ -243,46 +243,16 @@ public final class Worker: Service {
             // connection: one pipelined round trip; the answer is posted once both are in.
             case .claim(let id, let groups, let holds):
                 let claims = store.requestClaims(groups, owner: owner)
-                if holds.isEmpty {
-                    claims.whenAnswered { inbox.post(.claims(id, $0)) }
-                } else {
-                    let held = store.requestHolds(holds, owner: owner)
-                    claims.whenAnswered { c in
-                        held.whenAnswered { h in
-                            switch (c, h) {
-                            case (.success(let c), .success(let h)): inbox.post(.claims(id, .success(c), holds: h))
-                            case (.failure(let e), _), (_, .failure(let e)): inbox.post(.claims(id, .failure(e)))
-                            }
-                        }
-                    }
-                }
+                let held = holds.isEmpty ? StoreReply(.success([])) : store.requestHolds(holds, owner: owner)
+                claims.whenAnswered(with: held) { r in inbox.post(.claims(id, r.map(\.0), holds: (try? r.get().1) ?? [])) }
             case .confirm(let id, let groups, let moves):
                 let confirms = store.requestConfirms(groups, owner: owner)
-                if moves.isEmpty {
-                    confirms.whenAnswered { inbox.post(.confirms(id, $0)) }
-                } else {
-                    let moved = store.requestMoves(moves, owner: owner)
-                    confirms.whenAnswered { c in
-                        moved.whenAnswered { m in
-                            switch (c, m) {
-                            case (.success(let c), .success(let m)): inbox.post(.confirms(id, .success(c), moves: m))
-                            case (.failure(let e), _), (_, .failure(let e)): inbox.post(.confirms(id, .failure(e)))
-                            }
-                        }
-                    }
-                }
+                let moved = moves.isEmpty ? StoreReply(.success([])) : store.requestMoves(moves, owner: owner)
+                confirms.whenAnswered(with: moved) { r in inbox.post(.confirms(id, r.map(\.0), moves: (try? r.get().1) ?? [])) }
             case .release(let id, let keys, let unholds):
                 let released = keys.isEmpty ? StoreReply(.success([])) : store.requestReleases(keys, owner: owner)
-                if unholds.isEmpty {
-                    released.whenAnswered { inbox.post(.releases(id, $0)) }
-                } else {
-                    let unheld = store.requestUnholds(unholds, owner: owner)
-                    released.whenAnswered { r in
-                        unheld.whenAnswered { u in
-                            if case .failure(let e) = u { inbox.post(.releases(id, .failure(e))) } else { inbox.post(.releases(id, r)) }
-                        }
-                    }
-                }
+                let unheld = unholds.isEmpty ? StoreReply(.success([])) : store.requestUnholds(unholds, owner: owner)
+                released.whenAnswered(with: unheld) { r in inbox.post(.releases(id, r.map(\.0))) }
             case .useTokens(let id, let tokens, let marks):
                 store.requestTokenUses(tokens, marks: marks).whenAnswered { inbox.post(.tokens(id, $0)) }
             case .dispatch(let id, let due):

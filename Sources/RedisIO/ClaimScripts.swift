@@ -223,12 +223,25 @@ struct LuaScript: Sendable, Hashable {
     // living for the lease (its TTL, on Redis's clock). Every key of one entity carries its hash
     // tag. ARGV[1] = owner, ARGV[2] = keys per entity, then a fixed number of arguments per entity.
 
+    /// The recorded state of the entity whose buckets are `KEYS[first...last]` (newest first),
+    /// "" for none; shared by `holdEntities` and `moveEntities`.
+    private static let entityState = """
+        local function entityState(first, last, field)
+          for b = first, last do
+            local s = redis.call('HGET', KEYS[b], field)
+            if s then return s end
+          end
+          return ''
+        end
+
+        """
+
     /// Per entity: "h" .. state (held; the state it moves from, "" for none), "r" .. state (the
     /// recorded state does not allow the target), "b" .. owner (held by another hold). KEYS per
     /// entity: its hold, then the bucket of every live slot, newest first. ARGV per entity: field,
     /// hold id, target, allowed states ("|a|b|", "||" standing for no state), lease ms. A hold
     /// that is this one's is extended without judging again.
-    static let holdEntities = LuaScript(name: "hold_entities", source: """
+    static let holdEntities = LuaScript(name: "hold_entities", source: entityState + """
         local owner = ARGV[1]
         local m = tonumber(ARGV[2])
         local out = {}
@@ -240,11 +253,7 @@ struct LuaScript: Sendable, Hashable {
           if h[1] and not (h[1] == id and h[2] == owner) then
             out[i] = 'b' .. h[2]
           else
-            local state = ''
-            for b = base + 2, base + m do
-              local s = redis.call('HGET', KEYS[b], field)
-              if s then state = s break end
-            end
+            local state = entityState(base + 2, base + m, field)
             if h[1] or string.find(allowed, '|' .. state .. '|', 1, true) then
               redis.call('HSET', hold, 'h', id, 't', target, 'o', owner)
               redis.call('PEXPIRE', hold, lease)
@@ -264,7 +273,7 @@ struct LuaScript: Sendable, Hashable {
     /// state is never overwritten by an older move); "n" .. owner (another hold: nothing
     /// changed). KEYS per entity: its hold, the current slot's bucket, the other live buckets.
     /// ARGV per entity: field, hold id, target, allowed states.
-    static let moveEntities = LuaScript(name: "move_entities", source: """
+    static let moveEntities = LuaScript(name: "move_entities", source: entityState + """
         local owner = ARGV[1]
         local m = tonumber(ARGV[2])
         local out = {}
@@ -277,12 +286,7 @@ struct LuaScript: Sendable, Hashable {
             out[i] = 'n' .. h[2]
           else
             local state = ''
-            if not mine then
-              for b = base + 2, base + m do
-                local s = redis.call('HGET', KEYS[b], field)
-                if s then state = s break end
-              end
-            end
+            if not mine then state = entityState(base + 2, base + m, field) end
             if mine or state == target or string.find(allowed, '|' .. state .. '|', 1, true) then
               redis.call('HSET', KEYS[base + 2], field, target)
               for b = base + 3, base + m do redis.call('HDEL', KEYS[b], field) end
