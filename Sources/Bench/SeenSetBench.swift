@@ -80,28 +80,15 @@ public enum SeenSetBench {
     static func measure(_ name: String, connection: RedisConnection, _ body: () async throws -> Void) async throws -> Row {
         _ = try await connection.command("FLUSHALL", "SYNC")
         _ = try await connection.command("CONFIG", "RESETSTAT")
-        let before = try await info(connection)
+        let before = try await RedisInfo.read(connection)
         try await body()
-        let after = try await info(connection)
+        let after = try await RedisInfo.read(connection)
         // BENCH_COMMANDSTATS=1: where Redis spent the time, per command (calls inside scripts included).
         if ProcessInfo.processInfo.environment["BENCH_COMMANDSTATS"] != nil {
             print("\(name): " + (try await connection.command("INFO", "commandstats").text ?? "")
                 .split(whereSeparator: \.isNewline).filter { $0.hasPrefix("cmdstat_") }.joined(separator: "; "))
         }
-        return Row(name: name, bytesPerID: Double(after.memory - before.memory), cpuMicrosPerUnique: (after.cpu - before.cpu) * 1e6)
-    }
-
-    static func info(_ connection: RedisConnection) async throws -> (memory: Int64, cpu: Double) {
-        let text = try await connection.command("INFO", "all").text ?? ""
-        var fields: [Substring: Substring] = [:]
-        for line in text.split(whereSeparator: \.isNewline) {
-            let parts = line.split(separator: ":", maxSplits: 1)
-            if parts.count == 2 { fields[parts[0]] = parts[1] }
-        }
-        guard let memory = fields["used_memory"].flatMap({ Int64($0) }),
-              let user = fields["used_cpu_user"].flatMap({ Double($0) }), let sys = fields["used_cpu_sys"].flatMap({ Double($0) })
-        else { throw LocalServerError("INFO lacks used_memory or used_cpu_*") }
-        return (memory, user + sys)
+        return Row(name: name, bytesPerID: Double(after.usedMemory - before.usedMemory), cpuMicrosPerUnique: (after.cpuSeconds - before.cpuSeconds) * 1e6)
     }
 
     /// Ids as a worker's store keys; a repeat is an earlier id, chosen at random (seeded).

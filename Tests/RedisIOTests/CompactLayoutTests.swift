@@ -255,24 +255,3 @@ struct CompactLayoutTests {
         print("memory per remembered id, 100,000 ids, appendfsync always: " + figures.joined(separator: "; "))
     }
 }
-
-/// `INFO memory` and `INFO cpu` figures the memory and CPU measurements read.
-enum RedisInfo {
-    struct Figures {
-        var usedMemory: Int64
-        var cpuSeconds: Double
-    }
-
-    static func read(_ connection: RedisConnection) async throws -> Figures {
-        let text = try #require(try await connection.command(["INFO", "all"]).text)
-        var fields: [String: String] = [:]
-        for line in text.split(whereSeparator: \.isNewline) {
-            let parts = line.split(separator: ":", maxSplits: 1)
-            if parts.count == 2 { fields[String(parts[0])] = String(parts[1]) }
-        }
-        let memory = try #require(fields["used_memory"].flatMap { Int64($0) })
-        let sys = try #require(fields["used_cpu_sys"].flatMap { Double($0) })
-        let user = try #require(fields["used_cpu_user"].flatMap { Double($0) })
-        return Figures(usedMemory: memory, cpuSeconds: sys + user)
-    }
-}
