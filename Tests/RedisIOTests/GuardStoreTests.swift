@@ -78,11 +78,7 @@ import Testing
     /// each where a hash per entity weighs ~165 (docs/architecture.md, "The entity record").
     @Test func aSettledEntityCostsAFieldNotAKey() async throws {
         let f = try await RedisFixture()
-        func usedMemory() async throws -> Int {
-            let text = try #require(try await f.connection.command("INFO", "memory").text)
-            let line = try #require(text.split(whereSeparator: \.isNewline).first { $0.hasPrefix("used_memory:") })
-            return Int(line.dropFirst("used_memory:".count))!
-        }
+        func usedMemory() async throws -> Int64 { try await RedisInfo.read(f.connection).usedMemory }
         let n = 50_000
         // 512 buckets keep ~98 entities each: listpack encoding, as the sizing guidance intends.
         let records = CompactRecords(retention: .seconds(3600), buckets: 512, readsKeysLayout: false)
