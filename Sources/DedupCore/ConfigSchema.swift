@@ -71,7 +71,7 @@ public enum ConfigSchema {
         .init(name: "dedup.compact.buckets", kind: .count, defaultValue: "8192",
               doc: "compact layout: hashes per slot and route, a power of two from 64. Size it so one slot's unique ids / buckets stays under ~100 (Redis keeps a hash of up to 128 fields as a listpack): unique ids per second × retention / dedup.compact.slots / 100."),
         .init(name: "dedup.compact.slots", kind: .count, defaultValue: "1",
-              doc: "compact layout: slots per retention. A slot is retention / slots long; a done record lives at least dedup.retention and at most one slot (+30s) more; a claim looks in slots + 1 buckets (each about 1 µs of Redis CPU)."),
+              doc: "compact layout: slots per retention. A slot is retention / slots long; a done record lives at least dedup.retention and at most one slot (+30s) more; a claim looks in slots + 1 buckets (each one more lookup in Redis per claim; docs/performance.md has the cost)."),
         .init(name: "dedup.compact.read_keys_layout", kind: .choice(["true", "false"]), defaultValue: "true",
               doc: "compact layout: also recognise done records written by the keys layout (the pending claim then lives at that layout's key, dedupd:<namespace>:<key>). Turn off once dedup.retention has passed since the switch; always off with redis.mode: cluster."),
         .init(name: "dedup.token", kind: .string, defaultValue: nil,

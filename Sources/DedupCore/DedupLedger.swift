@@ -195,7 +195,7 @@ public struct DedupLedger: Sendable {
                 do throws(BadInput) {
                     let entity = try g.entity.key(for: message)
                     step = GuardStep(
-                        entityKey: DedupKey(raw: entity, namespace: routeSettings[route].namespace, prefix: "dedupd-entity").storeKey,
+                        entityKey: EntityGuard.storeName(entity, namespace: routeSettings[route].namespace).storeKey,
                         entity: entity, target: try g.state.key(for: message))
                 } catch {
                     counters.invalid += 1
@@ -294,7 +294,7 @@ public struct DedupLedger: Sendable {
         return refused
     }
 
-    /// The token round trip failed: its keys wait for the next one.
+    /// A claim, confirm or token round trip failed: its keys wait for the next one.
     public mutating func requestFailed(_ request: LedgerRequest) {
         var reclaim: [DedupKey] = []
         var reconfirm: [DedupKey] = []
@@ -302,7 +302,15 @@ public struct DedupLedger: Sendable {
             guard let i = entries.index(forKey: key), entries.values[i].awaiting == request.ticket else { continue }
             entries.values[i].awaiting = 0
             switch entries.values[i].place {
-            case .claiming: reclaim.append(key)
+            case .claiming, .parked:
+                if entries.values[i].place == .claiming { reclaim.append(key) }
+                // Guard: the hold may have been taken although the answer was lost; the next
+                // attempt holds under a new id, so this one's is given back first (releases go
+                // out before claims, on the entity's connection), or it would block the entity
+                // for a lease.
+                if let step = entries.values[i].step, step.attempt == request.ticket {
+                    unholds.append(storeStep(key, step, route: entries.values[i].route))
+                }
             case .confirming: reconfirm.append(key)
             default: break
             }
@@ -820,7 +828,6 @@ public struct DedupLedger: Sendable {
                 released.append((key, e.deadline))
                 buffer.removed(size: e.size)
                 dropped.append(key)
-                if let step = e.step, step.held { unholds.append(storeStep(key, step, route: e.route)) }
             case .awaitingToken, .claiming, .parked, .awaitingEntity:
                 dropped.append(key)
             case .inFlight, .confirming:
@@ -832,6 +839,8 @@ public struct DedupLedger: Sendable {
             // dropped too.
             guard let i = entries.index(forKey: key) else { continue }
             if entries.values[i].place == .awaitingEntity { awaitingEntityCount -= 1 }
+            // Only a buffered message holds its entity; its hold goes back with its claim.
+            giveBackHold(at: i, key)
             removeEntry(at: i)
         }
         if !dropped.isEmpty {
@@ -882,7 +891,4 @@ public struct DedupLedger: Sendable {
     public var shouldPause: Bool { buffer.isFull || parkedKeys.count + awaitingEntityCount >= settings.bufferMaxMessages }
     /// Resume once the buffer has drained well below its bounds.
     public var canResume: Bool { buffer.hasRoom && parkedKeys.count + awaitingEntityCount < settings.bufferMaxMessages / 2 }
-
-    /// Guard: messages waiting behind an earlier message of their entity.
-    public var awaitingEntity: Int { awaitingEntityCount }
 }

@@ -39,6 +39,12 @@ public struct EntityGuard: Sendable, Equatable {
         self.retention = retention
     }
 
+    /// An entity's name in the store, `dedupd-entity:<namespace>:<entity>` (hashed when long, as
+    /// keys are): apart from every dedup key's `dedupd:` names.
+    public static func storeName(_ entity: String, namespace: String) -> DedupKey {
+        DedupKey(raw: entity, namespace: namespace, prefix: "dedupd-entity")
+    }
+
     /// Whether an entity in state `from` (nil: none recorded) may enter `to`.
     public func allows(from: String?, to: String) -> Bool {
         guard let from else { return initial.contains(to) }

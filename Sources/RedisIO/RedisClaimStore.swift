@@ -147,8 +147,16 @@ public final class RedisClaimStore: ClaimStore {
                     [RedisArgument(bytes: p.field), RedisArgument(step.holdID), RedisArgument(step.target),
                      RedisArgument("|" + step.allowedFrom.joined(separator: "|") + "|")])
         }, element: Self.moveOutcome)
-        // The entity buckets get their TTLs the way done records' buckets do.
-        let groups = steps.map { KeyGroup([$0.entityKey], ttl: $0.records.retention, layout: .compact($0.records)) }
+        // The entity buckets get their TTLs the way done records' buckets do: one group per
+        // route (its namespace and settings), not per entity.
+        var groups: [KeyGroup] = []
+        for step in steps {
+            let namespace = step.entityKey.split(separator: ":", maxSplits: 2).prefix(2)
+            if groups.contains(where: { $0.layout == .compact(step.records) && $0.keys[0].split(separator: ":", maxSplits: 2).prefix(2) == namespace }) {
+                continue
+            }
+            groups.append(KeyGroup([step.entityKey], ttl: step.records.retention, layout: .compact(step.records)))
+        }
         guard let sweep = sweepBuckets(groups) else { return Self.reply(request) }
         return Self.reply(Request {
             let outcomes = try await request.outcomes()

@@ -472,6 +472,13 @@ struct AdminOptions: ParsableArguments {
         return (store, keys.map { DedupKey(raw: $0, namespace: config.namespace) }, config.doneLayout)
     }
 
+    /// `open` for guard entities: their store names and where their states are kept.
+    func openEntities(_ entities: [String]) async throws -> (RedisClaimStore, [DedupKey], CompactRecords) {
+        let config = try load()
+        let store = try await connectStore(config)
+        return (store, entities.map { EntityGuard.storeName($0, namespace: config.namespace) }, config.entityRecords)
+    }
+
     func connectStore(_ c: AdminConfiguration) async throws -> RedisClaimStore {
         let logger = Logger(label: "dedupd.admin")
         let redis = try await RedisTarget.connect(
@@ -517,10 +524,8 @@ struct Inspect: AsyncParsableCommand {
     func run() async throws {
         OperationalLog.bootstrap(level: .warning, format: .logfmt)
         if entity {
-            let config = try options.load()
-            let store = try await options.connectStore(config)
-            let entityKeys = keys.map { DedupKey(raw: $0, namespace: config.namespace, prefix: "dedupd-entity") }
-            for (key, state) in zip(entityKeys, try await store.inspectEntities(entityKeys.map(\.storeKey), records: config.entityRecords)) {
+            let (store, entityKeys, records) = try await options.openEntities(keys)
+            for (key, state) in zip(entityKeys, try await store.inspectEntities(entityKeys.map(\.storeKey), records: records)) {
                 print("\(key.raw) \(describe(state)) redis.key=\(key.storeKey)")
             }
             await store.redis.close()
@@ -556,11 +561,9 @@ struct Forget: AsyncParsableCommand {
     func run() async throws {
         OperationalLog.bootstrap(level: .warning, format: .logfmt)
         if entity {
-            let config = try options.load()
-            let store = try await options.connectStore(config)
-            let entityKeys = keys.map { DedupKey(raw: $0, namespace: config.namespace, prefix: "dedupd-entity") }
+            let (store, entityKeys, records) = try await options.openEntities(keys)
             var kept = 0
-            for (key, r) in zip(entityKeys, try await store.forgetEntities(entityKeys.map(\.storeKey), records: config.entityRecords, force: force)) {
+            for (key, r) in zip(entityKeys, try await store.forgetEntities(entityKeys.map(\.storeKey), records: records, force: force)) {
                 if r.state.state == nil && r.state.pending == nil {
                     print("\(key.raw) absent, nothing removed redis.key=\(key.storeKey)")
                 } else if r.removed {

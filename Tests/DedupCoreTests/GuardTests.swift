@@ -26,6 +26,8 @@ struct GuardWorld {
     var rejected: [DedupLedger.Rejection] = []
     var deadLetters: [DeadLetter] = []
     var failing: Set<String> = []
+    /// Claim round trips to fail after the store applied them (the answer lost on the way).
+    var claimAnswersLost = 0
     var committed: [TopicPartition: Int64] = [:]
 
     init(owner: String = "w1", store: FakeClaimStore = FakeClaimStore(), clock: TestClock = TestClock(),
@@ -69,6 +71,9 @@ struct GuardWorld {
                 let claims = Result { try store.claim(groups, owner: owner) }
                 let held = holds.isEmpty ? .success([]) : result(store.requestHolds(holds, owner: owner))
                 switch (claims, held) {
+                case (.success, .success) where claimAnswersLost > 0:
+                    claimAnswersLost -= 1
+                    inbox.append(.claims(id, .failure(FakeClaimStore.Down())))
                 case (.success(let c), .success(let h)): inbox.append(.claims(id, .success(c), holds: h))
                 case (.failure(let e), _), (_, .failure(let e)): inbox.append(.claims(id, .failure(e)))
                 }
@@ -220,6 +225,18 @@ struct GuardWorld {
         #expect(w.dispatchedIDs == ["m1", "m3"], "m2 never moved the order, so cancelling it is still allowed")
         #expect(w.store.entityState("dedupd-entity:orders:o1") == "cancelled")
         #expect(w.store.entities.withLock { $0["dedupd-entity:orders:o1"]?.hold == nil }, "m2's hold was given back")
+    }
+
+    @Test func aLostClaimAnswerGivesItsHoldBackBeforeTheNextAttempt() throws {
+        // The store took the claim and the hold, but the worker saw the round trip fail: the
+        // next attempt holds under a new id, so the old hold must not block it for a lease.
+        var w = try GuardWorld(lease: .seconds(30))
+        w.claimAnswersLost = 1
+        w.send([order("m1", "o1", "created", offset: 0)])
+        w.run(for: .seconds(3))
+        #expect(w.dispatchedIDs == ["m1"], "dispatched well within the 30 s lease")
+        #expect(w.engine.counters.entityBusy == 0)
+        #expect(w.store.entityState("dedupd-entity:orders:o1") == "created")
     }
 
     @Test func twoWorkersCompetingForOneEntityDispatchOneMove() throws {

@@ -121,7 +121,7 @@ struct RedisClusterTests {
         #expect(try await store.inspect([keys[1]], layout: layout).first.map { if case .done = $0 { true } else { false } } == true)
 
         // Guard entities: each its own key and slot; a batch's holds and moves are grouped by slot.
-        let entities = (0..<300).map { DedupKey(raw: "\(uniquePrefix())o\($0)", namespace: "orders", prefix: "dedupd-entity").storeKey }
+        let entities = (0..<300).map { EntityGuard.storeName("\(uniquePrefix())o\($0)", namespace: "orders").storeKey }
         func step(_ e: String, _ to: String) -> EntityStep {
             EntityStep(
                 entityKey: e, holdID: e + "#1", target: to, allowedFrom: to == "created" ? [EntityGuard.noState] : ["created"], ttl: .seconds(30),

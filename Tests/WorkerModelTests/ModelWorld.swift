@@ -403,7 +403,7 @@ final class ModelWorld: @unchecked Sendable {
         }
     }
 
-    func entityKey(_ entity: String) -> String { DedupKey(raw: entity, namespace: "model", prefix: "dedupd-entity").storeKey }
+    func entityKey(_ entity: String) -> String { EntityGuard.storeName(entity, namespace: "model").storeKey }
 
     func hold(_ step: EntityStep) -> HoldOutcome {
         var r = entities[step.entityKey] ?? (nil, nil)
