@@ -59,50 +59,149 @@ public struct CompactRecords: Sendable, Hashable {
 
     var bucketBits: Int { buckets.trailingZeroBitCount }
 
-    /// Where one store key's records live.
-    public struct Placement: Sendable, Hashable {
-        /// `{<namespace>:<tag>}`: the hash tag every key of this store key carries.
-        public var tag: String
-        /// The pending claim: `dedupd:{<namespace>:<tag>}:p:<rest>`, or the keys layout's key while
-        /// that layout is read (`readsKeysLayout`: standalone Redis only, its name has no tag).
-        public var pendingKey: String
-        /// `dedupd:<namespace>:<rest>`: the `keys` layout's key, read during an upgrade.
-        public var keysLayoutKey: String
+    /// Where one store key's records are, as numbers from its digest. The claim and confirm
+    /// requests write the names from it straight into their command buffer
+    /// (`appendPendingKey`, `appendBucketKey`, `Spot.appendField`): the hot path builds no string
+    /// per key. `Placement` spells the same names out as strings, for the admin commands and tests.
+    public struct Spot: Sendable, Hashable {
+        /// The hash tag's value: the digest's top `tagBits` bits.
+        public var tag: Int
         /// The bucket index within a slot (`buckets` of them).
         public var bucket: Int
+        /// Digest bytes 4..<16, the bucket's field: 8 bytes, then 4, big-endian.
+        var fieldHead: UInt64
+        var fieldTail: UInt32
+
         /// The 12 bytes stored as the bucket's field.
-        public var field: [UInt8]
-        /// `dedupd:{<namespace>:<tag>}:d:`: bucket keys are this, the slot number, `:`, the bucket in hex.
-        public var bucketPrefix: String
+        public var field: [UInt8] {
+            var bytes: [UInt8] = []
+            bytes.reserveCapacity(12)
+            appendField(to: &bytes)
+            return bytes
+        }
+
+        public func appendField(to out: inout [UInt8]) {
+            for shift in stride(from: 56, through: 0, by: -8) { out.append(UInt8(truncatingIfNeeded: fieldHead >> UInt64(shift))) }
+            for shift in stride(from: 24, through: 0, by: -8) { out.append(UInt8(truncatingIfNeeded: fieldTail >> UInt32(shift))) }
+        }
+    }
+
+    /// `storeKey` is `DedupKey.storeKey`: `<prefix>:<namespace>:<rest>`.
+    public func spot(of storeKey: String) -> Spot {
+        var hasher = SHA256()
+        var key = storeKey
+        key.withUTF8 { hasher.update(bufferPointer: UnsafeRawBufferPointer($0)) }
+        return hasher.finalize().withUnsafeBytes { digest in
+            func word(_ at: Int, _ count: Int) -> UInt64 { digest[at..<at + count].reduce(0) { $0 << 8 | UInt64($1) } }
+            let top = word(0, 4)
+            return Spot(
+                tag: Int(top >> UInt64(32 - Self.tagBits)), bucket: bucketBits == 0 ? 0 : Int(top >> UInt64(32 - bucketBits)),
+                fieldHead: word(Self.fieldRange.lowerBound, 8), fieldTail: UInt32(word(Self.fieldRange.lowerBound + 8, 4)))
+        }
+    }
+
+    /// The pending claim's name: `<prefix>:{<namespace>:<tag>}:p:<rest>`, or the keys layout's key
+    /// itself while that layout is read (`readsKeysLayout`: standalone Redis only, so no tag).
+    public func appendPendingKey(of storeKey: String, at spot: Spot, to out: inout [UInt8]) {
+        if readsKeysLayout {
+            out.append(contentsOf: storeKey.utf8)
+            return
+        }
+        let rest = Self.appendTagged(storeKey, tag: spot.tag, kind: UInt8(ascii: "p"), to: &out)
+        out.append(contentsOf: storeKey.utf8[rest...])
+    }
+
+    /// A bucket's name: `<prefix>:{<namespace>:<tag>}:d:<slot>:<bucket in hex>`.
+    public func appendBucketKey(of storeKey: String, at spot: Spot, slot: Int64, to out: inout [UInt8]) {
+        _ = Self.appendTagged(storeKey, tag: spot.tag, kind: UInt8(ascii: "d"), to: &out)
+        Self.appendDigits(slot, radix: 10, to: &out)
+        out.append(UInt8(ascii: ":"))
+        Self.appendDigits(Int64(spot.bucket), radix: 16, to: &out)
+    }
+
+    /// Appends `<prefix>:{<namespace>:<tag>}:<kind>:` for `storeKey` and returns where its `<rest>`
+    /// starts (a key without two colons is all rest, under prefix `dedupd` and an empty namespace).
+    private static func appendTagged(_ storeKey: String, tag: Int, kind: UInt8, to out: inout [UInt8]) -> String.Index {
+        let utf8 = storeKey.utf8
+        let colon = UInt8(ascii: ":")
+        var namespace = utf8.startIndex..<utf8.startIndex, rest = utf8.startIndex
+        if let first = utf8.firstIndex(of: colon), let second = utf8[utf8.index(after: first)...].firstIndex(of: colon) {
+            out.append(contentsOf: utf8[..<first])
+            namespace = utf8.index(after: first)..<second
+            rest = utf8.index(after: second)
+        } else {
+            out.append(contentsOf: "dedupd".utf8)
+        }
+        out.append(contentsOf: ":{".utf8)
+        out.append(contentsOf: utf8[namespace])
+        out.append(colon)
+        if tag < 16 { out.append(UInt8(ascii: "0")) }
+        appendDigits(Int64(tag), radix: 16, to: &out)
+        out.append(contentsOf: "}:".utf8)
+        out.append(kind)
+        out.append(colon)
+        return rest
+    }
+
+    /// `String(value, radix:)`'s digits (lowercase), without a string.
+    static func appendDigits(_ value: Int64, radix: Int64, to out: inout [UInt8]) {
+        if value < 0 { out.append(UInt8(ascii: "-")) }
+        var rest = value.magnitude
+        var count = 1
+        while rest >= UInt64(radix) { rest /= UInt64(radix); count += 1 }
+        rest = value.magnitude
+        out.append(contentsOf: repeatElement(0, count: count))
+        for i in stride(from: out.count - 1, through: out.count - count, by: -1) {
+            let digit = UInt8(rest % UInt64(radix))
+            out[i] = digit < 10 ? UInt8(ascii: "0") + digit : UInt8(ascii: "a") + digit - 10
+            rest /= UInt64(radix)
+        }
+    }
+
+    /// Where one store key's records live, spelled out as strings (`Spot` and the `append`
+    /// functions are the same names without strings).
+    public struct Placement: Sendable, Hashable {
+        let records: CompactRecords
+        /// `dedupd:<namespace>:<rest>`: the `keys` layout's key, read during an upgrade.
+        public let keysLayoutKey: String
+        public let spot: Spot
+
+        /// `{<namespace>:<tag>}`: the hash tag every key of this store key carries.
+        public var tag: String {
+            let name = bucketKey(slot: 0)
+            return String(name[name.firstIndex(of: "{")!...name.firstIndex(of: "}")!])
+        }
+        /// The pending claim (`appendPendingKey`).
+        public var pendingKey: String { Self.string { records.appendPendingKey(of: keysLayoutKey, at: spot, to: &$0) } }
+        /// The bucket index within a slot (`buckets` of them).
+        public var bucket: Int { spot.bucket }
+        /// The 12 bytes stored as the bucket's field.
+        public var field: [UInt8] { spot.field }
 
         public func bucketKey(slot: Int64) -> String {
-            bucketPrefix + String(slot) + ":" + String(bucket, radix: 16)
+            Self.string { records.appendBucketKey(of: keysLayoutKey, at: spot, slot: slot, to: &$0) }
+        }
+
+        private static func string(_ write: (inout [UInt8]) -> Void) -> String {
+            var bytes: [UInt8] = []
+            write(&bytes)
+            return String(decoding: bytes, as: UTF8.self)
         }
     }
 
     /// `storeKey` is `DedupKey.storeKey`: `<prefix>:<namespace>:<rest>`.
     public func placement(of storeKey: String) -> Placement {
-        let digest = Array(SHA256.hash(data: Array(storeKey.utf8)))
-        let top = UInt32(digest[0]) << 24 | UInt32(digest[1]) << 16 | UInt32(digest[2]) << 8 | UInt32(digest[3])
-        let tagValue = Int(top >> UInt32(32 - Self.tagBits))
-        let bucket = bucketBits == 0 ? 0 : Int(top >> UInt32(32 - bucketBits))
-        let parts = storeKey.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)
-        let prefix = parts.count == 3 ? String(parts[0]) : "dedupd"
-        let namespace = parts.count == 3 ? String(parts[1]) : ""
-        let rest = parts.count == 3 ? String(parts[2]) : storeKey
-        let hex = String(tagValue, radix: 16)
-        let tag = "{" + namespace + ":" + (hex.count == 1 ? "0" + hex : hex) + "}"
-        return Placement(
-            tag: tag, pendingKey: readsKeysLayout ? storeKey : prefix + ":" + tag + ":p:" + rest, keysLayoutKey: storeKey, bucket: bucket,
-            field: Array(digest[Self.fieldRange]), bucketPrefix: prefix + ":" + tag + ":d:")
+        Placement(records: self, keysLayoutKey: storeKey, spot: spot(of: storeKey))
     }
 
     /// Every bucket key of one slot (all tags), for setting their TTL.
     public func bucketKeys(prefix: String, namespace: String, slot: Int64) -> [String] {
         let shift = bucketBits - Self.tagBits
+        let storeKey = prefix + ":" + namespace + ":"
         return (0..<buckets).map { b in
-            let hex = String(b >> shift, radix: 16)
-            return prefix + ":{" + namespace + ":" + (hex.count == 1 ? "0" + hex : hex) + "}:d:" + String(slot) + ":" + String(b, radix: 16)
+            var name: [UInt8] = []
+            appendBucketKey(of: storeKey, at: Spot(tag: b >> shift, bucket: b, fieldHead: 0, fieldTail: 0), slot: slot, to: &name)
+            return String(decoding: name, as: UTF8.self)
         }
     }
 

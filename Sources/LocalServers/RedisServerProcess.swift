@@ -116,6 +116,8 @@ public final class RedisServerProcess: @unchecked Sendable {
     }
 
     private func start(timeout: Duration) throws {
+        // What the log holds from an earlier start (a restart): readiness is read after it.
+        let logStart = (try? Data(contentsOf: logFile).count) ?? 0
         try lock.withLock {
             let process = Process()
             process.executableURL = URL(fileURLWithPath: executable)
@@ -145,7 +147,10 @@ public final class RedisServerProcess: @unchecked Sendable {
             if !isRunning {
                 throw LocalServerError("redis-server exited at start; log: \(tail(of: logFile))")
             }
-            if let answer = tcpRequest(port: port, "PING\r\n"),
+            // Our own log must say the server listens: a "free" port can be taken by another
+            // test's server between `freePort` and the bind; then this one exits, and until it
+            // has, a PING would be answered by the other server (which that test may flush).
+            if Self.saysReady(logFile, after: logStart), isRunning, let answer = tcpRequest(port: port, "PING\r\n"),
                answer.hasPrefix("+PONG") || answer.hasPrefix("-NOAUTH") {
                 return
             }
@@ -153,6 +158,11 @@ public final class RedisServerProcess: @unchecked Sendable {
         }
         stop()
         throw LocalServerError("redis-server on port \(port) did not answer PING within \(timeout); log: \(tail(of: logFile))")
+    }
+
+    private static func saysReady(_ log: URL, after offset: Int) -> Bool {
+        guard let data = try? Data(contentsOf: log), data.count > offset else { return false }
+        return String(decoding: data[offset...], as: UTF8.self).contains("Ready to accept connections")
     }
 
     private func tail(of file: URL) -> String {

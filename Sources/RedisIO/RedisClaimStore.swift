@@ -87,13 +87,7 @@ public final class RedisClaimStore: ClaimStore {
     public func sendConfirms(_ groups: [KeyGroup], owner: String) -> Request<ConfirmOutcome> {
         let request = send(.confirm, batches(groups, owner: owner, confirming: true), element: Self.confirmOutcome)
         guard let sweep = sweepBuckets(groups) else { return request }
-        return Request {
-            let outcomes = try await request.outcomes()
-            for reply in try await sweep.value() {
-                if case .error(let text) = reply { throw RedisError.fromServerReply(text, context: "PEXPIRE of a compact bucket") }
-            }
-            return outcomes
-        }
+        return request.then(sweep, context: "PEXPIRE of a compact bucket")
     }
 
     /// `release`, sent now; the caller awaits `outcomes()` when it needs them.
@@ -158,13 +152,7 @@ public final class RedisClaimStore: ClaimStore {
             groups.append(KeyGroup([step.entityKey], ttl: step.records.retention, layout: .compact(step.records)))
         }
         guard let sweep = sweepBuckets(groups) else { return Self.reply(request) }
-        return Self.reply(Request {
-            let outcomes = try await request.outcomes()
-            for reply in try await sweep.value() {
-                if case .error(let text) = reply { throw RedisError.fromServerReply(text, context: "PEXPIRE of an entity bucket") }
-            }
-            return outcomes
-        })
+        return Self.reply(request.then(sweep, context: "PEXPIRE of an entity bucket"))
     }
 
     public func requestUnholds(_ steps: [EntityStep], owner: String) -> StoreReply<[Bool]> {
@@ -232,13 +220,10 @@ public final class RedisClaimStore: ClaimStore {
         }
     }
 
-    /// The request is on its way already; a task only waits for its answers (and reloads a
-    /// script the server lost).
+    /// The request is on its way already; its answers complete the reply where they arrive.
     private static func reply<Item: Sendable>(_ request: Request<Item>) -> StoreReply<[Item]> {
         let reply = StoreReply<[Item]>()
-        Task {
-            do { reply.complete(.success(try await request.outcomes())) } catch { reply.complete(.failure(error)) }
-        }
+        request.whenAnswered { reply.complete($0) }
         return reply
     }
 
@@ -304,7 +289,8 @@ public final class RedisClaimStore: ClaimStore {
     /// Items run through one script with the same arguments (e.g. one lease). An item is one
     /// claimed key and passes `keysPerItem` keys (`keys` holds them item after item), all with the
     /// hash tag of its first key. `perKeyArgs`, when given, holds `argsPerItem` arguments per
-    /// item, passed with its chunk after `args`. `script` nil: the operation's own script.
+    /// item, passed with its chunk after `args`. `compact`, when given, writes each item's keys and
+    /// its one argument instead. `script` nil: the operation's own script.
     private struct ScriptBatch: Sendable {
         var keys: [String]
         var args: [RedisArgument]
@@ -312,7 +298,75 @@ public final class RedisClaimStore: ClaimStore {
         var argsPerItem = 1
         var keysPerItem = 1
         var script: LuaScript? = nil
-        var itemCount: Int { keys.count / keysPerItem }
+        var compact: CompactItems? = nil
+        var itemCount: Int { compact?.storeKeys.count ?? keys.count / keysPerItem }
+
+        init(
+            keys: [String], args: [RedisArgument], perKeyArgs: [RedisArgument]? = nil, argsPerItem: Int = 1, keysPerItem: Int = 1,
+            script: LuaScript? = nil
+        ) {
+            (self.keys, self.args, self.perKeyArgs, self.argsPerItem, self.keysPerItem, self.script) =
+                (keys, args, perKeyArgs, argsPerItem, keysPerItem, script)
+        }
+
+        init(_ compact: CompactItems, args: [RedisArgument], script: LuaScript) {
+            (self.keys, self.args, self.keysPerItem, self.script, self.compact) = ([], args, compact.keysPerItem, script, compact)
+        }
+
+        /// Appends item `item`'s keys, then (`arguments`) its per-item arguments.
+        func appendKeys(ofItem item: Int, to batch: inout RedisCommandBatch) {
+            if let compact { return compact.appendKeys(ofItem: item, to: &batch) }
+            for k in item * keysPerItem..<(item + 1) * keysPerItem { batch.append(keys[k]) }
+        }
+
+        func appendArguments(ofItem item: Int, to batch: inout RedisCommandBatch) {
+            if let compact { return batch.appendArgument { compact.spots[item].appendField(to: &$0) } }
+            guard let perKeyArgs else { return }
+            for j in item * argsPerItem..<(item + 1) * argsPerItem { batch.append(perKeyArgs[j].bytes) }
+        }
+
+        /// The cluster slot of item `item` (that of its first key; its other keys share its tag).
+        func clusterSlot(ofItem item: Int) -> UInt16 {
+            guard let compact else { return ClusterSlot.of(keys[item * keysPerItem]) }
+            var name: [UInt8] = []
+            compact.records.appendPendingKey(of: compact.storeKeys[item], at: compact.spots[item], to: &name)
+            return name.withUnsafeBufferPointer { ClusterSlot.of(bytes: $0) }
+        }
+
+        /// Bytes and arguments the items add to a command batch, for reserving its room.
+        var encodedSize: (bytes: Int, arguments: Int) {
+            guard let compact else {
+                return (keys.reduce(0) { $0 + $1.utf8.count } + (perKeyArgs?.reduce(0) { $0 + $1.bytes.count } ?? 0),
+                        keys.count + (perKeyArgs?.count ?? 0))
+            }
+            // A name is its store key plus a tag, a kind and a slot: under 40 bytes more.
+            let names = compact.storeKeys.reduce(0) { $0 + $1.utf8.count + 40 } * keysPerItem
+            return (names + 12 * itemCount, (keysPerItem + 1) * itemCount)
+        }
+    }
+
+    /// A compact layout's claims or confirms: an item is a store key, its keys are its pending
+    /// key and its bucket in each of `slots`, its argument is its field; all are written from its
+    /// `Spot` when the command is encoded, so no name is built as a string.
+    private struct CompactItems: Sendable {
+        var records: CompactRecords
+        var storeKeys: [String]
+        var spots: [CompactRecords.Spot]
+        var slots: [Int64]
+        var keysPerItem: Int { 1 + slots.count }
+
+        init(_ storeKeys: [String], _ records: CompactRecords, slots: [Int64]) {
+            self.records = records
+            self.storeKeys = storeKeys
+            self.spots = storeKeys.map { records.spot(of: $0) }
+            self.slots = slots
+        }
+
+        func appendKeys(ofItem item: Int, to batch: inout RedisCommandBatch) {
+            let key = storeKeys[item], spot = spots[item]
+            batch.appendArgument { records.appendPendingKey(of: key, at: spot, to: &$0) }
+            for slot in slots { batch.appendArgument { records.appendBucketKey(of: key, at: spot, slot: slot, to: &$0) } }
+        }
     }
 
     /// Claim and confirm scripts of the keys layout take `owner` and the group's time to live in
@@ -333,39 +387,16 @@ public final class RedisClaimStore: ClaimStore {
 
     /// Per key: its pending key and the bucket of each live slot.
     private static func compactClaims(_ keys: [String], _ records: CompactRecords, owner: String, lease: Duration, now: Int64) -> ScriptBatch {
-        let slots = records.liveSlots(at: now)
-        let m = 1 + slots.count
-        var storeKeys: [String] = []
-        storeKeys.reserveCapacity(keys.count * m)
-        var fields: [RedisArgument] = []
-        fields.reserveCapacity(keys.count)
-        for key in keys {
-            let p = records.placement(of: key)
-            storeKeys.append(p.pendingKey)
-            for slot in slots { storeKeys.append(p.bucketKey(slot: slot)) }
-            fields.append(RedisArgument(bytes: p.field))
-        }
+        let items = CompactItems(keys, records, slots: records.liveSlots(at: now))
         return ScriptBatch(
-            keys: storeKeys, args: [RedisArgument(owner), RedisArgument(millis(lease)), RedisArgument(m)],
-            perKeyArgs: fields, keysPerItem: m, script: .claimCompact)
+            items, args: [RedisArgument(owner), RedisArgument(millis(lease)), RedisArgument(items.keysPerItem)], script: .claimCompact)
     }
 
     /// Per key: its pending key and the current slot's bucket.
     private static func compactConfirms(_ keys: [String], _ records: CompactRecords, owner: String, now: Int64) -> ScriptBatch {
-        let slot = records.slot(at: now)
-        var storeKeys: [String] = []
-        storeKeys.reserveCapacity(keys.count * 2)
-        var fields: [RedisArgument] = []
-        fields.reserveCapacity(keys.count)
-        for key in keys {
-            let p = records.placement(of: key)
-            storeKeys.append(p.pendingKey)
-            storeKeys.append(p.bucketKey(slot: slot))
-            fields.append(RedisArgument(bytes: p.field))
-        }
-        return ScriptBatch(
-            keys: storeKeys, args: [RedisArgument(owner), RedisArgument(millis(records.lease))],
-            perKeyArgs: fields, keysPerItem: 2, script: .confirmCompact)
+        ScriptBatch(
+            CompactItems(keys, records, slots: [records.slot(at: now)]), args: [RedisArgument(owner), RedisArgument(millis(records.lease))],
+            script: .confirmCompact)
     }
 
     /// One route's buckets: the namespace and the settings that name them.
@@ -436,7 +467,7 @@ public final class RedisClaimStore: ClaimStore {
     private static func chunkItems(_ batch: ScriptBatch, maxItems: Int, bySlot: Bool) -> [(slot: UInt16, items: [Int])] {
         let n = batch.itemCount
         guard bySlot else { return stride(from: 0, to: n, by: maxItems).map { (0, Array($0..<min($0 + maxItems, n))) } }
-        let slots = (0..<n).map { ClusterSlot.of(batch.keys[$0 * batch.keysPerItem]) }
+        let slots = (0..<n).map { batch.clusterSlot(ofItem: $0) }
         let order = slots.indices.sorted { (slots[$0], $0) < (slots[$1], $1) }
         var out: [(slot: UInt16, items: [Int])] = []
         for item in order {
@@ -468,8 +499,9 @@ public final class RedisClaimStore: ClaimStore {
                 for (slot, items) in RedisClaimStore.chunkItems(batch, maxItems: maxKeysPerScript, bySlot: bySlot) {
                     chunks.append(Chunk(batch: b, items: items, slot: slot))
                 }
-                keyCount += batch.keys.count + (batch.perKeyArgs?.count ?? 0)
-                keyBytes += batch.keys.reduce(0) { $0 + $1.utf8.count } + (batch.perKeyArgs?.reduce(0) { $0 + $1.bytes.count } ?? 0)
+                let size = batch.encodedSize
+                keyCount += size.arguments
+                keyBytes += size.bytes
                 argBytes = max(argBytes, batch.args.reduce(0) { $0 + $1.bytes.count })
                 argCount = max(argCount, batch.args.count)
             }
@@ -501,27 +533,57 @@ public final class RedisClaimStore: ClaimStore {
                 batch.append("EVALSHA")
                 batch.append(shas[(source.script ?? script).name] ?? "")
                 batch.append(chunk.count * m)
-                for item in chunk.items {
-                    for k in item * m..<(item + 1) * m { batch.append(source.keys[k]) }
-                }
+                for item in chunk.items { source.appendKeys(ofItem: item, to: &batch) }
                 for arg in source.args { batch.append(arg.bytes) }
-                if let perKeyArgs = source.perKeyArgs {
-                    let a = source.argsPerItem
-                    for item in chunk.items { for j in item * a..<(item + 1) * a { batch.append(perKeyArgs[j].bytes) } }
-                }
+                for item in chunk.items { source.appendArguments(ofItem: item, to: &batch) }
             }
             return batch
         }
     }
 
     /// A script's round trip on its way (`sendClaims`, `sendConfirms`): the caller works while
-    /// Redis answers, then awaits `outcomes()`.
+    /// Redis answers, then awaits `outcomes()` or hands `whenAnswered` a callback, once.
     public struct Request<Item: Sendable>: Sendable {
-        fileprivate let finish: @Sendable () async throws -> [Item]
+        fileprivate typealias Answer = @Sendable (Result<[Item], any Error>) -> Void
+        fileprivate let start: @Sendable (@escaping Answer) -> Void
+
+        fileprivate init(start: @escaping @Sendable (@escaping Answer) -> Void) { self.start = start }
+
+        /// Answers that come from async work, in a task of their own.
+        fileprivate init(running work: @escaping @Sendable () async throws -> [Item]) {
+            start = { done in
+                Task {
+                    do { done(.success(try await work())) } catch { done(.failure(error)) }
+                }
+            }
+        }
 
         /// Redis's answers, one per key in key order. When the server had lost the script, it
         /// is loaded again and the failed chunks retried here (one more round trip).
-        public func outcomes() async throws -> [Item] { try await finish() }
+        public func outcomes() async throws -> [Item] {
+            try await withCheckedThrowingContinuation { continuation in start { continuation.resume(with: $0) } }
+        }
+
+        /// Calls `callback` with `outcomes()`'s result on the thread the answers arrive on (the
+        /// connection's queue): no task and no thread hop between Redis's answer and the caller.
+        public func whenAnswered(_ callback: @escaping @Sendable (Result<[Item], any Error>) -> Void) { start(callback) }
+
+        /// These answers once `next`, sent right after on the same connection, has answered too;
+        /// an error reply of `next` fails the request (`context` names what it was).
+        fileprivate func then(_ next: RedisPending<[RedisReply]>, context: String) -> Request {
+            Request(start: { done in
+                whenAnswered { outcomes in
+                    next.whenDone { replies in
+                        done(Result {
+                            for reply in try replies.get() {
+                                if case .error(let text) = reply { throw RedisError.fromServerReply(text, context: context) }
+                            }
+                            return try outcomes.get()
+                        })
+                    }
+                }
+            })
+        }
     }
 
     private func run<Item: Sendable>(
@@ -552,37 +614,49 @@ public final class RedisClaimStore: ClaimStore {
         let plan = ScriptPlan(script, batches, maxKeysPerScript: maxKeysPerScript, bySlot: redis.isCluster)
         let known = shas.withLock { $0 }
         guard plan.scripts.allSatisfy({ known[$0.name] != nil }) else {
-            return Request { try await self.run(script, batches, repliesPerKey: repliesPerKey, element: element) }
+            return Request(running: { try await self.run(script, batches, repliesPerKey: repliesPerKey, element: element) })
         }
-        if plan.chunks.isEmpty { return Request { [] } }
+        if plan.chunks.isEmpty { return Request(start: { $0(.success([])) }) }
         let parse = Self.chunkParser(element)
         let started = ContinuousClock.now
         let answered = onSend?(script.name)
         let first = redis.send({ plan.evalsha(known, plan.chunks.indices) }, slots: plan.slots(plan.chunks.indices), parse: parse)
-        return Request { [self] in
-            // The duration of the round trip(s), not of the caller's work before it awaited them.
-            var reloaded = false
-            defer {
-                answered?()
-                onRoundTrip?(script.name, (reloaded ? .now : first.answeredAt ?? .now) - started)
-            }
-            var replies = try await first.value()
-            let missing = replies.indices.filter {
-                if case .error(let text) = replies[$0] { return text.hasPrefix("NOSCRIPT") }
-                return false
-            }
-            if !missing.isEmpty {
-                reloaded = true
-                for (slot, reply) in zip(missing, try await reload(known, missing, plan, parse)) {
-                    replies[slot] = reply
+        let waits = script == .confirm ? waitReplicas : nil
+        return Request(start: { [self] done in
+            first.whenDone { [self] answer in
+                // The duration of the round trip(s), not of the caller's work before it awaited them.
+                let finish = { @Sendable (reloaded: Bool, result: Result<[Item], any Error>) in
+                    answered?()
+                    self.onRoundTrip?(script.name, (reloaded ? .now : first.answeredAt ?? .now) - started)
+                    done(result)
+                }
+                let replies: [ChunkReply<Item>]
+                do { replies = try answer.get() } catch { return finish(false, .failure(error)) }
+                let missing = replies.indices.filter {
+                    if case .error(let text) = replies[$0] { return text.hasPrefix("NOSCRIPT") }
+                    return false
+                }
+                guard !missing.isEmpty || waits != nil else {
+                    return finish(false, Result { try Self.results(plan, replies, repliesPerKey: repliesPerKey) })
+                }
+                // Reloading a lost script and waiting for replicas are round trips of their own.
+                Task { [self] in
+                    do {
+                        var replies = replies
+                        for (slot, reply) in zip(missing, missing.isEmpty ? [] : try await reload(known, missing, plan, parse)) {
+                            replies[slot] = reply
+                        }
+                        let results = try Self.results(plan, replies, repliesPerKey: repliesPerKey)
+                        if let (count, timeout) = waits {
+                            try await waitForReplicas(count, timeout: timeout, slots: plan.slots(plan.chunks.indices))
+                        }
+                        finish(!missing.isEmpty, .success(results))
+                    } catch {
+                        finish(!missing.isEmpty, .failure(error))
+                    }
                 }
             }
-            let results = try Self.results(plan, replies, repliesPerKey: repliesPerKey)
-            if script == .confirm, let (count, timeout) = waitReplicas {
-                try await waitForReplicas(count, timeout: timeout, slots: plan.slots(plan.chunks.indices))
-            }
-            return results
-        }
+        })
     }
 
     /// The server lost its script cache (a restart, SCRIPT FLUSH, a replica promoted in a

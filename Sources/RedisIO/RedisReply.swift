@@ -49,6 +49,15 @@ struct RedisCommandBatch: Sendable {
 
     mutating func append<I: BinaryInteger>(_ value: I) { append(String(value)) }
 
+    /// An argument whose bytes `write` appends in place (names spelled from numbers, without a
+    /// string per argument).
+    mutating func appendArgument(_ write: (inout [UInt8]) -> Void) {
+        bytes.removeLast()
+        let start = bytes.count
+        write(&bytes)
+        close(bytes.count - start)
+    }
+
     private mutating func close(_ length: Int) {
         bytes.append(0)
         lengths.append(length)

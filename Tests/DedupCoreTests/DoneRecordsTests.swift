@@ -25,6 +25,26 @@ import Testing
         #expect(upgrading.placement(of: "dedupd:orders:ord-13").bucketKey(slot: 42) == p.bucketKey(slot: 42))
     }
 
+    /// The names and the field are what records already in Redis were written under: a changed
+    /// spelling would make every record written before an upgrade unseen (its repeats dispatched
+    /// again). Expected values from SHA-256 of the store key, computed outside dedupd.
+    @Test func namesAndFieldsStayWhatEarlierVersionsWrote() {
+        let p = records.placement(of: "dedupd:orders:ord-13")
+        #expect(p.tag == "{orders:01}")
+        #expect(p.pendingKey == "dedupd:{orders:01}:p:ord-13")
+        #expect(p.bucketKey(slot: 42) == "dedupd:{orders:01}:d:42:dc")
+        #expect(p.bucketKey(slot: 20_454) == "dedupd:{orders:01}:d:20454:dc")
+        let hex: [String] = p.field.map { byte in String(byte >> 4, radix: 16) + String(byte & 15, radix: 16) }
+        #expect(hex.joined() == "b4230ef42f9698ed2bec0e74")
+        // A key that is not `<prefix>:<namespace>:<rest>` is all rest.
+        #expect(records.placement(of: "plain").pendingKey.hasPrefix("dedupd:{:"))
+        #expect(records.placement(of: "plain").pendingKey.hasSuffix("}:p:plain"))
+        // The buckets a sweep sets TTLs for are the ones keys are written to.
+        let all = records.bucketKeys(prefix: "dedupd", namespace: "orders", slot: 42)
+        #expect(all.count == 8192 && all[0xdc] == p.bucketKey(slot: 42) && all[0] == "dedupd:{orders:00}:d:42:0")
+        #expect(all[8191] == "dedupd:{orders:3f}:d:42:1fff")
+    }
+
     @Test func keysSpreadOverAllTagsAndBuckets() {
         let placements = (0..<20_000).map { records.placement(of: "dedupd:n:id-\($0)") }
         #expect(Set(placements.map(\.tag)).count == 1 << CompactRecords.tagBits)
