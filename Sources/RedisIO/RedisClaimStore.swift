@@ -87,7 +87,13 @@ public final class RedisClaimStore: ClaimStore {
     public func sendConfirms(_ groups: [KeyGroup], owner: String) -> Request<ConfirmOutcome> {
         let request = send(.confirm, batches(groups, owner: owner, confirming: true), element: Self.confirmOutcome)
         guard let sweep = sweepBuckets(groups) else { return request }
-        return request.then(sweep, context: "PEXPIRE of a compact bucket")
+        return Request {
+            let outcomes = try await request.outcomes()
+            for reply in try await sweep.value() {
+                if case .error(let text) = reply { throw RedisError.fromServerReply(text, context: "PEXPIRE of a compact bucket") }
+            }
+            return outcomes
+        }
     }
 
     /// `release`, sent now; the caller awaits `outcomes()` when it needs them.
@@ -152,7 +158,13 @@ public final class RedisClaimStore: ClaimStore {
             groups.append(KeyGroup([step.entityKey], ttl: step.records.retention, layout: .compact(step.records)))
         }
         guard let sweep = sweepBuckets(groups) else { return Self.reply(request) }
-        return Self.reply(request.then(sweep, context: "PEXPIRE of an entity bucket"))
+        return Self.reply(Request {
+            let outcomes = try await request.outcomes()
+            for reply in try await sweep.value() {
+                if case .error(let text) = reply { throw RedisError.fromServerReply(text, context: "PEXPIRE of an entity bucket") }
+            }
+            return outcomes
+        })
     }
 
     public func requestUnholds(_ steps: [EntityStep], owner: String) -> StoreReply<[Bool]> {
@@ -220,10 +232,13 @@ public final class RedisClaimStore: ClaimStore {
         }
     }
 
-    /// The request is on its way already; its answers complete the reply where they arrive.
+    /// The request is on its way already; a task only waits for its answers (and reloads a
+    /// script the server lost).
     private static func reply<Item: Sendable>(_ request: Request<Item>) -> StoreReply<[Item]> {
         let reply = StoreReply<[Item]>()
-        request.whenAnswered { reply.complete($0) }
+        Task {
+            do { reply.complete(.success(try await request.outcomes())) } catch { reply.complete(.failure(error)) }
+        }
         return reply
     }
 
@@ -542,48 +557,13 @@ public final class RedisClaimStore: ClaimStore {
     }
 
     /// A script's round trip on its way (`sendClaims`, `sendConfirms`): the caller works while
-    /// Redis answers, then awaits `outcomes()` or hands `whenAnswered` a callback, once.
+    /// Redis answers, then awaits `outcomes()`.
     public struct Request<Item: Sendable>: Sendable {
-        fileprivate typealias Answer = @Sendable (Result<[Item], any Error>) -> Void
-        fileprivate let start: @Sendable (@escaping Answer) -> Void
-
-        fileprivate init(start: @escaping @Sendable (@escaping Answer) -> Void) { self.start = start }
-
-        /// Answers that come from async work, in a task of their own.
-        fileprivate init(running work: @escaping @Sendable () async throws -> [Item]) {
-            start = { done in
-                Task {
-                    do { done(.success(try await work())) } catch { done(.failure(error)) }
-                }
-            }
-        }
+        fileprivate let finish: @Sendable () async throws -> [Item]
 
         /// Redis's answers, one per key in key order. When the server had lost the script, it
         /// is loaded again and the failed chunks retried here (one more round trip).
-        public func outcomes() async throws -> [Item] {
-            try await withCheckedThrowingContinuation { continuation in start { continuation.resume(with: $0) } }
-        }
-
-        /// Calls `callback` with `outcomes()`'s result on the thread the answers arrive on (the
-        /// connection's queue): no task and no thread hop between Redis's answer and the caller.
-        public func whenAnswered(_ callback: @escaping @Sendable (Result<[Item], any Error>) -> Void) { start(callback) }
-
-        /// These answers once `next`, sent right after on the same connection, has answered too;
-        /// an error reply of `next` fails the request (`context` names what it was).
-        fileprivate func then(_ next: RedisPending<[RedisReply]>, context: String) -> Request {
-            Request(start: { done in
-                whenAnswered { outcomes in
-                    next.whenDone { replies in
-                        done(Result {
-                            for reply in try replies.get() {
-                                if case .error(let text) = reply { throw RedisError.fromServerReply(text, context: context) }
-                            }
-                            return try outcomes.get()
-                        })
-                    }
-                }
-            })
-        }
+        public func outcomes() async throws -> [Item] { try await finish() }
     }
 
     private func run<Item: Sendable>(
@@ -614,49 +594,37 @@ public final class RedisClaimStore: ClaimStore {
         let plan = ScriptPlan(script, batches, maxKeysPerScript: maxKeysPerScript, bySlot: redis.isCluster)
         let known = shas.withLock { $0 }
         guard plan.scripts.allSatisfy({ known[$0.name] != nil }) else {
-            return Request(running: { try await self.run(script, batches, repliesPerKey: repliesPerKey, element: element) })
+            return Request { try await self.run(script, batches, repliesPerKey: repliesPerKey, element: element) }
         }
-        if plan.chunks.isEmpty { return Request(start: { $0(.success([])) }) }
+        if plan.chunks.isEmpty { return Request { [] } }
         let parse = Self.chunkParser(element)
         let started = ContinuousClock.now
         let answered = onSend?(script.name)
         let first = redis.send({ plan.evalsha(known, plan.chunks.indices) }, slots: plan.slots(plan.chunks.indices), parse: parse)
-        let waits = script == .confirm ? waitReplicas : nil
-        return Request(start: { [self] done in
-            first.whenDone { [self] answer in
-                // The duration of the round trip(s), not of the caller's work before it awaited them.
-                let finish = { @Sendable (reloaded: Bool, result: Result<[Item], any Error>) in
-                    answered?()
-                    self.onRoundTrip?(script.name, (reloaded ? .now : first.answeredAt ?? .now) - started)
-                    done(result)
-                }
-                let replies: [ChunkReply<Item>]
-                do { replies = try answer.get() } catch { return finish(false, .failure(error)) }
-                let missing = replies.indices.filter {
-                    if case .error(let text) = replies[$0] { return text.hasPrefix("NOSCRIPT") }
-                    return false
-                }
-                guard !missing.isEmpty || waits != nil else {
-                    return finish(false, Result { try Self.results(plan, replies, repliesPerKey: repliesPerKey) })
-                }
-                // Reloading a lost script and waiting for replicas are round trips of their own.
-                Task { [self] in
-                    do {
-                        var replies = replies
-                        for (slot, reply) in zip(missing, missing.isEmpty ? [] : try await reload(known, missing, plan, parse)) {
-                            replies[slot] = reply
-                        }
-                        let results = try Self.results(plan, replies, repliesPerKey: repliesPerKey)
-                        if let (count, timeout) = waits {
-                            try await waitForReplicas(count, timeout: timeout, slots: plan.slots(plan.chunks.indices))
-                        }
-                        finish(!missing.isEmpty, .success(results))
-                    } catch {
-                        finish(!missing.isEmpty, .failure(error))
-                    }
+        return Request { [self] in
+            // The duration of the round trip(s), not of the caller's work before it awaited them.
+            var reloaded = false
+            defer {
+                answered?()
+                onRoundTrip?(script.name, (reloaded ? .now : first.answeredAt ?? .now) - started)
+            }
+            var replies = try await first.value()
+            let missing = replies.indices.filter {
+                if case .error(let text) = replies[$0] { return text.hasPrefix("NOSCRIPT") }
+                return false
+            }
+            if !missing.isEmpty {
+                reloaded = true
+                for (slot, reply) in zip(missing, try await reload(known, missing, plan, parse)) {
+                    replies[slot] = reply
                 }
             }
-        })
+            let results = try Self.results(plan, replies, repliesPerKey: repliesPerKey)
+            if script == .confirm, let (count, timeout) = waitReplicas {
+                try await waitForReplicas(count, timeout: timeout, slots: plan.slots(plan.chunks.indices))
+            }
+            return results
+        }
     }
 
     /// The server lost its script cache (a restart, SCRIPT FLUSH, a replica promoted in a

@@ -12,7 +12,7 @@ public final class RedisPending<Value: Sendable>: Sendable {
     private enum State {
         case waiting
         case done(Result<Value, any Error>, at: ContinuousClock.Instant)
-        case waiter(@Sendable (Result<Value, any Error>) -> Void)
+        case awaited(CheckedContinuation<Value, any Error>)
     }
 
     private let state: Mutex<State>
@@ -21,12 +21,12 @@ public final class RedisPending<Value: Sendable>: Sendable {
 
     func complete(_ result: Result<Value, any Error>) {
         let now = ContinuousClock.now
-        let waiter = state.withLock { state -> (@Sendable (Result<Value, any Error>) -> Void)? in
+        let waiter = state.withLock { state -> CheckedContinuation<Value, any Error>? in
             defer { state = .done(result, at: now) }
-            if case .waiter(let callback) = state { return callback }
+            if case .awaited(let continuation) = state { return continuation }
             return nil
         }
-        waiter?(result)
+        waiter?.resume(with: result)
     }
 
     /// When the replies arrived (nil while they have not): the round trip's own duration,
@@ -38,17 +38,6 @@ public final class RedisPending<Value: Sendable>: Sendable {
         }
     }
 
-    /// Calls `callback` with the replies once they are here (at once when they are already),
-    /// on the thread that completes them: the connection's queue. Once, instead of `value()`.
-    public func whenDone(_ callback: @escaping @Sendable (Result<Value, any Error>) -> Void) {
-        let done = state.withLock { state -> Result<Value, any Error>? in
-            if case .done(let result, _) = state { return result }
-            state = .waiter(callback)
-            return nil
-        }
-        if let done { callback(done) }
-    }
-
     /// Waits for the replies (returns at once when they are already here). Await it once.
     public func value() async throws -> Value {
         if let done = state.withLock({ state -> Result<Value, any Error>? in
@@ -58,7 +47,12 @@ public final class RedisPending<Value: Sendable>: Sendable {
             return try done.get()
         }
         return try await withCheckedThrowingContinuation { continuation in
-            whenDone { continuation.resume(with: $0) }
+            let done = state.withLock { state -> Result<Value, any Error>? in
+                if case .done(let result, _) = state { return result }
+                state = .awaited(continuation)
+                return nil
+            }
+            if let done { continuation.resume(with: done) }
         }
     }
 }
