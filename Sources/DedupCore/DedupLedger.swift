@@ -172,9 +172,9 @@ public struct DedupLedger: Sendable {
         let route: Int
         var token: String?
         do throws(BadInput) {
-            if message.value.count > settings.maxMessageBytes {
+            if message.valueCount > settings.maxMessageBytes {
                 throw BadInput(
-                    .tooLarge, "value is \(message.value.count) bytes, limit is \(settings.maxMessageBytes)")
+                    .tooLarge, "value is \(message.valueCount) bytes, limit is \(settings.maxMessageBytes)")
             }
             guard let r = hasRoutes || routing.unmatched != .default ? routing.route(for: message) : 0 else {
                 throw BadInput(.noRoute, "no route matches (routes: \(routing.routes.map(\.name).joined(separator: ", ")))")

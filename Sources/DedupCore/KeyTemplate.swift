@@ -103,8 +103,8 @@ public struct KeyTemplate: Sendable, Equatable, CustomStringConvertible {
     public func key(for message: InboundMessage) throws(BadInput) -> String {
         var json: Any? = nil
         if needsJSON {
-            guard !message.value.isEmpty,
-                let parsed = try? JSONSerialization.jsonObject(with: Data(message.value), options: [.fragmentsAllowed])
+            guard message.valueCount > 0,
+                let parsed = try? JSONSerialization.jsonObject(with: Data(message.valueBytes), options: [.fragmentsAllowed])
             else {
                 throw BadInput(.invalidJSON, "value is not valid JSON")
             }
@@ -128,7 +128,7 @@ public struct KeyTemplate: Sendable, Equatable, CustomStringConvertible {
     private func value(of source: Source, message: InboundMessage, json: Any?) throws(BadInput) -> String {
         switch source {
         case .header(let name):
-            guard let header = message.header(name), let bytes = header.value else {
+            guard let header = message.headerView(name), let bytes = header.value else {
                 throw BadInput(.missingHeader, "header \"\(name)\" is missing")
             }
             guard !bytes.isEmpty else { throw BadInput(.emptyKey, "header \"\(name)\" is empty") }
@@ -137,7 +137,7 @@ public struct KeyTemplate: Sendable, Equatable, CustomStringConvertible {
             }
             return s
         case .recordKey:
-            guard let bytes = message.key else { throw BadInput(.missingKey, "message has no record key") }
+            guard let bytes = message.keyBytes else { throw BadInput(.missingKey, "message has no record key") }
             guard !bytes.isEmpty else { throw BadInput(.emptyKey, "record key is empty") }
             guard let s = String(validating: bytes, as: UTF8.self) else {
                 throw BadInput(.invalidUTF8, "record key is not valid UTF-8")
@@ -151,7 +151,7 @@ public struct KeyTemplate: Sendable, Equatable, CustomStringConvertible {
             guard !s.isEmpty else { throw BadInput(.emptyKey, "JSON field \(ptr) is empty") }
             return s
         case .sha256Value:
-            return Self.hex(SHA256.hash(data: message.value))
+            return Self.hex(SHA256.hash(data: message.valueBytes))
         case .sha256JSON(let ptrs):
             var canonical = "["
             for (i, ptr) in ptrs.enumerated() {

@@ -23,16 +23,21 @@ public struct MessageHeader: Hashable, Sendable {
 }
 
 /// A consumed Kafka record, copied out of librdkafka's memory at once so it can cross tasks.
+///
+/// Value, record key and headers live in one byte array (`MessageBytes`), so a consumed message
+/// costs one heap allocation rather than one per part and per header. `key`, `value`, `headers`
+/// and `header(_:)` copy out of it (for handlers and tests); the worker's own path reads in
+/// place through `valueBytes`, `keyBytes`, `headerView(_:)` and `forEachHeader(_:)`.
 public struct InboundMessage: Sendable {
     public var topic: String
     public var partition: Int32
     public var offset: Int64
-    /// The record key; `nil` when the producer sent none.
-    public var key: [UInt8]? { didSet { approximateSize = Self.size(key: key, value: value, headers: headers) } }
-    public var value: [UInt8] { didSet { approximateSize = Self.size(key: key, value: value, headers: headers) } }
-    public var headers: [MessageHeader] { didSet { approximateSize = Self.size(key: key, value: value, headers: headers) } }
     /// Producer or log-append time in milliseconds since the epoch, when the broker gave one.
     public var timestampMillis: Int64?
+    /// Value, key and headers.
+    public private(set) var bytes: MessageBytes {
+        didSet { approximateSize = Self.size(bytes) }
+    }
 
     public init(
         topic: String,
@@ -43,45 +48,229 @@ public struct InboundMessage: Sendable {
         headers: [MessageHeader] = [],
         timestampMillis: Int64? = nil
     ) {
+        self.init(
+            topic: topic, partition: partition, offset: offset,
+            bytes: MessageBytes(key: key, value: value, headers: headers), timestampMillis: timestampMillis)
+    }
+
+    /// A message over bytes already laid out (the consumer builds them in one allocation).
+    public init(topic: String, partition: Int32, offset: Int64, bytes: MessageBytes, timestampMillis: Int64? = nil) {
         self.topic = topic
         self.partition = partition
         self.offset = offset
-        self.key = key
-        self.value = value
-        self.headers = headers
+        self.bytes = bytes
         self.timestampMillis = timestampMillis
-        approximateSize = Self.size(key: key, value: value, headers: headers)
+        approximateSize = Self.size(bytes)
     }
+
+    /// The record key; `nil` when the producer sent none. A copy: `keyBytes` reads in place.
+    public var key: [UInt8]? {
+        get { keyBytes.map { Array($0) } }
+        set { bytes = MessageBytes(key: newValue, value: value, headers: headers) }
+    }
+
+    /// A copy unless the message has neither key nor headers: `valueBytes` reads in place.
+    public var value: [UInt8] {
+        get { bytes.keyCount < 0 && bytes.headerCount == 0 ? bytes.storage : Array(valueBytes) }
+        set { bytes = MessageBytes(key: key, value: newValue, headers: headers) }
+    }
+
+    /// A copy: `forEachHeader` and `headerView` read in place.
+    public var headers: [MessageHeader] {
+        get {
+            var out: [MessageHeader] = []
+            out.reserveCapacity(bytes.headerCount)
+            forEachHeader { h in
+                out.append(MessageHeader(name: String(decoding: h.name, as: UTF8.self), value: h.value.map { Array($0) }))
+            }
+            return out
+        }
+        set { bytes = MessageBytes(key: key, value: value, headers: newValue) }
+    }
+
+    public var valueCount: Int { bytes.valueCount }
+    /// The value, read in place.
+    public var valueBytes: ArraySlice<UInt8> { bytes.storage[0..<bytes.valueCount] }
+    /// The record key, read in place; `nil` when the producer sent none.
+    public var keyBytes: ArraySlice<UInt8>? {
+        bytes.keyCount < 0 ? nil : bytes.storage[bytes.valueCount..<bytes.valueCount + bytes.keyCount]
+    }
+    public var headerCount: Int { bytes.headerCount }
 
     public var topicPartition: TopicPartition { TopicPartition(topic: topic, partition: partition) }
 
     /// The last header with this name (Kafka's convention when a name repeats); names compare case-insensitively.
     public func header(_ name: String) -> MessageHeader? {
-        headers.last { $0.name.equalsIgnoringASCIICase(name) }
+        headerView(name).map { MessageHeader(name: String(decoding: $0.name, as: UTF8.self), value: $0.value.map { Array($0) }) }
+    }
+
+    /// `header(_:)` read in place.
+    public func headerView(_ name: String) -> HeaderView? {
+        var found: HeaderView?
+        forEachHeader { h in
+            if h.nameEqualsIgnoringASCIICase(name) { found = h }
+        }
+        return found
+    }
+
+    /// The headers in order, read in place.
+    public func forEachHeader(_ body: (HeaderView) throws -> Void) rethrows {
+        let s = bytes.storage
+        var i = bytes.headersStart
+        for _ in 0..<bytes.headerCount {
+            let nameCount = MessageBytes.readInt32(s, at: i)
+            let valueCount = MessageBytes.readInt32(s, at: i + 4)
+            let nameStart = i + 8
+            let valueStart = nameStart + nameCount
+            try body(
+                HeaderView(
+                    name: s[nameStart..<valueStart],
+                    value: valueCount < 0 ? nil : s[valueStart..<valueStart + valueCount]))
+            i = valueStart + max(0, valueCount)
+        }
     }
 
     /// Bytes this message costs the worker while it waits in the delay buffer, for the buffer's
-    /// byte bound: its own heap objects (each array a 32-byte header plus malloc's rounding; header
-    /// names over 15 bytes are heap strings) and the engine's bookkeeping per waiting key
-    /// (dictionary slots in the buffer and the engine, the order and lease queues, the offset
-    /// tracker, the Redis key string), about 640 bytes. Calibrated against the resident set of a
-    /// worker holding a full buffer (MemoryBoundTests): counting payload bytes alone undercounted
-    /// memory about 2.6 times, so `buffer.max_bytes` would not have bounded it.
+    /// byte bound: its own heap object (one array: a 32-byte header plus malloc's rounding) and
+    /// the engine's bookkeeping per waiting key (dictionary slots in the buffer and the engine,
+    /// the order and lease queues, the offset tracker, the Redis key string), about 640 bytes.
+    /// Calibrated against the resident set of a worker holding a full buffer (MemoryBoundTests):
+    /// counting payload bytes alone undercounted memory about 2.6 times, so `buffer.max_bytes`
+    /// would not have bounded it.
     ///
     /// Computed when the message is made (on the consumer's thread) and whenever its key, value
-    /// or headers change, not by the worker's loop at each use, where walking the headers shows
-    /// in the worker's profile.
+    /// or headers change, not by the worker's loop at each use.
     public private(set) var approximateSize: Int
 
-    private static func size(key: [UInt8]?, value: [UInt8], headers: [MessageHeader]) -> Int {
-        var n = 640 + 48 + value.count + 48 + headers.count * 24
-        if let key { n += 48 + key.count }
-        for h in headers {
-            if let v = h.value { n += 48 + v.count }
-            let name = h.name.utf8.count
-            if name > 15 { n += 48 + name }
+    private static func size(_ bytes: MessageBytes) -> Int {
+        640 + 48 + bytes.storage.count
+    }
+}
+
+/// A header of an `InboundMessage`, read in place.
+public struct HeaderView: Sendable {
+    /// The name's bytes (UTF-8 by convention).
+    public let name: ArraySlice<UInt8>
+    /// `nil` for a null value.
+    public let value: ArraySlice<UInt8>?
+
+    /// Header names are ASCII by convention: compared as bytes, without making a string; a
+    /// non-ASCII name that differs in bytes is compared as strings (canonical equivalence), as
+    /// `String.equalsIgnoringASCIICase` does.
+    public func nameEqualsIgnoringASCIICase(_ other: String) -> Bool {
+        var other = other
+        let verdict: Bool? = other.withUTF8 { o in
+            name.withUnsafeBufferPointer { n in
+                if o.count == n.count {
+                    var i = 0
+                    while i < n.count {
+                        let a = n[i]
+                        let b = o[i]
+                        if a != b && !(a | 0x20 == b | 0x20 && (a | 0x20) >= 0x61 && (a | 0x20) <= 0x7a) { break }
+                        i += 1
+                    }
+                    if i == n.count { return true }
+                }
+                // Only names with non-ASCII bytes can be equal as strings and not as bytes.
+                for b in n where b >= 0x80 { return nil }
+                for b in o where b >= 0x80 { return nil }
+                return false
+            }
         }
-        return n
+        if let verdict { return verdict }
+        return String(decoding: name, as: UTF8.self).equalsIgnoringASCIICase(other)
+    }
+}
+
+/// A message's value, record key and headers in one array: the value's bytes, then the key's,
+/// then per header its name's length and value's length (4 bytes each, little-endian; -1 for a
+/// null value), its name and its value. One allocation per message, and a copy of the message
+/// retains one buffer.
+public struct MessageBytes: Sendable {
+    public private(set) var storage: [UInt8]
+    public private(set) var valueCount = 0
+    /// -1 when the message has no key.
+    public private(set) var keyCount = -1
+    public private(set) var headerCount = 0
+    private var phase = 0  // 0: value next, 1: key next, 2: headers
+
+    /// What a header adds to `capacity`.
+    public static func headerCost(nameCount: Int, valueCount: Int?) -> Int { 8 + nameCount + (valueCount ?? 0) }
+
+    /// `capacity`: the value's and key's counts plus each header's `headerCost`, so the array
+    /// is allocated once.
+    public init(capacity: Int) {
+        storage = []
+        storage.reserveCapacity(capacity)
+    }
+
+    public init(key: [UInt8]?, value: [UInt8], headers: [MessageHeader]) {
+        if key == nil && headers.isEmpty {
+            // The value's own array, shared: no copy.
+            self.init(capacity: 0)
+            storage = value
+            valueCount = value.count
+            phase = 2
+            return
+        }
+        var capacity = value.count + (key?.count ?? 0)
+        for h in headers { capacity += Self.headerCost(nameCount: h.name.utf8.count, valueCount: h.value?.count) }
+        self.init(capacity: capacity)
+        value.withUnsafeBytes { appendValue($0) }
+        if let key { key.withUnsafeBytes { appendKey($0) } }
+        for h in headers {
+            var name = h.name
+            name.withUTF8 { name in
+                if let v = h.value {
+                    v.withUnsafeBytes { appendHeader(name: UnsafeRawBufferPointer(name), value: $0) }
+                } else {
+                    appendHeader(name: UnsafeRawBufferPointer(name), value: nil)
+                }
+            }
+        }
+    }
+
+    /// First, once.
+    public mutating func appendValue(_ value: UnsafeRawBufferPointer) {
+        precondition(phase == 0, "the value comes first")
+        storage.append(contentsOf: value)
+        valueCount = storage.count
+        phase = 1
+    }
+
+    /// After the value, before any header; at most once.
+    public mutating func appendKey(_ key: UnsafeRawBufferPointer) {
+        precondition(phase == 1, "the key comes after the value and before the headers")
+        storage.append(contentsOf: key)
+        keyCount = storage.count - valueCount
+        phase = 2
+    }
+
+    /// After the value (and the key, if any).
+    public mutating func appendHeader(name: UnsafeRawBufferPointer, value: UnsafeRawBufferPointer?) {
+        precondition(phase >= 1, "headers come after the value")
+        phase = 2
+        Self.appendInt32(name.count, to: &storage)
+        Self.appendInt32(value.map { $0.count } ?? -1, to: &storage)
+        storage.append(contentsOf: name)
+        if let value { storage.append(contentsOf: value) }
+        headerCount += 1
+    }
+
+    var headersStart: Int { valueCount + max(0, keyCount) }
+
+    private static func appendInt32(_ v: Int, to storage: inout [UInt8]) {
+        precondition(v >= -1 && v <= Int(Int32.max), "a header part over 2 GiB")
+        let u = UInt32(bitPattern: Int32(v))
+        storage.append(UInt8(truncatingIfNeeded: u))
+        storage.append(UInt8(truncatingIfNeeded: u >> 8))
+        storage.append(UInt8(truncatingIfNeeded: u >> 16))
+        storage.append(UInt8(truncatingIfNeeded: u >> 24))
+    }
+
+    static func readInt32(_ s: [UInt8], at i: Int) -> Int {
+        let u = UInt32(s[i]) | UInt32(s[i + 1]) << 8 | UInt32(s[i + 2]) << 16 | UInt32(s[i + 3]) << 24
+        return Int(Int32(bitPattern: u))
     }
 }
 

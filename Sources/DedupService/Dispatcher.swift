@@ -51,7 +51,7 @@ struct Dispatcher: Sendable {
         // the handler in order even with concurrency > 1; messages without a key are spread.
         var lanes = Array(repeating: [Int](), count: workers)
         for (i, d) in due.enumerated() {
-            let lane = d.message.key.map { key -> Int in
+            let lane = d.message.keyBytes.map { key -> Int in
                 var h = Hasher()
                 key.withUnsafeBytes { h.combine(bytes: $0) }
                 return Int(UInt(bitPattern: h.finalize()) % UInt(workers))

@@ -109,8 +109,9 @@ public final class LogOutputHandler: BatchHandler {
     /// check per byte.
     static func appendLine(for d: Dispatch, to out: inout LineBuffer) {
         let m = d.message
-        var worst = 200 + 20 * 3 + 6 * (d.key.raw.utf8.count + m.topic.utf8.count + m.value.count + (m.key?.count ?? 0))
-        for h in m.headers { worst += 8 + 6 * (h.name.utf8.count + (h.value?.count ?? 0)) }
+        // Value, key, header names and values are all in the message's one array, so its
+        // length bounds them together (with 8 bytes per header to spare).
+        let worst = 200 + 20 * 3 + 6 * (d.key.raw.utf8.count + m.topic.utf8.count + m.bytes.storage.count) + 8 * m.headerCount
         out.reserve(worst)
         out.append(#"{"dedup_key":"#)
         out.appendQuoted(d.key.raw)
@@ -124,19 +125,21 @@ public final class LogOutputHandler: BatchHandler {
             out.append(#","timestamp_ms":"#)
             out.appendDecimal(ts)
         }
-        if let key = m.key {
+        if let key = m.keyBytes {
             out.append(#","key":"#)
             out.appendText(key)
         }
         out.append(#","headers":{"#)
-        for (i, h) in m.headers.enumerated() {
-            if i > 0 { out.append(byte: UInt8(ascii: ",")) }
-            out.appendQuoted(h.name)
+        var first = true
+        m.forEachHeader { h in
+            if !first { out.append(byte: UInt8(ascii: ",")) }
+            first = false
+            out.appendName(h.name)
             out.append(byte: UInt8(ascii: ":"))
             if let v = h.value { out.appendText(v) } else { out.append("null") }
         }
         out.append(#"},"value":"#)
-        out.appendText(m.value)
+        out.appendText(m.valueBytes)
         out.append("}\n")
     }
 
@@ -221,8 +224,20 @@ struct LineBuffer: ~Copyable {
         string.withUTF8 { appendQuoted(UnsafeRawBufferPointer($0)) }
     }
 
+    /// A header name as a JSON string: its bytes when they are UTF-8, else the string a
+    /// `MessageHeader` would hold (invalid sequences replaced), as before names were bytes.
+    mutating func appendName(_ bytes: ArraySlice<UInt8>) {
+        bytes.withUnsafeBytes { raw in
+            if Self.isASCII(raw) || String(validating: raw.bindMemory(to: UInt8.self), as: UTF8.self) != nil {
+                appendQuoted(raw)
+            } else {
+                appendQuoted(String(decoding: raw, as: UTF8.self))
+            }
+        }
+    }
+
     /// UTF-8 bytes as a JSON string; anything else as {"base64": "..."} so no byte is lost.
-    mutating func appendText(_ bytes: [UInt8]) {
+    mutating func appendText(_ bytes: ArraySlice<UInt8>) {
         bytes.withUnsafeBytes { raw in
             if Self.isASCII(raw) || String(validating: raw.bindMemory(to: UInt8.self), as: UTF8.self) != nil {
                 appendQuoted(raw)

@@ -180,25 +180,31 @@ public final class KafkaConsumer: @unchecked Sendable {
             if !detail.isEmpty { error.message = topic.isEmpty ? detail : "\(topic)[\(m.partition)]: \(detail)" }
             return .error(error)
         }
-        let value: [UInt8]
-        if let p = m.payload, m.len > 0 {
-            value = Array(UnsafeRawBufferPointer(start: p, count: m.len))
-        } else {
-            value = []
-        }
-        var key: [UInt8]? = nil
-        if let k = m.key { key = Array(UnsafeRawBufferPointer(start: k, count: m.key_len)) }
-        var headers: [MessageHeader] = []
+        // Value, key and headers go into one array (`MessageBytes`): sized first, so it is
+        // allocated once.
+        let value = m.payload.map { UnsafeRawBufferPointer(start: $0, count: m.len) } ?? UnsafeRawBufferPointer(start: nil, count: 0)
+        let key = m.key.map { UnsafeRawBufferPointer(start: $0, count: m.key_len) }
+        var capacity = value.count + (key?.count ?? 0)
         var hdrs: OpaquePointer? = nil
-        if rd_kafka_message_headers(rkm, &hdrs) == RD_KAFKA_RESP_ERR_NO_ERROR, let hdrs {
-            headers.reserveCapacity(rd_kafka_header_cnt(hdrs))
+        if rd_kafka_message_headers(rkm, &hdrs) != RD_KAFKA_RESP_ERR_NO_ERROR { hdrs = nil }
+        var name: UnsafePointer<CChar>? = nil
+        var val: UnsafeRawPointer? = nil
+        var size = 0
+        if let hdrs {
             var idx = 0
-            var name: UnsafePointer<CChar>? = nil
-            var val: UnsafeRawPointer? = nil
-            var size = 0
             while rd_kafka_header_get_all(hdrs, idx, &name, &val, &size) == RD_KAFKA_RESP_ERR_NO_ERROR {
-                let hv: [UInt8]? = val.map { Array(UnsafeRawBufferPointer(start: $0, count: size)) }
-                headers.append(MessageHeader(name: name.map { names.header($0) } ?? "", value: hv))
+                capacity += MessageBytes.headerCost(nameCount: name.map { strlen($0) } ?? 0, valueCount: val == nil ? nil : size)
+                idx += 1
+            }
+        }
+        var bytes = MessageBytes(capacity: capacity)
+        bytes.appendValue(value)
+        if let key { bytes.appendKey(key) }
+        if let hdrs {
+            var idx = 0
+            while rd_kafka_header_get_all(hdrs, idx, &name, &val, &size) == RD_KAFKA_RESP_ERR_NO_ERROR {
+                let nameBytes = name.map { UnsafeRawBufferPointer(start: $0, count: strlen($0)) } ?? UnsafeRawBufferPointer(start: nil, count: 0)
+                bytes.appendHeader(name: nameBytes, value: val.map { UnsafeRawBufferPointer(start: $0, count: size) })
                 idx += 1
             }
         }
@@ -206,14 +212,7 @@ public final class KafkaConsumer: @unchecked Sendable {
         let ts = rd_kafka_message_timestamp(rkm, &tsType)
         return .message(
             InboundMessage(
-                topic: topic,
-                partition: m.partition,
-                offset: m.offset,
-                key: key,
-                value: value,
-                headers: headers,
-                timestampMillis: ts >= 0 ? ts : nil
-            )
+                topic: topic, partition: m.partition, offset: m.offset, bytes: bytes, timestampMillis: ts >= 0 ? ts : nil)
         )
     }
 
@@ -415,20 +414,15 @@ public final class KafkaConsumer: @unchecked Sendable {
     }
 }
 
-/// Topic and header names seen by the consumer, so a message's names are Swift strings that
-/// already exist rather than new ones: a name over 15 bytes is a heap string, and every copy
-/// of a message (buffer, dispatch, dead letter) retains each of its strings. A stream has a
-/// handful of topics and header names, so a short list compared by bytes finds them.
+/// Topic names seen by the consumer, so a message's topic is a Swift string that already
+/// exists rather than a new one: a name over 15 bytes is a heap string, and every copy of a
+/// message (buffer, dispatch, dead letter) retains it. (Header names are bytes in the
+/// message's `MessageBytes`.)
 ///
 /// Only touched on the consumer's serial queue (inside `pollBatch`).
 struct NameCache {
     private var lastTopic: (handle: OpaquePointer, name: String)?
     private var topics: [OpaquePointer: String] = [:]
-    /// Header names as their C bytes (with the NUL) and the shared string.
-    private var headers: [(bytes: [CChar], name: String)] = []
-    /// Past this many distinct header names, new ones are no longer remembered (a producer that
-    /// invents names per message must not grow this without bound).
-    static let maxHeaderNames = 64
 
     /// The topic handle is the same pointer for every message of a topic: one comparison for a
     /// run of messages from the same topic, a dictionary for the rest.
@@ -442,18 +436,6 @@ struct NameCache {
             topics[rkt] = name
         }
         lastTopic = (rkt, name)
-        return name
-    }
-
-    mutating func header(_ cName: UnsafePointer<CChar>) -> String {
-        for entry in headers where entry.bytes.withUnsafeBufferPointer({ strcmp($0.baseAddress!, cName) == 0 }) {
-            return entry.name
-        }
-        let name = String(cString: cName)
-        if headers.count < Self.maxHeaderNames {
-            let length = strlen(cName)
-            headers.append((Array(UnsafeBufferPointer(start: cName, count: length + 1)), name))
-        }
         return name
     }
 }

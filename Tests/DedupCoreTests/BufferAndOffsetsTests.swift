@@ -97,14 +97,85 @@ struct InboundMessageSizeTests {
         let bare = m.approximateSize
         m.value.append(contentsOf: [1, 2, 3])
         #expect(m.approximateSize == bare + 3)
+        // Key and headers share the value's one array: a key adds its bytes, a header its
+        // name, its value and 8 bytes of lengths.
         m.key = Array("k".utf8)
-        #expect(m.approximateSize == bare + 3 + 48 + 1)
+        #expect(m.approximateSize == bare + 3 + 1)
         m.headers.append(MessageHeader(name: String(repeating: "h", count: 16), value: [9]))
-        #expect(m.approximateSize == bare + 3 + 48 + 1 + 24 + 48 + 1 + 48 + 16)
+        #expect(m.approximateSize == bare + 3 + 1 + 8 + 16 + 1)
         m.key = nil
         m.headers = []
         m.value = []
         #expect(m.approximateSize == bare - 100)
         #expect(m.approximateSize == InboundMessage(topic: "t", partition: 0, offset: 0, value: []).approximateSize)
+    }
+}
+
+@Suite("InboundMessage storage")
+struct InboundMessageStorageTests {
+    let headers = [
+        MessageHeader(name: "message-id", value: Array("a-1".utf8)),
+        MessageHeader(name: "empty", value: []),
+        MessageHeader(name: "null", value: nil),
+        MessageHeader(name: "Message-ID", value: Array("a-2".utf8)),
+        MessageHeader(name: "é", value: [0xff]),
+    ]
+
+    /// Key, value and headers read back as given, through the copies and in place.
+    @Test func partsReadBackAsGiven() {
+        let m = InboundMessage(topic: "t", partition: 1, offset: 2, key: [7, 8], value: [1, 2, 3], headers: headers)
+        #expect(m.value == [1, 2, 3] && Array(m.valueBytes) == [1, 2, 3] && m.valueCount == 3)
+        #expect(m.key == [7, 8] && m.keyBytes.map { Array($0) } == [7, 8])
+        #expect(m.headers == headers && m.headerCount == 5)
+        var seen: [MessageHeader] = []
+        m.forEachHeader { seen.append(MessageHeader(name: String(decoding: $0.name, as: UTF8.self), value: $0.value.map { Array($0) })) }
+        #expect(seen == headers)
+        // The last header of a name wins; names compare ignoring ASCII case.
+        #expect(m.header("MESSAGE-id") == MessageHeader(name: "Message-ID", value: Array("a-2".utf8)))
+        #expect(m.headerView("message-id")?.value.map { Array($0) } == Array("a-2".utf8))
+        #expect(m.header("empty")?.value == [])
+        #expect(m.header("null") != nil && m.header("null")?.value == nil)
+        #expect(m.header("nul") == nil && m.header("nulls") == nil)
+        #expect(m.header("é")?.value == [0xff] && m.header("e\u{301}")?.value == [0xff])
+        #expect(m.header("É") == nil)
+    }
+
+    @Test func noKeyAndEmptyKeyDiffer() {
+        let none = InboundMessage(topic: "t", partition: 0, offset: 0, value: [1], headers: headers)
+        let empty = InboundMessage(topic: "t", partition: 0, offset: 0, key: [], value: [1], headers: headers)
+        #expect(none.key == nil && none.keyBytes == nil)
+        #expect(empty.key == [] && empty.keyBytes?.isEmpty == true)
+        #expect(none.headers == headers && empty.headers == headers)
+    }
+
+    /// Each setter rebuilds the array and leaves the other parts as they were.
+    @Test func settersKeepTheOtherParts() {
+        var m = InboundMessage(topic: "t", partition: 0, offset: 0, key: [7], value: [1, 2], headers: headers)
+        m.value = [9, 9, 9]
+        #expect(m.key == [7] && m.headers == headers && m.value == [9, 9, 9])
+        m.key = nil
+        #expect(m.key == nil && m.headers == headers && m.value == [9, 9, 9])
+        m.headers.removeFirst()
+        #expect(m.headers == Array(headers.dropFirst()) && m.value == [9, 9, 9])
+        #expect(m.header("message-id")?.value == Array("a-2".utf8))
+        m.headers = []
+        #expect(m.headers.isEmpty && m.value == [9, 9, 9] && m.key == nil)
+    }
+
+    /// The consumer's way: one array sized up front, filled from raw bytes.
+    @Test func builtFromRawBytes() {
+        let value: [UInt8] = [1, 2, 3]
+        let name = Array("message-id".utf8)
+        let id = Array("x-1".utf8)
+        var bytes = MessageBytes(capacity: value.count + MessageBytes.headerCost(nameCount: name.count, valueCount: id.count)
+            + MessageBytes.headerCost(nameCount: 1, valueCount: nil))
+        value.withUnsafeBytes { bytes.appendValue($0) }
+        name.withUnsafeBytes { n in id.withUnsafeBytes { bytes.appendHeader(name: n, value: $0) } }
+        [UInt8(ascii: "n")].withUnsafeBytes { bytes.appendHeader(name: $0, value: nil) }
+        let m = InboundMessage(topic: "t", partition: 0, offset: 0, bytes: bytes)
+        #expect(m.key == nil && m.value == value)
+        #expect(m.headers == [MessageHeader(name: "message-id", value: id), MessageHeader(name: "n", value: nil)])
+        #expect(m.bytes.storage.count == value.count + 8 + name.count + id.count + 8 + 1)
+        #expect(m.bytes.storage.capacity >= m.bytes.storage.count)
     }
 }

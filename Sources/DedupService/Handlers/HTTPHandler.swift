@@ -103,7 +103,7 @@ public final class HTTPHandler: Handler {
         request.method = .POST
         request.headers = headers
         request.headers.replaceOrAdd(name: "Idempotency-Key", value: dispatch.key.raw)
-        let contentType = m.header("content-type").flatMap { $0.value }.flatMap { String(validating: $0, as: UTF8.self) }
+        let contentType = m.headerView("content-type")?.value.flatMap { String(validating: $0, as: UTF8.self) }
         request.headers.replaceOrAdd(name: "Content-Type", value: contentType ?? "application/octet-stream")
         request.headers.replaceOrAdd(name: "Dedupd-Topic", value: m.topic)
         request.headers.replaceOrAdd(name: "Dedupd-Partition", value: String(m.partition))
