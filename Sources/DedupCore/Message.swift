@@ -134,9 +134,9 @@ public struct InboundMessage: Sendable {
     /// byte bound: its own heap object (one array: a 32-byte header plus malloc's rounding) and
     /// the engine's bookkeeping per waiting key (dictionary slots in the buffer and the engine,
     /// the order and lease queues, the offset tracker, the Redis key string), about 640 bytes.
-    /// Calibrated against the resident set of a worker holding a full buffer (MemoryBoundTests):
-    /// counting payload bytes alone undercounted memory about 2.6 times, so `buffer.max_bytes`
-    /// would not have bounded it.
+    /// Calibrated against the resident set of a worker holding a full buffer (MemoryBoundTests;
+    /// docs/performance.md): payload bytes alone undercount that memory several times over, so
+    /// `buffer.max_bytes` would not bound it.
     ///
     /// Computed when the message is made (on the consumer's thread) and whenever its key, value
     /// or headers change, not by the worker's loop at each use.

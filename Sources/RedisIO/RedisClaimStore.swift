@@ -328,12 +328,13 @@ public final class RedisClaimStore: ClaimStore {
             (self.keys, self.args, self.keysPerItem, self.script, self.compact) = ([], args, compact.keysPerItem, script, compact)
         }
 
-        /// Appends item `item`'s keys, then (`arguments`) its per-item arguments.
+        /// Appends item `item`'s keys.
         func appendKeys(ofItem item: Int, to batch: inout RedisCommandBatch) {
             if let compact { return compact.appendKeys(ofItem: item, to: &batch) }
             for k in item * keysPerItem..<(item + 1) * keysPerItem { batch.append(keys[k]) }
         }
 
+        /// Appends item `item`'s own arguments (a compact item's: its field).
         func appendArguments(ofItem item: Int, to batch: inout RedisCommandBatch) {
             if let compact { return batch.appendArgument { compact.spots[item].appendField(to: &$0) } }
             guard let perKeyArgs else { return }
