@@ -123,7 +123,9 @@ public struct DedupEngine: Sendable {
         /// Send claims; owning keys again extends their lease (renewals ride here). Guard: the
         /// entity holds go in the same round trip, and a failure of either fails both.
         case claim(RequestID, [KeyGroup], holds: [EntityStep])
-        /// Confirm dispatched keys; guard: their entities move in the same round trip.
+        /// Confirm dispatched keys; guard: their entities move first, and the keys are confirmed
+        /// only once the moves are answered (a done key with its entity unmoved would let the
+        /// entity's next message be judged against the old state), and a failure of either fails both.
         case confirm(RequestID, [KeyGroup], moves: [EntityStep])
         /// Release claims; guard: give back entity holds of messages that left without moving.
         case release(RequestID, [String], unholds: [EntityStep])

@@ -239,16 +239,29 @@ public final class Worker: Service {
                     cancelled = Task.isCancelled
                 }
                 engine.handle(.answered(answers), now: clock.now)
-            // Guard steps are sent right after their claims, confirms or releases, on the same
+            // Guard holds and unholds are sent right after their claims or releases, on the same
             // connection: one pipelined round trip; the answer is posted once both are in.
             case .claim(let id, let groups, let holds):
                 let claims = store.requestClaims(groups, owner: owner)
                 let held = holds.isEmpty ? StoreReply(.success([])) : store.requestHolds(holds, owner: owner)
                 claims.whenAnswered(with: held) { r in inbox.post(.claims(id, r.map(\.0), holds: (try? r.get().1) ?? [])) }
+            // Guard moves go first, and the confirms only once the moves are answered. A worker
+            // killed between the two must leave the entity moved and the message not yet done
+            // (read again, it finds its move made and is rejected: dispatched once), never the
+            // message done and its entity unmoved: the next message of the entity would then be
+            // judged against the old state. Pipelining is not enough: in a cluster the two go to
+            // different nodes, and a kill can cut a pipeline anywhere.
+            case .confirm(let id, let groups, let moves) where moves.isEmpty:
+                store.requestConfirms(groups, owner: owner).whenAnswered { inbox.post(.confirms(id, $0)) }
             case .confirm(let id, let groups, let moves):
-                let confirms = store.requestConfirms(groups, owner: owner)
-                let moved = moves.isEmpty ? StoreReply(.success([])) : store.requestMoves(moves, owner: owner)
-                confirms.whenAnswered(with: moved) { r in inbox.post(.confirms(id, r.map(\.0), moves: (try? r.get().1) ?? [])) }
+                store.requestMoves(moves, owner: owner).whenAnswered { [owner] moved in
+                    switch moved {
+                    case .success(let outcomes):
+                        store.requestConfirms(groups, owner: owner).whenAnswered { inbox.post(.confirms(id, $0, moves: outcomes)) }
+                    case .failure(let error):
+                        inbox.post(.confirms(id, .failure(error)))
+                    }
+                }
             case .release(let id, let keys, let unholds):
                 let released = keys.isEmpty ? StoreReply(.success([])) : store.requestReleases(keys, owner: owner)
                 let unheld = unholds.isEmpty ? StoreReply(.success([])) : store.requestUnholds(unholds, owner: owner)

@@ -78,6 +78,8 @@ final class ModelWorld: @unchecked Sendable {
     /// dispatch; a copy read again while the confirm is still to land is a local duplicate).
     var rejected: Set<String> = []
     var moves = 0, movesAfterLeaseLost = 0
+    /// Keys whose entity move reached the store (whatever it answered).
+    var moveSent: Set<String> = []
 
     // The current incarnation of the worker.
     var owner = ""
@@ -421,6 +423,7 @@ final class ModelWorld: @unchecked Sendable {
     /// Moves written under this message's live hold must be legal; one whose hold ran out is the
     /// documented lease window, counted.
     func move(_ step: EntityStep) -> MoveOutcome {
+        moveSent.insert(String(step.holdID.prefix { $0 != "#" }))
         var r = entities[step.entityKey] ?? (nil, nil)
         let mine = r.hold.map { $0.id == step.holdID && $0.owner == owner && $0.expires > now } ?? false
         if !mine, let h = r.hold, h.expires > now { return .notOwner(owner: h.owner) }
@@ -535,6 +538,12 @@ extension ModelWorld: ClaimStore {
                     let key = String(storeKey.split(separator: ":").last!)
                     if shape.guarded, dispatches[key, default: 0] == 0, !rejected.contains(key) {
                         fail("\(key) confirmed without being dispatched or rejected")
+                    }
+                    // A dispatched key becomes done only after its move: a crash between the
+                    // two would otherwise leave the entity in its old state with the message
+                    // done, and the entity's next message judged against that state.
+                    if shape.guarded, dispatches[key, default: 0] > 0, !rejected.contains(key), !moveSent.contains(key) {
+                        fail("\(key) confirmed before its entity move reached the store")
                     }
                     return confirm(storeKey, retention: g.ttl, layout: g.layout)
                 }
