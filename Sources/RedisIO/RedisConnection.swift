@@ -87,7 +87,7 @@ public final class RedisConnection: @unchecked Sendable {
     }
 
     /// Sends an encoded batch of commands in one round trip and turns each reply into a `T` with
-    /// `parse` while hiredis still owns it, on the connection's queue. The claim store reads its
+    /// `parse` while it is still in the socket's reply arena, on the connection's queue. The claim store reads its
     /// per-key results this way without a `RedisReply` tree (an array and a `String` per key).
     /// `parse` must not keep the pointer. A broken connection throws.
     func pipeline<T: Sendable>(
@@ -242,7 +242,8 @@ public final class RedisConnection: @unchecked Sendable {
         return socket
     }
 
-    /// Writes every command, then reads one reply per command and parses it before freeing it.
+    /// Writes every command, then reads one reply per command and parses it before reading the
+    /// next (a reply is valid only until then: `RedisSocket.nextReply`).
     /// Every reply is read even when `parse` throws, so the connection stays in step; the first
     /// error is thrown afterwards.
     private static func roundTrip<T>(
@@ -253,11 +254,10 @@ public final class RedisConnection: @unchecked Sendable {
         replies.reserveCapacity(batch.commandCount)
         var parseError: (any Error)?
         for _ in 0..<batch.commandCount {
-            let raw = try socket.nextReply()
-            defer { freeReplyObject(raw) }
+            let reply = try socket.nextReply()
             guard parseError == nil else { continue }
             do {
-                replies.append(try parse(UnsafePointer(raw.assumingMemoryBound(to: redisReply.self))))
+                replies.append(try parse(reply))
             } catch {
                 parseError = error
             }

@@ -76,7 +76,7 @@ public enum RedisReply: Sendable, Hashable {
     case null
     case error(String)
 
-    /// Copies a hiredis reply tree into Swift values. The caller frees `reply`.
+    /// Copies a hiredis reply tree into Swift values (the tree is reused after the next read).
     init(_ reply: UnsafePointer<redisReply>) {
         let r = reply.pointee
         switch r.type {

@@ -84,14 +84,18 @@ final class RedisSocket {
     private let fd: Int32
     private var ssl: OpaquePointer?
     private let reader: UnsafeMutablePointer<redisReader>
+    /// Where the reader builds replies (its `privdata`).
+    private let arena: ReplyArena
     private var readBuffer = [UInt8](repeating: 0, count: 64 * 1024)
     private let peer: String
 
-    private init(fd: Int32, ssl: OpaquePointer?, reader: UnsafeMutablePointer<redisReader>, peer: String) {
+    private init(fd: Int32, ssl: OpaquePointer?, reader: UnsafeMutablePointer<redisReader>, arena: ReplyArena, peer: String) {
         self.fd = fd
         self.ssl = ssl
         self.reader = reader
+        self.arena = arena
         self.peer = peer
+        reader.pointee.privdata = Unmanaged.passUnretained(arena).toOpaque()
     }
 
     deinit {
@@ -121,12 +125,12 @@ final class RedisSocket {
             Glibc.close(fd)
             throw error
         }
-        guard let reader = redisReaderCreate() else {
+        guard let reader = redisReaderCreateWithFunctions(ReplyArena.functions) else {
             if let ssl { SSL_free(ssl) }
             Glibc.close(fd)
             throw RedisError(.connection, "cannot allocate a RESP reader")
         }
-        return RedisSocket(fd: fd, ssl: ssl, reader: reader, peer: peer)
+        return RedisSocket(fd: fd, ssl: ssl, reader: reader, arena: ReplyArena(), peer: peer)
     }
 
     // MARK: TCP
@@ -241,14 +245,16 @@ final class RedisSocket {
         }
     }
 
-    /// The next reply, read from the socket as needed; the caller frees it with `freeReplyObject`.
-    func nextReply() throws -> UnsafeMutableRawPointer {
+    /// The next reply, read from the socket as needed. It lives in the socket's `ReplyArena`
+    /// and stays valid until the next call, which reuses its memory; nothing is freed by the caller.
+    func nextReply() throws -> UnsafePointer<redisReply> {
+        arena.reset()
         while true {
             var reply: UnsafeMutableRawPointer?
             guard redisReaderGetReply(reader, &reply) == REDIS_OK else {
                 throw RedisError(.protocolError, "reading a reply from \(peer): \(readerError())", retriable: true)
             }
-            if let reply { return reply }
+            if let reply { return UnsafePointer(reply.assumingMemoryBound(to: redisReply.self)) }
             let n: Int = try readBuffer.withUnsafeMutableBytes { buffer in
                 while true {
                     if let ssl {

@@ -1,0 +1,108 @@
+import CHiredis
+
+/// Memory for the replies hiredis's reader builds, reused from one reply to the next.
+///
+/// hiredis's own reply functions `calloc` a `redisReply` per element and `malloc` its string.
+/// The claim and confirm answers are an array with one short string per key, so each key's
+/// answer cost two allocations (and two frees right after it was parsed). With
+/// `ReplyArena.functions` the reader builds the same `redisReply` structs here instead: one
+/// reply at a time, valid until `reset()`, which `RedisSocket.nextReply` calls before it reads
+/// the next one.
+final class ReplyArena {
+    /// Bytes per chunk; a reply larger than this takes several chunks.
+    private static let chunkSize = 64 * 1024
+    /// Chunks kept across `reset()`; what a larger reply took beyond them is given back.
+    private static let keptChunks = 16
+
+    private var chunks: [UnsafeMutableRawPointer] = []
+    private var chunk = 0
+    private var used = 0
+    /// Single allocations larger than a chunk (a long string), freed at `reset()`.
+    private var oversized: [UnsafeMutableRawPointer] = []
+
+    init() {}
+
+    deinit {
+        reset()
+        for c in chunks { c.deallocate() }
+    }
+
+    /// `byteCount` bytes, 16-byte aligned, valid until `reset()`.
+    func allocate(_ byteCount: Int) -> UnsafeMutableRawPointer {
+        let size = (byteCount + 15) & ~15
+        if size > Self.chunkSize {
+            let p = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 16)
+            oversized.append(p)
+            return p
+        }
+        if used + size > Self.chunkSize {
+            chunk += 1
+            used = 0
+        }
+        if chunk == chunks.count { chunks.append(.allocate(byteCount: Self.chunkSize, alignment: 16)) }
+        defer { used += size }
+        return chunks[chunk] + used
+    }
+
+    /// Everything allocated so far is free to be reused.
+    func reset() {
+        for p in oversized { p.deallocate() }
+        oversized.removeAll(keepingCapacity: true)
+        while chunks.count > Self.keptChunks { chunks.removeLast().deallocate() }
+        chunk = 0
+        used = 0
+    }
+
+    /// The reader's reply functions: the structs hiredis's own functions build (so `RedisReply`
+    /// and the element parsers read them unchanged), allocated in the arena that the reader's
+    /// `privdata` points to. Nothing is freed one by one: `freeObject` (called by hiredis for a
+    /// reply it abandons) does nothing, and the arena's `reset()` frees everything at once.
+    nonisolated(unsafe) static let functions: UnsafeMutablePointer<redisReplyObjectFunctions> = {
+        let f = UnsafeMutablePointer<redisReplyObjectFunctions>.allocate(capacity: 1)
+        f.initialize(to: redisReplyObjectFunctions(
+            createString: { task, str, len in
+                let r = ReplyArena.reply(task, type: task!.pointee.type)
+                let s = ReplyArena.arena(task).allocate(len + 1).bindMemory(to: CChar.self, capacity: len + 1)
+                if len > 0 { s.update(from: str!, count: len) }
+                s[len] = 0
+                r.pointee.str = s
+                r.pointee.len = len
+                return UnsafeMutableRawPointer(r)
+            },
+            createArray: { task, elements in
+                let r = ReplyArena.reply(task, type: REDIS_REPLY_ARRAY)
+                let n = Int(elements)
+                if n > 0 {
+                    let e = ReplyArena.arena(task).allocate(n * MemoryLayout<UnsafeMutablePointer<redisReply>?>.stride)
+                        .bindMemory(to: UnsafeMutablePointer<redisReply>?.self, capacity: n)
+                    e.initialize(repeating: nil, count: n)
+                    r.pointee.element = e
+                }
+                r.pointee.elements = n
+                return UnsafeMutableRawPointer(r)
+            },
+            createInteger: { task, value in
+                let r = ReplyArena.reply(task, type: REDIS_REPLY_INTEGER)
+                r.pointee.integer = value
+                return UnsafeMutableRawPointer(r)
+            },
+            createNil: { task in UnsafeMutableRawPointer(ReplyArena.reply(task, type: REDIS_REPLY_NIL)) },
+            freeObject: { _ in }))
+        return f
+    }()
+
+    private static func arena(_ task: UnsafePointer<redisReadTask>?) -> ReplyArena {
+        Unmanaged<ReplyArena>.fromOpaque(task!.pointee.privdata).takeUnretainedValue()
+    }
+
+    /// A zeroed reply of `type`, linked into its parent array as hiredis's functions do.
+    private static func reply(_ task: UnsafePointer<redisReadTask>?, type: Int32) -> UnsafeMutablePointer<redisReply> {
+        let r = arena(task).allocate(MemoryLayout<redisReply>.stride).bindMemory(to: redisReply.self, capacity: 1)
+        r.initialize(to: redisReply())
+        r.pointee.type = type
+        if let parent = task!.pointee.parent {
+            parent.pointee.obj.assumingMemoryBound(to: redisReply.self).pointee.element[Int(task!.pointee.idx)] = r
+        }
+        return r
+    }
+}
