@@ -196,13 +196,19 @@ public struct CompactRecords: Sendable, Hashable {
 
     /// Every bucket key of one slot (all tags), for setting their TTL.
     public func bucketKeys(prefix: String, namespace: String, slot: Int64) -> [String] {
-        let shift = bucketBits - Self.tagBits
         let storeKey = prefix + ":" + namespace + ":"
         return (0..<buckets).map { b in
             var name: [UInt8] = []
-            appendBucketKey(of: storeKey, at: Spot(tag: b >> shift, bucket: b, fieldHead: 0, fieldTail: 0), slot: slot, to: &name)
+            appendBucketKey(of: storeKey, bucket: b, slot: slot, to: &name)
             return String(decoding: name, as: UTF8.self)
         }
+    }
+
+    /// Bucket `bucket` (of `buckets`) of slot `slot`, for the store keys that start with
+    /// `scope` (`<prefix>:<namespace>:`), written to `out` (`bucketKeys`, one at a time).
+    public func appendBucketKey(of scope: String, bucket: Int, slot: Int64, to out: inout [UInt8]) {
+        let spot = Spot(tag: bucket >> (bucketBits - Self.tagBits), bucket: bucket, fieldHead: 0, fieldTail: 0)
+        appendBucketKey(of: scope, at: spot, slot: slot, to: &out)
     }
 
     /// The slot a key confirmed at `unixMillis` goes to.

@@ -432,7 +432,10 @@ public final class RedisClaimStore: ClaimStore {
     /// the confirm on the same connection (routed per key in a cluster): nil when none is due.
     private func sweepBuckets(_ groups: [KeyGroup]) -> RedisPending<[RedisReply]>? {
         let now = unixMillis()
-        var commands: [[RedisArgument]] = []
+        // Per slot to sweep: the scope's names (`<prefix>:<namespace>:`) and the TTL. The
+        // commands are written straight into the batch: a worker's first sweep covers every
+        // bucket of several slots, tens of thousands of commands.
+        var sweeps: [(records: CompactRecords, scope: String, slot: Int64, ttl: Int64)] = []
         for group in groups {
             guard case .compact(let records) = group.layout, let key = group.keys.first else { continue }
             let parts = key.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false)
@@ -448,20 +451,27 @@ public final class RedisClaimStore: ClaimStore {
             }
             guard let range else { continue }
             for slot in range {
-                let ttl = RedisArgument(records.bucketTTLMillis(slot: slot, at: now))
-                for bucket in records.bucketKeys(prefix: scope.prefix, namespace: scope.namespace, slot: slot) {
-                    commands.append(["PEXPIRE", RedisArgument(bucket), ttl])
-                }
+                sweeps.append((records, scope.prefix + ":" + scope.namespace + ":", slot, records.bucketTTLMillis(slot: slot, at: now)))
             }
         }
-        guard !commands.isEmpty else { return nil }
-        let all = commands
-        let slots = redis.isCluster ? commands.map { ClusterSlot.of(String(decoding: $0[1].bytes, as: UTF8.self)) } : []
+        guard !sweeps.isEmpty else { return nil }
+        let all = sweeps
+        let slots: [UInt16] = redis.isCluster ? sweeps.flatMap { s in
+            (0..<s.records.buckets).map { bucket in
+                var name: [UInt8] = []
+                s.records.appendBucketKey(of: s.scope, bucket: bucket, slot: s.slot, to: &name)
+                return name.withUnsafeBufferPointer { ClusterSlot.of(bytes: $0) }
+            }
+        } : []
         return redis.send({
             var batch = RedisCommandBatch()
-            for command in all {
-                batch.begin()
-                for arg in command { batch.append(arg.bytes) }
+            for s in all {
+                for bucket in 0..<s.records.buckets {
+                    batch.begin()
+                    batch.append("PEXPIRE")
+                    batch.appendArgument { s.records.appendBucketKey(of: s.scope, bucket: bucket, slot: s.slot, to: &$0) }
+                    batch.append(s.ttl)
+                }
             }
             return batch
         }, slots: slots, parse: { RedisReply($0) })
