@@ -87,8 +87,9 @@ public final class RedisConnection: @unchecked Sendable {
     }
 
     /// Sends an encoded batch of commands in one round trip and turns each reply into a `T` with
-    /// `parse` while it is still in the socket's reply arena, on the connection's queue. The claim store reads its
-    /// per-key results this way without a `RedisReply` tree (an array and a `String` per key).
+    /// `parse` while it is still in the socket's reply arena, on the connection's queue. The
+    /// claim store reads its per-key results this way without a `RedisReply` tree (an array and
+    /// a `String` per key).
     /// `parse` must not keep the pointer. A broken connection throws.
     func pipeline<T: Sendable>(
         _ batch: RedisCommandBatch, parse: @escaping @Sendable (UnsafePointer<redisReply>) throws -> T

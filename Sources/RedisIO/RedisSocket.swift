@@ -246,7 +246,9 @@ final class RedisSocket {
     }
 
     /// The next reply, read from the socket as needed. It lives in the socket's `ReplyArena`
-    /// and stays valid until the next call, which reuses its memory; nothing is freed by the caller.
+    /// and stays valid until the next call, which reuses its memory; nothing is freed by the
+    /// caller. After a throw the socket must not be read again (a partly read reply would be
+    /// overwritten under the reader): `RedisConnection` drops it.
     func nextReply() throws -> UnsafePointer<redisReply> {
         arena.reset()
         while true {
