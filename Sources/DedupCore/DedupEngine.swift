@@ -125,7 +125,9 @@ public struct DedupEngine: Sendable {
         case claim(RequestID, [KeyGroup], holds: [EntityStep])
         /// Confirm dispatched keys; guard: their entities move first, and the keys are confirmed
         /// only once the moves are answered (a done key with its entity unmoved would let the
-        /// entity's next message be judged against the old state), and a failure of either fails both.
+        /// entity's next message be judged against the old state). A failure of either fails the
+        /// request, which is sent again: a move already made finds its target state and answers
+        /// as moved.
         case confirm(RequestID, [KeyGroup], moves: [EntityStep])
         /// Release claims; guard: give back entity holds of messages that left without moving.
         case release(RequestID, [String], unholds: [EntityStep])
