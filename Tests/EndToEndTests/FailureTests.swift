@@ -111,15 +111,14 @@ import TestSupport
     /// them again: librdkafka keeps a revoked partition's pause, so a worker that resumed in between (its
     /// buffer emptied by the revocation) would otherwise never read them again. Cooperative: the
     /// partitions it keeps stay paused until its buffer drains, and those that move are fetched by
-    /// the second worker.
+    /// the second worker. A second wave is produced once the second worker holds partitions, so both
+    /// workers have new messages on what they hold after the rebalance, however fast the first one is.
     @Test(.timeLimit(.minutes(2)), arguments: ["eager", "cooperative"])
     func aRebalanceWhileBackpressuredLeavesNoPartitionPaused(mode: String) async throws {
         let s = try Setup(topic: "t")
         let config = s.dir.file("small-buffer.yaml")
         try "buffer:\n  max_messages: 200\nkafka:\n  rebalance: \(mode)\n".write(to: config, atomically: true, encoding: .utf8)
-        // Cooperative rebalancing takes two rounds against the mock (about 5 s each), so the
-        // first worker gets more to do, or it finishes before the second one has partitions.
-        let unique = try s.produce(mode == "eager" ? 1500 : 4000, prefix: "a", seed: 1)
+        let firstWave = try s.produce(1500, prefix: "a", seed: 1)
         // A 2 s window behind a 200-message buffer: the first worker is paused nearly all the time.
         let first = try s.worker(["--window", "2s", "--config", config.path, "--stats-interval", "0"])
         try await waitUntil(timeout: .seconds(40), "backpressure") { first.stderr.contains("buffer full, pausing consumption") }
@@ -130,6 +129,12 @@ import TestSupport
         let theirs: () -> [String] = {
             dispatchedIDs(inJSONLines: (try? String(contentsOf: s.dir.file("out-second.jsonl"), encoding: .utf8)) ?? "")
         }
+        // Cooperative rebalancing takes two rounds; the first may hand the newcomer nothing.
+        try await waitUntil(timeout: .seconds(40), "the second worker holds partitions") {
+            second.stderr.split(separator: "\n").contains { $0.contains("partitions assigned") && $0.contains(/kafka\.partitions=\S/) }
+        }
+        let secondWave = try s.produce(1500, prefix: "b", seed: 2)
+        let unique = firstWave + secondWave
         try await waitUntil(timeout: .seconds(60), "every id dispatched (\(unique))") { s.dispatched.count + theirs().count >= unique }
         first.terminate()
         second.terminate()
@@ -138,7 +143,7 @@ import TestSupport
         #expect(first.stderr.components(separatedBy: "partitions revoked").count - 1 >= 1, "a rebalance happened")
         #expect(!theirs().isEmpty, "the second worker took partitions")
         let all = s.dispatched + theirs()
-        #expect(Set(all) == Set((0..<unique).map { "a-\($0)" }))
+        #expect(Set(all) == Set((0..<firstWave).map { "a-\($0)" } + (0..<secondWave).map { "b-\($0)" }))
         #expect(all.count == unique, "each id once")
         s.mock.terminate()
     }
