@@ -44,9 +44,13 @@ public enum SeenSetBench {
             retention: retention, slotsPerRetention: ConfigSchema.defaultCount("dedup.compact.slots"),
             buckets: ConfigSchema.defaultCount("dedup.compact.buckets"), readsKeysLayout: true))
         var rows: [Row] = []
-        for (name, layout) in [("compact", compact), ("compact + reading the keys layout", upgrading), ("keys", DoneLayout.keys)] {
-            rows.append(try await measure(name, connection: connection) {
-                let store = RedisClaimStore(connection: connection, logger: logger)
+        let variants = [
+            ("compact", compact, false), ("compact + reading the keys layout", upgrading, false),
+            ("compact through scripts (a cluster's way)", compact, true), ("keys", DoneLayout.keys, false),
+        ]
+        for (name, layout, scripts) in variants {
+            rows.append(try await measure(name, server: server, connection: connection) {
+                let store = RedisClaimStore(connection: connection, logger: logger, compactScripts: scripts)
                 var seen = Set<String>()
                 for start in stride(from: 0, to: ids.count, by: 1000) {
                     var batch: [String] = []
@@ -60,7 +64,7 @@ public enum SeenSetBench {
                 guard seen.count == unique else { throw LocalServerError("\(name): claimed \(seen.count) of \(unique) unique ids") }
             })
         }
-        rows.append(try await measure("SET NX PX (reference)", connection: connection) {
+        rows.append(try await measure("SET NX PX (reference)", server: server, connection: connection) {
             for start in stride(from: 0, to: ids.count, by: 1000) {
                 let commands: [[RedisArgument]] = ids[start..<min(start + 1000, ids.count)].map {
                     ["SET", RedisArgument($0), "1", "NX", "PX", 86_400_000]
@@ -77,18 +81,37 @@ public enum SeenSetBench {
     }
 
     /// Totals (bytes, µs) of one variant; the caller divides by the unique ids.
-    static func measure(_ name: String, connection: RedisConnection, _ body: () async throws -> Void) async throws -> Row {
+    static func measure(
+        _ name: String, server: RedisServerProcess, connection: RedisConnection, _ body: () async throws -> Void
+    ) async throws -> Row {
         _ = try await connection.command("FLUSHALL", "SYNC")
         _ = try await connection.command("CONFIG", "RESETSTAT")
+        // BENCH_REDIS_CALLGRIND=1, with redis-server run under callgrind (scripts/seen-set-instructions):
+        // the server's instructions over this variant alone, in a dump named after it.
+        let callgrind = ProcessInfo.processInfo.environment["BENCH_REDIS_CALLGRIND"] != nil
+        if callgrind { try callgrindControl(["--zero", "\(server.pid)"]) }
         let before = try await RedisInfo.read(connection)
         try await body()
         let after = try await RedisInfo.read(connection)
+        if callgrind {
+            try callgrindControl(["--dump=" + name.map { $0.isLetter || $0.isNumber ? $0 : "_" }, "\(server.pid)"])
+        }
         // BENCH_COMMANDSTATS=1: where Redis spent the time, per command (calls inside scripts included).
         if ProcessInfo.processInfo.environment["BENCH_COMMANDSTATS"] != nil {
             print("\(name): " + (try await connection.command("INFO", "commandstats").text ?? "")
                 .split(whereSeparator: \.isNewline).filter { $0.hasPrefix("cmdstat_") }.joined(separator: "; "))
         }
         return Row(name: name, bytesPerID: Double(after.usedMemory - before.usedMemory), cpuMicrosPerUnique: (after.cpuSeconds - before.cpuSeconds) * 1e6)
+    }
+
+    private static func callgrindControl(_ arguments: [String]) throws {
+        let control = Process()
+        control.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        control.arguments = ["callgrind_control"] + arguments
+        control.standardOutput = FileHandle.nullDevice
+        try control.run()
+        control.waitUntilExit()
+        guard control.terminationStatus == 0 else { throw LocalServerError("callgrind_control \(arguments.joined(separator: " ")) failed") }
     }
 
     /// Ids as a worker's store keys; a repeat is an earlier id, chosen at random (seeded).

@@ -9,7 +9,8 @@ import Synchronization
 /// Every batch method is one round trip whatever the batch size: the keys are
 /// cut into chunks of at most `maxKeysPerScript`, each chunk is one `EVALSHA`
 /// of a Lua script (compare-and-set per key, atomic per chunk), and all chunks
-/// go in one pipeline. Scripts are loaded with `SCRIPT LOAD` on first use;
+/// go in one pipeline. The compact layout's claims and confirms on one server are plain
+/// pipelined commands instead (`CompactCommands`). Scripts are loaded with `SCRIPT LOAD` on first use;
 /// when the server answers `NOSCRIPT` (its script cache was flushed, e.g. by a
 /// restart), the script is loaded again and only the failed chunks are retried,
 /// once, in one more round trip.
@@ -21,19 +22,22 @@ public final class RedisClaimStore: ClaimStore {
     public let redis: RedisTarget
     /// Most keys passed to one `EVALSHA`. Default: 1000.
     public let maxKeysPerScript: Int
-    private let logger: Logger
+    let logger: Logger
     /// Script name → SHA1 the server gave for it; empty until first use.
     private let shas = Mutex<[String: String]>([:])
     /// Compact layout: per route's buckets, the slot whose buckets this store set TTLs for last.
     private let swept = Mutex<[SweepScope: Int64]>([:])
-    private let waitReplicas: (count: Int, timeout: Duration)?
+    let waitReplicas: (count: Int, timeout: Duration)?
+    /// Whether compact claims and confirms on one server go as plain commands (`CompactCommands`)
+    /// rather than scripts; false only when built with `compactScripts` (the bench compares both).
+    let compactCommands: Bool
 
     /// Called after each operation's round trip(s) with the script name (`claim`, `confirm`, ...)
     /// and how long it took, for metrics. Default: none.
-    private let onRoundTrip: (@Sendable (String, Duration) -> Void)?
+    let onRoundTrip: (@Sendable (String, Duration) -> Void)?
     /// Called when an operation's pipeline is sent, with its script name; the closure it returns
     /// is called once the answers are in (the worker's record of what is in flight). Default: none.
-    private let onSend: (@Sendable (String) -> @Sendable () -> Void)?
+    let onSend: (@Sendable (String) -> @Sendable () -> Void)?
     /// Wall-clock time in Unix milliseconds: which slot a compact confirm writes and which slots a
     /// claim reads (workers agree on slots through their clocks; see `CompactRecords.clockSkew`).
     /// Default: the system clock; tests move it.
@@ -43,11 +47,11 @@ public final class RedisClaimStore: ClaimStore {
         connection: RedisConnection, maxKeysPerScript: Int = 1000, logger: Logger,
         onSend: (@Sendable (_ op: String) -> @Sendable () -> Void)? = nil,
         onRoundTrip: (@Sendable (_ op: String, _ duration: Duration) -> Void)? = nil,
-        unixMillis: (@Sendable () -> Int64)? = nil
+        unixMillis: (@Sendable () -> Int64)? = nil, compactScripts: Bool = false
     ) {
         self.init(
             redis: .server(connection), maxKeysPerScript: maxKeysPerScript, logger: logger, onSend: onSend, onRoundTrip: onRoundTrip,
-            unixMillis: unixMillis)
+            unixMillis: unixMillis, compactScripts: compactScripts)
     }
 
     /// `waitReplicas`: after a batch's confirms, `WAIT` until that many replicas of each primary
@@ -58,8 +62,9 @@ public final class RedisClaimStore: ClaimStore {
         waitReplicas: (count: Int, timeout: Duration)? = nil,
         onSend: (@Sendable (_ op: String) -> @Sendable () -> Void)? = nil,
         onRoundTrip: (@Sendable (_ op: String, _ duration: Duration) -> Void)? = nil,
-        unixMillis: (@Sendable () -> Int64)? = nil
+        unixMillis: (@Sendable () -> Int64)? = nil, compactScripts: Bool = false
     ) {
+        self.compactCommands = !compactScripts
         self.unixMillis = unixMillis ?? { Int64((Date().timeIntervalSince1970 * 1000).rounded(.down)) }
         self.redis = redis
         self.waitReplicas = waitReplicas
@@ -70,22 +75,31 @@ public final class RedisClaimStore: ClaimStore {
     }
 
     public func claim(_ groups: [KeyGroup], owner: String) async throws -> [ClaimOutcome] {
-        try await run(.claim, batches(groups, owner: owner, confirming: false), element: Self.claimOutcome)
+        if compactCommandItems(groups, confirming: false) == nil { _ = try await loadedSHA(.claim) }
+        return try await sendClaims(groups, owner: owner).outcomes()
     }
 
     public func confirm(_ groups: [KeyGroup], owner: String) async throws -> [ConfirmOutcome] {
-        _ = try await loadedSHA(.confirm)
+        if compactCommandItems(groups, confirming: true) == nil { _ = try await loadedSHA(.confirm) }
         return try await sendConfirms(groups, owner: owner).outcomes()
     }
 
-    /// `claim`, sent now; the caller awaits `outcomes()` when it needs them.
+    /// `claim`, sent now; the caller awaits `outcomes()` when it needs them. The compact layout on
+    /// one server sends plain commands (`CompactCommands`), everything else a script per chunk.
     public func sendClaims(_ groups: [KeyGroup], owner: String) -> Request<ClaimOutcome> {
-        send(.claim, batches(groups, owner: owner, confirming: false), element: Self.claimOutcome)
+        if let items = compactCommandItems(groups, confirming: false) {
+            return sendCompactClaims(items, owner: owner)
+        }
+        return send(.claim, batches(groups, owner: owner, confirming: false), element: Self.claimOutcome)
     }
 
     /// `confirm`, sent now; the caller awaits `outcomes()` when it needs them.
     public func sendConfirms(_ groups: [KeyGroup], owner: String) -> Request<ConfirmOutcome> {
-        let request = send(.confirm, batches(groups, owner: owner, confirming: true), element: Self.confirmOutcome)
+        let request = if let items = compactCommandItems(groups, confirming: true) {
+            sendCompactConfirms(items, owner: owner)
+        } else {
+            send(.confirm, batches(groups, owner: owner, confirming: true), element: Self.confirmOutcome)
+        }
         guard let sweep = sweepBuckets(groups) else { return request }
         return Request {
             let outcomes = try await request.outcomes()
@@ -242,7 +256,7 @@ public final class RedisClaimStore: ClaimStore {
         return reply
     }
 
-    @Sendable private static func claimOutcome(_ element: UnsafePointer<redisReply>) -> ClaimOutcome? {
+    @Sendable static func claimOutcome(_ element: UnsafePointer<redisReply>) -> ClaimOutcome? {
         // One byte is one of the script's own answers; anything longer is the foreign value.
         switch shortCode(element) {
         case UInt8(ascii: "c"): return .claimed
@@ -306,7 +320,7 @@ public final class RedisClaimStore: ClaimStore {
     /// hash tag of its first key. `perKeyArgs`, when given, holds `argsPerItem` arguments per
     /// item, passed with its chunk after `args`. `compact`, when given, writes each item's keys and
     /// its one argument instead. `script` nil: the operation's own script.
-    private struct ScriptBatch: Sendable {
+    struct ScriptBatch: Sendable {
         var keys: [String]
         var args: [RedisArgument]
         var perKeyArgs: [RedisArgument]? = nil
@@ -364,7 +378,7 @@ public final class RedisClaimStore: ClaimStore {
     /// A compact layout's claims or confirms: an item is a store key, its keys are its pending
     /// key and its bucket in each of `slots`, its argument is its field; all are written from its
     /// `Spot` when the command is encoded, so no name is built as a string.
-    private struct CompactItems: Sendable {
+    struct CompactItems: Sendable {
         var records: CompactRecords
         var storeKeys: [String]
         var spots: [CompactRecords.Spot]
@@ -387,7 +401,7 @@ public final class RedisClaimStore: ClaimStore {
 
     /// Claim and confirm scripts of the keys layout take `owner` and the group's time to live in
     /// milliseconds; compact groups get their own batch (`compactClaims`, `compactConfirms`).
-    private func batches(_ groups: [KeyGroup], owner: String, confirming: Bool) -> [ScriptBatch] {
+    func batches(_ groups: [KeyGroup], owner: String, confirming: Bool) -> [ScriptBatch] {
         let now = unixMillis()
         return groups.map { group in
             switch group.layout {
@@ -570,7 +584,7 @@ public final class RedisClaimStore: ClaimStore {
     /// A script's round trip on its way (`sendClaims`, `sendConfirms`): the caller works while
     /// Redis answers, then awaits `outcomes()`.
     public struct Request<Item: Sendable>: Sendable {
-        fileprivate let finish: @Sendable () async throws -> [Item]
+        let finish: @Sendable () async throws -> [Item]
 
         /// Redis's answers, one per key in key order. When the server had lost the script, it
         /// is loaded again and the failed chunks retried here (one more round trip).
@@ -588,7 +602,7 @@ public final class RedisClaimStore: ClaimStore {
     /// results, in key order (batch after batch). `element` turns one element of a chunk's reply
     /// array into a result while hiredis still owns it (nil: not a value the script returns, a
     /// protocol error).
-    private func run<Item: Sendable>(
+    func run<Item: Sendable>(
         _ script: LuaScript, _ batches: [ScriptBatch], repliesPerKey: Int = 1,
         element: @escaping @Sendable (UnsafePointer<redisReply>) -> Item?
     ) async throws -> [Item] {
@@ -656,7 +670,7 @@ public final class RedisClaimStore: ClaimStore {
 
     /// `WAIT count timeout` on each primary the confirms went to; fewer replicas in time is
     /// logged, not an error (the records are on the primary, and the worker must go on).
-    private func waitForReplicas(_ count: Int, timeout: Duration, slots: [UInt16]) async throws {
+    func waitForReplicas(_ count: Int, timeout: Duration, slots: [UInt16]) async throws {
         let fewest = try await redis.waitForReplicas(count, timeout: timeout, slots: slots)
         if fewest < count {
             logger.warning("fewer redis replicas than redis.wait_replicas acknowledged a batch's confirms in redis.wait_timeout",
@@ -751,7 +765,7 @@ public final class RedisClaimStore: ClaimStore {
     }
 
     /// "p:owner" → "owner"; any other foreign value is returned whole.
-    private static func owner(of value: String) -> String {
+    static func owner(of value: String) -> String {
         value.hasPrefix("p:") ? String(value.dropFirst(2)) : value
     }
 

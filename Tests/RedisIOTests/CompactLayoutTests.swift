@@ -47,15 +47,24 @@ struct CompactLayoutTests {
         let s = Self.store(fx)
         let keys = (0..<50).map { "dedupd:orders:id-\($0)" }
         #expect(try await Self.claim(s, keys, "w1").allSatisfy { $0 == .claimed })
+        // Claiming again extends the lease (a renewal).
+        let pending = Self.records.placement(of: keys[0]).pendingKey
+        _ = try await fx.connection.command(["PEXPIRE", RedisArgument(pending), 1000])
         #expect(try await Self.claim(s, keys, "w1").allSatisfy { $0 == .alreadyOwned })
+        #expect(try await fx.connection.command(["PTTL", RedisArgument(pending)]).int ?? 0 > 20_000)
         #expect(try await Self.claim(s, keys, "w2").allSatisfy { $0 == .pendingElsewhere(owner: "w1") })
-        #expect(try await Self.confirm(s, keys, "w2").allSatisfy { $0 == .notOwner(owner: "w1") })
-        #expect(try await Self.confirm(s, keys, "w1").allSatisfy { $0 == .confirmed })
+        #expect(try await Self.confirm(s, Array(keys[..<10]), "w1").allSatisfy { $0 == .confirmed })
+        // A confirm that finds another worker's claim (its own lease ran out and the other took the
+        // key) still records the key: the message was dispatched.
+        #expect(try await Self.confirm(s, Array(keys[10...]), "w2").allSatisfy { $0 == .notOwner(owner: "w1") })
+        #expect(try await Self.confirm(s, Array(keys[10...]), "w1").allSatisfy { $0 == .confirmedAfterLeaseLost })
         // The pending keys are gone at confirm; what is left is fields in buckets.
         let p = Self.records.placement(of: keys[0])
         #expect(try await fx.connection.command(["EXISTS", RedisArgument(p.pendingKey)]) == .integer(0))
         #expect(try await Self.claim(s, keys, "w2").allSatisfy { $0 == .done })
         #expect(try await Self.claim(s, keys, "w1").allSatisfy { $0 == .done })
+        // A repeat's claim takes the free pending key before it finds the field, and gives it back.
+        #expect(try await Self.keys(fx, "dedupd:{orders:*}:p:*").isEmpty)
         // A confirm after the lease ran out still records the key (the handler did take it).
         let late = ["dedupd:orders:late"]
         #expect(try await Self.confirm(s, late, "w1") == [.confirmedAfterLeaseLost])

@@ -380,10 +380,10 @@ final class ModelWorld: @unchecked Sendable {
 
     func confirm(_ key: String, retention: Duration, layout: DoneLayout) -> ConfirmOutcome {
         if case .compact(let records) = layout {
-            // Like the script: the field goes to the current slot's bucket and the pending key is deleted.
+            // Like `HSET` then `GETDEL` on one server: the field goes to the current slot's bucket
+            // and the pending key is deleted, whoever holds it.
             let p = records.placement(of: key)
             let v = live(p.pendingKey)
-            guard v == nil || v == "p:" + owner else { return .notOwner(owner: String(v!.dropFirst(2))) }
             let slot = records.slot(at: unixMillis)
             let bucket = p.bucketKey(slot: slot)
             var b: (fields: Set<[UInt8]>, expires: ContinuousClock.Instant) = buckets[bucket].flatMap { $0.expires > now ? $0 : nil } ?? ([], now)
@@ -391,6 +391,7 @@ final class ModelWorld: @unchecked Sendable {
             b.expires = now + .milliseconds(records.bucketTTLMillis(slot: slot, at: unixMillis))
             buckets[bucket] = b
             store[p.pendingKey] = nil
+            guard v == nil || v == "p:" + owner else { return .notOwner(owner: String(v!.dropFirst(2))) }
             return v == nil ? .confirmedAfterLeaseLost : .confirmed
         }
         switch live(key) {

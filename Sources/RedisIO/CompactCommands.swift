@@ -1,0 +1,217 @@
+import CHiredis
+import DedupCore
+import Synchronization
+
+/// The compact layout's claims and confirms on one Redis server, as plain pipelined commands
+/// instead of scripts: a script call costs Redis more than the calls it makes (its arguments
+/// become Lua strings, its replies Lua values), and the scripts made the compact layout cost
+/// Redis more CPU per id than the keys layout (docs/performance.md, "The seen-set").
+///
+/// Without a script's atomicity, order does the work (docs/architecture.md, "Claims without
+/// scripts"). One connection's commands run in the order sent, and each step orders its two
+/// halves:
+/// - a claim takes the pending key first (`SET NX GET PX`), then reads the field in every live
+///   slot's bucket (`HEXISTS`);
+/// - a confirm writes the field first (`HSET`), then takes the pending key (`GETDEL`).
+/// A claim whose `SET` finds the pending key free either ran before the other worker's claim (which
+/// then fails) or after its `GETDEL`, hence after its `HSET`: its `HEXISTS` finds the field.
+/// A claim that took the pending key and then found the field gives the key back (`DEL`); one that
+/// found the key held reads who holds it (`GET`), and extends it when it is its own (a renewal):
+/// more round trips, only for those keys.
+///
+/// Not in a cluster: while a slot migrates, a redirect (`ASK`) can run one command of a pair on
+/// the target after the other ran on the source, and the order is gone; there the scripts run.
+extension RedisClaimStore {
+    /// One reply of the pipeline, as much of it as an outcome needs.
+    enum CompactReply: Sendable {
+        case null
+        case integer(Int64)
+        case text(String)
+        case error(String)
+
+        init(_ reply: UnsafePointer<redisReply>) {
+            let r = reply.pointee
+            switch r.type {
+            case REDIS_REPLY_NIL: self = .null
+            case REDIS_REPLY_INTEGER: self = .integer(r.integer)
+            case REDIS_REPLY_ERROR: self = .error(String(decoding: UnsafeRawBufferPointer(start: r.str, count: r.len), as: UTF8.self))
+            case REDIS_REPLY_STRING, REDIS_REPLY_STATUS:
+                self = .text(r.len == 0 ? "" : String(decoding: UnsafeRawBufferPointer(start: r.str, count: r.len), as: UTF8.self))
+            default: self = .error("unexpected reply type \(r.type)")
+            }
+        }
+
+        var found: Bool { if case .integer(1) = self { true } else { false } }
+    }
+
+    /// The groups as compact items with the slots a claim reads (`confirming`: the one slot a
+    /// confirm writes), or nil when they go through the scripts: a cluster, a group in the keys
+    /// layout, or a store built with `compactScripts`.
+    func compactCommandItems(_ groups: [KeyGroup], confirming: Bool) -> [(items: CompactItems, lease: Int64)]? {
+        guard !redis.isCluster, compactCommands, !groups.isEmpty else { return nil }
+        let now = unixMillis()
+        var out: [(items: CompactItems, lease: Int64)] = []
+        out.reserveCapacity(groups.count)
+        for group in groups {
+            guard case .compact(let records) = group.layout else { return nil }
+            let slots = confirming ? [records.slot(at: now)] : records.liveSlots(at: now)
+            out.append((CompactItems(group.keys, records, slots: slots), Self.millis(group.ttl)))
+        }
+        return out
+    }
+
+    /// Claims as `SET NX PX` of the pending key, then `HEXISTS` of each live bucket, per key. The
+    /// `SET` answers only whether it took the key (a `GET` option costs Redis more than the rare
+    /// reads it saves); who holds a key it did not take is read after, for those keys alone.
+    func sendCompactClaims(_ groups: [(items: CompactItems, lease: Int64)], owner: String) -> Request<ClaimOutcome> {
+        let mine = Array("p:\(owner)".utf8)
+        let started = ContinuousClock.now
+        let answered = onSend?("claim")
+        let first = redis.send({
+            var batch = RedisCommandBatch()
+            for (items, lease) in groups {
+                for item in items.storeKeys.indices {
+                    let key = items.storeKeys[item], spot = items.spots[item]
+                    batch.begin()
+                    batch.append("SET")
+                    batch.appendArgument { items.records.appendPendingKey(of: key, at: spot, to: &$0) }
+                    batch.append(mine)
+                    batch.append("NX")
+                    batch.append("PX")
+                    batch.append(lease)
+                    for slot in items.slots {
+                        batch.begin()
+                        batch.append("HEXISTS")
+                        batch.appendArgument { items.records.appendBucketKey(of: key, at: spot, slot: slot, to: &$0) }
+                        batch.appendArgument { spot.appendField(to: &$0) }
+                    }
+                }
+            }
+            return batch
+        }, slots: [], parse: { CompactReply($0) })
+        return Request { [self] in
+            defer {
+                answered?()
+                onRoundTrip?("claim", (first.answeredAt ?? .now) - started)
+            }
+            let replies = try await first.value()
+            var outcomes: [ClaimOutcome] = []
+            // By (group, item): pending keys taken and then found done, to give back; keys held
+            // already, whose holder is read.
+            var giveBack: [(Int, Int)] = [], held: [(Int, Int, Int)] = []
+            var r = 0
+            for (g, (items, _)) in groups.enumerated() {
+                for item in items.storeKeys.indices {
+                    let set = replies[r]
+                    let reads = replies[r + 1...r + items.slots.count]
+                    r += 1 + items.slots.count
+                    for reply in replies[r - 1 - items.slots.count..<r] {
+                        if case .error(let text) = reply { throw RedisError.fromServerReply(text, context: "a compact claim") }
+                    }
+                    let taken: Bool
+                    switch set {
+                    case .text: taken = true
+                    case .null: taken = false
+                    default: throw RedisError(.protocolError, "unexpected reply to SET NX of a pending claim: \(set)")
+                    }
+                    if reads.contains(where: \.found) {
+                        if taken { giveBack.append((g, item)) }
+                        outcomes.append(.done)
+                    } else if taken {
+                        outcomes.append(.claimed)
+                    } else {
+                        held.append((g, item, outcomes.count))
+                        outcomes.append(.pendingElsewhere(owner: ""))
+                    }
+                }
+            }
+            guard !giveBack.isEmpty || !held.isEmpty else { return outcomes }
+            let values = try await followUp(groups, [(giveBack, "DEL"), (held.map { ($0.0, $0.1) }, "GET")])
+            // The holders: this worker's own claim is extended (a renewal); the keys layout's
+            // record (read during an upgrade) is done; a key gone meanwhile is looked at again later.
+            var extend: [(Int, Int)] = []
+            for ((g, item, index), value) in zip(held, values.suffix(held.count)) {
+                switch value {
+                case .text(let v) where v.utf8.elementsEqual(mine):
+                    extend.append((g, item))
+                    outcomes[index] = .alreadyOwned
+                case .text(let v) where v.hasPrefix("d:"): outcomes[index] = .done
+                case .text(let v): outcomes[index] = .pendingElsewhere(owner: Self.owner(of: v))
+                default: break
+                }
+            }
+            if !extend.isEmpty { _ = try await followUp(groups, [(extend, "PEXPIRE")]) }
+            return outcomes
+        }
+    }
+
+    /// One more round trip over some items' pending keys: `command` on each (`PEXPIRE` with the
+    /// group's lease). The replies, in order.
+    private func followUp(_ groups: [(items: CompactItems, lease: Int64)], _ lists: [([(Int, Int)], String)]) async throws -> [CompactReply] {
+        let replies = try await redis.send({
+            var batch = RedisCommandBatch()
+            for (list, command) in lists {
+                for (g, item) in list {
+                    let (items, lease) = groups[g]
+                    batch.begin()
+                    batch.append(command)
+                    batch.appendArgument { items.records.appendPendingKey(of: items.storeKeys[item], at: items.spots[item], to: &$0) }
+                    if command == "PEXPIRE" { batch.append(lease) }
+                }
+            }
+            return batch
+        }, slots: [], parse: { CompactReply($0) }).value()
+        for reply in replies {
+            if case .error(let text) = reply { throw RedisError.fromServerReply(text, context: "a compact claim's pending key") }
+        }
+        return replies
+    }
+
+    /// Confirms as `HSET` of the field in the current slot's bucket, then `GETDEL` of the pending
+    /// key, per key. A key whose pending claim is another worker's (this one's lease ran out and
+    /// the other took it) is recorded all the same and the other's claim is gone: the message was
+    /// dispatched here, so it is done; the other worker's confirm finds no claim and records it again.
+    func sendCompactConfirms(_ groups: [(items: CompactItems, lease: Int64)], owner: String) -> Request<ConfirmOutcome> {
+        let mine = Array("p:\(owner)".utf8)
+        let started = ContinuousClock.now
+        let answered = onSend?("confirm")
+        let first = redis.send({
+            var batch = RedisCommandBatch()
+            for (items, _) in groups {
+                for item in items.storeKeys.indices {
+                    let key = items.storeKeys[item], spot = items.spots[item]
+                    batch.begin()
+                    batch.append("HSET")
+                    batch.appendArgument { items.records.appendBucketKey(of: key, at: spot, slot: items.slots[0], to: &$0) }
+                    batch.appendArgument { spot.appendField(to: &$0) }
+                    batch.append("")
+                    batch.begin()
+                    batch.append("GETDEL")
+                    batch.appendArgument { items.records.appendPendingKey(of: key, at: spot, to: &$0) }
+                }
+            }
+            return batch
+        }, slots: [], parse: { CompactReply($0) })
+        return Request { [self] in
+            defer {
+                answered?()
+                onRoundTrip?("confirm", (first.answeredAt ?? .now) - started)
+            }
+            let replies = try await first.value()
+            var outcomes: [ConfirmOutcome] = []
+            outcomes.reserveCapacity(replies.count / 2)
+            for i in stride(from: 0, to: replies.count, by: 2) {
+                if case .error(let text) = replies[i] { throw RedisError.fromServerReply(text, context: "HSET of a compact bucket") }
+                switch replies[i + 1] {
+                case .null: outcomes.append(.confirmedAfterLeaseLost)
+                case .text(let value) where value.utf8.elementsEqual(mine) || value.hasPrefix("d:"): outcomes.append(.confirmed)
+                case .text(let value): outcomes.append(.notOwner(owner: Self.owner(of: value)))
+                case .error(let text): throw RedisError.fromServerReply(text, context: "GETDEL of a pending claim")
+                case .integer: throw RedisError(.protocolError, "unexpected integer reply to GETDEL")
+                }
+            }
+            if let (count, timeout) = waitReplicas { try await waitForReplicas(count, timeout: timeout, slots: []) }
+            return outcomes
+        }
+    }
+}
