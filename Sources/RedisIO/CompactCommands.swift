@@ -16,8 +16,8 @@ import Synchronization
 /// A claim whose `SET` finds the pending key free either ran before the other worker's claim (which
 /// then fails) or after its `GETDEL`, hence after its `HSET`: its `HEXISTS` finds the field.
 /// A claim that took the pending key and then found the field gives the key back (`DEL`); one that
-/// found the key held reads who holds it (`GET`), and extends it when it is its own (a renewal):
-/// more round trips, only for those keys.
+/// found the key held reads who holds it (`GET`), and extends it when it is its own (a renewal,
+/// through the `renew` script): more round trips, only for those keys.
 ///
 /// Not in a cluster: while a slot migrates, a redirect (`ASK`) can run one command of a pair on
 /// the target after the other ran on the source, and the order is gone; there the scripts run.
@@ -127,36 +127,41 @@ extension RedisClaimStore {
             }
             guard !giveBack.isEmpty || !held.isEmpty else { return outcomes }
             let values = try await followUp(groups, [(giveBack, "DEL"), (held.map { ($0.0, $0.1) }, "GET")])
-            // The holders: this worker's own claim is extended (a renewal); the keys layout's
-            // record (read during an upgrade) is done; a key gone meanwhile is looked at again later.
-            var extend: [(Int, Int)] = []
+            // The holders: the keys layout's record (read during an upgrade) is done; this worker's
+            // own claim is extended (a renewal) by the `renew` script, which checks the owner and
+            // extends in one step (it may have run out since the `GET`); a key gone meanwhile is
+            // looked at again later.
+            var mineByLease: [Int64: (at: [Int], keys: [String])] = [:]
             for ((g, item, index), value) in zip(held, values.suffix(held.count)) {
                 switch value {
                 case .text(let v) where v.utf8.elementsEqual(mine):
-                    extend.append((g, item))
-                    outcomes[index] = .alreadyOwned
+                    let (items, lease) = groups[g]
+                    mineByLease[lease, default: ([], [])].at.append(index)
+                    mineByLease[lease, default: ([], [])].keys.append(items.records.placement(of: items.storeKeys[item]).pendingKey)
                 case .text(let v) where v.hasPrefix("d:"): outcomes[index] = .done
                 case .text(let v): outcomes[index] = .pendingElsewhere(owner: Self.owner(of: v))
                 default: break
                 }
             }
-            if !extend.isEmpty { _ = try await followUp(groups, [(extend, "PEXPIRE")]) }
+            for (lease, mineHeld) in mineByLease {
+                for (index, renewed) in zip(mineHeld.at, try await renew(mineHeld.keys, owner: owner, lease: .milliseconds(lease))) where renewed {
+                    outcomes[index] = .alreadyOwned
+                }
+            }
             return outcomes
         }
     }
 
-    /// One more round trip over some items' pending keys: `command` on each (`PEXPIRE` with the
-    /// group's lease). The replies, in order.
+    /// One more round trip over some items' pending keys: `command` on each. The replies, in order.
     private func followUp(_ groups: [(items: CompactItems, lease: Int64)], _ lists: [([(Int, Int)], String)]) async throws -> [CompactReply] {
         let replies = try await redis.send({
             var batch = RedisCommandBatch()
             for (list, command) in lists {
                 for (g, item) in list {
-                    let (items, lease) = groups[g]
+                    let items = groups[g].items
                     batch.begin()
                     batch.append(command)
                     batch.appendArgument { items.records.appendPendingKey(of: items.storeKeys[item], at: items.spots[item], to: &$0) }
-                    if command == "PEXPIRE" { batch.append(lease) }
                 }
             }
             return batch
