@@ -48,7 +48,7 @@ extension RedisClaimStore {
     /// confirm writes), or nil when they go through the scripts: a cluster, a group in the keys
     /// layout, or a store built with `compactScripts`.
     func compactCommandItems(_ groups: [KeyGroup], confirming: Bool) -> [(items: CompactItems, lease: Int64)]? {
-        guard !redis.isCluster, compactCommands, !groups.isEmpty else { return nil }
+        guard sendsCompactCommands(groups) else { return nil }
         let now = unixMillis()
         var out: [(items: CompactItems, lease: Int64)] = []
         out.reserveCapacity(groups.count)
@@ -58,6 +58,12 @@ extension RedisClaimStore {
             out.append((CompactItems(group.keys, records, slots: slots), Self.millis(group.ttl)))
         }
         return out
+    }
+
+    /// Whether these groups go as commands (`compactCommandItems`), without computing their items.
+    func sendsCompactCommands(_ groups: [KeyGroup]) -> Bool {
+        !redis.isCluster && compactCommands && !groups.isEmpty
+            && groups.allSatisfy { if case .compact = $0.layout { true } else { false } }
     }
 
     /// Claims as `SET NX PX` of the pending key, then `HEXISTS` of each live bucket, per key. The

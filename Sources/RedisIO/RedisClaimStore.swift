@@ -22,7 +22,7 @@ public final class RedisClaimStore: ClaimStore {
     public let redis: RedisTarget
     /// Most keys passed to one `EVALSHA`. Default: 1000.
     public let maxKeysPerScript: Int
-    let logger: Logger
+    private let logger: Logger
     /// Script name → SHA1 the server gave for it; empty until first use.
     private let shas = Mutex<[String: String]>([:])
     /// Compact layout: per route's buckets, the slot whose buckets this store set TTLs for last.
@@ -75,12 +75,13 @@ public final class RedisClaimStore: ClaimStore {
     }
 
     public func claim(_ groups: [KeyGroup], owner: String) async throws -> [ClaimOutcome] {
-        if compactCommandItems(groups, confirming: false) == nil { _ = try await loadedSHA(.claim) }
-        return try await sendClaims(groups, owner: owner).outcomes()
+        try await sendClaims(groups, owner: owner).outcomes()
     }
 
     public func confirm(_ groups: [KeyGroup], owner: String) async throws -> [ConfirmOutcome] {
-        if compactCommandItems(groups, confirming: true) == nil { _ = try await loadedSHA(.confirm) }
+        // Scripts first: a confirm sent before they are loaded waits for them, and its bucket
+        // sweep must not go ahead of the fields it sets TTLs for.
+        if !sendsCompactCommands(groups) { _ = try await loadedSHA(.confirm) }
         return try await sendConfirms(groups, owner: owner).outcomes()
     }
 
@@ -256,7 +257,7 @@ public final class RedisClaimStore: ClaimStore {
         return reply
     }
 
-    @Sendable static func claimOutcome(_ element: UnsafePointer<redisReply>) -> ClaimOutcome? {
+    @Sendable private static func claimOutcome(_ element: UnsafePointer<redisReply>) -> ClaimOutcome? {
         // One byte is one of the script's own answers; anything longer is the foreign value.
         switch shortCode(element) {
         case UInt8(ascii: "c"): return .claimed
@@ -320,7 +321,7 @@ public final class RedisClaimStore: ClaimStore {
     /// hash tag of its first key. `perKeyArgs`, when given, holds `argsPerItem` arguments per
     /// item, passed with its chunk after `args`. `compact`, when given, writes each item's keys and
     /// its one argument instead. `script` nil: the operation's own script.
-    struct ScriptBatch: Sendable {
+    private struct ScriptBatch: Sendable {
         var keys: [String]
         var args: [RedisArgument]
         var perKeyArgs: [RedisArgument]? = nil
@@ -401,7 +402,7 @@ public final class RedisClaimStore: ClaimStore {
 
     /// Claim and confirm scripts of the keys layout take `owner` and the group's time to live in
     /// milliseconds; compact groups get their own batch (`compactClaims`, `compactConfirms`).
-    func batches(_ groups: [KeyGroup], owner: String, confirming: Bool) -> [ScriptBatch] {
+    private func batches(_ groups: [KeyGroup], owner: String, confirming: Bool) -> [ScriptBatch] {
         let now = unixMillis()
         return groups.map { group in
             switch group.layout {
@@ -602,7 +603,7 @@ public final class RedisClaimStore: ClaimStore {
     /// results, in key order (batch after batch). `element` turns one element of a chunk's reply
     /// array into a result while hiredis still owns it (nil: not a value the script returns, a
     /// protocol error).
-    func run<Item: Sendable>(
+    private func run<Item: Sendable>(
         _ script: LuaScript, _ batches: [ScriptBatch], repliesPerKey: Int = 1,
         element: @escaping @Sendable (UnsafePointer<redisReply>) -> Item?
     ) async throws -> [Item] {
