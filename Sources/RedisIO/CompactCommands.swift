@@ -7,36 +7,64 @@ import Synchronization
 /// become Lua strings, its replies Lua values), and the scripts made the compact layout cost
 /// Redis more CPU per id than the keys layout (docs/performance.md, "The seen-set").
 ///
-/// Without a script's atomicity, order does the work (docs/architecture.md, "Claims without
-/// scripts"). One connection's commands run in the order sent, and each step orders its two
-/// halves:
-/// - a claim takes the pending key first (`SET NX GET PX`), then reads the field in every live
+/// Without a script's atomicity, order does the work (docs/architecture.md, "Why two workers
+/// cannot dispatch one key twice"). One connection's commands run in the order sent, and each
+/// step orders its two halves:
+/// - a claim takes the pending key first (`SET NX PX`), then reads the field in every live
 ///   slot's bucket (`HEXISTS`);
-/// - a confirm writes the field first (`HSET`), then takes the pending key (`GETDEL`).
+/// - a confirm writes the fields first (`HSET`), then deletes the pending keys (`DEL`).
 /// A claim whose `SET` finds the pending key free either ran before the other worker's claim (which
-/// then fails) or after its `GETDEL`, hence after its `HSET`: its `HEXISTS` finds the field.
+/// then fails) or after its `DEL`, hence after its `HSET`: its `HEXISTS` finds the field.
 /// A claim that took the pending key and then found the field gives the key back (`DEL`); one that
-/// found the key held reads who holds it (`GET`), and extends it when it is its own (a renewal,
-/// through the `renew` script): more round trips, only for those keys.
+/// found the key held reads who holds it (`MGET`), and extends it when it is its own (a renewal,
+/// through the `renew` script): one more round trip, only for those keys.
 ///
 /// Not in a cluster: while a slot migrates, a redirect (`ASK`) can run one command of a pair on
 /// the target after the other ran on the source, and the order is gone; there the scripts run.
 extension RedisClaimStore {
+    /// Who holds a pending key, read from its value without building a string for this worker's
+    /// own claims (the common answer).
+    enum Holder: Sendable, Equatable {
+        /// No pending key: it ran out or was deleted.
+        case none
+        /// `p:<this worker>`.
+        case mine
+        /// `d:<owner>`: a done record of the keys layout (read during an upgrade).
+        case done
+        /// Another worker's claim: its owner.
+        case other(String)
+
+        init(_ r: redisReply, mine: [UInt8]) {
+            guard r.type == REDIS_REPLY_STRING, let str = r.str else { self = .none; return }
+            let bytes = UnsafeRawBufferPointer(start: str, count: r.len)
+            if bytes.elementsEqual(mine) {
+                self = .mine
+            } else if bytes.starts(with: "d:".utf8) {
+                self = .done
+            } else {
+                self = .other(RedisClaimStore.owner(of: String(decoding: bytes, as: UTF8.self)))
+            }
+        }
+    }
+
     /// One reply of the pipeline, as much of it as an outcome needs.
     enum CompactReply: Sendable {
         case null
         case integer(Int64)
-        case text(String)
+        case text
+        /// An `MGET` of pending keys: each one's holder.
+        case holders([Holder])
         case error(String)
 
-        init(_ reply: UnsafePointer<redisReply>) {
+        init(_ reply: UnsafePointer<redisReply>, mine: [UInt8]) {
             let r = reply.pointee
             switch r.type {
             case REDIS_REPLY_NIL: self = .null
             case REDIS_REPLY_INTEGER: self = .integer(r.integer)
             case REDIS_REPLY_ERROR: self = .error(String(decoding: UnsafeRawBufferPointer(start: r.str, count: r.len), as: UTF8.self))
-            case REDIS_REPLY_STRING, REDIS_REPLY_STATUS:
-                self = .text(r.len == 0 ? "" : String(decoding: UnsafeRawBufferPointer(start: r.str, count: r.len), as: UTF8.self))
+            case REDIS_REPLY_STRING, REDIS_REPLY_STATUS: self = .text
+            case REDIS_REPLY_ARRAY:
+                self = .holders((0..<r.elements).map { Holder(r.element[$0]!.pointee, mine: mine) })
             default: self = .error("unexpected reply type \(r.type)")
             }
         }
@@ -94,7 +122,7 @@ extension RedisClaimStore {
                 }
             }
             return batch
-        }, slots: [], parse: { CompactReply($0) })
+        }, slots: [], parse: { CompactReply($0, mine: mine) })
         return Request { [self] in
             defer {
                 answered?()
@@ -132,21 +160,21 @@ extension RedisClaimStore {
                 }
             }
             guard !giveBack.isEmpty || !held.isEmpty else { return outcomes }
-            let values = try await followUp(groups, [(giveBack, "DEL"), (held.map { ($0.0, $0.1) }, "GET")])
+            let holders = try await followUp(groups, giveBack: giveBack, read: held.map { ($0.0, $0.1) }, mine: mine)
             // The holders: the keys layout's record (read during an upgrade) is done; this worker's
             // own claim is extended (a renewal) by the `renew` script, which checks the owner and
-            // extends in one step (it may have run out since the `GET`); a key gone meanwhile is
+            // extends in one step (it may have run out since the `MGET`); a key gone meanwhile is
             // looked at again later.
             var mineByLease: [Int64: (at: [Int], keys: [String])] = [:]
-            for ((g, item, index), value) in zip(held, values.suffix(held.count)) {
-                switch value {
-                case .text(let v) where v.utf8.elementsEqual(mine):
+            for ((g, item, index), holder) in zip(held, holders) {
+                switch holder {
+                case .mine:
                     let (items, lease) = groups[g]
                     mineByLease[lease, default: ([], [])].at.append(index)
                     mineByLease[lease, default: ([], [])].keys.append(items.records.placement(of: items.storeKeys[item]).pendingKey)
-                case .text(let v) where v.hasPrefix("d:"): outcomes[index] = .done
-                case .text(let v): outcomes[index] = .pendingElsewhere(owner: Self.owner(of: v))
-                default: break
+                case .done: outcomes[index] = .done
+                case .other(let owner): outcomes[index] = .pendingElsewhere(owner: owner)
+                case .none: break
                 }
             }
             for (lease, mineHeld) in mineByLease {
@@ -158,30 +186,42 @@ extension RedisClaimStore {
         }
     }
 
-    /// One more round trip over some items' pending keys: `command` on each. The replies, in order.
-    private func followUp(_ groups: [(items: CompactItems, lease: Int64)], _ lists: [([(Int, Int)], String)]) async throws -> [CompactReply] {
+    /// One more round trip over some items' pending keys: one `DEL` of those to give back, one
+    /// `MGET` of those whose holder is read. The holders, in order.
+    private func followUp(
+        _ groups: [(items: CompactItems, lease: Int64)], giveBack: [(Int, Int)], read: [(Int, Int)], mine: [UInt8]
+    ) async throws -> [Holder] {
         let replies = try await redis.send({
             var batch = RedisCommandBatch()
-            for (list, command) in lists {
+            for (list, command) in [(giveBack, "DEL"), (read, "MGET")] where !list.isEmpty {
+                batch.begin()
+                batch.append(command)
                 for (g, item) in list {
                     let items = groups[g].items
-                    batch.begin()
-                    batch.append(command)
                     batch.appendArgument { items.records.appendPendingKey(of: items.storeKeys[item], at: items.spots[item], to: &$0) }
                 }
             }
             return batch
-        }, slots: [], parse: { CompactReply($0) }).value()
+        }, slots: [], parse: { CompactReply($0, mine: mine) }).value()
         for reply in replies {
-            if case .error(let text) = reply { throw RedisError.fromServerReply(text, context: "a compact claim's pending key") }
+            if case .error(let text) = reply { throw RedisError.fromServerReply(text, context: "a compact claim's pending keys") }
         }
-        return replies
+        guard !read.isEmpty else { return [] }
+        guard case .holders(let holders) = replies.last, holders.count == read.count else {
+            throw RedisError(.protocolError, "unexpected reply to MGET of pending claims: \(String(describing: replies.last))")
+        }
+        return holders
     }
 
-    /// Confirms as `HSET` of the field in the current slot's bucket, then `GETDEL` of the pending
-    /// key, per key. A key whose pending claim is another worker's (this one's lease ran out and
-    /// the other took it) is recorded all the same and the other's claim is gone: the message was
-    /// dispatched here, so it is done; the other worker's confirm finds no claim and records it again.
+    /// Confirms as `HSET` of the field in the current slot's bucket per key, then one `MGET` and one
+    /// `DEL` of the batch's pending keys: a command per key costs Redis its fixed part each time
+    /// (reading, looking up and timing the command, logging it to the AOF), and the batch's
+    /// pending keys share them. Every field is written before any pending key goes, which is the
+    /// order the claims rely on. A key whose pending claim is another worker's (this one's lease ran
+    /// out and the other took it) is recorded all the same and the other's claim is gone: the
+    /// message was dispatched here, so it is done; the other worker's confirm finds no claim and
+    /// records it again. A holder that changes between the `MGET` and the `DEL` (a lease running
+    /// out, another worker's claim of a key already recorded) changes only what is reported.
     func sendCompactConfirms(_ groups: [(items: CompactItems, lease: Int64)], owner: String) -> Request<ConfirmOutcome> {
         let mine = Array("p:\(owner)".utf8)
         let started = ContinuousClock.now
@@ -190,35 +230,43 @@ extension RedisClaimStore {
             var batch = RedisCommandBatch()
             for (items, _) in groups {
                 for item in items.storeKeys.indices {
-                    let key = items.storeKeys[item], spot = items.spots[item]
                     batch.begin()
                     batch.append("HSET")
-                    batch.appendArgument { items.records.appendBucketKey(of: key, at: spot, slot: items.slots[0], to: &$0) }
-                    batch.appendArgument { spot.appendField(to: &$0) }
+                    batch.appendArgument { items.records.appendBucketKey(of: items.storeKeys[item], at: items.spots[item], slot: items.slots[0], to: &$0) }
+                    batch.appendArgument { items.spots[item].appendField(to: &$0) }
                     batch.append("")
-                    batch.begin()
-                    batch.append("GETDEL")
-                    batch.appendArgument { items.records.appendPendingKey(of: key, at: spot, to: &$0) }
+                }
+            }
+            for command in ["MGET", "DEL"] where groups.contains(where: { !$0.items.storeKeys.isEmpty }) {
+                batch.begin()
+                batch.append(command)
+                for (items, _) in groups {
+                    for item in items.storeKeys.indices {
+                        batch.appendArgument { items.records.appendPendingKey(of: items.storeKeys[item], at: items.spots[item], to: &$0) }
+                    }
                 }
             }
             return batch
-        }, slots: [], parse: { CompactReply($0) })
+        }, slots: [], parse: { CompactReply($0, mine: mine) })
         return Request { [self] in
             defer {
                 answered?()
                 onRoundTrip?("confirm", (first.answeredAt ?? .now) - started)
             }
             let replies = try await first.value()
-            var outcomes: [ConfirmOutcome] = []
-            outcomes.reserveCapacity(replies.count / 2)
-            for i in stride(from: 0, to: replies.count, by: 2) {
-                if case .error(let text) = replies[i] { throw RedisError.fromServerReply(text, context: "HSET of a compact bucket") }
-                switch replies[i + 1] {
-                case .null: outcomes.append(.confirmedAfterLeaseLost)
-                case .text(let value) where value.utf8.elementsEqual(mine) || value.hasPrefix("d:"): outcomes.append(.confirmed)
-                case .text(let value): outcomes.append(.notOwner(owner: Self.owner(of: value)))
-                case .error(let text): throw RedisError.fromServerReply(text, context: "GETDEL of a pending claim")
-                case .integer: throw RedisError(.protocolError, "unexpected integer reply to GETDEL")
+            for reply in replies {
+                if case .error(let text) = reply { throw RedisError.fromServerReply(text, context: "a compact confirm") }
+            }
+            guard !replies.isEmpty else { return [] }
+            let keys = replies.count - 2
+            guard keys >= 0, case .holders(let holders) = replies[keys], holders.count == keys else {
+                throw RedisError(.protocolError, "unexpected reply to MGET of pending claims")
+            }
+            let outcomes = holders.map { holder -> ConfirmOutcome in
+                switch holder {
+                case .none: .confirmedAfterLeaseLost
+                case .mine, .done: .confirmed
+                case .other(let owner): .notOwner(owner: owner)
                 }
             }
             if let (count, timeout) = waitReplicas { try await waitForReplicas(count, timeout: timeout, slots: []) }

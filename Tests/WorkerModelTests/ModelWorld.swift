@@ -380,8 +380,8 @@ final class ModelWorld: @unchecked Sendable {
 
     func confirm(_ key: String, retention: Duration, layout: DoneLayout) -> ConfirmOutcome {
         if case .compact(let records) = layout {
-            // Like `HSET` then `GETDEL` on one server: the field goes to the current slot's bucket
-            // and the pending key is deleted, whoever holds it.
+            // Like `HSET`, then `MGET` and `DEL` of the pending key on one server: the field goes to
+            // the current slot's bucket and the pending key is deleted, whoever holds it.
             let p = records.placement(of: key)
             let v = live(p.pendingKey)
             let slot = records.slot(at: unixMillis)
