@@ -114,9 +114,9 @@ public struct CompactRecords: Sendable, Hashable {
     /// A bucket's name: `<prefix>:{<namespace>:<tag>}:d:<slot>:<bucket in hex>`.
     public func appendBucketKey(of storeKey: String, at spot: Spot, slot: Int64, to out: inout [UInt8]) {
         _ = Self.appendTagged(storeKey, tag: spot.tag, kind: UInt8(ascii: "d"), to: &out)
-        Self.appendDigits(slot, radix: 10, to: &out)
+        out.appendDigits(slot)
         out.append(UInt8(ascii: ":"))
-        Self.appendDigits(Int64(spot.bucket), radix: 16, to: &out)
+        out.appendDigits(Int64(spot.bucket), radix: 16)
     }
 
     /// Appends `<prefix>:{<namespace>:<tag>}:<kind>:` for `storeKey` and returns where its `<rest>`
@@ -136,26 +136,11 @@ public struct CompactRecords: Sendable, Hashable {
         out.append(contentsOf: utf8[namespace])
         out.append(colon)
         if tag < 16 { out.append(UInt8(ascii: "0")) }
-        appendDigits(Int64(tag), radix: 16, to: &out)
+        out.appendDigits(Int64(tag), radix: 16)
         out.append(contentsOf: "}:".utf8)
         out.append(kind)
         out.append(colon)
         return rest
-    }
-
-    /// `String(value, radix:)`'s digits (lowercase), without a string.
-    static func appendDigits(_ value: Int64, radix: Int64, to out: inout [UInt8]) {
-        if value < 0 { out.append(UInt8(ascii: "-")) }
-        var rest = value.magnitude
-        var count = 1
-        while rest >= UInt64(radix) { rest /= UInt64(radix); count += 1 }
-        rest = value.magnitude
-        out.append(contentsOf: repeatElement(0, count: count))
-        for i in stride(from: out.count - 1, through: out.count - count, by: -1) {
-            let digit = UInt8(rest % UInt64(radix))
-            out[i] = digit < 10 ? UInt8(ascii: "0") + digit : UInt8(ascii: "a") + digit - 10
-            rest /= UInt64(radix)
-        }
     }
 
     /// Where one store key's records live, spelled out as strings (`Spot` and the `append`

@@ -1,4 +1,5 @@
 import CHiredis
+import DedupCore
 
 /// One argument of a Redis command: raw bytes, so keys and values may be binary.
 /// Write strings and integers as literals: `["SET", "k", "v", "PX", 100]`.
@@ -47,7 +48,7 @@ struct RedisCommandBatch: Sendable {
         close(raw.count)
     }
 
-    mutating func append<I: BinaryInteger>(_ value: I) { append(String(value)) }
+    mutating func append<I: BinaryInteger>(_ value: I) { appendArgument { $0.appendDigits(Int64(value)) } }
 
     /// An argument whose bytes `write` appends in place (names spelled from numbers, without a
     /// string per argument).

@@ -1,5 +1,6 @@
 import CHiredis
 import COpenSSL
+import DedupCore
 
 #if canImport(Glibc)
 import Glibc
@@ -320,32 +321,63 @@ final class RedisSocket {
 }
 
 extension RedisCommandBatch {
-    /// The batch in RESP: `*<argc>` then `$<len>` and the bytes of each argument.
+    /// The batch in RESP: `*<argc>` then `$<len>` and the bytes of each argument. This runs for
+    /// every command sent, so it sizes the buffer exactly and writes through a pointer: no
+    /// string per length, no growth checks per byte, and no closure capturing a variable (a
+    /// captured variable is boxed and every access to it checked for exclusivity at run time).
     func encoded() -> [UInt8] {
-        var out: [UInt8] = []
-        out.reserveCapacity(bytes.count + lengths.count * 16 + argumentCounts.count * 8)
-        func header(_ marker: UInt8, _ n: Int) {
-            out.append(marker)
-            out.append(contentsOf: String(n).utf8)
-            out.append(13)
-            out.append(10)
-        }
-        bytes.withUnsafeBufferPointer { all in
-            var argument = 0
-            var offset = 0
-            for count in argumentCounts {
-                header(UInt8(ascii: "*"), count)
-                for _ in 0..<count {
-                    let length = lengths[argument]
-                    header(UInt8(ascii: "$"), length)
-                    out.append(contentsOf: UnsafeBufferPointer(rebasing: all[offset..<(offset + length)]))
-                    out.append(13)
-                    out.append(10)
-                    offset += length
-                    argument += 1
-                }
+        var size = 0
+        var argument = 0
+        for count in argumentCounts {
+            size += 3 + Self.decimalWidth(count)
+            for _ in 0..<count {
+                size += 5 + Self.decimalWidth(lengths[argument]) + lengths[argument]
+                argument += 1
             }
         }
-        return out
+        return [UInt8](unsafeUninitializedCapacity: size) { out, initialized in
+            bytes.withUnsafeBufferPointer { source in
+                var at = 0
+                var argument = 0
+                var offset = 0
+                for count in argumentCounts {
+                    Self.writeHeader(UInt8(ascii: "*"), count, to: out, at: &at)
+                    for _ in 0..<count {
+                        let length = lengths[argument]
+                        Self.writeHeader(UInt8(ascii: "$"), length, to: out, at: &at)
+                        UnsafeMutableRawPointer(out.baseAddress! + at).copyMemory(from: source.baseAddress! + offset, byteCount: length)
+                        at += length
+                        out[at] = 13
+                        out[at + 1] = 10
+                        at += 2
+                        offset += length
+                        argument += 1
+                    }
+                }
+                precondition(at == size, "RESP encoding wrote \(at) of \(size) bytes")
+            }
+            initialized = size
+        }
+    }
+
+    private static func decimalWidth(_ n: Int) -> Int {
+        var width = 1
+        var rest = n
+        while rest >= 10 { rest /= 10; width += 1 }
+        return width
+    }
+
+    /// `<marker><n>\r\n` at `at`, which moves past it.
+    private static func writeHeader(_ marker: UInt8, _ n: Int, to out: UnsafeMutableBufferPointer<UInt8>, at: inout Int) {
+        out[at] = marker
+        let width = decimalWidth(n)
+        var rest = n
+        for i in stride(from: at + width, to: at, by: -1) {
+            out[i] = UInt8(ascii: "0") &+ UInt8(truncatingIfNeeded: rest % 10)
+            rest /= 10
+        }
+        out[at + width + 1] = 13
+        out[at + width + 2] = 10
+        at += width + 3
     }
 }

@@ -100,3 +100,19 @@ import Testing
         #expect(c.dedup.doneLayout == .compact(CompactRecords(retention: .seconds(86_400), slotsPerRetention: 1, buckets: 8192, readsKeysLayout: true, lease: .seconds(35))))
     }
 }
+
+@Suite struct ByteWritingTests {
+    /// Key names and RESP lengths are spelled by `appendDigits`; it must spell what `String` does.
+    @Test func digitsAreSpelledAsStringSpellsThem() {
+        var values: [Int64] = [0, 1, 9, 10, 15, 16, 99, 100, 255, 256, 4095, 4096, -1, -10, -255, Int64.max, Int64.min, Int64.max - 1]
+        var power: Int64 = 1
+        while power < Int64.max / 10 { values += [power - 1, power, power + 1, -power]; power *= 10 }
+        for value in values {
+            for radix in [10, 16] as [Int64] {
+                var out: [UInt8] = [UInt8(ascii: ">")]
+                out.appendDigits(value, radix: radix)
+                #expect(String(decoding: out, as: UTF8.self) == ">" + String(value, radix: Int(radix)), "\(value) in radix \(radix)")
+            }
+        }
+    }
+}
