@@ -1,18 +1,30 @@
 extension Array where Element == UInt8 {
-    /// Appends `value`'s digits in `radix` (lowercase), as `String(value, radix:)` spells them,
-    /// without building the string: Redis key names are written this way on the hot path.
+    /// Appends `value`'s digits in `radix` (2 to 36, lowercase), as `String(value, radix:)` spells
+    /// them, without building the string: Redis key names are written this way on the hot path.
     public mutating func appendDigits(_ value: Int64, radix: Int64 = 10) {
-        if value < 0 { append(UInt8(ascii: "-")) }
-        let base = UInt64(radix), n = value.magnitude
-        // The largest power of the base that is at most n: the first digit's place.
-        var place: UInt64 = 1
-        while place <= n / base { place &*= base }
-        var rest = n
-        repeat {
-            let digit = UInt8(truncatingIfNeeded: rest / place)
-            append(digit < 10 ? UInt8(ascii: "0") &+ digit : UInt8(ascii: "a") &+ digit &- 10)
-            rest %= place
-            place /= base
-        } while place > 0
+        let negative = value < 0
+        var rest = value.magnitude
+        // Written backwards into room on the stack (64 digits: base 2 of the largest magnitude),
+        // then appended at once. Base 10 and 16 by constants, which the compiler turns into
+        // multiplications and shifts.
+        Swift.withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 65) { digits in
+            var at = digits.count
+            func put(_ digit: UInt64) {
+                at -= 1
+                digits[at] = digit < 10 ? UInt8(ascii: "0") &+ UInt8(truncatingIfNeeded: digit) : UInt8(ascii: "a") &+ UInt8(truncatingIfNeeded: digit) &- 10
+            }
+            switch radix {
+            case 10: repeat { put(rest % 10); rest /= 10 } while rest > 0
+            case 16: repeat { put(rest & 15); rest >>= 4 } while rest > 0
+            default:
+                let base = UInt64(radix)
+                repeat { put(rest % base); rest /= base } while rest > 0
+            }
+            if negative {
+                at -= 1
+                digits[at] = UInt8(ascii: "-")
+            }
+            append(contentsOf: UnsafeBufferPointer(rebasing: digits[at...]))
+        }
     }
 }

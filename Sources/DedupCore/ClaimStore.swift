@@ -40,10 +40,14 @@ public struct KeyGroup: Sendable, Equatable {
     /// Where the group's done records are (its route's `dedup.layout`): claims look there, confirms
     /// write there. Default: `.keys`.
     public var layout: DoneLayout
-    public init(_ keys: [String], ttl: Duration, layout: DoneLayout = .keys) {
+    /// Each key's digest (`KeyDigest(of:)`), taken before, in the order of `keys`; empty when not
+    /// known, and the store takes them itself.
+    public var digests: [KeyDigest]
+    public init(_ keys: [String], ttl: Duration, layout: DoneLayout = .keys, digests: [KeyDigest] = []) {
         self.keys = keys
         self.ttl = ttl
         self.layout = layout
+        self.digests = digests
     }
 }
 

@@ -168,7 +168,7 @@ public struct DedupLedger: Sendable {
         let tp = message.topicPartition
         offsets.track(tp, offset: message.offset)
 
-        let key: DedupKey
+        var key: DedupKey
         let route: Int
         var token: String?
         do throws(BadInput) {
@@ -190,6 +190,7 @@ public struct DedupLedger: Sendable {
         }
 
         guard let i = entries.index(forKey: key) else {
+            if case .compact = routeSettings[route].layout { key.digest = KeyDigest(of: key.storeKey) }
             var step: GuardStep?
             if let g = routeSettings[route].entityGuard {
                 do throws(BadInput) {
@@ -394,19 +395,34 @@ public struct DedupLedger: Sendable {
     /// `\.retention` for confirms), in the order of `keys`, for one round trip.
     public func storeGroups(_ keys: [DedupKey], ttl: KeyPath<DedupSettings, Duration>) -> [KeyGroup] {
         guard hasRoutes else {
-            return keys.isEmpty ? [] : [KeyGroup(keys.map(\.storeKey), ttl: settings[keyPath: ttl], layout: settings.doneLayout)]
+            return keys.isEmpty ? [] : [Self.withDigests(KeyGroup(keys.map(\.storeKey), ttl: settings[keyPath: ttl], layout: settings.doneLayout), keys)]
         }
         var groups: [KeyGroup] = []
+        var groupKeys: [[DedupKey]] = []
         for key in keys {
             let s = routeSettings[route(key)]
             let t = s[keyPath: ttl], layout = s.doneLayout
             if groups.last?.ttl == t, groups.last?.layout == layout {
                 groups[groups.count - 1].keys.append(key.storeKey)
+                groupKeys[groupKeys.count - 1].append(key)
             } else {
                 groups.append(KeyGroup([key.storeKey], ttl: t, layout: layout))
+                groupKeys.append([key])
             }
         }
-        return groups
+        return zip(groups, groupKeys).map { Self.withDigests($0, $1) }
+    }
+
+    /// The group with its keys' digests when every key has one (a compact route's keys do).
+    private static func withDigests(_ group: KeyGroup, _ keys: [DedupKey]) -> KeyGroup {
+        guard case .compact = group.layout else { return group }
+        var group = group
+        group.digests.reserveCapacity(keys.count)
+        for key in keys {
+            guard let digest = key.digest else { group.digests = []; return group }
+            group.digests.append(digest)
+        }
+        return group
     }
 
     /// Where each key's pending claim is in the store: its store key in the keys layout, its own

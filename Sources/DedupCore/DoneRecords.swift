@@ -1,5 +1,25 @@
 import Crypto
 
+/// The first 16 bytes of a store key's SHA-256, big-endian: all the compact layout needs of it
+/// (`CompactRecords.spot`). SHA-256 is the largest per-key cost on the hot path, so a key's
+/// digest is taken once, when its first message arrives, and travels with the key
+/// (`DedupKey.digest`, `KeyGroup.digests`) to the claim and the confirm.
+public struct KeyDigest: Sendable, Hashable {
+    /// Bytes 0..<8 and 8..<16.
+    public var head: UInt64
+    public var tail: UInt64
+
+    public init(of storeKey: String) {
+        var hasher = SHA256()
+        var key = storeKey
+        key.withUTF8 { hasher.update(bufferPointer: UnsafeRawBufferPointer($0)) }
+        (head, tail) = hasher.finalize().withUnsafeBytes { digest in
+            func word(_ at: Int) -> UInt64 { digest[at..<at + 8].reduce(0) { $0 << 8 | UInt64($1) } }
+            return (word(0), word(8))
+        }
+    }
+}
+
 /// How `done` records are kept in the store (`dedup.layout`, docs/architecture.md step 3).
 public enum DoneLayout: Sendable, Hashable {
     /// One string key per remembered id, `dedupd:<namespace>:<key>` holding `d:<owner>` for the
@@ -81,59 +101,68 @@ public struct CompactRecords: Sendable, Hashable {
         }
 
         public func appendField(to out: inout [UInt8]) {
-            for shift in stride(from: 56, through: 0, by: -8) { out.append(UInt8(truncatingIfNeeded: fieldHead >> UInt64(shift))) }
-            for shift in stride(from: 24, through: 0, by: -8) { out.append(UInt8(truncatingIfNeeded: fieldTail >> UInt32(shift))) }
+            withUnsafeBytes(of: fieldHead.bigEndian) { out.append(contentsOf: $0) }
+            withUnsafeBytes(of: fieldTail.bigEndian) { out.append(contentsOf: $0) }
         }
     }
 
     /// `storeKey` is `DedupKey.storeKey`: `<prefix>:<namespace>:<rest>`.
-    public func spot(of storeKey: String) -> Spot {
-        var hasher = SHA256()
-        var key = storeKey
-        key.withUTF8 { hasher.update(bufferPointer: UnsafeRawBufferPointer($0)) }
-        return hasher.finalize().withUnsafeBytes { digest in
-            func word(_ at: Int, _ count: Int) -> UInt64 { digest[at..<at + count].reduce(0) { $0 << 8 | UInt64($1) } }
-            let top = word(0, 4)
-            return Spot(
-                tag: Int(top >> UInt64(32 - Self.tagBits)), bucket: bucketBits == 0 ? 0 : Int(top >> UInt64(32 - bucketBits)),
-                fieldHead: word(Self.fieldRange.lowerBound, 8), fieldTail: UInt32(word(Self.fieldRange.lowerBound + 8, 4)))
-        }
+    public func spot(of storeKey: String) -> Spot { spot(of: KeyDigest(of: storeKey)) }
+
+    /// A key's place from its digest (`DedupKey.digest`, taken once when the key was first seen).
+    public func spot(of digest: KeyDigest) -> Spot {
+        let top = digest.head >> 32
+        return Spot(
+            tag: Int(top >> UInt64(32 - Self.tagBits)), bucket: bucketBits == 0 ? 0 : Int(top >> UInt64(32 - bucketBits)),
+            fieldHead: digest.head << 32 | digest.tail >> 32, fieldTail: UInt32(truncatingIfNeeded: digest.tail))
     }
 
     /// The pending claim's name: `<prefix>:{<namespace>:<tag>}:p:<rest>`, or the keys layout's key
     /// itself while that layout is read (`readsKeysLayout`: standalone Redis only, so no tag).
     public func appendPendingKey(of storeKey: String, at spot: Spot, to out: inout [UInt8]) {
-        if readsKeysLayout {
-            out.append(contentsOf: storeKey.utf8)
-            return
+        Self.withBytes(of: storeKey) { key in
+            if readsKeysLayout {
+                out.append(contentsOf: key)
+                return
+            }
+            let rest = Self.appendTagged(key, tag: spot.tag, kind: UInt8(ascii: "p"), to: &out)
+            out.append(contentsOf: UnsafeBufferPointer(rebasing: key[rest...]))
         }
-        let rest = Self.appendTagged(storeKey, tag: spot.tag, kind: UInt8(ascii: "p"), to: &out)
-        out.append(contentsOf: storeKey.utf8[rest...])
     }
 
     /// A bucket's name: `<prefix>:{<namespace>:<tag>}:d:<slot>:<bucket in hex>`.
     public func appendBucketKey(of storeKey: String, at spot: Spot, slot: Int64, to out: inout [UInt8]) {
-        _ = Self.appendTagged(storeKey, tag: spot.tag, kind: UInt8(ascii: "d"), to: &out)
+        Self.withBytes(of: storeKey) { key in
+            _ = Self.appendTagged(key, tag: spot.tag, kind: UInt8(ascii: "d"), to: &out)
+        }
         out.appendDigits(slot)
         out.append(UInt8(ascii: ":"))
         out.appendDigits(Int64(spot.bucket), radix: 16)
     }
 
-    /// Appends `<prefix>:{<namespace>:<tag>}:<kind>:` for `storeKey` and returns where its `<rest>`
-    /// starts (a key without two colons is all rest, under prefix `dedupd` and an empty namespace).
-    private static func appendTagged(_ storeKey: String, tag: Int, kind: UInt8, to out: inout [UInt8]) -> String.Index {
-        let utf8 = storeKey.utf8
+    /// The store key's UTF-8 bytes in place (a native string's storage), copied only for a
+    /// string that has no contiguous UTF-8 (a bridged one). The names are written once per key
+    /// and request, so this is the hot path's byte access.
+    private static func withBytes<R>(of storeKey: String, _ body: (UnsafeBufferPointer<UInt8>) -> R) -> R {
+        if let result = storeKey.utf8.withContiguousStorageIfAvailable(body) { return result }
+        return Array(storeKey.utf8).withUnsafeBufferPointer(body)
+    }
+
+    /// Appends `<prefix>:{<namespace>:<tag>}:<kind>:` for the store key `key` and returns where
+    /// its `<rest>` starts (a key without two colons is all rest, under prefix `dedupd` and an
+    /// empty namespace).
+    private static func appendTagged(_ key: UnsafeBufferPointer<UInt8>, tag: Int, kind: UInt8, to out: inout [UInt8]) -> Int {
         let colon = UInt8(ascii: ":")
-        var namespace = utf8.startIndex..<utf8.startIndex, rest = utf8.startIndex
-        if let first = utf8.firstIndex(of: colon), let second = utf8[utf8.index(after: first)...].firstIndex(of: colon) {
-            out.append(contentsOf: utf8[..<first])
-            namespace = utf8.index(after: first)..<second
-            rest = utf8.index(after: second)
+        var namespace = 0..<0, rest = 0
+        if let first = key.firstIndex(of: colon), let second = key[(first + 1)...].firstIndex(of: colon) {
+            out.append(contentsOf: UnsafeBufferPointer(rebasing: key[..<first]))
+            namespace = (first + 1)..<second
+            rest = second + 1
         } else {
             out.append(contentsOf: "dedupd".utf8)
         }
         out.append(contentsOf: ":{".utf8)
-        out.append(contentsOf: utf8[namespace])
+        out.append(contentsOf: UnsafeBufferPointer(rebasing: key[namespace]))
         out.append(colon)
         if tag < 16 { out.append(UInt8(ascii: "0")) }
         out.appendDigits(Int64(tag), radix: 16)

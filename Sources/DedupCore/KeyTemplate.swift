@@ -262,6 +262,10 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
     public let raw: String
     /// The Redis key: `<prefix>:<namespace>:<raw>` or `<prefix>:<namespace>:h:<sha256(raw)>` when `raw` is long.
     public let storeKey: String
+    /// `storeKey`'s digest when its route keeps the compact layout (set by the ledger when the
+    /// key's first message arrives), so a claim and a confirm do not hash the key again. Not part
+    /// of the key's identity.
+    public var digest: KeyDigest?
 
     /// `raw`'s hash, taken once: the engine looks a key up in several dictionaries per message,
     /// and hashing the string each time (SipHash over every byte, then Hasher's set-up and

@@ -83,7 +83,7 @@ extension RedisClaimStore {
         for group in groups {
             guard case .compact(let records) = group.layout else { return nil }
             let slots = confirming ? [records.slot(at: now)] : records.liveSlots(at: now)
-            out.append((CompactItems(group.keys, records, slots: slots), Self.millis(group.ttl)))
+            out.append((CompactItems(group.keys, records, slots: slots, digests: group.digests), Self.millis(group.ttl)))
         }
         return out
     }

@@ -386,10 +386,11 @@ public final class RedisClaimStore: ClaimStore {
         var slots: [Int64]
         var keysPerItem: Int { 1 + slots.count }
 
-        init(_ storeKeys: [String], _ records: CompactRecords, slots: [Int64]) {
+        /// `digests`: the keys' digests when known (`KeyGroup.digests`), else taken here.
+        init(_ storeKeys: [String], _ records: CompactRecords, slots: [Int64], digests: [KeyDigest] = []) {
             self.records = records
             self.storeKeys = storeKeys
-            self.spots = storeKeys.map { records.spot(of: $0) }
+            self.spots = digests.count == storeKeys.count ? digests.map { records.spot(of: $0) } : storeKeys.map { records.spot(of: $0) }
             self.slots = slots
         }
 
@@ -410,23 +411,25 @@ public final class RedisClaimStore: ClaimStore {
                 return ScriptBatch(keys: group.keys, args: [RedisArgument(owner), RedisArgument(Self.millis(group.ttl))])
             case .compact(let records):
                 return confirming
-                    ? Self.compactConfirms(group.keys, records, owner: owner, now: now)
-                    : Self.compactClaims(group.keys, records, owner: owner, lease: group.ttl, now: now)
+                    ? Self.compactConfirms(group.keys, records, owner: owner, now: now, digests: group.digests)
+                    : Self.compactClaims(group.keys, records, owner: owner, lease: group.ttl, now: now, digests: group.digests)
             }
         }
     }
 
     /// Per key: its pending key and the bucket of each live slot.
-    private static func compactClaims(_ keys: [String], _ records: CompactRecords, owner: String, lease: Duration, now: Int64) -> ScriptBatch {
-        let items = CompactItems(keys, records, slots: records.liveSlots(at: now))
+    private static func compactClaims(
+        _ keys: [String], _ records: CompactRecords, owner: String, lease: Duration, now: Int64, digests: [KeyDigest]
+    ) -> ScriptBatch {
+        let items = CompactItems(keys, records, slots: records.liveSlots(at: now), digests: digests)
         return ScriptBatch(
             items, args: [RedisArgument(owner), RedisArgument(millis(lease)), RedisArgument(items.keysPerItem)], script: .claimCompact)
     }
 
     /// Per key: its pending key and the current slot's bucket.
-    private static func compactConfirms(_ keys: [String], _ records: CompactRecords, owner: String, now: Int64) -> ScriptBatch {
+    private static func compactConfirms(_ keys: [String], _ records: CompactRecords, owner: String, now: Int64, digests: [KeyDigest]) -> ScriptBatch {
         ScriptBatch(
-            CompactItems(keys, records, slots: [records.slot(at: now)]), args: [RedisArgument(owner), RedisArgument(millis(records.lease))],
+            CompactItems(keys, records, slots: [records.slot(at: now)], digests: digests), args: [RedisArgument(owner), RedisArgument(millis(records.lease))],
             script: .confirmCompact)
     }
 

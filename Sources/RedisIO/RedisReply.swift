@@ -37,9 +37,14 @@ struct RedisCommandBatch: Sendable {
     mutating func begin() { argumentCounts.append(0) }
 
     mutating func append(_ string: String) {
+        var string = string
+        string.withUTF8 { append(UnsafeRawBufferPointer($0)) }
+    }
+
+    mutating func append(_ raw: UnsafeRawBufferPointer) {
         bytes.removeLast()
-        bytes.append(contentsOf: string.utf8)
-        close(string.utf8.count)
+        bytes.append(contentsOf: raw)
+        close(raw.count)
     }
 
     mutating func append(_ raw: [UInt8]) {

@@ -59,6 +59,10 @@ import Testing
         let keys = e.keysToClaim(now: clock.now)
         let groups = e.storeGroups(keys.keys, ttl: \.lease)
         #expect(groups.map(\.ttl) == [.seconds(35), .seconds(40), .seconds(32)], "default, payments, refunds: window + 30 s")
+        // Compact routes (the default layout): each key's digest, taken once at ingest, goes with it.
+        for group in groups {
+            #expect(group.digests == group.keys.map { KeyDigest(of: $0) }, "\(group.keys)")
+        }
         e.applyClaims(keys, try await store.claim(groups, owner: "w"), now: clock.now)
         #expect(store.roundTrips == 1)
 
