@@ -264,22 +264,19 @@ struct LineBuffer: ~Copyable {
         let n = bytes.count
         var i = 0
         while i < n {
-            // Eight bytes that need no escape are copied as one word (most of a JSON value is
-            // runs of plain text between quotes); a word with a candidate goes byte by byte.
+            // Eight bytes at a time: the word is stored whole, and the bytes before the first one
+            // that needs an escape are kept (a JSON value has a quote every few bytes, so most
+            // words keep some); that byte is escaped and the next word starts after it.
             if i + 8 <= n {
-                let word = bytes.loadUnaligned(fromByteOffset: i, as: UInt64.self)
-                if !Self.mayNeedEscape(word) {
-                    UnsafeMutableRawPointer(base + o).storeBytes(of: word, as: UInt64.self)
-                    o += 8
-                    i += 8
-                    continue
-                }
+                let raw = bytes.loadUnaligned(fromByteOffset: i, as: UInt64.self)
+                let plain = Self.firstEscape(UInt64(littleEndian: raw))
+                UnsafeMutableRawPointer(base + o).storeBytes(of: raw, as: UInt64.self)
+                o += plain
+                i += plain
+                if plain == 8 { continue }
             }
-            let end = min(i + 8, n)
-            while i < end {
-                o = Self.appendEscaped(bytes[i], at: o, in: base, hex: hex)
-                i += 1
-            }
+            o = Self.appendEscaped(bytes[i], at: o, in: base, hex: hex)
+            i += 1
         }
         base[o] = UInt8(ascii: "\"")
         count = o + 1
@@ -288,13 +285,16 @@ struct LineBuffer: ~Copyable {
     private static let ones: UInt64 = 0x0101_0101_0101_0101
     private static let highs: UInt64 = 0x8080_8080_8080_8080
 
-    /// Whether some byte of `word` is a control character, a quote or a backslash (the
-    /// zero-byte test on `word` and on `word` xor each of them; bytes ≥ 0x80 never match).
+    /// How many bytes of `word` (byte 0 in its lowest bits) come before the first control
+    /// character, quote or backslash; 8 when none does. The zero-byte test on `word` and on
+    /// `word` xor each of them: its lowest flagged byte is exact (a borrow can only flag bytes
+    /// above a true match), and bytes ≥ 0x80 never match.
     @inline(__always)
-    static func mayNeedEscape(_ word: UInt64) -> Bool {
-        func hasZeroByte(_ v: UInt64) -> Bool { (v &- ones) & ~v & highs != 0 }
-        let control = (word &- 0x20 &* ones) & ~word & highs != 0
-        return control || hasZeroByte(word ^ (0x22 &* ones)) || hasZeroByte(word ^ (0x5c &* ones))
+    static func firstEscape(_ word: UInt64) -> Int {
+        func zeroBytes(_ v: UInt64) -> UInt64 { (v &- ones) & ~v & highs }
+        let control = (word &- 0x20 &* ones) & ~word & highs
+        let flagged = control | zeroBytes(word ^ (0x22 &* ones)) | zeroBytes(word ^ (0x5c &* ones))
+        return flagged.trailingZeroBitCount / 8
     }
 
     /// Stores `b` at `o`, escaped if JSON needs it; returns the next position.
