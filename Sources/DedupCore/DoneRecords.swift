@@ -55,8 +55,6 @@ public struct CompactRecords: Sendable, Hashable {
     /// Bits of the digest in the hash tag: 64 tags per route, so a Redis Cluster spreads a route
     /// over 64 slots while a batch of 1,000 keys still makes chunks of ~16 keys per slot.
     public static let tagBits = 6
-    /// Field bytes: 96 bits; the false-duplicate bound is in docs/architecture.md.
-    public static let fieldRange = 4..<16
     /// A worker whose clock is ahead of another's by less than this still finds the other's
     /// records (and the other its own): claims look this far beyond the current slot's edges.
     public static let clockSkew: Duration = .seconds(30)
@@ -109,7 +107,9 @@ public struct CompactRecords: Sendable, Hashable {
     /// `storeKey` is `DedupKey.storeKey`: `<prefix>:<namespace>:<rest>`.
     public func spot(of storeKey: String) -> Spot { spot(of: KeyDigest(of: storeKey)) }
 
-    /// A key's place from its digest (`DedupKey.digest`, taken once when the key was first seen).
+    /// A key's place from its digest (`DedupKey.digest`, taken once when the key was first seen):
+    /// tag and bucket from its top bits, the field from bytes 4..<16 (96 bits the bucket bits do
+    /// not repeat; the false-duplicate bound is in docs/architecture.md).
     public func spot(of digest: KeyDigest) -> Spot {
         let top = digest.head >> 32
         return Spot(
