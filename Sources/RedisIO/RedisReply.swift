@@ -48,9 +48,7 @@ struct RedisCommandBatch: Sendable {
     }
 
     mutating func append(_ raw: [UInt8]) {
-        bytes.removeLast()
-        bytes.append(contentsOf: raw)
-        close(raw.count)
+        raw.withUnsafeBytes { append($0) }
     }
 
     mutating func append<I: BinaryInteger>(_ value: I) { appendArgument { $0.appendDigits(Int64(value)) } }
