@@ -106,7 +106,7 @@ extension RedisClaimStore {
             for (items, lease) in groups {
                 for item in items.storeKeys.indices {
                     let key = items.storeKeys[item], spot = items.spots[item]
-                    batch.begin()
+                    batch.begin(arguments: 6)
                     batch.append("SET")
                     batch.appendArgument { items.records.appendPendingKey(of: key, at: spot, to: &$0) }
                     batch.append(mine)
@@ -114,7 +114,7 @@ extension RedisClaimStore {
                     batch.append("PX")
                     batch.append(lease)
                     for slot in items.slots {
-                        batch.begin()
+                        batch.begin(arguments: 3)
                         batch.append("HEXISTS")
                         batch.appendArgument { items.records.appendBucketKey(of: key, at: spot, slot: slot, to: &$0) }
                         batch.appendArgument { spot.appendField(to: &$0) }
@@ -194,7 +194,7 @@ extension RedisClaimStore {
         let replies = try await redis.send({
             var batch = RedisCommandBatch()
             for (list, command) in [(giveBack, "DEL"), (read, "MGET")] where !list.isEmpty {
-                batch.begin()
+                batch.begin(arguments: 1 + list.count)
                 batch.append(command)
                 for (g, item) in list {
                     let items = groups[g].items
@@ -230,15 +230,16 @@ extension RedisClaimStore {
             var batch = RedisCommandBatch()
             for (items, _) in groups {
                 for item in items.storeKeys.indices {
-                    batch.begin()
+                    batch.begin(arguments: 4)
                     batch.append("HSET")
                     batch.appendArgument { items.records.appendBucketKey(of: items.storeKeys[item], at: items.spots[item], slot: items.slots[0], to: &$0) }
                     batch.appendArgument { items.spots[item].appendField(to: &$0) }
                     batch.append("")
                 }
             }
-            for command in ["MGET", "DEL"] where groups.contains(where: { !$0.items.storeKeys.isEmpty }) {
-                batch.begin()
+            let keys = groups.reduce(0) { $0 + $1.items.storeKeys.count }
+            for command in ["MGET", "DEL"] where keys > 0 {
+                batch.begin(arguments: 1 + keys)
                 batch.append(command)
                 for (items, _) in groups {
                     for item in items.storeKeys.indices {

@@ -485,7 +485,7 @@ public final class RedisClaimStore: ClaimStore {
             var batch = RedisCommandBatch()
             for s in all {
                 for bucket in 0..<s.records.buckets {
-                    batch.begin()
+                    batch.begin(arguments: 3)
                     batch.append("PEXPIRE")
                     batch.appendArgument { s.records.appendBucketKey(of: s.scope, bucket: bucket, slot: s.slot, to: &$0) }
                     batch.append(s.ttl)

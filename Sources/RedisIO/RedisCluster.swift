@@ -331,32 +331,3 @@ public final class RedisCluster: Sendable {
         return Node(host: String(text[..<colon]), port: port)
     }
 }
-
-extension RedisCommandBatch {
-    /// The commands at `indices`, in that order, each after an `ASKING` when `askingFirst`.
-    func commands(_ indices: [Int], askingFirst: Bool) -> RedisCommandBatch {
-        var starts: [(argument: Int, byte: Int)] = []
-        starts.reserveCapacity(commandCount + 1)
-        var argument = 0, byte = 0
-        for count in argumentCounts {
-            starts.append((argument, byte))
-            for a in argument..<(argument + count) { byte += lengths[a] }
-            argument += count
-        }
-        var out = RedisCommandBatch()
-        for index in indices {
-            if askingFirst {
-                out.begin()
-                out.append("ASKING")
-            }
-            out.begin()
-            var offset = starts[index].byte
-            let first = starts[index].argument
-            for a in first..<(first + argumentCounts[index]) {
-                out.append(Array(bytes[offset..<(offset + lengths[a])]))
-                offset += lengths[a]
-            }
-        }
-        return out
-    }
-}

@@ -13,28 +13,55 @@ public struct RedisArgument: Sendable, Hashable, ExpressibleByStringLiteral, Exp
     public init(integerLiteral value: Int64) { self.init(value) }
 }
 
-/// Commands encoded for one pipeline: every argument's bytes back to back in one buffer, with
-/// each argument's length and each command's argument count. Building a batch of `EVALSHA`s
-/// this way copies each key's UTF-8 once, where `[[RedisArgument]]` costs an array per key and
-/// a second copy into a contiguous buffer per command.
+/// Commands for one pipeline, written in RESP as they are appended: `*<argc>` per command, then
+/// `$<len>` and the bytes of each argument. Building a batch of `EVALSHA`s this way copies each
+/// key's bytes once, straight into what goes on the socket, where `[[RedisArgument]]` costs an
+/// array per key and a second copy into a contiguous buffer per command.
+///
+/// A header is written before its count or length is known and widened in place when the number
+/// needs more digits than it was given (RESP allows no leading zeros): a command's `*<argc>`
+/// starts with one digit, an argument written by a closure with two, so most need no move.
 struct RedisCommandBatch: Sendable {
-    /// The arguments' bytes; a trailing 0 keeps it non-empty (a valid base pointer).
-    private(set) var bytes: [UInt8] = [0]
-    private(set) var lengths: [Int] = []
-    private(set) var argumentCounts: [Int] = []
+    /// The pipeline in RESP.
+    private(set) var bytes: [UInt8] = []
+    /// Where each command starts in `bytes`.
+    private(set) var commandStarts: [Int] = []
+    /// The open command's argument count so far, and the digits its header has: `declared`
+    /// when `begin(arguments:)` wrote the final count, else the count's width, widened as it grows.
+    private var arguments = 0
+    private var argumentsWidth = 1
+    private var declared: Int?
 
     init() {}
 
     /// Room for `bytes` more argument bytes and `arguments` more arguments.
     mutating func reserve(bytes extra: Int, arguments: Int) {
-        bytes.reserveCapacity(bytes.count + extra)
-        lengths.reserveCapacity(lengths.count + arguments)
+        bytes.reserveCapacity(bytes.count + extra + arguments * 8)
     }
 
-    var commandCount: Int { argumentCounts.count }
+    var commandCount: Int { commandStarts.count }
 
-    /// Starts the next command; the arguments appended after it belong to it.
-    mutating func begin() { argumentCounts.append(0) }
+    /// Whether every command has the arguments its header says (`begin(arguments:)`).
+    var isComplete: Bool { declared.map { $0 == arguments } ?? true }
+
+    /// Starts the next command; the arguments appended after it belong to it. With `count` (the
+    /// hot paths know it) the header is written once; without, it is rewritten per argument.
+    mutating func begin(arguments count: Int? = nil) {
+        precondition(isComplete, "a command got fewer arguments than begin(arguments:) declared")
+        commandStarts.append(bytes.count)
+        arguments = 0
+        declared = count
+        if let count {
+            bytes.append(UInt8(ascii: "*"))
+            bytes.appendDigits(Int64(count))
+        } else {
+            bytes.append(UInt8(ascii: "*"))
+            bytes.append(UInt8(ascii: "0"))
+            argumentsWidth = 1
+        }
+        bytes.append(13)
+        bytes.append(10)
+    }
 
     mutating func append(_ string: String) {
         var string = string
@@ -42,9 +69,14 @@ struct RedisCommandBatch: Sendable {
     }
 
     mutating func append(_ raw: UnsafeRawBufferPointer) {
-        bytes.removeLast()
+        bytes.append(UInt8(ascii: "$"))
+        bytes.appendDigits(Int64(raw.count))
+        bytes.append(13)
+        bytes.append(10)
         bytes.append(contentsOf: raw)
-        close(raw.count)
+        bytes.append(13)
+        bytes.append(10)
+        counted()
     }
 
     mutating func append(_ raw: [UInt8]) {
@@ -54,18 +86,103 @@ struct RedisCommandBatch: Sendable {
     mutating func append<I: BinaryInteger>(_ value: I) { appendArgument { $0.appendDigits(Int64(value)) } }
 
     /// An argument whose bytes `write` appends in place (names spelled from numbers, without a
-    /// string per argument).
+    /// string per argument). Inlined so that `write` is too, with nothing it captures retained.
+    @inline(__always)
     mutating func appendArgument(_ write: (inout [UInt8]) -> Void) {
-        bytes.removeLast()
-        let start = bytes.count
+        let at = bytes.count
+        bytes.append(UInt8(ascii: "$"))
+        bytes.append(0)
+        bytes.append(0)
+        bytes.append(13)
+        bytes.append(10)
         write(&bytes)
-        close(bytes.count - start)
+        closeArgument(at: at)
     }
 
-    private mutating func close(_ length: Int) {
-        bytes.append(0)
-        lengths.append(length)
-        argumentCounts[argumentCounts.count - 1] += 1
+    /// Writes the `$<len>` of the argument whose two-digit header starts at `at`, moving its
+    /// bytes when the length has another width.
+    private mutating func closeArgument(at: Int) {
+        let length = bytes.count - at - 5
+        if length >= 10 && length < 100 {
+            bytes[at + 1] = UInt8(ascii: "0") &+ UInt8(truncatingIfNeeded: length / 10)
+            bytes[at + 2] = UInt8(ascii: "0") &+ UInt8(truncatingIfNeeded: length % 10)
+        } else {
+            let width = Self.decimalWidth(length)
+            widen(from: at + 5, by: width - 2)
+            bytes.withUnsafeMutableBufferPointer { Self.writeHeader(UInt8(ascii: "$"), length, width: width, to: $0, at: at) }
+        }
+        bytes.append(13)
+        bytes.append(10)
+        counted()
+    }
+
+    /// One more argument in the open command; an undeclared count's `*<argc>` is rewritten
+    /// (widened at 10, 100, …).
+    @inline(__always)
+    private mutating func counted() {
+        arguments += 1
+        if let declared {
+            precondition(arguments <= declared, "a command got more arguments than begin(arguments:) declared")
+            return
+        }
+        recount()
+    }
+
+    private mutating func recount() {
+        guard let start = commandStarts.last else { preconditionFailure("an argument before begin()") }
+        let width = Self.decimalWidth(arguments)
+        if width != argumentsWidth {
+            widen(from: start + 1 + argumentsWidth, by: width - argumentsWidth)
+            argumentsWidth = width
+        }
+        let count = arguments
+        bytes.withUnsafeMutableBufferPointer { Self.writeHeader(UInt8(ascii: "*"), count, width: width, to: $0, at: start) }
+    }
+
+    /// Moves everything from `offset` on by `delta` bytes (right when positive).
+    private mutating func widen(from offset: Int, by delta: Int) {
+        let moved = bytes.count - offset
+        if delta > 0 { bytes.append(contentsOf: repeatElement(0, count: delta)) }
+        bytes.withUnsafeMutableBytes { raw in
+            let base = raw.baseAddress!
+            (base + offset + delta).copyMemory(from: base + offset, byteCount: moved)
+        }
+        if delta < 0 { bytes.removeLast(-delta) }
+    }
+
+    /// The commands at `indices`, in that order, each after an `ASKING` when `askingFirst` (a
+    /// cluster's redirects).
+    func commands(_ indices: [Int], askingFirst: Bool) -> RedisCommandBatch {
+        var out = RedisCommandBatch()
+        for index in indices {
+            if askingFirst {
+                out.begin()
+                out.append("ASKING")
+            }
+            let end = index + 1 < commandStarts.count ? commandStarts[index + 1] : bytes.count
+            out.commandStarts.append(out.bytes.count)
+            out.bytes.append(contentsOf: bytes[commandStarts[index]..<end])
+        }
+        return out
+    }
+
+    static func decimalWidth(_ n: Int) -> Int {
+        var width = 1
+        var rest = n
+        while rest >= 10 { rest /= 10; width += 1 }
+        return width
+    }
+
+    /// `<marker><n>\r\n` at `at`, with `n` in `width` digits.
+    private static func writeHeader(_ marker: UInt8, _ n: Int, width: Int, to out: UnsafeMutableBufferPointer<UInt8>, at: Int) {
+        out[at] = marker
+        var rest = n
+        for i in stride(from: at + width, to: at, by: -1) {
+            out[i] = UInt8(ascii: "0") &+ UInt8(truncatingIfNeeded: rest % 10)
+            rest /= 10
+        }
+        out[at + width + 1] = 13
+        out[at + width + 2] = 10
     }
 }
 

@@ -14,11 +14,14 @@ final class ReplyArena {
     /// Chunks kept across `reset()`; what a larger reply took beyond them is given back.
     private static let keptChunks = 16
 
-    private var chunks: [UnsafeMutableRawPointer] = []
-    private var chunk = 0
-    private var used = 0
+    // The arena is touched only from its socket's reads, one at a time, and `reset()` runs
+    // before every reply (several per key in a pipeline): run-time exclusivity checks on these
+    // fields cost more than the allocation they guard.
+    @exclusivity(unchecked) private var chunks: [UnsafeMutableRawPointer] = []
+    @exclusivity(unchecked) private var chunk = 0
+    @exclusivity(unchecked) private var used = 0
     /// Single allocations larger than a chunk (a long string), freed at `reset()`.
-    private var oversized: [UnsafeMutableRawPointer] = []
+    @exclusivity(unchecked) private var oversized: [UnsafeMutableRawPointer] = []
 
     init() {}
 
@@ -46,8 +49,10 @@ final class ReplyArena {
 
     /// Everything allocated so far is free to be reused.
     func reset() {
-        for p in oversized { p.deallocate() }
-        oversized.removeAll(keepingCapacity: true)
+        if !oversized.isEmpty {
+            for p in oversized { p.deallocate() }
+            oversized.removeAll(keepingCapacity: true)
+        }
         while chunks.count > Self.keptChunks { chunks.removeLast().deallocate() }
         chunk = 0
         used = 0

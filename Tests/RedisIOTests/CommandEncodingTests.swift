@@ -1,4 +1,4 @@
-import RedisIO
+@testable import RedisIO
 import Testing
 
 /// Every command goes out through one RESP encoder that writes its lengths by hand: arguments
@@ -38,6 +38,54 @@ struct CommandEncodingTests {
             #expect(replies[1] == .integer(Int64(count)), "\(count) items")
             #expect(replies[2] == .array((0..<count).map { .string(Array("item-\($0)".utf8)) }), "\(count) items")
             guard case .integer = replies[3] else { Issue.record("INCRBY: \(replies[3])"); return }
+        }
+    }
+}
+
+/// The batch writes RESP as arguments arrive and widens a header in place when its number needs
+/// another digit: every way of appending, at every width, must give what a plain encoder gives.
+@Suite("RESP written in place")
+struct CommandBatchBytesTests {
+    static func reference(_ commands: [[[UInt8]]]) -> [UInt8] {
+        var out: [UInt8] = []
+        for command in commands {
+            out += Array("*\(command.count)\r\n".utf8)
+            for argument in command { out += Array("$\(argument.count)\r\n".utf8) + argument + [13, 10] }
+        }
+        return out
+    }
+
+    /// With the count declared at `begin(arguments:)` or counted as arguments come.
+    @Test func everyAppendAtEveryWidthMatchesAPlainEncoder() {
+        var rng = SystemRandomNumberGenerator()
+        for _ in 0..<200 {
+            var batch = RedisCommandBatch()
+            var commands: [[[UInt8]]] = []
+            for _ in 0..<Int.random(in: 1...4, using: &rng) {
+                let count = [1, 3, 9, 10, 11, 99, 100, 101].randomElement(using: &rng)!
+                if Bool.random(using: &rng) { batch.begin(arguments: count) } else { batch.begin() }
+                var command: [[UInt8]] = []
+                for _ in 0..<count {
+                    let length = [0, 1, 9, 10, 11, 99, 100, 101, 1000].randomElement(using: &rng)!
+                    let argument = (0..<length).map { _ in UInt8.random(in: 0...255, using: &rng) }
+                    switch Int.random(in: 0..<3, using: &rng) {
+                    case 0: batch.append(argument)
+                    case 1: batch.appendArgument { $0.append(contentsOf: argument) }
+                    default:
+                        let n = Int64.random(in: -1_000_000...1_000_000, using: &rng)
+                        batch.append(n)
+                        command.append(Array(String(n).utf8))
+                        continue
+                    }
+                    command.append(argument)
+                }
+                commands.append(command)
+            }
+            #expect(batch.bytes == Self.reference(commands))
+            #expect(batch.commandCount == commands.count)
+            let picked = batch.commands([commands.count - 1, 0], askingFirst: true)
+            #expect(picked.bytes == Self.reference([[Array("ASKING".utf8)], commands[commands.count - 1], [Array("ASKING".utf8)], commands[0]]))
+            #expect(picked.commandCount == 4)
         }
     }
 }

@@ -49,7 +49,7 @@ struct CompactLayoutTests {
         #expect(try await Self.claim(s, keys, "w1").allSatisfy { $0 == .claimed })
         // Claiming again extends the lease (a renewal).
         let pending = Self.records.placement(of: keys[0]).pendingKey
-        _ = try await fx.connection.command(["PEXPIRE", RedisArgument(pending), 1000])
+        _ = try await fx.connection.command(["PEXPIRE", RedisArgument(pending), 5000])
         #expect(try await Self.claim(s, keys, "w1").allSatisfy { $0 == .alreadyOwned })
         #expect(try await fx.connection.command(["PTTL", RedisArgument(pending)]).int ?? 0 > 20_000)
         #expect(try await Self.claim(s, keys, "w2").allSatisfy { $0 == .pendingElsewhere(owner: "w1") })
