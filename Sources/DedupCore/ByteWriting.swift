@@ -2,6 +2,17 @@ extension Array where Element == UInt8 {
     /// Appends `value`'s digits in `radix` (2 to 36, lowercase), as `String(value, radix:)` spells
     /// them, without building the string: Redis key names are written this way on the hot path.
     public mutating func appendDigits(_ value: Int64, radix: Int64 = 10) {
+        // One or two digits (RESP's argument counts and most lengths) byte by byte: appending a
+        // buffer costs more than the digits.
+        if value >= 0 && value < radix && radix <= 10 {
+            append(UInt8(ascii: "0") &+ UInt8(truncatingIfNeeded: value))
+            return
+        }
+        if radix == 10 && value >= 10 && value < 100 {
+            append(UInt8(ascii: "0") &+ UInt8(truncatingIfNeeded: value / 10))
+            append(UInt8(ascii: "0") &+ UInt8(truncatingIfNeeded: value % 10))
+            return
+        }
         let negative = value < 0
         var rest = value.magnitude
         // Written backwards into room on the stack (64 digits: base 2 of the largest magnitude),
@@ -24,7 +35,8 @@ extension Array where Element == UInt8 {
                 at -= 1
                 digits[at] = UInt8(ascii: "-")
             }
-            append(contentsOf: UnsafeBufferPointer(rebasing: digits[at...]))
+            // A handful of bytes: one at a time is cheaper than a generic buffer append.
+            for i in at..<digits.count { append(digits[i]) }
         }
     }
 }

@@ -1,4 +1,5 @@
 import Crypto
+import Foundation
 
 /// The first 16 bytes of a store key's SHA-256, big-endian: all the compact layout needs of it
 /// (`CompactRecords.spot`). SHA-256 is the largest per-key cost on the hot path, so a key's
@@ -140,10 +141,63 @@ public struct CompactRecords: Sendable, Hashable {
         out.appendDigits(Int64(spot.bucket), radix: 16)
     }
 
+    /// The bucket names of one slot for the keys of one group. A route's store keys all start
+    /// `<prefix>:<namespace>:`, so its names differ only in tag and bucket: what they share is
+    /// spelled once per request, not once per key (`appendBucketKey` found the colons and wrote
+    /// the slot's digits for every key). A key that does not start like the first one is named
+    /// by `appendBucketKey`.
+    public struct BucketNames: Sendable {
+        let records: CompactRecords
+        public let slot: Int64
+        /// `<prefix>:<namespace>:` as the group's store keys start (empty: no shortcut).
+        let keyHead: [UInt8]
+        /// `<prefix>:{<namespace>:`, then `}:d:<slot>:`.
+        let nameHead: [UInt8]
+        let nameMiddle: [UInt8]
+
+        public init(_ records: CompactRecords, slot: Int64, firstKey: String?) {
+            self.records = records
+            self.slot = slot
+            var keyHead: [UInt8] = [], nameHead: [UInt8] = []
+            if let firstKey {
+                CompactRecords.withBytes(of: firstKey) { key in
+                    let rest = CompactRecords.appendTagged(key, tag: 0, kind: 0, to: &nameHead)
+                    if rest > 0 { keyHead = Array(key[..<rest]) }
+                }
+                // Up to the tag: `appendTagged` wrote `<tag>}:<kind>:` after it (2 + 4 bytes).
+                nameHead.removeLast(6)
+            }
+            self.keyHead = keyHead
+            self.nameHead = nameHead
+            var middle = Array("}:d:".utf8)
+            middle.appendDigits(slot)
+            middle.append(UInt8(ascii: ":"))
+            self.nameMiddle = middle
+        }
+
+        /// What `records.appendBucketKey(of: storeKey, at: spot, slot: slot, to: &out)` appends.
+        public func append(of storeKey: String, at spot: Spot, to out: inout [UInt8]) {
+            let shared = CompactRecords.withBytes(of: storeKey) { key in
+                !keyHead.isEmpty && key.count >= keyHead.count
+                    && keyHead.withUnsafeBufferPointer { memcmp($0.baseAddress!, key.baseAddress!, keyHead.count) == 0 }
+            }
+            guard shared else { return records.appendBucketKey(of: storeKey, at: spot, slot: slot, to: &out) }
+            out.append(contentsOf: nameHead)
+            out.append(Self.hex(spot.tag >> 4))
+            out.append(Self.hex(spot.tag & 15))
+            out.append(contentsOf: nameMiddle)
+            out.appendDigits(Int64(spot.bucket), radix: 16)
+        }
+
+        private static func hex(_ digit: Int) -> UInt8 {
+            digit < 10 ? UInt8(ascii: "0") &+ UInt8(digit) : UInt8(ascii: "a") &+ UInt8(digit - 10)
+        }
+    }
+
     /// The store key's UTF-8 bytes in place (a native string's storage), copied only for a
     /// string that has no contiguous UTF-8 (a bridged one). The names are written once per key
     /// and request, so this is the hot path's byte access.
-    private static func withBytes<R>(of storeKey: String, _ body: (UnsafeBufferPointer<UInt8>) -> R) -> R {
+    fileprivate static func withBytes<R>(of storeKey: String, _ body: (UnsafeBufferPointer<UInt8>) -> R) -> R {
         if let result = storeKey.utf8.withContiguousStorageIfAvailable(body) { return result }
         return Array(storeKey.utf8).withUnsafeBufferPointer(body)
     }
@@ -151,7 +205,7 @@ public struct CompactRecords: Sendable, Hashable {
     /// Appends `<prefix>:{<namespace>:<tag>}:<kind>:` for the store key `key` and returns where
     /// its `<rest>` starts (a key without two colons is all rest, under prefix `dedupd` and an
     /// empty namespace).
-    private static func appendTagged(_ key: UnsafeBufferPointer<UInt8>, tag: Int, kind: UInt8, to out: inout [UInt8]) -> Int {
+    fileprivate static func appendTagged(_ key: UnsafeBufferPointer<UInt8>, tag: Int, kind: UInt8, to out: inout [UInt8]) -> Int {
         let colon = UInt8(ascii: ":")
         var namespace = 0..<0, rest = 0
         if let first = key.firstIndex(of: colon), let second = key[(first + 1)...].firstIndex(of: colon) {

@@ -113,10 +113,10 @@ extension RedisClaimStore {
                     batch.append("NX")
                     batch.append("PX")
                     batch.append(lease)
-                    for slot in items.slots {
+                    for names in items.bucketNames {
                         batch.begin(arguments: 3)
                         batch.append("HEXISTS")
-                        batch.appendArgument { items.records.appendBucketKey(of: key, at: spot, slot: slot, to: &$0) }
+                        batch.appendArgument { names.append(of: key, at: spot, to: &$0) }
                         batch.appendArgument { spot.appendField(to: &$0) }
                     }
                 }
@@ -232,7 +232,7 @@ extension RedisClaimStore {
                 for item in items.storeKeys.indices {
                     batch.begin(arguments: 4)
                     batch.append("HSET")
-                    batch.appendArgument { items.records.appendBucketKey(of: items.storeKeys[item], at: items.spots[item], slot: items.slots[0], to: &$0) }
+                    batch.appendArgument { items.bucketNames[0].append(of: items.storeKeys[item], at: items.spots[item], to: &$0) }
                     batch.appendArgument { items.spots[item].appendField(to: &$0) }
                     batch.append("")
                 }

@@ -384,6 +384,8 @@ public final class RedisClaimStore: ClaimStore {
         var storeKeys: [String]
         var spots: [CompactRecords.Spot]
         var slots: [Int64]
+        /// The bucket names of each slot in `slots`.
+        var bucketNames: [CompactRecords.BucketNames]
         var keysPerItem: Int { 1 + slots.count }
 
         /// `digests`: the keys' digests when known (`KeyGroup.digests`), else taken here.
@@ -392,12 +394,13 @@ public final class RedisClaimStore: ClaimStore {
             self.storeKeys = storeKeys
             self.spots = digests.count == storeKeys.count ? digests.map { records.spot(of: $0) } : storeKeys.map { records.spot(of: $0) }
             self.slots = slots
+            self.bucketNames = slots.map { CompactRecords.BucketNames(records, slot: $0, firstKey: storeKeys.first) }
         }
 
         func appendKeys(ofItem item: Int, to batch: inout RedisCommandBatch) {
             let key = storeKeys[item], spot = spots[item]
             batch.appendArgument { records.appendPendingKey(of: key, at: spot, to: &$0) }
-            for slot in slots { batch.appendArgument { records.appendBucketKey(of: key, at: spot, slot: slot, to: &$0) } }
+            for names in bucketNames { batch.appendArgument { names.append(of: key, at: spot, to: &$0) } }
         }
     }
 

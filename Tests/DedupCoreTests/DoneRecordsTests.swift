@@ -45,6 +45,29 @@ import Testing
         #expect(all[8191] == "dedupd:{orders:3f}:d:42:1fff")
     }
 
+    /// A request names its buckets through `BucketNames` (what a group's keys share written
+    /// once): the same bytes as `appendBucketKey`, for keys that start like the first key and
+    /// for keys that do not (another namespace or prefix, no colons, a longer or shorter head).
+    @Test func bucketNamesOfAGroupAreTheKeysOwn() {
+        let records = CompactRecords(retention: .seconds(3600), buckets: 8192)
+        let keys = (0..<300).map { "dedupd:orders:id-\($0)" } + [
+            "dedupd:refunds:id-1", "other:orders:id-1", "plain", "dedupd:", "dedupd:orders", "dedupd:orders:",
+            "dedupd:orders:with:colons", "dedupd:ordersX:id-1", "dedupd:order:id-1", "dédupd:orders:ü",
+        ]
+        for first in [keys[0], "plain", "dedupd:refunds:id-9", nil] {
+            for slot: Int64 in [0, 7, 20_454, 1_764_000_000] {
+                let names = CompactRecords.BucketNames(records, slot: slot, firstKey: first)
+                for key in keys {
+                    let spot = records.spot(of: key)
+                    var expected: [UInt8] = [], got: [UInt8] = [1, 2]
+                    records.appendBucketKey(of: key, at: spot, slot: slot, to: &expected)
+                    names.append(of: key, at: spot, to: &got)
+                    #expect(got == [1, 2] + expected, "\(key), first key \(first ?? "none"), slot \(slot)")
+                }
+            }
+        }
+    }
+
     @Test func keysSpreadOverAllTagsAndBuckets() {
         let placements = (0..<20_000).map { records.placement(of: "dedupd:n:id-\($0)") }
         #expect(Set(placements.map(\.tag)).count == 1 << CompactRecords.tagBits)
