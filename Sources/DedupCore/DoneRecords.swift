@@ -141,23 +141,23 @@ public struct CompactRecords: Sendable, Hashable {
         out.appendDigits(Int64(spot.bucket), radix: 16)
     }
 
-    /// The bucket names of one slot for the keys of one group. A route's store keys all start
-    /// `<prefix>:<namespace>:`, so its names differ only in tag and bucket: what they share is
-    /// spelled once per request, not once per key (`appendBucketKey` found the colons and wrote
-    /// the slot's digits for every key). A key that does not start like the first one is named
-    /// by `appendBucketKey`.
-    public struct BucketNames: Sendable {
-        let records: CompactRecords
-        public let slot: Int64
+    /// The pending keys and bucket names of one group's keys in a request. A route's store keys
+    /// all start `<prefix>:<namespace>:`, so their names differ only in tag, bucket and rest:
+    /// what they share (the head, each slot's digits) is spelled once per request, not once per
+    /// name (`appendPendingKey` and `appendBucketKey` find the colons and write the slot for
+    /// every key). A key that does not start like the first one is named by those functions.
+    public struct GroupNames: Sendable {
+        public let records: CompactRecords
+        public let slots: [Int64]
         /// `<prefix>:<namespace>:` as the group's store keys start (empty: no shortcut).
         let keyHead: [UInt8]
-        /// `<prefix>:{<namespace>:`, then `}:d:<slot>:`.
+        /// `<prefix>:{<namespace>:`, then per slot `}:d:<slot>:`.
         let nameHead: [UInt8]
-        let nameMiddle: [UInt8]
+        let bucketMiddles: [[UInt8]]
 
-        public init(_ records: CompactRecords, slot: Int64, firstKey: String?) {
+        public init(_ records: CompactRecords, slots: [Int64], firstKey: String?) {
             self.records = records
-            self.slot = slot
+            self.slots = slots
             var keyHead: [UInt8] = [], nameHead: [UInt8] = []
             if let firstKey {
                 CompactRecords.withBytes(of: firstKey) { key in
@@ -169,24 +169,44 @@ public struct CompactRecords: Sendable, Hashable {
             }
             self.keyHead = keyHead
             self.nameHead = nameHead
-            var middle = Array("}:d:".utf8)
-            middle.appendDigits(slot)
-            middle.append(UInt8(ascii: ":"))
-            self.nameMiddle = middle
+            self.bucketMiddles = slots.map { slot in
+                var middle = Array("}:d:".utf8)
+                middle.appendDigits(slot)
+                middle.append(UInt8(ascii: ":"))
+                return middle
+            }
         }
 
-        /// What `records.appendBucketKey(of: storeKey, at: spot, slot: slot, to: &out)` appends.
-        public func append(of storeKey: String, at spot: Spot, to out: inout [UInt8]) {
-            let shared = CompactRecords.withBytes(of: storeKey) { key in
-                !keyHead.isEmpty && key.count >= keyHead.count
-                    && keyHead.withUnsafeBufferPointer { memcmp($0.baseAddress!, key.baseAddress!, keyHead.count) == 0 }
+        /// What `records.appendPendingKey(of: storeKey, at: spot, to: &out)` appends.
+        public func appendPendingKey(of storeKey: String, at spot: Spot, to out: inout [UInt8]) {
+            CompactRecords.withBytes(of: storeKey) { key in
+                guard !records.readsKeysLayout, shares(key) else { return records.appendPendingKey(of: storeKey, at: spot, to: &out) }
+                appendHead(tag: spot.tag, to: &out)
+                out.append(contentsOf: "}:p:".utf8)
+                out.append(contentsOf: UnsafeBufferPointer(rebasing: key[keyHead.count...]))
             }
-            guard shared else { return records.appendBucketKey(of: storeKey, at: spot, slot: slot, to: &out) }
-            out.append(contentsOf: nameHead)
-            out.append(Self.hex(spot.tag >> 4))
-            out.append(Self.hex(spot.tag & 15))
-            out.append(contentsOf: nameMiddle)
+        }
+
+        /// What `records.appendBucketKey(of: storeKey, at: spot, slot: slots[slot], to: &out)` appends.
+        public func appendBucketKey(of storeKey: String, at spot: Spot, slotAt slot: Int, to out: inout [UInt8]) {
+            guard CompactRecords.withBytes(of: storeKey, shares) else {
+                return records.appendBucketKey(of: storeKey, at: spot, slot: slots[slot], to: &out)
+            }
+            appendHead(tag: spot.tag, to: &out)
+            out.append(contentsOf: bucketMiddles[slot])
             out.appendDigits(Int64(spot.bucket), radix: 16)
+        }
+
+        private func shares(_ key: UnsafeBufferPointer<UInt8>) -> Bool {
+            !keyHead.isEmpty && key.count >= keyHead.count
+                && keyHead.withUnsafeBufferPointer { memcmp($0.baseAddress!, key.baseAddress!, keyHead.count) == 0 }
+        }
+
+        /// `<prefix>:{<namespace>:<tag in two hex digits>`.
+        private func appendHead(tag: Int, to out: inout [UInt8]) {
+            out.append(contentsOf: nameHead)
+            out.append(Self.hex(tag >> 4))
+            out.append(Self.hex(tag & 15))
         }
 
         private static func hex(_ digit: Int) -> UInt8 {

@@ -108,15 +108,15 @@ extension RedisClaimStore {
                     let key = items.storeKeys[item], spot = items.spots[item]
                     batch.begin(arguments: 6)
                     batch.append("SET")
-                    batch.appendArgument { items.records.appendPendingKey(of: key, at: spot, to: &$0) }
+                    batch.appendArgument { items.names.appendPendingKey(of: key, at: spot, to: &$0) }
                     batch.append(mine)
                     batch.append("NX")
                     batch.append("PX")
                     batch.append(lease)
-                    for names in items.bucketNames {
+                    for slot in items.slots.indices {
                         batch.begin(arguments: 3)
                         batch.append("HEXISTS")
-                        batch.appendArgument { names.append(of: key, at: spot, to: &$0) }
+                        batch.appendArgument { items.names.appendBucketKey(of: key, at: spot, slotAt: slot, to: &$0) }
                         batch.appendArgument { spot.appendField(to: &$0) }
                     }
                 }
@@ -198,7 +198,7 @@ extension RedisClaimStore {
                 batch.append(command)
                 for (g, item) in list {
                     let items = groups[g].items
-                    batch.appendArgument { items.records.appendPendingKey(of: items.storeKeys[item], at: items.spots[item], to: &$0) }
+                    batch.appendArgument { items.names.appendPendingKey(of: items.storeKeys[item], at: items.spots[item], to: &$0) }
                 }
             }
             return batch
@@ -232,7 +232,7 @@ extension RedisClaimStore {
                 for item in items.storeKeys.indices {
                     batch.begin(arguments: 4)
                     batch.append("HSET")
-                    batch.appendArgument { items.bucketNames[0].append(of: items.storeKeys[item], at: items.spots[item], to: &$0) }
+                    batch.appendArgument { items.names.appendBucketKey(of: items.storeKeys[item], at: items.spots[item], slotAt: 0, to: &$0) }
                     batch.appendArgument { items.spots[item].appendField(to: &$0) }
                     batch.append("")
                 }
@@ -243,7 +243,7 @@ extension RedisClaimStore {
                 batch.append(command)
                 for (items, _) in groups {
                     for item in items.storeKeys.indices {
-                        batch.appendArgument { items.records.appendPendingKey(of: items.storeKeys[item], at: items.spots[item], to: &$0) }
+                        batch.appendArgument { items.names.appendPendingKey(of: items.storeKeys[item], at: items.spots[item], to: &$0) }
                     }
                 }
             }

@@ -360,7 +360,7 @@ public final class RedisClaimStore: ClaimStore {
         func clusterSlot(ofItem item: Int) -> UInt16 {
             guard let compact else { return ClusterSlot.of(keys[item * keysPerItem]) }
             var name: [UInt8] = []
-            compact.records.appendPendingKey(of: compact.storeKeys[item], at: compact.spots[item], to: &name)
+            compact.names.appendPendingKey(of: compact.storeKeys[item], at: compact.spots[item], to: &name)
             return name.withUnsafeBufferPointer { ClusterSlot.of(bytes: $0) }
         }
 
@@ -384,8 +384,8 @@ public final class RedisClaimStore: ClaimStore {
         var storeKeys: [String]
         var spots: [CompactRecords.Spot]
         var slots: [Int64]
-        /// The bucket names of each slot in `slots`.
-        var bucketNames: [CompactRecords.BucketNames]
+        /// The pending keys' and the buckets' names.
+        var names: CompactRecords.GroupNames
         var keysPerItem: Int { 1 + slots.count }
 
         /// `digests`: the keys' digests when known (`KeyGroup.digests`), else taken here.
@@ -394,13 +394,13 @@ public final class RedisClaimStore: ClaimStore {
             self.storeKeys = storeKeys
             self.spots = digests.count == storeKeys.count ? digests.map { records.spot(of: $0) } : storeKeys.map { records.spot(of: $0) }
             self.slots = slots
-            self.bucketNames = slots.map { CompactRecords.BucketNames(records, slot: $0, firstKey: storeKeys.first) }
+            self.names = CompactRecords.GroupNames(records, slots: slots, firstKey: storeKeys.first)
         }
 
         func appendKeys(ofItem item: Int, to batch: inout RedisCommandBatch) {
             let key = storeKeys[item], spot = spots[item]
-            batch.appendArgument { records.appendPendingKey(of: key, at: spot, to: &$0) }
-            for names in bucketNames { batch.appendArgument { names.append(of: key, at: spot, to: &$0) } }
+            batch.appendArgument { names.appendPendingKey(of: key, at: spot, to: &$0) }
+            for slot in slots.indices { batch.appendArgument { names.appendBucketKey(of: key, at: spot, slotAt: slot, to: &$0) } }
         }
     }
 

@@ -45,24 +45,33 @@ import Testing
         #expect(all[8191] == "dedupd:{orders:3f}:d:42:1fff")
     }
 
-    /// A request names its buckets through `BucketNames` (what a group's keys share written
-    /// once): the same bytes as `appendBucketKey`, for keys that start like the first key and
-    /// for keys that do not (another namespace or prefix, no colons, a longer or shorter head).
-    @Test func bucketNamesOfAGroupAreTheKeysOwn() {
-        let records = CompactRecords(retention: .seconds(3600), buckets: 8192)
+    /// A request names its pending keys and buckets through `GroupNames` (what a group's keys
+    /// share written once): the same bytes as `appendPendingKey` and `appendBucketKey`, for keys
+    /// that start like the first key and for keys that do not (another namespace or prefix, no
+    /// colons, a longer or shorter head), and while the keys layout is read.
+    @Test func groupNamesAreTheKeysOwnNames() {
         let keys = (0..<300).map { "dedupd:orders:id-\($0)" } + [
             "dedupd:refunds:id-1", "other:orders:id-1", "plain", "dedupd:", "dedupd:orders", "dedupd:orders:",
             "dedupd:orders:with:colons", "dedupd:ordersX:id-1", "dedupd:order:id-1", "dédupd:orders:ü",
         ]
-        for first in [keys[0], "plain", "dedupd:refunds:id-9", nil] {
-            for slot: Int64 in [0, 7, 20_454, 1_764_000_000] {
-                let names = CompactRecords.BucketNames(records, slot: slot, firstKey: first)
+        for records in [CompactRecords(retention: .seconds(3600), buckets: 8192, readsKeysLayout: false),
+                        CompactRecords(retention: .seconds(3600), buckets: 64, readsKeysLayout: true)] {
+            for first in [keys[0], "plain", "dedupd:refunds:id-9", nil] {
+                let slots: [Int64] = [0, 7, 20_454, 1_764_000_000]
+                let names = CompactRecords.GroupNames(records, slots: slots, firstKey: first)
                 for key in keys {
                     let spot = records.spot(of: key)
                     var expected: [UInt8] = [], got: [UInt8] = [1, 2]
-                    records.appendBucketKey(of: key, at: spot, slot: slot, to: &expected)
-                    names.append(of: key, at: spot, to: &got)
-                    #expect(got == [1, 2] + expected, "\(key), first key \(first ?? "none"), slot \(slot)")
+                    records.appendPendingKey(of: key, at: spot, to: &expected)
+                    names.appendPendingKey(of: key, at: spot, to: &got)
+                    #expect(got == [1, 2] + expected, "pending key of \(key), first key \(first ?? "none")")
+                    for (i, slot) in slots.enumerated() {
+                        expected = []
+                        got = [1, 2]
+                        records.appendBucketKey(of: key, at: spot, slot: slot, to: &expected)
+                        names.appendBucketKey(of: key, at: spot, slotAt: i, to: &got)
+                        #expect(got == [1, 2] + expected, "bucket of \(key), first key \(first ?? "none"), slot \(slot)")
+                    }
                 }
             }
         }
