@@ -15,8 +15,8 @@ public struct KeyDigest: Sendable, Hashable {
         var key = storeKey
         key.withUTF8 { hasher.update(bufferPointer: UnsafeRawBufferPointer($0)) }
         (head, tail) = hasher.finalize().withUnsafeBytes { digest in
-            func word(_ at: Int) -> UInt64 { digest[at..<at + 8].reduce(0) { $0 << 8 | UInt64($1) } }
-            return (word(0), word(8))
+            (UInt64(bigEndian: digest.loadUnaligned(fromByteOffset: 0, as: UInt64.self)),
+             UInt64(bigEndian: digest.loadUnaligned(fromByteOffset: 8, as: UInt64.self)))
         }
     }
 }
