@@ -91,6 +91,9 @@ public struct CompactRecords: Sendable, Hashable {
         var fieldHead: UInt64
         var fieldTail: UInt32
 
+        /// A field's length in bytes.
+        public static let fieldLength = 12
+
         /// The 12 bytes stored as the bucket's field.
         public var field: [UInt8] {
             var bytes: [UInt8] = []
@@ -263,6 +266,9 @@ public struct CompactRecords: Sendable, Hashable {
         public var pendingKey: String { Self.string { records.appendPendingKey(of: keysLayoutKey, at: spot, to: &$0) } }
         /// The bucket index within a slot (`buckets` of them).
         public var bucket: Int { spot.bucket }
+        /// A field's length in bytes.
+        public static let fieldLength = 12
+
         /// The 12 bytes stored as the bucket's field.
         public var field: [UInt8] { spot.field }
 

@@ -22,6 +22,12 @@ import Synchronization
 /// Not in a cluster: while a slot migrates, a redirect (`ASK`) can run one command of a pair on
 /// the target after the other ran on the source, and the order is gone; there the scripts run.
 extension RedisClaimStore {
+    // The per-key commands' constant arguments, encoded once.
+    private static let setName = EncodedArguments(["SET"])
+    private static let hexistsName = EncodedArguments(["HEXISTS"])
+    private static let hsetName = EncodedArguments(["HSET"])
+    private static let emptyValue = EncodedArguments([""])
+
     /// Who holds a pending key, read from its value without building a string for this worker's
     /// own claims (the common answer).
     enum Holder: Sendable, Equatable {
@@ -104,20 +110,18 @@ extension RedisClaimStore {
         let first = redis.send({
             var batch = RedisCommandBatch()
             for (items, lease) in groups {
+                let setTail = EncodedArguments([RedisArgument(bytes: mine), "NX", "PX", RedisArgument(lease)])
                 for item in items.storeKeys.indices {
                     let key = items.storeKeys[item], spot = items.spots[item]
                     batch.begin(arguments: 6)
-                    batch.append("SET")
+                    batch.append(Self.setName)
                     batch.appendArgument { items.names.appendPendingKey(of: key, at: spot, to: &$0) }
-                    batch.append(mine)
-                    batch.append("NX")
-                    batch.append("PX")
-                    batch.append(lease)
+                    batch.append(setTail)
                     for slot in items.slots.indices {
                         batch.begin(arguments: 3)
-                        batch.append("HEXISTS")
+                        batch.append(Self.hexistsName)
                         batch.appendArgument { items.names.appendBucketKey(of: key, at: spot, slotAt: slot, to: &$0) }
-                        batch.appendArgument { spot.appendField(to: &$0) }
+                        batch.appendArgument(length: CompactRecords.Spot.fieldLength) { spot.appendField(to: &$0) }
                     }
                 }
             }
@@ -231,10 +235,10 @@ extension RedisClaimStore {
             for (items, _) in groups {
                 for item in items.storeKeys.indices {
                     batch.begin(arguments: 4)
-                    batch.append("HSET")
+                    batch.append(Self.hsetName)
                     batch.appendArgument { items.names.appendBucketKey(of: items.storeKeys[item], at: items.spots[item], slotAt: 0, to: &$0) }
-                    batch.appendArgument { items.spots[item].appendField(to: &$0) }
-                    batch.append("")
+                    batch.appendArgument(length: CompactRecords.Spot.fieldLength) { items.spots[item].appendField(to: &$0) }
+                    batch.append(Self.emptyValue)
                 }
             }
             let keys = groups.reduce(0) { $0 + $1.items.storeKeys.count }

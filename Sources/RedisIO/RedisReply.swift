@@ -85,6 +85,29 @@ struct RedisCommandBatch: Sendable {
 
     mutating func append<I: BinaryInteger>(_ value: I) { appendArgument { $0.appendDigits(Int64(value)) } }
 
+    /// Arguments encoded once, appended whole: a command's name, or what every key of a request
+    /// repeats (`NX PX <lease>`), without writing their headers again per key.
+    mutating func append(_ encoded: EncodedArguments) {
+        bytes.append(contentsOf: encoded.bytes)
+        counted(encoded.count)
+    }
+
+    /// An argument of `length` bytes, which `write` appends in place: its header goes first, so
+    /// nothing is moved after (a digest's 12-byte field).
+    @inline(__always)
+    mutating func appendArgument(length: Int, _ write: (inout [UInt8]) -> Void) {
+        bytes.append(UInt8(ascii: "$"))
+        bytes.appendDigits(Int64(length))
+        bytes.append(13)
+        bytes.append(10)
+        let start = bytes.count
+        write(&bytes)
+        precondition(bytes.count - start == length, "an argument of another length than declared")
+        bytes.append(13)
+        bytes.append(10)
+        counted()
+    }
+
     /// An argument whose bytes `write` appends in place (names spelled from numbers, without a
     /// string per argument). Inlined so that `write` is too, with nothing it captures retained.
     @inline(__always)
@@ -119,8 +142,8 @@ struct RedisCommandBatch: Sendable {
     /// One more argument in the open command; an undeclared count's `*<argc>` is rewritten
     /// (widened at 10, 100, …).
     @inline(__always)
-    private mutating func counted() {
-        arguments += 1
+    private mutating func counted(_ added: Int = 1) {
+        arguments += added
         if let declared {
             precondition(arguments <= declared, "a command got more arguments than begin(arguments:) declared")
             return
@@ -183,6 +206,21 @@ struct RedisCommandBatch: Sendable {
         }
         out[at + width + 1] = 13
         out[at + width + 2] = 10
+    }
+}
+
+/// Arguments in RESP, for `RedisCommandBatch.append(_:)`.
+struct EncodedArguments: Sendable {
+    let bytes: [UInt8]
+    let count: Int
+
+    init(_ arguments: [RedisArgument]) {
+        var batch = RedisCommandBatch()
+        batch.begin(arguments: arguments.count)
+        let head = batch.bytes.count
+        for argument in arguments { batch.append(argument.bytes) }
+        bytes = Array(batch.bytes[head...])
+        count = arguments.count
     }
 }
 

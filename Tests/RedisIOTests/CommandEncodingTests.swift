@@ -55,7 +55,8 @@ struct CommandBatchBytesTests {
         return out
     }
 
-    /// With the count declared at `begin(arguments:)` or counted as arguments come.
+    /// With the count declared at `begin(arguments:)` or counted as arguments come; arguments
+    /// appended as bytes, written in place (length known or not) or encoded beforehand.
     @Test func everyAppendAtEveryWidthMatchesAPlainEncoder() {
         var rng = SystemRandomNumberGenerator()
         for _ in 0..<200 {
@@ -68,9 +69,11 @@ struct CommandBatchBytesTests {
                 for _ in 0..<count {
                     let length = [0, 1, 9, 10, 11, 99, 100, 101, 1000].randomElement(using: &rng)!
                     let argument = (0..<length).map { _ in UInt8.random(in: 0...255, using: &rng) }
-                    switch Int.random(in: 0..<3, using: &rng) {
+                    switch Int.random(in: 0..<5, using: &rng) {
                     case 0: batch.append(argument)
                     case 1: batch.appendArgument { $0.append(contentsOf: argument) }
+                    case 2: batch.appendArgument(length: argument.count) { $0.append(contentsOf: argument) }
+                    case 3: batch.append(EncodedArguments([RedisArgument(bytes: argument)]))
                     default:
                         let n = Int64.random(in: -1_000_000...1_000_000, using: &rng)
                         batch.append(n)
