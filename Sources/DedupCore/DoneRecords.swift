@@ -266,9 +266,6 @@ public struct CompactRecords: Sendable, Hashable {
         public var pendingKey: String { Self.string { records.appendPendingKey(of: keysLayoutKey, at: spot, to: &$0) } }
         /// The bucket index within a slot (`buckets` of them).
         public var bucket: Int { spot.bucket }
-        /// A field's length in bytes.
-        public static let fieldLength = 12
-
         /// The 12 bytes stored as the bucket's field.
         public var field: [UInt8] { spot.field }
 

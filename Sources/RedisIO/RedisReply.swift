@@ -189,7 +189,7 @@ struct RedisCommandBatch: Sendable {
         return out
     }
 
-    static func decimalWidth(_ n: Int) -> Int {
+    private static func decimalWidth(_ n: Int) -> Int {
         var width = 1
         var rest = n
         while rest >= 10 { rest /= 10; width += 1 }
