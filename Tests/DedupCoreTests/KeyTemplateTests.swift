@@ -33,6 +33,30 @@ import Testing
         #expect(error?.reason == .invalidUTF8)
     }
 
+    /// Keys are read as ASCII a word at a time, else validated as UTF-8: every length around a
+    /// word, with a byte ≥ 0x80 at every position, valid or not, must give what the validator gives.
+    @Test func keyBytesAreUTF8ExactlyWhenTheValidatorSaysSo() throws {
+        let t = try KeyTemplate("key")
+        for length in 1...19 {
+            let ascii = (0..<length).map { UInt8(ascii: "a") + UInt8($0 % 26) }
+            #expect(try t.key(for: msg(nil, offset: 0, key: String(decoding: ascii, as: UTF8.self))) == String(decoding: ascii, as: UTF8.self))
+            for at in 0..<length {
+                for bytes in [[0xC3, 0xA9], [0xff], [0xC3], [0xE2, 0x82, 0xAC], [0x80]] as [[UInt8]] {
+                    var key = ascii
+                    key.replaceSubrange(at..<at + 1, with: bytes)
+                    var m = msg(nil, offset: 0)
+                    m.key = key
+                    if let expected = String(validating: key, as: UTF8.self) {
+                        #expect(try t.key(for: m) == expected)
+                    } else {
+                        let error = #expect(throws: BadInput.self) { try t.key(for: m) }
+                        #expect(error?.reason == .invalidUTF8)
+                    }
+                }
+            }
+        }
+    }
+
     @Test func recordKey() throws {
         let t = try KeyTemplate("key")
         #expect(try t.key(for: msg(nil, offset: 0, key: "u-1")) == "u-1")
