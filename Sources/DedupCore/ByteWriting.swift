@@ -40,3 +40,20 @@ extension Array where Element == UInt8 {
         }
     }
 }
+
+extension UnsafeRawBufferPointer {
+    /// Whether every byte is below 0x80, checked eight bytes at a time: keys and log lines take
+    /// this path before falling back to UTF-8 validation.
+    public var isASCII: Bool {
+        var i = 0
+        while i + 8 <= count {
+            if loadUnaligned(fromByteOffset: i, as: UInt64.self) & 0x8080_8080_8080_8080 != 0 { return false }
+            i += 8
+        }
+        while i < count {
+            if self[i] & 0x80 != 0 { return false }
+            i += 1
+        }
+        return true
+    }
+}

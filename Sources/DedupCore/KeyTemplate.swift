@@ -171,18 +171,7 @@ public struct KeyTemplate: Sendable, Equatable, CustomStringConvertible {
     /// `String(validating:as:)` cost more than the rest of reading the key.
     static func utf8String(_ bytes: ArraySlice<UInt8>) -> String? {
         bytes.withUnsafeBytes { raw in
-            var i = 0
-            var high: UInt64 = 0
-            while i + 8 <= raw.count {
-                high |= raw.loadUnaligned(fromByteOffset: i, as: UInt64.self)
-                i += 8
-            }
-            while i < raw.count {
-                high |= UInt64(raw[i])
-                i += 1
-            }
-            if high & 0x8080_8080_8080_8080 == 0 { return String(decoding: raw, as: UTF8.self) }
-            return String(validating: raw, as: UTF8.self)
+            raw.isASCII ? String(decoding: raw, as: UTF8.self) : String(validating: raw, as: UTF8.self)
         }
     }
 

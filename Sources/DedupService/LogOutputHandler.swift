@@ -228,7 +228,7 @@ struct LineBuffer: ~Copyable {
     /// `MessageHeader` would hold (invalid sequences replaced), as before names were bytes.
     mutating func appendName(_ bytes: ArraySlice<UInt8>) {
         bytes.withUnsafeBytes { raw in
-            if Self.isASCII(raw) || String(validating: raw.bindMemory(to: UInt8.self), as: UTF8.self) != nil {
+            if raw.isASCII || String(validating: raw.bindMemory(to: UInt8.self), as: UTF8.self) != nil {
                 appendQuoted(raw)
             } else {
                 appendQuoted(String(decoding: raw, as: UTF8.self))
@@ -239,7 +239,7 @@ struct LineBuffer: ~Copyable {
     /// UTF-8 bytes as a JSON string; anything else as {"base64": "..."} so no byte is lost.
     mutating func appendText(_ bytes: ArraySlice<UInt8>) {
         bytes.withUnsafeBytes { raw in
-            if Self.isASCII(raw) || String(validating: raw.bindMemory(to: UInt8.self), as: UTF8.self) != nil {
+            if raw.isASCII || String(validating: raw.bindMemory(to: UInt8.self), as: UTF8.self) != nil {
                 appendQuoted(raw)
             } else {
                 append(#"{"base64":""#)
@@ -320,22 +320,6 @@ struct LineBuffer: ~Copyable {
             base[o + 5] = hex.utf8Start[Int(b & 15)]
             return o + 6
         }
-    }
-
-    /// Eight bytes at a time: values are mostly ASCII JSON, and only non-ASCII needs the
-    /// standard library's full UTF-8 validation.
-    static func isASCII(_ bytes: UnsafeRawBufferPointer) -> Bool {
-        var i = 0
-        let n = bytes.count
-        while i + 8 <= n {
-            if bytes.loadUnaligned(fromByteOffset: i, as: UInt64.self) & 0x8080_8080_8080_8080 != 0 { return false }
-            i += 8
-        }
-        while i < n {
-            if bytes[i] & 0x80 != 0 { return false }
-            i += 1
-        }
-        return true
     }
 }
 

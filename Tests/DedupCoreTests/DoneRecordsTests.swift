@@ -134,6 +134,22 @@ import Testing
 }
 
 @Suite struct ByteWritingTests {
+    /// Keys and log lines skip UTF-8 validation when this says ASCII: a byte ≥ 0x80 at any
+    /// position, in the words or the tail, must be seen.
+    @Test func asciiCheckCoversEveryPosition() {
+        for length in 0..<20 {
+            let ascii = [UInt8](repeating: 0x41, count: length)
+            #expect(ascii.withUnsafeBytes { $0.isASCII })
+            for position in 0..<length {
+                for high: UInt8 in [0x80, 0xc3, 0xff] {
+                    var bytes = ascii
+                    bytes[position] = high
+                    #expect(!bytes.withUnsafeBytes { $0.isASCII }, "length \(length), 0x\(String(high, radix: 16)) at \(position)")
+                }
+            }
+        }
+    }
+
     /// Key names and RESP lengths are spelled by `appendDigits`; it must spell what `String` does.
     @Test func digitsAreSpelledAsStringSpellsThem() {
         var values: [Int64] = [0, 1, 9, 10, 15, 16, 99, 100, 255, 256, 4095, 4096, -1, -10, -255, Int64.max, Int64.min, Int64.max - 1]
