@@ -250,8 +250,7 @@ public final class RedisConnection: @unchecked Sendable {
     private static func roundTrip<T>(
         _ socket: RedisSocket, _ batch: RedisCommandBatch, _ parse: (UnsafePointer<redisReply>) throws -> T
     ) throws -> [T] {
-        precondition(batch.isComplete, "a command got fewer arguments than begin(arguments:) declared")
-        try socket.write(batch.bytes)
+        try socket.write(batch.completeBytes)
         var replies: [T] = []
         replies.reserveCapacity(batch.commandCount)
         var parseError: (any Error)?

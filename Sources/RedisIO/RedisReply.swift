@@ -41,13 +41,22 @@ struct RedisCommandBatch: Sendable {
 
     var commandCount: Int { commandStarts.count }
 
-    /// Whether every command has the arguments its header says (`begin(arguments:)`).
-    var isComplete: Bool { declared.map { $0 == arguments } ?? true }
+    /// Every command has the arguments its header says (`begin(arguments:)`): one short of them
+    /// would leave Redis waiting for the rest.
+    private func checkComplete() {
+        precondition(declared.map { $0 == arguments } ?? true, "a command got fewer arguments than begin(arguments:) declared")
+    }
+
+    /// The pipeline to send.
+    var completeBytes: [UInt8] {
+        checkComplete()
+        return bytes
+    }
 
     /// Starts the next command; the arguments appended after it belong to it. With `count` (the
     /// hot paths know it) the header is written once; without, it is rewritten per argument.
     mutating func begin(arguments count: Int? = nil) {
-        precondition(isComplete, "a command got fewer arguments than begin(arguments:) declared")
+        checkComplete()
         commandStarts.append(bytes.count)
         arguments = 0
         declared = count

@@ -16,7 +16,7 @@ final class ReplyArena {
 
     // The arena is touched only from its socket's reads, one at a time, and `reset()` runs
     // before every reply (several per key in a pipeline): run-time exclusivity checks on these
-    // fields cost more than the allocation they guard.
+    // fields cost more than the arena's own bookkeeping.
     @exclusivity(unchecked) private var chunks: [UnsafeMutableRawPointer] = []
     @exclusivity(unchecked) private var chunk = 0
     @exclusivity(unchecked) private var used = 0
