@@ -210,6 +210,8 @@ public final class Worker: Service {
             settings: config.dedup, routing: config.routing, options: engineOptions, now: started, seed: seed)
         let inbox = AnswerInbox()
         var stopping = false
+        /// When the engine stopped running: leaving the group is bounded by the shutdown deadline from here.
+        var stoppingSince = started
         var cancelled = false
         while true {
             if !stopping, isStopRequested { engine.handle(.stop, now: clock.now) }
@@ -296,9 +298,13 @@ public final class Worker: Service {
             case .report(let report):
                 log(report)
             case .finished:
+                // The final commit and leaving the group wait for the coordinator, and librdkafka
+                // bounds neither: both end by the shutdown deadline, each given at least a second
+                // so that a drain that used the whole budget still commits and sends LeaveGroup.
+                let leaveBy = stoppingSince + config.shutdownDeadline
                 var commitError: (any Error)?
-                do { try await source.commit() } catch { commitError = error }
-                await source.close()
+                do { try await source.commit(within: max(.seconds(1), leaveBy - clock.now)) } catch { commitError = error }
+                await source.close(within: max(.seconds(1), leaveBy - clock.now))
                 await rounds.close()
                 counters.withLock { $0 = engine.counters }
                 logSummary(engine, commitError: commitError, elapsed: clock.now - started)
@@ -306,6 +312,7 @@ public final class Worker: Service {
             }
             if !stopping, !engine.isRunning {
                 stopping = true
+                stoppingSince = clock.now
                 telemetry.stopping()
             }
         }

@@ -14,9 +14,10 @@ public protocol MessageSource: AnyObject, Sendable {
     func pauseFetching(_ partitions: [TopicPartition]) throws
     /// Resumes these partitions and stops holding new ones.
     func resumeFetching(_ partitions: [TopicPartition]) throws
-    /// Commits the stored positions and waits for the broker.
-    func commit() async throws
-    func close() async
+    /// Commits the stored positions and waits for the broker, at most `timeout`.
+    func commit(within timeout: Duration) async throws
+    /// Leaves the group, waiting at most `timeout` for it.
+    func close(within timeout: Duration) async
 }
 
 extension KafkaConsumer: MessageSource {
@@ -34,6 +35,8 @@ extension KafkaConsumer: MessageSource {
         }
     }
 
+    public func close(within timeout: Duration) async { await close(timeout: timeout) }
+
     public func pauseFetching(_ partitions: [TopicPartition]) throws {
         holdNewAssignments(true)
         do { try pause(partitions) } catch {
@@ -47,7 +50,7 @@ extension KafkaConsumer: MessageSource {
         holdNewAssignments(false)
     }
 
-    public func commit() async throws { try await commitSync() }
+    public func commit(within timeout: Duration) async throws { try await commitSync(timeout: timeout) }
 }
 
 /// The loop's time: `now`, and a timer that ends a wait. Injected, so a test clock drives the loop.

@@ -3,6 +3,9 @@ import DedupCore
 import Dispatch
 import Logging
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Building `rd_kafka_conf_t` from librdkafka properties, and routing librdkafka's log and error callbacks
 /// into a swift-log `Logger`.
@@ -119,6 +122,28 @@ final class ClientContext: Sendable {
             }
             return ev
         }
+    }
+
+    /// Set when the consumer starts leaving its group.
+    private let closing = Atomic<Bool>(false)
+    /// The group's rebalance protocol as last asked while not closing.
+    private let cooperative = Atomic<Bool>(false)
+
+    func setClosing() {
+        closing.store(true, ordering: .releasing)
+        pauses.setClosing()
+    }
+
+    /// Whether the group rebalances cooperatively. `rd_kafka_rebalance_protocol` asks librdkafka's
+    /// main thread and waits for the answer without a limit; called from the rebalance callback
+    /// during `rd_kafka_consumer_close` that wait can last for good (librdkafka issue #4041). So it
+    /// is asked only while the consumer runs, and the close's revocation uses the last answer (the
+    /// protocol of the assignment being revoked). `nil` (no group yet) keeps the last answer too.
+    func rebalanceIsCooperative(_ rk: OpaquePointer) -> Bool {
+        if !closing.load(ordering: .acquiring), let name = rd_kafka_rebalance_protocol(rk) {
+            cooperative.store(strcmp(name, "COOPERATIVE") == 0, ordering: .releasing)
+        }
+        return cooperative.load(ordering: .acquiring)
     }
 
     /// The context of a handle made by `KafkaConfig.makeHandle`.

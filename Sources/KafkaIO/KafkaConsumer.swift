@@ -268,16 +268,30 @@ public final class KafkaConsumer: @unchecked Sendable {
         }
     }
 
-    /// Commits the stored offsets and waits for the broker's answer. Nothing stored is not an error.
-    public func commitSync() async throws(KafkaError) {
+    /// Commits the stored offsets and waits for the broker's answer, at most `timeout` when given
+    /// (a commit to a coordinator that stopped answering waits as long as librdkafka's request
+    /// timeout otherwise). Nothing stored is not an error.
+    public func commitSync(timeout: Duration? = nil) async throws(KafkaError) {
         try await executor.run { [self] () throws(KafkaError) in
             try onQueueWithOpenHandle { rk throws(KafkaError) in
-                let err = rd_kafka_commit(rk, nil, 0)
+                let err = timeout.map { Self.commit(rk, within: $0) } ?? rd_kafka_commit(rk, nil, 0)
                 if err != RD_KAFKA_RESP_ERR_NO_ERROR && err != RD_KAFKA_RESP_ERR__NO_OFFSET {
                     throw KafkaError(code: .commit, err: err, message: "commit")
                 }
             }
         }
+    }
+
+    /// The commit's answer arrives as an event on a queue of its own, waited for up to `timeout`;
+    /// an answer after that goes to the destroyed queue and is dropped.
+    private static func commit(_ rk: OpaquePointer, within timeout: Duration) -> rd_kafka_resp_err_t {
+        let queue = rd_kafka_queue_new(rk)
+        defer { rd_kafka_queue_destroy(queue) }
+        let err = rd_kafka_commit_queue(rk, nil, queue, nil, nil)
+        guard err == RD_KAFKA_RESP_ERR_NO_ERROR else { return err }
+        guard let event = rd_kafka_queue_poll(queue, timeout.kafkaMilliseconds) else { return RD_KAFKA_RESP_ERR__TIMED_OUT }
+        defer { rd_kafka_event_destroy(event) }
+        return rd_kafka_event_error(event)
     }
 
     /// The partitions currently assigned to this member.
@@ -331,23 +345,59 @@ public final class KafkaConsumer: @unchecked Sendable {
         return (low: r.0, high: r.1)
     }
 
-    /// Leaves the group (`rd_kafka_consumer_close`: revokes, commits per `enable.auto.commit`) and frees the
+    /// Leaves the group (revokes, commits per `enable.auto.commit`, sends LeaveGroup) and frees the
     /// handle. Calling it again does nothing.
-    public func close() async {
+    ///
+    /// Leaving waits for whatever the group protocol has in flight: a JoinGroup of a rebalance
+    /// that waits for a dead member's session, a commit to a coordinator that moved. librdkafka
+    /// bounds none of that, so with a `timeout` the wait stops there: the handle is then left
+    /// open, with its callbacks' context (destroying it would wait as well), and the group drops
+    /// this member when its session runs out. Returns whether the group was left in time.
+    @discardableResult
+    public func close(timeout: Duration? = nil) async -> Bool {
         await executor.run { [self] in
             let shouldClose = closed.withLock { c in
                 if c { return false }
                 c = true
                 return true
             }
-            guard shouldClose else { return }
-            context.pauses.setClosing()
-            let err = rd_kafka_consumer_close(rk)
-            if err != RD_KAFKA_RESP_ERR_NO_ERROR {
-                context.logger.info("consumer close reported an error", metadata: ["kafka.error": .string(String(cString: rd_kafka_err2name(err)))])
+            guard shouldClose else { return true }
+            context.setClosing()
+            let left = leaveGroup(deadline: timeout.map { ContinuousClock.now + $0 })
+            if left {
+                rd_kafka_destroy(rk)
+            } else {
+                // librdkafka's threads go on calling back into the context: it must outlive this object.
+                _ = Unmanaged.passRetained(context)
+                context.logger.warning(
+                    "leaving the group did not finish in time; exiting without it (the group drops this member after session.timeout.ms)",
+                    metadata: ["timeout": "\(timeout ?? .zero)"])
             }
-            rd_kafka_destroy(rk)
+            return left
         }
+    }
+
+    /// `rd_kafka_consumer_close`, with a deadline: the close runs on the consumer queue, served
+    /// here (the rebalance callback of the final revocation runs inside `rd_kafka_consume_queue`)
+    /// until librdkafka reports the consumer closed. Messages still arriving are dropped: their
+    /// offsets were never stored.
+    private func leaveGroup(deadline: ContinuousClock.Instant?) -> Bool {
+        let queue = rd_kafka_queue_get_consumer(rk)
+        defer { rd_kafka_queue_destroy(queue) }
+        if let error = rd_kafka_consumer_close_queue(rk, queue) {
+            context.logger.info("consumer close reported an error", metadata: ["kafka.error": .string(String(cString: rd_kafka_error_string(error)))])
+            rd_kafka_error_destroy(error)
+        }
+        while rd_kafka_consumer_closed(rk) == 0 {
+            var waitMs: Int32 = 100
+            if let deadline {
+                let left = deadline - ContinuousClock.now
+                guard left > .zero else { return false }
+                waitMs = min(waitMs, max(1, left.kafkaMilliseconds))
+            }
+            if let rkm = rd_kafka_consume_queue(queue, waitMs) { rd_kafka_message_destroy(rkm) }
+        }
+        return true
     }
 
     /// Runs `body` with the handle while holding the lock that `close()` takes before destroying it.
@@ -522,7 +572,7 @@ private let kafkaRebalanceCallback: @convention(c) (
 ) -> Void = { rk, err, partitions, _ in
     guard let rk, let context = ClientContext.of(rk) else { return }
     let tps = PartitionList.read(partitions).map(\.0)
-    let cooperative = String(cString: rd_kafka_rebalance_protocol(rk)) == "COOPERATIVE"
+    let cooperative = context.rebalanceIsCooperative(rk)
     let list = tps.map(\.description).joined(separator: ",")
     if err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS {
         context.logger.info(

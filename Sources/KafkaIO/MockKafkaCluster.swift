@@ -58,6 +58,11 @@ public final class MockKafkaCluster: @unchecked Sendable {
         _ = rd_kafka_mock_broker_set_up(cluster, id)
     }
 
+    /// Delays every answer of `broker` by `rtt` (zero: no delay).
+    public func setBrokerRoundTrip(_ id: Int32, _ rtt: Duration) {
+        _ = rd_kafka_mock_broker_set_rtt(cluster, id, Int32(rtt / .milliseconds(1)))
+    }
+
     /// Moves a partition's leadership to `broker`.
     public func setPartitionLeader(topic: String, partition: Int32, broker: Int32) {
         _ = rd_kafka_mock_partition_set_leader(cluster, topic, partition, broker)

@@ -204,6 +204,7 @@ struct MockKafka: AsyncParsableCommand {
               broker-up ID              bring it back
               leader TOPIC PARTITION ID move a partition's leadership to broker ID
               coordinator GROUP ID      move a consumer group's coordinator to broker ID
+              rtt ID MS                 delay every answer of broker ID by MS milliseconds (0: none)
             Broker ids are 1...N.
             """)
 
@@ -295,6 +296,9 @@ enum MockKafkaControl {
         case "coordinator" where words.count == 3:
             guard let id = broker(words[2]) else { return "error no broker \(words[2])" }
             cluster.setCoordinator(group: words[1], broker: id)
+        case "rtt" where words.count == 3:
+            guard let id = broker(words[1]), let ms = Int(words[2]), ms >= 0 else { return "error usage: rtt ID MS" }
+            cluster.setBrokerRoundTrip(id, .milliseconds(ms))
         case nil:
             return "error empty command"
         default:

@@ -13,10 +13,11 @@ import TestSupport
         let mock: DedupdProcess
         let bootstrap: String
 
-        init(topic: String) throws {
+        init(topic: String, brokers: Int = 1) throws {
             dir = try TemporaryDirectory(prefix: "dedupd-failure")
             redis = try RedisServerProcess()
-            mock = try DedupdProcess(["mock-kafka", "--brokers", "1", "--topic", "\(topic):3"], name: "mock-kafka", in: dir)
+            mock = try DedupdProcess(
+                ["mock-kafka", "--brokers", "\(brokers)", "--topic", "\(topic):3"], name: "mock-kafka", in: dir, stdin: true)
             bootstrap = try mock.firstLine(timeout: .seconds(20))
         }
 
@@ -172,6 +173,39 @@ import TestSupport
         #expect(!w.stderr.contains("MAX_POLL_EXCEEDED") && !w.stderr.contains("maximum poll interval"),
                 "left the group: \(w.stderr.suffix(3000))")
         #expect(w.stderr.components(separatedBy: "partitions assigned").count - 1 == 1, "no second join")
+        s.mock.terminate()
+    }
+
+    /// The final commit and leaving the group wait for the group coordinator, which librdkafka does
+    /// not bound. A worker whose coordinator stops answering still exits by its shutdown deadline,
+    /// having confirmed everything it dispatched: the next reader finds it all done.
+    @Test(.timeLimit(.minutes(2)))
+    func aCoordinatorThatStopsAnsweringDoesNotHoldTheShutdown() async throws {
+        let s = try Setup(topic: "t", brokers: 2)
+        try s.mock.send("coordinator g 2")
+        let unique = try s.produce(200, prefix: "co", seed: 5)
+        let config = s.dir.file("co.yaml")
+        try """
+            run:
+              shutdown_deadline: 4s
+            """.write(to: config, atomically: true, encoding: .utf8)
+        let w = try s.worker(["--config", config.path, "--window", "100ms"])
+        try await waitUntil(timeout: .seconds(40), "every message dispatched") { Set(s.dispatched).count == unique }
+        try s.mock.send("rtt 2 120000")
+        try await Task.sleep(for: .milliseconds(200))
+        let sent = ContinuousClock.now
+        w.terminate()
+        #expect(try w.wait(timeout: .seconds(30)) == 0, "stderr: \(w.stderr.suffix(2000))")
+        let took = ContinuousClock.now - sent
+        #expect(took < .seconds(8), "exit took \(took)")
+        #expect(w.stderr.contains("leaving the group did not finish in time"), "stderr: \(w.stderr.suffix(2000))")
+
+        // Whatever the commit left uncommitted is read again and found done.
+        try s.mock.send("rtt 2 0")
+        let next = try s.worker(["--window", "100ms", "--stop-when-idle", "2s"])
+        #expect(try next.wait(timeout: .seconds(60)) == 0, "stderr: \(next.stderr.suffix(2000))")
+        #expect(s.dispatched.count == unique, "no message dispatched twice")
+        #expect(Set(s.dispatched) == Set((0..<unique).map { "co-\($0)" }))
         s.mock.terminate()
     }
 

@@ -212,6 +212,38 @@ struct KafkaIOTests {
         #expect(await consumer.poll(maxMessages: 10, timeout: .zero).isEmpty)  // closed: nothing, no crash
     }
 
+    /// Leaving the group waits for the coordinator's answers, which librdkafka does not bound. With
+    /// a timeout (the worker's shutdown deadline) the wait ends there, and the same close with a
+    /// coordinator that answers finishes and reports so.
+    @Test func closeWithATimeoutStopsWaitingForASlowCoordinator() async throws {
+        let cluster = try MockKafkaCluster.make(brokers: 2, logger: quietLogger())
+        let topic = unique("close")
+        let group = unique("group")
+        try cluster.createTopic(topic, partitions: 2)
+        cluster.setCoordinator(group: group, broker: 2)
+        func joined() async throws -> KafkaConsumer {
+            let consumer = try KafkaConsumer.make(
+                bootstrapServers: cluster.bootstrapServers, groupID: group, topics: [topic], logger: quietLogger())
+            var assigned = false
+            await pollUntil(consumer, limit: .seconds(30), { if case .assigned = $0 { assigned = true } }, until: { assigned })
+            #expect(assigned)
+            return consumer
+        }
+        let clock = ContinuousClock()
+
+        let answered = try await joined()
+        #expect(await answered.close(timeout: .seconds(20)))
+
+        let unanswered = try await joined()
+        cluster.setBrokerRoundTrip(2, .seconds(40))
+        let started = clock.now
+        #expect(await unanswered.close(timeout: .seconds(1)) == false)
+        let waited = started.duration(to: clock.now)
+        #expect(waited >= .seconds(1) && waited < .seconds(5), "close waited \(waited)")
+        #expect(await unanswered.poll(maxMessages: 10, timeout: .zero).isEmpty)  // closed for the caller all the same
+        cluster.setBrokerRoundTrip(2, .zero)
+    }
+
     @Test func sendAndWaitResumesAfterAcknowledgement() async throws {
         let cluster = try MockKafkaCluster.make(brokers: 1, logger: quietLogger())
         let topic = unique("acked")

@@ -519,8 +519,9 @@ extension ModelWorld: MessageSource {
         for tp in partitions { paused.remove(tp.partition) }
     }
 
-    func commit() async throws {}
+    func commit(within timeout: Duration) async throws {}
     /// Ends both the source and the runner: nothing to close in either.
+    func close(within timeout: Duration) async {}
     func close() async {}
 }
 
