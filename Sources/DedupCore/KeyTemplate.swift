@@ -128,13 +128,13 @@ public struct KeyTemplate: Sendable, Equatable, CustomStringConvertible {
     private func value(of source: Source, message: InboundMessage, json: Any?) throws(BadInput) -> String {
         switch source {
         case .header(let name):
-            guard let header = message.headerView(name), let bytes = header.value else {
-                throw BadInput(.missingHeader, "header \"\(name)\" is missing")
+            // Missing, null, empty, not UTF-8: told apart without copying the value.
+            let read: (empty: Bool, text: String?)?? = message.withHeaderValue(name) { raw in
+                raw.map { ($0.isEmpty, Self.utf8String($0)) }
             }
-            guard !bytes.isEmpty else { throw BadInput(.emptyKey, "header \"\(name)\" is empty") }
-            guard let s = Self.utf8String(bytes) else {
-                throw BadInput(.invalidUTF8, "header \"\(name)\" is not valid UTF-8")
-            }
+            guard case .some(.some(let value)) = read else { throw BadInput(.missingHeader, "header \"\(name)\" is missing") }
+            guard !value.empty else { throw BadInput(.emptyKey, "header \"\(name)\" is empty") }
+            guard let s = value.text else { throw BadInput(.invalidUTF8, "header \"\(name)\" is not valid UTF-8") }
             return s
         case .recordKey:
             guard let bytes = message.keyBytes else { throw BadInput(.missingKey, "message has no record key") }
@@ -170,9 +170,11 @@ public struct KeyTemplate: Sendable, Equatable, CustomStringConvertible {
     /// checked eight bytes at a time and decoded directly: the generic validator of
     /// `String(validating:as:)` cost more than the rest of reading the key.
     static func utf8String(_ bytes: ArraySlice<UInt8>) -> String? {
-        bytes.withUnsafeBytes { raw in
-            raw.isASCII ? String(decoding: raw, as: UTF8.self) : String(validating: raw, as: UTF8.self)
-        }
+        bytes.withUnsafeBytes { utf8String($0) }
+    }
+
+    static func utf8String(_ raw: UnsafeRawBufferPointer) -> String? {
+        raw.isASCII ? String(decoding: raw, as: UTF8.self) : String(validating: raw, as: UTF8.self)
     }
 
     static func hex<D: Sequence>(_ digest: D) -> String where D.Element == UInt8 {
@@ -290,7 +292,26 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
         if raw.utf8.count > Self.maxRawLength {
             storeKey = "\(prefix):\(namespace):h:\(KeyTemplate.hex(SHA256.hash(data: Array(raw.utf8))))"
         } else {
-            storeKey = "\(prefix):\(namespace):\(raw)"
+            storeKey = Self.joined(prefix, namespace, raw)
+        }
+    }
+
+    /// `a:b:c`, written once into a string of its final size: interpolation grows the string
+    /// piece by piece, and this runs for every message.
+    static func joined(_ a: String, _ b: String, _ c: String) -> String {
+        var a = a, b = b, c = c
+        return a.withUTF8 { a in
+            b.withUTF8 { b in
+                c.withUTF8 { c in
+                    String(unsafeUninitializedCapacity: a.count + b.count + c.count + 2) { out in
+                        var i = out.initialize(fromContentsOf: a)
+                        out[i] = UInt8(ascii: ":")
+                        i = out[(i + 1)...].initialize(fromContentsOf: b)
+                        out[i] = UInt8(ascii: ":")
+                        return out[(i + 1)...].initialize(fromContentsOf: c)
+                    }
+                }
+            }
         }
     }
 

@@ -113,6 +113,32 @@ public struct InboundMessage: Sendable {
         return found
     }
 
+    /// The value of `header(_:)`, lent to `body` as raw bytes (`nil` for a null value); `nil`
+    /// without calling `body` when no header has the name. Runs once per message for a header
+    /// key template: it walks the one buffer through a pointer, without the slices (and their
+    /// retains) that `headerView` makes per header.
+    public func withHeaderValue<R>(_ name: String, _ body: (UnsafeRawBufferPointer?) throws -> R) rethrows -> R? {
+        var name = name
+        return try name.withUTF8 { wanted in
+            try bytes.storage.withUnsafeBytes { s in
+                var found: Range<Int>??
+                var i = bytes.headersStart
+                for _ in 0..<bytes.headerCount {
+                    let nameCount = MessageBytes.readInt32(s, at: i)
+                    let valueCount = MessageBytes.readInt32(s, at: i + 4)
+                    let valueStart = i + 8 + nameCount
+                    let headerName = UnsafeRawBufferPointer(rebasing: s[(i + 8)..<valueStart])
+                    if HeaderView.namesEqualIgnoringASCIICase(headerName, UnsafeRawBufferPointer(wanted)) {
+                        found = .some(valueCount < 0 ? nil : valueStart..<valueStart + valueCount)
+                    }
+                    i = valueStart + max(0, valueCount)
+                }
+                guard let found else { return nil }
+                return try body(found.map { UnsafeRawBufferPointer(rebasing: s[$0]) })
+            }
+        }
+    }
+
     /// The headers in order, read in place.
     public func forEachHeader(_ body: (HeaderView) throws -> Void) rethrows {
         let s = bytes.storage
@@ -159,26 +185,25 @@ public struct HeaderView: Sendable {
     /// `String.equalsIgnoringASCIICase` does.
     public func nameEqualsIgnoringASCIICase(_ other: String) -> Bool {
         var other = other
-        let verdict: Bool? = other.withUTF8 { o in
-            name.withUnsafeBufferPointer { n in
-                if o.count == n.count {
-                    var i = 0
-                    while i < n.count {
-                        let a = n[i]
-                        let b = o[i]
-                        if a != b && !(a | 0x20 == b | 0x20 && (a | 0x20) >= 0x61 && (a | 0x20) <= 0x7a) { break }
-                        i += 1
-                    }
-                    if i == n.count { return true }
-                }
-                // Only names with non-ASCII bytes can be equal as strings and not as bytes.
-                for b in n where b >= 0x80 { return nil }
-                for b in o where b >= 0x80 { return nil }
-                return false
-            }
+        return other.withUTF8 { o in
+            name.withUnsafeBytes { Self.namesEqualIgnoringASCIICase($0, UnsafeRawBufferPointer(o)) }
         }
-        if let verdict { return verdict }
-        return String(decoding: name, as: UTF8.self).equalsIgnoringASCIICase(other)
+    }
+
+    static func namesEqualIgnoringASCIICase(_ n: UnsafeRawBufferPointer, _ o: UnsafeRawBufferPointer) -> Bool {
+        if o.count == n.count {
+            var i = 0
+            while i < n.count {
+                let a = n[i]
+                let b = o[i]
+                if a != b && !(a | 0x20 == b | 0x20 && (a | 0x20) >= 0x61 && (a | 0x20) <= 0x7a) { break }
+                i += 1
+            }
+            if i == n.count { return true }
+        }
+        // Only names with non-ASCII bytes can be equal as strings and not as bytes.
+        guard !n.isASCII || !o.isASCII else { return false }
+        return String(decoding: n, as: UTF8.self).equalsIgnoringASCIICase(String(decoding: o, as: UTF8.self))
     }
 }
 
@@ -271,6 +296,10 @@ public struct MessageBytes: Sendable {
     static func readInt32(_ s: [UInt8], at i: Int) -> Int {
         let u = UInt32(s[i]) | UInt32(s[i + 1]) << 8 | UInt32(s[i + 2]) << 16 | UInt32(s[i + 3]) << 24
         return Int(Int32(bitPattern: u))
+    }
+
+    static func readInt32(_ s: UnsafeRawBufferPointer, at i: Int) -> Int {
+        Int(Int32(littleEndian: s.loadUnaligned(fromByteOffset: i, as: Int32.self)))
     }
 }
 

@@ -138,6 +138,11 @@ struct InboundMessageStorageTests {
         #expect(m.header("nul") == nil && m.header("nulls") == nil)
         #expect(m.header("é")?.value == [0xff] && m.header("e\u{301}")?.value == [0xff])
         #expect(m.header("É") == nil)
+        // Read through a pointer, the same answers: last wins, null is nil, absent is not called.
+        for name in ["MESSAGE-id", "message-id", "empty", "null", "nul", "nulls", "é", "e\u{301}", "É"] {
+            let lent: [UInt8]?? = m.withHeaderValue(name) { $0.map { Array($0) } }
+            #expect(lent == m.header(name).map { $0.value }, "\(name)")
+        }
     }
 
     @Test func noKeyAndEmptyKeyDiffer() {

@@ -107,6 +107,13 @@ import Testing
     @Test func longKeysAreHashedAndNamespaced() {
         let short = DedupKey(raw: "abc", namespace: "orders")
         #expect(short.storeKey == "dedupd:orders:abc")
+        // Written byte by byte into a string of its final size: empty, multi-byte and
+        // longer-than-small pieces come out as interpolation would write them.
+        for (raw, namespace, prefix) in [("", "n", "p"), ("zoë-👍", "naïve", "dedupd"), (String(repeating: "k", count: 200), "orders-eu-west-1", "dedupd-entity")] {
+            let key = DedupKey(raw: raw, namespace: namespace, prefix: prefix)
+            #expect(key.storeKey == "\(prefix):\(namespace):\(raw)")
+            #expect(key.storeKey.utf8.count == prefix.utf8.count + namespace.utf8.count + raw.utf8.count + 2)
+        }
         let long = DedupKey(raw: String(repeating: "x", count: 500), namespace: "orders")
         #expect(long.storeKey.hasPrefix("dedupd:orders:h:"))
         #expect(long.storeKey.count == "dedupd:orders:h:".count + 64)
