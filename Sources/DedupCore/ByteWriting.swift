@@ -42,8 +42,8 @@ extension Array where Element == UInt8 {
 }
 
 extension UnsafeRawBufferPointer {
-    /// Whether every byte is below 0x80, checked eight bytes at a time: keys and log lines take
-    /// this path before falling back to UTF-8 validation.
+    /// Whether every byte is below 0x80, checked eight bytes at a time: keys and header names
+    /// take this path before falling back to UTF-8 validation.
     public var isASCII: Bool {
         var i = 0
         while i + 8 <= count {

@@ -102,9 +102,10 @@ public struct CompactRecords: Sendable, Hashable {
             return bytes
         }
 
+        /// One append of the 12 bytes: a tuple of the two words is laid out in order without
+        /// padding (its size, unlike its stride, is 12), and an append costs more than its bytes.
         public func appendField(to out: inout [UInt8]) {
-            withUnsafeBytes(of: fieldHead.bigEndian) { out.append(contentsOf: $0) }
-            withUnsafeBytes(of: fieldTail.bigEndian) { out.append(contentsOf: $0) }
+            withUnsafeBytes(of: (fieldHead.bigEndian, fieldTail.bigEndian)) { out.append(contentsOf: $0) }
         }
     }
 

@@ -228,20 +228,24 @@ struct LineBuffer: ~Copyable {
     /// `MessageHeader` would hold (invalid sequences replaced), as before names were bytes.
     mutating func appendName(_ bytes: ArraySlice<UInt8>) {
         bytes.withUnsafeBytes { raw in
-            if raw.isASCII || String(validating: raw.bindMemory(to: UInt8.self), as: UTF8.self) != nil {
-                appendQuoted(raw)
-            } else {
-                appendQuoted(String(decoding: raw, as: UTF8.self))
-            }
+            if !appendQuotedIfUTF8(raw) { appendQuoted(String(decoding: raw, as: UTF8.self)) }
         }
+    }
+
+    /// Writes `raw` as a JSON string and returns true when it is UTF-8; otherwise writes nothing
+    /// and returns false. ASCII (the usual case) is seen while quoting, without a scan of its own.
+    private mutating func appendQuotedIfUTF8(_ raw: UnsafeRawBufferPointer) -> Bool {
+        let start = count
+        guard appendQuoted(raw) else { return true }
+        if String(validating: raw, as: UTF8.self) != nil { return true }
+        count = start
+        return false
     }
 
     /// UTF-8 bytes as a JSON string; anything else as {"base64": "..."} so no byte is lost.
     mutating func appendText(_ bytes: ArraySlice<UInt8>) {
         bytes.withUnsafeBytes { raw in
-            if raw.isASCII || String(validating: raw.bindMemory(to: UInt8.self), as: UTF8.self) != nil {
-                appendQuoted(raw)
-            } else {
+            if !appendQuotedIfUTF8(raw) {
                 append(#"{"base64":""#)
                 var encoded = Data(raw).base64EncodedString()
                 encoded.withUTF8 { utf8 in
@@ -254,8 +258,10 @@ struct LineBuffer: ~Copyable {
         }
     }
 
-    /// Valid UTF-8 as a JSON string literal.
-    mutating func appendQuoted(_ bytes: UnsafeRawBufferPointer) {
+    /// Valid UTF-8 as a JSON string literal. Returns whether a byte was not ASCII (words are
+    /// or-ed together as they pass, so the caller needs no scan of its own to know).
+    @discardableResult
+    mutating func appendQuoted(_ bytes: UnsafeRawBufferPointer) -> Bool {
         reserve(2 + 6 * bytes.count)
         var o = count
         base[o] = UInt8(ascii: "\"")
@@ -263,23 +269,27 @@ struct LineBuffer: ~Copyable {
         let hex: StaticString = "0123456789abcdef"
         let n = bytes.count
         var i = 0
+        var seen: UInt64 = 0
         while i < n {
             // Eight bytes at a time: the word is stored whole, and the bytes before the first one
             // that needs an escape are kept (a JSON value has a quote every few bytes, so most
             // words keep some); that byte is escaped and the next word starts after it.
             if i + 8 <= n {
                 let raw = bytes.loadUnaligned(fromByteOffset: i, as: UInt64.self)
+                seen |= raw
                 let plain = Self.firstEscape(UInt64(littleEndian: raw))
                 UnsafeMutableRawPointer(base + o).storeBytes(of: raw, as: UInt64.self)
                 o += plain
                 i += plain
                 if plain == 8 { continue }
             }
+            seen |= UInt64(bytes[i])
             o = Self.appendEscaped(bytes[i], at: o, in: base, hex: hex)
             i += 1
         }
         base[o] = UInt8(ascii: "\"")
         count = o + 1
+        return seen & Self.highs != 0
     }
 
     private static let ones: UInt64 = 0x0101_0101_0101_0101

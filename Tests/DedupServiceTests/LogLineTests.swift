@@ -30,6 +30,7 @@ struct LogLineTests {
             Array(#"{"orderNo":"ord-1","note":"say \"hi\"\\ \n\t\r"}"#.utf8),
             Array("größe ✓ 😀 \u{1} \u{1f} \u{7f}".utf8),
             [0xff, 0xfe, 0x00, 0x41],  // not UTF-8: base64
+            Array("0123456789".utf8) + [0xff] + Array("abc\"defghij".utf8),  // the same, found in a word while quoting
             [],
         ]
         for (i, value) in values.enumerated() {
