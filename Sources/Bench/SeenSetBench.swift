@@ -37,8 +37,8 @@ public enum SeenSetBench {
         let ids = stream(count: count, duplicateRatio: duplicateRatio)
         let unique = Set(ids).count
         let retention: Duration = .seconds(86400)
-        // BENCH_SEEN_SET_BUCKETS: fewer buckets fill them as a worker's fill in steady state (~100
-        // ids each) with the few ids a run under callgrind can afford (scripts/seen-set-instructions).
+        // BENCH_SEEN_SET_BUCKETS: fewer buckets fill each as full as a worker's are in steady state
+        // with the few ids a run under callgrind can afford (scripts/seen-set-instructions).
         let buckets = ProcessInfo.processInfo.environment["BENCH_SEEN_SET_BUCKETS"].flatMap { Int($0) }
             ?? ConfigSchema.defaultCount("dedup.compact.buckets")
         let compact = DoneLayout.compact(CompactRecords(

@@ -122,16 +122,10 @@ public struct InboundMessage: Sendable {
         return try name.withUTF8 { wanted in
             try bytes.storage.withUnsafeBytes { s in
                 var found: Range<Int>??
-                var i = bytes.headersStart
-                for _ in 0..<bytes.headerCount {
-                    let nameCount = MessageBytes.readInt32(s, at: i)
-                    let valueCount = MessageBytes.readInt32(s, at: i + 4)
-                    let valueStart = i + 8 + nameCount
-                    let headerName = UnsafeRawBufferPointer(rebasing: s[(i + 8)..<valueStart])
-                    if HeaderView.namesEqualIgnoringASCIICase(headerName, UnsafeRawBufferPointer(wanted)) {
-                        found = .some(valueCount < 0 ? nil : valueStart..<valueStart + valueCount)
+                bytes.forEachHeaderRange(in: s) { name, value in
+                    if HeaderView.namesEqualIgnoringASCIICase(UnsafeRawBufferPointer(rebasing: s[name]), UnsafeRawBufferPointer(wanted)) {
+                        found = .some(value)
                     }
-                    i = valueStart + max(0, valueCount)
                 }
                 guard let found else { return nil }
                 return try body(found.map { UnsafeRawBufferPointer(rebasing: s[$0]) })
@@ -142,17 +136,10 @@ public struct InboundMessage: Sendable {
     /// The headers in order, read in place.
     public func forEachHeader(_ body: (HeaderView) throws -> Void) rethrows {
         let s = bytes.storage
-        var i = bytes.headersStart
-        for _ in 0..<bytes.headerCount {
-            let nameCount = MessageBytes.readInt32(s, at: i)
-            let valueCount = MessageBytes.readInt32(s, at: i + 4)
-            let nameStart = i + 8
-            let valueStart = nameStart + nameCount
-            try body(
-                HeaderView(
-                    name: s[nameStart..<valueStart],
-                    value: valueCount < 0 ? nil : s[valueStart..<valueStart + valueCount]))
-            i = valueStart + max(0, valueCount)
+        try s.withUnsafeBytes { raw in
+            try bytes.forEachHeaderRange(in: raw) { name, value in
+                try body(HeaderView(name: s[name], value: value.map { s[$0] }))
+            }
         }
     }
 
@@ -293,9 +280,17 @@ public struct MessageBytes: Sendable {
         storage.append(UInt8(truncatingIfNeeded: u >> 24))
     }
 
-    static func readInt32(_ s: [UInt8], at i: Int) -> Int {
-        let u = UInt32(s[i]) | UInt32(s[i + 1]) << 8 | UInt32(s[i + 2]) << 16 | UInt32(s[i + 3]) << 24
-        return Int(Int32(bitPattern: u))
+    /// Each header's name and value (`nil`: a null value) as ranges of `storage`, whose bytes
+    /// `s` are, in order.
+    func forEachHeaderRange(in s: UnsafeRawBufferPointer, _ body: (Range<Int>, Range<Int>?) throws -> Void) rethrows {
+        var i = headersStart
+        for _ in 0..<headerCount {
+            let nameCount = Self.readInt32(s, at: i)
+            let valueCount = Self.readInt32(s, at: i + 4)
+            let valueStart = i + 8 + nameCount
+            try body(i + 8..<valueStart, valueCount < 0 ? nil : valueStart..<valueStart + valueCount)
+            i = valueStart + max(0, valueCount)
+        }
     }
 
     static func readInt32(_ s: UnsafeRawBufferPointer, at i: Int) -> Int {
