@@ -71,13 +71,18 @@ public struct DedupEngine: Sendable {
         /// rather than released, so the partitions' next owner (a rolling restart's) reads
         /// nothing again. Nothing new is polled meanwhile. Default: zero (release at once).
         public var shutdownDrain: Duration
+        /// How a new key of a compact route is hashed (`KeyDigest(of:)`'s SHA-256). The worker
+        /// passes the Redis adapter's one-shot hash, which allocates nothing; any function given
+        /// must return the same digest, since the store finds done records by it.
+        public var keyDigest: @Sendable (String) -> KeyDigest
 
         public init(
             batchSize: Int = ConfigSchema.defaultCount("consumer.batch_size"),
             handlerMaxBatch: Int = ConfigSchema.defaultCount("handler.max_batch"), failOpen: Bool = false, stopWhenIdle: Duration? = nil,
             deadLetters: Bool = false, maxPollWait: Duration = .milliseconds(100), maxAnswerWait: Duration = .milliseconds(50),
-            shutdownDrain: Duration = .zero
+            shutdownDrain: Duration = .zero, keyDigest: @escaping @Sendable (String) -> KeyDigest = KeyDigest.init(of:)
         ) {
+            self.keyDigest = keyDigest
             self.shutdownDrain = shutdownDrain
             self.batchSize = batchSize
             self.handlerMaxBatch = handlerMaxBatch
@@ -240,7 +245,7 @@ public struct DedupEngine: Sendable {
 
     public init(settings: DedupSettings, routing: Routing = Routing(), options: Options = Options(),
                 now: ContinuousClock.Instant, seed: UInt64 = UInt64.random(in: 0...UInt64.max)) {
-        self.ledger = DedupLedger(settings: settings, routing: routing)
+        self.ledger = DedupLedger(settings: settings, routing: routing, keyDigest: options.keyDigest)
         self.options = options
         self.started = now
         self.lastActivity = now

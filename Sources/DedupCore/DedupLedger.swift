@@ -142,8 +142,11 @@ public struct DedupLedger: Sendable {
     /// whose transition was rejected, for the caller to take.
     private var unholds: [EntityStep] = []
     private var rejections: [Rejection] = []
+    /// Hashes a compact route's new key once, when its first message arrives (`DedupEngine.Options.keyDigest`).
+    private let keyDigest: @Sendable (String) -> KeyDigest
 
-    public init(settings: DedupSettings, routing: Routing = Routing()) {
+    public init(settings: DedupSettings, routing: Routing = Routing(), keyDigest: @escaping @Sendable (String) -> KeyDigest = KeyDigest.init(of:)) {
+        self.keyDigest = keyDigest
         self.settings = settings
         self.routing = routing
         self.routeSettings = [settings] + routing.routes.map(\.settings)
@@ -190,7 +193,7 @@ public struct DedupLedger: Sendable {
         }
 
         guard let i = entries.index(forKey: key) else {
-            if case .compact = routeSettings[route].layout { key.digest = KeyDigest(of: key.storeKey) }
+            if case .compact = routeSettings[route].layout { key.digest = keyDigest(key.storeKey) }
             var step: GuardStep?
             if let g = routeSettings[route].entityGuard {
                 do throws(BadInput) {

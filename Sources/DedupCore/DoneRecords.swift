@@ -10,6 +10,12 @@ public struct KeyDigest: Sendable, Hashable {
     public var head: UInt64
     public var tail: UInt64
 
+    /// The first 16 bytes of a SHA-256 digest, read big-endian.
+    public init(head: UInt64, tail: UInt64) {
+        self.head = head
+        self.tail = tail
+    }
+
     public init(of storeKey: String) {
         var hasher = SHA256()
         var key = storeKey

@@ -193,7 +193,7 @@ public final class Worker: Service {
             stopWhenIdle: config.stopWhenIdle, deadLetters: deadLetters != nil,
             // Half the shutdown deadline: the other half is for the round in flight, the
             // confirm and the commit.
-            shutdownDrain: config.shutdownDeadline / 2)
+            shutdownDrain: config.shutdownDeadline / 2, keyDigest: KeyDigest.hashed)
     }
 
     // MARK: - The loop
