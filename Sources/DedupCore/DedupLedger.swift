@@ -144,12 +144,15 @@ public struct DedupLedger: Sendable {
     private var rejections: [Rejection] = []
     /// Hashes a compact route's new key once, when its first message arrives (`DedupEngine.Options.keyDigest`).
     private let keyDigest: @Sendable (String) -> KeyDigest
+    /// Each route's `DedupKey.head`, spelled once.
+    private let storeKeyHeads: [String]
 
     public init(settings: DedupSettings, routing: Routing = Routing(), keyDigest: @escaping @Sendable (String) -> KeyDigest = KeyDigest.init(of:)) {
         self.keyDigest = keyDigest
         self.settings = settings
         self.routing = routing
         self.routeSettings = [settings] + routing.routes.map(\.settings)
+        self.storeKeyHeads = routeSettings.map { DedupKey.head(namespace: $0.namespace) }
         self.buffer = DelayBuffer(
             lanes: routeSettings.count, maxMessages: settings.bufferMaxMessages, maxBytes: settings.bufferMaxBytes)
     }
@@ -184,7 +187,7 @@ public struct DedupLedger: Sendable {
             }
             route = r
             let s = routeSettings[r]
-            key = DedupKey(raw: try s.template.key(for: message), namespace: s.namespace)
+            key = DedupKey(raw: try s.template.key(for: message), head: storeKeyHeads[r])
             token = try s.token?.key(for: message)
         } catch {
             counters.invalid += 1

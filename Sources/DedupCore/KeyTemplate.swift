@@ -287,33 +287,19 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
     public static let maxRawLength = 200
 
     public init(raw: String, namespace: String, prefix: String = "dedupd") {
-        self.raw = raw
-        rawHash = raw.hashValue
-        if raw.utf8.count > Self.maxRawLength {
-            storeKey = "\(prefix):\(namespace):h:\(KeyTemplate.hex(SHA256.hash(data: Array(raw.utf8))))"
-        } else {
-            storeKey = Self.joined(prefix, namespace, raw)
-        }
+        self.init(raw: raw, head: Self.head(namespace: namespace, prefix: prefix))
     }
 
-    /// `a:b:c`, written once into a string of its final size: interpolation grows the string
-    /// piece by piece, and this runs for every message.
-    static func joined(_ a: String, _ b: String, _ c: String) -> String {
-        var a = a, b = b, c = c
-        return a.withUTF8 { a in
-            b.withUTF8 { b in
-                c.withUTF8 { c in
-                    String(unsafeUninitializedCapacity: a.count + b.count + c.count + 2) { out in
-                        var i = out.initialize(fromContentsOf: a)
-                        out[i] = UInt8(ascii: ":")
-                        i = out[(i + 1)...].initialize(fromContentsOf: b)
-                        out[i] = UInt8(ascii: ":")
-                        return out[(i + 1)...].initialize(fromContentsOf: c)
-                    }
-                }
-            }
-        }
+    /// `head` is `head(namespace:prefix:)`, which the ledger keeps per route: the store key is
+    /// then one concatenation, which needs no UTF-8 check of its result.
+    public init(raw: String, head: String) {
+        self.raw = raw
+        rawHash = raw.hashValue
+        storeKey = raw.utf8.count > Self.maxRawLength ? head + "h:" + KeyTemplate.hex(SHA256.hash(data: Array(raw.utf8))) : head + raw
     }
+
+    /// The start of every store key of a namespace: `<prefix>:<namespace>:`.
+    public static func head(namespace: String, prefix: String = "dedupd") -> String { "\(prefix):\(namespace):" }
 
     public var description: String { raw }
 

@@ -74,6 +74,22 @@ struct LogLineTests {
         #expect(buffer.count == 0)
     }
 
+    /// Words holding several bytes to escape, next to each other or apart, borrows between them,
+    /// at every length around the eight-byte step, against the string version.
+    @Test func wordsWithSeveralEscapesMatchTheStringVersion() {
+        var rng = SystemRandomNumberGenerator()
+        let pieces: [[UInt8]] = [[0x00], [0x01], [0x0a], [0x1f], [0x20], [0x21], [0x22], [0x5c], [0x41], [0x7f], [0xc3, 0xa4]]
+        for _ in 0..<5_000 {
+            var value: [UInt8] = []
+            let length = Int.random(in: 0...40, using: &rng)
+            while value.count < length { value += pieces.randomElement(using: &rng)! }
+            let d = Dispatch(
+                key: DedupKey(raw: "k", namespace: "n"),
+                message: InboundMessage(topic: "t", partition: 0, offset: 0, value: value))
+            #expect(LogOutputHandler.line(for: d) == Self.reference(d), "\(value)")
+        }
+    }
+
     /// The word test that lets plain bytes be copied eight at a time finds the first byte that
     /// the byte test escapes, for every byte value in every position of a word, and in random
     /// words (several candidates, borrows between them).
