@@ -72,8 +72,8 @@ public struct DedupEngine: Sendable {
         /// nothing again. Nothing new is polled meanwhile. Default: zero (release at once).
         public var shutdownDrain: Duration
         /// How a new key of a compact route is hashed (`KeyDigest(of:)`'s SHA-256). The worker
-        /// passes the Redis adapter's one-shot hash, which allocates nothing; any function given
-        /// must return the same digest, since the store finds done records by it.
+        /// passes the Redis adapter's `KeyDigest.hashed`, which allocates nothing; any function
+        /// given must return the same digest, since the store finds done records by it.
         public var keyDigest: @Sendable (String) -> KeyDigest
 
         public init(

@@ -295,7 +295,11 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
     public init(raw: String, head: String) {
         self.raw = raw
         rawHash = raw.hashValue
-        storeKey = raw.utf8.count > Self.maxRawLength ? head + "h:" + KeyTemplate.hex(SHA256.hash(data: Array(raw.utf8))) : head + raw
+        if raw.utf8.count > Self.maxRawLength {
+            storeKey = head + "h:" + KeyTemplate.hex(SHA256.hash(data: Array(raw.utf8)))
+        } else {
+            storeKey = head + raw
+        }
     }
 
     /// The start of every store key of a namespace: `<prefix>:<namespace>:`.
