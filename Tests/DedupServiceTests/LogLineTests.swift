@@ -75,7 +75,7 @@ struct LogLineTests {
     }
 
     /// Words holding several bytes to escape, next to each other or apart, borrows between them,
-    /// at every length around the eight-byte step, against the string version.
+    /// in random values of 0 to 41 bytes (across several eight-byte steps), against the string version.
     @Test func wordsWithSeveralEscapesMatchTheStringVersion() {
         var rng = SystemRandomNumberGenerator()
         let pieces: [[UInt8]] = [[0x00], [0x01], [0x0a], [0x1f], [0x20], [0x21], [0x22], [0x5c], [0x41], [0x7f], [0xc3, 0xa4]]
