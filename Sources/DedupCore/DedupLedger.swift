@@ -132,7 +132,13 @@ public struct DedupLedger: Sendable {
     /// Buffered leases in the order taken: the oldest are at the front, so finding the ones to
     /// renew costs only the ones due. Entries go stale (renewed again, or left the buffer) and
     /// are dropped when they reach the front.
-    private var leaseOrder: Deque<(key: DedupKey, taken: ContinuousClock.Instant)> = []
+    private var leaseOrder: Deque<LeaseMark> = []
+    /// A struct rather than a tuple: a tuple holding a key is copied and destroyed through the
+    /// runtime's generic tuple witnesses, several times per message in the scans below.
+    private struct LeaseMark {
+        var key: DedupKey
+        var taken: ContinuousClock.Instant
+    }
     private var lastTicket: UInt64 = 0
     /// Guard: per entity (store key), the keys of its messages here in arrival order; the first
     /// is the one being judged or dispatched, the rest wait (`awaitingEntity`).
@@ -186,9 +192,10 @@ public struct DedupLedger: Sendable {
                 throw BadInput(.noRoute, "no route matches (routes: \(routing.routes.map(\.name).joined(separator: ", ")))")
             }
             route = r
-            let s = routeSettings[r]
-            key = DedupKey(raw: try s.template.key(for: message), head: storeKeyHeads[r])
-            token = try s.token?.key(for: message)
+            // The route's settings are read in place: a copy of them retains every string and
+            // array they hold, per message.
+            key = DedupKey(raw: try routeSettings[r].template.key(for: message), head: storeKeyHeads[r])
+            token = try routeSettings[r].token?.key(for: message)
         } catch {
             counters.invalid += 1
             if !settings.holdsDeadLetters { offsets.resolve(tp, offset: message.offset) }
@@ -339,20 +346,11 @@ public struct DedupLedger: Sendable {
                 keys.append(key)
             }
         }
-        while let first = leaseOrder.first, leaseTaken(first.key) != first.taken {
-            leaseOrder.removeFirst()
-        }
         var renewals = 0
-        for entry in leaseOrder {
-            guard let i = entries.index(forKey: entry.key), entries.values[i].leaseTakenAt == entry.taken else { continue }
-            // Leases differ per route, so a young lease of one route may precede an old one of
-            // another: with routes the whole queue is looked at (it is ordered by time taken).
-            guard entry.taken <= now - routeSettings[entries.values[i].route].lease / 2 else {
-                if hasRoutes { continue } else { break }
-            }
-            guard entries.values[i].awaiting == 0 else { continue }
-            keys.append(entry.key)
+        forEachLeaseDue(now: now) { key in
+            keys.append(key)
             renewals += 1
+            return true
         }
         let ticket = keys.isEmpty ? 0 : newTicket()
         var request = LedgerRequest(ticket: ticket, keys: groupedByRoute(keys), renewals: renewals)
@@ -384,17 +382,31 @@ public struct DedupLedger: Sendable {
 
     /// Whether a buffered key's lease is half used and its renewal not yet sent.
     public mutating func renewalDue(now: ContinuousClock.Instant) -> Bool {
+        var due = false
+        forEachLeaseDue(now: now) { _ in
+            due = true
+            return false
+        }
+        return due
+    }
+
+    /// Calls `body` with each buffered key whose lease is half used and has no claim in flight,
+    /// oldest first, until it returns false. Marks at the front whose lease was renewed since or
+    /// left are dropped first.
+    private mutating func forEachLeaseDue(now: ContinuousClock.Instant, _ body: (DedupKey) -> Bool) {
         while let first = leaseOrder.first, leaseTaken(first.key) != first.taken {
             leaseOrder.removeFirst()
         }
-        for entry in leaseOrder {
-            guard let i = entries.index(forKey: entry.key), entries.values[i].leaseTakenAt == entry.taken else { continue }
-            guard entry.taken <= now - routeSettings[entries.values[i].route].lease / 2 else {
-                if hasRoutes { continue } else { return false }
+        for mark in leaseOrder {
+            guard let i = entries.index(forKey: mark.key), entries.values[i].leaseTakenAt == mark.taken else { continue }
+            // Leases differ per route, so a young lease of one route may precede an old one of
+            // another: with routes the whole queue is looked at (it is ordered by time taken).
+            guard mark.taken <= now - routeSettings[entries.values[i].route].lease / 2 else {
+                if hasRoutes { continue } else { return }
             }
-            if entries.values[i].awaiting == 0 { return true }
+            guard entries.values[i].awaiting == 0 else { continue }
+            guard body(mark.key) else { return }
         }
-        return false
     }
 
     /// The store keys of `keys` cut into groups of one time to live (`\.lease` for claims,
@@ -519,7 +531,7 @@ public struct DedupLedger: Sendable {
                 entries.values[i].place = .buffered
                 entries.values[i].deadline = deadline
                 entries.values[i].leaseTakenAt = now
-                leaseOrder.append((key, now))
+                leaseOrder.append(LeaseMark(key: key, taken: now))
                 buffer.add(key, lane: route, deadline: deadline, size: entries.values[i].size)
             case .done:
                 let message = removeEntry(at: i).message
@@ -620,7 +632,7 @@ public struct DedupLedger: Sendable {
             switch hold {
             case .held?, nil:
                 entries.values[i].leaseTakenAt = now
-                leaseOrder.append((key, now))
+                leaseOrder.append(LeaseMark(key: key, taken: now))
                 counters.renewed += 1
             case .rejected(let state)?:
                 buffer.removed(size: entries.values[i].size)
