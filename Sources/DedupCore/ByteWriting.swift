@@ -13,6 +13,18 @@ extension Array where Element == UInt8 {
             append(UInt8(ascii: "0") &+ UInt8(truncatingIfNeeded: value % 10))
             return
         }
+        if radix == 16 && value >= 0 {
+            // Bucket numbers in every compact key name: the digit count from the leading zeros,
+            // then each digit from the top, with no room on the stack and no second pass.
+            let v = UInt64(value)
+            var shift = Swift.max(0, (63 - v.leadingZeroBitCount) / 4) * 4
+            while shift >= 0 {
+                let digit = UInt8(truncatingIfNeeded: (v >> UInt64(shift)) & 15)
+                append(digit < 10 ? UInt8(ascii: "0") &+ digit : UInt8(ascii: "a") &+ digit &- 10)
+                shift -= 4
+            }
+            return
+        }
         let negative = value < 0
         var rest = value.magnitude
         // Written backwards into room on the stack (64 digits: base 2 of the largest magnitude),

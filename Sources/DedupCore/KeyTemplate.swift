@@ -291,14 +291,25 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
     }
 
     /// `head` is `head(namespace:prefix:)`, which the ledger keeps per route: the store key is
-    /// then one concatenation, which needs no UTF-8 check of its result.
+    /// then one copy of each part's bytes into a string of their summed size. (`head + raw`
+    /// goes through String's general append, which cost more than the copies and the new
+    /// string's UTF-8 check together.)
     public init(raw: String, head: String) {
         self.raw = raw
         rawHash = raw.hashValue
         if raw.utf8.count > Self.maxRawLength {
             storeKey = head + "h:" + KeyTemplate.hex(SHA256.hash(data: Array(raw.utf8)))
         } else {
-            storeKey = head + raw
+            var head = head, raw = raw
+            storeKey = head.withUTF8 { h in
+                raw.withUTF8 { r in
+                    String(unsafeUninitializedCapacity: h.count + r.count) { out in
+                        _ = out.initialize(fromContentsOf: h)
+                        _ = out[h.count...].initialize(fromContentsOf: r)
+                        return h.count + r.count
+                    }
+                }
+            }
         }
     }
 

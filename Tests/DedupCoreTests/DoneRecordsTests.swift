@@ -155,6 +155,8 @@ import Testing
         var values: [Int64] = [0, 1, 9, 10, 15, 16, 99, 100, 255, 256, 4095, 4096, -1, -10, -255, Int64.max, Int64.min, Int64.max - 1]
         var power: Int64 = 1
         while power < Int64.max / 10 { values += [power - 1, power, power + 1, -power]; power *= 10 }
+        // Every hex digit count (radix 16 has a path of its own).
+        for shift in stride(from: 4, to: 64, by: 4) { values += [(1 << shift) - 1, 1 << shift, (1 << shift) + 1] }
         for value in values {
             for radix in [10, 16] as [Int64] {
                 var out: [UInt8] = [UInt8(ascii: ">")]
