@@ -21,7 +21,9 @@ struct EntryTable: Sendable {
     func index(forKey key: DedupKey) -> Int? { slots[key] }
 
     /// Adds an entry for a key that has none (one hash operation: the caller looked already).
-    mutating func insertNew(_ entry: Entry, for key: DedupKey) {
+    /// The entry is moved in, not copied: a copy retains each of its buffers and the caller's
+    /// then releases them.
+    mutating func insertNew(_ entry: consuming Entry, for key: DedupKey) {
         let i: Int
         if let reused = free.popLast() {
             i = reused
