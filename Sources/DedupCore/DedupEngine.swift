@@ -389,11 +389,14 @@ public struct DedupEngine: Sendable {
         case .round(let id, let results):
             guard let round, round.id == id else { return }
             self.round = nil
-            for (dispatch, result) in zip(round.due, results) {
-                switch result {
+            // By index: iterating the pairs would copy each dispatch, retaining its key and
+            // message, only to read them.
+            for i in 0..<min(round.due.count, results.count) {
+                switch results[i] {
                 case .success:
-                    ledger.dispatchSucceeded(dispatch.key)
+                    ledger.dispatchSucceeded(round.due[i].key)
                 case .gaveUp(let error, let attempts):
+                    let dispatch = round.due[i]
                     reports.append(.handlerGaveUp(dispatch, error: error, attempts: attempts))
                     if options.deadLetters {
                         deadLetters.append(DeadLetter(
@@ -403,8 +406,8 @@ public struct DedupEngine: Sendable {
                     ledger.dispatchFailed(dispatch.key)
                     toRelease.append(dispatch.key)
                 case .abandoned:
-                    ledger.dispatchAbandoned(dispatch.key)
-                    toRelease.append(dispatch.key)
+                    ledger.dispatchAbandoned(round.due[i].key)
+                    toRelease.append(round.due[i].key)
                 }
             }
         case .deadLetters(let id, let errors):
