@@ -714,8 +714,9 @@ public struct DedupLedger: Sendable {
         }
         var due: [Dispatch] = []
         due.reserveCapacity(slots.count)
-        for slot in slots {
-            let i = self.entries.index(forKey: slot.key)!
+        // By index: iterating the slots copies each one (its key retained) only to read it.
+        for slot in slots.indices {
+            let i = self.entries.index(forKey: slots[slot].key)!
             self.entries.values[i].place = .inFlight
             self.entries.values[i].leaseTakenAt = nil
             buffer.removed(size: self.entries.values[i].size)
@@ -725,7 +726,7 @@ public struct DedupLedger: Sendable {
                 topic: self.entries.values[i].message.topic, partition: self.entries.values[i].message.partition,
                 offset: self.entries.values[i].message.offset, value: [])
             swap(&message, &self.entries.values[i].message)
-            due.append(Dispatch(key: slot.key, message: message, route: self.entries.values[i].route))
+            due.append(Dispatch(key: slots[slot].key, message: message, route: self.entries.values[i].route))
         }
         inFlightCount += due.count
         return due
