@@ -8,6 +8,8 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 start_local_servers() {
+  # A reused OUT directory keeps the last run's FIFO: make it anew.
+  rm -f "$out/mock.fifo"
   mkfifo "$out/mock.fifo"
   "$dedupd" mock-kafka --brokers 1 --topic "$1" >"$out/mock.fifo" 2>"$out/mock.err" &
   pids+=($!)
