@@ -1,55 +1,135 @@
-extension Array where Element == UInt8 {
-    /// Appends `value`'s digits in `radix` (2 to 36, lowercase), as `String(value, radix:)` spells
-    /// them, without building the string: Redis key names are written this way on the hot path.
-    public mutating func appendDigits(_ value: Int64, radix: Int64 = 10) {
-        // One or two digits (RESP's argument counts and most lengths) byte by byte: appending a
-        // buffer costs more than the digits.
-        if value >= 0 && value < radix && radix <= 10 {
-            append(UInt8(ascii: "0") &+ UInt8(truncatingIfNeeded: value))
+/// A write position in memory reserved beforehand, with its end: the hot paths spell RESP and
+/// Redis key names through it, a store per byte and a copy per part, where an array append
+/// checks uniqueness and capacity on every call (per byte for the `$`, digits and CRLF of
+/// every argument). Every write checks the end, so a wrong reservation stops the process
+/// instead of writing past it.
+public struct ByteCursor {
+    public private(set) var position: UnsafeMutablePointer<UInt8>
+    public let end: UnsafeMutablePointer<UInt8>
+
+    /// Writes go to `start` and on, up to `end` (exclusive).
+    public init(_ start: UnsafeMutablePointer<UInt8>, end: UnsafeMutablePointer<UInt8>) {
+        position = start
+        self.end = end
+    }
+
+    @inline(__always)
+    private mutating func advance(_ n: Int) -> UnsafeMutablePointer<UInt8> {
+        precondition(n <= end - position, "a write past the room reserved for it")
+        defer { position += n }
+        return position
+    }
+
+    @inline(__always)
+    public mutating func write(_ byte: UInt8) { advance(1).initialize(to: byte) }
+
+    /// A name's parts are a few to a few dozen bytes: up to 16 are copied as two words that may
+    /// overlap (no call to memcpy, which costs more than such a copy).
+    @inline(__always)
+    public mutating func write(_ bytes: UnsafeBufferPointer<UInt8>) {
+        guard let from = bytes.baseAddress else { return }
+        let n = bytes.count
+        let to = UnsafeMutableRawPointer(advance(n))
+        let source = UnsafeRawPointer(from)
+        if n >= 8 && n <= 16 {
+            let first = source.loadUnaligned(as: UInt64.self), last = source.loadUnaligned(fromByteOffset: n - 8, as: UInt64.self)
+            to.storeBytes(of: first, as: UInt64.self)
+            to.storeBytes(of: last, toByteOffset: n - 8, as: UInt64.self)
+        } else if n >= 4 && n < 8 {
+            let first = source.loadUnaligned(as: UInt32.self), last = source.loadUnaligned(fromByteOffset: n - 4, as: UInt32.self)
+            to.storeBytes(of: first, as: UInt32.self)
+            to.storeBytes(of: last, toByteOffset: n - 4, as: UInt32.self)
+        } else {
+            to.copyMemory(from: source, byteCount: n)
+        }
+    }
+
+    @inline(__always)
+    public mutating func write(_ bytes: UnsafeRawBufferPointer) { write(bytes.assumingMemoryBound(to: UInt8.self)) }
+
+    @inline(__always)
+    public mutating func write(_ bytes: [UInt8]) { bytes.withUnsafeBufferPointer { write($0) } }
+
+    @inline(__always)
+    public mutating func write(_ literal: StaticString) {
+        write(UnsafeBufferPointer(start: literal.utf8Start, count: literal.utf8CodeUnitCount))
+    }
+
+    /// `\r\n`, RESP's line end.
+    @inline(__always)
+    public mutating func writeCRLF() {
+        let at = advance(2)
+        at[0] = 13
+        at[1] = 10
+    }
+
+    /// A count or a length in decimal: one or two digits (most of RESP's) without a call.
+    @inline(__always)
+    public mutating func writeSmallDigits(_ value: Int) {
+        if value >= 0 && value < 10 {
+            write(UInt8(ascii: "0") &+ UInt8(truncatingIfNeeded: value))
+        } else if value >= 10 && value < 100 {
+            let at = advance(2)
+            at[0] = UInt8(ascii: "0") &+ UInt8(truncatingIfNeeded: value / 10)
+            at[1] = UInt8(ascii: "0") &+ UInt8(truncatingIfNeeded: value % 10)
+        } else {
+            writeDigits(Int64(value))
+        }
+    }
+
+    /// Writes `value`'s digits in `radix` (2 to 36, lowercase), as `String(value, radix:)` spells
+    /// them, without building the string (at most 65 bytes: a sign and 64 binary digits).
+    public mutating func writeDigits(_ value: Int64, radix: Int64 = 10) {
+        precondition((2...36).contains(radix), "radix \(radix) is not between 2 and 36")
+        if value < 0 { write(UInt8(ascii: "-")) }
+        let magnitude = value.magnitude
+        // One or two decimal digits (RESP's argument counts and most lengths) need no loop.
+        if magnitude < 10 && radix >= 10 {
+            write(UInt8(ascii: "0") &+ UInt8(truncatingIfNeeded: magnitude))
             return
         }
-        if radix == 10 && value >= 10 && value < 100 {
-            append(UInt8(ascii: "0") &+ UInt8(truncatingIfNeeded: value / 10))
-            append(UInt8(ascii: "0") &+ UInt8(truncatingIfNeeded: value % 10))
-            return
+        // The digit count first, then each digit from the last: no room on the stack, no second
+        // copy. Base 10 and 16 by constants, which the compiler turns into multiplications and
+        // shifts.
+        var digits = 1
+        switch radix {
+        case 16: digits = Swift.max(1, (67 - magnitude.leadingZeroBitCount) / 4)
+        case 10:
+            var rest = magnitude
+            while rest >= 10 { rest /= 10; digits += 1 }
+        default:
+            var rest = magnitude
+            while rest >= UInt64(radix) { rest /= UInt64(radix); digits += 1 }
         }
-        if radix == 16 && value >= 0 {
-            // Bucket numbers in every compact key name: the digit count from the leading zeros,
-            // then each digit from the top, with no room on the stack and no second pass.
-            let v = UInt64(value)
-            var shift = Swift.max(0, (63 - v.leadingZeroBitCount) / 4) * 4
-            while shift >= 0 {
-                let digit = UInt8(truncatingIfNeeded: (v >> UInt64(shift)) & 15)
-                append(digit < 10 ? UInt8(ascii: "0") &+ digit : UInt8(ascii: "a") &+ digit &- 10)
-                shift -= 4
-            }
-            return
-        }
-        let negative = value < 0
-        var rest = value.magnitude
-        // Written backwards into room on the stack (64 digits: base 2 of the largest magnitude),
-        // then appended at once. Base 10 and 16 by constants, which the compiler turns into
-        // multiplications and shifts.
-        Swift.withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 65) { digits in
-            var at = digits.count
-            func put(_ digit: UInt64) {
-                at -= 1
-                digits[at] = digit < 10 ? UInt8(ascii: "0") &+ UInt8(truncatingIfNeeded: digit) : UInt8(ascii: "a") &+ UInt8(truncatingIfNeeded: digit) &- 10
-            }
+        let start = advance(digits)
+        var rest = magnitude
+        for i in stride(from: digits - 1, through: 0, by: -1) {
+            let digit: UInt64
             switch radix {
-            case 10: repeat { put(rest % 10); rest /= 10 } while rest > 0
-            case 16: repeat { put(rest & 15); rest >>= 4 } while rest > 0
-            default:
-                let base = UInt64(radix)
-                repeat { put(rest % base); rest /= base } while rest > 0
+            case 10: (rest, digit) = rest.quotientAndRemainder(dividingBy: 10)
+            case 16: (rest, digit) = (rest >> 4, rest & 15)
+            default: (rest, digit) = rest.quotientAndRemainder(dividingBy: UInt64(radix))
             }
-            if negative {
-                at -= 1
-                digits[at] = UInt8(ascii: "-")
-            }
-            // A handful of bytes: one at a time is cheaper than a generic buffer append.
-            for i in at..<digits.count { append(digits[i]) }
+            start[i] = digit < 10 ? UInt8(ascii: "0") &+ UInt8(truncatingIfNeeded: digit) : UInt8(ascii: "a") &+ UInt8(truncatingIfNeeded: digit) &- 10
         }
+    }
+}
+
+extension Array where Element == UInt8 {
+    /// Appends what `write` writes through a cursor, at most `maxCount` bytes: the byte writers'
+    /// array form (names spelled as strings, tests), written on the stack and appended once.
+    public mutating func append(atMost maxCount: Int, _ write: (inout ByteCursor) -> Void) {
+        Swift.withUnsafeTemporaryAllocation(of: UInt8.self, capacity: Swift.max(1, maxCount)) { room in
+            let start = room.baseAddress!
+            var cursor = ByteCursor(start, end: start + maxCount)
+            write(&cursor)
+            append(contentsOf: UnsafeBufferPointer(start: start, count: cursor.position - start))
+        }
+    }
+
+    /// Appends `value`'s digits in `radix` (`ByteCursor.writeDigits`).
+    public mutating func appendDigits(_ value: Int64, radix: Int64 = 10) {
+        append(atMost: 65) { $0.writeDigits(value, radix: radix) }
     }
 }
 

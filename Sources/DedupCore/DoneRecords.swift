@@ -108,10 +108,15 @@ public struct CompactRecords: Sendable, Hashable {
             return bytes
         }
 
-        /// One append of the 12 bytes: a tuple of the two words is laid out in order without
-        /// padding (its size, unlike its stride, is 12), and an append costs more than its bytes.
         public func appendField(to out: inout [UInt8]) {
-            withUnsafeBytes(of: (fieldHead.bigEndian, fieldTail.bigEndian)) { out.append(contentsOf: $0) }
+            out.append(atMost: Self.fieldLength) { writeField(to: &$0) }
+        }
+
+        /// The 12 bytes as one copy: a tuple of the two words is laid out in order without
+        /// padding (its size, unlike its stride, is 12).
+        @inline(__always)
+        public func writeField(to out: inout ByteCursor) {
+            withUnsafeBytes(of: (fieldHead.bigEndian, fieldTail.bigEndian)) { out.write($0) }
         }
     }
 
@@ -128,27 +133,40 @@ public struct CompactRecords: Sendable, Hashable {
             fieldHead: digest.head << 32 | digest.tail >> 32, fieldTail: UInt32(truncatingIfNeeded: digest.tail))
     }
 
+    /// Room enough for a pending key's or a bucket's name of a store key of `storeKey` (its
+    /// UTF-8 bytes): the key's bytes, the tag and kind (9), `dedupd` for a key without a prefix,
+    /// a slot's and a bucket's digits (20 and 16) and a colon.
+    public static func maxNameLength(of storeKey: String) -> Int { storeKey.utf8.count + 64 }
+
     /// The pending claim's name: `<prefix>:{<namespace>:<tag>}:p:<rest>`, or the keys layout's key
     /// itself while that layout is read (`readsKeysLayout`: standalone Redis only, so no tag).
     public func appendPendingKey(of storeKey: String, at spot: Spot, to out: inout [UInt8]) {
+        out.append(atMost: Self.maxNameLength(of: storeKey)) { writePendingKey(of: storeKey, at: spot, to: &$0) }
+    }
+
+    public func writePendingKey(of storeKey: String, at spot: Spot, to out: inout ByteCursor) {
         Self.withBytes(of: storeKey) { key in
             if readsKeysLayout {
-                out.append(contentsOf: key)
+                out.write(key)
                 return
             }
-            let rest = Self.appendTagged(key, tag: spot.tag, kind: UInt8(ascii: "p"), to: &out)
-            out.append(contentsOf: UnsafeBufferPointer(rebasing: key[rest...]))
+            let rest = Self.writeTagged(key, tag: spot.tag, kind: UInt8(ascii: "p"), to: &out)
+            out.write(UnsafeBufferPointer(rebasing: key[rest...]))
         }
     }
 
     /// A bucket's name: `<prefix>:{<namespace>:<tag>}:d:<slot>:<bucket in hex>`.
     public func appendBucketKey(of storeKey: String, at spot: Spot, slot: Int64, to out: inout [UInt8]) {
+        out.append(atMost: Self.maxNameLength(of: storeKey)) { writeBucketKey(of: storeKey, at: spot, slot: slot, to: &$0) }
+    }
+
+    public func writeBucketKey(of storeKey: String, at spot: Spot, slot: Int64, to out: inout ByteCursor) {
         Self.withBytes(of: storeKey) { key in
-            _ = Self.appendTagged(key, tag: spot.tag, kind: UInt8(ascii: "d"), to: &out)
+            _ = Self.writeTagged(key, tag: spot.tag, kind: UInt8(ascii: "d"), to: &out)
         }
-        out.appendDigits(slot)
-        out.append(UInt8(ascii: ":"))
-        out.appendDigits(Int64(spot.bucket), radix: 16)
+        out.writeDigits(slot)
+        out.write(UInt8(ascii: ":"))
+        out.writeDigits(Int64(spot.bucket), radix: 16)
     }
 
     /// The pending keys and bucket names of one group's keys in a request. A route's store keys
@@ -171,7 +189,10 @@ public struct CompactRecords: Sendable, Hashable {
             var keyHead: [UInt8] = [], nameHead: [UInt8] = []
             if let firstKey {
                 CompactRecords.withBytes(of: firstKey) { key in
-                    let rest = CompactRecords.appendTagged(key, tag: 0, kind: 0, to: &nameHead)
+                    var rest = 0
+                    nameHead.append(atMost: CompactRecords.maxNameLength(of: firstKey)) {
+                        rest = CompactRecords.writeTagged(key, tag: 0, kind: 0, to: &$0)
+                    }
                     if rest > 0 { keyHead = Array(key[..<rest]) }
                 }
                 // Up to the tag: `appendTagged` wrote `<tag>}:<kind>:` after it (2 + 4 bytes).
@@ -189,22 +210,32 @@ public struct CompactRecords: Sendable, Hashable {
 
         /// What `records.appendPendingKey(of: storeKey, at: spot, to: &out)` appends.
         public func appendPendingKey(of storeKey: String, at spot: Spot, to out: inout [UInt8]) {
+            out.append(atMost: CompactRecords.maxNameLength(of: storeKey)) { writePendingKey(of: storeKey, at: spot, to: &$0) }
+        }
+
+        /// What `records.writePendingKey(of: storeKey, at: spot, to: &out)` writes.
+        public func writePendingKey(of storeKey: String, at spot: Spot, to out: inout ByteCursor) {
             CompactRecords.withBytes(of: storeKey) { key in
-                guard !records.readsKeysLayout, shares(key) else { return records.appendPendingKey(of: storeKey, at: spot, to: &out) }
-                appendHead(tag: spot.tag, to: &out)
-                out.append(contentsOf: "}:p:".utf8)
-                out.append(contentsOf: UnsafeBufferPointer(rebasing: key[keyHead.count...]))
+                guard !records.readsKeysLayout, shares(key) else { return records.writePendingKey(of: storeKey, at: spot, to: &out) }
+                writeHead(tag: spot.tag, to: &out)
+                out.write("}:p:")
+                out.write(UnsafeBufferPointer(rebasing: key[keyHead.count...]))
             }
         }
 
         /// What `records.appendBucketKey(of: storeKey, at: spot, slot: slots[slot], to: &out)` appends.
         public func appendBucketKey(of storeKey: String, at spot: Spot, slotAt slot: Int, to out: inout [UInt8]) {
+            out.append(atMost: CompactRecords.maxNameLength(of: storeKey)) { writeBucketKey(of: storeKey, at: spot, slotAt: slot, to: &$0) }
+        }
+
+        /// What `records.writeBucketKey(of: storeKey, at: spot, slot: slots[slot], to: &out)` writes.
+        public func writeBucketKey(of storeKey: String, at spot: Spot, slotAt slot: Int, to out: inout ByteCursor) {
             guard CompactRecords.withBytes(of: storeKey, shares) else {
-                return records.appendBucketKey(of: storeKey, at: spot, slot: slots[slot], to: &out)
+                return records.writeBucketKey(of: storeKey, at: spot, slot: slots[slot], to: &out)
             }
-            appendHead(tag: spot.tag, to: &out)
-            out.append(contentsOf: bucketMiddles[slot])
-            out.appendDigits(Int64(spot.bucket), radix: 16)
+            writeHead(tag: spot.tag, to: &out)
+            out.write(bucketMiddles[slot])
+            out.writeDigits(Int64(spot.bucket), radix: 16)
         }
 
         private func shares(_ key: UnsafeBufferPointer<UInt8>) -> Bool {
@@ -213,10 +244,11 @@ public struct CompactRecords: Sendable, Hashable {
         }
 
         /// `<prefix>:{<namespace>:<tag in two hex digits>`.
-        private func appendHead(tag: Int, to out: inout [UInt8]) {
-            out.append(contentsOf: nameHead)
-            out.append(Self.hex(tag >> 4))
-            out.append(Self.hex(tag & 15))
+        @inline(__always)
+        private func writeHead(tag: Int, to out: inout ByteCursor) {
+            out.write(nameHead)
+            out.write(Self.hex(tag >> 4))
+            out.write(Self.hex(tag & 15))
         }
 
         private static func hex(_ digit: Int) -> UInt8 {
@@ -232,27 +264,27 @@ public struct CompactRecords: Sendable, Hashable {
         return Array(storeKey.utf8).withUnsafeBufferPointer(body)
     }
 
-    /// Appends `<prefix>:{<namespace>:<tag>}:<kind>:` for the store key `key` and returns where
+    /// Writes `<prefix>:{<namespace>:<tag>}:<kind>:` for the store key `key` and returns where
     /// its `<rest>` starts (a key without two colons is all rest, under prefix `dedupd` and an
     /// empty namespace).
-    fileprivate static func appendTagged(_ key: UnsafeBufferPointer<UInt8>, tag: Int, kind: UInt8, to out: inout [UInt8]) -> Int {
+    fileprivate static func writeTagged(_ key: UnsafeBufferPointer<UInt8>, tag: Int, kind: UInt8, to out: inout ByteCursor) -> Int {
         let colon = UInt8(ascii: ":")
         var namespace = 0..<0, rest = 0
         if let first = key.firstIndex(of: colon), let second = key[(first + 1)...].firstIndex(of: colon) {
-            out.append(contentsOf: UnsafeBufferPointer(rebasing: key[..<first]))
+            out.write(UnsafeBufferPointer(rebasing: key[..<first]))
             namespace = (first + 1)..<second
             rest = second + 1
         } else {
-            out.append(contentsOf: "dedupd".utf8)
+            out.write("dedupd")
         }
-        out.append(contentsOf: ":{".utf8)
-        out.append(contentsOf: UnsafeBufferPointer(rebasing: key[namespace]))
-        out.append(colon)
-        if tag < 16 { out.append(UInt8(ascii: "0")) }
-        out.appendDigits(Int64(tag), radix: 16)
-        out.append(contentsOf: "}:".utf8)
-        out.append(kind)
-        out.append(colon)
+        out.write(":{")
+        out.write(UnsafeBufferPointer(rebasing: key[namespace]))
+        out.write(colon)
+        if tag < 16 { out.write(UInt8(ascii: "0")) }
+        out.writeDigits(Int64(tag), radix: 16)
+        out.write("}:")
+        out.write(kind)
+        out.write(colon)
         return rest
     }
 
@@ -305,8 +337,12 @@ public struct CompactRecords: Sendable, Hashable {
     /// Bucket `bucket` (of `buckets`) of slot `slot`, for the store keys that start with
     /// `scope` (`<prefix>:<namespace>:`), written to `out` (`bucketKeys`, one at a time).
     public func appendBucketKey(of scope: String, bucket: Int, slot: Int64, to out: inout [UInt8]) {
-        let spot = Spot(tag: bucket >> (bucketBits - Self.tagBits), bucket: bucket, fieldHead: 0, fieldTail: 0)
-        appendBucketKey(of: scope, at: spot, slot: slot, to: &out)
+        appendBucketKey(of: scope, at: spot(ofBucket: bucket), slot: slot, to: &out)
+    }
+
+    /// The spot of bucket `bucket` (of `buckets`), for naming the bucket alone (no field).
+    public func spot(ofBucket bucket: Int) -> Spot {
+        Spot(tag: bucket >> (bucketBits - Self.tagBits), bucket: bucket, fieldHead: 0, fieldTail: 0)
     }
 
     /// The slot a key confirmed at `unixMillis` goes to.

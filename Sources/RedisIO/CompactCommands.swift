@@ -109,19 +109,23 @@ extension RedisClaimStore {
         let answered = onSend?("claim")
         let first = redis.send({
             var batch = RedisCommandBatch()
+            // A name is its store key and under 64 bytes more; a command's own bytes fewer.
+            batch.reserve(bytes: groups.reduce(0) { $0 + $1.items.storeKeys.count * (1 + $1.items.slots.count) * 160 }, arguments: 0)
             for (items, lease) in groups {
                 let setTail = EncodedArguments([RedisArgument(bytes: mine), "NX", "PX", RedisArgument(lease)])
+                let names = items.names
                 for item in items.storeKeys.indices {
                     let key = items.storeKeys[item], spot = items.spots[item]
+                    let room = CompactRecords.maxNameLength(of: key)
                     batch.begin(arguments: 6)
                     batch.append(Self.setName)
-                    batch.appendArgument { items.names.appendPendingKey(of: key, at: spot, to: &$0) }
+                    batch.appendArgument(atMost: room) { names.writePendingKey(of: key, at: spot, to: &$0) }
                     batch.append(setTail)
                     for slot in items.slots.indices {
                         batch.begin(arguments: 3)
                         batch.append(Self.hexistsName)
-                        batch.appendArgument { items.names.appendBucketKey(of: key, at: spot, slotAt: slot, to: &$0) }
-                        batch.appendArgument(length: CompactRecords.Spot.fieldLength) { spot.appendField(to: &$0) }
+                        batch.appendArgument(atMost: room) { names.writeBucketKey(of: key, at: spot, slotAt: slot, to: &$0) }
+                        batch.appendArgument(length: CompactRecords.Spot.fieldLength) { spot.writeField(to: &$0) }
                     }
                 }
             }
@@ -202,7 +206,10 @@ extension RedisClaimStore {
                 batch.append(command)
                 for (g, item) in list {
                     let items = groups[g].items
-                    batch.appendArgument { items.names.appendPendingKey(of: items.storeKeys[item], at: items.spots[item], to: &$0) }
+                    let key = items.storeKeys[item]
+                    batch.appendArgument(atMost: CompactRecords.maxNameLength(of: key)) {
+                        items.names.writePendingKey(of: key, at: items.spots[item], to: &$0)
+                    }
                 }
             }
             return batch
@@ -232,12 +239,15 @@ extension RedisClaimStore {
         let answered = onSend?("confirm")
         let first = redis.send({
             var batch = RedisCommandBatch()
+            batch.reserve(bytes: groups.reduce(0) { $0 + $1.items.storeKeys.count * 240 }, arguments: 0)
             for (items, _) in groups {
+                let names = items.names
                 for item in items.storeKeys.indices {
+                    let key = items.storeKeys[item], spot = items.spots[item]
                     batch.begin(arguments: 4)
                     batch.append(Self.hsetName)
-                    batch.appendArgument { items.names.appendBucketKey(of: items.storeKeys[item], at: items.spots[item], slotAt: 0, to: &$0) }
-                    batch.appendArgument(length: CompactRecords.Spot.fieldLength) { items.spots[item].appendField(to: &$0) }
+                    batch.appendArgument(atMost: CompactRecords.maxNameLength(of: key)) { names.writeBucketKey(of: key, at: spot, slotAt: 0, to: &$0) }
+                    batch.appendArgument(length: CompactRecords.Spot.fieldLength) { spot.writeField(to: &$0) }
                     batch.append(Self.emptyValue)
                 }
             }
@@ -246,8 +256,12 @@ extension RedisClaimStore {
                 batch.begin(arguments: 1 + keys)
                 batch.append(command)
                 for (items, _) in groups {
+                    let names = items.names
                     for item in items.storeKeys.indices {
-                        batch.appendArgument { items.names.appendPendingKey(of: items.storeKeys[item], at: items.spots[item], to: &$0) }
+                        let key = items.storeKeys[item]
+                        batch.appendArgument(atMost: CompactRecords.maxNameLength(of: key)) {
+                            names.writePendingKey(of: key, at: items.spots[item], to: &$0)
+                        }
                     }
                 }
             }

@@ -351,7 +351,7 @@ public final class RedisClaimStore: ClaimStore {
 
         /// Appends item `item`'s own arguments (a compact item's: its field).
         func appendArguments(ofItem item: Int, to batch: inout RedisCommandBatch) {
-            if let compact { return batch.appendArgument { compact.spots[item].appendField(to: &$0) } }
+            if let compact { return batch.appendArgument(length: CompactRecords.Spot.fieldLength) { compact.spots[item].writeField(to: &$0) } }
             guard let perKeyArgs else { return }
             for j in item * argsPerItem..<(item + 1) * argsPerItem { batch.append(perKeyArgs[j].bytes) }
         }
@@ -398,9 +398,9 @@ public final class RedisClaimStore: ClaimStore {
         }
 
         func appendKeys(ofItem item: Int, to batch: inout RedisCommandBatch) {
-            let key = storeKeys[item], spot = spots[item]
-            batch.appendArgument { names.appendPendingKey(of: key, at: spot, to: &$0) }
-            for slot in slots.indices { batch.appendArgument { names.appendBucketKey(of: key, at: spot, slotAt: slot, to: &$0) } }
+            let key = storeKeys[item], spot = spots[item], room = CompactRecords.maxNameLength(of: key)
+            batch.appendArgument(atMost: room) { names.writePendingKey(of: key, at: spot, to: &$0) }
+            for slot in slots.indices { batch.appendArgument(atMost: room) { names.writeBucketKey(of: key, at: spot, slotAt: slot, to: &$0) } }
         }
     }
 
@@ -490,7 +490,9 @@ public final class RedisClaimStore: ClaimStore {
                 for bucket in 0..<s.records.buckets {
                     batch.begin(arguments: 3)
                     batch.append("PEXPIRE")
-                    batch.appendArgument { s.records.appendBucketKey(of: s.scope, bucket: bucket, slot: s.slot, to: &$0) }
+                    batch.appendArgument(atMost: CompactRecords.maxNameLength(of: s.scope)) {
+                        s.records.writeBucketKey(of: s.scope, at: s.records.spot(ofBucket: bucket), slot: s.slot, to: &$0)
+                    }
                     batch.append(s.ttl)
                 }
             }

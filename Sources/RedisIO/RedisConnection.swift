@@ -250,7 +250,7 @@ public final class RedisConnection: @unchecked Sendable {
     private static func roundTrip<T>(
         _ socket: RedisSocket, _ batch: RedisCommandBatch, _ parse: (UnsafePointer<redisReply>) throws -> T
     ) throws -> [T] {
-        try socket.write(batch.completeBytes)
+        try batch.withCompleteBytes { try socket.write($0) }
         var replies: [T] = []
         replies.reserveCapacity(batch.commandCount)
         var parseError: (any Error)?

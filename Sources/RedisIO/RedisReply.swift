@@ -18,13 +18,16 @@ public struct RedisArgument: Sendable, Hashable, ExpressibleByStringLiteral, Exp
 /// key's bytes once, straight into what goes on the socket, where `[[RedisArgument]]` costs an
 /// array per key and a second copy into a contiguous buffer per command.
 ///
+/// The bytes are written through a `ByteCursor` into room reserved per argument, not appended to
+/// an array: an array append checks uniqueness and capacity per call, and a key's claim and
+/// confirm write ~40 small parts (`$`, digits, CRLF, name pieces).
+///
 /// A header is written before its count or length is known and widened in place when the number
 /// needs more digits than it was given (RESP allows no leading zeros): a command's `*<argc>`
 /// starts with one digit, an argument written by a closure with two, so most need no move.
 struct RedisCommandBatch: Sendable {
-    /// The pipeline in RESP.
-    private(set) var bytes: [UInt8] = []
-    /// Where each command starts in `bytes`.
+    private var storage = Storage(capacity: 256)
+    /// Where each command starts in the bytes.
     private(set) var commandStarts: [Int] = []
     /// The open command's argument count so far, and the digits its header has: `declared`
     /// when `begin(arguments:)` wrote the final count, else the count's width, widened as it grows.
@@ -32,11 +35,29 @@ struct RedisCommandBatch: Sendable {
     private var argumentsWidth = 1
     private var declared: Int?
 
+    /// The bytes, copied on write as an array's are: a batch is built by one task, then read.
+    private final class Storage: @unchecked Sendable {
+        // Written only while uniquely referenced (`room`), so a shared storage is only read.
+        let base: UnsafeMutablePointer<UInt8>
+        let capacity: Int
+        var count = 0
+
+        init(capacity: Int) {
+            self.capacity = capacity
+            base = .allocate(capacity: capacity)
+        }
+
+        deinit { base.deallocate() }
+    }
+
     init() {}
+
+    /// The pipeline in RESP (a copy).
+    var bytes: [UInt8] { Array(UnsafeBufferPointer(start: storage.base, count: storage.count)) }
 
     /// Room for `bytes` more argument bytes and `arguments` more arguments.
     mutating func reserve(bytes extra: Int, arguments: Int) {
-        bytes.reserveCapacity(bytes.count + extra + arguments * 8)
+        room(extra + arguments * 8)
     }
 
     var commandCount: Int { commandStarts.count }
@@ -48,28 +69,53 @@ struct RedisCommandBatch: Sendable {
     }
 
     /// The pipeline to send.
-    var completeBytes: [UInt8] {
+    func withCompleteBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
         checkComplete()
-        return bytes
+        return try body(UnsafeRawBufferPointer(start: storage.base, count: storage.count))
+    }
+
+    /// Room for `extra` more bytes in storage this batch alone holds.
+    @inline(__always)
+    private mutating func room(_ extra: Int) {
+        if storage.count + extra > storage.capacity || !isKnownUniquelyReferenced(&storage) { grow(extra) }
+    }
+
+    /// New storage (doubling, so a large batch costs few moves) with this batch's bytes.
+    @inline(never)
+    private mutating func grow(_ extra: Int) {
+        let needed = storage.count + extra
+        var capacity = Swift.max(storage.capacity, 256)
+        while capacity < needed { capacity *= 2 }
+        let grown = Storage(capacity: capacity)
+        grown.base.initialize(from: storage.base, count: storage.count)
+        grown.count = storage.count
+        storage = grown
+    }
+
+    /// Writes at most `maxCount` bytes at the end through a cursor.
+    @inline(__always)
+    private mutating func write(atMost maxCount: Int, _ body: (inout ByteCursor) -> Void) {
+        room(maxCount)
+        let start = storage.base + storage.count
+        var cursor = ByteCursor(start, end: start + maxCount)
+        body(&cursor)
+        storage.count += cursor.position - start
     }
 
     /// Starts the next command; the arguments appended after it belong to it. With `count` (the
     /// hot paths know it) the header is written once; without, it is rewritten per argument.
+    @inline(__always)
     mutating func begin(arguments count: Int? = nil) {
         checkComplete()
-        commandStarts.append(bytes.count)
+        commandStarts.append(storage.count)
         arguments = 0
         declared = count
-        if let count {
-            bytes.append(UInt8(ascii: "*"))
-            bytes.appendDigits(Int64(count))
-        } else {
-            bytes.append(UInt8(ascii: "*"))
-            bytes.append(UInt8(ascii: "0"))
-            argumentsWidth = 1
+        argumentsWidth = 1
+        write(atMost: 24) {
+            $0.write(UInt8(ascii: "*"))
+            $0.writeSmallDigits(count ?? 0)
+            $0.writeCRLF()
         }
-        bytes.append(13)
-        bytes.append(10)
     }
 
     mutating func append(_ string: String) {
@@ -78,73 +124,69 @@ struct RedisCommandBatch: Sendable {
     }
 
     mutating func append(_ raw: UnsafeRawBufferPointer) {
-        bytes.append(UInt8(ascii: "$"))
-        bytes.appendDigits(Int64(raw.count))
-        bytes.append(13)
-        bytes.append(10)
-        bytes.append(contentsOf: raw)
-        bytes.append(13)
-        bytes.append(10)
-        counted()
+        appendArgument(length: raw.count) { $0.write(raw) }
     }
 
     mutating func append(_ raw: [UInt8]) {
         raw.withUnsafeBytes { append($0) }
     }
 
-    mutating func append<I: BinaryInteger>(_ value: I) { appendArgument { $0.appendDigits(Int64(value)) } }
+    mutating func append<I: BinaryInteger>(_ value: I) { appendArgument(atMost: 20) { $0.writeDigits(Int64(value)) } }
 
     /// Arguments encoded once, appended whole: a command's name, or what every key of a request
     /// repeats (`NX PX <lease>`), without writing their headers again per key.
+    @inline(__always)
     mutating func append(_ encoded: EncodedArguments) {
-        bytes.append(contentsOf: encoded.bytes)
+        write(atMost: encoded.bytes.count) { $0.write(encoded.bytes) }
         counted(encoded.count)
     }
 
-    /// An argument of `length` bytes, which `write` appends in place: its header goes first, so
+    /// An argument of `length` bytes, which `write` writes in place: its header goes first, so
     /// nothing is moved after (a digest's 12-byte field).
     @inline(__always)
-    mutating func appendArgument(length: Int, _ write: (inout [UInt8]) -> Void) {
-        bytes.append(UInt8(ascii: "$"))
-        bytes.appendDigits(Int64(length))
-        bytes.append(13)
-        bytes.append(10)
-        let start = bytes.count
-        write(&bytes)
-        precondition(bytes.count - start == length, "an argument of another length than declared")
-        bytes.append(13)
-        bytes.append(10)
+    mutating func appendArgument(length: Int, _ write: (inout ByteCursor) -> Void) {
+        self.write(atMost: length + 24) {
+            $0.write(UInt8(ascii: "$"))
+            $0.writeSmallDigits(length)
+            $0.writeCRLF()
+            let start = $0.position
+            write(&$0)
+            precondition($0.position - start == length, "an argument of another length than declared")
+            $0.writeCRLF()
+        }
         counted()
     }
 
-    /// An argument whose bytes `write` appends in place (names spelled from numbers, without a
-    /// string per argument). Inlined so that `write` is too, with nothing it captures retained.
+    /// An argument of at most `maxLength` bytes whose bytes `write` writes in place (names spelled
+    /// from numbers, without a string per argument). Inlined so that `write` is too, with nothing
+    /// it captures retained.
     @inline(__always)
-    mutating func appendArgument(_ write: (inout [UInt8]) -> Void) {
-        let at = bytes.count
-        bytes.append(UInt8(ascii: "$"))
-        bytes.append(0)
-        bytes.append(0)
-        bytes.append(13)
-        bytes.append(10)
-        write(&bytes)
+    mutating func appendArgument(atMost maxLength: Int, _ write: (inout ByteCursor) -> Void) {
+        let at = storage.count
+        self.write(atMost: maxLength + 5) {
+            $0.write(UInt8(ascii: "$"))
+            $0.write(UInt8(ascii: "0"))
+            $0.write(UInt8(ascii: "0"))
+            $0.writeCRLF()
+            write(&$0)
+        }
         closeArgument(at: at)
     }
 
     /// Writes the `$<len>` of the argument whose two-digit header starts at `at`, moving its
-    /// bytes when the length has another width.
+    /// bytes when the length has another width, and ends the argument.
+    @inline(__always)
     private mutating func closeArgument(at: Int) {
-        let length = bytes.count - at - 5
+        let length = storage.count - at - 5
         if length >= 10 && length < 100 {
-            bytes[at + 1] = UInt8(ascii: "0") &+ UInt8(truncatingIfNeeded: length / 10)
-            bytes[at + 2] = UInt8(ascii: "0") &+ UInt8(truncatingIfNeeded: length % 10)
+            storage.base[at + 1] = UInt8(ascii: "0") &+ UInt8(truncatingIfNeeded: length / 10)
+            storage.base[at + 2] = UInt8(ascii: "0") &+ UInt8(truncatingIfNeeded: length % 10)
         } else {
             let width = Self.decimalWidth(length)
             widen(from: at + 5, by: width - 2)
-            bytes.withUnsafeMutableBufferPointer { Self.writeHeader(UInt8(ascii: "$"), length, width: width, to: $0, at: at) }
+            Self.writeHeader(UInt8(ascii: "$"), length, width: width, to: storage.base, at: at)
         }
-        bytes.append(13)
-        bytes.append(10)
+        write(atMost: 2) { $0.writeCRLF() }
         counted()
     }
 
@@ -167,19 +209,16 @@ struct RedisCommandBatch: Sendable {
             widen(from: start + 1 + argumentsWidth, by: width - argumentsWidth)
             argumentsWidth = width
         }
-        let count = arguments
-        bytes.withUnsafeMutableBufferPointer { Self.writeHeader(UInt8(ascii: "*"), count, width: width, to: $0, at: start) }
+        Self.writeHeader(UInt8(ascii: "*"), arguments, width: width, to: storage.base, at: start)
     }
 
     /// Moves everything from `offset` on by `delta` bytes (right when positive).
     private mutating func widen(from offset: Int, by delta: Int) {
-        let moved = bytes.count - offset
-        if delta > 0 { bytes.append(contentsOf: repeatElement(0, count: delta)) }
-        bytes.withUnsafeMutableBytes { raw in
-            let base = raw.baseAddress!
-            (base + offset + delta).copyMemory(from: base + offset, byteCount: moved)
-        }
-        if delta < 0 { bytes.removeLast(-delta) }
+        guard delta != 0 else { return }
+        if delta > 0 { room(delta) }
+        let moved = storage.count - offset
+        (storage.base + offset + delta).update(from: storage.base + offset, count: moved)
+        storage.count += delta
     }
 
     /// The commands at `indices`, in that order, each after an `ASKING` when `askingFirst` (a
@@ -191,9 +230,11 @@ struct RedisCommandBatch: Sendable {
                 out.begin()
                 out.append("ASKING")
             }
-            let end = index + 1 < commandStarts.count ? commandStarts[index + 1] : bytes.count
-            out.commandStarts.append(out.bytes.count)
-            out.bytes.append(contentsOf: bytes[commandStarts[index]..<end])
+            let start = commandStarts[index]
+            let end = index + 1 < commandStarts.count ? commandStarts[index + 1] : storage.count
+            out.commandStarts.append(out.storage.count)
+            let command = UnsafeBufferPointer(start: storage.base + start, count: end - start)
+            out.write(atMost: command.count) { $0.write(command) }
         }
         return out
     }
@@ -206,7 +247,7 @@ struct RedisCommandBatch: Sendable {
     }
 
     /// `<marker><n>\r\n` at `at`, with `n` in `width` digits.
-    private static func writeHeader(_ marker: UInt8, _ n: Int, width: Int, to out: UnsafeMutableBufferPointer<UInt8>, at: Int) {
+    private static func writeHeader(_ marker: UInt8, _ n: Int, width: Int, to out: UnsafeMutablePointer<UInt8>, at: Int) {
         out[at] = marker
         var rest = n
         for i in stride(from: at + width, to: at, by: -1) {

@@ -223,25 +223,23 @@ final class RedisSocket {
 
     // MARK: I/O
 
-    /// Writes all of `bytes` or throws.
-    func write(_ bytes: [UInt8]) throws {
+    /// Writes all of `buffer` or throws.
+    func write(_ buffer: UnsafeRawBufferPointer) throws {
         var offset = 0
-        try bytes.withUnsafeBytes { buffer in
-            while offset < buffer.count {
-                let base = buffer.baseAddress! + offset
-                let remaining = buffer.count - offset
-                if let ssl {
-                    let n = SSL_write(ssl, base, Int32(clamping: remaining))
-                    if n <= 0 { throw ioError(ssl: ssl, result: n, action: "writing a command") }
-                    offset += Int(n)
-                } else {
-                    let n = send(fd, base, remaining, Int32(MSG_NOSIGNAL))
-                    if n < 0 {
-                        if errno == EINTR { continue }
-                        throw ioError(ssl: nil, result: -1, action: "writing a command")
-                    }
-                    offset += n
+        while offset < buffer.count {
+            let base = buffer.baseAddress! + offset
+            let remaining = buffer.count - offset
+            if let ssl {
+                let n = SSL_write(ssl, base, Int32(clamping: remaining))
+                if n <= 0 { throw ioError(ssl: ssl, result: n, action: "writing a command") }
+                offset += Int(n)
+            } else {
+                let n = send(fd, base, remaining, Int32(MSG_NOSIGNAL))
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    throw ioError(ssl: nil, result: -1, action: "writing a command")
                 }
+                offset += n
             }
         }
     }

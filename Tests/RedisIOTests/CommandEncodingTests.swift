@@ -71,8 +71,8 @@ struct CommandBatchBytesTests {
                     let argument = (0..<length).map { _ in UInt8.random(in: 0...255, using: &rng) }
                     switch Int.random(in: 0..<5, using: &rng) {
                     case 0: batch.append(argument)
-                    case 1: batch.appendArgument { $0.append(contentsOf: argument) }
-                    case 2: batch.appendArgument(length: argument.count) { $0.append(contentsOf: argument) }
+                    case 1: batch.appendArgument(atMost: argument.count + Int.random(in: 0...3, using: &rng)) { $0.write(argument) }
+                    case 2: batch.appendArgument(length: argument.count) { $0.write(argument) }
                     case 3: batch.append(EncodedArguments([RedisArgument(bytes: argument)]))
                     default:
                         let n = Int64.random(in: -1_000_000...1_000_000, using: &rng)
