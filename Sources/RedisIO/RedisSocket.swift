@@ -96,7 +96,7 @@ final class RedisSocket {
         self.reader = reader
         self.arena = arena
         self.peer = peer
-        reader.pointee.privdata = Unmanaged.passUnretained(arena).toOpaque()
+        reader.pointee.privdata = UnsafeMutableRawPointer(arena.cursor)
     }
 
     deinit {
