@@ -204,81 +204,100 @@ public struct MessageBytes: Sendable {
     /// -1 when the message has no key.
     public private(set) var keyCount = -1
     public private(set) var headerCount = 0
-    private var phase = 0  // 0: value next, 1: key next, 2: headers
 
     /// What a header adds to `capacity`.
     public static func headerCost(nameCount: Int, valueCount: Int?) -> Int { 8 + nameCount + (valueCount ?? 0) }
 
-    /// `capacity`: the value's and key's counts plus each header's `headerCost`, so the array
-    /// is allocated once.
-    public init(capacity: Int) {
+    /// The value, key and headers written by `write` (a `Writer`: the value first, then the
+    /// key if any, then the headers) into one array. `capacity` is the value's and key's counts
+    /// plus each header's `headerCost`. The parts are written through a pointer into room on
+    /// the stack and the array filled from it with one copy, instead of an append per part (four
+    /// per header for its lengths): an array of a given size allocated any other way goes
+    /// through the standard library's unspecialized path, which costs more than the copy.
+    public init(capacity: Int, _ write: (inout Writer) -> Void) {
         storage = []
         storage.reserveCapacity(capacity)
+        var counts = (value: 0, key: -1, headers: 0)
+        storage.append(atMost: capacity) { cursor in
+            var writer = Writer(cursor: cursor)
+            write(&writer)
+            cursor = writer.cursor
+            counts = (writer.valueCount, writer.keyCount, writer.headerCount)
+        }
+        (valueCount, keyCount, headerCount) = counts
+    }
+
+    /// A value alone: the value's own array, shared, no copy.
+    private init(sharing value: [UInt8]) {
+        storage = value
+        valueCount = value.count
     }
 
     public init(key: [UInt8]?, value: [UInt8], headers: [MessageHeader]) {
         if key == nil && headers.isEmpty {
-            // The value's own array, shared: no copy.
-            self.init(capacity: 0)
-            storage = value
-            valueCount = value.count
-            phase = 2
+            self.init(sharing: value)
             return
         }
         var capacity = value.count + (key?.count ?? 0)
         for h in headers { capacity += Self.headerCost(nameCount: h.name.utf8.count, valueCount: h.value?.count) }
-        self.init(capacity: capacity)
-        value.withUnsafeBytes { appendValue($0) }
-        if let key { key.withUnsafeBytes { appendKey($0) } }
-        for h in headers {
-            var name = h.name
-            name.withUTF8 { name in
-                if let v = h.value {
-                    v.withUnsafeBytes { appendHeader(name: UnsafeRawBufferPointer(name), value: $0) }
-                } else {
-                    appendHeader(name: UnsafeRawBufferPointer(name), value: nil)
+        self.init(capacity: capacity) { writer in
+            value.withUnsafeBytes { writer.value($0) }
+            if let key { key.withUnsafeBytes { writer.key($0) } }
+            for h in headers {
+                var name = h.name
+                name.withUTF8 { name in
+                    if let v = h.value {
+                        v.withUnsafeBytes { writer.header(name: UnsafeRawBufferPointer(name), value: $0) }
+                    } else {
+                        writer.header(name: UnsafeRawBufferPointer(name), value: nil)
+                    }
                 }
             }
         }
     }
 
-    /// First, once.
-    public mutating func appendValue(_ value: UnsafeRawBufferPointer) {
-        precondition(phase == 0, "the value comes first")
-        storage.append(contentsOf: value)
-        valueCount = storage.count
-        phase = 1
-    }
+    /// Writes a message's parts in their order: the value first, once; the key after it, at
+    /// most once; then the headers.
+    public struct Writer {
+        fileprivate var cursor: ByteCursor
+        fileprivate var valueCount = 0
+        fileprivate var keyCount = -1
+        fileprivate var headerCount = 0
+        private var phase = 0  // 0: value next, 1: key next, 2: headers
 
-    /// After the value, before any header; at most once.
-    public mutating func appendKey(_ key: UnsafeRawBufferPointer) {
-        precondition(phase == 1, "the key comes after the value and before the headers")
-        storage.append(contentsOf: key)
-        keyCount = storage.count - valueCount
-        phase = 2
-    }
+        fileprivate init(cursor: ByteCursor) { self.cursor = cursor }
 
-    /// After the value (and the key, if any).
-    public mutating func appendHeader(name: UnsafeRawBufferPointer, value: UnsafeRawBufferPointer?) {
-        precondition(phase >= 1, "headers come after the value")
-        phase = 2
-        Self.appendInt32(name.count, to: &storage)
-        Self.appendInt32(value.map { $0.count } ?? -1, to: &storage)
-        storage.append(contentsOf: name)
-        if let value { storage.append(contentsOf: value) }
-        headerCount += 1
+        public mutating func value(_ value: UnsafeRawBufferPointer) {
+            precondition(phase == 0, "the value comes first")
+            cursor.write(value)
+            valueCount = value.count
+            phase = 1
+        }
+
+        public mutating func key(_ key: UnsafeRawBufferPointer) {
+            precondition(phase == 1, "the key comes after the value and before the headers")
+            cursor.write(key)
+            keyCount = key.count
+            phase = 2
+        }
+
+        public mutating func header(name: UnsafeRawBufferPointer, value: UnsafeRawBufferPointer?) {
+            precondition(phase >= 1, "headers come after the value")
+            phase = 2
+            Self.write(name.count, to: &cursor)
+            Self.write(value.map { $0.count } ?? -1, to: &cursor)
+            cursor.write(name)
+            if let value { cursor.write(value) }
+            headerCount += 1
+        }
+
+        private static func write(_ v: Int, to cursor: inout ByteCursor) {
+            precondition(v >= -1 && v <= Int(Int32.max), "a header part over 2 GiB")
+            withUnsafeBytes(of: Int32(v).littleEndian) { cursor.write($0) }
+        }
     }
 
     var headersStart: Int { valueCount + max(0, keyCount) }
-
-    private static func appendInt32(_ v: Int, to storage: inout [UInt8]) {
-        precondition(v >= -1 && v <= Int(Int32.max), "a header part over 2 GiB")
-        let u = UInt32(bitPattern: Int32(v))
-        storage.append(UInt8(truncatingIfNeeded: u))
-        storage.append(UInt8(truncatingIfNeeded: u >> 8))
-        storage.append(UInt8(truncatingIfNeeded: u >> 16))
-        storage.append(UInt8(truncatingIfNeeded: u >> 24))
-    }
 
     /// Each header's name and value (`nil`: a null value) as ranges of `storage`, whose bytes
     /// `s` are, in order.

@@ -197,15 +197,16 @@ public final class KafkaConsumer: @unchecked Sendable {
                 idx += 1
             }
         }
-        var bytes = MessageBytes(capacity: capacity)
-        bytes.appendValue(value)
-        if let key { bytes.appendKey(key) }
-        if let hdrs {
-            var idx = 0
-            while rd_kafka_header_get_all(hdrs, idx, &name, &val, &size) == RD_KAFKA_RESP_ERR_NO_ERROR {
-                let nameBytes = name.map { UnsafeRawBufferPointer(start: $0, count: strlen($0)) } ?? UnsafeRawBufferPointer(start: nil, count: 0)
-                bytes.appendHeader(name: nameBytes, value: val.map { UnsafeRawBufferPointer(start: $0, count: size) })
-                idx += 1
+        let bytes = MessageBytes(capacity: capacity) { writer in
+            writer.value(value)
+            if let key { writer.key(key) }
+            if let hdrs {
+                var idx = 0
+                while rd_kafka_header_get_all(hdrs, idx, &name, &val, &size) == RD_KAFKA_RESP_ERR_NO_ERROR {
+                    let nameBytes = name.map { UnsafeRawBufferPointer(start: $0, count: strlen($0)) } ?? UnsafeRawBufferPointer(start: nil, count: 0)
+                    writer.header(name: nameBytes, value: val.map { UnsafeRawBufferPointer(start: $0, count: size) })
+                    idx += 1
+                }
             }
         }
         var tsType = RD_KAFKA_TIMESTAMP_NOT_AVAILABLE

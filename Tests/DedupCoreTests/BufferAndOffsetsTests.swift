@@ -172,11 +172,13 @@ struct InboundMessageStorageTests {
         let value: [UInt8] = [1, 2, 3]
         let name = Array("message-id".utf8)
         let id = Array("x-1".utf8)
-        var bytes = MessageBytes(capacity: value.count + MessageBytes.headerCost(nameCount: name.count, valueCount: id.count)
-            + MessageBytes.headerCost(nameCount: 1, valueCount: nil))
-        value.withUnsafeBytes { bytes.appendValue($0) }
-        name.withUnsafeBytes { n in id.withUnsafeBytes { bytes.appendHeader(name: n, value: $0) } }
-        [UInt8(ascii: "n")].withUnsafeBytes { bytes.appendHeader(name: $0, value: nil) }
+        // Room for one more byte than is written: what is left over is dropped.
+        let bytes = MessageBytes(capacity: value.count + MessageBytes.headerCost(nameCount: name.count, valueCount: id.count)
+            + MessageBytes.headerCost(nameCount: 1, valueCount: nil) + 1) { writer in
+            value.withUnsafeBytes { writer.value($0) }
+            name.withUnsafeBytes { n in id.withUnsafeBytes { writer.header(name: n, value: $0) } }
+            [UInt8(ascii: "n")].withUnsafeBytes { writer.header(name: $0, value: nil) }
+        }
         let m = InboundMessage(topic: "t", partition: 0, offset: 0, bytes: bytes)
         #expect(m.key == nil && m.value == value)
         #expect(m.headers == [MessageHeader(name: "message-id", value: id), MessageHeader(name: "n", value: nil)])
