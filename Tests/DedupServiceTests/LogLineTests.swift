@@ -48,9 +48,22 @@ struct LogLineTests {
             let object = try JSONSerialization.jsonObject(with: Data(LogOutputHandler.line(for: d).utf8)) as? [String: Any]
             #expect(object?["partition"] as? Int == i)
         }
-        var numbers = LineBuffer(capacity: 1)
-        for n: Int64 in [-42, .min, 0, 7, 10, .max] { numbers.appendDecimal(n); numbers.append(byte: 32) }
-        #expect(numbers.withBytes { String(decoding: $0, as: UTF8.self) } == "-42 -9223372036854775808 0 7 10 9223372036854775807 ")
+        // Every digit count and its edges (the count is found by multiplying up, the digits
+        // written two at a time).
+        var numbers: [Int64] = [-42, .min, .min + 1, 0, 7, 10, 1_764_800_000_000, .max, .max - 1]
+        var power: Int64 = 1
+        while power <= Int64.max / 10 {
+            power *= 10
+            let edges: [Int64] = [power - 1, power, power + 1, -power, -(power - 1)]
+            numbers += edges
+        }
+        var written = LineBuffer(capacity: 1)
+        for n in numbers {
+            written.appendDecimal(n)
+            written.append(byte: 32)
+        }
+        let expected = numbers.map { String($0) + " " }.joined()
+        #expect(written.withBytes { String(decoding: $0, as: UTF8.self) } == expected)
     }
 
     /// One buffer serves the handler's whole life: lines of every size, emptied after each write,
