@@ -212,6 +212,39 @@ struct KafkaIOTests {
         #expect(await consumer.poll(maxMessages: 10, timeout: .zero).isEmpty)  // closed: nothing, no crash
     }
 
+    /// The consumer copies a message's value, record key and headers into one array through a
+    /// cursor (room on the stack, or on the heap for a large message): every shape arrives byte
+    /// for byte, from empty to ~900 KB, with and without a key, with null and empty headers.
+    @Test func messagesOfEveryShapeArriveByteForByte() async throws {
+        let cluster = try MockKafkaCluster.make(brokers: 1, logger: quietLogger())
+        let topic = unique("shapes")
+        try cluster.createTopic(topic, partitions: 1)
+        let producer = try KafkaProducer.make(bootstrapServers: cluster.bootstrapServers, logger: quietLogger())
+        func bytes(_ count: Int, _ seed: Int) -> [UInt8] { (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ seed) } }
+        let sent: [(key: [UInt8]?, value: [UInt8], headers: [MessageHeader])] = [
+            (nil, [], []),
+            ([], bytes(1, 1), []),
+            (bytes(7, 2), bytes(15, 3), [MessageHeader(name: "message-id", value: bytes(9, 4))]),
+            (nil, bytes(100, 5), [MessageHeader(name: "a", value: nil), MessageHeader(name: "empty", value: []),
+                                  MessageHeader(name: "message-id", value: bytes(17, 6))]),
+            (bytes(300, 7), bytes(4_000, 8), (0..<20).map { MessageHeader(name: "h\($0)", value: bytes($0 * 13, $0)) }),
+            (bytes(10, 9), bytes(900_000, 10), [MessageHeader(name: "big", value: bytes(20_000, 11))]),
+        ]
+        for m in sent { try producer.send(topic: topic, key: m.key, value: m.value, headers: m.headers) }
+        try await producer.flush(timeout: .seconds(30))
+        let consumer = try KafkaConsumer.make(
+            bootstrapServers: cluster.bootstrapServers, groupID: unique("group"), topics: [topic], logger: quietLogger())
+        var received: [InboundMessage] = []
+        await pollUntil(consumer, limit: .seconds(30), { if case .message(let m) = $0 { received.append(m) } }, until: { received.count >= sent.count })
+        #expect(received.count == sent.count)
+        for (m, s) in zip(received, sent) {
+            #expect(m.value == s.value, "value of \(s.value.count) bytes")
+            #expect(m.key == s.key, "key of \(s.key?.count ?? -1) bytes")
+            #expect(m.headers == s.headers, "\(s.headers.count) headers")
+        }
+        await consumer.close()
+    }
+
     /// Leaving the group waits for the coordinator's answers, which librdkafka does not bound. With
     /// a timeout (the worker's shutdown deadline) the wait ends there, and the same close with a
     /// coordinator that answers finishes and reports so.
