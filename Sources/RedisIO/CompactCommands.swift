@@ -116,16 +116,15 @@ extension RedisClaimStore {
                 let names = items.names
                 for item in items.storeKeys.indices {
                     let key = items.storeKeys[item], spot = items.spots[item]
-                    let room = CompactRecords.maxNameLength(of: key)
                     batch.begin(arguments: 6)
                     batch.append(Self.setName)
-                    batch.appendArgument(atMost: room) { names.writePendingKey(of: key, at: spot, to: &$0) }
+                    batch.appendPendingKey(of: key, at: spot, names)
                     batch.append(setTail)
                     for slot in items.slots.indices {
                         batch.begin(arguments: 3)
                         batch.append(Self.hexistsName)
-                        batch.appendArgument(atMost: room) { names.writeBucketKey(of: key, at: spot, slotAt: slot, to: &$0) }
-                        batch.appendArgument(length: CompactRecords.Spot.fieldLength) { spot.writeField(to: &$0) }
+                        batch.appendBucketKey(of: key, at: spot, slotAt: slot, names)
+                        batch.appendField(of: spot)
                     }
                 }
             }
@@ -206,10 +205,7 @@ extension RedisClaimStore {
                 batch.append(command)
                 for (g, item) in list {
                     let items = groups[g].items
-                    let key = items.storeKeys[item]
-                    batch.appendArgument(atMost: CompactRecords.maxNameLength(of: key)) {
-                        items.names.writePendingKey(of: key, at: items.spots[item], to: &$0)
-                    }
+                    batch.appendPendingKey(of: items.storeKeys[item], at: items.spots[item], items.names)
                 }
             }
             return batch
@@ -246,8 +242,8 @@ extension RedisClaimStore {
                     let key = items.storeKeys[item], spot = items.spots[item]
                     batch.begin(arguments: 4)
                     batch.append(Self.hsetName)
-                    batch.appendArgument(atMost: CompactRecords.maxNameLength(of: key)) { names.writeBucketKey(of: key, at: spot, slotAt: 0, to: &$0) }
-                    batch.appendArgument(length: CompactRecords.Spot.fieldLength) { spot.writeField(to: &$0) }
+                    batch.appendBucketKey(of: key, at: spot, slotAt: 0, names)
+                    batch.appendField(of: spot)
                     batch.append(Self.emptyValue)
                 }
             }
@@ -258,10 +254,7 @@ extension RedisClaimStore {
                 for (items, _) in groups {
                     let names = items.names
                     for item in items.storeKeys.indices {
-                        let key = items.storeKeys[item]
-                        batch.appendArgument(atMost: CompactRecords.maxNameLength(of: key)) {
-                            names.writePendingKey(of: key, at: items.spots[item], to: &$0)
-                        }
+                        batch.appendPendingKey(of: items.storeKeys[item], at: items.spots[item], names)
                     }
                 }
             }
@@ -291,5 +284,25 @@ extension RedisClaimStore {
             if let (count, timeout) = waitReplicas { try await waitForReplicas(count, timeout: timeout, slots: []) }
             return outcomes
         }
+    }
+}
+
+extension RedisCommandBatch {
+    /// A compact item's pending key as an argument, its name written in place (`GroupNames`).
+    @inline(__always)
+    mutating func appendPendingKey(of storeKey: String, at spot: CompactRecords.Spot, _ names: CompactRecords.GroupNames) {
+        appendArgument(atMost: CompactRecords.maxNameLength(of: storeKey)) { names.writePendingKey(of: storeKey, at: spot, to: &$0) }
+    }
+
+    /// A compact item's bucket in the group's slot `slot` as an argument, written in place.
+    @inline(__always)
+    mutating func appendBucketKey(of storeKey: String, at spot: CompactRecords.Spot, slotAt slot: Int, _ names: CompactRecords.GroupNames) {
+        appendArgument(atMost: CompactRecords.maxNameLength(of: storeKey)) { names.writeBucketKey(of: storeKey, at: spot, slotAt: slot, to: &$0) }
+    }
+
+    /// A compact item's field (12 digest bytes) as an argument.
+    @inline(__always)
+    mutating func appendField(of spot: CompactRecords.Spot) {
+        appendArgument(length: CompactRecords.Spot.fieldLength) { spot.writeField(to: &$0) }
     }
 }

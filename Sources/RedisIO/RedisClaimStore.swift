@@ -351,7 +351,7 @@ public final class RedisClaimStore: ClaimStore {
 
         /// Appends item `item`'s own arguments (a compact item's: its field).
         func appendArguments(ofItem item: Int, to batch: inout RedisCommandBatch) {
-            if let compact { return batch.appendArgument(length: CompactRecords.Spot.fieldLength) { compact.spots[item].writeField(to: &$0) } }
+            if let compact { return batch.appendField(of: compact.spots[item]) }
             guard let perKeyArgs else { return }
             for j in item * argsPerItem..<(item + 1) * argsPerItem { batch.append(perKeyArgs[j].bytes) }
         }
@@ -398,9 +398,9 @@ public final class RedisClaimStore: ClaimStore {
         }
 
         func appendKeys(ofItem item: Int, to batch: inout RedisCommandBatch) {
-            let key = storeKeys[item], spot = spots[item], room = CompactRecords.maxNameLength(of: key)
-            batch.appendArgument(atMost: room) { names.writePendingKey(of: key, at: spot, to: &$0) }
-            for slot in slots.indices { batch.appendArgument(atMost: room) { names.writeBucketKey(of: key, at: spot, slotAt: slot, to: &$0) } }
+            let key = storeKeys[item], spot = spots[item]
+            batch.appendPendingKey(of: key, at: spot, names)
+            for slot in slots.indices { batch.appendBucketKey(of: key, at: spot, slotAt: slot, names) }
         }
     }
 
