@@ -19,8 +19,8 @@ import RedisIO
 /// already held the largest variant's data once (an unmeasured pass of the keys layout first),
 /// and with the AOF on, a freshly rewritten AOF. Without that, whichever variant ran first paid
 /// for the server's growth (its heap's first page faults, the AOF file's first blocks) and the
-/// AOF rewrites fell on whichever variant crossed the size that triggers them (the compact pass
-/// of 300,000 messages with the AOF measured 2.75 s of Redis CPU run first, 2.26 s run fourth).
+/// AOF rewrites fell on whichever variant crossed the size that triggers them
+/// (docs/performance.md has the figures).
 public enum SeenSetBench {
     public struct Row: Sendable {
         public var name: String

@@ -194,7 +194,7 @@ public struct DedupLedger: Sendable {
             route = r
             // The route's settings are read in place: a copy of them retains every string and
             // array they hold, per message.
-            key = DedupKey(raw: try routeSettings[r].template.key(for: message), head: storeKeyHeads[r])
+            key = try routeSettings[r].template.dedupKey(for: message, head: storeKeyHeads[r])
             token = try routeSettings[r].token?.key(for: message)
         } catch {
             counters.invalid += 1

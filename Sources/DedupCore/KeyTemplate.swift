@@ -125,24 +125,54 @@ public struct KeyTemplate: Sendable, Equatable, CustomStringConvertible {
         return out
     }
 
-    private func value(of source: Source, message: InboundMessage, json: Any?) throws(BadInput) -> String {
+    /// The message's `DedupKey` under a route's store-key head (`DedupKey.head`). A template of
+    /// one header or the record key (the usual `header:message-id`) writes those bytes straight
+    /// into the store key, without a string of the raw key first.
+    public func dedupKey(for message: InboundMessage, head: String) throws(BadInput) -> DedupKey {
+        if parts.count == 1, case .source(let source) = parts[0] {
+            switch source {
+            case .header, .recordKey:
+                return try Self.withText(of: source, in: message) { DedupKey(validUTF8: $0, head: head) }
+            default: break
+            }
+        }
+        return DedupKey(raw: try key(for: message), head: head)
+    }
+
+    /// A header's or the record key's bytes, once they are known to be there, not empty and
+    /// UTF-8 (each case its own `BadInput`), read in place.
+    private static func withText<R>(
+        of source: Source, in message: InboundMessage, _ body: (UnsafeRawBufferPointer) -> R
+    ) throws(BadInput) -> R {
+        // `what` is built only for an error: a string per message showed in the profile.
+        func checked(_ bytes: UnsafeRawBufferPointer, _ what: @autoclosure () -> String) -> Result<R, BadInput> {
+            if bytes.isEmpty { return .failure(BadInput(.emptyKey, "\(what()) is empty")) }
+            // An ASCII key (the usual id) is checked eight bytes at a time: the generic validator
+            // of `String(validating:as:)` cost more than the rest of reading the key.
+            if !bytes.isASCII && String(validating: bytes, as: UTF8.self) == nil {
+                return .failure(BadInput(.invalidUTF8, "\(what()) is not valid UTF-8"))
+            }
+            return .success(body(bytes))
+        }
         switch source {
         case .header(let name):
-            // Missing, null, empty, not UTF-8: told apart without copying the value.
-            let read: (empty: Bool, text: String?)?? = message.withHeaderValue(name) { raw in
-                raw.map { ($0.isEmpty, Self.utf8String($0)) }
+            // Missing and null are one case; told apart from empty without copying the value.
+            guard case .some(.some(let result)) = message.withHeaderValue(name, { $0.map { checked($0, "header \"\(name)\"") } }) else {
+                throw BadInput(.missingHeader, "header \"\(name)\" is missing")
             }
-            guard case .some(.some(let value)) = read else { throw BadInput(.missingHeader, "header \"\(name)\" is missing") }
-            guard !value.empty else { throw BadInput(.emptyKey, "header \"\(name)\" is empty") }
-            guard let s = value.text else { throw BadInput(.invalidUTF8, "header \"\(name)\" is not valid UTF-8") }
-            return s
+            return try result.get()
         case .recordKey:
             guard let bytes = message.keyBytes else { throw BadInput(.missingKey, "message has no record key") }
-            guard !bytes.isEmpty else { throw BadInput(.emptyKey, "record key is empty") }
-            guard let s = Self.utf8String(bytes) else {
-                throw BadInput(.invalidUTF8, "record key is not valid UTF-8")
-            }
-            return s
+            return try bytes.withUnsafeBytes { checked($0, "record key") }.get()
+        default:
+            preconditionFailure("withText reads a header or the record key")
+        }
+    }
+
+    private func value(of source: Source, message: InboundMessage, json: Any?) throws(BadInput) -> String {
+        switch source {
+        case .header, .recordKey:
+            return try Self.withText(of: source, in: message) { String(decoding: $0, as: UTF8.self) }
         case .json(let ptr):
             guard let v = ptr.resolve(in: json!) else {
                 throw BadInput(.missingField, "JSON field \(ptr) is missing")
@@ -164,17 +194,6 @@ public struct KeyTemplate: Sendable, Equatable, CustomStringConvertible {
             canonical += "]"
             return Self.hex(SHA256.hash(data: Array(canonical.utf8)))
         }
-    }
-
-    /// The bytes as a string, or nil when they are not UTF-8. An ASCII key (the usual id) is
-    /// checked eight bytes at a time and decoded directly: the generic validator of
-    /// `String(validating:as:)` cost more than the rest of reading the key.
-    static func utf8String(_ bytes: ArraySlice<UInt8>) -> String? {
-        bytes.withUnsafeBytes { utf8String($0) }
-    }
-
-    static func utf8String(_ raw: UnsafeRawBufferPointer) -> String? {
-        raw.isASCII ? String(decoding: raw, as: UTF8.self) : String(validating: raw, as: UTF8.self)
     }
 
     static func hex<D: Sequence>(_ digest: D) -> String where D.Element == UInt8 {
@@ -269,19 +288,24 @@ public enum CanonicalJSON {
 /// The key as it is stored in Redis: namespaced, and hashed when long, so a key's size in Redis is
 /// bounded whatever the message carries.
 public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
-    /// The key handlers see (and downstream systems use as an idempotency key).
-    public let raw: String
     /// The Redis key: `<prefix>:<namespace>:<raw>` or `<prefix>:<namespace>:h:<sha256(raw)>` when `raw` is long.
     public let storeKey: String
+    /// Where `raw` starts in `storeKey`'s UTF-8 bytes, or -1 when `storeKey` holds a long key's
+    /// digest and `raw` is `longRaw`. The raw key is the store key's tail: a key carries one
+    /// string, so each copy of it (a waiting key is copied into several queues and requests)
+    /// retains one buffer, and making a key builds one string, not two.
+    private let rawStart: Int
+    /// `raw` when it is too long to be part of `storeKey`; empty otherwise.
+    private let longRaw: String
     /// `storeKey`'s digest when its route keeps the compact layout (set by the ledger when the
     /// key's first message arrives), so a claim and a confirm do not hash the key again. Not part
     /// of the key's identity.
     public var digest: KeyDigest?
 
-    /// `raw`'s hash, taken once: the engine looks a key up in several dictionaries per message,
-    /// and hashing the string each time (SipHash over every byte, then Hasher's set-up and
-    /// finalization) shows in the worker's profile. Process-local (Swift seeds string hashing
-    /// per process), like every `hashValue`.
+    /// The raw key's hash, taken once: the engine looks a key up in several dictionaries per
+    /// message, and hashing the string each time (SipHash over every byte, then Hasher's set-up
+    /// and finalization) shows in the worker's profile. Process-local (Swift seeds hashing per
+    /// process), like every `hashValue`.
     private let rawHash: Int
 
     public static let maxRawLength = 200
@@ -290,27 +314,62 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
         self.init(raw: raw, head: Self.head(namespace: namespace, prefix: prefix))
     }
 
-    /// `head` is `head(namespace:prefix:)`, which the ledger keeps per route: the store key is
-    /// then one copy of each part's bytes into a string of their summed size. (`head + raw`
-    /// goes through String's general append, which cost more than the copies and the new
-    /// string's UTF-8 check together.)
+    /// `head` is `head(namespace:prefix:)`, which the ledger keeps per route.
     public init(raw: String, head: String) {
-        self.raw = raw
-        rawHash = raw.hashValue
         if raw.utf8.count > Self.maxRawLength {
-            storeKey = head + "h:" + KeyTemplate.hex(SHA256.hash(data: Array(raw.utf8)))
+            self.init(hashed: raw, head: head)
         } else {
-            var head = head, raw = raw
-            storeKey = head.withUTF8 { h in
-                raw.withUTF8 { r in
-                    String(unsafeUninitializedCapacity: h.count + r.count) { out in
-                        _ = out.initialize(fromContentsOf: h)
-                        _ = out[h.count...].initialize(fromContentsOf: r)
-                        return h.count + r.count
-                    }
-                }
+            var raw = raw
+            self = raw.withUTF8 { Self(validUTF8: UnsafeRawBufferPointer($0), head: head) }
+        }
+    }
+
+    /// A key from bytes known to be UTF-8 (a header's or record key's, checked by the template):
+    /// the store key is one copy of each part's bytes into a string of their summed size, and
+    /// the raw key is never a string of its own. (`head + raw` goes through String's general
+    /// append, which cost more than the copies and the new string's UTF-8 check together.)
+    init(validUTF8 raw: UnsafeRawBufferPointer, head: String) {
+        guard raw.count <= Self.maxRawLength else {
+            self.init(hashed: String(decoding: raw, as: UTF8.self), head: head)
+            return
+        }
+        var head = head
+        let storeKey = head.withUTF8 { h in
+            String(unsafeUninitializedCapacity: h.count + raw.count) { out in
+                _ = out.initialize(fromContentsOf: h)
+                _ = out[h.count...].initialize(fromContentsOf: raw.assumingMemoryBound(to: UInt8.self))
+                return h.count + raw.count
             }
         }
+        self.init(storeKey: storeKey, rawStart: head.utf8.count, longRaw: "")
+    }
+
+    private init(hashed raw: String, head: String) {
+        self.init(storeKey: head + "h:" + KeyTemplate.hex(SHA256.hash(data: Array(raw.utf8))), rawStart: -1, longRaw: raw)
+    }
+
+    private init(storeKey: String, rawStart: Int, longRaw: String) {
+        self.storeKey = storeKey
+        self.rawStart = rawStart
+        self.longRaw = longRaw
+        // The raw key's bytes (a long key's digest): all that differs between keys of one route.
+        var hasher = Hasher()
+        var name = storeKey
+        name.withUTF8 { hasher.combine(bytes: UnsafeRawBufferPointer(UnsafeBufferPointer(rebasing: $0[max(rawStart, 0)...]))) }
+        rawHash = hasher.finalize()
+    }
+
+    /// The key handlers see (and downstream systems use as an idempotency key). A new string
+    /// each time: the hot path reads it in place (`withRawUTF8`).
+    public var raw: String {
+        rawStart < 0 ? longRaw : String(Substring(storeKey.utf8.dropFirst(rawStart)))
+    }
+
+    /// `raw`'s UTF-8 bytes, read in place.
+    public func withRawUTF8<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
+        var s = rawStart < 0 ? longRaw : storeKey
+        let start = max(rawStart, 0)
+        return try s.withUTF8 { try body(UnsafeRawBufferPointer(UnsafeBufferPointer(rebasing: $0[start...]))) }
     }
 
     /// The start of every store key of a namespace: `<prefix>:<namespace>:`.
@@ -318,8 +377,6 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
 
     public var description: String { raw }
 
-    // `storeKey` is derived from `raw` (and the namespace, one per engine), so hashing `raw`
-    // alone is enough.
     public func hash(into hasher: inout Hasher) { hasher.combine(rawHash) }
 
     /// What `Dictionary` and `Set` call per lookup: the cached hash mixed with the table's seed
@@ -332,7 +389,9 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
         return Int(Int64(bitPattern: z ^ (z >> 31)))
     }
 
+    // The store key and where the raw key starts in it decide the raw key, except for a long
+    // key, whose store key is its digest: there the raw key is compared too.
     public static func == (a: DedupKey, b: DedupKey) -> Bool {
-        a.rawHash == b.rawHash && a.raw == b.raw && a.storeKey == b.storeKey
+        a.rawHash == b.rawHash && a.rawStart == b.rawStart && a.storeKey == b.storeKey && a.longRaw == b.longRaw
     }
 }

@@ -111,10 +111,12 @@ public final class LogOutputHandler: BatchHandler {
         let m = d.message
         // Value, key, header names and values are all in the message's one array, so its
         // length bounds them together (with 8 bytes per header to spare).
-        let worst = 200 + 20 * 3 + 6 * (d.key.raw.utf8.count + m.topic.utf8.count + m.bytes.storage.count) + 8 * m.headerCount
-        out.reserve(worst)
-        out.append(#"{"dedup_key":"#)
-        out.appendQuoted(d.key.raw)
+        d.key.withRawUTF8 { key in
+            let worst = 200 + 20 * 3 + 6 * (key.count + m.topic.utf8.count + m.bytes.storage.count) + 8 * m.headerCount
+            out.reserve(worst)
+            out.append(#"{"dedup_key":"#)
+            out.appendQuoted(key)
+        }
         out.append(#","topic":"#)
         out.appendQuoted(m.topic)
         out.append(#","partition":"#)

@@ -119,6 +119,58 @@ import Testing
         #expect(long.storeKey.count == "dedupd:orders:h:".count + 64)
         #expect(long.raw.count == 500)
     }
+
+    /// The worker makes a message's key with `dedupKey(for:head:)`, which writes a header's or
+    /// the record key's bytes straight into the store key: for every template and message shape
+    /// it must give the key (or the error) the raw key's string gives.
+    @Test func keysMadeFromBytesAreTheKeysMadeFromStrings() throws {
+        let head = DedupKey.head(namespace: "orders")
+        var messages: [InboundMessage] = []
+        for id in [nil, "", "a", "order-17", "zoë-👍", String(repeating: "k", count: 200), String(repeating: "k", count: 201)] {
+            for key in [nil, "", "u-1", "naïve", String(repeating: "r", count: 500)] as [String?] {
+                messages.append(msg(id, offset: 0, key: key, value: #"{"n":"A-1"}"#))
+            }
+        }
+        var invalid = msg(nil, offset: 0)
+        invalid.headers = [MessageHeader(name: "message-id", value: [0x61, 0xff])]
+        invalid.key = [0xC3]
+        messages.append(invalid)
+        var null = msg(nil, offset: 0)
+        null.headers = [MessageHeader(name: "Message-ID", value: nil)]
+        messages.append(null)
+
+        for text in ["header:message-id", "header:MESSAGE-ID", "key", "json:/n", "{key}:{header:message-id}"] {
+            let t = try KeyTemplate(text)
+            for m in messages {
+                let fromString = Result { () throws(BadInput) in DedupKey(raw: try t.key(for: m), head: head) }
+                let fromBytes = Result { () throws(BadInput) in try t.dedupKey(for: m, head: head) }
+                switch (fromString, fromBytes) {
+                case (.success(let a), .success(let b)):
+                    #expect(a == b && a.hashValue == b.hashValue && a.storeKey == b.storeKey, "\(text): \(a.raw)")
+                    #expect(b.raw == a.raw)
+                    b.withRawUTF8 { #expect(Array($0) == Array(a.raw.utf8)) }
+                case (.failure(let a), .failure(let b)):
+                    #expect(a == b, "\(text)")
+                default:
+                    Issue.record("\(text): \(fromString) from the string, \(fromBytes) from the bytes")
+                }
+            }
+        }
+    }
+
+    /// The raw key is the store key's tail, or a long key's own string: it reads back as given,
+    /// and keys that differ only in where the namespace ends are not equal.
+    @Test func rawKeysReadBackAsGiven() {
+        for raw in ["", "a", "zoë-👍", String(repeating: "k", count: 200), String(repeating: "x", count: 201)] {
+            let key = DedupKey(raw: raw, namespace: "n")
+            #expect(key.raw == raw)
+            #expect(key.description == raw)
+            key.withRawUTF8 { #expect(Array($0) == Array(raw.utf8)) }
+        }
+        let a = DedupKey(raw: "b:c", namespace: "a"), b = DedupKey(raw: "c", namespace: "a:b")
+        #expect(a.storeKey == b.storeKey)
+        #expect(a != b)
+    }
 }
 @Suite("DedupKey hashing")
 struct DedupKeyHashingTests {
