@@ -47,11 +47,13 @@ public final class KafkaConsumer: @unchecked Sendable {
         // Prefetch counts toward the worker's memory: librdkafka's default (64 MiB) would double
         // the footprint of a full delay buffer, so the queue is bounded to a fraction of a second
         // of messages, and 256 KiB per partition and fetch keeps the overshoot of one fetch
-        // response small. librdkafka 2.0 backs a partition off for fetch.error.backoff.ms once
-        // its queue is over this bound, and its default (500 ms) starves the worker, hence the
-        // short backoff. The message count is the tighter bound for small messages: lower, and
+        // response small. The message count is the tighter bound for small messages: lower, and
         // the prefetch queue runs empty between polls; higher, and MemoryBoundTests' bound is
-        // passed (the figures: docs/performance.md).
+        // passed (the figures: docs/performance.md). The price of the bound: once the queue
+        // reaches it, librdkafka 2.0 stops fetching until its broker thread next wakes, up to a
+        // second later (its fetch.queue.backoff.ms, from 2.2 on, shortens that), so a worker
+        // that is behind reads about one queue's worth per second. A fetch error backs a
+        // partition off for fetch.error.backoff.ms; librdkafka's 500 ms is shortened too.
         "queued.max.messages.kbytes": "8192",
         "queued.min.messages": "35000",
         "max.partition.fetch.bytes": "262144",
