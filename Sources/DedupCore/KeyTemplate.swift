@@ -290,23 +290,24 @@ public enum CanonicalJSON {
 public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
     /// The Redis key: `<prefix>:<namespace>:<raw>` or `<prefix>:<namespace>:h:<sha256(raw)>` when `raw` is long.
     public let storeKey: String
-    /// Where `raw` starts in `storeKey`'s UTF-8 bytes, or -1 when `storeKey` holds a long key's
-    /// digest and `raw` is `longRaw`. The raw key is the store key's tail: a key carries one
-    /// string, so each copy of it (a waiting key is copied into several queues and requests)
-    /// retains one buffer, and making a key builds one string, not two.
-    private let rawStart: Int
     /// `raw` when it is too long to be part of `storeKey`; empty otherwise.
     private let longRaw: String
-    /// `storeKey`'s digest when its route keeps the compact layout (set by the ledger when the
-    /// key's first message arrives), so a claim and a confirm do not hash the key again. Not part
-    /// of the key's identity.
-    public var digest: KeyDigest?
-
     /// The raw key's hash, taken once: the engine looks a key up in several dictionaries per
     /// message, and hashing the string each time (SipHash over every byte, then Hasher's set-up
     /// and finalization) shows in the worker's profile. Process-local (Swift seeds hashing per
     /// process), like every `hashValue`.
     private let rawHash: Int
+    /// `storeKey`'s digest when its route keeps the compact layout (set by the ledger when the
+    /// key's first message arrives), so a claim and a confirm do not hash the key again. Not part
+    /// of the key's identity.
+    public var digest: KeyDigest?
+    /// Where `raw` starts in `storeKey`'s UTF-8 bytes, or -1 when `storeKey` holds a long key's
+    /// digest and `raw` is `longRaw`. The raw key is the store key's tail: a key carries one
+    /// string, so each copy of it (a waiting key is copied into several queues and requests)
+    /// retains one buffer, and making a key builds one string, not two. An `Int32` placed last
+    /// fills the digest's padding, so the key stays 64 bytes, as it was with two strings: at 72,
+    /// MemoryBoundTests' peak RSS went over its bound (docs/performance.md).
+    private let rawStart: Int32
 
     public static let maxRawLength = 200
 
@@ -341,34 +342,34 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
                 return h.count + raw.count
             }
         }
-        self.init(storeKey: storeKey, rawStart: head.utf8.count, longRaw: "")
+        self.init(storeKey: storeKey, rawStart: Int32(head.utf8.count), longRaw: "")
     }
 
     private init(hashed raw: String, head: String) {
         self.init(storeKey: head + "h:" + KeyTemplate.hex(SHA256.hash(data: Array(raw.utf8))), rawStart: -1, longRaw: raw)
     }
 
-    private init(storeKey: String, rawStart: Int, longRaw: String) {
+    private init(storeKey: String, rawStart: Int32, longRaw: String) {
         self.storeKey = storeKey
         self.rawStart = rawStart
         self.longRaw = longRaw
         // The raw key's bytes (a long key's digest): all that differs between keys of one route.
         var hasher = Hasher()
         var name = storeKey
-        name.withUTF8 { hasher.combine(bytes: UnsafeRawBufferPointer(UnsafeBufferPointer(rebasing: $0[max(rawStart, 0)...]))) }
+        name.withUTF8 { hasher.combine(bytes: UnsafeRawBufferPointer(UnsafeBufferPointer(rebasing: $0[Int(max(rawStart, 0))...]))) }
         rawHash = hasher.finalize()
     }
 
     /// The key handlers see (and downstream systems use as an idempotency key). A new string
     /// each time: the hot path reads it in place (`withRawUTF8`).
     public var raw: String {
-        rawStart < 0 ? longRaw : String(Substring(storeKey.utf8.dropFirst(rawStart)))
+        rawStart < 0 ? longRaw : String(Substring(storeKey.utf8.dropFirst(Int(rawStart))))
     }
 
     /// `raw`'s UTF-8 bytes, read in place.
     public func withRawUTF8<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
         var s = rawStart < 0 ? longRaw : storeKey
-        let start = max(rawStart, 0)
+        let start = Int(max(rawStart, 0))
         return try s.withUTF8 { try body(UnsafeRawBufferPointer(UnsafeBufferPointer(rebasing: $0[start...]))) }
     }
 
