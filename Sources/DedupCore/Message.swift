@@ -146,17 +146,18 @@ public struct InboundMessage: Sendable {
     /// Bytes this message costs the worker while it waits in the delay buffer, for the buffer's
     /// byte bound: its own heap object (one array: a 32-byte header plus malloc's rounding) and
     /// the engine's bookkeeping per waiting key (dictionary slots in the buffer and the engine,
-    /// the order and lease queues, the offset tracker, the Redis key string), about 640 bytes.
-    /// Calibrated against the resident set of a worker holding a full buffer (MemoryBoundTests;
-    /// docs/performance.md): payload bytes alone undercount that memory several times over, so
-    /// `buffer.max_bytes` would not bound it.
+    /// the order and lease queues, the offset tracker, the Redis key string), with the room those
+    /// tables grow into (each doubles when full, and holds old and new while it moves): 1,100
+    /// bytes. Calibrated against the resident set of a worker holding a full buffer of 8 MiB and
+    /// of the default 64 MiB (MemoryBoundTests; docs/performance.md): payload bytes alone
+    /// undercount that memory several times over, so `buffer.max_bytes` would not bound it.
     ///
     /// Computed when the message is made (on the consumer's thread) and whenever its key, value
     /// or headers change, not by the worker's loop at each use.
     public private(set) var approximateSize: Int
 
     private static func size(_ bytes: MessageBytes) -> Int {
-        640 + 48 + bytes.storage.count
+        1100 + 48 + bytes.storage.count
     }
 }
 
