@@ -96,7 +96,7 @@ public enum ConfigSchema {
               doc: "Larger messages are bad input (counted and logged, not dispatched)."),
         .init(name: "buffer.max_messages", kind: .count, defaultValue: "100000",
               doc: "Delay buffer bound in messages; when reached the consumer pauses until half drained."),
-        .init(name: "buffer.max_bytes", kind: .size, defaultValue: "64MiB", doc: "Delay buffer bound in bytes: each waiting message counts its value, key and headers plus about 1,150 bytes of bookkeeping. With a full buffer the worker's resident set stays under 64 MiB + this."),
+        .init(name: "buffer.max_bytes", kind: .size, defaultValue: "64MiB", doc: "Delay buffer bound in bytes: each waiting message counts its value, key and headers plus \(InboundMessage.bookkeepingBytes) bytes of bookkeeping. With a full buffer the worker's resident set stays under 64 MiB + this."),
         .init(name: "consumer.batch_size", kind: .count, defaultValue: "1000",
               doc: "Most messages taken per poll; one Redis round trip claims a whole batch."),
         .init(name: "handler.type", kind: .choice(["log", "kafka", "http", "exec"]), defaultValue: "log",

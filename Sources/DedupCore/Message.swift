@@ -144,20 +144,23 @@ public struct InboundMessage: Sendable {
     }
 
     /// Bytes this message costs the worker while it waits in the delay buffer, for the buffer's
-    /// byte bound: its own heap object (one array: a 32-byte header plus malloc's rounding) and
-    /// the engine's bookkeeping per waiting key (dictionary slots in the buffer and the engine,
-    /// the order and lease queues, the offset tracker, the Redis key string), with the room those
-    /// tables grow into (each doubles when full, and holds old and new while it moves): 1,100
-    /// bytes. Calibrated against the resident set of a worker holding a full buffer of 8 MiB and
-    /// of the default 64 MiB (MemoryBoundTests; docs/performance.md): payload bytes alone
-    /// undercount that memory several times over, so `buffer.max_bytes` would not bound it.
+    /// byte bound: its bytes plus `bookkeepingBytes`.
     ///
     /// Computed when the message is made (on the consumer's thread) and whenever its key, value
     /// or headers change, not by the worker's loop at each use.
     public private(set) var approximateSize: Int
 
+    /// What a waiting message costs beyond its own bytes: its heap object's header and malloc's
+    /// rounding (48), and the engine's bookkeeping per waiting key (dictionary slots in the buffer
+    /// and the engine, the order and lease queues, the offset tracker, the Redis key string) with
+    /// the room those tables grow into (each doubles when full, and holds old and new while it
+    /// moves). Calibrated against the resident set of a worker holding a full buffer, a small one
+    /// and one of the default size (MemoryBoundTests; docs/performance.md): payload bytes alone
+    /// undercount that memory several times over, so `buffer.max_bytes` would not bound it.
+    public static let bookkeepingBytes = 1100 + 48
+
     private static func size(_ bytes: MessageBytes) -> Int {
-        1100 + 48 + bytes.storage.count
+        bookkeepingBytes + bytes.storage.count
     }
 }
 

@@ -48,9 +48,9 @@ import TestSupport
         let clock = ContinuousClock()
         let deadline = clock.now + .seconds(60)
         // Sample until 8 s after the pause: the window (30 s from the first claims) keeps the
-        // buffer full all that time, so this is the steady state under overload. (A 64 MiB buffer
-        // fills ~10 s into the run: with a 10 s window its first dispatch rounds fell inside the
-        // sample.)
+        // buffer full all that time, so this is the steady state under overload. (A large buffer
+        // fills late; with a window not much longer than the fill, its first dispatch rounds fell
+        // inside the sample.)
         while clock.now < deadline, worker.process.isRunning {
             if let rss = residentBytes(pid: worker.process.processIdentifier) { samples.append((clock.now, rss)) }
             if pausedAt == nil, worker.stderr.contains("buffer full, pausing consumption") { pausedAt = clock.now }
