@@ -522,7 +522,7 @@ public struct DedupEngine: Sendable {
         if deadLettersInFlight == nil, deadLetterRetry.retryAt == nil, let action = deadLetterAction() { return action }
         if let action = storeOffsetsAction() { return action }
         // Draining polls nothing, so there is nothing to pause or resume.
-        return draining ? nil : backpressureAction()
+        return draining ? nil : backpressureAction(now: now)
     }
 
     mutating func releaseAction() -> Action? {
@@ -578,7 +578,7 @@ public struct DedupEngine: Sendable {
         return .storeOffsets(positions)
     }
 
-    mutating func backpressureAction() -> Action? {
+    mutating func backpressureAction(now: ContinuousClock.Instant) -> Action? {
         let full = ledger.shouldPause
         // Fail-closed, the store down: paused until the retry time. Then consumption resumes
         // whether or not a request is waiting to go out; were the worker to wait for a request
@@ -588,11 +588,13 @@ public struct DedupEngine: Sendable {
         if mustPause && !paused {
             paused = true
             pausedForBackpressure = full
-            if full { reports.append(.bufferFull(messages: ledger.buffer.count, bytes: ledger.buffer.bytes)) }
+            if full { reports.append(.bufferFull(messages: ledger.heldMessages, bytes: ledger.heldBytes)) }
             return .pause(Array(assignment))
         }
         if !mustPause && paused && ledger.canResume {
             paused = false
+            // Idle time counts from here: nothing arrived while paused because nothing was read.
+            lastActivity = now
             if pausedForBackpressure { reports.append(.bufferDrained) }
             pausedForBackpressure = false
             return .resume(Array(assignment))
@@ -601,9 +603,10 @@ public struct DedupEngine: Sendable {
     }
 
     /// Idle counts from the first assignment: joining the group takes seconds, and a worker that
-    /// never gets partitions (more workers than partitions) gives up after 30 s more.
+    /// never gets partitions (more workers than partitions) gives up after 30 s more. A paused
+    /// worker is not idle: its topic may hold more than it has read.
     mutating func idleStop(now: ContinuousClock.Instant) -> Action? {
-        guard let idle = options.stopWhenIdle, ledger.isIdle, toRelease.isEmpty, toUnhold.isEmpty, deadLetters.isEmpty, !hasInFlight,
+        guard let idle = options.stopWhenIdle, !paused, ledger.isIdle, toRelease.isEmpty, toUnhold.isEmpty, deadLetters.isEmpty, !hasInFlight,
             now - lastActivity >= idle, everAssigned || now - started >= idle + .seconds(30)
         else { return nil }
         state = .stopping(.settle)

@@ -249,7 +249,7 @@ public struct DedupLedger: Sendable {
                 if entries.values[i].place == .buffered { buffer.resized(by: size - entries.values[i].size) }
                 loser = entries.values[i].message
                 entries.values[i].message = message
-                entries.values[i].size = size
+                entries.resize(at: i, to: size)
             case .inFlight, .confirming, .awaitingEntity:
                 break
             }
@@ -921,9 +921,18 @@ public struct DedupLedger: Sendable {
         return t
     }
 
-    /// Backpressure: pause the partitions while this is true.
-    /// Messages waiting behind another of their entity count like parked ones.
-    public var shouldPause: Bool { buffer.isFull || parkedKeys.count + awaitingEntityCount >= settings.bufferMaxMessages }
-    /// Resume once the buffer has drained well below its bounds.
-    public var canResume: Bool { buffer.hasRoom && parkedKeys.count + awaitingEntityCount < settings.bufferMaxMessages / 2 }
+    /// Every message the worker holds, wherever in the flow it is: waiting for its claim or for
+    /// another worker's lease, in the window, with a handler, waiting for its confirm.
+    public var heldMessages: Int { entries.count }
+    /// Their sizes as the buffer bounds count them (`InboundMessage.approximateSize`).
+    public var heldBytes: Int { entries.bytes }
+
+    /// Backpressure: pause the partitions while this is true. The buffer's bounds apply to every
+    /// message held, not only to those in the window: a worker short of CPU or waiting on Redis
+    /// or a handler holds many outside it, and the memory bound (64 MiB + `buffer.max_bytes`)
+    /// must cover them too.
+    public var shouldPause: Bool { heldMessages >= buffer.maxMessages || heldBytes >= buffer.maxBytes }
+    /// Resume once what is held has drained well below the bounds (to half of both): the gap
+    /// avoids pausing and resuming on every batch.
+    public var canResume: Bool { heldMessages <= buffer.maxMessages / 2 && heldBytes <= buffer.maxBytes / 2 }
 }

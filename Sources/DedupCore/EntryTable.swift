@@ -16,6 +16,9 @@ struct EntryTable: Sendable {
 
     var isEmpty: Bool { slots.isEmpty }
     var count: Int { slots.count }
+    /// The sizes of every entry's message (`Entry.size`): what the worker holds, wherever in the
+    /// flow each message is.
+    private(set) var bytes = 0
 
     /// The slot of `key`'s entry.
     func index(forKey key: DedupKey) -> Int? { slots[key] }
@@ -24,6 +27,7 @@ struct EntryTable: Sendable {
     /// The entry is moved in, not copied: a copy retains each of its buffers and the caller's
     /// then releases them.
     mutating func insertNew(_ entry: consuming Entry, for key: DedupKey) {
+        bytes += entry.size
         let i: Int
         if let reused = free.popLast() {
             i = reused
@@ -41,12 +45,19 @@ struct EntryTable: Sendable {
     @discardableResult
     mutating func remove(at i: Int) -> (key: DedupKey, value: Entry) {
         let key = keys[i]!
+        bytes -= values[i].size
         slots[key] = nil
         keys[i] = nil
         free.append(i)
         var entry = Entry.vacant
         swap(&entry, &values[i])
         return (key, entry)
+    }
+
+    /// `keep: last` swapped the message in slot `i` for one of `size`.
+    mutating func resize(at i: Int, to size: Int) {
+        bytes += size - values[i].size
+        values[i].size = size
     }
 
     mutating func removeValue(forKey key: DedupKey) {

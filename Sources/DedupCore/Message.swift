@@ -143,8 +143,8 @@ public struct InboundMessage: Sendable {
         }
     }
 
-    /// Bytes this message costs the worker while it waits in the delay buffer, for the buffer's
-    /// byte bound: its bytes plus `bookkeepingBytes`.
+    /// Bytes this message costs the worker while it holds it, for the buffer's byte bound: its
+    /// bytes plus `bookkeepingBytes`.
     ///
     /// Computed when the message is made (on the consumer's thread) and whenever its key, value
     /// or headers change, not by the worker's loop at each use.

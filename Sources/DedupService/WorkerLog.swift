@@ -80,7 +80,7 @@ extension Worker {
                 "partitions revoked with messages in a handler; their claims stay until it finishes",
                 metadata: ["dispatch.in_flight": "\(inFlight)"])
         case .bufferFull(let messages, let bytes):
-            logger.info("buffer full, pausing consumption", metadata: ["buffer.messages": "\(messages)", "buffer.bytes": "\(bytes)"])
+            logger.info("buffer full, pausing consumption", metadata: ["held.messages": "\(messages)", "held.bytes": "\(bytes)"])
         case .bufferDrained:
             logger.info("buffer drained, resuming consumption")
         case .idle(let idle):

@@ -215,6 +215,46 @@ struct Harness {
         #expect(!h.engine.shouldPause && h.engine.canResume)
     }
 
+    /// The bounds count every message held, not only those in the window: a worker whose handler
+    /// or Redis is slow holds messages after their window, and its memory must stay bounded.
+    @Test func backpressureCountsMessagesOutsideTheWindow() async throws {
+        var h = try Harness(maxMessages: 4)
+        try await h.consume((0..<4).map { msg("k\($0)", offset: Int64($0)) })
+        h.advance(.seconds(5))
+        // All four are with the handler: none is in the window, all are held.
+        let due = h.engine.takeDue(now: h.clock.now)
+        #expect(due.count == 4 && h.engine.buffer.count == 0)
+        #expect(h.engine.heldMessages == 4 && h.engine.shouldPause && !h.engine.canResume)
+        for d in due { h.engine.dispatchSucceeded(d.key) }
+        // Dispatched, not yet confirmed: still held.
+        #expect(h.engine.heldMessages == 4 && h.engine.shouldPause)
+        let keys = h.engine.keysToConfirm()
+        h.engine.applyConfirms(keys, try await h.store.confirm(keys.map(\.storeKey), owner: h.owner, retention: .seconds(3600)))
+        #expect(h.engine.heldMessages == 0 && h.engine.heldBytes == 0)
+        #expect(!h.engine.shouldPause && h.engine.canResume)
+    }
+
+    @Test func heldBytesFollowEveryMessageHeldAndTheByteBoundPauses() async throws {
+        let one = msg("k0", offset: 0).approximateSize
+        var h = try Harness()
+        h.engine = DedupLedger(settings: DedupSettings(
+            template: try KeyTemplate("header:message-id"), namespace: "test", window: .seconds(5),
+            bufferMaxBytes: 3 * one))
+        // Waiting for their claims (not yet sent): held, not in the window.
+        for i in 0..<2 { _ = h.engine.ingest(msg("k\(i)", offset: Int64(i))) }
+        #expect(h.engine.buffer.count == 0 && h.engine.heldBytes == 2 * one && !h.engine.shouldPause)
+        _ = h.engine.ingest(msg("k2", offset: 2))
+        #expect(h.engine.heldBytes == 3 * one && h.engine.shouldPause)
+        // A repeat is resolved at once and adds nothing.
+        _ = h.engine.ingest(msg("k2", offset: 3))
+        #expect(h.engine.heldBytes == 3 * one)
+        let keys = h.engine.keysToClaim(now: h.clock.now)
+        h.engine.applyClaims(keys, try await h.store.claim(keys.map(\.storeKey), owner: h.owner, lease: h.engine.settings.lease), now: h.clock.now)
+        h.advance(.seconds(5))
+        try await h.dispatchDue()
+        #expect(h.dispatched.count == 3 && h.engine.heldBytes == 0 && h.engine.canResume)
+    }
+
     @Test func shutdownReleasesEverythingWaiting() async throws {
         var h = try Harness()
         try await h.consume([msg("a", offset: 0), msg("b", offset: 1)])
