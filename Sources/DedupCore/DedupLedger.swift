@@ -159,8 +159,7 @@ public struct DedupLedger: Sendable {
         self.routing = routing
         self.routeSettings = [settings] + routing.routes.map(\.settings)
         self.storeKeyHeads = routeSettings.map { DedupKey.head(namespace: $0.namespace) }
-        self.buffer = DelayBuffer(
-            lanes: routeSettings.count, maxMessages: settings.bufferMaxMessages, maxBytes: settings.bufferMaxBytes)
+        self.buffer = DelayBuffer(lanes: routeSettings.count)
     }
 
     var hasRoutes: Bool { routeSettings.count > 1 }
@@ -931,8 +930,8 @@ public struct DedupLedger: Sendable {
     /// message held, not only to those in the window: a worker short of CPU or waiting on Redis
     /// or a handler holds many outside it, and the memory bound (64 MiB + `buffer.max_bytes`)
     /// must cover them too.
-    public var shouldPause: Bool { heldMessages >= buffer.maxMessages || heldBytes >= buffer.maxBytes }
+    public var shouldPause: Bool { heldMessages >= settings.bufferMaxMessages || heldBytes >= settings.bufferMaxBytes }
     /// Resume once what is held has drained well below the bounds (to half of both): the gap
     /// avoids pausing and resuming on every batch.
-    public var canResume: Bool { heldMessages <= buffer.maxMessages / 2 && heldBytes <= buffer.maxBytes / 2 }
+    public var canResume: Bool { heldMessages <= settings.bufferMaxMessages / 2 && heldBytes <= settings.bufferMaxBytes / 2 }
 }

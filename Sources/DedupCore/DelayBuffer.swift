@@ -8,8 +8,9 @@ public enum KeepPolicy: String, Sendable, CaseIterable {
     case last
 }
 
-/// The delay queue (docs/architecture.md step 4): the order in which buffered keys become due, and the
-/// bounds that make the consumer pause instead of growing (backpressure, not memory growth).
+/// The delay queue (docs/architecture.md step 4): the order in which buffered keys become due, and
+/// how many messages and bytes are in the window (for the stats; the bounds that pause the
+/// consumer count every message held, `DedupLedger.shouldPause`).
 ///
 /// The messages themselves stay in the engine's one entry per key; this holds only
 /// `(key, deadline)` slots, so a message is never copied between places on its way through.
@@ -25,25 +26,17 @@ public struct DelayBuffer: Sendable {
         public var deadline: ContinuousClock.Instant
     }
 
-    public let maxMessages: Int
-    public let maxBytes: Int
     /// Live messages and their bytes, kept by the owner through `added`/`removed`/`resized`.
     public private(set) var count = 0
     public private(set) var bytes = 0
 
     private var lanes: [Deque<Slot>]
 
-    public init(lanes: Int = 1, maxMessages: Int, maxBytes: Int) {
+    public init(lanes: Int = 1) {
         self.lanes = Array(repeating: [], count: max(1, lanes))
-        self.maxMessages = maxMessages
-        self.maxBytes = maxBytes
     }
 
     public var isEmpty: Bool { count == 0 }
-    /// At or over a bound: pause consumption.
-    public var isFull: Bool { count >= maxMessages || bytes >= maxBytes }
-    /// Drained to half of both bounds: resume consumption. The gap avoids pausing and resuming on every batch.
-    public var hasRoom: Bool { count <= maxMessages / 2 && bytes <= maxBytes / 2 }
 
     /// A key enters the window of `lane`; it becomes due at `deadline`.
     public mutating func add(_ key: DedupKey, lane: Int, deadline: ContinuousClock.Instant, size: Int) {

@@ -255,6 +255,18 @@ struct Harness {
         #expect(h.dispatched.count == 3 && h.engine.heldBytes == 0 && h.engine.canResume)
     }
 
+    @Test func keepLastCountsTheCopyItHolds() async throws {
+        var h = try Harness(keep: .last)
+        let first = msg("a", offset: 0), newer = msg("a", offset: 1, value: #"{"amount": 1200, "note": "a longer copy"}"#)
+        try await h.consume([first])
+        #expect(h.engine.heldBytes == first.approximateSize && h.engine.buffer.bytes == first.approximateSize)
+        try await h.consume([newer])
+        #expect(h.engine.heldMessages == 1 && h.engine.heldBytes == newer.approximateSize && h.engine.buffer.bytes == newer.approximateSize)
+        h.advance(.seconds(5))
+        try await h.dispatchDue()
+        #expect(h.engine.heldBytes == 0 && h.engine.buffer.bytes == 0)
+    }
+
     @Test func shutdownReleasesEverythingWaiting() async throws {
         var h = try Harness()
         try await h.consume([msg("a", offset: 0), msg("b", offset: 1)])
