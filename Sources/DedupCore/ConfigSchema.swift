@@ -96,7 +96,7 @@ public enum ConfigSchema {
               doc: "Larger messages are bad input (counted and logged, not dispatched)."),
         .init(name: "buffer.max_messages", kind: .count, defaultValue: "100000",
               doc: "Bound on the messages the worker holds (in the window, and being claimed, dispatched or confirmed); when reached the consumer pauses until half drained."),
-        .init(name: "buffer.max_bytes", kind: .size, defaultValue: "64MiB", doc: "Bound on the bytes of the messages the worker holds (in the window, and being claimed, dispatched or confirmed): each counts its value, key and headers plus \(InboundMessage.bookkeepingBytes) bytes of bookkeeping. When reached the consumer pauses until half drained; the worker's resident set stays under 64 MiB + this."),
+        .init(name: "buffer.max_bytes", kind: .size, defaultValue: "64MiB", doc: "Bound on the bytes of the messages the worker holds (in the window, and being claimed, dispatched or confirmed): each counts its value, key and headers plus \(InboundMessage.bookkeepingBytes) bytes of bookkeeping. When reached the consumer pauses until half drained; the worker's resident set stays under 64 MiB + this. A buffer smaller than the default also shortens librdkafka's prefetch queue to what it could hold (queued.min.messages, see Kafka defaults)."),
         .init(name: "consumer.batch_size", kind: .count, defaultValue: "1000",
               doc: "Most messages taken per poll; one Redis round trip claims a whole batch."),
         .init(name: "handler.type", kind: .choice(["log", "kafka", "http", "exec"]), defaultValue: "log",

@@ -97,4 +97,13 @@ public struct DedupSettings: Sendable {
         self.compactBuckets = compactBuckets
         self.readsKeysLayout = readsKeysLayout
     }
+
+    /// The most messages the buffer's bounds let the worker hold: every held message counts at
+    /// least `InboundMessage.bookkeepingBytes`. Also the most librdkafka should prefetch for it
+    /// (`Worker.kafkaProperties`): a prefetched message costs memory the bounds do not count, so
+    /// a small buffer with a prefetch queue sized for the default one would spend its memory
+    /// bound on messages not yet read.
+    public var heldMessagesAtMost: Int {
+        min(bufferMaxMessages, bufferMaxBytes / InboundMessage.bookkeepingBytes)
+    }
 }

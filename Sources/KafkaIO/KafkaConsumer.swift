@@ -35,6 +35,11 @@ public final class KafkaConsumer: @unchecked Sendable {
     /// messages and committed automatically every second, a new group starts at the earliest offset, and the
     /// group timeouts are short so a dead worker's partitions move within seconds (librdkafka's own defaults
     /// are 45 s and 300 s), and prefetch is bounded to 8 MiB so memory follows the configured buffer.
+    /// The prefetch queue's bound in messages (`queued.min.messages`), for a worker whose buffer
+    /// is at least the default size; a worker with a smaller buffer prefetches less.
+    public static let prefetchMessages = 35000
+    public static let prefetchMessagesProperty = "queued.min.messages"
+
     public static let defaultProperties: [String: String] = [
         "enable.auto.offset.store": "false",
         "enable.auto.commit": "true",
@@ -47,15 +52,18 @@ public final class KafkaConsumer: @unchecked Sendable {
         // Prefetch counts toward the worker's memory: librdkafka's default (64 MiB) would double
         // the footprint of a full delay buffer, so the queue is bounded to a fraction of a second
         // of messages, and 256 KiB per partition and fetch keeps the overshoot of one fetch
-        // response small. The message count is the tighter bound for small messages: lower, and
-        // the prefetch queue runs empty between polls; higher, and MemoryBoundTests' bound is
-        // passed (the figures: docs/performance.md). The price of the bound: once the queue
+        // response small. The message count is the tighter bound for small messages, whose
+        // memory in librdkafka is mostly its per-message overhead, which the kbytes bound does
+        // not count: lower, and the prefetch queue runs empty between polls; higher, and
+        // MemoryBoundTests' bound is passed (the figures: docs/performance.md). A worker with a
+        // buffer smaller than the default prefetches fewer (`prefetchMessages`). The price of
+        // the bound: once the queue
         // reaches it, librdkafka 2.0 stops fetching until its broker thread next wakes, up to a
         // second later (its fetch.queue.backoff.ms, from 2.2 on, shortens that), so a worker
         // that is behind reads about one queue's worth per second. A fetch error backs a
         // partition off for fetch.error.backoff.ms; librdkafka's 500 ms is shortened too.
         "queued.max.messages.kbytes": "8192",
-        "queued.min.messages": "35000",
+        prefetchMessagesProperty: String(prefetchMessages),
         "max.partition.fetch.bytes": "262144",
         "fetch.error.backoff.ms": "20",
     ]
