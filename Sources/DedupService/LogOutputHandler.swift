@@ -240,7 +240,7 @@ struct LineBuffer: ~Copyable {
 
     mutating func appendQuoted(_ string: String) {
         var string = string
-        string.withUTF8 { appendQuoted(UnsafeRawBufferPointer($0)) }
+        string.withUTF8 { _ = appendQuoted(UnsafeRawBufferPointer($0)) }
     }
 
     /// A header name as a JSON string: its bytes when they are UTF-8, else the string a

@@ -63,7 +63,7 @@ import Testing
         for group in groups {
             #expect(group.digests == group.keys.map { KeyDigest(of: $0) }, "\(group.keys)")
         }
-        e.applyClaims(keys, try await store.claim(groups, owner: "w"), now: clock.now)
+        e.applyClaims(keys, try store.claim(groups, owner: "w"), now: clock.now)
         #expect(store.roundTrips == 1)
 
         func dispatchDue() async throws -> [Dispatch] {
@@ -71,7 +71,7 @@ import Testing
             for d in due { e.dispatchSucceeded(d.key) }
             let keys = e.keysToConfirm()
             if !keys.isEmpty {
-                e.applyConfirms(keys, try await store.confirm(e.storeGroups(keys.keys, ttl: \.retention), owner: "w"))
+                e.applyConfirms(keys, try store.confirm(e.storeGroups(keys.keys, ttl: \.retention), owner: "w"))
             }
             return due
         }

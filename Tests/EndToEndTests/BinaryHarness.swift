@@ -31,8 +31,8 @@ final class DedupdProcess: @unchecked Sendable {
         self.name = name
         stdoutURL = dir.file("\(name).out")
         stderrURL = dir.file("\(name).err")
-        FileManager.default.createFile(atPath: stdoutURL.path, contents: nil)
-        FileManager.default.createFile(atPath: stderrURL.path, contents: nil)
+        try Data().write(to: stdoutURL)
+        try Data().write(to: stderrURL)
         process.executableURL = try dedupdBinary(executable)
         process.arguments = arguments
         input = stdin ? Pipe() : nil

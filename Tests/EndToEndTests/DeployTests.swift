@@ -33,8 +33,8 @@ import Yams
     static func dedupdBlocking(_ arguments: [String], environment: [String: String] = [:]) throws -> (Int32, String, String) {
         let dir = try TemporaryDirectory(prefix: "dedupd-deploy")
         let out = dir.file("out"), err = dir.file("err")
-        FileManager.default.createFile(atPath: out.path, contents: nil)
-        FileManager.default.createFile(atPath: err.path, contents: nil)
+        try Data().write(to: out)
+        try Data().write(to: err)
         let p = Process()
         p.executableURL = try dedupdBinary()
         p.arguments = arguments
@@ -316,7 +316,7 @@ extension DeployTests {
         let fm = FileManager.default
         return fm.enumerator(atPath: deploy.path)!.compactMap { $0 as? String }
             .filter { !$0.hasPrefix("secrets/") && !$0.hasSuffix(".md") }
-            .filter { var d: ObjCBool = false; fm.fileExists(atPath: deploy.appendingPathComponent($0).path, isDirectory: &d); return !d.boolValue }
+            .filter { var d: ObjCBool = false; _ = fm.fileExists(atPath: deploy.appendingPathComponent($0).path, isDirectory: &d); return !d.boolValue }
     }
 
     /// `DEDUPD_HTTP_PORT` in an image, compose file or manifest silently beats `http.port` in the

@@ -103,7 +103,7 @@ import Glibc
             let full = source == "." ? relative : "\(source)/\(relative)"
             if ignored(full, patterns) { continue }
             var childIsDir: ObjCBool = false
-            fm.fileExists(atPath: from.appendingPathComponent(relative).path, isDirectory: &childIsDir)
+            _ = fm.fileExists(atPath: from.appendingPathComponent(relative).path, isDirectory: &childIsDir)
             let target = destination.appendingPathComponent(relative)
             if childIsDir.boolValue {
                 try fm.createDirectory(at: target, withIntermediateDirectories: true)
@@ -143,7 +143,7 @@ import Glibc
                     let into = destination.hasSuffix("/") || sources.count > 1
                         ? target.appendingPathComponent(URL(fileURLWithPath: source).lastPathComponent) : target
                     var isDir: ObjCBool = false
-                    FileManager.default.fileExists(atPath: Self.root.appendingPathComponent(source).path, isDirectory: &isDir)
+                    _ = FileManager.default.fileExists(atPath: Self.root.appendingPathComponent(source).path, isDirectory: &isDir)
                     try Self.copy(source, to: isDir.boolValue ? target : into, patterns: patterns)
                 }
             case "RUN" where instruction.arguments.contains("swift build"):

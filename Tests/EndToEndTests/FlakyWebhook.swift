@@ -114,9 +114,10 @@ final class FlakyWebhook: Sendable {
                     }
                 case .slow:
                     let ctx = NIOLoopBound(context, eventLoop: context.eventLoop)
+                    let responder = NIOLoopBound(self, eventLoop: context.eventLoop)
                     context.eventLoop.scheduleTask(in: .nanoseconds(Int64(webhook.slowDelay.nanosecondsForTest))) {
                         guard channel.isActive else { return }
-                        self.answer(ctx.value, status: .ok, close: false)
+                        responder.value.answer(ctx.value, status: .ok, close: false)
                     }
                 case .serverError: answer(context, status: .internalServerError, close: false)
                 case .unavailable: answer(context, status: .serviceUnavailable, close: false)

@@ -55,7 +55,7 @@ public final class TLSRedisServer: @unchecked Sendable {
             "--tls-ca-cert-file", certs.path("ca.pem"), "--tls-auth-clients", clientCertificates,
             "--logfile", dir.file("redis.log").path,
         ] + extraArguments
-        FileManager.default.createFile(atPath: dir.file("stderr.log").path, contents: nil)
+        try Data().write(to: dir.file("stderr.log"))
         process.standardOutput = FileHandle.nullDevice
         process.standardError = try FileHandle(forWritingTo: dir.file("stderr.log"))
         try withDefaultSignalMask { try process.run() }
