@@ -31,15 +31,15 @@ public final class KafkaConsumer: @unchecked Sendable {
         case error(KafkaError)
     }
 
-    /// Properties dedupd sets before applying the caller's overrides: offsets are stored only for resolved
-    /// messages and committed automatically every second, a new group starts at the earliest offset, and the
-    /// group timeouts are short so a dead worker's partitions move within seconds (librdkafka's own defaults
-    /// are 45 s and 300 s), and prefetch is bounded to 8 MiB so memory follows the configured buffer.
     /// The prefetch queue's bound in messages (`queued.min.messages`), for a worker whose buffer
     /// is at least the default size; a worker with a smaller buffer prefetches less.
     public static let prefetchMessages = 35000
     public static let prefetchMessagesProperty = "queued.min.messages"
 
+    /// Properties dedupd sets before applying the caller's overrides: offsets are stored only for resolved
+    /// messages and committed automatically every second, a new group starts at the earliest offset, and the
+    /// group timeouts are short so a dead worker's partitions move within seconds (librdkafka's own defaults
+    /// are 45 s and 300 s), and prefetch is bounded to 8 MiB so memory follows the configured buffer.
     public static let defaultProperties: [String: String] = [
         "enable.auto.offset.store": "false",
         "enable.auto.commit": "true",
@@ -57,11 +57,11 @@ public final class KafkaConsumer: @unchecked Sendable {
         // not count: lower, and the prefetch queue runs empty between polls; higher, and
         // MemoryBoundTests' bound is passed (the figures: docs/performance.md). A worker with a
         // buffer smaller than the default prefetches fewer (`prefetchMessages`). The price of
-        // the bound: once the queue
-        // reaches it, librdkafka 2.0 stops fetching until its broker thread next wakes, up to a
-        // second later (its fetch.queue.backoff.ms, from 2.2 on, shortens that), so a worker
-        // that is behind reads about one queue's worth per second. A fetch error backs a
-        // partition off for fetch.error.backoff.ms; librdkafka's 500 ms is shortened too.
+        // the bound: once the queue reaches it, librdkafka 2.0 stops fetching until its broker
+        // thread next wakes, up to a second later (its fetch.queue.backoff.ms, from 2.2 on,
+        // shortens that), so a worker that is behind reads about one queue's worth per second.
+        // A fetch error backs a partition off for fetch.error.backoff.ms; librdkafka's 500 ms
+        // is shortened too.
         "queued.max.messages.kbytes": "8192",
         prefetchMessagesProperty: String(prefetchMessages),
         "max.partition.fetch.bytes": "262144",
