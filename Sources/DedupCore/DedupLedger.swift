@@ -928,7 +928,7 @@ public struct DedupLedger: Sendable {
 
     /// Backpressure: pause the partitions while this is true. The buffer's bounds apply to every
     /// message held, not only to those in the window: a worker short of CPU or waiting on Redis
-    /// or a handler holds many outside it, and the memory bound (64 MiB + `buffer.max_bytes`)
+    /// or a handler holds many outside it, and the memory bound that `buffer.max_bytes` promises
     /// must cover them too.
     public var shouldPause: Bool { heldMessages >= settings.bufferMaxMessages || heldBytes >= settings.bufferMaxBytes }
     /// Resume once what is held has drained well below the bounds (to half of both): the gap

@@ -107,7 +107,7 @@ public final class Worker: Service {
         var props = config.kafkaProperties
         if let id = config.groupInstanceID { props["group.instance.id"] = id }
         // The prefetch queue is no longer than the buffer could hold (and no shorter than a
-        // batch): the memory bound (64 MiB + buffer.max_bytes) covers it only that way.
+        // batch): the memory bound that buffer.max_bytes promises covers it only that way.
         if props[KafkaConsumer.prefetchMessagesProperty] == nil {
             let bound = max(config.batchSize, config.dedup.heldMessagesAtMost)
             props[KafkaConsumer.prefetchMessagesProperty] = String(min(KafkaConsumer.prefetchMessages, bound))

@@ -39,7 +39,7 @@ public final class KafkaConsumer: @unchecked Sendable {
     /// Properties dedupd sets before applying the caller's overrides: offsets are stored only for resolved
     /// messages and committed automatically every second, a new group starts at the earliest offset, and the
     /// group timeouts are short so a dead worker's partitions move within seconds (librdkafka's own defaults
-    /// are 45 s and 300 s), and prefetch is bounded to 8 MiB so memory follows the configured buffer.
+    /// are 45 s and 300 s), and prefetch is bounded so memory follows the configured buffer.
     public static let defaultProperties: [String: String] = [
         "enable.auto.offset.store": "false",
         "enable.auto.commit": "true",
@@ -49,7 +49,7 @@ public final class KafkaConsumer: @unchecked Sendable {
         "heartbeat.interval.ms": "500",
         "max.poll.interval.ms": "20000",
         "enable.partition.eof": "false",
-        // Prefetch counts toward the worker's memory: librdkafka's default (64 MiB) would double
+        // Prefetch counts toward the worker's memory: librdkafka's default queue size would double
         // the footprint of a full delay buffer, so the queue is bounded to a fraction of a second
         // of messages, and 256 KiB per partition and fetch keeps the overshoot of one fetch
         // response small. The message count is the tighter bound for small messages, whose
