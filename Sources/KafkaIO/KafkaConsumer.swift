@@ -148,6 +148,11 @@ public final class KafkaConsumer: @unchecked Sendable {
         // `close()` destroys `rk` on this same serial queue, so it cannot happen during this call:
         // one check per batch, not per message.
         if closed.withLock({ $0 }) { return out }
+        // Moved out for the batch and back after it: passed `inout` as the class's property, it
+        // would be checked for exclusive access once per message.
+        var names = NameCache()
+        swap(&names, &self.names)
+        defer { swap(&names, &self.names) }
         while out.count < maxMessages {
             let rkm = rd_kafka_consumer_poll(rk, wait)
             // Events are rare: an atomic load per message, the lock only when one was recorded.

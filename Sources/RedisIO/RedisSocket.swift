@@ -87,8 +87,19 @@ final class RedisSocket {
     private let reader: UnsafeMutablePointer<redisReader>
     /// Where the reader builds replies (its `privdata`).
     private let arena: ReplyArena
-    private var readBuffer = [UInt8](repeating: 0, count: 64 * 1024)
+    /// Raw memory, not an array: read on every reply, and an array property of a class is
+    /// checked for exclusive access at each use.
+    private let readBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 * 1024, alignment: 16)
+    /// `readBuffer[fed..<filled]` was read from the socket but not yet given to the reader.
+    private var fed = 0
+    private var filled = 0
     private let peer: String
+
+    /// How much of a read the reader gets at a time. hiredis 0.14's reader moves its unread
+    /// bytes to the front of its buffer after every reply once it has consumed 1 KiB, so a
+    /// whole 64 KiB read of small replies (a claim batch's) is moved ~32 bytes per byte; fed a
+    /// chunk at a time, the reader's buffer stays about one chunk long.
+    private static let feedChunk = 2048
 
     private init(fd: Int32, ssl: OpaquePointer?, reader: UnsafeMutablePointer<redisReader>, arena: ReplyArena, peer: String) {
         self.fd = fd
@@ -106,6 +117,7 @@ final class RedisSocket {
         }
         Glibc.close(fd)
         redisReaderFree(reader)
+        readBuffer.deallocate()
     }
 
     /// Connects within `connectTimeout` (and completes the TLS handshake when `tls` is given);
@@ -256,24 +268,32 @@ final class RedisSocket {
                 throw RedisError(.protocolError, "reading a reply from \(peer): \(readerError())", retriable: true)
             }
             if let reply { return UnsafePointer(reply.assumingMemoryBound(to: redisReply.self)) }
-            let n: Int = try readBuffer.withUnsafeMutableBytes { buffer in
-                while true {
-                    if let ssl {
-                        let n = SSL_read(ssl, buffer.baseAddress!, Int32(clamping: buffer.count))
-                        if n <= 0 { throw ioError(ssl: ssl, result: n, action: "reading a reply") }
-                        return Int(n)
-                    }
-                    let n = recv(fd, buffer.baseAddress!, buffer.count, 0)
-                    if n > 0 { return n }
-                    if n == 0 { throw closedByServer() }
-                    if errno == EINTR { continue }
-                    throw ioError(ssl: nil, result: -1, action: "reading a reply")
-                }
+            if fed == filled {
+                filled = try readSome()
+                fed = 0
             }
-            let status = readBuffer.withUnsafeBytes { redisReaderFeed(reader, $0.baseAddress!.assumingMemoryBound(to: CChar.self), n) }
+            let n = min(Self.feedChunk, filled - fed)
+            let status = redisReaderFeed(reader, readBuffer.baseAddress!.assumingMemoryBound(to: CChar.self) + fed, n)
+            fed += n
             guard status == REDIS_OK else {
                 throw RedisError(.protocolError, "reading a reply from \(peer): \(readerError())", retriable: true)
             }
+        }
+    }
+
+    /// One read from the socket into `readBuffer`; returns how many bytes came.
+    private func readSome() throws -> Int {
+        while true {
+            if let ssl {
+                let n = SSL_read(ssl, readBuffer.baseAddress!, Int32(clamping: readBuffer.count))
+                if n <= 0 { throw ioError(ssl: ssl, result: n, action: "reading a reply") }
+                return Int(n)
+            }
+            let n = recv(fd, readBuffer.baseAddress!, readBuffer.count, 0)
+            if n > 0 { return n }
+            if n == 0 { throw closedByServer() }
+            if errno == EINTR { continue }
+            throw ioError(ssl: nil, result: -1, action: "reading a reply")
         }
     }
 
