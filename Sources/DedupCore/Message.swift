@@ -143,6 +143,21 @@ public struct InboundMessage: Sendable {
         }
     }
 
+    /// The value, the record key (`nil`: none) and the headers, lent to `body` in place: one
+    /// access to the message's array for all of them, without the slice (and its retain) that
+    /// `valueBytes`, `keyBytes` and `forEachHeader` make per part. The `log` handler writes
+    /// every part of every message this way.
+    public func withParts<R>(
+        _ body: (_ value: UnsafeRawBufferPointer, _ key: UnsafeRawBufferPointer?, _ headers: RawHeaders) throws -> R
+    ) rethrows -> R {
+        let b = bytes
+        return try b.storage.withUnsafeBytes { s in
+            let value = UnsafeRawBufferPointer(rebasing: s[0..<b.valueCount])
+            let key = b.keyCount < 0 ? nil : UnsafeRawBufferPointer(rebasing: s[b.valueCount..<b.valueCount + b.keyCount])
+            return try body(value, key, RawHeaders(storage: s, start: b.headersStart, count: b.headerCount))
+        }
+    }
+
     /// Bytes this message costs the worker while it holds it, for the buffer's byte bound: its
     /// bytes plus `bookkeepingBytes`.
     ///
@@ -161,6 +176,28 @@ public struct InboundMessage: Sendable {
 
     private static func size(_ bytes: MessageBytes) -> Int {
         bookkeepingBytes + bytes.storage.count
+    }
+}
+
+/// The headers of an `InboundMessage` as raw bytes, valid only inside `withParts`: each
+/// header's name and value (`nil`: a null value), in order.
+public struct RawHeaders: Sequence, IteratorProtocol {
+    private let storage: UnsafeRawBufferPointer
+    private var at: Int
+    private var left: Int
+
+    fileprivate init(storage: UnsafeRawBufferPointer, start: Int, count: Int) {
+        self.storage = storage
+        at = start
+        left = count
+    }
+
+    public mutating func next() -> (name: UnsafeRawBufferPointer, value: UnsafeRawBufferPointer?)? {
+        guard left > 0 else { return nil }
+        left -= 1
+        let (name, value) = MessageBytes.headerRanges(in: storage, at: at)
+        at = value?.upperBound ?? name.upperBound
+        return (UnsafeRawBufferPointer(rebasing: storage[name]), value.map { UnsafeRawBufferPointer(rebasing: storage[$0]) })
     }
 }
 
@@ -308,12 +345,18 @@ public struct MessageBytes: Sendable {
     func forEachHeaderRange(in s: UnsafeRawBufferPointer, _ body: (Range<Int>, Range<Int>?) throws -> Void) rethrows {
         var i = headersStart
         for _ in 0..<headerCount {
-            let nameCount = Self.readInt32(s, at: i)
-            let valueCount = Self.readInt32(s, at: i + 4)
-            let valueStart = i + 8 + nameCount
-            try body(i + 8..<valueStart, valueCount < 0 ? nil : valueStart..<valueStart + valueCount)
-            i = valueStart + max(0, valueCount)
+            let (name, value) = Self.headerRanges(in: s, at: i)
+            try body(name, value)
+            i = value?.upperBound ?? name.upperBound
         }
+    }
+
+    /// The name and value (`nil`: null) of the header whose lengths start at `i`.
+    static func headerRanges(in s: UnsafeRawBufferPointer, at i: Int) -> (name: Range<Int>, value: Range<Int>?) {
+        let nameCount = readInt32(s, at: i)
+        let valueCount = readInt32(s, at: i + 4)
+        let valueStart = i + 8 + nameCount
+        return (i + 8..<valueStart, valueCount < 0 ? nil : valueStart..<valueStart + valueCount)
     }
 
     static func readInt32(_ s: UnsafeRawBufferPointer, at i: Int) -> Int {

@@ -127,21 +127,23 @@ public final class LogOutputHandler: BatchHandler {
             out.append(#","timestamp_ms":"#)
             out.appendDecimal(ts)
         }
-        if let key = m.keyBytes {
-            out.append(#","key":"#)
-            out.appendText(key)
+        m.withParts { value, key, headers in
+            if let key {
+                out.append(#","key":"#)
+                out.appendText(key)
+            }
+            out.append(#","headers":{"#)
+            var first = true
+            for (name, value) in headers {
+                if !first { out.append(byte: UInt8(ascii: ",")) }
+                first = false
+                out.appendName(name)
+                out.append(byte: UInt8(ascii: ":"))
+                if let value { out.appendText(value) } else { out.append("null") }
+            }
+            out.append(#"},"value":"#)
+            out.appendText(value)
         }
-        out.append(#","headers":{"#)
-        var first = true
-        m.forEachHeader { h in
-            if !first { out.append(byte: UInt8(ascii: ",")) }
-            first = false
-            out.appendName(h.name)
-            out.append(byte: UInt8(ascii: ":"))
-            if let v = h.value { out.appendText(v) } else { out.append("null") }
-        }
-        out.append(#"},"value":"#)
-        out.appendText(m.valueBytes)
         out.append("}\n")
     }
 
@@ -245,10 +247,8 @@ struct LineBuffer: ~Copyable {
 
     /// A header name as a JSON string: its bytes when they are UTF-8, else the string a
     /// `MessageHeader` would hold (invalid sequences replaced), as before names were bytes.
-    mutating func appendName(_ bytes: ArraySlice<UInt8>) {
-        bytes.withUnsafeBytes { raw in
-            if !appendQuotedIfUTF8(raw) { appendQuoted(String(decoding: raw, as: UTF8.self)) }
-        }
+    mutating func appendName(_ raw: UnsafeRawBufferPointer) {
+        if !appendQuotedIfUTF8(raw) { appendQuoted(String(decoding: raw, as: UTF8.self)) }
     }
 
     /// Writes `raw` as a JSON string and returns true when it is UTF-8; otherwise writes nothing
@@ -262,18 +262,16 @@ struct LineBuffer: ~Copyable {
     }
 
     /// UTF-8 bytes as a JSON string; anything else as {"base64": "..."} so no byte is lost.
-    mutating func appendText(_ bytes: ArraySlice<UInt8>) {
-        bytes.withUnsafeBytes { raw in
-            if !appendQuotedIfUTF8(raw) {
-                append(#"{"base64":""#)
-                var encoded = Data(raw).base64EncodedString()
-                encoded.withUTF8 { utf8 in
-                    reserve(utf8.count)
-                    (base + count).update(from: utf8.baseAddress!, count: utf8.count)
-                    count += utf8.count
-                }
-                append(#""}"#)
+    mutating func appendText(_ raw: UnsafeRawBufferPointer) {
+        if !appendQuotedIfUTF8(raw) {
+            append(#"{"base64":""#)
+            var encoded = Data(raw).base64EncodedString()
+            encoded.withUTF8 { utf8 in
+                reserve(utf8.count)
+                (base + count).update(from: utf8.baseAddress!, count: utf8.count)
+                count += utf8.count
             }
+            append(#""}"#)
         }
     }
 
