@@ -288,10 +288,10 @@ public enum CanonicalJSON {
 /// The key as it is stored in Redis: namespaced, and hashed when long, so a key's size in Redis is
 /// bounded whatever the message carries.
 public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
-    /// The Redis key: `<prefix>:<namespace>:<raw>` or `<prefix>:<namespace>:h:<sha256(raw)>` when `raw` is long.
-    public let storeKey: String
-    /// `raw` when it is too long to be part of `storeKey`; empty otherwise.
-    private let longRaw: String
+    /// The store key, and after it the raw key when that is too long to be part of it. One
+    /// string per key: a key is copied into several queues and requests per message, and each
+    /// copy retains each string it holds.
+    private let text: String
     /// The raw key's hash, taken once: the engine looks a key up in several dictionaries per
     /// message, and hashing the string each time (SipHash over every byte, then Hasher's set-up
     /// and finalization) shows in the worker's profile. Process-local (Swift seeds hashing per
@@ -301,12 +301,11 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
     /// key's first message arrives), so a claim and a confirm do not hash the key again. Not part
     /// of the key's identity.
     public var digest: KeyDigest?
-    /// Where `raw` starts in `storeKey`'s UTF-8 bytes, or -1 when `storeKey` holds a long key's
-    /// digest and `raw` is `longRaw`. The raw key is the store key's tail: a key carries one
-    /// string, so each copy of it (a waiting key is copied into several queues and requests)
-    /// retains one buffer, and making a key builds one string, not two. An `Int32` placed last
-    /// fills the digest's padding, so the key stays 64 bytes, as it was with two strings: at 72,
-    /// MemoryBoundTests' peak RSS went over its bound (docs/performance.md).
+    /// Whether `raw` is too long to be part of the store key, which then holds its digest.
+    private let isLong: Bool
+    /// Where `raw` starts in `text`'s UTF-8 bytes; for a long key, also where the store key ends.
+    /// It and `isLong` fill the digest's padding: a waiting message's key is held in several
+    /// tables, and their size counts against the memory bound (docs/performance.md).
     private let rawStart: Int32
 
     public static let maxRawLength = 200
@@ -342,34 +341,47 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
                 return h.count + raw.count
             }
         }
-        self.init(storeKey: storeKey, rawStart: Int32(head.utf8.count), longRaw: "")
+        self.init(storeKey: storeKey, rawStart: Int32(head.utf8.count))
     }
 
     private init(hashed raw: String, head: String) {
-        self.init(storeKey: head + "h:" + KeyTemplate.hex(SHA256.hash(data: Array(raw.utf8))), rawStart: -1, longRaw: raw)
+        let storeKey = head + "h:" + KeyTemplate.hex(SHA256.hash(data: Array(raw.utf8)))
+        self.init(text: storeKey + raw, rawStart: Int32(storeKey.utf8.count), isLong: true)
     }
 
-    private init(storeKey: String, rawStart: Int32, longRaw: String) {
-        self.storeKey = storeKey
+    private init(storeKey: String, rawStart: Int32) {
+        self.init(text: storeKey, rawStart: rawStart, isLong: false)
+    }
+
+    private init(text: String, rawStart: Int32, isLong: Bool) {
+        self.text = text
         self.rawStart = rawStart
-        self.longRaw = longRaw
+        self.isLong = isLong
         // The raw key's bytes (a long key's digest): all that differs between keys of one route.
         var hasher = Hasher()
-        var name = storeKey
-        name.withUTF8 { hasher.combine(bytes: UnsafeRawBufferPointer(UnsafeBufferPointer(rebasing: $0[Int(max(rawStart, 0))...]))) }
+        var text = text
+        text.withUTF8 { t in
+            let hashed = isLong ? t[..<Int(rawStart)] : t[Int(rawStart)...]
+            hasher.combine(bytes: UnsafeRawBufferPointer(UnsafeBufferPointer(rebasing: hashed)))
+        }
         rawHash = hasher.finalize()
+    }
+
+    /// The Redis key: `<prefix>:<namespace>:<raw>` or `<prefix>:<namespace>:h:<sha256(raw)>` when `raw` is long.
+    public var storeKey: String {
+        isLong ? String(Substring(text.utf8.prefix(Int(rawStart)))) : text
     }
 
     /// The key handlers see (and downstream systems use as an idempotency key). A new string
     /// each time: the hot path reads it in place (`withRawUTF8`).
     public var raw: String {
-        rawStart < 0 ? longRaw : String(Substring(storeKey.utf8.dropFirst(Int(rawStart))))
+        String(Substring(text.utf8.dropFirst(Int(rawStart))))
     }
 
     /// `raw`'s UTF-8 bytes, read in place.
     public func withRawUTF8<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
-        var s = rawStart < 0 ? longRaw : storeKey
-        let start = Int(max(rawStart, 0))
+        var s = text
+        let start = Int(rawStart)
         return try s.withUTF8 { try body(UnsafeRawBufferPointer(UnsafeBufferPointer(rebasing: $0[start...]))) }
     }
 
@@ -390,9 +402,9 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
         return Int(Int64(bitPattern: z ^ (z >> 31)))
     }
 
-    // The store key and where the raw key starts in it decide the raw key, except for a long
-    // key, whose store key is its digest: there the raw key is compared too.
+    // The text (the store key, and a long key's raw key after it) and where the raw key starts
+    // in it decide the key.
     public static func == (a: DedupKey, b: DedupKey) -> Bool {
-        a.rawHash == b.rawHash && a.rawStart == b.rawStart && a.storeKey == b.storeKey && a.longRaw == b.longRaw
+        a.rawHash == b.rawHash && a.rawStart == b.rawStart && a.isLong == b.isLong && a.text == b.text
     }
 }
