@@ -136,6 +136,21 @@ extension Array where Element == UInt8 {
 extension UnsafeRawBufferPointer {
     /// Whether every byte is below 0x80, checked eight bytes at a time: keys and header names
     /// take this path before falling back to UTF-8 validation.
+    /// Whether `other` holds the same bytes, compared eight at a time.
+    public func hasSameBytes(as other: UnsafeRawBufferPointer) -> Bool {
+        guard count == other.count else { return false }
+        var i = 0
+        while i + 8 <= count {
+            if loadUnaligned(fromByteOffset: i, as: UInt64.self) != other.loadUnaligned(fromByteOffset: i, as: UInt64.self) { return false }
+            i += 8
+        }
+        while i < count {
+            if self[i] != other[i] { return false }
+            i += 1
+        }
+        return true
+    }
+
     public var isASCII: Bool {
         var i = 0
         while i + 8 <= count {

@@ -220,6 +220,8 @@ public struct HeaderView: Sendable {
 
     static func namesEqualIgnoringASCIICase(_ n: UnsafeRawBufferPointer, _ o: UnsafeRawBufferPointer) -> Bool {
         if o.count == n.count {
+            // Names usually match exactly: compared word by word before the loop that folds case.
+            if n.hasSameBytes(as: o) { return true }
             var i = 0
             while i < n.count {
                 let a = n[i]

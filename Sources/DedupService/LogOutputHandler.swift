@@ -168,10 +168,16 @@ struct LineBuffer: ~Copyable {
 
     deinit { base.deallocate() }
 
-    /// Makes room for `extra` more bytes (doubling, so a long round costs few moves).
+    /// Makes room for `extra` more bytes (doubling, so a long round costs few moves). Inlined:
+    /// every writer calls it, and the room is almost always there already.
+    @inline(__always)
     mutating func reserve(_ extra: Int) {
         let needed = count + extra
-        guard needed > capacity else { return }
+        if needed > capacity { grow(to: needed) }
+    }
+
+    @inline(never)
+    private mutating func grow(to needed: Int) {
         var grown = capacity * 2
         while grown < needed { grown *= 2 }
         let moved = UnsafeMutablePointer<UInt8>.allocate(capacity: grown)
@@ -188,6 +194,7 @@ struct LineBuffer: ~Copyable {
         try body(UnsafeRawBufferPointer(start: base, count: count))
     }
 
+    @inline(__always)
     mutating func append(byte: UInt8) {
         reserve(1)
         base[count] = byte
@@ -196,6 +203,7 @@ struct LineBuffer: ~Copyable {
 
     /// Literal text (the JSON punctuation between fields), through a `ByteCursor`: the names
     /// are 2 to 16 bytes, which it copies as words, without a call to memcpy.
+    @inline(__always)
     mutating func append(_ literal: StaticString) {
         let n = literal.utf8CodeUnitCount
         reserve(n)
