@@ -134,8 +134,6 @@ extension Array where Element == UInt8 {
 }
 
 extension UnsafeRawBufferPointer {
-    /// Whether every byte is below 0x80, checked eight bytes at a time: keys and header names
-    /// take this path before falling back to UTF-8 validation.
     /// Whether `other` holds the same bytes, compared eight at a time.
     public func hasSameBytes(as other: UnsafeRawBufferPointer) -> Bool {
         guard count == other.count else { return false }
@@ -151,6 +149,8 @@ extension UnsafeRawBufferPointer {
         return true
     }
 
+    /// Whether every byte is below 0x80, checked eight bytes at a time: keys and header names
+    /// take this path before falling back to UTF-8 validation.
     public var isASCII: Bool {
         var i = 0
         while i + 8 <= count {

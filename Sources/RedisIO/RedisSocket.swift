@@ -97,8 +97,8 @@ final class RedisSocket {
 
     /// How much of a read the reader gets at a time. hiredis 0.14's reader moves its unread
     /// bytes to the front of its buffer after every reply once it has consumed 1 KiB, so a
-    /// whole 64 KiB read of small replies (a claim batch's) is moved ~32 bytes per byte; fed a
-    /// chunk at a time, the reader's buffer stays about one chunk long.
+    /// whole read of small replies (a claim batch's) would be moved again for every few of
+    /// them; fed a chunk at a time, the reader's buffer stays about one chunk long.
     private static let feedChunk = 2048
 
     private init(fd: Int32, ssl: OpaquePointer?, reader: UnsafeMutablePointer<redisReader>, arena: ReplyArena, peer: String) {
