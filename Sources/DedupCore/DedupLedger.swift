@@ -103,10 +103,14 @@ public struct DedupLedger: Sendable {
         /// Guard: the message's step; nil on routes without a guard.
         var step: GuardStep? = nil
 
+        /// The `deadline` of an entry in any other place than `buffered` or `parked`, where
+        /// nothing reads it: a constant, so taking in a message does not read the clock.
+        static let noDeadline = ContinuousClock.Instant.now
+
         /// What a free slot of `EntryTable` holds: no buffers to keep alive.
         static let vacant = Entry(
             place: .claiming, route: 0, message: InboundMessage(topic: "", partition: 0, offset: 0, value: []),
-            size: 0, deadline: ContinuousClock.Instant.now, leaseTakenAt: nil, token: nil)
+            size: 0, deadline: noDeadline, leaseTakenAt: nil, token: nil)
     }
 
     /// The default route's settings; its size and buffer bounds apply to the whole worker.
@@ -230,7 +234,7 @@ public struct DedupLedger: Sendable {
             }
             entries.insertNew(Entry(
                 place: place, route: route, message: message, size: message.approximateSize,
-                deadline: .now, leaseTakenAt: nil, token: token, step: step), for: key)
+                deadline: Entry.noDeadline, leaseTakenAt: nil, token: token, step: step), for: key)
             switch place {
             case .claiming: claimOrder.append(key)
             case .awaitingToken: awaitingToken.append(key)
