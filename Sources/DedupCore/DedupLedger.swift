@@ -140,7 +140,7 @@ public struct DedupLedger: Sendable {
     /// A struct rather than a tuple: a tuple holding a key is copied and destroyed through the
     /// runtime's generic tuple witnesses, several times per message in the scans below.
     private struct LeaseMark {
-        var key: DedupKey
+        var entry: EntryRef
         var taken: ContinuousClock.Instant
     }
     private var lastTicket: UInt64 = 0
@@ -350,8 +350,8 @@ public struct DedupLedger: Sendable {
             }
         }
         var renewals = 0
-        forEachLeaseDue(now: now) { key in
-            keys.append(key)
+        forEachLeaseDue(now: now) { [entries] i in
+            keys.append(entries.key(at: i))
             renewals += 1
             return true
         }
@@ -393,22 +393,22 @@ public struct DedupLedger: Sendable {
         return due
     }
 
-    /// Calls `body` with each buffered key whose lease is half used and has no claim in flight,
-    /// oldest first, until it returns false. Marks at the front whose lease was renewed since or
-    /// left are dropped first.
-    private mutating func forEachLeaseDue(now: ContinuousClock.Instant, _ body: (DedupKey) -> Bool) {
-        while let first = leaseOrder.first, leaseTaken(first.key) != first.taken {
+    /// Calls `body` with the slot of each buffered entry whose lease is half used and has no claim
+    /// in flight, oldest first, until it returns false. Marks at the front whose lease was renewed
+    /// since or left are dropped first.
+    private mutating func forEachLeaseDue(now: ContinuousClock.Instant, _ body: (Int) -> Bool) {
+        while let first = leaseOrder.first, leaseTaken(first.entry) != first.taken {
             leaseOrder.removeFirst()
         }
         for mark in leaseOrder {
-            guard let i = entries.index(forKey: mark.key), entries.values[i].leaseTakenAt == mark.taken else { continue }
+            guard let i = entries.index(of: mark.entry), entries.values[i].leaseTakenAt == mark.taken else { continue }
             // Leases differ per route, so a young lease of one route may precede an old one of
             // another: with routes the whole queue is looked at (it is ordered by time taken).
             guard mark.taken <= now - routeSettings[entries.values[i].route].lease / 2 else {
                 if hasRoutes { continue } else { return }
             }
             guard entries.values[i].awaiting == 0 else { continue }
-            guard body(mark.key) else { return }
+            guard body(i) else { return }
         }
     }
 
@@ -534,8 +534,8 @@ public struct DedupLedger: Sendable {
                 entries.values[i].place = .buffered
                 entries.values[i].deadline = deadline
                 entries.values[i].leaseTakenAt = now
-                leaseOrder.append(LeaseMark(key: key, taken: now))
-                buffer.add(key, lane: route, deadline: deadline, size: entries.values[i].size)
+                leaseOrder.append(LeaseMark(entry: entries.ref(at: i), taken: now))
+                buffer.add(entries.ref(at: i), lane: route, deadline: deadline, size: entries.values[i].size)
             case .done:
                 let message = removeEntry(at: i).message
                 counters.duplicatesStore += 1
@@ -635,7 +635,7 @@ public struct DedupLedger: Sendable {
             switch hold {
             case .held?, nil:
                 entries.values[i].leaseTakenAt = now
-                leaseOrder.append(LeaseMark(key: key, taken: now))
+                leaseOrder.append(LeaseMark(entry: entries.ref(at: i), taken: now))
                 counters.renewed += 1
             case .rejected(let state)?:
                 buffer.removed(size: entries.values[i].size)
@@ -691,13 +691,13 @@ public struct DedupLedger: Sendable {
         return entries.values[i].route
     }
 
-    private func leaseTaken(_ key: DedupKey) -> ContinuousClock.Instant? {
-        guard let i = entries.index(forKey: key) else { return nil }
+    private func leaseTaken(_ entry: EntryRef) -> ContinuousClock.Instant? {
+        guard let i = entries.index(of: entry) else { return nil }
         return entries.values[i].leaseTakenAt
     }
 
     private static func isLive(_ slot: DelayBuffer.Slot, in entries: EntryTable) -> Bool {
-        guard let i = entries.index(forKey: slot.key) else { return false }
+        guard let i = entries.index(of: slot.entry) else { return false }
         return entries.values[i].place == .buffered && entries.values[i].deadline == slot.deadline
     }
 
@@ -717,9 +717,8 @@ public struct DedupLedger: Sendable {
         }
         var due: [Dispatch] = []
         due.reserveCapacity(slots.count)
-        // By index: iterating the slots copies each one (its key retained) only to read it.
-        for slot in slots.indices {
-            let i = self.entries.index(forKey: slots[slot].key)!
+        for slot in slots {
+            let i = self.entries.index(of: slot.entry)!
             self.entries.values[i].place = .inFlight
             self.entries.values[i].leaseTakenAt = nil
             buffer.removed(size: self.entries.values[i].size)
@@ -729,7 +728,7 @@ public struct DedupLedger: Sendable {
                 topic: self.entries.values[i].message.topic, partition: self.entries.values[i].message.partition,
                 offset: self.entries.values[i].message.offset, value: [])
             swap(&message, &self.entries.values[i].message)
-            due.append(Dispatch(key: slots[slot].key, message: message, route: self.entries.values[i].route))
+            due.append(Dispatch(key: self.entries.key(at: i), message: message, route: self.entries.values[i].route))
         }
         inFlightCount += due.count
         return due

@@ -13,7 +13,7 @@ public enum KeepPolicy: String, Sendable, CaseIterable {
 /// consumer count every message held, `DedupLedger.shouldPause`).
 ///
 /// The messages themselves stay in the engine's one entry per key; this holds only
-/// `(key, deadline)` slots, so a message is never copied between places on its way through.
+/// `(entry, deadline)` slots, so a message is never copied between places on its way through.
 /// Each lane has one window (a route's), and arrivals are monotonic, so within a lane the
 /// deadline order is the arrival order and a FIFO suffices; with several routes the earliest
 /// of the lanes' heads is due first.
@@ -22,7 +22,7 @@ public enum KeepPolicy: String, Sendable, CaseIterable {
 /// the owner says which slots are live, and stale ones are skipped when they reach the front.
 public struct DelayBuffer: Sendable {
     public struct Slot: Sendable {
-        public var key: DedupKey
+        public var entry: EntryRef
         public var deadline: ContinuousClock.Instant
     }
 
@@ -38,14 +38,14 @@ public struct DelayBuffer: Sendable {
 
     public var isEmpty: Bool { count == 0 }
 
-    /// A key enters the window of `lane`; it becomes due at `deadline`.
-    public mutating func add(_ key: DedupKey, lane: Int, deadline: ContinuousClock.Instant, size: Int) {
-        lanes[lane].append(Slot(key: key, deadline: deadline))
+    /// An entry enters the window of `lane`; it becomes due at `deadline`.
+    public mutating func add(_ entry: EntryRef, lane: Int, deadline: ContinuousClock.Instant, size: Int) {
+        lanes[lane].append(Slot(entry: entry, deadline: deadline))
         count += 1
         bytes += size
     }
 
-    /// A key left the window (due, revoked, lease lost): only the bounds change, its slot goes stale.
+    /// An entry left the window (due, revoked, lease lost): only the bounds change, its slot goes stale.
     public mutating func removed(size: Int) {
         count -= 1
         bytes -= size

@@ -1,3 +1,18 @@
+/// Where one entry of the ledger's `EntryTable` is: its slot, and which of the slot's occupants.
+/// Queues that keep a place for an entry (the delay buffer, the lease queue) hold this instead of
+/// the key: finding the entry is an array read, not a dictionary look-up, and a ref outlives its
+/// entry safely (`EntryTable.index(of:)` no longer finds it once the entry is removed, even if
+/// the slot was reused).
+public struct EntryRef: Sendable, Equatable {
+    public var slot: Int32
+    public var generation: UInt32
+
+    public init(slot: Int32, generation: UInt32) {
+        self.slot = slot
+        self.generation = generation
+    }
+}
+
 /// The ledger's entries: a dictionary from key to a slot, and the entries themselves in a plain
 /// array of slots.
 ///
@@ -12,6 +27,9 @@ struct EntryTable: Sendable {
     /// Entries by slot; a free slot holds `Entry.vacant` (no buffers) and is listed in `free`.
     var values: [Entry] = []
     private var keys: [DedupKey?] = []
+    /// Per slot, how many entries it has held and let go: a removal moves it on, so every
+    /// `EntryRef` to the removed entry stops matching.
+    private var generations: [UInt32] = []
     private var free: [Int] = []
 
     var isEmpty: Bool { slots.isEmpty }
@@ -23,10 +41,22 @@ struct EntryTable: Sendable {
     /// The slot of `key`'s entry.
     func index(forKey key: DedupKey) -> Int? { slots[key] }
 
+    /// The slot of the entry `ref` was taken from, if it is still there.
+    func index(of ref: EntryRef) -> Int? {
+        generations[Int(ref.slot)] == ref.generation ? Int(ref.slot) : nil
+    }
+
+    /// A ref to the entry in slot `i`.
+    func ref(at i: Int) -> EntryRef { EntryRef(slot: Int32(truncatingIfNeeded: i), generation: generations[i]) }
+
+    /// The key of the entry in slot `i`.
+    func key(at i: Int) -> DedupKey { keys[i]! }
+
     /// Adds an entry for a key that has none (one hash operation: the caller looked already).
     /// The entry is moved in, not copied: a copy retains each of its buffers and the caller's
     /// then releases them.
-    mutating func insertNew(_ entry: consuming Entry, for key: DedupKey) {
+    @discardableResult
+    mutating func insertNew(_ entry: consuming Entry, for key: DedupKey) -> Int {
         bytes += entry.size
         let i: Int
         if let reused = free.popLast() {
@@ -37,8 +67,10 @@ struct EntryTable: Sendable {
             i = values.count
             values.append(entry)
             keys.append(key)
+            generations.append(0)
         }
         slots[key] = i
+        return i
     }
 
     /// Removes the entry in slot `i` and returns it.
@@ -48,6 +80,7 @@ struct EntryTable: Sendable {
         bytes -= values[i].size
         slots[key] = nil
         keys[i] = nil
+        generations[i] &+= 1
         free.append(i)
         var entry = Entry.vacant
         swap(&entry, &values[i])

@@ -2,9 +2,9 @@ import DedupCore
 import Testing
 
 @Suite struct DelayBufferTests {
-    let k1 = DedupKey(raw: "a", namespace: "n")
-    let k2 = DedupKey(raw: "b", namespace: "n")
-    let k3 = DedupKey(raw: "c", namespace: "n")
+    let k1 = EntryRef(slot: 0, generation: 0)
+    let k2 = EntryRef(slot: 1, generation: 0)
+    let k3 = EntryRef(slot: 0, generation: 1)
 
     @Test func slotsBecomeDueInDeadlineOrderAcrossLanes() {
         let clock = TestClock()
@@ -15,8 +15,8 @@ import Testing
         b.add(k3, lane: 0, deadline: clock.now + .seconds(6), size: 10)
         #expect(b.nextDeadline { _ in true } == clock.now + .seconds(2))
         #expect(b.popDue(now: clock.now + .seconds(1)) { _ in true }.isEmpty)
-        #expect(b.popDue(now: clock.now + .seconds(5)) { _ in true }.map(\.key) == [k2, k1])
-        #expect(b.popDue(now: clock.now + .seconds(9), limit: 1) { _ in true }.map(\.key) == [k3])
+        #expect(b.popDue(now: clock.now + .seconds(5)) { _ in true }.map(\.entry) == [k2, k1])
+        #expect(b.popDue(now: clock.now + .seconds(9), limit: 1) { _ in true }.map(\.entry) == [k3])
     }
 
     @Test func staleSlotsAreSkipped() {
@@ -25,9 +25,9 @@ import Testing
         b.add(k1, lane: 0, deadline: clock.now + .seconds(1), size: 10)
         b.add(k2, lane: 0, deadline: clock.now + .seconds(2), size: 10)
         b.removed(size: 10)  // k1 left the window some other way
-        let live: (DelayBuffer.Slot) -> Bool = { $0.key != k1 }
+        let live: (DelayBuffer.Slot) -> Bool = { $0.entry != k1 }
         #expect(b.nextDeadline(isLive: live) == clock.now + .seconds(2))
-        #expect(b.popDue(now: clock.now + .seconds(3), isLive: live).map(\.key) == [k2])
+        #expect(b.popDue(now: clock.now + .seconds(3), isLive: live).map(\.entry) == [k2])
     }
 
     /// What is in the window, for the stats (the bounds count every message held: DedupLedgerTests).
