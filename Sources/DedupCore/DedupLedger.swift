@@ -14,6 +14,21 @@ public struct LedgerRequest: Sendable, Equatable {
     /// the same round trip, in the order of `keys`, and those steps.
     public var holdKeys: [DedupKey] = []
     public var holds: [EntityStep] = []
+    /// The entry each key was sent for, in the order of `keys`: the answers find it without a
+    /// look-up (`DedupLedger.waiting`).
+    var refs: [EntryRef] = []
+
+    init(ticket: UInt64, keys: [DedupKey] = [], renewals: Int = 0) {
+        self.ticket = ticket
+        self.keys = keys
+        self.renewals = renewals
+    }
+
+    /// A key and the entry it was sent for.
+    mutating func append(_ key: DedupKey, _ ref: EntryRef) {
+        keys.append(key)
+        refs.append(ref)
+    }
 }
 
 extension LedgerRequest: RandomAccessCollection {
@@ -123,13 +138,13 @@ public struct DedupLedger: Sendable {
     public private(set) var counters = DedupCounters()
 
     private var entries = EntryTable()
-    /// New keys waiting for their claim to be sent, in arrival order.
-    private var claimOrder: [DedupKey] = []
+    /// New entries waiting for their claim to be sent, in arrival order.
+    private var claimOrder: [EntryRef] = []
     /// Token mode: new keys whose message's token is still to be used (then they join claimOrder).
     private var awaitingToken: [DedupKey] = []
     private var parkedKeys: Set<DedupKey> = []
-    /// Dispatched keys whose confirm is still to be sent.
-    private var confirming: [DedupKey] = []
+    /// Dispatched entries whose confirm is still to be sent.
+    private var confirming: [EntryRef] = []
     /// Dispatched keys not yet confirmed (sent or not).
     public private(set) var confirmingCount = 0
     public private(set) var inFlightCount = 0
@@ -232,11 +247,11 @@ public struct DedupLedger: Sendable {
                     awaitingEntityCount += 1
                 }
             }
-            entries.insertNew(Entry(
+            let slot = entries.insertNew(Entry(
                 place: place, route: route, message: message, size: message.approximateSize,
                 deadline: Entry.noDeadline, leaseTakenAt: nil, token: token, step: step), for: key)
             switch place {
-            case .claiming: claimOrder.append(key)
+            case .claiming: claimOrder.append(entries.ref(at: slot))
             case .awaitingToken: awaitingToken.append(key)
             default: break
             }
@@ -269,7 +284,7 @@ public struct DedupLedger: Sendable {
     public mutating func tokensToUse() -> (keys: LedgerRequest, storeKeys: [String], marks: [String]) {
         let ticket = newTicket()
         var out: (keys: LedgerRequest, storeKeys: [String], marks: [String]) = (
-            LedgerRequest(ticket: ticket, keys: [], renewals: 0), [], []
+            LedgerRequest(ticket: ticket), [], []
         )
         for key in awaitingToken {
             guard let i = entries.index(forKey: key), entries.values[i].awaiting == 0, let token = entries.values[i].token else {
@@ -277,7 +292,7 @@ public struct DedupLedger: Sendable {
             }
             entries.values[i].awaiting = ticket
             let e = entries.values[i]
-            out.keys.keys.append(key)
+            out.keys.append(key, entries.ref(at: i))
             out.storeKeys.append(TokenKey.storeKey(token, namespace: routeSettings[e.route].namespace))
             out.marks.append(TokenKey.mark(for: e.message))
         }
@@ -290,16 +305,14 @@ public struct DedupLedger: Sendable {
     public mutating func applyTokens(_ request: LedgerRequest, _ outcomes: [TokenOutcome]) -> [(BadInput, InboundMessage)] {
         precondition(request.keys.count == outcomes.count, "one outcome per key")
         var refused: [(BadInput, InboundMessage)] = []
-        for (key, outcome) in zip(request.keys, outcomes) {
-            guard let i = entries.index(forKey: key), entries.values[i].awaiting == request.ticket,
-                entries.values[i].place == .awaitingToken
-            else { continue }
+        for (j, outcome) in outcomes.enumerated() {
+            guard let i = waiting(request, j), entries.values[i].place == .awaitingToken else { continue }
             entries.values[i].awaiting = 0
             let token = entries.values[i].token ?? ""
             guard let reason = outcome.refusal else {
                 entries.values[i].place = .claiming
                 entries.values[i].token = nil
-                claimOrder.append(key)
+                claimOrder.append(request.refs[j])
                 continue
             }
             let message = removeEntry(at: i).message
@@ -313,14 +326,15 @@ public struct DedupLedger: Sendable {
 
     /// A claim, confirm or token round trip failed: its keys wait for the next one.
     public mutating func requestFailed(_ request: LedgerRequest) {
-        var reclaim: [DedupKey] = []
-        var reconfirm: [DedupKey] = []
-        for key in request.keys {
-            guard let i = entries.index(forKey: key), entries.values[i].awaiting == request.ticket else { continue }
+        var reclaim: [EntryRef] = []
+        var reconfirm: [EntryRef] = []
+        for j in request.keys.indices {
+            guard let i = waiting(request, j) else { continue }
+            let key = request.keys[j]
             entries.values[i].awaiting = 0
             switch entries.values[i].place {
             case .claiming, .parked:
-                if entries.values[i].place == .claiming { reclaim.append(key) }
+                if entries.values[i].place == .claiming { reclaim.append(request.refs[j]) }
                 // Guard: the hold may have been taken although the answer was lost; the next
                 // attempt holds under a new id, so this one's is given back first (releases go
                 // out before claims, on the entity's connection), or it would block the entity
@@ -328,7 +342,7 @@ public struct DedupLedger: Sendable {
                 if let step = entries.values[i].step, step.attempt == request.ticket {
                     unholds.append(storeStep(key, step, route: entries.values[i].route))
                 }
-            case .confirming: reconfirm.append(key)
+            case .confirming: reconfirm.append(request.refs[j])
             default: break
             }
         }
@@ -342,23 +356,27 @@ public struct DedupLedger: Sendable {
     /// not asked again. With several routes the keys come grouped by route, so `storeGroups`
     /// cuts them into few groups.
     public mutating func keysToClaim(now: ContinuousClock.Instant) -> LedgerRequest {
-        var keys = claimOrder
+        var due = claimOrder
         claimOrder.removeAll(keepingCapacity: true)
         for key in parkedKeys {
             if let i = entries.index(forKey: key), entries.values[i].awaiting == 0, entries.values[i].deadline <= now {
-                keys.append(key)
+                due.append(entries.ref(at: i))
             }
         }
         var renewals = 0
         forEachLeaseDue(now: now) { [entries] i in
-            keys.append(entries.key(at: i))
+            due.append(entries.ref(at: i))
             renewals += 1
             return true
         }
-        let ticket = keys.isEmpty ? 0 : newTicket()
-        var request = LedgerRequest(ticket: ticket, keys: groupedByRoute(keys), renewals: renewals)
-        for key in request.keys {
-            guard let i = entries.index(forKey: key) else { continue }
+        let ticket = due.isEmpty ? 0 : newTicket()
+        var request = LedgerRequest(ticket: ticket, renewals: renewals)
+        request.keys.reserveCapacity(due.count)
+        request.refs.reserveCapacity(due.count)
+        for ref in groupedByRoute(due) {
+            guard let i = entries.index(of: ref) else { continue }
+            let key = entries.key(at: i)
+            request.append(key, ref)
             entries.values[i].awaiting = ticket
             guard var step = entries.values[i].step else { continue }
             // A renewal extends the hold it has; any other claim asks anew, as a new attempt.
@@ -457,10 +475,17 @@ public struct DedupLedger: Sendable {
         }
     }
 
-    private func groupedByRoute(_ keys: [DedupKey]) -> [DedupKey] {
-        guard hasRoutes, keys.count > 1 else { return keys }
-        return keys.map { (key: $0, route: route($0)) }.enumerated()
-            .sorted { ($0.element.route, $0.offset) < ($1.element.route, $1.offset) }.map(\.element.key)
+    private func groupedByRoute(_ refs: [EntryRef]) -> [EntryRef] {
+        guard hasRoutes, refs.count > 1 else { return refs }
+        return refs.map { ref in (ref: ref, route: entries.index(of: ref).map { entries.values[$0].route } ?? 0) }.enumerated()
+            .sorted { ($0.element.route, $0.offset) < ($1.element.route, $1.offset) }.map(\.element.ref)
+    }
+
+    /// The slot of the entry that `request`'s `j`-th key was sent for, while that entry still
+    /// waits on `request` (an answer to anything else is stale).
+    private func waiting(_ request: LedgerRequest, _ j: Int) -> Int? {
+        guard let i = entries.index(of: request.refs[j]), entries.values[i].awaiting == request.ticket else { return nil }
+        return i
     }
 
     /// Applies the store's answers to `request`, in the order of its keys. An answer applies
@@ -481,7 +506,8 @@ public struct DedupLedger: Sendable {
         precondition(holds.isEmpty || holds.count == request.holds.count, "one hold outcome per hold")
         var orphans: [DedupKey] = []
         var h = 0
-        for (key, outcome) in zip(request.keys, outcomes) {
+        for (j, outcome) in outcomes.enumerated() {
+            let key = request.keys[j]
             var hold: HoldOutcome?
             var holdStep: EntityStep?
             if h < request.holdKeys.count, request.holdKeys[h] == key {
@@ -490,7 +516,7 @@ public struct DedupLedger: Sendable {
                 h += 1
             }
             let held: Bool = if case .held = hold { true } else { false }
-            guard let i = entries.index(forKey: key), entries.values[i].awaiting == request.ticket else {
+            guard let i = waiting(request, j) else {
                 switch outcome {
                 case .claimed, .alreadyOwned: if entries.index(forKey: key) == nil { orphans.append(key) }
                 case .done, .pendingElsewhere: break
@@ -561,7 +587,7 @@ public struct DedupLedger: Sendable {
         entries.values[i].place = .confirming
         entries.values[i].step?.rejected = true
         entries.values[i].step?.deadLettered = deadLetter
-        confirming.append(key)
+        confirming.append(entries.ref(at: i))
         confirmingCount += 1
         rejections.append(Rejection(
             key: key, message: e.message, route: e.route, entity: e.step?.entity ?? "", from: from, to: e.step?.target ?? "",
@@ -591,7 +617,7 @@ public struct DedupLedger: Sendable {
         awaitingEntityCount -= 1
         if entries.values[h].token == nil {
             entries.values[h].place = .claiming
-            claimOrder.append(head)
+            claimOrder.append(entries.ref(at: h))
         } else {
             entries.values[h].place = .awaitingToken
             awaitingToken.append(head)
@@ -666,8 +692,8 @@ public struct DedupLedger: Sendable {
     /// `on_store_error: fail_open`: the store did not answer, and the operator chose to let
     /// messages through unclaimed rather than stop. Dedup then rests on the window alone.
     public mutating func applyClaimsWithoutStore(_ request: LedgerRequest, now: ContinuousClock.Instant) {
-        counters.unclaimed += request.keys.filter { key in
-            guard let i = entries.index(forKey: key), entries.values[i].awaiting == request.ticket else { return false }
+        counters.unclaimed += request.keys.indices.filter { j in
+            guard let i = waiting(request, j) else { return false }
             return entries.values[i].place == .claiming || entries.values[i].place == .parked
         }.count
         applyClaims(request, Array(repeating: .claimed, count: request.keys.count), now: now)
@@ -738,7 +764,7 @@ public struct DedupLedger: Sendable {
     public mutating func dispatchSucceeded(_ key: DedupKey) {
         guard let i = entries.index(forKey: key), entries.values[i].place == .inFlight else { return }
         entries.values[i].place = .confirming
-        confirming.append(key)
+        confirming.append(entries.ref(at: i))
         confirmingCount += 1
         inFlightCount -= 1
         counters.dispatched += 1
@@ -784,12 +810,16 @@ public struct DedupLedger: Sendable {
     /// Dispatched keys whose confirm is not sent yet, grouped by route (see
     /// `storeGroups(_:ttl: \.retention)`); they wait on `ticket` until answered.
     public mutating func keysToConfirm() -> LedgerRequest {
-        let keys = groupedByRoute(confirming)
+        let due = groupedByRoute(confirming)
         confirming.removeAll(keepingCapacity: true)
-        let ticket = keys.isEmpty ? 0 : newTicket()
-        var request = LedgerRequest(ticket: ticket, keys: keys, renewals: 0)
-        for key in keys {
-            guard let i = entries.index(forKey: key) else { continue }
+        let ticket = due.isEmpty ? 0 : newTicket()
+        var request = LedgerRequest(ticket: ticket)
+        request.keys.reserveCapacity(due.count)
+        request.refs.reserveCapacity(due.count)
+        for ref in due {
+            guard let i = entries.index(of: ref) else { continue }
+            let key = entries.key(at: i)
+            request.append(key, ref)
             entries.values[i].awaiting = ticket
             // Guard: the entity moves to the message's state in the same round trip.
             if let step = entries.values[i].step, !step.rejected {
@@ -815,15 +845,14 @@ public struct DedupLedger: Sendable {
         precondition(moves.isEmpty || moves.count == request.holds.count, "one move outcome per move")
         var conflicts: [(DedupKey, String)] = []
         var h = 0
-        for (key, outcome) in zip(request.keys, outcomes) {
+        for (j, outcome) in outcomes.enumerated() {
+            let key = request.keys[j]
             var move: MoveOutcome?
             if h < request.holdKeys.count, request.holdKeys[h] == key {
                 move = moves.isEmpty ? nil : moves[h]
                 h += 1
             }
-            guard let i = entries.index(forKey: key), entries.values[i].awaiting == request.ticket,
-                entries.values[i].place == .confirming
-            else { continue }
+            guard let i = waiting(request, j), entries.values[i].place == .confirming else { continue }
             let e = removeEntry(at: i)
             let message = e.message
             confirmingCount -= 1
@@ -881,7 +910,7 @@ public struct DedupLedger: Sendable {
             removeEntry(at: i)
         }
         if !dropped.isEmpty {
-            claimOrder.removeAll { [entries] in Self.place($0, in: entries) == nil }
+            claimOrder.removeAll { [entries] in entries.index(of: $0) == nil }
             awaitingToken.removeAll { [entries] in Self.place($0, in: entries) == nil }
             parkedKeys = parkedKeys.filter { place($0) != nil }
         }
