@@ -287,54 +287,77 @@ struct LineBuffer: ~Copyable {
     /// or-ed together as they pass, so the caller needs no scan of its own to know).
     @discardableResult
     mutating func appendQuoted(_ bytes: UnsafeRawBufferPointer) -> Bool {
-        reserve(2 + 6 * bytes.count)
+        // Each byte takes at most six (`\u00XX`); eight more for the last word's store, below.
+        reserve(2 + 6 * bytes.count + 8)
         var o = count
         base[o] = UInt8(ascii: "\"")
         o += 1
-        let hex: StaticString = "0123456789abcdef"
         let n = bytes.count
         var i = 0
         var seen: UInt64 = 0
-        while i < n {
-            // Eight bytes at a time: the word is stored whole, and the bytes before the first one
-            // that needs an escape are kept (a JSON value has a quote every few bytes, so most
-            // words keep some); that byte is escaped and the next word starts after it.
-            if i + 8 <= n {
-                let raw = bytes.loadUnaligned(fromByteOffset: i, as: UInt64.self)
-                seen |= raw
-                let plain = Self.firstEscape(UInt64(littleEndian: raw))
-                UnsafeMutableRawPointer(base + o).storeBytes(of: raw, as: UInt64.self)
-                o += plain
-                i += plain
-                if plain == 8 { continue }
+        // Eight bytes at a time: the word is stored whole, then each byte in it that needs an
+        // escape (a JSON value has a quote every few bytes) is written escaped where it was, and
+        // the rest of the word stored again after it.
+        while i &+ 8 <= n {
+            let word = UInt64(littleEndian: bytes.loadUnaligned(fromByteOffset: i, as: UInt64.self))
+            seen |= word
+            var mask = Self.escapeMask(word)
+            UnsafeMutableRawPointer(base + o).storeBytes(of: word.littleEndian, as: UInt64.self)
+            var done = 0
+            while mask != 0 {
+                let k = mask.trailingZeroBitCount &>> 3
+                o &+= k &- done
+                o = Self.appendEscape(UInt8(truncatingIfNeeded: word &>> UInt64(truncatingIfNeeded: k &<< 3)), at: o, in: base)
+                done = k &+ 1
+                mask &= mask &- 1
+                // `&>>` takes the shift modulo 64: after the last byte (done == 8) this stores the
+                // word again, and nothing of it is counted.
+                UnsafeMutableRawPointer(base + o).storeBytes(
+                    of: (word &>> UInt64(truncatingIfNeeded: done &<< 3)).littleEndian, as: UInt64.self)
             }
-            seen |= UInt64(bytes[i])
-            o = Self.appendEscaped(bytes[i], at: o, in: base, hex: hex)
-            i += 1
+            o &+= 8 &- done
+            i &+= 8
+        }
+        while i < n {
+            let b = bytes[i]
+            seen |= UInt64(b)
+            o = Self.appendEscaped(b, at: o, in: base)
+            i &+= 1
         }
         base[o] = UInt8(ascii: "\"")
         count = o + 1
         return seen & Self.highs != 0
     }
 
-    private static let ones: UInt64 = 0x0101_0101_0101_0101
+    private static let lows: UInt64 = 0x7f7f_7f7f_7f7f_7f7f
     private static let highs: UInt64 = 0x8080_8080_8080_8080
 
-    /// How many bytes of `word` (byte 0 in its lowest bits) come before the first control
-    /// character, quote or backslash; 8 when none does. The zero-byte test on `word` and on
-    /// `word` xor each of them: its lowest flagged byte is exact (a borrow can only flag bytes
-    /// above a true match), and bytes ≥ 0x80 never match.
+    /// The high bit of each byte of `word` (byte 0 in its lowest bits) that JSON escapes: a
+    /// control character, a quote or a backslash. Exact for every byte: no carry crosses a byte,
+    /// since each sum adds to seven bits only.
     @inline(__always)
-    static func firstEscape(_ word: UInt64) -> Int {
-        func zeroBytes(_ v: UInt64) -> UInt64 { (v &- ones) & ~v & highs }
-        let control = (word &- 0x20 &* ones) & ~word & highs
-        let flagged = control | zeroBytes(word ^ (0x22 &* ones)) | zeroBytes(word ^ (0x5c &* ones))
-        return flagged.trailingZeroBitCount / 8
+    static func escapeMask(_ word: UInt64) -> UInt64 {
+        // A byte is below 0x20 when its high bit is clear and its low seven bits plus 0x60 stay
+        // under 0x80; it equals `c` when `byte ^ c` is zero, i.e. its low seven bits plus 0x7f
+        // stay under 0x80 and its high bit is clear.
+        func zeroBytes(_ v: UInt64) -> UInt64 { ~(((v & lows) &+ lows) | v) }
+        let control = ~(((word & lows) &+ 0x6060_6060_6060_6060) | word)
+        return (control | zeroBytes(word ^ 0x2222_2222_2222_2222) | zeroBytes(word ^ 0x5c5c_5c5c_5c5c_5c5c)) & highs
+    }
+
+    /// Stores the escape of `b`, a byte that needs one; returns the next position. Quotes come
+    /// first: they are the escapes a JSON value has.
+    @inline(__always)
+    private static func appendEscape(_ b: UInt8, at o: Int, in base: UnsafeMutablePointer<UInt8>) -> Int {
+        guard b == UInt8(ascii: "\"") || b == UInt8(ascii: "\\") else { return appendEscaped(b, at: o, in: base) }
+        base[o] = UInt8(ascii: "\\")
+        base[o &+ 1] = b
+        return o &+ 2
     }
 
     /// Stores `b` at `o`, escaped if JSON needs it; returns the next position.
     @inline(__always)
-    private static func appendEscaped(_ b: UInt8, at o: Int, in base: UnsafeMutablePointer<UInt8>, hex: StaticString) -> Int {
+    private static func appendEscaped(_ b: UInt8, at o: Int, in base: UnsafeMutablePointer<UInt8>) -> Int {
         if b >= 0x20 && b != UInt8(ascii: "\"") && b != UInt8(ascii: "\\") {
             base[o] = b
             return o + 1
@@ -348,6 +371,7 @@ struct LineBuffer: ~Copyable {
         case 0x0D: base[o + 1] = UInt8(ascii: "r"); return o + 2
         case 0x09: base[o + 1] = UInt8(ascii: "t"); return o + 2
         default:
+            let hex: StaticString = "0123456789abcdef"
             base[o + 1] = UInt8(ascii: "u")
             base[o + 2] = UInt8(ascii: "0")
             base[o + 3] = UInt8(ascii: "0")

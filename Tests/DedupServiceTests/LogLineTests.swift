@@ -103,30 +103,32 @@ struct LogLineTests {
         }
     }
 
-    /// The word test that lets plain bytes be copied eight at a time finds the first byte that
-    /// the byte test escapes, for every byte value in every position of a word, and in random
-    /// words (several candidates, borrows between them).
-    @Test func wordEscapeTestFindsTheFirstByteTheByteTestEscapes() {
+    /// The word test that lets plain bytes be copied eight at a time flags exactly the bytes
+    /// that the byte test escapes, for every byte value in every position of a word, and in
+    /// random words (several candidates, carries between them).
+    @Test func wordEscapeMaskFlagsExactlyTheBytesTheByteTestEscapes() {
         func needs(_ b: UInt8) -> Bool { b < 0x20 || b == 0x22 || b == 0x5c }
-        func first(_ word: UInt64) -> Int {
-            (0..<8).first { needs(UInt8(truncatingIfNeeded: word >> UInt64($0 * 8))) } ?? 8
+        func reference(_ word: UInt64) -> UInt64 {
+            (0..<8).reduce(UInt64(0)) { m, i in
+                needs(UInt8(truncatingIfNeeded: word >> UInt64(i * 8))) ? m | 0x80 << UInt64(i * 8) : m
+            }
         }
         let plain = UInt64(0x4141_4141_4141_4141)
-        #expect(LineBuffer.firstEscape(plain) == 8)
+        #expect(LineBuffer.escapeMask(plain) == 0)
         for position in 0..<8 {
             for value in 0...255 {
                 let shift = UInt64(position * 8)
                 let word = plain & ~(0xff << shift) | UInt64(value) << shift
-                #expect(LineBuffer.firstEscape(word) == (needs(UInt8(value)) ? position : 8), "byte \(value) at \(position)")
+                #expect(LineBuffer.escapeMask(word) == (needs(UInt8(value)) ? 0x80 << shift : 0), "byte \(value) at \(position)")
             }
         }
         var rng = SystemRandomNumberGenerator()
         let alphabet: [UInt8] = [0x00, 0x01, 0x0a, 0x1f, 0x20, 0x21, 0x22, 0x23, 0x41, 0x5b, 0x5c, 0x5d, 0x7f, 0x80, 0xa2, 0xdc, 0xff]
         for _ in 0..<20_000 {
             let word = (0..<8).reduce(UInt64(0)) { w, i in w | UInt64(alphabet.randomElement(using: &rng)!) << UInt64(i * 8) }
-            #expect(LineBuffer.firstEscape(word) == first(word), "\(String(word, radix: 16))")
+            #expect(LineBuffer.escapeMask(word) == reference(word), "\(String(word, radix: 16))")
             let random = rng.next() as UInt64
-            #expect(LineBuffer.firstEscape(random) == first(random), "\(String(random, radix: 16))")
+            #expect(LineBuffer.escapeMask(random) == reference(random), "\(String(random, radix: 16))")
         }
     }
 }
