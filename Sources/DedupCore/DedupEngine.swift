@@ -394,7 +394,7 @@ public struct DedupEngine: Sendable {
             for i in 0..<min(round.due.count, results.count) {
                 switch results[i] {
                 case .success:
-                    ledger.dispatchSucceeded(round.due[i].key)
+                    ledger.dispatchSucceeded(round.due[i])
                 case .gaveUp(let error, let attempts):
                     let dispatch = round.due[i]
                     reports.append(.handlerGaveUp(dispatch, error: error, attempts: attempts))

@@ -754,7 +754,9 @@ public struct DedupLedger: Sendable {
                 topic: self.entries.values[i].message.topic, partition: self.entries.values[i].message.partition,
                 offset: self.entries.values[i].message.offset, value: [])
             swap(&message, &self.entries.values[i].message)
-            due.append(Dispatch(key: self.entries.key(at: i), message: message, route: self.entries.values[i].route))
+            var dispatch = Dispatch(key: self.entries.key(at: i), message: message, route: self.entries.values[i].route)
+            dispatch.entry = slot.entry
+            due.append(dispatch)
         }
         inFlightCount += due.count
         return due
@@ -762,7 +764,19 @@ public struct DedupLedger: Sendable {
 
     /// The handler took the message: its key goes to the next confirm round trip.
     public mutating func dispatchSucceeded(_ key: DedupKey) {
-        guard let i = entries.index(forKey: key), entries.values[i].place == .inFlight else { return }
+        guard let i = entries.index(forKey: key) else { return }
+        dispatchSucceeded(at: i)
+    }
+
+    /// `dispatchSucceeded` for a dispatch of `takeDue`, whose entry it finds by its ref.
+    mutating func dispatchSucceeded(_ dispatch: Dispatch) {
+        guard let ref = dispatch.entry else { return dispatchSucceeded(dispatch.key) }
+        guard let i = entries.index(of: ref) else { return }
+        dispatchSucceeded(at: i)
+    }
+
+    private mutating func dispatchSucceeded(at i: Int) {
+        guard entries.values[i].place == .inFlight else { return }
         entries.values[i].place = .confirming
         confirming.append(entries.ref(at: i))
         confirmingCount += 1

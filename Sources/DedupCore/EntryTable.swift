@@ -1,7 +1,7 @@
 /// Where one entry of the ledger's `EntryTable` is: its slot, and which of the slot's occupants.
-/// Queues that keep a place for an entry (the delay buffer, the lease queue) hold this instead of
-/// the key: finding the entry is an array read, not a dictionary look-up, and a ref outlives its
-/// entry safely (`EntryTable.index(of:)` no longer finds it once the entry is removed, even if
+/// What keeps a place for an entry (the delay buffer, the lease queue, the queues to claim and
+/// to confirm, a request's keys) holds this instead of looking the key up: finding the entry is
+/// an array read, not a dictionary look-up, and a ref outlives its entry safely (`EntryTable.index(of:)` no longer finds it once the entry is removed, even if
 /// the slot was reused).
 public struct EntryRef: Sendable, Equatable {
     public var slot: Int32

@@ -7,6 +7,9 @@ public struct Dispatch: Sendable {
     public var attempt: Int
     /// The route that took the message: 0 is the default route, i is the i-th named route.
     public var route: Int
+    /// The ledger's entry for the message (set by `DedupLedger.takeDue`): the handler's answer
+    /// finds it without a look-up.
+    var entry: EntryRef?
 
     public init(key: DedupKey, message: InboundMessage, attempt: Int = 1, route: Int = 0) {
         self.key = key
