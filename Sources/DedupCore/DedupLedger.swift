@@ -24,8 +24,9 @@ public struct LedgerRequest: Sendable, Equatable {
         self.renewals = renewals
     }
 
-    /// A key and the entry it was sent for.
-    mutating func append(_ key: DedupKey, _ ref: EntryRef) {
+    /// A key and the entry it was sent for. The key is moved in: a copy would retain its string
+    /// once more.
+    mutating func append(_ key: consuming DedupKey, _ ref: EntryRef) {
         keys.append(key)
         refs.append(ref)
     }
@@ -375,8 +376,7 @@ public struct DedupLedger: Sendable {
         request.refs.reserveCapacity(due.count)
         for ref in groupedByRoute(due) {
             guard let i = entries.index(of: ref) else { continue }
-            let key = entries.key(at: i)
-            request.append(key, ref)
+            request.append(entries.key(at: i), ref)
             entries.values[i].awaiting = ticket
             guard var step = entries.values[i].step else { continue }
             // A renewal extends the hold it has; any other claim asks anew, as a new attempt.
@@ -387,6 +387,7 @@ public struct DedupLedger: Sendable {
             } else if !step.held {
                 continue
             }
+            let key = request.keys[request.keys.count - 1]
             request.holdKeys.append(key)
             request.holds.append(storeStep(key, step, route: entries.values[i].route))
         }
@@ -457,8 +458,9 @@ public struct DedupLedger: Sendable {
         guard case .compact = group.layout else { return group }
         var group = group
         group.digests.reserveCapacity(keys.count)
-        for key in keys {
-            guard let digest = key.digest else { group.digests = []; return group }
+        // By index: iterating copies each key (its string retained) only to read its digest.
+        for i in keys.indices {
+            guard let digest = keys[i].digest else { group.digests = []; return group }
             group.digests.append(digest)
         }
         return group
@@ -832,11 +834,11 @@ public struct DedupLedger: Sendable {
         request.refs.reserveCapacity(due.count)
         for ref in due {
             guard let i = entries.index(of: ref) else { continue }
-            let key = entries.key(at: i)
-            request.append(key, ref)
+            request.append(entries.key(at: i), ref)
             entries.values[i].awaiting = ticket
             // Guard: the entity moves to the message's state in the same round trip.
             if let step = entries.values[i].step, !step.rejected {
+                let key = request.keys[request.keys.count - 1]
                 request.holdKeys.append(key)
                 request.holds.append(storeStep(key, step, route: entries.values[i].route))
             }
@@ -859,10 +861,11 @@ public struct DedupLedger: Sendable {
         precondition(moves.isEmpty || moves.count == request.holds.count, "one move outcome per move")
         var conflicts: [(DedupKey, String)] = []
         var h = 0
+        // The key is read from the request where it is needed: a local copy of it retains its
+        // string once per key.
         for (j, outcome) in outcomes.enumerated() {
-            let key = request.keys[j]
             var move: MoveOutcome?
-            if h < request.holdKeys.count, request.holdKeys[h] == key {
+            if h < request.holdKeys.count, request.holdKeys[h] == request.keys[j] {
                 move = moves.isEmpty ? nil : moves[h]
                 h += 1
             }
@@ -872,13 +875,13 @@ public struct DedupLedger: Sendable {
             confirmingCount -= 1
             if case .notOwner(let other) = outcome {
                 counters.confirmConflicts += 1
-                conflicts.append((key, other))
+                conflicts.append((request.keys[j], other))
             } else if case .notOwner(let other)? = move {
                 counters.confirmConflicts += 1
-                conflicts.append((key, "entity held by " + other))
+                conflicts.append((request.keys[j], "entity held by " + other))
             } else if case .superseded(let state)? = move {
                 counters.confirmConflicts += 1
-                conflicts.append((key, "entity moved on to " + (state ?? "(no state)")))
+                conflicts.append((request.keys[j], "entity moved on to " + (state ?? "(no state)")))
             }
             if e.step?.deadLettered != true { offsets.resolve(message.topicPartition, offset: message.offset) }
         }

@@ -18,7 +18,7 @@ public enum KeepPolicy: String, Sendable, CaseIterable {
 /// deadline order is the arrival order and a FIFO suffices; with several routes the earliest
 /// of the lanes' heads is due first.
 ///
-/// A slot goes stale when its key leaves the window some other way (revocation, a lost lease);
+/// A slot goes stale when its entry leaves the window some other way (revocation, a lost lease);
 /// the owner says which slots are live, and stale ones are skipped when they reach the front.
 public struct DelayBuffer: Sendable {
     public struct Slot: Sendable {

@@ -1,8 +1,9 @@
 /// Where one entry of the ledger's `EntryTable` is: its slot, and which of the slot's occupants.
 /// What keeps a place for an entry (the delay buffer, the lease queue, the queues to claim and
 /// to confirm, a request's keys) holds this instead of looking the key up: finding the entry is
-/// an array read, not a dictionary look-up, and a ref outlives its entry safely (`EntryTable.index(of:)` no longer finds it once the entry is removed, even if
-/// the slot was reused).
+/// an array read, not a dictionary look-up, and a ref outlives its entry safely
+/// (`EntryTable.index(of:)` no longer finds it once the entry is removed, even if the slot was
+/// reused).
 public struct EntryRef: Sendable, Equatable {
     public var slot: Int32
     public var generation: UInt32
@@ -28,7 +29,8 @@ struct EntryTable: Sendable {
     var values: [Entry] = []
     private var keys: [DedupKey?] = []
     /// Per slot, how many entries it has held and let go: a removal moves it on, so every
-    /// `EntryRef` to the removed entry stops matching.
+    /// `EntryRef` to the removed entry stops matching. It wraps; a ref would have to wait in a
+    /// queue through four billion uses of its slot to match again.
     private var generations: [UInt32] = []
     private var free: [Int] = []
 
@@ -76,10 +78,9 @@ struct EntryTable: Sendable {
     /// Removes the entry in slot `i` and returns it.
     @discardableResult
     mutating func remove(at i: Int) -> (key: DedupKey, value: Entry) {
-        let key = keys[i]!
+        let key = keys[i].take()!
         bytes -= values[i].size
         slots[key] = nil
-        keys[i] = nil
         generations[i] &+= 1
         free.append(i)
         var entry = Entry.vacant
