@@ -296,7 +296,7 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
     /// message, and hashing the string each time (SipHash over every byte, then Hasher's set-up
     /// and finalization) shows in the worker's profile. Process-local (Swift seeds hashing per
     /// process), like every `hashValue`.
-    private let rawHash: Int
+    let rawHash: Int
     /// `storeKey`'s digest when its route keeps the compact layout (set by the ledger when the
     /// key's first message arrives), so a claim and a confirm do not hash the key again. Not part
     /// of the key's identity.
