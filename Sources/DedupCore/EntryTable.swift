@@ -121,8 +121,9 @@ struct EntryTable: Sendable {
 ///
 /// Linear probing; a removal shifts the following buckets back (no tombstones), so a look-up
 /// stops at the first empty bucket. The bucket of a hash is its top bits, which are also the
-/// stored bits: the table grows without reading a key. The hashes come from `Hasher`, seeded per
-/// process, so clustering cannot be forced from outside.
+/// stored bits (up to 2^32 buckets, far past any buffer's bound): the table grows without
+/// reading a key. The hashes come from `Hasher`, seeded per process, so clustering cannot be
+/// forced from outside.
 struct SlotIndex: Sendable {
     /// 0: empty. Otherwise the hash's top 32 bits above the slot + 1.
     private var buckets = [UInt64](repeating: 0, count: 16)
