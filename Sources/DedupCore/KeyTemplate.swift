@@ -292,10 +292,9 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
     /// string per key: a key is copied into several queues and requests per message, and each
     /// copy retains each string it holds.
     private let text: String
-    /// The raw key's hash, taken once: the engine looks a key up in several dictionaries per
-    /// message, and hashing the string each time (SipHash over every byte, then Hasher's set-up
-    /// and finalization) shows in the worker's profile. Process-local (Swift seeds hashing per
-    /// process), like every `hashValue`.
+    /// The raw key's hash (`KeyHash`), taken once: the engine looks a key up in several tables
+    /// per message, and hashing the string each time showed in the worker's profile.
+    /// Process-local (seeded per process), like every `hashValue`.
     let rawHash: Int
     /// `storeKey`'s digest when its route keeps the compact layout (set by the ledger when the
     /// key's first message arrives), so a claim and a confirm do not hash the key again. Not part
@@ -358,13 +357,11 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
         self.rawStart = rawStart
         self.isLong = isLong
         // The raw key's bytes (a long key's digest): all that differs between keys of one route.
-        var hasher = Hasher()
         var text = text
-        text.withUTF8 { t in
+        rawHash = text.withUTF8 { t in
             let hashed = isLong ? t[..<Int(rawStart)] : t[Int(rawStart)...]
-            hasher.combine(bytes: UnsafeRawBufferPointer(UnsafeBufferPointer(rebasing: hashed)))
+            return KeyHash.hash(UnsafeRawBufferPointer(UnsafeBufferPointer(rebasing: hashed)))
         }
-        rawHash = hasher.finalize()
     }
 
     /// The Redis key: `<prefix>:<namespace>:<raw>` or `<prefix>:<namespace>:h:<sha256(raw)>` when `raw` is long.
