@@ -130,6 +130,16 @@ func timestamp(_ ts: String) -> Double? {
         #expect((metricValue(metrics, #"dedupd_redis_round_trip_seconds_count{redis_op="claim"}"#) ?? 0) >= 1)
         #expect((metricValue(metrics, #"dedupd_redis_round_trip_seconds_count{redis_op="confirm"}"#) ?? 0) >= 1)
         #expect(metricValue(metrics, "dedupd_handler_duration_seconds_count") == 130)
+        // The handler's duration is a histogram of seconds (not a timer, whose buckets compare
+        // `Duration`s per observation): its bounds must read exactly as the timers' do.
+        func bounds(_ prefix: String) -> [String] {
+            metrics.split(separator: "\n").filter { $0.hasPrefix(prefix) }.compactMap { line in
+                line.firstMatch(of: /le="([^"]+)"/).map { String($0.1) }
+            }
+        }
+        let claimBounds = bounds(#"dedupd_redis_round_trip_seconds_bucket{redis_op="claim","#)
+        #expect(claimBounds.count == 17 && claimBounds.first == "0.0001" && claimBounds.last == "+Inf", "\(claimBounds)")
+        #expect(bounds("dedupd_handler_duration_seconds_bucket{") == claimBounds)
         let (stillReady, _) = try await httpGet(port, "/readyz")
         #expect(stillReady == 200)
         #expect(!metrics.contains(password))

@@ -149,11 +149,15 @@ public enum PrometheusSetup {
     public static func make() -> (PrometheusCollectorRegistry, PrometheusMetricsFactory) {
         let registry = PrometheusCollectorRegistry()
         var factory = PrometheusMetricsFactory(registry: registry)
-        factory.defaultDurationHistogramBuckets = [
+        let buckets: [Duration] = [
             .microseconds(100), .microseconds(250), .microseconds(500), .milliseconds(1), .milliseconds(2),
             .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50), .milliseconds(100),
             .milliseconds(250), .milliseconds(500), .seconds(1), .milliseconds(2500), .seconds(5), .seconds(10),
         ]
+        factory.defaultDurationHistogramBuckets = buckets
+        // The handler's duration is recorded in seconds (a value histogram, see
+        // `WorkerTelemetry.Instruments.handlerDuration`), with the same bounds.
+        factory.valueHistogramBuckets[WorkerTelemetry.Name.handlerDuration] = buckets.map(\.seconds)
         return (registry, factory)
     }
 }

@@ -61,7 +61,11 @@ public final class WorkerTelemetry: Sendable {
         let deadLettered, leasesLost, confirmConflicts, unclaimed: Counter
         let rebalances, partitionsAssignedTotal, partitionsRevoked, partitionsLost, reread: Counter
         let bufferMessages, bufferBytes, parked, inFlight, lag, assigned, paused, redisUp: Gauge
-        let handlerDuration: Timer
+        /// In seconds, aggregated (a histogram): observed once per message of a round, so a
+        /// round of N costs N observations. A value histogram's bucket walk compares doubles
+        /// where a timer's compares `Duration`s, and the handler is called directly: the
+        /// `Recorder` wrapper converts each value through an unspecialized generic.
+        let handlerDuration: any RecorderHandler
         let factory: any MetricsFactory
         let roundTripTimers: Mutex<[String: Timer]>
         /// By route index.
@@ -97,7 +101,7 @@ public final class WorkerTelemetry: Sendable {
             assigned = gauge(Name.assigned)
             paused = gauge(Name.paused)
             redisUp = gauge(Name.redisUp)
-            handlerDuration = Timer(label: Name.handlerDuration, dimensions: [], factory: factory)
+            handlerDuration = factory.makeRecorder(label: Name.handlerDuration, dimensions: [], aggregate: true)
             rejectedTransitions = routeNames.map { counter(Name.rejectedTransitions, [(Name.route, $0)]) }
             self.factory = factory
             roundTripTimers = Mutex([:])
@@ -265,13 +269,14 @@ public final class WorkerTelemetry: Sendable {
     func handlersFinished(_ n: Int, timed messages: Int, after duration: Duration) {
         let now = inFlight.subtract(n, ordering: .relaxed).newValue
         instruments.inFlight.record(now)
-        for _ in 0..<messages { instruments.handlerDuration.recordNanoseconds(duration.nanoseconds) }
+        let seconds = duration.seconds
+        for _ in 0..<messages { instruments.handlerDuration.record(seconds) }
     }
 
     func handlerFinished(after duration: Duration) {
         let now = inFlight.subtract(1, ordering: .relaxed).newValue
         instruments.inFlight.record(now)
-        instruments.handlerDuration.recordNanoseconds(duration.nanoseconds)
+        instruments.handlerDuration.record(duration.seconds)
     }
 
     // MARK: - Health
@@ -306,6 +311,11 @@ extension Duration {
     var nanoseconds: Int64 {
         let (s, atto) = components
         return s * 1_000_000_000 + atto / 1_000_000_000
+    }
+
+    var seconds: Double {
+        let (s, atto) = components
+        return Double(s) + Double(atto) * 1e-18
     }
 }
 
