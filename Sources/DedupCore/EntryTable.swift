@@ -122,7 +122,7 @@ struct EntryTable: Sendable {
 /// Linear probing; a removal shifts the following buckets back (no tombstones), so a look-up
 /// stops at the first empty bucket. The bucket of a hash is its top bits, which are also the
 /// stored bits (up to 2^32 buckets, far past any buffer's bound): the table grows without
-/// reading a key. The hashes come from `Hasher`, seeded per process, so clustering cannot be
+/// reading a key. The hashes come from `KeyHash`, seeded per process, so clustering cannot be
 /// forced from outside.
 struct SlotIndex: Sendable {
     /// 0: empty. Otherwise the hash's top 32 bits above the slot + 1.
@@ -134,6 +134,11 @@ struct SlotIndex: Sendable {
     private static let tagMask: UInt64 = 0xffff_ffff_0000_0000
 
     private func home(_ tagged: UInt64) -> Int { Int(truncatingIfNeeded: tagged >> UInt64(shift)) }
+
+    /// The bucket word for `slot` under `hash`.
+    private static func word(_ hash: Int, slot: Int) -> UInt64 {
+        UInt64(bitPattern: Int64(hash)) & tagMask | UInt64(slot + 1)
+    }
 
     /// The slot whose key has `hash` and for which `matches` holds.
     func find(_ hash: Int, matches: (Int) -> Bool) -> Int? {
@@ -155,7 +160,7 @@ struct SlotIndex: Sendable {
     mutating func insert(_ hash: Int, slot: Int) {
         // At most three quarters full: linear probing's runs stay short.
         if (count + 1) * 4 > buckets.count * 3 { grow() }
-        place(UInt64(bitPattern: Int64(hash)) & Self.tagMask | UInt64(slot + 1))
+        place(Self.word(hash, slot: slot))
         count += 1
     }
 
@@ -176,7 +181,7 @@ struct SlotIndex: Sendable {
     /// Removes `slot`, which is in the index under `hash`.
     mutating func remove(_ hash: Int, slot: Int) {
         let mask = buckets.count - 1
-        let stored = UInt64(bitPattern: Int64(hash)) & Self.tagMask | UInt64(slot + 1)
+        let stored = Self.word(hash, slot: slot)
         var hole = home(stored)
         while buckets[hole] != stored { hole = (hole + 1) & mask }
         // Move back every bucket of the run after the hole whose home is not between the hole
