@@ -14,6 +14,9 @@ import Glibc
 ///
 /// - **K**: a bare group consumer (librdkafka's C API in a tight loop, counting only) on a copy
 ///   of the stream;
+/// - **KH**: the same consumer looking up each message's `message-id` header, the key's source
+///   in the bench's configuration (librdkafka parses a message's headers on first use), for
+///   reference: what any consumer keyed by a header pays before doing anything with the key;
 /// - **R**: `SET NX PX` in 1000-deep pipelines through `RedisConnection`;
 /// - **dedupd**: a `dedupd run` child process (claim, window, `log` handler to /dev/null,
 ///   confirm, commit) over the same stream, with its peak RSS;
@@ -56,6 +59,8 @@ public enum Benchmark {
         public var cpuMicrosPerMessage: Double
         /// The same figure for the bare consumer (K), measured the same way in the same run.
         public var bareCPUMicrosPerMessage: Double
+        /// The same figure for the bare consumer that looks the key's header up (KH).
+        public var headerBareCPUMicrosPerMessage: Double
         /// redis-server's CPU time (INFO cpu, user + system) over dedupd's throughput leg, per
         /// unique message: the cost every worker of a fleet puts on the shared Redis.
         public var redisCPUMicrosPerUnique: Double
@@ -68,6 +73,7 @@ public enum Benchmark {
         public var benchRSSKiB: Int
         public var ratio: Double { dRate / kRate }
         public var cpuRatio: Double { cpuMicrosPerMessage / bareCPUMicrosPerMessage }
+        public var headerCPURatio: Double { cpuMicrosPerMessage / headerBareCPUMicrosPerMessage }
     }
 
     public static func run(_ o: Options, logger: Logger) async throws -> Figures {
@@ -91,6 +97,11 @@ public enum Benchmark {
             o, name: "k", nonce: nonce, cluster: cluster, redisURL: redis.url, scratch: scratch, rate: nil,
             count: o.count, maxLead: maxLead, bareChild: true, logger: logger)
         guard k.correct else { throw LocalServerError("bare consumer: \(k.detail)") }
+        logger.notice("bench: baseline KH (bare group consumer reading the message-id header, child process)")
+        let kh = try await workerLeg(
+            o, name: "kh", nonce: nonce, cluster: cluster, redisURL: redis.url, scratch: scratch, rate: nil,
+            count: o.count, maxLead: maxLead, bareChild: true, bareHeader: "message-id", logger: logger)
+        guard kh.correct else { throw LocalServerError("bare consumer reading headers: \(kh.detail)") }
 
         // dedupd: a child `dedupd run`, the same stream on its own topic.
         logger.notice("bench: dedupd (child process, log handler to /dev/null)")
@@ -116,7 +127,7 @@ public enum Benchmark {
         return Figures(
             options: o, kRate: k.rate, rRate: rRate, dRate: d.rate, dCorrect: d.correct && l.correct,
             dDetail: d.detail, peakRSSKiB: d.peakRSSKiB, cpuMicrosPerMessage: d.cpuMicrosPerMessage,
-            bareCPUMicrosPerMessage: k.cpuMicrosPerMessage,
+            bareCPUMicrosPerMessage: k.cpuMicrosPerMessage, headerBareCPUMicrosPerMessage: kh.cpuMicrosPerMessage,
             redisCPUMicrosPerUnique: Double(redisAfter - redisBefore) / Double(max(1, d.unique)),
             bufferLimit: "100000 messages / 64 MiB (defaults)",
             latencyRate: latencyRate, latency: latency, latencyCPUMicrosPerMessage: l.cpuMicrosPerMessage, benchRSSKiB: Int(usage.ru_maxrss))
@@ -204,7 +215,8 @@ public enum Benchmark {
 
     static func workerLeg(
         _ o: Options, name: String, nonce: String, cluster: MockKafkaCluster, redisURL: String,
-        scratch: TemporaryDirectory, rate: Int?, count: Int, maxLead: Int, bareChild: Bool = false, logger: Logger
+        scratch: TemporaryDirectory, rate: Int?, count: Int, maxLead: Int, bareChild: Bool = false,
+        bareHeader: String? = nil, logger: Logger
     ) async throws -> WorkerLeg {
         let topic = "bench-\(name)-\(nonce)"
         try cluster.createTopic(topic, partitions: o.partitions)
@@ -238,6 +250,7 @@ public enum Benchmark {
             ? ["bench-bare", "--bootstrap-servers", cluster.bootstrapServers, "--group", "bench-\(name)-\(nonce)",
                "--topic", topic, "--count", String(count)]
                 + mockConsumerProperties.map { "--property=\($0.key)=\($0.value)" }
+                + (bareHeader.map { ["--read-header", $0] } ?? [])
             : ["run", "--config", config]
         let child = try BenchChild(name: name, executable: o.executable, arguments: arguments, captureOutput: rate != nil)
 
@@ -423,6 +436,8 @@ public enum Benchmark {
             ("ratio dedupd / K (target ≥ 0.60)", String(format: "%.2f", f.ratio)),
             ("dedupd CPU time per message (user + system, first to last message)", String(format: "%.2f µs", f.cpuMicrosPerMessage)),
             ("ratio of CPU per message, dedupd / K (target ≤ 3)", String(format: "%.2f", f.cpuRatio)),
+            ("baseline KH: K looking up each message's message-id header, CPU per message", String(format: "%.2f µs", f.headerBareCPUMicrosPerMessage)),
+            ("ratio of CPU per message, dedupd / KH (for reference)", String(format: "%.2f", f.headerCPURatio)),
             ("redis-server CPU per unique message (INFO cpu, dedupd leg)", String(format: "%.2f µs", f.redisCPUMicrosPerUnique)),
             ("peak RSS of the dedupd process (VmHWM)", String(format: "%.1f MiB", mib)),
             ("added latency beyond the window, p50 (at \(group(f.latencyRate)) msg/s; send → dispatch − window)", ms(f.latency.endToEnd.p50)),
@@ -489,10 +504,12 @@ extension Benchmark {
     /// 4096 messages and at the last (the bench reads /proc/PID/stat at each line); a write per
     /// 4096 messages is noise next to the consumer's own work.
     public static func bareChild(
-        bootstrapServers: String, group: String, topic: String, count: Int, properties: [String: String]
+        bootstrapServers: String, group: String, topic: String, count: Int, properties: [String: String],
+        header: String? = nil
     ) throws -> Int {
         let quiet = Logger(label: "bench", factory: { _ in SwiftLogNoOpLogHandler() })
         var reported = 0
+        var found = 0
         let result = try BareConsumer.count(
             bootstrapServers: bootstrapServers, groupID: group, topics: [topic], target: count,
             properties: properties, timeout: .seconds(600), logger: quiet,
@@ -501,7 +518,12 @@ extension Benchmark {
                 reported = n
                 let line = Array("msg=stats consumed=\(n) dispatched=\(n)\n".utf8)
                 line.withUnsafeBytes { _ = write(2, $0.baseAddress, $0.count) }
-            })
+            },
+            header: header, onHeader: { _ in found += 1 })
+        if let header, found < result.messages {
+            let line = Array("bench-bare: \(result.messages - found) of \(result.messages) messages had no \(header) header\n".utf8)
+            line.withUnsafeBytes { _ = write(2, $0.baseAddress, $0.count) }
+        }
         return result.messages
     }
 }

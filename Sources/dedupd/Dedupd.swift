@@ -401,6 +401,8 @@ struct BenchBare: ParsableCommand {
     @Option var topic: String
     @Option var count: Int
     @Option(help: "A librdkafka property, NAME=VALUE; repeatable.") var property: [String] = []
+    @Option(help: "Look this header up in every message (as a worker keyed by a header must); default: headers untouched.")
+    var readHeader: String?
 
     func run() throws {
         var properties: [String: String] = [:]
@@ -409,7 +411,8 @@ struct BenchBare: ParsableCommand {
             properties[String(p[..<eq])] = String(p[p.index(after: eq)...])
         }
         let n = try Benchmark.bareChild(
-            bootstrapServers: bootstrapServers, group: group, topic: topic, count: count, properties: properties)
+            bootstrapServers: bootstrapServers, group: group, topic: topic, count: count, properties: properties,
+            header: readHeader)
         if n < count { throw ExitCode(1) }
     }
 }
