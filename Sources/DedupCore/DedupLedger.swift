@@ -108,9 +108,9 @@ public struct DedupLedger: Sendable {
         var message: InboundMessage
         var size: Int
         /// `buffered`: when the window ends; `parked`: when to claim again.
-        var deadline: ContinuousClock.Instant
+        var deadline: Moment
         /// `buffered`: when its lease was last taken or extended, to renew it before it runs out.
-        var leaseTakenAt: ContinuousClock.Instant?
+        var leaseTakenAt: Moment?
         /// Token mode, `awaitingToken`: the token to use.
         var token: String?
         /// The ticket of the store request this entry waits on; 0 while it waits on none. Tickets
@@ -121,7 +121,7 @@ public struct DedupLedger: Sendable {
 
         /// The `deadline` of an entry in any other place than `buffered` or `parked`, where
         /// nothing reads it: a constant, so taking in a message does not read the clock.
-        static let noDeadline = ContinuousClock.Instant.now
+        static let noDeadline = Moment(.now)
 
         /// What a free slot of `EntryTable` holds: no buffers to keep alive.
         static let vacant = Entry(
@@ -157,7 +157,7 @@ public struct DedupLedger: Sendable {
     /// runtime's generic tuple witnesses, several times per message in the scans below.
     private struct LeaseMark {
         var entry: EntryRef
-        var taken: ContinuousClock.Instant
+        var taken: Moment
     }
     private var lastTicket: UInt64 = 0
     /// Guard: per entity (store key), the keys of its messages here in arrival order; the first
@@ -359,8 +359,9 @@ public struct DedupLedger: Sendable {
     public mutating func keysToClaim(now: ContinuousClock.Instant) -> LedgerRequest {
         var due = claimOrder
         claimOrder.removeAll(keepingCapacity: true)
+        let moment = Moment(now)
         for key in parkedKeys {
-            if let i = entries.index(forKey: key), entries.values[i].awaiting == 0, entries.values[i].deadline <= now {
+            if let i = entries.index(forKey: key), entries.values[i].awaiting == 0, entries.values[i].deadline <= moment {
                 due.append(entries.ref(at: i))
             }
         }
@@ -416,6 +417,7 @@ public struct DedupLedger: Sendable {
     /// in flight, oldest first, until it returns false. Marks at the front whose lease was renewed
     /// since or left are dropped first.
     private mutating func forEachLeaseDue(now: ContinuousClock.Instant, _ body: (Int) -> Bool) {
+        let now = Moment(now)
         while let first = leaseOrder.first, leaseTaken(first.entry) != first.taken {
             leaseOrder.removeFirst()
         }
@@ -506,6 +508,7 @@ public struct DedupLedger: Sendable {
     ) -> [DedupKey] {
         precondition(request.keys.count == outcomes.count, "one outcome per key")
         precondition(holds.isEmpty || holds.count == request.holds.count, "one hold outcome per hold")
+        let now = Moment(now)
         var orphans: [DedupKey] = []
         var h = 0
         for (j, outcome) in outcomes.enumerated() {
@@ -563,7 +566,7 @@ public struct DedupLedger: Sendable {
                 entries.values[i].deadline = deadline
                 entries.values[i].leaseTakenAt = now
                 leaseOrder.append(LeaseMark(entry: entries.ref(at: i), taken: now))
-                buffer.add(entries.ref(at: i), lane: route, deadline: deadline, size: entries.values[i].size)
+                buffer.add(entries.ref(at: i), lane: route, due: deadline, size: entries.values[i].size)
             case .done:
                 let message = removeEntry(at: i).message
                 counters.duplicatesStore += 1
@@ -638,7 +641,7 @@ public struct DedupLedger: Sendable {
         return rejections
     }
 
-    private mutating func park(at i: Int, _ key: DedupKey, now: ContinuousClock.Instant) {
+    private mutating func park(at i: Int, _ key: DedupKey, now: Moment) {
         entries.values[i].place = .parked
         entries.values[i].deadline = now + settings.parkRetry
         entries.values[i].leaseTakenAt = nil
@@ -655,7 +658,7 @@ public struct DedupLedger: Sendable {
     /// transition is not allowed).
     private mutating func applyRenewal(
         at i: Int, _ key: DedupKey, _ outcome: ClaimOutcome, hold: HoldOutcome?, holdStep: EntityStep?,
-        now: ContinuousClock.Instant
+        now: Moment
     ) {
         let held: Bool = if case .held = hold { true } else { false }
         switch outcome {
@@ -719,14 +722,14 @@ public struct DedupLedger: Sendable {
         return entries.values[i].route
     }
 
-    private func leaseTaken(_ entry: EntryRef) -> ContinuousClock.Instant? {
+    private func leaseTaken(_ entry: EntryRef) -> Moment? {
         guard let i = entries.index(of: entry) else { return nil }
         return entries.values[i].leaseTakenAt
     }
 
     private static func isLive(_ slot: DelayBuffer.Slot, in entries: EntryTable) -> Bool {
         guard let i = entries.index(of: slot.entry) else { return false }
-        return entries.values[i].place == .buffered && entries.values[i].deadline == slot.deadline
+        return entries.values[i].place == .buffered && entries.values[i].deadline == slot.due
     }
 
     private func isLive(_ slot: DelayBuffer.Slot) -> Bool { Self.isLive(slot, in: entries) }
@@ -903,7 +906,7 @@ public struct DedupLedger: Sendable {
     /// awaiting their confirm stay: the round is not interrupted. Answers still on their way for
     /// the dropped entries find nothing waiting on them.
     public mutating func revoke(_ partitions: Set<TopicPartition>) -> [DedupKey] {
-        var released: [(key: DedupKey, deadline: ContinuousClock.Instant)] = []
+        var released: [(key: DedupKey, deadline: Moment)] = []
         var dropped: [DedupKey] = []
         for (key, e) in entries.all where partitions.contains(e.message.topicPartition) {
             switch e.place {
@@ -963,7 +966,7 @@ public struct DedupLedger: Sendable {
         var t = nextDeadline
         for key in parkedKeys {
             guard let i = entries.index(forKey: key), entries.values[i].awaiting == 0 else { continue }
-            let retry = entries.values[i].deadline
+            let retry = entries.values[i].deadline.instant
             if t == nil || retry < t! { t = retry }
         }
         return t

@@ -23,7 +23,9 @@ public enum KeepPolicy: String, Sendable, CaseIterable {
 public struct DelayBuffer: Sendable {
     public struct Slot: Sendable {
         public var entry: EntryRef
-        public var deadline: ContinuousClock.Instant
+        /// When it is due: a `Moment`, so that a slot is two plain words.
+        public var due: Moment
+        public var deadline: ContinuousClock.Instant { due.instant }
     }
 
     /// Live messages and their bytes, kept by the owner through `added`/`removed`/`resized`.
@@ -40,7 +42,11 @@ public struct DelayBuffer: Sendable {
 
     /// An entry enters the window of `lane`; it becomes due at `deadline`.
     public mutating func add(_ entry: EntryRef, lane: Int, deadline: ContinuousClock.Instant, size: Int) {
-        lanes[lane].append(Slot(entry: entry, deadline: deadline))
+        add(entry, lane: lane, due: Moment(deadline), size: size)
+    }
+
+    public mutating func add(_ entry: EntryRef, lane: Int, due: Moment, size: Int) {
+        lanes[lane].append(Slot(entry: entry, due: due))
         count += 1
         bytes += size
     }
@@ -56,20 +62,21 @@ public struct DelayBuffer: Sendable {
 
     /// The earliest live deadline, to bound how long the consumer may block in poll.
     public func nextDeadline(isLive: (Slot) -> Bool) -> ContinuousClock.Instant? {
-        var best: ContinuousClock.Instant?
+        var best: Moment?
         for lane in lanes {
             guard let head = lane.first(where: isLive) else { continue }
-            if best == nil || head.deadline < best! { best = head.deadline }
+            if best == nil || head.due < best! { best = head.due }
         }
-        return best
+        return best?.instant
     }
 
     /// Removes and returns the slots whose deadline has passed, earliest first, at most `limit`
     /// live ones; stale slots met on the way are dropped.
     public mutating func popDue(now: ContinuousClock.Instant, limit: Int = .max, isLive: (Slot) -> Bool) -> [Slot] {
+        let now = Moment(now)
         var due: [Slot] = []
         if lanes.count == 1 {
-            while due.count < limit, let head = lanes[0].first, head.deadline <= now {
+            while due.count < limit, let head = lanes[0].first, head.due <= now {
                 lanes[0].removeFirst()
                 if isLive(head) { due.append(head) }
             }
@@ -79,8 +86,8 @@ public struct DelayBuffer: Sendable {
             var pick: Int?
             for i in lanes.indices {
                 while let head = lanes[i].first, !isLive(head) { lanes[i].removeFirst() }
-                guard let head = lanes[i].first, head.deadline <= now else { continue }
-                if pick == nil || head.deadline < lanes[pick!].first!.deadline { pick = i }
+                guard let head = lanes[i].first, head.due <= now else { continue }
+                if pick == nil || head.due < lanes[pick!].first!.due { pick = i }
             }
             guard let i = pick else { break }
             due.append(lanes[i].removeFirst())

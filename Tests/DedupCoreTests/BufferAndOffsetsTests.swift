@@ -19,6 +19,20 @@ import Testing
         #expect(b.popDue(now: clock.now + .seconds(9), limit: 1) { _ in true }.map(\.entry) == [k3])
     }
 
+    /// The window and the entry table store a time as a `Moment` (its offset from the clock's
+    /// epoch): it must come back as the same instant, and order as the instants do, to the
+    /// nanosecond.
+    @Test func momentsKeepTheInstantAndItsOrder() {
+        let now = ContinuousClock.now
+        let instants = [now, now + .nanoseconds(1), now - .nanoseconds(1), now + .seconds(86_400 * 365), now - .seconds(3)]
+        for a in instants {
+            #expect(Moment(a).instant == a)
+            #expect(Moment(a) + .milliseconds(100) == Moment(a + .milliseconds(100)))
+            #expect(Moment(a) - .milliseconds(100) == Moment(a - .milliseconds(100)))
+            for b in instants { #expect((Moment(a) < Moment(b)) == (a < b)) }
+        }
+    }
+
     @Test func staleSlotsAreSkipped() {
         let clock = TestClock()
         var b = DelayBuffer()
