@@ -23,7 +23,7 @@ public enum KeepPolicy: String, Sendable, CaseIterable {
 public struct DelayBuffer: Sendable {
     public struct Slot: Sendable {
         public var entry: EntryRef
-        /// When it is due: a `Moment`, so that a slot is two plain words.
+        /// When it is due: a `Moment`, so that a slot has a layout fixed at compile time.
         public var due: Moment
         public var deadline: ContinuousClock.Instant { due.instant }
     }
