@@ -25,7 +25,6 @@ public struct DelayBuffer: Sendable {
         public var entry: EntryRef
         /// When it is due: a `Moment`, so that a slot has a layout fixed at compile time.
         public var due: Moment
-        public var deadline: ContinuousClock.Instant { due.instant }
     }
 
     /// Live messages and their bytes, kept by the owner through `added`/`removed`/`resized`.

@@ -7,7 +7,7 @@
 /// queue hold a `Moment` instead: the instant's offset from the clock's epoch, a `Duration`,
 /// which is frozen. Instants are converted where they come in (a `now` per call, not per
 /// message) and where they go out.
-public struct Moment: Comparable, Hashable, Sendable {
+public struct Moment: Comparable, Sendable {
     public var sinceEpoch: Duration
 
     public init(sinceEpoch: Duration) { self.sinceEpoch = sinceEpoch }
