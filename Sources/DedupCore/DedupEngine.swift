@@ -295,7 +295,7 @@ public struct DedupEngine: Sendable {
         lastActivity = now
         switch event {
         case .message(let message):
-            if case .bad(let bad) = ledger.ingest(message) { badInput(bad, message) }
+            if case .bad(let bad) = ledger.admit(message) { badInput(bad, message) }
         case .assigned(let partitions):
             // Incremental: partitions already held keep their window, claims, leases and pause.
             // While paused, the source holds new ones: they arrive paused, like the rest.

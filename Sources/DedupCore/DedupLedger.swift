@@ -195,6 +195,23 @@ public struct DedupLedger: Sendable {
     /// Takes a consumed message: tracks its offset, picks its route, computes its key, resolves
     /// repeats of keys this worker already holds.
     public mutating func ingest(_ message: InboundMessage) -> Ingested {
+        switch admit(message) {
+        case .new(let slot): .new(entries.key(at: slot))
+        case .localDuplicate(let slot): .localDuplicate(entries.key(at: slot))
+        case .bad(let bad): .bad(bad)
+        }
+    }
+
+    /// What `admit` did with a message: the slot of its key's entry, or why it was refused.
+    enum Admission {
+        case new(slot: Int)
+        case localDuplicate(slot: Int)
+        case bad(BadInput)
+    }
+
+    /// `ingest` without handing the key back: the engine needs only the refusals, and the key
+    /// returned per message was a copy of its string (a retain and a release) the loop never read.
+    mutating func admit(_ message: InboundMessage) -> Admission {
         counters.consumed += 1
         let tp = message.topicPartition
         offsets.track(tp, offset: message.offset)
@@ -248,15 +265,13 @@ public struct DedupLedger: Sendable {
                     awaitingEntityCount += 1
                 }
             }
+            if place == .awaitingToken { awaitingToken.append(key) }
+            // The key's last use: it moves into the table.
             let slot = entries.insertNew(Entry(
                 place: place, route: route, message: message, size: message.approximateSize,
-                deadline: Entry.noDeadline, leaseTakenAt: nil, token: token, step: step), for: key)
-            switch place {
-            case .claiming: claimOrder.append(entries.ref(at: slot))
-            case .awaitingToken: awaitingToken.append(key)
-            default: break
-            }
-            return .new(key)
+                deadline: Entry.noDeadline, leaseTakenAt: nil, token: token, step: step), for: consume key)
+            if place == .claiming { claimOrder.append(entries.ref(at: slot)) }
+            return .new(slot: slot)
         }
         // A repeat of a key held here. `keep: last` swaps in the newer copy where that is still
         // possible (before dispatch); the copy that loses is resolved as a duplicate either way.
@@ -275,7 +290,7 @@ public struct DedupLedger: Sendable {
         }
         counters.duplicatesLocal += 1
         offsets.resolve(loser.topicPartition, offset: loser.offset)
-        return .localDuplicate(key)
+        return .localDuplicate(slot: i)
     }
 
     // MARK: - 3. Claim
@@ -759,9 +774,11 @@ public struct DedupLedger: Sendable {
                 topic: self.entries.values[i].message.topic, partition: self.entries.values[i].message.partition,
                 offset: self.entries.values[i].message.offset, value: [])
             swap(&message, &self.entries.values[i].message)
-            var dispatch = Dispatch(key: self.entries.key(at: i), message: message, route: self.entries.values[i].route)
+            // Moved, the message into the dispatch and the dispatch into the list: left to the
+            // optimizer, one of the two was copied (its buffers retained and released again).
+            var dispatch = Dispatch(key: self.entries.key(at: i), message: consume message, route: self.entries.values[i].route)
             dispatch.entry = slot.entry
-            due.append(dispatch)
+            due.append(consume dispatch)
         }
         inFlightCount += due.count
         return due
