@@ -199,29 +199,29 @@ public final class KafkaConsumer: @unchecked Sendable {
         // allocated once.
         let value = m.payload.map { UnsafeRawBufferPointer(start: $0, count: m.len) } ?? UnsafeRawBufferPointer(start: nil, count: 0)
         let key = m.key.map { UnsafeRawBufferPointer(start: $0, count: m.key_len) }
-        var capacity = value.count + (key?.count ?? 0)
         var hdrs: OpaquePointer? = nil
         if rd_kafka_message_headers(rkm, &hdrs) != RD_KAFKA_RESP_ERR_NO_ERROR { hdrs = nil }
-        var name: UnsafePointer<CChar>? = nil
-        var val: UnsafeRawPointer? = nil
-        var size = 0
-        if let hdrs {
-            var idx = 0
-            while rd_kafka_header_get_all(hdrs, idx, &name, &val, &size) == RD_KAFKA_RESP_ERR_NO_ERROR {
-                capacity += MessageBytes.headerCost(nameCount: name.map { strlen($0) } ?? 0, valueCount: val == nil ? nil : size)
-                idx += 1
+        let headerCount = hdrs.map { rd_kafka_header_cnt($0) } ?? 0
+        // The headers are read from librdkafka once (each name's `strlen` too) into a buffer on
+        // the stack: the array is sized from them before they are written into it.
+        let bytes = withUnsafeTemporaryAllocation(of: RawHeader.self, capacity: headerCount) { headers in
+            var capacity = value.count + (key?.count ?? 0)
+            var name: UnsafePointer<CChar>? = nil
+            var val: UnsafeRawPointer? = nil
+            var size = 0
+            var count = 0
+            while count < headerCount, rd_kafka_header_get_all(hdrs, count, &name, &val, &size) == RD_KAFKA_RESP_ERR_NO_ERROR {
+                let header = RawHeader(
+                    name: name.map { UnsafeRawBufferPointer(start: $0, count: strlen($0)) } ?? UnsafeRawBufferPointer(start: nil, count: 0),
+                    value: val.map { UnsafeRawBufferPointer(start: $0, count: size) })
+                capacity += MessageBytes.headerCost(nameCount: header.name.count, valueCount: header.value?.count)
+                headers.initializeElement(at: count, to: header)
+                count += 1
             }
-        }
-        let bytes = MessageBytes(capacity: capacity) { writer in
-            writer.value(value)
-            if let key { writer.key(key) }
-            if let hdrs {
-                var idx = 0
-                while rd_kafka_header_get_all(hdrs, idx, &name, &val, &size) == RD_KAFKA_RESP_ERR_NO_ERROR {
-                    let nameBytes = name.map { UnsafeRawBufferPointer(start: $0, count: strlen($0)) } ?? UnsafeRawBufferPointer(start: nil, count: 0)
-                    writer.header(name: nameBytes, value: val.map { UnsafeRawBufferPointer(start: $0, count: size) })
-                    idx += 1
-                }
+            return MessageBytes(capacity: capacity) { writer in
+                writer.value(value)
+                if let key { writer.key(key) }
+                for i in 0..<count { writer.header(name: headers[i].name, value: headers[i].value) }
             }
         }
         var tsType = RD_KAFKA_TIMESTAMP_NOT_AVAILABLE
@@ -486,6 +486,12 @@ public final class KafkaConsumer: @unchecked Sendable {
 /// message's `MessageBytes`.)
 ///
 /// Only touched on the consumer's serial queue (inside `pollBatch`).
+/// A header as librdkafka lends it: its name's and value's bytes, valid until the message is destroyed.
+private struct RawHeader {
+    var name: UnsafeRawBufferPointer
+    var value: UnsafeRawBufferPointer?
+}
+
 struct NameCache {
     private var lastTopic: (handle: OpaquePointer, name: String)?
     private var topics: [OpaquePointer: String] = [:]
