@@ -202,8 +202,9 @@ public final class KafkaConsumer: @unchecked Sendable {
         var hdrs: OpaquePointer? = nil
         if rd_kafka_message_headers(rkm, &hdrs) != RD_KAFKA_RESP_ERR_NO_ERROR { hdrs = nil }
         let headerCount = hdrs.map { rd_kafka_header_cnt($0) } ?? 0
-        // The headers are read from librdkafka once (each name's `strlen` too) into a buffer on
-        // the stack: the array is sized from them before they are written into it.
+        // The headers are read from librdkafka once (each name's `strlen` too) into a temporary
+        // buffer (on the stack for a usual message's few headers): the array is sized from them
+        // before they are written into it.
         let bytes = withUnsafeTemporaryAllocation(of: RawHeader.self, capacity: headerCount) { headers in
             var capacity = value.count + (key?.count ?? 0)
             var name: UnsafePointer<CChar>? = nil
@@ -480,18 +481,19 @@ public final class KafkaConsumer: @unchecked Sendable {
     }
 }
 
+/// A header as librdkafka lends it: its name's and value's bytes, valid until the message is
+/// destroyed.
+private struct RawHeader {
+    var name: UnsafeRawBufferPointer
+    var value: UnsafeRawBufferPointer?
+}
+
 /// Topic names seen by the consumer, so a message's topic is a Swift string that already
 /// exists rather than a new one: a name over 15 bytes is a heap string, and every copy of a
 /// message (buffer, dispatch, dead letter) retains it. (Header names are bytes in the
 /// message's `MessageBytes`.)
 ///
 /// Only touched on the consumer's serial queue (inside `pollBatch`).
-/// A header as librdkafka lends it: its name's and value's bytes, valid until the message is destroyed.
-private struct RawHeader {
-    var name: UnsafeRawBufferPointer
-    var value: UnsafeRawBufferPointer?
-}
-
 struct NameCache {
     private var lastTopic: (handle: OpaquePointer, name: String)?
     private var topics: [OpaquePointer: String] = [:]
