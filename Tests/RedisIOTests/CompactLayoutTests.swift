@@ -136,7 +136,8 @@ struct CompactLayoutTests {
 
     @Test func inspectAndForgetACompactRecord() async throws {
         let fx = try await RedisFixture()
-        let s = Self.store(fx)
+        // The test's clock: the bucket named below is the one the confirm wrote, even at a slot's end.
+        let s = Self.store(fx, clock: Clock())
         let key = "dedupd:orders:f"
         #expect(try await s.inspect([key], layout: Self.layout) == [.absent])
         _ = try await Self.claim(s, [key], "w1")
@@ -236,7 +237,8 @@ struct CompactLayoutTests {
         var figures: [String] = []
         for layout in [records, .keys] {
             _ = try await fx.connection.command("FLUSHALL")
-            let s = Self.store(fx)
+            // The test's clock, which stays in one slot: the bound is for ids of one slot.
+            let s = Self.store(fx, clock: Clock())
             _ = try await Self.claim(s, ["dedupd:mem:warm-up"], "w", layout: layout)
             _ = try await Self.confirm(s, ["dedupd:mem:warm-up"], "w", layout: layout)
             let before = try await RedisInfo.read(fx.connection)
