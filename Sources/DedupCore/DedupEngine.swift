@@ -272,11 +272,16 @@ public struct DedupEngine: Sendable {
 
     // MARK: - Events
 
-    public mutating func handle(_ event: Event, now: ContinuousClock.Instant) {
-        switch event {
-        case .polled(let events):
+    public mutating func handle(_ event: consuming Event, now: ContinuousClock.Instant) {
+        switch consume event {
+        case .polled(var events):
             pollDue = false
-            for e in events { take(e, now: now) }
+            // Each message moves on into its entry (`take`, `admit`): `popLast` moves an element
+            // out, where a `for` loop would copy each (retaining its buffers) and the array
+            // release the originals after. Reversed first, by the buffer's swaps (moves), so the
+            // messages come out in the order they were polled.
+            events.withUnsafeMutableBufferPointer { $0.reverse() }
+            while let e = events.popLast() { take(e, now: now) }
         case .answered(let answers):
             pollDue = true
             for a in answers { take(a, now: now) }
@@ -291,11 +296,11 @@ public struct DedupEngine: Sendable {
         }
     }
 
-    mutating func take(_ event: SourceEvent, now: ContinuousClock.Instant) {
+    mutating func take(_ event: consuming SourceEvent, now: ContinuousClock.Instant) {
         lastActivity = now
-        switch event {
+        switch consume event {
         case .message(let message):
-            if case .bad(let bad) = ledger.admit(message) { badInput(bad, message) }
+            if case .bad(let bad, let message) = ledger.admit(message) { badInput(bad, message) }
         case .assigned(let partitions):
             // Incremental: partitions already held keep their window, claims, leases and pause.
             // While paused, the source holds new ones: they arrive paused, like the rest.
@@ -303,28 +308,32 @@ public struct DedupEngine: Sendable {
             rebalanceCounts.partitionsAssigned += partitions.count
             assignment.formUnion(partitions)
             everAssigned = true
-        case .revoked(let partitions), .lost(let partitions):
-            if case .lost = event {
-                rebalanceCounts.partitionsLost += partitions.count
-            } else {
-                rebalanceCounts.partitionsRevoked += partitions.count
-            }
-            // Only what was taken is dropped: the entries, claims and offsets of the partitions
-            // that stay are untouched, so their window keeps running through the rebalance.
-            let set = Set(partitions)
-            assignment.subtract(set)
-            let released = ledger.revoke(set)
-            deadLetters.removeAll { set.contains($0.message.topicPartition) }
-            if !released.isEmpty {
-                reports.append(.revokedWithWindow(released: released.count))
-                toRelease.append(contentsOf: released)
-            }
-            // A round in flight is not interrupted: its messages keep their claims until the
-            // handler finishes and they are confirmed (the next owner sees them pending and
-            // waits) or released (the next owner claims them).
-            let inFlight = round?.due.filter { set.contains($0.message.topicPartition) }.count ?? 0
-            if inFlight > 0 { reports.append(.revokedWithHandler(inFlight: inFlight)) }
+        case .revoked(let partitions):
+            rebalanceCounts.partitionsRevoked += partitions.count
+            drop(partitions)
+        case .lost(let partitions):
+            rebalanceCounts.partitionsLost += partitions.count
+            drop(partitions)
         }
+    }
+
+    /// Revoked or lost partitions.
+    mutating func drop(_ partitions: [TopicPartition]) {
+        // Only what was taken is dropped: the entries, claims and offsets of the partitions
+        // that stay are untouched, so their window keeps running through the rebalance.
+        let set = Set(partitions)
+        assignment.subtract(set)
+        let released = ledger.revoke(set)
+        deadLetters.removeAll { set.contains($0.message.topicPartition) }
+        if !released.isEmpty {
+            reports.append(.revokedWithWindow(released: released.count))
+            toRelease.append(contentsOf: released)
+        }
+        // A round in flight is not interrupted: its messages keep their claims until the
+        // handler finishes and they are confirmed (the next owner sees them pending and
+        // waits) or released (the next owner claims them).
+        let inFlight = round?.due.filter { set.contains($0.message.topicPartition) }.count ?? 0
+        if inFlight > 0 { reports.append(.revokedWithHandler(inFlight: inFlight)) }
     }
 
     mutating func take(_ answer: Answer, now: ContinuousClock.Instant) {

@@ -198,20 +198,22 @@ public struct DedupLedger: Sendable {
         switch admit(message) {
         case .new(let slot): .new(entries.key(at: slot))
         case .localDuplicate(let slot): .localDuplicate(entries.key(at: slot))
-        case .bad(let bad): .bad(bad)
+        case .bad(let bad, _): .bad(bad)
         }
     }
 
-    /// What `admit` did with a message: the slot of its key's entry, or why it was refused.
+    /// What `admit` did with a message: the slot of its key's entry, or why it was refused (with
+    /// the message handed back, for its report and dead letter).
     enum Admission {
         case new(slot: Int)
         case localDuplicate(slot: Int)
-        case bad(BadInput)
+        case bad(BadInput, InboundMessage)
     }
 
     /// `ingest` without handing the key back: the engine needs only the refusals, and the key
     /// returned per message was a copy of its string (a retain and a release) the loop never read.
-    mutating func admit(_ message: InboundMessage) -> Admission {
+    /// The message moves into its entry, or back out in `.bad`: the caller gives it up.
+    mutating func admit(_ message: consuming InboundMessage) -> Admission {
         counters.consumed += 1
         let tp = message.topicPartition
         offsets.track(tp, offset: message.offset)
@@ -235,7 +237,7 @@ public struct DedupLedger: Sendable {
         } catch {
             counters.invalid += 1
             if !settings.holdsDeadLetters { offsets.resolve(tp, offset: message.offset) }
-            return .bad(error)
+            return .bad(error, message)
         }
 
         guard let i = entries.index(forKey: key) else {
@@ -250,7 +252,7 @@ public struct DedupLedger: Sendable {
                 } catch {
                     counters.invalid += 1
                     if !settings.holdsDeadLetters { offsets.resolve(tp, offset: message.offset) }
-                    return .bad(BadInput(error.reason, "guard: " + error.detail))
+                    return .bad(BadInput(error.reason, "guard: " + error.detail), message)
                 }
             }
             var place: Place = token == nil ? .claiming : .awaitingToken
@@ -266,30 +268,30 @@ public struct DedupLedger: Sendable {
                 }
             }
             if place == .awaitingToken { awaitingToken.append(key) }
-            // The key's last use: it moves into the table.
+            // The key's and the message's last use: both move into the table.
+            let size = message.approximateSize
             let slot = entries.insertNew(Entry(
-                place: place, route: route, message: message, size: message.approximateSize,
+                place: place, route: route, message: message, size: size,
                 deadline: Entry.noDeadline, leaseTakenAt: nil, token: token, step: step), for: consume key)
             if place == .claiming { claimOrder.append(entries.ref(at: slot)) }
             return .new(slot: slot)
         }
         // A repeat of a key held here. `keep: last` swaps in the newer copy where that is still
-        // possible (before dispatch); the copy that loses is resolved as a duplicate either way.
-        var loser = message
+        // possible (before dispatch); the copy that loses (`message` after the swap) is resolved
+        // as a duplicate either way.
         if routeSettings[entries.values[i].route].keep == .last {
             switch entries.values[i].place {
             case .awaitingToken, .claiming, .parked, .buffered:
                 let size = message.approximateSize
                 if entries.values[i].place == .buffered { buffer.resized(by: size - entries.values[i].size) }
-                loser = entries.values[i].message
-                entries.values[i].message = message
+                swap(&entries.values[i].message, &message)
                 entries.resize(at: i, to: size)
             case .inFlight, .confirming, .awaitingEntity:
                 break
             }
         }
         counters.duplicatesLocal += 1
-        offsets.resolve(loser.topicPartition, offset: loser.offset)
+        offsets.resolve(message.topicPartition, offset: message.offset)
         return .localDuplicate(slot: i)
     }
 

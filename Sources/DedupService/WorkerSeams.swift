@@ -22,17 +22,24 @@ public protocol MessageSource: AnyObject, Sendable {
 
 extension KafkaConsumer: MessageSource {
     public func poll(upTo maxMessages: Int, timeout: Duration) async throws -> [SourceEvent] {
-        await poll(maxMessages: maxMessages, timeout: timeout).compactMap { event in
-            switch event {
-            case .message(let message): .message(message)
-            case .assigned(let partitions): .assigned(partitions)
-            case .revoked(let partitions): .revoked(partitions)
-            case .lost(let partitions): .lost(partitions)
+        var events = await poll(maxMessages: maxMessages, timeout: timeout)
+        var out: [SourceEvent] = []
+        out.reserveCapacity(events.count)
+        // Moved from one array to the other, in order, as `DedupEngine.handle` takes them: a
+        // `compactMap` would copy each message.
+        events.withUnsafeMutableBufferPointer { $0.reverse() }
+        while let event = events.popLast() {
+            switch consume event {
+            case .message(let message): out.append(.message(message))
+            case .assigned(let partitions): out.append(.assigned(partitions))
+            case .revoked(let partitions): out.append(.revoked(partitions))
+            case .lost(let partitions): out.append(.lost(partitions))
             // KafkaIO has already logged it with librdkafka's own level; librdkafka recovers
             // from transport errors by itself.
-            case .error: nil
+            case .error: break
             }
         }
+        return out
     }
 
     public func close(within timeout: Duration) async { await close(timeout: timeout) }
