@@ -317,7 +317,7 @@ public struct DedupEngine: Sendable {
         }
     }
 
-    /// Revoked or lost partitions.
+    /// Lets go of partitions revoked or lost in a rebalance.
     mutating func drop(_ partitions: [TopicPartition]) {
         // Only what was taken is dropped: the entries, claims and offsets of the partitions
         // that stay are untouched, so their window keeps running through the rebalance.
