@@ -24,7 +24,8 @@ import TestSupport
     static let rate = 5000
     static let bytesPerIDBound = 32.0
 
-    /// The longest the run takes (its time limit, less the wait below).
+    /// The longest the run itself may take; the time limit adds room for the wait below (at
+    /// most this long again).
     static let runAtMost: Duration = .seconds(240)
 
     @Test(.timeLimit(.minutes(9)))
