@@ -164,3 +164,17 @@ extension UnsafeRawBufferPointer {
         return true
     }
 }
+
+extension String {
+    /// The UTF-8 bytes lent in place. `withUTF8` is mutating (it makes a bridged string native
+    /// first), so calling it on a `let` needs a copy of the string, which retains its storage
+    /// and releases it after; a native string (every string here) lends its storage through its
+    /// UTF-8 view without that copy. The hot path reads a key's and a header name's bytes
+    /// several times per message this way.
+    @inlinable @inline(__always)
+    public func withUTF8InPlace<R>(_ body: (UnsafeBufferPointer<UInt8>) -> R) -> R {
+        if let result = utf8.withContiguousStorageIfAvailable(body) { return result }
+        var copy = self
+        return copy.withUTF8(body)
+    }
+}

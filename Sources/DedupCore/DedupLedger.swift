@@ -215,8 +215,7 @@ public struct DedupLedger: Sendable {
     /// The message moves into its entry, or back out in `.bad`: the caller gives it up.
     mutating func admit(_ message: consuming InboundMessage) -> Admission {
         counters.consumed += 1
-        let tp = message.topicPartition
-        offsets.track(tp, offset: message.offset)
+        offsets.track(message)
 
         var key: DedupKey
         let route: Int
@@ -236,7 +235,7 @@ public struct DedupLedger: Sendable {
             token = try routeSettings[r].token?.key(for: message)
         } catch {
             counters.invalid += 1
-            if !settings.holdsDeadLetters { offsets.resolve(tp, offset: message.offset) }
+            if !settings.holdsDeadLetters { offsets.resolve(message) }
             return .bad(error, message)
         }
 
@@ -251,7 +250,7 @@ public struct DedupLedger: Sendable {
                         entity: entity, target: try g.state.key(for: message))
                 } catch {
                     counters.invalid += 1
-                    if !settings.holdsDeadLetters { offsets.resolve(tp, offset: message.offset) }
+                    if !settings.holdsDeadLetters { offsets.resolve(message) }
                     return .bad(BadInput(error.reason, "guard: " + error.detail), message)
                 }
             }
@@ -291,7 +290,7 @@ public struct DedupLedger: Sendable {
             }
         }
         counters.duplicatesLocal += 1
-        offsets.resolve(message.topicPartition, offset: message.offset)
+        offsets.resolve(message)
         return .localDuplicate(slot: i)
     }
 
@@ -335,7 +334,7 @@ public struct DedupLedger: Sendable {
             }
             let message = removeEntry(at: i).message
             counters.invalid += 1
-            if !settings.holdsDeadLetters { offsets.resolve(message.topicPartition, offset: message.offset) }
+            if !settings.holdsDeadLetters { offsets.resolve(message) }
             refused.append((BadInput(reason, "token \(token) is \(reason.code.dropFirst("token_".count))"), message))
         }
         awaitingToken.removeAll { [entries] in Self.place($0, in: entries) != .awaitingToken }
@@ -587,7 +586,7 @@ public struct DedupLedger: Sendable {
             case .done:
                 let message = removeEntry(at: i).message
                 counters.duplicatesStore += 1
-                offsets.resolve(message.topicPartition, offset: message.offset)
+                offsets.resolve(message)
             case .pendingElsewhere:
                 // A copy is in flight at another worker; its offset is not committed there, so
                 // nothing is lost by waiting. Look again until it is done or its lease expires.
@@ -701,7 +700,7 @@ public struct DedupLedger: Sendable {
             buffer.removed(size: e.size)
             counters.leasesLost += 1
             counters.duplicatesStore += 1
-            offsets.resolve(e.message.topicPartition, offset: e.message.offset)
+            offsets.resolve(e.message)
             if held, let holdStep { unholds.append(holdStep) }
         case .pendingElsewhere:
             buffer.removed(size: entries.values[i].size)
@@ -817,14 +816,14 @@ public struct DedupLedger: Sendable {
         let message = removeEntry(at: i).message
         inFlightCount -= 1
         counters.failed += 1
-        if !settings.holdsDeadLetters { offsets.resolve(message.topicPartition, offset: message.offset) }
+        if !settings.holdsDeadLetters { offsets.resolve(message) }
     }
 
     /// With `holdsDeadLetters`: the dead-letter topic acknowledged this message (bad input or
     /// given up), so its offset is resolved. A message of a partition revoked meanwhile is ignored.
     public mutating func deadLettered(_ message: InboundMessage) {
         counters.deadLettered += 1
-        offsets.resolve(message.topicPartition, offset: message.offset)
+        offsets.resolve(message)
     }
 
     /// The handler never took the message (shutdown deadline): it is neither dispatched nor
@@ -905,7 +904,7 @@ public struct DedupLedger: Sendable {
                 counters.confirmConflicts += 1
                 conflicts.append((request.keys[j], "entity moved on to " + (state ?? "(no state)")))
             }
-            if e.step?.deadLettered != true { offsets.resolve(message.topicPartition, offset: message.offset) }
+            if e.step?.deadLettered != true { offsets.resolve(message) }
         }
         return conflicts
     }

@@ -145,7 +145,7 @@ public struct CompactRecords: Sendable, Hashable {
     }
 
     public func writePendingKey(of storeKey: String, at spot: Spot, to out: inout ByteCursor) {
-        Self.withBytes(of: storeKey) { key in
+        storeKey.withUTF8InPlace { key in
             if readsKeysLayout {
                 out.write(key)
                 return
@@ -161,7 +161,7 @@ public struct CompactRecords: Sendable, Hashable {
     }
 
     public func writeBucketKey(of storeKey: String, at spot: Spot, slot: Int64, to out: inout ByteCursor) {
-        Self.withBytes(of: storeKey) { key in
+        storeKey.withUTF8InPlace { key in
             _ = Self.writeTagged(key, tag: spot.tag, kind: UInt8(ascii: "d"), to: &out)
         }
         out.writeDigits(slot)
@@ -188,7 +188,7 @@ public struct CompactRecords: Sendable, Hashable {
             self.slots = slots
             var keyHead: [UInt8] = [], nameHead: [UInt8] = []
             if let firstKey {
-                CompactRecords.withBytes(of: firstKey) { key in
+                firstKey.withUTF8InPlace { key in
                     var rest = 0
                     nameHead.append(atMost: CompactRecords.maxNameLength(of: firstKey)) {
                         rest = CompactRecords.writeTagged(key, tag: 0, kind: 0, to: &$0)
@@ -215,7 +215,7 @@ public struct CompactRecords: Sendable, Hashable {
 
         /// What `records.writePendingKey(of: storeKey, at: spot, to: &out)` writes.
         public func writePendingKey(of storeKey: String, at spot: Spot, to out: inout ByteCursor) {
-            CompactRecords.withBytes(of: storeKey) { key in
+            storeKey.withUTF8InPlace { key in
                 guard !records.readsKeysLayout, shares(key) else { return records.writePendingKey(of: storeKey, at: spot, to: &out) }
                 writeHead(tag: spot.tag, to: &out)
                 out.write("}:p:")
@@ -230,7 +230,7 @@ public struct CompactRecords: Sendable, Hashable {
 
         /// What `records.writeBucketKey(of: storeKey, at: spot, slot: slots[slot], to: &out)` writes.
         public func writeBucketKey(of storeKey: String, at spot: Spot, slotAt slot: Int, to out: inout ByteCursor) {
-            guard CompactRecords.withBytes(of: storeKey, shares) else {
+            guard storeKey.withUTF8InPlace(shares) else {
                 return records.writeBucketKey(of: storeKey, at: spot, slot: slots[slot], to: &out)
             }
             writeHead(tag: spot.tag, to: &out)
@@ -254,14 +254,6 @@ public struct CompactRecords: Sendable, Hashable {
         private static func hex(_ digit: Int) -> UInt8 {
             digit < 10 ? UInt8(ascii: "0") &+ UInt8(digit) : UInt8(ascii: "a") &+ UInt8(digit - 10)
         }
-    }
-
-    /// The store key's UTF-8 bytes in place (a native string's storage), copied only for a
-    /// string that has no contiguous UTF-8 (a bridged one). The names are written once per key
-    /// and request, so this is the hot path's byte access.
-    fileprivate static func withBytes<R>(of storeKey: String, _ body: (UnsafeBufferPointer<UInt8>) -> R) -> R {
-        if let result = storeKey.utf8.withContiguousStorageIfAvailable(body) { return result }
-        return Array(storeKey.utf8).withUnsafeBufferPointer(body)
     }
 
     /// Writes `<prefix>:{<namespace>:<tag>}:<kind>:` for the store key `key` and returns where

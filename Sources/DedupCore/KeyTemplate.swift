@@ -29,6 +29,14 @@ public struct KeyTemplate: Sendable, Equatable, CustomStringConvertible {
 
     let parts: [Part]
     public let description: String
+    /// What a template of one header or the record key (the usual `header:message-id`) reads,
+    /// kept apart from `parts` so the hot path does not copy a part (and retain the header's
+    /// name) per message to learn it.
+    private let direct: Direct
+    /// The header's name when `direct` is `.header`, else empty.
+    private let directHeader: String
+
+    private enum Direct { case none, header, recordKey }
 
     public init(_ text: String) throws {
         description = text
@@ -60,6 +68,11 @@ public struct KeyTemplate: Sendable, Equatable, CustomStringConvertible {
             self.parts = parts
         } else {
             self.parts = [.source(try Self.parseSource(text, template: text))]
+        }
+        switch self.parts.count == 1 ? self.parts[0] : .literal("") {
+        case .source(.header(let name)): (direct, directHeader) = (.header, name)
+        case .source(.recordKey): (direct, directHeader) = (.recordKey, "")
+        default: (direct, directHeader) = (.none, "")
         }
     }
 
@@ -129,50 +142,60 @@ public struct KeyTemplate: Sendable, Equatable, CustomStringConvertible {
     /// one header or the record key (the usual `header:message-id`) writes those bytes straight
     /// into the store key, without a string of the raw key first.
     public func dedupKey(for message: InboundMessage, head: String) throws(BadInput) -> DedupKey {
-        if parts.count == 1, case .source(let source) = parts[0] {
-            switch source {
-            case .header, .recordKey:
-                return try Self.withText(of: source, in: message) { DedupKey(validUTF8: $0, head: head) }
-            default: break
-            }
+        switch direct {
+        case .header: return try Self.withHeaderText(directHeader, in: message) { DedupKey(validUTF8: $0, head: head) }
+        case .recordKey: return try Self.withRecordKeyText(in: message) { DedupKey(validUTF8: $0, head: head) }
+        case .none: return DedupKey(raw: try key(for: message), head: head)
         }
-        return DedupKey(raw: try key(for: message), head: head)
     }
 
-    /// A header's or the record key's bytes, once they are known to be there, not empty and
-    /// UTF-8 (each case its own `BadInput`), read in place.
-    private static func withText<R>(
-        of source: Source, in message: InboundMessage, _ body: (UnsafeRawBufferPointer) -> R
+    /// A header's bytes, once they are known to be there, not empty and UTF-8 (each case its
+    /// own `BadInput`), read in place. Missing and null are one case; told apart from empty
+    /// without copying the value.
+    private static func withHeaderText<R>(
+        _ name: String, in message: InboundMessage, _ body: (UnsafeRawBufferPointer) -> R
     ) throws(BadInput) -> R {
-        // `what` is built only for an error: a string per message showed in the profile.
-        func checked(_ bytes: UnsafeRawBufferPointer, _ what: @autoclosure () -> String) -> Result<R, BadInput> {
-            if bytes.isEmpty { return .failure(BadInput(.emptyKey, "\(what()) is empty")) }
-            // An ASCII key (the usual id) is checked eight bytes at a time: the generic validator
-            // of `String(validating:as:)` cost more than the rest of reading the key.
-            if !bytes.isASCII && String(validating: bytes, as: UTF8.self) == nil {
-                return .failure(BadInput(.invalidUTF8, "\(what()) is not valid UTF-8"))
-            }
-            return .success(body(bytes))
+        // The closure captures only `body`: the name, captured for an error's text, was a
+        // retain and a release of its string per message.
+        guard case .some(.some(let result)) = message.withHeaderValue(name, { $0.map { checked($0, body) } }) else {
+            throw BadInput(.missingHeader, "header \"\(name)\" is missing")
         }
-        switch source {
-        case .header(let name):
-            // Missing and null are one case; told apart from empty without copying the value.
-            guard case .some(.some(let result)) = message.withHeaderValue(name, { $0.map { checked($0, "header \"\(name)\"") } }) else {
-                throw BadInput(.missingHeader, "header \"\(name)\" is missing")
+        return try result.mapError { $0.badInput("header \"\(name)\"") }.get()
+    }
+
+    /// The record key's bytes, checked as `withHeaderText` checks a header's.
+    private static func withRecordKeyText<R>(in message: InboundMessage, _ body: (UnsafeRawBufferPointer) -> R) throws(BadInput) -> R {
+        guard let bytes = message.keyBytes else { throw BadInput(.missingKey, "message has no record key") }
+        return try bytes.withUnsafeBytes { checked($0, body) }.mapError { $0.badInput("record key") }.get()
+    }
+
+    /// Why a header's or record key's bytes cannot be a key.
+    private enum TextProblem: Error {
+        case empty, notUTF8
+
+        func badInput(_ what: String) -> BadInput {
+            switch self {
+            case .empty: BadInput(.emptyKey, "\(what) is empty")
+            case .notUTF8: BadInput(.invalidUTF8, "\(what) is not valid UTF-8")
             }
-            return try result.get()
-        case .recordKey:
-            guard let bytes = message.keyBytes else { throw BadInput(.missingKey, "message has no record key") }
-            return try bytes.withUnsafeBytes { checked($0, "record key") }.get()
-        default:
-            preconditionFailure("withText reads a header or the record key")
         }
+    }
+
+    /// `body` of a key's bytes that are not empty and are UTF-8.
+    private static func checked<R>(_ bytes: UnsafeRawBufferPointer, _ body: (UnsafeRawBufferPointer) -> R) -> Result<R, TextProblem> {
+        if bytes.isEmpty { return .failure(.empty) }
+        // An ASCII key (the usual id) is checked eight bytes at a time: the generic validator
+        // of `String(validating:as:)` cost more than the rest of reading the key.
+        if !bytes.isASCII && String(validating: bytes, as: UTF8.self) == nil { return .failure(.notUTF8) }
+        return .success(body(bytes))
     }
 
     private func value(of source: Source, message: InboundMessage, json: Any?) throws(BadInput) -> String {
         switch source {
-        case .header, .recordKey:
-            return try Self.withText(of: source, in: message) { String(decoding: $0, as: UTF8.self) }
+        case .header(let name):
+            return try Self.withHeaderText(name, in: message) { String(decoding: $0, as: UTF8.self) }
+        case .recordKey:
+            return try Self.withRecordKeyText(in: message) { String(decoding: $0, as: UTF8.self) }
         case .json(let ptr):
             guard let v = ptr.resolve(in: json!) else {
                 throw BadInput(.missingField, "JSON field \(ptr) is missing")
@@ -291,7 +314,7 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
     /// The store key, and after it the raw key when that is too long to be part of it. One
     /// string per key: a key is copied into several queues and requests per message, and each
     /// copy retains each string it holds.
-    private let text: String
+    @usableFromInline let text: String
     /// The raw key's hash (`KeyHash`), taken once: the engine looks a key up in several tables
     /// per message, and hashing the string each time showed in the worker's profile.
     /// Process-local (seeded per process), like every `hashValue`.
@@ -305,7 +328,7 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
     /// Where `raw` starts in `text`'s UTF-8 bytes; for a long key, also where the store key ends.
     /// It and `isLong` fill the digest's padding: a waiting message's key is held in several
     /// tables, and their size counts against the memory bound (docs/performance.md).
-    private let rawStart: Int32
+    @usableFromInline let rawStart: Int32
 
     public static let maxRawLength = 200
 
@@ -332,8 +355,7 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
             self.init(hashed: String(decoding: raw, as: UTF8.self), head: head)
             return
         }
-        var head = head
-        let storeKey = head.withUTF8 { h in
+        let storeKey = head.withUTF8InPlace { h in
             String(unsafeUninitializedCapacity: h.count + raw.count) { out in
                 _ = out.initialize(fromContentsOf: h)
                 _ = out[h.count...].initialize(fromContentsOf: raw.assumingMemoryBound(to: UInt8.self))
@@ -357,8 +379,7 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
         self.rawStart = rawStart
         self.isLong = isLong
         // The raw key's bytes (a long key's digest): all that differs between keys of one route.
-        var text = text
-        rawHash = text.withUTF8 { t in
+        rawHash = text.withUTF8InPlace { t in
             let hashed = isLong ? t[..<Int(rawStart)] : t[Int(rawStart)...]
             return KeyHash.hash(UnsafeRawBufferPointer(UnsafeBufferPointer(rebasing: hashed)))
         }
@@ -376,10 +397,10 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
     }
 
     /// `raw`'s UTF-8 bytes, read in place.
-    public func withRawUTF8<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
-        var s = text
+    @inlinable
+    public func withRawUTF8<R>(_ body: (UnsafeRawBufferPointer) -> R) -> R {
         let start = Int(rawStart)
-        return try s.withUTF8 { try body(UnsafeRawBufferPointer(UnsafeBufferPointer(rebasing: $0[start...]))) }
+        return text.withUTF8InPlace { body(UnsafeRawBufferPointer(UnsafeBufferPointer(rebasing: $0[start...]))) }
     }
 
     /// The start of every store key of a namespace: `<prefix>:<namespace>:`.

@@ -117,10 +117,9 @@ public struct InboundMessage: Sendable {
     /// without calling `body` when no header has the name. Runs once per message for a header
     /// key template: it walks the one buffer through a pointer, without the slices (and their
     /// retains) that `headerView` makes per header.
-    public func withHeaderValue<R>(_ name: String, _ body: (UnsafeRawBufferPointer?) throws -> R) rethrows -> R? {
-        var name = name
-        return try name.withUTF8 { wanted in
-            try bytes.storage.withUnsafeBytes { s in
+    public func withHeaderValue<R>(_ name: String, _ body: (UnsafeRawBufferPointer?) -> R) -> R? {
+        name.withUTF8InPlace { wanted in
+            bytes.storage.withUnsafeBytes { s in
                 var found: Range<Int>??
                 bytes.forEachHeaderRange(in: s) { name, value in
                     if HeaderView.namesEqualIgnoringASCIICase(UnsafeRawBufferPointer(rebasing: s[name]), UnsafeRawBufferPointer(wanted)) {
@@ -128,7 +127,7 @@ public struct InboundMessage: Sendable {
                     }
                 }
                 guard let found else { return nil }
-                return try body(found.map { UnsafeRawBufferPointer(rebasing: s[$0]) })
+                return body(found.map { UnsafeRawBufferPointer(rebasing: s[$0]) })
             }
         }
     }
@@ -212,8 +211,7 @@ public struct HeaderView: Sendable {
     /// non-ASCII name that differs in bytes is compared as strings (canonical equivalence), as
     /// `String.equalsIgnoringASCIICase` does.
     public func nameEqualsIgnoringASCIICase(_ other: String) -> Bool {
-        var other = other
-        return other.withUTF8 { o in
+        other.withUTF8InPlace { o in
             name.withUnsafeBytes { Self.namesEqualIgnoringASCIICase($0, UnsafeRawBufferPointer(o)) }
         }
     }

@@ -59,7 +59,15 @@ public struct OffsetTracker: Sendable {
     public init() {}
 
     private mutating func slot(_ tp: TopicPartition, create: Bool) -> Int? {
-        if let last, last.tp == tp { return last.slot }
+        slot(topic: tp.topic, partition: tp.partition, create: create)
+    }
+
+    /// A message's partition is found by its topic and number, and a `TopicPartition` (a copy of
+    /// the topic's string, retained and released per message) is made only for a partition that
+    /// is not the last one looked up.
+    private mutating func slot(topic: String, partition: Int32, create: Bool) -> Int? {
+        if let last, last.tp.partition == partition, last.tp.topic == topic { return last.slot }
+        let tp = TopicPartition(topic: topic, partition: partition)
         var found = slots[tp]
         if found == nil, create {
             found = states.count
@@ -77,11 +85,22 @@ public struct OffsetTracker: Sendable {
         states[slot(tp, create: true)!].track(offset)
     }
 
+    /// `track(_:offset:)` of a message's place.
+    public mutating func track(_ message: borrowing InboundMessage) {
+        states[slot(topic: message.topic, partition: message.partition, create: true)!].track(message.offset)
+    }
+
     /// Marks an offset resolved and advances the partition's commit position past every
     /// resolved offset at the front.
     public mutating func resolve(_ tp: TopicPartition, offset: Int64) {
         guard let i = slot(tp, create: false) else { return }
         states[i].resolve(offset)
+    }
+
+    /// `resolve(_:offset:)` of a message's place.
+    public mutating func resolve(_ message: borrowing InboundMessage) {
+        guard let i = slot(topic: message.topic, partition: message.partition, create: false) else { return }
+        states[i].resolve(message.offset)
     }
 
     /// Binary search: offsets in `outstanding` are increasing but not always contiguous

@@ -249,8 +249,7 @@ struct LineBuffer: ~Copyable {
         "00010203040506070809101112131415161718192021222324252627282930313233343536373839404142434445464748495051525354555657585960616263646566676869707172737475767778798081828384858687888990919293949596979899"
 
     mutating func appendQuoted(_ string: String) {
-        var string = string
-        string.withUTF8 { _ = appendQuoted(UnsafeRawBufferPointer($0)) }
+        string.withUTF8InPlace { _ = appendQuoted(UnsafeRawBufferPointer($0)) }
     }
 
     /// A header name as a JSON string: its bytes when they are UTF-8, else the string a

@@ -8,9 +8,8 @@ extension KeyDigest {
     /// `KeyDigestHashTests` checks that both give the same digest.
     @Sendable
     public static func hashed(_ storeKey: String) -> KeyDigest {
-        var key = storeKey
         var digest: (UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0)
-        key.withUTF8 { bytes in
+        storeKey.withUTF8InPlace { bytes in
             withUnsafeMutableBytes(of: &digest) { out in
                 dedupd_sha256(bytes.baseAddress, bytes.count, out.baseAddress!.assumingMemoryBound(to: UInt8.self))
             }

@@ -119,8 +119,7 @@ struct RedisCommandBatch: Sendable {
     }
 
     mutating func append(_ string: String) {
-        var string = string
-        string.withUTF8 { append(UnsafeRawBufferPointer($0)) }
+        string.withUTF8InPlace { append(UnsafeRawBufferPointer($0)) }
     }
 
     mutating func append(_ raw: UnsafeRawBufferPointer) {

@@ -97,6 +97,27 @@ import Testing
         t.forget(tp)
         #expect(t.unresolvedCount == 0)
     }
+
+    /// The message forms find a partition by topic and number, the last one looked up first:
+    /// a message of another topic with the same partition number, or of another partition of
+    /// the same topic, must not land in the last one's state.
+    @Test func messagesOfAlternatingPartitionsKeepTheirOwnPositions() {
+        var t = OffsetTracker()
+        func m(_ topic: String, _ partition: Int32, _ offset: Int64) -> InboundMessage {
+            InboundMessage(topic: topic, partition: partition, offset: offset, value: [1])
+        }
+        let order = [m("a", 0, 5), m("b", 0, 9), m("a", 1, 2), m("a", 0, 6), m("b", 0, 10), m("a", 1, 3)]
+        for message in order { t.track(message) }
+        for message in order where message.offset != 6 { t.resolve(message) }
+        #expect(t.takeCommitPositions() == [
+            TopicPartition(topic: "a", partition: 0): 6,
+            TopicPartition(topic: "b", partition: 0): 11,
+            TopicPartition(topic: "a", partition: 1): 4,
+        ])
+        t.resolve(order[3])
+        #expect(t.takeCommitPositions() == [TopicPartition(topic: "a", partition: 0): 7])
+        #expect(t.unresolvedCount == 0)
+    }
 }
 
 @Suite("InboundMessage size")
