@@ -157,16 +157,20 @@ public struct KeyTemplate: Sendable, Equatable, CustomStringConvertible {
     ) throws(BadInput) -> R {
         // The closure captures only `body`: the name, captured for an error's text, was a
         // retain and a release of its string per message.
-        guard case .some(.some(let result)) = message.withHeaderValue(name, { $0.map { checked($0, body) } }) else {
-            throw BadInput(.missingHeader, "header \"\(name)\" is missing")
+        switch message.withHeaderValue(name, { $0.map { checked($0, body) } }) {
+        case .some(.some(.success(let text))): return text
+        case .some(.some(.failure(let problem))): throw problem.badInput("header \"\(name)\"")
+        case .some(.none), .none: throw BadInput(.missingHeader, "header \"\(name)\" is missing")
         }
-        return try result.mapError { $0.badInput("header \"\(name)\"") }.get()
     }
 
     /// The record key's bytes, checked as `withHeaderText` checks a header's.
     private static func withRecordKeyText<R>(in message: InboundMessage, _ body: (UnsafeRawBufferPointer) -> R) throws(BadInput) -> R {
         guard let bytes = message.keyBytes else { throw BadInput(.missingKey, "message has no record key") }
-        return try bytes.withUnsafeBytes { checked($0, body) }.mapError { $0.badInput("record key") }.get()
+        switch bytes.withUnsafeBytes({ checked($0, body) }) {
+        case .success(let text): return text
+        case .failure(let problem): throw problem.badInput("record key")
+        }
     }
 
     /// Why a header's or record key's bytes cannot be a key.
