@@ -354,9 +354,9 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
     /// the store key is one copy of each part's bytes into a string of their summed size, and
     /// the raw key is never a string of its own. (`head + raw` goes through String's general
     /// append, which cost more than the copies and the new string's UTF-8 check together.)
-    init(validUTF8 raw: UnsafeRawBufferPointer, head: String) {
+    init(validUTF8 raw: UnsafeRawBufferPointer, head: borrowing String) {
         guard raw.count <= Self.maxRawLength else {
-            self.init(hashed: String(decoding: raw, as: UTF8.self), head: head)
+            self.init(hashed: String(decoding: raw, as: UTF8.self), head: copy head)
             return
         }
         let storeKey = head.withUTF8InPlace { h in
@@ -379,14 +379,15 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
     }
 
     private init(text: String, rawStart: Int32, isLong: Bool) {
-        self.text = text
-        self.rawStart = rawStart
-        self.isLong = isLong
         // The raw key's bytes (a long key's digest): all that differs between keys of one route.
+        // Hashed before `text` is stored, so that storing it is its last use (no copy).
         rawHash = text.withUTF8InPlace { t in
             let hashed = isLong ? t[..<Int(rawStart)] : t[Int(rawStart)...]
             return KeyHash.hash(UnsafeRawBufferPointer(UnsafeBufferPointer(rebasing: hashed)))
         }
+        self.text = text
+        self.rawStart = rawStart
+        self.isLong = isLong
     }
 
     /// The Redis key: `<prefix>:<namespace>:<raw>` or `<prefix>:<namespace>:h:<sha256(raw)>` when `raw` is long.

@@ -118,10 +118,12 @@ public struct InboundMessage: Sendable {
     /// key template: it walks the one buffer through a pointer, without the slices (and their
     /// retains) that `headerView` makes per header.
     public func withHeaderValue<R>(_ name: String, _ body: (UnsafeRawBufferPointer?) -> R) -> R? {
-        name.withUTF8InPlace { wanted in
+        // The walk's bounds are read first: the closure's use of `bytes` copied it (a retain).
+        let (start, count) = (bytes.headersStart, bytes.headerCount)
+        return name.withUTF8InPlace { wanted in
             bytes.storage.withUnsafeBytes { s in
                 var found: Range<Int>??
-                bytes.forEachHeaderRange(in: s) { name, value in
+                MessageBytes.forEachHeaderRange(in: s, start: start, count: count) { name, value in
                     if HeaderView.namesEqualIgnoringASCIICase(UnsafeRawBufferPointer(rebasing: s[name]), UnsafeRawBufferPointer(wanted)) {
                         found = .some(value)
                     }
@@ -136,7 +138,7 @@ public struct InboundMessage: Sendable {
     public func forEachHeader(_ body: (HeaderView) throws -> Void) rethrows {
         let s = bytes.storage
         try s.withUnsafeBytes { raw in
-            try bytes.forEachHeaderRange(in: raw) { name, value in
+            try MessageBytes.forEachHeaderRange(in: raw, start: bytes.headersStart, count: bytes.headerCount) { name, value in
                 try body(HeaderView(name: s[name], value: value.map { s[$0] }))
             }
         }
@@ -149,11 +151,12 @@ public struct InboundMessage: Sendable {
     public func withParts<R>(
         _ body: (_ value: UnsafeRawBufferPointer, _ key: UnsafeRawBufferPointer?, _ headers: RawHeaders) throws -> R
     ) rethrows -> R {
-        let b = bytes
-        return try b.storage.withUnsafeBytes { s in
-            let value = UnsafeRawBufferPointer(rebasing: s[0..<b.valueCount])
-            let key = b.keyCount < 0 ? nil : UnsafeRawBufferPointer(rebasing: s[b.valueCount..<b.valueCount + b.keyCount])
-            return try body(value, key, RawHeaders(storage: s, start: b.headersStart, count: b.headerCount))
+        // The parts' bounds are read first: a copy of `bytes` for the closure was a retain.
+        let (valueCount, keyCount, headersStart, headerCount) = (bytes.valueCount, bytes.keyCount, bytes.headersStart, bytes.headerCount)
+        return try bytes.storage.withUnsafeBytes { s in
+            let value = UnsafeRawBufferPointer(rebasing: s[0..<valueCount])
+            let key = keyCount < 0 ? nil : UnsafeRawBufferPointer(rebasing: s[valueCount..<valueCount + keyCount])
+            return try body(value, key, RawHeaders(storage: s, start: headersStart, count: headerCount))
         }
     }
 
@@ -342,9 +345,11 @@ public struct MessageBytes: Sendable {
 
     /// Each header's name and value (`nil`: a null value) as ranges of `storage`, whose bytes
     /// `s` are, in order.
-    func forEachHeaderRange(in s: UnsafeRawBufferPointer, _ body: (Range<Int>, Range<Int>?) throws -> Void) rethrows {
-        var i = headersStart
-        for _ in 0..<headerCount {
+    static func forEachHeaderRange(
+        in s: UnsafeRawBufferPointer, start: Int, count: Int, _ body: (Range<Int>, Range<Int>?) throws -> Void
+    ) rethrows {
+        var i = start
+        for _ in 0..<count {
             let (name, value) = Self.headerRanges(in: s, at: i)
             try body(name, value)
             i = value?.upperBound ?? name.upperBound

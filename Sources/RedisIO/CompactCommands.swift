@@ -40,7 +40,7 @@ extension RedisClaimStore {
         /// Another worker's claim: its owner.
         case other(String)
 
-        init(_ r: redisReply, mine: [UInt8]) {
+        init(_ r: redisReply, mine: borrowing [UInt8]) {
             guard r.type == REDIS_REPLY_STRING, let str = r.str else { self = .none; return }
             let bytes = UnsafeRawBufferPointer(start: str, count: r.len)
             if bytes.elementsEqual(mine) {
@@ -62,7 +62,7 @@ extension RedisClaimStore {
         case holders([Holder])
         case error(String)
 
-        init(_ reply: UnsafePointer<redisReply>, mine: [UInt8]) {
+        init(_ reply: UnsafePointer<redisReply>, mine: borrowing [UInt8]) {
             let r = reply.pointee
             switch r.type {
             case REDIS_REPLY_NIL: self = .null
