@@ -18,8 +18,7 @@ public struct KeyDigest: Sendable, Hashable {
 
     public init(of storeKey: String) {
         var hasher = SHA256()
-        var key = storeKey
-        key.withUTF8 { hasher.update(bufferPointer: UnsafeRawBufferPointer($0)) }
+        storeKey.withUTF8InPlace { hasher.update(bufferPointer: UnsafeRawBufferPointer($0)) }
         (head, tail) = hasher.finalize().withUnsafeBytes { digest in
             (UInt64(bigEndian: digest.loadUnaligned(fromByteOffset: 0, as: UInt64.self)),
              UInt64(bigEndian: digest.loadUnaligned(fromByteOffset: 8, as: UInt64.self)))

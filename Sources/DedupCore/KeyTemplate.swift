@@ -345,8 +345,7 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
         if raw.utf8.count > Self.maxRawLength {
             self.init(hashed: raw, head: head)
         } else {
-            var raw = raw
-            self = raw.withUTF8 { Self(validUTF8: UnsafeRawBufferPointer($0), head: head) }
+            self = raw.withUTF8InPlace { Self(validUTF8: UnsafeRawBufferPointer($0), head: head) }
         }
     }
 

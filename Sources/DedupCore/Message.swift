@@ -288,8 +288,7 @@ public struct MessageBytes: Sendable {
             value.withUnsafeBytes { writer.value($0) }
             if let key { key.withUnsafeBytes { writer.key($0) } }
             for h in headers {
-                var name = h.name
-                name.withUTF8 { name in
+                h.name.withUTF8InPlace { name in
                     if let v = h.value {
                         v.withUnsafeBytes { writer.header(name: UnsafeRawBufferPointer(name), value: $0) }
                     } else {

@@ -5,8 +5,7 @@ public enum ClusterSlot {
     public static let count = 16384
 
     public static func of(_ key: String) -> UInt16 {
-        var key = key
-        return key.withUTF8 { of(bytes: $0) }
+        key.withUTF8InPlace { of(bytes: $0) }
     }
 
     public static func of(bytes key: UnsafeBufferPointer<UInt8>) -> UInt16 {
