@@ -170,15 +170,31 @@ public struct DedupLedger: Sendable {
     private var rejections: [Rejection] = []
     /// Hashes a compact route's new key once, when its first message arrives (`DedupEngine.Options.keyDigest`).
     private let keyDigest: @Sendable (String) -> KeyDigest
-    /// Each route's `DedupKey.head`, spelled once.
-    private let storeKeyHeads: [String]
+    /// Each route's key template beside its `DedupKey.head` (spelled once). A class: reading a
+    /// route's element retains it once, where reading the template and the head out of arrays of
+    /// values copied two of their strings per message (a retain and a release each).
+    private let routeKeys: [RouteKeys]
+
+    private final class RouteKeys: Sendable {
+        let template: KeyTemplate
+        let head: String
+
+        init(template: KeyTemplate, head: String) {
+            self.template = template
+            self.head = head
+        }
+
+        func key(for message: InboundMessage) throws(BadInput) -> DedupKey {
+            try template.dedupKey(for: message, head: head)
+        }
+    }
 
     public init(settings: DedupSettings, routing: Routing = Routing(), keyDigest: @escaping @Sendable (String) -> KeyDigest = KeyDigest.init(of:)) {
         self.keyDigest = keyDigest
         self.settings = settings
         self.routing = routing
         self.routeSettings = [settings] + routing.routes.map(\.settings)
-        self.storeKeyHeads = routeSettings.map { DedupKey.head(namespace: $0.namespace) }
+        self.routeKeys = routeSettings.map { RouteKeys(template: $0.template, head: DedupKey.head(namespace: $0.namespace)) }
         self.buffer = DelayBuffer(lanes: routeSettings.count)
     }
 
@@ -229,9 +245,7 @@ public struct DedupLedger: Sendable {
                 throw BadInput(.noRoute, "no route matches (routes: \(routing.routes.map(\.name).joined(separator: ", ")))")
             }
             route = r
-            // The route's settings are read in place: a copy of them retains every string and
-            // array they hold, per message.
-            key = try routeSettings[r].template.dedupKey(for: message, head: storeKeyHeads[r])
+            key = try routeKeys[r].key(for: message)
             token = try routeSettings[r].token?.key(for: message)
         } catch {
             counters.invalid += 1
