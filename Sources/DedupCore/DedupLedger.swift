@@ -175,17 +175,23 @@ public struct DedupLedger: Sendable {
     /// values copied two of their strings per message (a retain and a release each).
     private let routeKeys: [RouteKeys]
 
-    private final class RouteKeys: Sendable {
+    /// Unchecked: nothing in it changes after `init`, and its bytes are freed only with it.
+    private final class RouteKeys: @unchecked Sendable {
         let template: KeyTemplate
-        let head: String
+        /// The head's UTF-8 bytes, in memory of its own: the closures that make a key capture a
+        /// pointer, where the head's string was retained and released twice per message.
+        private let head: UnsafeMutableRawBufferPointer
 
         init(template: KeyTemplate, head: String) {
             self.template = template
-            self.head = head
+            self.head = .allocate(byteCount: head.utf8.count, alignment: 1)
+            self.head.copyBytes(from: head.utf8)
         }
 
+        deinit { head.deallocate() }
+
         func key(for message: InboundMessage) throws(BadInput) -> DedupKey {
-            try template.dedupKey(for: message, head: head)
+            try template.dedupKey(for: message, head: UnsafeRawBufferPointer(head))
         }
     }
 

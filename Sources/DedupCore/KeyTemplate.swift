@@ -142,6 +142,15 @@ public struct KeyTemplate: Sendable, Equatable, CustomStringConvertible {
     /// one header or the record key (the usual `header:message-id`) writes those bytes straight
     /// into the store key, without a string of the raw key first.
     public func dedupKey(for message: InboundMessage, head: String) throws(BadInput) -> DedupKey {
+        try head.withUTF8InPlace { h in
+            Result { () throws(BadInput) in try dedupKey(for: message, head: UnsafeRawBufferPointer(h)) }
+        }.get()
+    }
+
+    /// `dedupKey(for:head:)` with the head's UTF-8 bytes, which the ledger keeps per route: a
+    /// pointer handed to the closures that make the key is not retained, and the head's string
+    /// was, twice per message.
+    func dedupKey(for message: InboundMessage, head: UnsafeRawBufferPointer) throws(BadInput) -> DedupKey {
         switch direct {
         case .header: return try Self.withHeaderText(directHeader, in: message) { DedupKey(validUTF8: $0, head: head) }
         case .recordKey: return try Self.withRecordKeyText(in: message) { DedupKey(validUTF8: $0, head: head) }
@@ -342,8 +351,13 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
 
     /// `head` is `head(namespace:prefix:)`, which the ledger keeps per route.
     public init(raw: String, head: String) {
+        self = head.withUTF8InPlace { Self(raw: raw, head: UnsafeRawBufferPointer($0)) }
+    }
+
+    /// `init(raw:head:)` with the head's UTF-8 bytes.
+    init(raw: String, head: UnsafeRawBufferPointer) {
         if raw.utf8.count > Self.maxRawLength {
-            self.init(hashed: raw, head: head)
+            self.init(hashed: raw, head: String(decoding: head, as: UTF8.self))
         } else {
             self = raw.withUTF8InPlace { Self(validUTF8: UnsafeRawBufferPointer($0), head: head) }
         }
@@ -353,19 +367,17 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
     /// the store key is one copy of each part's bytes into a string of their summed size, and
     /// the raw key is never a string of its own. (`head + raw` goes through String's general
     /// append, which cost more than the copies and the new string's UTF-8 check together.)
-    init(validUTF8 raw: UnsafeRawBufferPointer, head: borrowing String) {
+    init(validUTF8 raw: UnsafeRawBufferPointer, head: UnsafeRawBufferPointer) {
         guard raw.count <= Self.maxRawLength else {
-            self.init(hashed: String(decoding: raw, as: UTF8.self), head: copy head)
+            self.init(hashed: String(decoding: raw, as: UTF8.self), head: String(decoding: head, as: UTF8.self))
             return
         }
-        let storeKey = head.withUTF8InPlace { h in
-            String(unsafeUninitializedCapacity: h.count + raw.count) { out in
-                _ = out.initialize(fromContentsOf: h)
-                _ = out[h.count...].initialize(fromContentsOf: raw.assumingMemoryBound(to: UInt8.self))
-                return h.count + raw.count
-            }
+        let storeKey = String(unsafeUninitializedCapacity: head.count + raw.count) { out in
+            _ = out.initialize(fromContentsOf: head.assumingMemoryBound(to: UInt8.self))
+            _ = out[head.count...].initialize(fromContentsOf: raw.assumingMemoryBound(to: UInt8.self))
+            return head.count + raw.count
         }
-        self.init(storeKey: storeKey, rawStart: Int32(head.utf8.count))
+        self.init(storeKey: storeKey, rawStart: Int32(head.count))
     }
 
     private init(hashed raw: String, head: String) {
