@@ -123,10 +123,13 @@ public struct DedupLedger: Sendable {
         /// nothing reads it: a constant, so taking in a message does not read the clock.
         static let noDeadline = Moment(.now)
 
-        /// What a free slot of `EntryTable` holds: no buffers to keep alive.
-        static let vacant = Entry(
-            place: .claiming, route: 0, message: InboundMessage(topic: "", partition: 0, offset: 0, value: []),
-            size: 0, deadline: noDeadline, leaseTakenAt: nil, token: nil)
+        /// What a free slot of `EntryTable` holds: no buffers to keep alive. Made anew each time:
+        /// a copy of a stored one retained its empty buffers, per removed entry.
+        static var vacant: Entry {
+            Entry(
+                place: .claiming, route: 0, message: InboundMessage(topic: "", partition: 0, offset: 0, value: []),
+                size: 0, deadline: noDeadline, leaseTakenAt: nil, token: nil)
+        }
     }
 
     /// The default route's settings; its size and buffer bounds apply to the whole worker.
@@ -260,7 +263,7 @@ public struct DedupLedger: Sendable {
         }
 
         guard let i = entries.index(forKey: key) else {
-            if case .compact = routeSettings[route].layout { key.digest = keyDigest(key.storeKey) }
+            if case .compact = routeSettings[route].layout { key.digest = key.withStoreKey(keyDigest) }
             var step: GuardStep?
             if let g = routeSettings[route].entityGuard {
                 do throws(BadInput) {

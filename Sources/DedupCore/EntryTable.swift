@@ -64,14 +64,16 @@ struct EntryTable: Sendable {
         bytes += entry.size
         let hash = key.rawHash
         let i: Int
+        // Moved in with `consume`: left to the optimizer, the key was copied (its string
+        // retained) and the caller's released.
         if let reused = free.popLast() {
             i = reused
-            values[i] = entry
-            keys[i] = key
+            values[i] = consume entry
+            keys[i] = consume key
         } else {
             i = values.count
-            values.append(entry)
-            keys.append(key)
+            values.append(consume entry)
+            keys.append(consume key)
             generations.append(0)
         }
         index.insert(hash, slot: i)

@@ -406,6 +406,12 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
         isLong ? String(Substring(text.utf8.prefix(Int(rawStart)))) : text
     }
 
+    /// `storeKey` lent to `body`: a short key's is its text, lent without the copy (a retain and
+    /// a release) that the property returns.
+    func withStoreKey<R>(_ body: (String) -> R) -> R {
+        isLong ? body(storeKey) : body(text)
+    }
+
     /// The key handlers see (and downstream systems use as an idempotency key). A new string
     /// each time: the hot path reads it in place (`withRawUTF8`).
     public var raw: String {
