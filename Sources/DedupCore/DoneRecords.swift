@@ -135,7 +135,9 @@ public struct CompactRecords: Sendable, Hashable {
     /// Room enough for a pending key's or a bucket's name of a store key of `storeKey` (its
     /// UTF-8 bytes): the key's bytes, the tag and kind (9), `dedupd` for a key without a prefix,
     /// a slot's and a bucket's digits (20 and 16) and a colon.
-    public static func maxNameLength(of storeKey: String) -> Int { storeKey.utf8.count + 64 }
+    public static func maxNameLength(of storeKey: String) -> Int { storeKey.utf8.count + nameOverhead }
+    /// What a name adds at most to its store key's bytes (`maxNameLength`).
+    public static let nameOverhead = 64
 
     /// The pending claim's name: `<prefix>:{<namespace>:<tag>}:p:<rest>`, or the keys layout's key
     /// itself while that layout is read (`readsKeysLayout`: standalone Redis only, so no tag).
@@ -144,14 +146,17 @@ public struct CompactRecords: Sendable, Hashable {
     }
 
     public func writePendingKey(of storeKey: String, at spot: Spot, to out: inout ByteCursor) {
-        storeKey.withUTF8InPlace { key in
-            if readsKeysLayout {
-                out.write(key)
-                return
-            }
-            let rest = Self.writeTagged(key, tag: spot.tag, kind: UInt8(ascii: "p"), to: &out)
-            out.write(UnsafeBufferPointer(rebasing: key[rest...]))
+        storeKey.withUTF8InPlace { writePendingKey(of: $0, at: spot, to: &out) }
+    }
+
+    /// `writePendingKey` of a store key's UTF-8 bytes.
+    public func writePendingKey(of key: UnsafeBufferPointer<UInt8>, at spot: Spot, to out: inout ByteCursor) {
+        if readsKeysLayout {
+            out.write(key)
+            return
         }
+        let rest = Self.writeTagged(key, tag: spot.tag, kind: UInt8(ascii: "p"), to: &out)
+        out.write(UnsafeBufferPointer(rebasing: key[rest...]))
     }
 
     /// A bucket's name: `<prefix>:{<namespace>:<tag>}:d:<slot>:<bucket in hex>`.
@@ -160,9 +165,12 @@ public struct CompactRecords: Sendable, Hashable {
     }
 
     public func writeBucketKey(of storeKey: String, at spot: Spot, slot: Int64, to out: inout ByteCursor) {
-        storeKey.withUTF8InPlace { key in
-            _ = Self.writeTagged(key, tag: spot.tag, kind: UInt8(ascii: "d"), to: &out)
-        }
+        storeKey.withUTF8InPlace { writeBucketKey(of: $0, at: spot, slot: slot, to: &out) }
+    }
+
+    /// `writeBucketKey` of a store key's UTF-8 bytes.
+    public func writeBucketKey(of key: UnsafeBufferPointer<UInt8>, at spot: Spot, slot: Int64, to out: inout ByteCursor) {
+        _ = Self.writeTagged(key, tag: spot.tag, kind: UInt8(ascii: "d"), to: &out)
         out.writeDigits(slot)
         out.write(UInt8(ascii: ":"))
         out.writeDigits(Int64(spot.bucket), radix: 16)
@@ -214,12 +222,16 @@ public struct CompactRecords: Sendable, Hashable {
 
         /// What `records.writePendingKey(of: storeKey, at: spot, to: &out)` writes.
         public func writePendingKey(of storeKey: String, at spot: Spot, to out: inout ByteCursor) {
-            storeKey.withUTF8InPlace { key in
-                guard !records.readsKeysLayout, shares(key) else { return records.writePendingKey(of: storeKey, at: spot, to: &out) }
-                writeHead(tag: spot.tag, to: &out)
-                out.write("}:p:")
-                out.write(UnsafeBufferPointer(rebasing: key[keyHead.count...]))
-            }
+            storeKey.withUTF8InPlace { writePendingKey(of: $0, at: spot, to: &out) }
+        }
+
+        /// `writePendingKey` of a store key's UTF-8 bytes (the command writer lends them once for
+        /// the name and its size).
+        public func writePendingKey(of key: UnsafeBufferPointer<UInt8>, at spot: Spot, to out: inout ByteCursor) {
+            guard !records.readsKeysLayout, shares(key) else { return records.writePendingKey(of: key, at: spot, to: &out) }
+            writeHead(tag: spot.tag, to: &out)
+            out.write("}:p:")
+            out.write(UnsafeBufferPointer(rebasing: key[keyHead.count...]))
         }
 
         /// What `records.appendBucketKey(of: storeKey, at: spot, slot: slots[slot], to: &out)` appends.
@@ -229,8 +241,13 @@ public struct CompactRecords: Sendable, Hashable {
 
         /// What `records.writeBucketKey(of: storeKey, at: spot, slot: slots[slot], to: &out)` writes.
         public func writeBucketKey(of storeKey: String, at spot: Spot, slotAt slot: Int, to out: inout ByteCursor) {
-            guard storeKey.withUTF8InPlace(shares) else {
-                return records.writeBucketKey(of: storeKey, at: spot, slot: slots[slot], to: &out)
+            storeKey.withUTF8InPlace { writeBucketKey(of: $0, at: spot, slotAt: slot, to: &out) }
+        }
+
+        /// `writeBucketKey` of a store key's UTF-8 bytes (as `writePendingKey(of:at:to:)`).
+        public func writeBucketKey(of key: UnsafeBufferPointer<UInt8>, at spot: Spot, slotAt slot: Int, to out: inout ByteCursor) {
+            guard shares(key) else {
+                return records.writeBucketKey(of: key, at: spot, slot: slots[slot], to: &out)
             }
             writeHead(tag: spot.tag, to: &out)
             out.write(bucketMiddles[slot])

@@ -289,15 +289,20 @@ extension RedisClaimStore {
 
 extension RedisCommandBatch {
     /// A compact item's pending key as an argument, its name written in place (`GroupNames`).
+    /// The name is written from the store key's bytes, lent once, and sized from their count.
     @inline(__always)
     mutating func appendPendingKey(of storeKey: String, at spot: CompactRecords.Spot, _ names: CompactRecords.GroupNames) {
-        appendArgument(atMost: CompactRecords.maxNameLength(of: storeKey)) { names.writePendingKey(of: storeKey, at: spot, to: &$0) }
+        storeKey.withUTF8InPlace { key in
+            appendArgument(atMost: key.count + CompactRecords.nameOverhead) { names.writePendingKey(of: key, at: spot, to: &$0) }
+        }
     }
 
     /// A compact item's bucket in the group's slot `slot` as an argument, written in place.
     @inline(__always)
     mutating func appendBucketKey(of storeKey: String, at spot: CompactRecords.Spot, slotAt slot: Int, _ names: CompactRecords.GroupNames) {
-        appendArgument(atMost: CompactRecords.maxNameLength(of: storeKey)) { names.writeBucketKey(of: storeKey, at: spot, slotAt: slot, to: &$0) }
+        storeKey.withUTF8InPlace { key in
+            appendArgument(atMost: key.count + CompactRecords.nameOverhead) { names.writeBucketKey(of: key, at: spot, slotAt: slot, to: &$0) }
+        }
     }
 
     /// A compact item's field (12 digest bytes) as an argument.
