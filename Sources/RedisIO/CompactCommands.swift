@@ -27,6 +27,8 @@ extension RedisClaimStore {
     private static let hexistsName = EncodedArguments(["HEXISTS"])
     private static let hsetName = EncodedArguments(["HSET"])
     private static let emptyValue = EncodedArguments([""])
+    private static let mgetName = EncodedArguments(["MGET"])
+    private static let delName = EncodedArguments(["DEL"])
 
     /// Who holds a pending key, read from its value without building a string for this worker's
     /// own claims (the common answer).
@@ -248,16 +250,21 @@ extension RedisClaimStore {
                 }
             }
             let keys = groups.reduce(0) { $0 + $1.items.storeKeys.count }
-            for command in ["MGET", "DEL"] where keys > 0 {
-                batch.begin(arguments: 1 + keys)
-                batch.append(command)
-                for (items, _) in groups {
-                    let names = items.names
-                    for item in items.storeKeys.indices {
-                        batch.appendPendingKey(of: items.storeKeys[item], at: items.spots[item], names)
-                    }
+            guard keys > 0 else { return batch }
+            batch.begin(arguments: 1 + keys)
+            batch.append(Self.mgetName)
+            let pendingKeys = batch.byteCount
+            for (items, _) in groups {
+                let names = items.names
+                for item in items.storeKeys.indices {
+                    batch.appendPendingKey(of: items.storeKeys[item], at: items.spots[item], names)
                 }
             }
+            // The same names, copied: the DEL goes after the MGET and every HSET.
+            let pendingKeysEnd = batch.byteCount
+            batch.begin(arguments: 1 + keys)
+            batch.append(Self.delName)
+            batch.repeatArguments(from: pendingKeys, to: pendingKeysEnd, count: keys)
             return batch
         }, slots: [], parse: { CompactReply($0, mine: mine) })
         return Request { [self] in

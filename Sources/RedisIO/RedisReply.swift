@@ -140,6 +140,23 @@ struct RedisCommandBatch: Sendable {
         counted(encoded.count)
     }
 
+    /// Where the next argument's bytes start: with `repeatArguments(from:to:count:)`, a run of
+    /// arguments written once and appended again.
+    var byteCount: Int { storage.count }
+
+    /// Appends again the `count` arguments written between bytes `start` and `end` (a confirm's
+    /// `DEL` of the pending keys its `MGET` named): one copy of their bytes instead of spelling
+    /// each name again. The run's command must have declared its count (`begin(arguments:)`):
+    /// an undeclared count's header is widened as arguments come, which moves them.
+    mutating func repeatArguments(from start: Int, to end: Int, count: Int) {
+        precondition(0 <= start && start <= end && end <= storage.count, "a run of arguments outside the batch")
+        let length = end - start
+        room(length)
+        (storage.base + storage.count).initialize(from: storage.base + start, count: length)
+        storage.count += length
+        counted(count)
+    }
+
     /// An argument of `length` bytes, which `write` writes in place: its header goes first, so
     /// nothing is moved after (a digest's 12-byte field).
     @inline(__always)

@@ -91,4 +91,32 @@ struct CommandBatchBytesTests {
             #expect(picked.commandCount == 4)
         }
     }
+
+    /// A run of arguments appended again to the next command (a confirm's `MGET` and `DEL` of the
+    /// same pending keys) is encoded as if each were appended anew, whatever their widths.
+    @Test func repeatedArgumentsMatchAPlainEncoder() {
+        var rng = SystemRandomNumberGenerator()
+        for _ in 0..<100 {
+            let arguments = (0..<[1, 9, 10, 11, 99, 100, 101].randomElement(using: &rng)!).map { _ in
+                (0..<[0, 1, 9, 10, 11, 99, 100, 101].randomElement(using: &rng)!).map { _ in UInt8.random(in: 0...255, using: &rng) }
+            }
+            var batch = RedisCommandBatch()
+            batch.begin(arguments: 1 + arguments.count)
+            batch.append("MGET")
+            let start = batch.byteCount
+            for argument in arguments {
+                if Bool.random(using: &rng) {
+                    batch.append(argument)
+                } else {
+                    batch.appendArgument(atMost: argument.count + 2) { $0.write(argument) }
+                }
+            }
+            let end = batch.byteCount
+            batch.begin(arguments: 1 + arguments.count)
+            batch.append("DEL")
+            batch.repeatArguments(from: start, to: end, count: arguments.count)
+            #expect(batch.bytes == Self.reference([[Array("MGET".utf8)] + arguments, [Array("DEL".utf8)] + arguments]))
+            #expect(batch.commandCount == 2)
+        }
+    }
 }
