@@ -113,20 +113,22 @@ extension RedisClaimStore {
             var batch = RedisCommandBatch()
             // A name is its store key and under 64 bytes more; a command's own bytes fewer.
             batch.reserve(bytes: groups.reduce(0) { $0 + $1.items.storeKeys.count * (1 + $1.items.slots.count) * 160 }, arguments: 0)
-            for (items, lease) in groups {
-                let setTail = EncodedArguments([RedisArgument(bytes: mine), "NX", "PX", RedisArgument(lease)])
-                let names = items.names
-                for item in items.storeKeys.indices {
-                    let key = items.storeKeys[item], spot = items.spots[item]
-                    batch.begin(arguments: 6)
-                    batch.append(Self.setName)
-                    batch.appendPendingKey(of: key, at: spot, names)
-                    batch.append(setTail)
-                    for slot in items.slots.indices {
-                        batch.begin(arguments: 3)
-                        batch.append(Self.hexistsName)
-                        batch.appendBucketKey(of: key, at: spot, slotAt: slot, names)
-                        batch.appendField(of: spot)
+            batch.withOwnStorage { batch in
+                for (items, lease) in groups {
+                    let setTail = EncodedArguments([RedisArgument(bytes: mine), "NX", "PX", RedisArgument(lease)])
+                    let names = items.names
+                    for item in items.storeKeys.indices {
+                        let key = items.storeKeys[item], spot = items.spots[item]
+                        batch.begin(arguments: 6)
+                        batch.append(Self.setName)
+                        batch.appendPendingKey(of: key, at: spot, names)
+                        batch.append(setTail)
+                        for slot in items.slots.indices {
+                            batch.begin(arguments: 3)
+                            batch.append(Self.hexistsName)
+                            batch.appendBucketKey(of: key, at: spot, slotAt: slot, names)
+                            batch.appendField(of: spot)
+                        }
                     }
                 }
             }
@@ -238,33 +240,35 @@ extension RedisClaimStore {
         let first = redis.send({
             var batch = RedisCommandBatch()
             batch.reserve(bytes: groups.reduce(0) { $0 + $1.items.storeKeys.count * 240 }, arguments: 0)
-            for (items, _) in groups {
-                let names = items.names
-                for item in items.storeKeys.indices {
-                    let key = items.storeKeys[item], spot = items.spots[item]
-                    batch.begin(arguments: 4)
-                    batch.append(Self.hsetName)
-                    batch.appendBucketKey(of: key, at: spot, slotAt: 0, names)
-                    batch.appendField(of: spot)
-                    batch.append(Self.emptyValue)
+            batch.withOwnStorage { batch in
+                for (items, _) in groups {
+                    let names = items.names
+                    for item in items.storeKeys.indices {
+                        let key = items.storeKeys[item], spot = items.spots[item]
+                        batch.begin(arguments: 4)
+                        batch.append(Self.hsetName)
+                        batch.appendBucketKey(of: key, at: spot, slotAt: 0, names)
+                        batch.appendField(of: spot)
+                        batch.append(Self.emptyValue)
+                    }
                 }
-            }
-            let keys = groups.reduce(0) { $0 + $1.items.storeKeys.count }
-            guard keys > 0 else { return batch }
-            batch.begin(arguments: 1 + keys)
-            batch.append(Self.mgetName)
-            let pendingKeys = batch.byteCount
-            for (items, _) in groups {
-                let names = items.names
-                for item in items.storeKeys.indices {
-                    batch.appendPendingKey(of: items.storeKeys[item], at: items.spots[item], names)
+                let keys = groups.reduce(0) { $0 + $1.items.storeKeys.count }
+                guard keys > 0 else { return }
+                batch.begin(arguments: 1 + keys)
+                batch.append(Self.mgetName)
+                let pendingKeys = batch.byteCount
+                for (items, _) in groups {
+                    let names = items.names
+                    for item in items.storeKeys.indices {
+                        batch.appendPendingKey(of: items.storeKeys[item], at: items.spots[item], names)
+                    }
                 }
+                // The same names, copied: the DEL goes after the MGET and every HSET.
+                let pendingKeysEnd = batch.byteCount
+                batch.begin(arguments: 1 + keys)
+                batch.append(Self.delName)
+                batch.repeatArguments(from: pendingKeys, to: pendingKeysEnd, count: keys)
             }
-            // The same names, copied: the DEL goes after the MGET and every HSET.
-            let pendingKeysEnd = batch.byteCount
-            batch.begin(arguments: 1 + keys)
-            batch.append(Self.delName)
-            batch.repeatArguments(from: pendingKeys, to: pendingKeysEnd, count: keys)
             return batch
         }, slots: [], parse: { CompactReply($0, mine: mine) })
         return Request { [self] in

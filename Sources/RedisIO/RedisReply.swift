@@ -34,6 +34,8 @@ struct RedisCommandBatch: Sendable {
     private var arguments = 0
     private var argumentsWidth = 1
     private var declared: Int?
+    /// Set inside `withOwnStorage`, where the storage is known to be this batch's alone.
+    private var ownsStorage = false
 
     /// The bytes, copied on write as an array's are: a batch is built by one task, then read.
     private final class Storage: @unchecked Sendable {
@@ -77,7 +79,20 @@ struct RedisCommandBatch: Sendable {
     /// Room for `extra` more bytes in storage this batch alone holds.
     @inline(__always)
     private mutating func room(_ extra: Int) {
-        if storage.count + extra > storage.capacity || !isKnownUniquelyReferenced(&storage) { grow(extra) }
+        assert(!ownsStorage || isKnownUniquelyReferenced(&storage), "a batch copied inside withOwnStorage")
+        if storage.count + extra > storage.capacity || !(ownsStorage || isKnownUniquelyReferenced(&storage)) { grow(extra) }
+    }
+
+    /// Runs `body` with this batch's storage made its own once, so that its writes check the
+    /// room left but not, per argument, whether the storage is shared (a runtime call each: a
+    /// key's claim writes a dozen arguments). `body` must not copy the batch; debug builds
+    /// check that it does not.
+    @inline(__always)
+    mutating func withOwnStorage<R>(_ body: (inout RedisCommandBatch) throws -> R) rethrows -> R {
+        if !isKnownUniquelyReferenced(&storage) { grow(0) }
+        ownsStorage = true
+        defer { ownsStorage = false }
+        return try body(&self)
     }
 
     /// New storage (doubling, so a large batch costs few moves) with this batch's bytes.

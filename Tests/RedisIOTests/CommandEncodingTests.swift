@@ -92,6 +92,24 @@ struct CommandBatchBytesTests {
         }
     }
 
+    /// Writes inside `withOwnStorage` skip the per-argument check for shared storage, so the
+    /// scope must take its own copy first: a copy made before it keeps its bytes.
+    @Test func writesInsideOwnStorageLeaveEarlierCopiesAlone() {
+        let ping = [Array("PING".utf8)]
+        var batch = RedisCommandBatch()
+        batch.begin(arguments: 1)
+        batch.append("PING")
+        let copy = batch
+        batch.withOwnStorage { batch in
+            for _ in 0..<100 {
+                batch.begin(arguments: 1)
+                batch.append("PING")
+            }
+        }
+        #expect(copy.bytes == Self.reference([ping]))
+        #expect(batch.bytes == Self.reference(Array(repeating: ping, count: 101)))
+    }
+
     /// A run of arguments appended again to the next command (a confirm's `MGET` and `DEL` of the
     /// same pending keys) is encoded as if each were appended anew, whatever their widths.
     @Test func repeatedArgumentsMatchAPlainEncoder() {
