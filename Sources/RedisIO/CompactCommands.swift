@@ -76,8 +76,6 @@ extension RedisClaimStore {
             default: self = .error("unexpected reply type \(r.type)")
             }
         }
-
-        var found: Bool { if case .integer(1) = self { true } else { false } }
     }
 
     /// The groups as compact items with the slots a claim reads (`confirming`: the one slot a
@@ -145,21 +143,28 @@ extension RedisClaimStore {
             // already, whose holder is read.
             var giveBack: [(Int, Int)] = [], held: [(Int, Int, Int)] = []
             var r = 0
+            outcomes.reserveCapacity(groups.reduce(0) { $0 + $1.items.storeKeys.count })
             for (g, (items, _)) in groups.enumerated() {
                 for item in items.storeKeys.indices {
-                    let set = replies[r]
-                    let reads = replies[r + 1...r + items.slots.count]
-                    r += 1 + items.slots.count
-                    for reply in replies[r - 1 - items.slots.count..<r] {
-                        if case .error(let text) = reply { throw RedisError.fromServerReply(text, context: "a compact claim") }
-                    }
+                    // The `SET`'s reply, then one `HEXISTS` reply per live slot: matched in place,
+                    // without copying a reply or slicing the array per key.
                     let taken: Bool
-                    switch set {
+                    switch replies[r] {
                     case .text: taken = true
                     case .null: taken = false
-                    default: throw RedisError(.protocolError, "unexpected reply to SET NX of a pending claim: \(set)")
+                    case .error(let text): throw RedisError.fromServerReply(text, context: "a compact claim")
+                    default: throw RedisError(.protocolError, "unexpected reply to SET NX of a pending claim: \(replies[r])")
                     }
-                    if reads.contains(where: \.found) {
+                    var found = false
+                    for k in r + 1 ..< r + 1 + items.slots.count {
+                        switch replies[k] {
+                        case .integer(let n): found = found || n == 1
+                        case .error(let text): throw RedisError.fromServerReply(text, context: "a compact claim")
+                        default: break
+                        }
+                    }
+                    r += 1 + items.slots.count
+                    if found {
                         if taken { giveBack.append((g, item)) }
                         outcomes.append(.done)
                     } else if taken {
