@@ -127,7 +127,7 @@ public struct DedupLedger: Sendable {
         /// a copy of a stored one retained its empty buffers, per removed entry.
         static var vacant: Entry {
             Entry(
-                place: .claiming, route: 0, message: InboundMessage(topic: "", partition: 0, offset: 0, value: []),
+                place: .claiming, route: 0, message: InboundMessage(topic: "", partition: 0, offset: 0, bytes: .empty),
                 size: 0, deadline: noDeadline, leaseTakenAt: nil, token: nil)
         }
     }
@@ -796,7 +796,7 @@ public struct DedupLedger: Sendable {
             // offset and a revocation), so no buffer of it is retained twice.
             var message = InboundMessage(
                 topic: self.entries.values[i].message.topic, partition: self.entries.values[i].message.partition,
-                offset: self.entries.values[i].message.offset, value: [])
+                offset: self.entries.values[i].message.offset, bytes: .empty)
             swap(&message, &self.entries.values[i].message)
             // Moved, the message into the dispatch and the dispatch into the list: left to the
             // optimizer, one of the two was copied (its buffers retained and released again).

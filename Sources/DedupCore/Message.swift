@@ -271,6 +271,10 @@ public struct MessageBytes: Sendable {
         (valueCount, keyCount, headerCount) = counts
     }
 
+    /// No value, key or headers (what a message moved out of its entry leaves behind), without
+    /// the general initializer's checks and its release of the empty arrays passed to it.
+    public static var empty: MessageBytes { MessageBytes(sharing: []) }
+
     /// A value alone: the value's own array, shared, no copy.
     private init(sharing value: [UInt8]) {
         storage = value
