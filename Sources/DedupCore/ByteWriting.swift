@@ -3,29 +3,36 @@
 /// checks uniqueness and capacity on every call (per byte for the `$`, digits and CRLF of
 /// every argument). Every write checks the end, so a wrong reservation stops the process
 /// instead of writing past it.
+///
+/// The small writers are `@inlinable`: the command writer (RedisIO) and the `log` handler's
+/// lines (DedupService) call them from other modules, where a call per literal or per length
+/// cost more than the copy it makes.
 public struct ByteCursor {
-    public private(set) var position: UnsafeMutablePointer<UInt8>
+    /// Where the next byte goes (read-only outside; the writers move it).
+    public var position: UnsafeMutablePointer<UInt8> { next }
+    @usableFromInline var next: UnsafeMutablePointer<UInt8>
     public let end: UnsafeMutablePointer<UInt8>
 
     /// Writes go to `start` and on, up to `end` (exclusive).
+    @inlinable
     public init(_ start: UnsafeMutablePointer<UInt8>, end: UnsafeMutablePointer<UInt8>) {
-        position = start
+        next = start
         self.end = end
     }
 
-    @inline(__always)
-    private mutating func advance(_ n: Int) -> UnsafeMutablePointer<UInt8> {
-        precondition(n <= end - position, "a write past the room reserved for it")
-        defer { position += n }
-        return position
+    @inlinable @inline(__always)
+    mutating func advance(_ n: Int) -> UnsafeMutablePointer<UInt8> {
+        precondition(n <= end - next, "a write past the room reserved for it")
+        defer { next += n }
+        return next
     }
 
-    @inline(__always)
+    @inlinable @inline(__always)
     public mutating func write(_ byte: UInt8) { advance(1).initialize(to: byte) }
 
     /// A name's parts are a few to a few dozen bytes: up to 16 are copied as two words that may
     /// overlap (no call to memcpy, which costs more than such a copy).
-    @inline(__always)
+    @inlinable @inline(__always)
     public mutating func write(_ bytes: UnsafeBufferPointer<UInt8>) {
         guard let from = bytes.baseAddress else { return }
         let n = bytes.count
@@ -44,19 +51,19 @@ public struct ByteCursor {
         }
     }
 
-    @inline(__always)
+    @inlinable @inline(__always)
     public mutating func write(_ bytes: UnsafeRawBufferPointer) { write(bytes.assumingMemoryBound(to: UInt8.self)) }
 
-    @inline(__always)
+    @inlinable @inline(__always)
     public mutating func write(_ bytes: [UInt8]) { bytes.withUnsafeBufferPointer { write($0) } }
 
-    @inline(__always)
+    @inlinable @inline(__always)
     public mutating func write(_ literal: StaticString) {
         write(UnsafeBufferPointer(start: literal.utf8Start, count: literal.utf8CodeUnitCount))
     }
 
     /// `\r\n`, RESP's line end.
-    @inline(__always)
+    @inlinable @inline(__always)
     public mutating func writeCRLF() {
         let at = advance(2)
         at[0] = 13
@@ -64,7 +71,7 @@ public struct ByteCursor {
     }
 
     /// A count or a length in decimal: one or two digits (most of RESP's) without a call.
-    @inline(__always)
+    @inlinable @inline(__always)
     public mutating func writeSmallDigits(_ value: Int) {
         if value >= 0 && value < 10 {
             write(UInt8(ascii: "0") &+ UInt8(truncatingIfNeeded: value))
