@@ -93,8 +93,8 @@ public struct CompactRecords: Sendable, Hashable {
         /// The bucket index within a slot (`buckets` of them).
         public var bucket: Int
         /// Digest bytes 4..<16, the bucket's field: 8 bytes, then 4, big-endian.
-        var fieldHead: UInt64
-        var fieldTail: UInt32
+        @usableFromInline var fieldHead: UInt64
+        @usableFromInline var fieldTail: UInt32
 
         /// A field's length in bytes.
         public static let fieldLength = 12
@@ -113,7 +113,7 @@ public struct CompactRecords: Sendable, Hashable {
 
         /// The 12 bytes as one copy: a tuple of the two words is laid out in order without
         /// padding (its size, unlike its stride, is 12).
-        @inline(__always)
+        @inlinable @inline(__always)
         public func writeField(to out: inout ByteCursor) {
             withUnsafeBytes(of: (fieldHead.bigEndian, fieldTail.bigEndian)) { out.write($0) }
         }

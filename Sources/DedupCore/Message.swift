@@ -184,9 +184,9 @@ public struct InboundMessage: Sendable {
 /// The headers of an `InboundMessage` as raw bytes, valid only inside `withParts`: each
 /// header's name and value (`nil`: a null value), in order.
 public struct RawHeaders: Sequence, IteratorProtocol {
-    private let storage: UnsafeRawBufferPointer
-    private var at: Int
-    private var left: Int
+    @usableFromInline let storage: UnsafeRawBufferPointer
+    @usableFromInline var at: Int
+    @usableFromInline var left: Int
 
     fileprivate init(storage: UnsafeRawBufferPointer, start: Int, count: Int) {
         self.storage = storage
@@ -194,6 +194,8 @@ public struct RawHeaders: Sequence, IteratorProtocol {
         left = count
     }
 
+    /// Inlinable: the `log` handler reads every header of every line through it.
+    @inlinable
     public mutating func next() -> (name: UnsafeRawBufferPointer, value: UnsafeRawBufferPointer?)? {
         guard left > 0 else { return nil }
         left -= 1
@@ -305,15 +307,18 @@ public struct MessageBytes: Sendable {
 
     /// Writes a message's parts in their order: the value first, once; the key after it, at
     /// most once; then the headers.
+    ///
+    /// Inlinable: the consumer (KafkaIO) writes every part of every message through it.
     public struct Writer {
-        fileprivate var cursor: ByteCursor
-        fileprivate var valueCount = 0
-        fileprivate var keyCount = -1
-        fileprivate var headerCount = 0
-        private var phase = 0  // 0: value next, 1: key next, 2: headers
+        @usableFromInline var cursor: ByteCursor
+        @usableFromInline var valueCount = 0
+        @usableFromInline var keyCount = -1
+        @usableFromInline var headerCount = 0
+        @usableFromInline var phase = 0  // 0: value next, 1: key next, 2: headers
 
         fileprivate init(cursor: ByteCursor) { self.cursor = cursor }
 
+        @inlinable @inline(__always)
         public mutating func value(_ value: UnsafeRawBufferPointer) {
             precondition(phase == 0, "the value comes first")
             cursor.write(value)
@@ -321,6 +326,7 @@ public struct MessageBytes: Sendable {
             phase = 1
         }
 
+        @inlinable @inline(__always)
         public mutating func key(_ key: UnsafeRawBufferPointer) {
             precondition(phase == 1, "the key comes after the value and before the headers")
             cursor.write(key)
@@ -328,6 +334,7 @@ public struct MessageBytes: Sendable {
             phase = 2
         }
 
+        @inlinable @inline(__always)
         public mutating func header(name: UnsafeRawBufferPointer, value: UnsafeRawBufferPointer?) {
             precondition(phase >= 1, "headers come after the value")
             phase = 2
@@ -338,7 +345,8 @@ public struct MessageBytes: Sendable {
             headerCount += 1
         }
 
-        private static func write(_ v: Int, to cursor: inout ByteCursor) {
+        @inlinable @inline(__always)
+        static func write(_ v: Int, to cursor: inout ByteCursor) {
             precondition(v >= -1 && v <= Int(Int32.max), "a header part over 2 GiB")
             withUnsafeBytes(of: Int32(v).littleEndian) { cursor.write($0) }
         }
@@ -360,6 +368,7 @@ public struct MessageBytes: Sendable {
     }
 
     /// The name and value (`nil`: null) of the header whose lengths start at `i`.
+    @inlinable @inline(__always)
     static func headerRanges(in s: UnsafeRawBufferPointer, at i: Int) -> (name: Range<Int>, value: Range<Int>?) {
         let nameCount = readInt32(s, at: i)
         let valueCount = readInt32(s, at: i + 4)
@@ -367,6 +376,7 @@ public struct MessageBytes: Sendable {
         return (i + 8..<valueStart, valueCount < 0 ? nil : valueStart..<valueStart + valueCount)
     }
 
+    @inlinable @inline(__always)
     static func readInt32(_ s: UnsafeRawBufferPointer, at i: Int) -> Int {
         Int(Int32(littleEndian: s.loadUnaligned(fromByteOffset: i, as: Int32.self)))
     }
