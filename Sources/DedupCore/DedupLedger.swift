@@ -476,7 +476,7 @@ public struct DedupLedger: Sendable {
     /// `\.retention` for confirms), in the order of `keys`, for one round trip.
     public func storeGroups(_ keys: [DedupKey], ttl: KeyPath<DedupSettings, Duration>) -> [KeyGroup] {
         guard hasRoutes else {
-            return keys.isEmpty ? [] : [Self.withDigests(KeyGroup(keys.map(\.storeKey), ttl: settings[keyPath: ttl], layout: settings.doneLayout), keys)]
+            return keys.isEmpty ? [] : [Self.withDigests(KeyGroup(Self.storeKeys(of: keys), ttl: settings[keyPath: ttl], layout: settings.doneLayout), keys)]
         }
         var groups: [KeyGroup] = []
         var groupKeys: [[DedupKey]] = []
@@ -492,6 +492,15 @@ public struct DedupLedger: Sendable {
             }
         }
         return zip(groups, groupKeys).map { Self.withDigests($0, $1) }
+    }
+
+    /// The keys' store keys, each read in place: `map(\.storeKey)` copied every key whole
+    /// (through its type's value witnesses) only to read one property.
+    private static func storeKeys(of keys: [DedupKey]) -> [String] {
+        var out: [String] = []
+        out.reserveCapacity(keys.count)
+        for i in keys.indices { out.append(keys[i].storeKey) }
+        return out
     }
 
     /// The group with its keys' digests when every key has one (a compact route's keys do).
@@ -550,11 +559,12 @@ public struct DedupLedger: Sendable {
         let now = Moment(now)
         var orphans: [DedupKey] = []
         var h = 0
+        // The key is read from the request where it is needed: a local copy of it costs a
+        // copy and a destroy of the whole key per claimed key.
         for (j, outcome) in outcomes.enumerated() {
-            let key = request.keys[j]
             var hold: HoldOutcome?
             var holdStep: EntityStep?
-            if h < request.holdKeys.count, request.holdKeys[h] == key {
+            if h < request.holdKeys.count, request.holdKeys[h] == request.keys[j] {
                 holdStep = request.holds[h]
                 hold = holds.isEmpty ? nil : holds[h]
                 h += 1
@@ -562,7 +572,7 @@ public struct DedupLedger: Sendable {
             let held: Bool = if case .held = hold { true } else { false }
             guard let i = waiting(request, j) else {
                 switch outcome {
-                case .claimed, .alreadyOwned: if entries.index(forKey: key) == nil { orphans.append(key) }
+                case .claimed, .alreadyOwned: if entries.index(forKey: request.keys[j]) == nil { orphans.append(request.keys[j]) }
                 case .done, .pendingElsewhere: break
                 }
                 if held, let holdStep { unholds.append(holdStep) }
@@ -571,9 +581,9 @@ public struct DedupLedger: Sendable {
             entries.values[i].awaiting = 0
             switch entries.values[i].place {
             case .claiming: break
-            case .parked: parkedKeys.remove(key)
+            case .parked: parkedKeys.remove(request.keys[j])
             case .buffered:
-                applyRenewal(at: i, key, outcome, hold: hold, holdStep: holdStep, now: now)
+                applyRenewal(at: i, request.keys[j], outcome, hold: hold, holdStep: holdStep, now: now)
                 continue
             case .awaitingToken, .inFlight, .confirming, .awaitingEntity: continue
             }
@@ -590,11 +600,11 @@ public struct DedupLedger: Sendable {
                 case .held?, nil:
                     entries.values[i].step?.held = held
                 case .rejected(let state)?:
-                    reject(at: i, key, from: state)
+                    reject(at: i, request.keys[j], from: state)
                     continue
                 case .busy?:
                     counters.entityBusy += 1
-                    park(at: i, key, now: now)
+                    park(at: i, request.keys[j], now: now)
                     continue
                 }
                 // `alreadyOwned`: this worker claimed it before, e.g. its release failed when the
@@ -613,7 +623,7 @@ public struct DedupLedger: Sendable {
             case .pendingElsewhere:
                 // A copy is in flight at another worker; its offset is not committed there, so
                 // nothing is lost by waiting. Look again until it is done or its lease expires.
-                park(at: i, key, now: now)
+                park(at: i, request.keys[j], now: now)
             }
         }
         return orphans
