@@ -212,8 +212,8 @@ struct LineBuffer: ~Copyable {
         count += n
     }
 
-    /// Digits two at a time from a table, the count found by multiplying up (a timestamp has
-    /// 13): half the divisions of one digit at a time, and none to count them.
+    /// Digits two at a time from a table, the count from the bit length: half the divisions
+    /// of one digit at a time, and none to count them (a timestamp has 13).
     mutating func appendDecimal(_ v: Int64) {
         reserve(20)
         if v < 0 {
@@ -221,12 +221,10 @@ struct LineBuffer: ~Copyable {
             count += 1
         }
         var n = v.magnitude
-        var digits = 1
-        var power: UInt64 = 10
-        while digits < 20 && n >= power {
-            digits += 1
-            power = power &* 10
-        }
+        // The count from the bit length: ⌊bits × log10 2⌋ (1233 / 4096) is the count or one less,
+        // and one comparison says which.
+        let guess = ((64 &- n.leadingZeroBitCount) &* 1233) &>> 12
+        let digits = Swift.max(1, n >= Self.powersOfTen[guess] ? guess &+ 1 : guess)
         var i = count + digits
         count = i
         let pairs = Self.digitPairs.utf8Start
@@ -244,6 +242,9 @@ struct LineBuffer: ~Copyable {
             base[i - 1] = UInt8(ascii: "0") &+ UInt8(truncatingIfNeeded: n)
         }
     }
+
+    /// 10^0 ... 10^19 (the largest a UInt64 holds).
+    private static let powersOfTen: [UInt64] = (0...19).map { (0..<$0).reduce(1) { p, _ in p * 10 } }
 
     private static let digitPairs: StaticString =
         "00010203040506070809101112131415161718192021222324252627282930313233343536373839404142434445464748495051525354555657585960616263646566676869707172737475767778798081828384858687888990919293949596979899"
