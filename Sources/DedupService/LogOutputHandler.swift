@@ -212,8 +212,8 @@ struct LineBuffer: ~Copyable {
         count += n
     }
 
-    /// Digits two at a time from a table, the count from the bit length: half the divisions
-    /// of one digit at a time, and none to count them (a timestamp has 13).
+    /// Digits two at a time from a table: half the divisions of one digit at a time (a
+    /// timestamp has 13), and none to count them.
     mutating func appendDecimal(_ v: Int64) {
         reserve(20)
         if v < 0 {

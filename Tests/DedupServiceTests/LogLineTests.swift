@@ -48,8 +48,8 @@ struct LogLineTests {
             let object = try JSONSerialization.jsonObject(with: Data(LogOutputHandler.line(for: d).utf8)) as? [String: Any]
             #expect(object?["partition"] as? Int == i)
         }
-        // Every digit count and its edges (the count is found by multiplying up, the digits
-        // written two at a time).
+        // Every digit count and its edges (the count is guessed from the bit length and
+        // corrected by one comparison, the digits written two at a time).
         var numbers: [Int64] = [-42, .min, .min + 1, 0, 7, 10, 1_764_800_000_000, .max, .max - 1]
         var power: Int64 = 1
         while power <= Int64.max / 10 {
