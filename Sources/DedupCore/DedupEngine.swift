@@ -497,7 +497,7 @@ public struct DedupEngine: Sendable {
                     claimInFlight = id
                     renewalsInFlight = request.renewals > 0
                     outstanding[id] = .claims(request, sentAt: now)
-                    return .claim(id, ledger.storeGroups(request.keys, ttl: \.lease), holds: request.holds)
+                    return .claim(id, ledger.storeGroups(request, ttl: \.lease), holds: request.holds)
                 }
             }
         } else if options.failOpen, claimInFlight == nil {
@@ -567,7 +567,7 @@ public struct DedupEngine: Sendable {
         let id = RequestID(rawValue: request.ticket)
         confirmInFlight = id
         outstanding[id] = .confirms(request)
-        return .confirm(id, ledger.storeGroups(request.keys, ttl: \.retention), moves: request.holds)
+        return .confirm(id, ledger.storeGroups(request, ttl: \.retention), moves: request.holds)
     }
 
     mutating func deadLetterAction() -> Action? {

@@ -17,18 +17,24 @@ public struct LedgerRequest: Sendable, Equatable {
     /// The entry each key was sent for, in the order of `keys`: the answers find it without a
     /// look-up (`DedupLedger.waiting`).
     var refs: [EntryRef] = []
+    /// Each key's digest when its route keeps the compact layout (`Entry.digest`), in the order
+    /// of `keys`: the store names the key's records from it without hashing the key again.
+    var digests: [KeyDigest?] = []
 
     init(ticket: UInt64, keys: [DedupKey] = [], renewals: Int = 0) {
         self.ticket = ticket
         self.keys = keys
         self.renewals = renewals
+        digests = Array(repeating: nil, count: keys.count)
     }
 
     /// A key and the entry it was sent for. The key is moved in: a copy would retain its string
     /// once more.
-    mutating func append(_ key: consuming DedupKey, _ ref: EntryRef) {
+    @inline(__always)
+    mutating func append(_ key: consuming DedupKey, _ ref: EntryRef, digest: KeyDigest? = nil) {
         keys.append(key)
         refs.append(ref)
+        digests.append(digest)
     }
 }
 
@@ -118,6 +124,9 @@ public struct DedupLedger: Sendable {
         var awaiting: UInt64 = 0
         /// Guard: the message's step; nil on routes without a guard.
         var step: GuardStep? = nil
+        /// The store key's SHA-256 digest on a compact route, taken once when the key's first
+        /// message arrives, so its claims and confirms do not hash it again.
+        var digest: KeyDigest? = nil
 
         /// The `deadline` of an entry in any other place than `buffered` or `parked`, where
         /// nothing reads it: a constant, so taking in a message does not read the clock.
@@ -263,7 +272,8 @@ public struct DedupLedger: Sendable {
         }
 
         guard let i = entries.index(forKey: key) else {
-            if case .compact = routeSettings[route].layout { key.digest = key.withStoreKey(keyDigest) }
+            var digest: KeyDigest?
+            if case .compact = routeSettings[route].layout { digest = key.withStoreKey(keyDigest) }
             var step: GuardStep?
             if let g = routeSettings[route].entityGuard {
                 do throws(BadInput) {
@@ -294,7 +304,7 @@ public struct DedupLedger: Sendable {
             let size = message.approximateSize
             let slot = entries.insertNew(Entry(
                 place: place, route: route, message: message, size: size,
-                deadline: Entry.noDeadline, leaseTakenAt: nil, token: token, step: step), for: consume key)
+                deadline: Entry.noDeadline, leaseTakenAt: nil, token: token, step: step, digest: digest), for: consume key)
             if place == .claiming { claimOrder.append(entries.ref(at: slot)) }
             return .new(slot: slot)
         }
@@ -414,9 +424,10 @@ public struct DedupLedger: Sendable {
         var request = LedgerRequest(ticket: ticket, renewals: renewals)
         request.keys.reserveCapacity(due.count)
         request.refs.reserveCapacity(due.count)
+        request.digests.reserveCapacity(due.count)
         for ref in groupedByRoute(due) {
             guard let i = entries.index(of: ref) else { continue }
-            request.append(entries.key(at: i), ref)
+            request.append(entries.key(at: i), ref, digest: entries.values[i].digest)
             entries.values[i].awaiting = ticket
             guard var step = entries.values[i].step else { continue }
             // A renewal extends the hold it has; any other claim asks anew, as a new attempt.
@@ -474,24 +485,28 @@ public struct DedupLedger: Sendable {
 
     /// The store keys of `keys` cut into groups of one time to live (`\.lease` for claims,
     /// `\.retention` for confirms), in the order of `keys`, for one round trip.
-    public func storeGroups(_ keys: [DedupKey], ttl: KeyPath<DedupSettings, Duration>) -> [KeyGroup] {
+    public func storeGroups(_ request: LedgerRequest, ttl: KeyPath<DedupSettings, Duration>) -> [KeyGroup] {
+        let keys = request.keys
+        // Digests that do not line up with the keys (none kept) leave the store to hash them.
+        let digests = request.digests.count == keys.count ? request.digests : Array(repeating: nil, count: keys.count)
         guard hasRoutes else {
-            return keys.isEmpty ? [] : [Self.withDigests(KeyGroup(Self.storeKeys(of: keys), ttl: settings[keyPath: ttl], layout: settings.doneLayout), keys)]
+            return keys.isEmpty ? [] : [Self.withDigests(KeyGroup(Self.storeKeys(of: keys), ttl: settings[keyPath: ttl], layout: settings.doneLayout), digests[...])]
         }
         var groups: [KeyGroup] = []
-        var groupKeys: [[DedupKey]] = []
-        for key in keys {
-            let s = routeSettings[route(key)]
+        var starts: [Int] = []
+        for i in keys.indices {
+            let s = routeSettings[route(keys[i])]
             let t = s[keyPath: ttl], layout = s.doneLayout
             if groups.last?.ttl == t, groups.last?.layout == layout {
-                groups[groups.count - 1].keys.append(key.storeKey)
-                groupKeys[groupKeys.count - 1].append(key)
+                groups[groups.count - 1].keys.append(keys[i].storeKey)
             } else {
-                groups.append(KeyGroup([key.storeKey], ttl: t, layout: layout))
-                groupKeys.append([key])
+                groups.append(KeyGroup([keys[i].storeKey], ttl: t, layout: layout))
+                starts.append(i)
             }
         }
-        return zip(groups, groupKeys).map { Self.withDigests($0, $1) }
+        return groups.indices.map { g in
+            Self.withDigests(groups[g], digests[starts[g] ..< starts[g] + groups[g].keys.count])
+        }
     }
 
     /// The keys' store keys, each read in place: `map(\.storeKey)` copied every key whole
@@ -503,14 +518,14 @@ public struct DedupLedger: Sendable {
         return out
     }
 
-    /// The group with its keys' digests when every key has one (a compact route's keys do).
-    private static func withDigests(_ group: KeyGroup, _ keys: [DedupKey]) -> KeyGroup {
+    /// The group with its keys' digests (`digests`, in the order of its keys) when every key has
+    /// one (a compact route's keys do).
+    private static func withDigests(_ group: KeyGroup, _ digests: ArraySlice<KeyDigest?>) -> KeyGroup {
         guard case .compact = group.layout else { return group }
         var group = group
-        group.digests.reserveCapacity(keys.count)
-        // By index: iterating copies each key (its string retained) only to read its digest.
-        for i in keys.indices {
-            guard let digest = keys[i].digest else { group.digests = []; return group }
+        group.digests.reserveCapacity(digests.count)
+        for digest in digests {
+            guard let digest else { group.digests = []; return group }
             group.digests.append(digest)
         }
         return group
@@ -886,9 +901,10 @@ public struct DedupLedger: Sendable {
         var request = LedgerRequest(ticket: ticket)
         request.keys.reserveCapacity(due.count)
         request.refs.reserveCapacity(due.count)
+        request.digests.reserveCapacity(due.count)
         for ref in due {
             guard let i = entries.index(of: ref) else { continue }
-            request.append(entries.key(at: i), ref)
+            request.append(entries.key(at: i), ref, digest: entries.values[i].digest)
             entries.values[i].awaiting = ticket
             // Guard: the entity moves to the message's state in the same round trip.
             if let step = entries.values[i].step, !step.rejected {

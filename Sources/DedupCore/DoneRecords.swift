@@ -3,8 +3,8 @@ import Foundation
 
 /// The first 16 bytes of a store key's SHA-256, big-endian: all the compact layout needs of it
 /// (`CompactRecords.spot`). SHA-256 is the largest per-key cost on the hot path, so a key's
-/// digest is taken once, when its first message arrives, and travels with the key
-/// (`DedupKey.digest`, `KeyGroup.digests`) to the claim and the confirm.
+/// digest is taken once, when its first message arrives, kept in the key's ledger entry, and
+/// sent beside the key (`LedgerRequest.digests`, `KeyGroup.digests`) to the claim and the confirm.
 public struct KeyDigest: Sendable, Hashable {
     /// Bytes 0..<8 and 8..<16.
     public var head: UInt64
@@ -122,7 +122,7 @@ public struct CompactRecords: Sendable, Hashable {
     /// `storeKey` is `DedupKey.storeKey`: `<prefix>:<namespace>:<rest>`.
     public func spot(of storeKey: String) -> Spot { spot(of: KeyDigest(of: storeKey)) }
 
-    /// A key's place from its digest (`DedupKey.digest`, taken once when the key was first seen):
+    /// A key's place from its digest (`KeyGroup.digests`, taken once when the key was first seen):
     /// tag and bucket from its top bits, the field from bytes 4..<16 (96 bits the bucket bits do
     /// not repeat; the false-duplicate bound is in docs/architecture.md).
     public func spot(of digest: KeyDigest) -> Spot {

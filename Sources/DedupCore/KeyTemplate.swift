@@ -332,15 +332,12 @@ public struct DedupKey: Hashable, Sendable, CustomStringConvertible {
     /// per message, and hashing the string each time showed in the worker's profile.
     /// Process-local (seeded per process), like every `hashValue`.
     let rawHash: Int
-    /// `storeKey`'s digest when its route keeps the compact layout (set by the ledger when the
-    /// key's first message arrives), so a claim and a confirm do not hash the key again. Not part
-    /// of the key's identity.
-    public var digest: KeyDigest?
     /// Whether `raw` is too long to be part of the store key, which then holds its digest.
     private let isLong: Bool
     /// Where `raw` starts in `text`'s UTF-8 bytes; for a long key, also where the store key ends.
-    /// It and `isLong` fill the digest's padding: a waiting message's key is held in several
-    /// tables, and their size counts against the memory bound (docs/performance.md).
+    /// A key is 32 bytes: it is held in several tables and requests per waiting message, and a
+    /// larger one was copied through its type's value witnesses (a compact route's SHA-256
+    /// digest of the key, which it once carried, is kept in the ledger's entry instead).
     @usableFromInline let rawStart: Int32
 
     public static let maxRawLength = 200

@@ -57,7 +57,7 @@ import Testing
 
         // One round trip for all three routes, each key with its route's lease.
         let keys = e.keysToClaim(now: clock.now)
-        let groups = e.storeGroups(keys.keys, ttl: \.lease)
+        let groups = e.storeGroups(keys, ttl: \.lease)
         #expect(groups.map(\.ttl) == [.seconds(35), .seconds(40), .seconds(32)], "default, payments, refunds: window + 30 s")
         // Compact routes (the default layout): each key's digest, taken once at ingest, goes with it.
         for group in groups {
@@ -71,7 +71,7 @@ import Testing
             for d in due { e.dispatchSucceeded(d.key) }
             let keys = e.keysToConfirm()
             if !keys.isEmpty {
-                e.applyConfirms(keys, try store.confirm(e.storeGroups(keys.keys, ttl: \.retention), owner: "w"))
+                e.applyConfirms(keys, try store.confirm(e.storeGroups(keys, ttl: \.retention), owner: "w"))
             }
             return due
         }
