@@ -6,7 +6,8 @@ import DequeModule
 /// answered is recognised as stale here.
 public struct LedgerRequest: Sendable, Equatable {
     public let ticket: UInt64
-    public var keys: [DedupKey]
+    /// Set only through `append` (and `init`), so `digests` stays in step with it.
+    public internal(set) var keys: [DedupKey]
     /// How many of `keys` renew the lease of a buffered key (claiming a key this worker owns
     /// extends its lease, so renewals ride in the claim round trip).
     public var renewals: Int
@@ -486,9 +487,7 @@ public struct DedupLedger: Sendable {
     /// The store keys of `keys` cut into groups of one time to live (`\.lease` for claims,
     /// `\.retention` for confirms), in the order of `keys`, for one round trip.
     public func storeGroups(_ request: LedgerRequest, ttl: KeyPath<DedupSettings, Duration>) -> [KeyGroup] {
-        let keys = request.keys
-        // Digests that do not line up with the keys (none kept) leave the store to hash them.
-        let digests = request.digests.count == keys.count ? request.digests : Array(repeating: nil, count: keys.count)
+        let keys = request.keys, digests = request.digests
         guard hasRoutes else {
             return keys.isEmpty ? [] : [Self.withDigests(KeyGroup(Self.storeKeys(of: keys), ttl: settings[keyPath: ttl], layout: settings.doneLayout), digests[...])]
         }
@@ -509,8 +508,8 @@ public struct DedupLedger: Sendable {
         }
     }
 
-    /// The keys' store keys, each read in place: `map(\.storeKey)` copied every key whole
-    /// (through its type's value witnesses) only to read one property.
+    /// The keys' store keys, each read in place: `map(\.storeKey)` copied every key (a retain
+    /// and a release of its string) only to read one property.
     private static func storeKeys(of keys: [DedupKey]) -> [String] {
         var out: [String] = []
         out.reserveCapacity(keys.count)
@@ -575,7 +574,7 @@ public struct DedupLedger: Sendable {
         var orphans: [DedupKey] = []
         var h = 0
         // The key is read from the request where it is needed: a local copy of it costs a
-        // copy and a destroy of the whole key per claimed key.
+        // retain and a release of its string per claimed key.
         for (j, outcome) in outcomes.enumerated() {
             var hold: HoldOutcome?
             var holdStep: EntityStep?
