@@ -85,7 +85,8 @@ let package = Package(
         ),
         // Real servers started for local runs: redis-server on a free port, temporary
         // directories, children spawned with a default signal mask (`dedupd demo`, `dedupd bench`,
-        // tests). Not part of the library.
+        // tests), and the loopback clients that talk to them and to the worker's HTTP endpoint
+        // (`dedupd healthcheck`). Not part of the library.
         .target(name: "LocalServers"),
         // `dedupd bench`: the worker against a bare consumer, in child processes.
         .target(

@@ -4,6 +4,7 @@ import DedupCore
 import DedupService
 import Foundation
 import KafkaIO
+import LocalServers
 import Logging
 import RedisIO
 import ServiceLifecycle

@@ -29,12 +29,14 @@ import Testing
         init(_ d: String) { description = d }
     }
 
-    /// Runs the engine until it polls or waits, answering releases and rounds as Redis and a
-    /// handler would; returns what it released and dispatched.
-    func settle(_ engine: inout DedupEngine, now: ContinuousClock.Instant) -> (released: [String], dispatched: [String]) {
-        var released: [String] = [], dispatched: [String] = []
-        for _ in 0..<50 {
-            switch engine.nextAction(now: now) {
+    /// Answers a release, a round or a confirm as Redis and a handler would (every key given
+    /// back, dispatched, confirmed) and notes what it released and dispatched; false for any
+    /// other action.
+    func answer(
+        _ action: DedupEngine.Action, _ engine: inout DedupEngine, now: ContinuousClock.Instant,
+        released: inout [String], dispatched: inout [String]
+    ) -> Bool {
+        switch action {
             case .release(let id, let keys, _):
                 released += keys
                 engine.handle(.answered([.releases(id, .success(keys.map { _ in true }))]), now: now)
@@ -43,6 +45,20 @@ import Testing
                 engine.handle(.answered([.round(id, due.map { _ in .success })]), now: now)
             case .confirm(let id, let groups, _):
                 engine.handle(.answered([.confirms(id, .success(groups.flatMap(\.keys).map { _ in .confirmed }))]), now: now)
+        default:
+            return false
+        }
+        return true
+    }
+
+    /// Runs the engine until it polls or waits, answering releases and rounds as Redis and a
+    /// handler would; returns what it released and dispatched.
+    func settle(_ engine: inout DedupEngine, now: ContinuousClock.Instant) -> (released: [String], dispatched: [String]) {
+        var released: [String] = [], dispatched: [String] = []
+        for _ in 0..<50 {
+            let action = engine.nextAction(now: now)
+            if answer(action, &engine, now: now, released: &released, dispatched: &dispatched) { continue }
+            switch action {
             case .poll, .wait:
                 return (released, dispatched)
             default:
@@ -96,15 +112,9 @@ import Testing
         var now = start
         var released: [String] = [], dispatched: [String] = []
         for _ in 0..<200 {
-            switch engine.nextAction(now: now) {
-            case .release(let id, let keys, _):
-                released += keys
-                engine.handle(.answered([.releases(id, .success(keys.map { _ in true }))]), now: now)
-            case .dispatch(let id, let due):
-                dispatched += due.map(\.key.raw)
-                engine.handle(.answered([.round(id, due.map { _ in .success })]), now: now)
-            case .confirm(let id, let groups, _):
-                engine.handle(.answered([.confirms(id, .success(groups.flatMap(\.keys).map { _ in .confirmed }))]), now: now)
+            let action = engine.nextAction(now: now)
+            if answer(action, &engine, now: now, released: &released, dispatched: &dispatched) { continue }
+            switch action {
             case .wait(let until):
                 now = max(now, until)
                 engine.handle(.answered([]), now: now)

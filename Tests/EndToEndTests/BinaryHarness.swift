@@ -115,3 +115,29 @@ func consumeAll(bootstrap: String, topic: String, count: Int) async throws -> [I
     #expect(out.count == count, "\(topic): \(out.count) records")
     return out
 }
+
+/// The worker config the group tests (chaos, rolling restart) run their workers with: the
+/// `orders` topic in group `group`, a 1 s window and a 6 s lease, stats every 5 s.
+func writeGroupWorkerConfig(
+    to file: URL, bootstrap: String, redisURL: String, group: String, rebalance mode: String,
+    concurrency: Int, maxBatch: Int
+) throws {
+    try """
+        kafka:
+          bootstrap_servers: \(bootstrap)
+          topics: [orders]
+          group: \(group)
+          rebalance: \(mode)
+        redis:
+          url: \(redisURL)
+        dedup:
+          namespace: \(group)
+          window: 1s
+          lease: 6s
+        handler:
+          concurrency: \(concurrency)
+          max_batch: \(maxBatch)
+        log:
+          stats_interval: 5s
+        """.write(to: file, atomically: true, encoding: .utf8)
+}

@@ -71,24 +71,9 @@ final class Chaos {
         let bootstrap = try mock.firstLine(timeout: .seconds(20))
         let group = "chaos-\(variant)"
         let config = dir.file("worker.yaml")
-        try """
-            kafka:
-              bootstrap_servers: \(bootstrap)
-              topics: [orders]
-              group: \(group)
-              rebalance: \(mode)
-            redis:
-              url: \(redis.url)
-            dedup:
-              namespace: \(group)
-              window: 1s
-              lease: 6s
-            handler:
-              concurrency: \(ChaosTests.round)
-              max_batch: \(ChaosTests.round)
-            log:
-              stats_interval: 5s
-            """.write(to: config, atomically: true, encoding: .utf8)
+        try writeGroupWorkerConfig(
+            to: config, bootstrap: bootstrap, redisURL: redis.url, group: group, rebalance: mode,
+            concurrency: ChaosTests.round, maxBatch: ChaosTests.round)
 
         func start(_ slot: Int) throws {
             runs += 1

@@ -91,24 +91,9 @@ final class RollingRestart {
         bootstrap = try mock.firstLine(timeout: .seconds(20))
         let group = "rolling-\(mode)"
         let config = dir.file("worker.yaml")
-        try """
-            kafka:
-              bootstrap_servers: \(bootstrap)
-              topics: [orders]
-              group: \(group)
-              rebalance: \(mode)
-            redis:
-              url: \(redis.url)
-            dedup:
-              namespace: \(group)
-              window: 1s
-              lease: 6s
-            handler:
-              concurrency: 4
-              max_batch: 50
-            log:
-              stats_interval: 5s
-            """.write(to: config, atomically: true, encoding: .utf8)
+        try writeGroupWorkerConfig(
+            to: config, bootstrap: bootstrap, redisURL: redis.url, group: group, rebalance: mode,
+            concurrency: 4, maxBatch: 50)
 
         func start(_ slot: Int) throws {
             runs += 1

@@ -1,6 +1,7 @@
 import DedupService
 import Foundation
 import KafkaIO
+import LocalServers
 import Testing
 import TestSupport
 

@@ -290,11 +290,13 @@ struct RedisConnectionTests {
         let fx = try await RedisFixture(commandTimeout: .milliseconds(100))
         let pauser = try await RedisConnection.connect(
             try RedisURL(fx.server.url), connectTimeout: .seconds(2), commandTimeout: .seconds(2), logger: quietLogger)
-        #expect(try await pauser.command("CLIENT", "PAUSE", 400, "ALL") == .status("OK"))
+        // Long against the ping's 100 ms, so a test machine under load still sends the ping
+        // inside the pause.
+        #expect(try await pauser.command("CLIENT", "PAUSE", 1500, "ALL") == .status("OK"))
         let error = try await #require(throws: RedisError.self) { try await fx.connection.ping() }
         #expect(error.code == .timeout)
         #expect(error.isRetriable)
-        let recovered = try await waitUntil {
+        let recovered = try await waitUntil(timeout: .seconds(6)) {
             (try? await fx.connection.ping()) != nil
         }
         #expect(recovered)
