@@ -136,20 +136,42 @@ final class HandlerRounds: DispatchRunner {
 
 /// Where answers arrive (store replies, round outcomes, dead-letter acknowledgements), from any
 /// thread, until the loop takes them.
+///
+/// A wait ends at its deadline through a timer of the loop's clock, but most waits end sooner,
+/// when an answer arrives, and a timer cannot be taken back. So a wait arms a timer only when no
+/// timer already armed fires at or before its deadline; a timer that fires before the deadline of
+/// the wait then in progress arms the next one for it. Waits that follow each other a millisecond
+/// apart, each up to `maxAnswerWait`, then share one timer instead of each waking the timer
+/// thread and a worker thread for nothing.
 final class AnswerInbox: Sendable {
     private struct State {
         var answers: [DedupEngine.Answer] = []
         var waiter: CheckedContinuation<[DedupEngine.Answer], Never>?
-        var wait: UInt64 = 0
+        /// The deadline of the wait in progress (`waiter`).
+        var deadline: ContinuousClock.Instant?
+        /// The deadlines of the timers armed and not yet fired.
+        var armed: [ContinuousClock.Instant] = []
+
+        /// Whether a timer already armed fires by `deadline`; if none does, counts the one the
+        /// caller arms.
+        mutating func needsTimer(by deadline: ContinuousClock.Instant) -> Bool {
+            if armed.contains(where: { $0 <= deadline }) { return false }
+            armed.append(deadline)
+            return true
+        }
     }
 
     private let state = Mutex(State())
+
+    /// Whether a wait is in progress (for tests).
+    var isWaiting: Bool { state.withLock { $0.waiter != nil } }
 
     func post(_ answer: DedupEngine.Answer) {
         let resume = state.withLock { s -> (CheckedContinuation<[DedupEngine.Answer], Never>, [DedupEngine.Answer])? in
             s.answers.append(answer)
             guard let waiter = s.waiter else { return nil }
             s.waiter = nil
+            s.deadline = nil
             defer { s.answers.removeAll() }
             return (waiter, s.answers)
         }
@@ -159,25 +181,49 @@ final class AnswerInbox: Sendable {
     /// What arrived, waiting until `deadline` if nothing has yet; empty when the deadline passed.
     func next(until deadline: ContinuousClock.Instant, clock: any LoopClock) async -> [DedupEngine.Answer] {
         await withCheckedContinuation { (c: CheckedContinuation<[DedupEngine.Answer], Never>) in
-            let wait = state.withLock { s -> UInt64? in
+            let needsTimer = state.withLock { s -> Bool? in
                 guard s.answers.isEmpty else { return nil }
                 s.waiter = c
-                s.wait += 1
-                return s.wait
+                s.deadline = deadline
+                return s.needsTimer(by: deadline)
             }
-            guard let wait else {
+            guard let needsTimer else {
                 let answers = state.withLock { s in defer { s.answers.removeAll() }; return s.answers }
                 return c.resume(returning: answers)
             }
-            clock.schedule(at: deadline) { [weak self] in self?.expire(wait) }
+            if needsTimer { arm(deadline, clock) }
         }
     }
 
-    /// Ends the wait `wait` with nothing, unless it ended already.
-    func expire(_ wait: UInt64? = nil) {
+    private func arm(_ deadline: ContinuousClock.Instant, _ clock: any LoopClock) {
+        clock.schedule(at: deadline) { [weak self] in self?.fired(deadline, clock) }
+    }
+
+    /// The timer armed for `deadline` fired: it ends the wait in progress if that wait's
+    /// deadline has come, or else arms a timer for it unless another armed one fires by then.
+    private func fired(_ deadline: ContinuousClock.Instant, _ clock: any LoopClock) {
+        enum Next { case expire(CheckedContinuation<[DedupEngine.Answer], Never>), arm(ContinuousClock.Instant), nothing }
+        let next = state.withLock { s -> Next in
+            if let i = s.armed.firstIndex(of: deadline) { s.armed.remove(at: i) }
+            guard let waiter = s.waiter, let due = s.deadline else { return .nothing }
+            if due <= deadline {
+                s.waiter = nil
+                s.deadline = nil
+                return .expire(waiter)
+            }
+            return s.needsTimer(by: due) ? .arm(due) : .nothing
+        }
+        switch next {
+        case .expire(let waiter): waiter.resume(returning: [])
+        case .arm(let due): arm(due, clock)
+        case .nothing: break
+        }
+    }
+
+    /// Ends the wait in progress with nothing (the task was cancelled).
+    func expire() {
         let waiter = state.withLock { s -> CheckedContinuation<[DedupEngine.Answer], Never>? in
-            guard wait == nil || wait == s.wait else { return nil }
-            defer { s.waiter = nil }
+            defer { s.waiter = nil; s.deadline = nil }
             return s.waiter
         }
         waiter?.resume(returning: [])
