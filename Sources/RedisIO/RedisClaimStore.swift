@@ -248,10 +248,11 @@ public final class RedisClaimStore: ClaimStore {
     }
 
     /// The request is on its way already; a task only waits for its answers (and reloads a
-    /// script the server lost).
+    /// script the server lost). It starts on the caller's thread and runs there until it waits
+    /// for the answers: starting it on the pool would wake a thread only to have it wait.
     private static func reply<Item: Sendable>(_ request: Request<Item>) -> StoreReply<[Item]> {
         let reply = StoreReply<[Item]>()
-        Task {
+        Task.immediate {
             do { reply.complete(.success(try await request.outcomes())) } catch { reply.complete(.failure(error)) }
         }
         return reply
