@@ -67,6 +67,12 @@ public struct DedupEngine: Sendable {
         /// Longest wait for answers before polling again, so a slow handler never keeps the
         /// consumer from polling (`max.poll.interval.ms`). Default: 50 ms.
         public var maxAnswerWait: Duration
+        /// How long new keys may wait for more before their claims go out, unless a consumer
+        /// batch's worth is waiting: one claim round trip for the messages of several fetches,
+        /// where a broker that answers each fetch as soon as anything arrives would have one per
+        /// fetch. Must be well inside the window (a claim answered after its message's window
+        /// ended delays its dispatch). Default: zero (claims go out at once).
+        public var claimGather: Duration
         /// On stop, how long the window may keep running: messages due within it are dispatched
         /// rather than released, so the partitions' next owner (a rolling restart's) reads
         /// nothing again. Nothing new is polled meanwhile. Default: zero (release at once).
@@ -80,9 +86,11 @@ public struct DedupEngine: Sendable {
             batchSize: Int = ConfigSchema.defaultCount("consumer.batch_size"),
             handlerMaxBatch: Int = ConfigSchema.defaultCount("handler.max_batch"), failOpen: Bool = false, stopWhenIdle: Duration? = nil,
             deadLetters: Bool = false, maxPollWait: Duration = .milliseconds(100), maxAnswerWait: Duration = .milliseconds(50),
-            shutdownDrain: Duration = .zero, keyDigest: @escaping @Sendable (String) -> KeyDigest = KeyDigest.init(of:)
+            shutdownDrain: Duration = .zero, claimGather: Duration = .zero,
+            keyDigest: @escaping @Sendable (String) -> KeyDigest = KeyDigest.init(of:)
         ) {
             self.keyDigest = keyDigest
+            self.claimGather = claimGather
             self.shutdownDrain = shutdownDrain
             self.batchSize = batchSize
             self.handlerMaxBatch = handlerMaxBatch
@@ -203,6 +211,8 @@ public struct DedupEngine: Sendable {
     /// Store requests and dead-letter batches in flight, by id.
     var outstanding: [RequestID: Outstanding] = [:]
     var claimInFlight: RequestID?
+    /// When the oldest polled key still to be claimed arrived (`Options.claimGather`).
+    var claimsGatheringSince: ContinuousClock.Instant?
     var confirmInFlight: RequestID?
     var releaseInFlight: RequestID?
     var tokensInFlight: RequestID?
@@ -282,6 +292,7 @@ public struct DedupEngine: Sendable {
             // messages come out in the order they were polled.
             events.withUnsafeMutableBufferPointer { $0.reverse() }
             while let e = events.popLast() { take(e, now: now) }
+            if claimsGatheringSince == nil, ledger.hasKeysToClaim { claimsGatheringSince = now }
         case .answered(let answers):
             pollDue = true
             for a in answers { take(a, now: now) }
@@ -490,7 +501,8 @@ public struct DedupEngine: Sendable {
             // its keys must be free before they are claimed again.
             if let action = releaseAction() { return action }
             if tokensInFlight == nil, let action = tokensAction() { return action }
-            if claimInFlight == nil {
+            if claimInFlight == nil, draining || claimsGathered(now: now) {
+                claimsGatheringSince = nil
                 let request = ledger.keysToClaim(now: now)
                 if !request.isEmpty {
                     let id = RequestID(rawValue: request.ticket)
@@ -532,6 +544,15 @@ public struct DedupEngine: Sendable {
         if let action = storeOffsetsAction() { return action }
         // Draining polls nothing, so there is nothing to pause or resume.
         return draining ? nil : backpressureAction(now: now)
+    }
+
+    /// Whether the polled keys waiting for a claim have gathered long enough, or are a consumer
+    /// batch's worth, to go out (`Options.claimGather`). The wait starts with a poll that
+    /// brought keys to claim; with none waiting from a poll, claims (retries after a failed
+    /// round trip, parked keys, renewals, the next message of a guarded entity) go out at once.
+    func claimsGathered(now: ContinuousClock.Instant) -> Bool {
+        guard let since = claimsGatheringSince else { return true }
+        return now >= since + options.claimGather || ledger.keysToClaimCount >= options.batchSize
     }
 
     mutating func releaseAction() -> Action? {
@@ -640,6 +661,12 @@ public struct DedupEngine: Sendable {
     func actionableWakeup() -> ContinuousClock.Instant? {
         var t: ContinuousClock.Instant?
         if storeRetry.downSince == nil || options.failOpen { t = ledger.nextWakeup }
+        // Gathered claims go out when their time is up; not while the store is down (they
+        // could not), or while a claim is in flight (its answer wakes the loop).
+        if storeUsable, claimInFlight == nil, let since = claimsGatheringSince {
+            let go = since + options.claimGather
+            t = t.map { min($0, go) } ?? go
+        }
         for retry in [storeRetry.retryAt, deadLettersInFlight == nil && !deadLetters.isEmpty ? deadLetterRetry.retryAt : nil] {
             if let retry { t = t.map { min($0, retry) } ?? retry }
         }

@@ -154,6 +154,9 @@ public struct DedupLedger: Sendable {
     private var entries = EntryTable()
     /// New entries waiting for their claim to be sent, in arrival order.
     private var claimOrder: [EntryRef] = []
+    /// New keys waiting for their first claim.
+    public var keysToClaimCount: Int { claimOrder.count }
+    public var hasKeysToClaim: Bool { !claimOrder.isEmpty }
     /// Token mode: new keys whose message's token is still to be used (then they join claimOrder).
     private var awaitingToken: [DedupKey] = []
     private var parkedKeys: Set<DedupKey> = []

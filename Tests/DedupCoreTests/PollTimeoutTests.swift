@@ -44,3 +44,68 @@ import Testing
         #expect(timeout == .milliseconds(100))
     }
 }
+
+/// Claims of polled keys wait `claimGather` for the keys of the next fetches, so one round trip
+/// carries several fetches' keys; the loop blocks in poll no longer than until they go out.
+@Suite struct ClaimGatherTests {
+    let template = try! KeyTemplate("header:message-id")
+    let partition = TopicPartition(topic: "t", partition: 0)
+
+    func message(_ id: String, offset: Int64) -> SourceEvent {
+        .message(InboundMessage(
+            topic: "t", partition: 0, offset: offset, value: Array("{}".utf8),
+            headers: [MessageHeader(name: "message-id", value: Array(id.utf8))]))
+    }
+
+    func engine(batchSize: Int = 1000, start: ContinuousClock.Instant) -> DedupEngine {
+        var engine = DedupEngine(
+            settings: DedupSettings(template: template, window: .milliseconds(100)),
+            options: .init(batchSize: batchSize, claimGather: .milliseconds(10)), now: start)
+        engine.handle(.polled([.assigned([partition])]), now: start)
+        return engine
+    }
+
+    @Test func claimsOfSeveralPollsGoOutTogetherWhenTheGatherEnds() {
+        let start = ContinuousClock.now
+        var engine = engine(start: start)
+        engine.handle(.polled([message("a", offset: 0)]), now: start)
+        guard case .poll(let timeout) = engine.nextAction(now: start) else {
+            Issue.record("the claim went out at once")
+            return
+        }
+        #expect(timeout == .milliseconds(10))
+        let later = start + .milliseconds(4)
+        engine.handle(.polled([message("b", offset: 1)]), now: later)
+        guard case .poll(let rest) = engine.nextAction(now: later) else {
+            Issue.record("the claim went out before the gather ended")
+            return
+        }
+        #expect(rest == .milliseconds(6), "the gather counts from the first key's poll")
+        guard case .claim(_, let groups, _) = engine.nextAction(now: start + .milliseconds(10)) else {
+            Issue.record("no claim when the gather ended")
+            return
+        }
+        #expect(groups.flatMap(\.keys).count == 2)
+    }
+
+    @Test func aBatchsWorthGoesOutAtOnce() {
+        let start = ContinuousClock.now
+        var engine = engine(batchSize: 2, start: start)
+        engine.handle(.polled([message("a", offset: 0), message("b", offset: 1)]), now: start)
+        guard case .claim(_, let groups, _) = engine.nextAction(now: start) else {
+            Issue.record("a full batch waited")
+            return
+        }
+        #expect(groups.flatMap(\.keys).count == 2)
+    }
+
+    @Test func withoutAGatherClaimsGoOutAtOnce() {
+        let start = ContinuousClock.now
+        var engine = DedupEngine(settings: DedupSettings(template: template, window: .milliseconds(100)), now: start)
+        engine.handle(.polled([.assigned([partition]), message("a", offset: 0)]), now: start)
+        guard case .claim = engine.nextAction(now: start) else {
+            Issue.record("expected a claim")
+            return
+        }
+    }
+}
