@@ -291,7 +291,8 @@ public struct DedupEngine: Sendable {
             // release the originals after. Reversed first, by the buffer's swaps (moves), so the
             // messages come out in the order they were polled.
             events.withUnsafeMutableBufferPointer { $0.reverse() }
-            while let e = events.popLast() { take(e, now: now) }
+            let polledAt = Moment(now)
+            while let e = events.popLast() { take(e, now: now, polledAt: polledAt) }
             if claimsGatheringSince == nil, ledger.hasKeysToClaim { claimsGatheringSince = now }
         case .answered(let answers):
             pollDue = true
@@ -307,11 +308,11 @@ public struct DedupEngine: Sendable {
         }
     }
 
-    mutating func take(_ event: consuming SourceEvent, now: ContinuousClock.Instant) {
+    mutating func take(_ event: consuming SourceEvent, now: ContinuousClock.Instant, polledAt: Moment) {
         lastActivity = now
         switch consume event {
         case .message(let message):
-            if case .bad(let bad, let message) = ledger.admit(message) { badInput(bad, message) }
+            if case .bad(let bad, let message) = ledger.admit(message, polledAt: polledAt) { badInput(bad, message) }
         case .assigned(let partitions):
             // Incremental: partitions already held keep their window, claims, leases and pause.
             // While paused, the source holds new ones: they arrive paused, like the rest.

@@ -114,7 +114,9 @@ public struct DedupLedger: Sendable {
         var route: Int
         var message: InboundMessage
         var size: Int
-        /// `buffered`: when the window ends; `parked`: when to claim again.
+        /// `buffered`: when the window ends; `parked`: when to claim again; `claiming` straight
+        /// from a poll: when its window ends, counted from the poll (claims may wait
+        /// `DedupEngine.Options.claimGather` before they go out, and that wait is the window's).
         var deadline: Moment
         /// `buffered`: when its lease was last taken or extended, to renew it before it runs out.
         var leaseTakenAt: Moment?
@@ -232,8 +234,8 @@ public struct DedupLedger: Sendable {
 
     /// Takes a consumed message: tracks its offset, picks its route, computes its key, resolves
     /// repeats of keys this worker already holds.
-    public mutating func ingest(_ message: InboundMessage) -> Ingested {
-        switch admit(message) {
+    public mutating func ingest(_ message: InboundMessage, polledAt: ContinuousClock.Instant? = nil) -> Ingested {
+        switch admit(message, polledAt: polledAt.map(Moment.init)) {
         case .new(let slot): .new(entries.key(at: slot))
         case .localDuplicate(let slot): .localDuplicate(entries.key(at: slot))
         case .bad(let bad, _): .bad(bad)
@@ -251,7 +253,9 @@ public struct DedupLedger: Sendable {
     /// `ingest` without handing the key back: the engine needs only the refusals, and the key
     /// returned per message was a copy of its string (a retain and a release) the loop never read.
     /// The message moves into its entry, or back out in `.bad`: the caller gives it up.
-    mutating func admit(_ message: consuming InboundMessage) -> Admission {
+    /// `polledAt`: when the poll that brought it returned (its window counts from there); nil
+    /// counts the window from its claim, as for keys that wait for something before it.
+    mutating func admit(_ message: consuming InboundMessage, polledAt: Moment?) -> Admission {
         counters.consumed += 1
         offsets.track(message)
 
@@ -308,7 +312,9 @@ public struct DedupLedger: Sendable {
             let size = message.approximateSize
             let slot = entries.insertNew(Entry(
                 place: place, route: route, message: message, size: size,
-                deadline: Entry.noDeadline, leaseTakenAt: nil, token: token, step: step, digest: digest), for: consume key)
+                deadline: place == .claiming ? polledAt.map { $0 + routeSettings[route].window } ?? Entry.noDeadline : Entry.noDeadline,
+                leaseTakenAt: nil,
+                token: token, step: step, digest: digest), for: consume key)
             if place == .claiming { claimOrder.append(entries.ref(at: slot)) }
             return .new(slot: slot)
         }
@@ -572,6 +578,7 @@ public struct DedupLedger: Sendable {
         _ request: LedgerRequest, _ outcomes: [ClaimOutcome], holds: [HoldOutcome] = [], now: ContinuousClock.Instant
     ) -> [DedupKey] {
         precondition(request.keys.count == outcomes.count, "one outcome per key")
+        let sent = Moment(now)
         precondition(holds.isEmpty || holds.count == request.holds.count, "one hold outcome per hold")
         let now = Moment(now)
         var orphans: [DedupKey] = []
@@ -596,8 +603,14 @@ public struct DedupLedger: Sendable {
                 continue
             }
             entries.values[i].awaiting = 0
+            // The window of a key claimed straight from its poll counts from the poll; any other
+            // (parked, next of its entity, after its token) from when this claim was sent.
+            var windowEnd = sent + routeSettings[entries.values[i].route].window
             switch entries.values[i].place {
-            case .claiming: break
+            case .claiming:
+                if entries.values[i].deadline != Entry.noDeadline, entries.values[i].deadline < windowEnd {
+                    windowEnd = entries.values[i].deadline
+                }
             case .parked: parkedKeys.remove(request.keys[j])
             case .buffered:
                 applyRenewal(at: i, request.keys[j], outcome, hold: hold, holdStep: holdStep, now: now)
@@ -627,12 +640,11 @@ public struct DedupLedger: Sendable {
                 // `alreadyOwned`: this worker claimed it before, e.g. its release failed when the
                 // partition was revoked and then came back. It was never dispatched: buffer it.
                 let route = entries.values[i].route
-                let deadline = now + routeSettings[route].window
                 entries.values[i].place = .buffered
-                entries.values[i].deadline = deadline
                 entries.values[i].leaseTakenAt = now
                 leaseOrder.append(LeaseMark(entry: entries.ref(at: i), taken: now))
-                buffer.add(entries.ref(at: i), lane: route, due: deadline, size: entries.values[i].size)
+                entries.values[i].deadline = buffer.add(
+                    entries.ref(at: i), lane: route, due: windowEnd, size: entries.values[i].size)
             case .done:
                 let message = removeEntry(at: i).message
                 counters.duplicatesStore += 1

@@ -14,9 +14,10 @@ public enum KeepPolicy: String, Sendable, CaseIterable {
 ///
 /// The messages themselves stay in the engine's one entry per key; this holds only
 /// `(entry, deadline)` slots, so a message is never copied between places on its way through.
-/// Each lane has one window (a route's), and arrivals are monotonic, so within a lane the
-/// deadline order is the arrival order and a FIFO suffices; with several routes the earliest
-/// of the lanes' heads is due first.
+/// Each lane has one window (a route's), so within a lane the deadline order is nearly the
+/// arrival order and a FIFO suffices: a slot added with a deadline before the lane's last (a
+/// key claimed again after a failed round trip, its window counted from its poll) is due with
+/// that last one. With several routes the earliest of the lanes' heads is due first.
 ///
 /// A slot goes stale when its entry leaves the window some other way (revocation, a lost lease);
 /// the owner says which slots are live, and stale ones are skipped when they reach the front.
@@ -44,10 +45,15 @@ public struct DelayBuffer: Sendable {
         add(entry, lane: lane, due: Moment(deadline), size: size)
     }
 
-    public mutating func add(_ entry: EntryRef, lane: Int, due: Moment, size: Int) {
+    /// Returns when the entry becomes due: `due`, or the lane's last deadline if that is later.
+    @discardableResult
+    public mutating func add(_ entry: EntryRef, lane: Int, due: Moment, size: Int) -> Moment {
+        var due = due
+        if let last = lanes[lane].last?.due, due < last { due = last }
         lanes[lane].append(Slot(entry: entry, due: due))
         count += 1
         bytes += size
+        return due
     }
 
     /// An entry left the window (due, revoked, lease lost): only the bounds change, its slot goes stale.

@@ -33,6 +33,18 @@ import Testing
         }
     }
 
+    /// A lane is a FIFO: a slot added with an earlier deadline than the lane's last (a key
+    /// claimed again, its window counted from its poll) is due with that last one, not lost
+    /// behind it.
+    @Test func anEarlierDeadlineInALaneIsDueWithTheLast() {
+        let clock = TestClock()
+        var b = DelayBuffer()
+        b.add(k1, lane: 0, deadline: clock.now + .seconds(5), size: 10)
+        #expect(b.add(k2, lane: 0, due: Moment(clock.now + .seconds(3)), size: 10) == Moment(clock.now + .seconds(5)))
+        #expect(b.popDue(now: clock.now + .seconds(4)) { _ in true }.isEmpty)
+        #expect(b.popDue(now: clock.now + .seconds(5)) { _ in true }.map(\.entry) == [k1, k2])
+    }
+
     @Test func staleSlotsAreSkipped() {
         let clock = TestClock()
         var b = DelayBuffer()

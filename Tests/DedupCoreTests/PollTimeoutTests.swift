@@ -88,6 +88,26 @@ import Testing
         #expect(groups.flatMap(\.keys).count == 2)
     }
 
+    /// The gather is the window's: a message is due a window after its poll, not after its
+    /// claim went out.
+    @Test func theWindowCountsFromThePoll() {
+        let start = ContinuousClock.now
+        var engine = engine(start: start)
+        engine.handle(.polled([message("a", offset: 0)]), now: start)
+        let sent = start + .milliseconds(10)
+        guard case .claim(let id, _, _) = engine.nextAction(now: sent) else {
+            Issue.record("no claim when the gather ended")
+            return
+        }
+        engine.handle(.answered([.claims(id, .success([.claimed]))]), now: sent + .milliseconds(1))
+        #expect(engine.ledger.nextWakeup == start + .milliseconds(100))
+        guard case .dispatch(_, let due) = engine.nextAction(now: start + .milliseconds(100)) else {
+            Issue.record("not dispatched a window after its poll")
+            return
+        }
+        #expect(due.map(\.key.raw) == ["a"])
+    }
+
     @Test func aBatchsWorthGoesOutAtOnce() {
         let start = ContinuousClock.now
         var engine = engine(batchSize: 2, start: start)
