@@ -131,8 +131,9 @@ public struct DedupLedger: Sendable {
         /// message arrives, so its claims and confirms do not hash it again.
         var digest: KeyDigest? = nil
 
-        /// The `deadline` of an entry in any other place than `buffered` or `parked`, where
-        /// nothing reads it: a constant, so taking in a message does not read the clock.
+        /// The `deadline` of an entry in a place where nothing reads it (waiting for its entity
+        /// or its token, with a handler, being confirmed): a constant, so taking in a message
+        /// does not read the clock.
         static let noDeadline = Moment(.now)
 
         /// What a free slot of `EntryTable` holds: no buffers to keep alive. Made anew each time:
@@ -156,7 +157,7 @@ public struct DedupLedger: Sendable {
     private var entries = EntryTable()
     /// New entries waiting for their claim to be sent, in arrival order.
     private var claimOrder: [EntryRef] = []
-    /// New keys waiting for their first claim.
+    /// Keys waiting for their claim to be sent (new, or again after a failed round trip).
     public var keysToClaimCount: Int { claimOrder.count }
     public var hasKeysToClaim: Bool { !claimOrder.isEmpty }
     /// Token mode: new keys whose message's token is still to be used (then they join claimOrder).
@@ -578,7 +579,6 @@ public struct DedupLedger: Sendable {
         _ request: LedgerRequest, _ outcomes: [ClaimOutcome], holds: [HoldOutcome] = [], now: ContinuousClock.Instant
     ) -> [DedupKey] {
         precondition(request.keys.count == outcomes.count, "one outcome per key")
-        let sent = Moment(now)
         precondition(holds.isEmpty || holds.count == request.holds.count, "one hold outcome per hold")
         let now = Moment(now)
         var orphans: [DedupKey] = []
@@ -605,7 +605,7 @@ public struct DedupLedger: Sendable {
             entries.values[i].awaiting = 0
             // The window of a key claimed straight from its poll counts from the poll; any other
             // (parked, next of its entity, after its token) from when this claim was sent.
-            var windowEnd = sent + routeSettings[entries.values[i].route].window
+            var windowEnd = now + routeSettings[entries.values[i].route].window
             switch entries.values[i].place {
             case .claiming:
                 if entries.values[i].deadline != Entry.noDeadline, entries.values[i].deadline < windowEnd {
