@@ -293,7 +293,7 @@ public struct DedupEngine: Sendable {
             events.withUnsafeMutableBufferPointer { $0.reverse() }
             let polledAt = Moment(now)
             while let e = events.popLast() { take(e, now: now, polledAt: polledAt) }
-            if claimsGatheringSince == nil, ledger.hasKeysToClaim { claimsGatheringSince = now }
+            if claimsGatheringSince == nil, ledger.keysToClaimCount > 0 { claimsGatheringSince = now }
         case .answered(let answers):
             pollDue = true
             for a in answers { take(a, now: now) }

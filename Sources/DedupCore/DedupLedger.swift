@@ -159,7 +159,6 @@ public struct DedupLedger: Sendable {
     private var claimOrder: [EntryRef] = []
     /// Keys waiting for their claim to be sent (new, or again after a failed round trip).
     public var keysToClaimCount: Int { claimOrder.count }
-    public var hasKeysToClaim: Bool { !claimOrder.isEmpty }
     /// Token mode: new keys whose message's token is still to be used (then they join claimOrder).
     private var awaitingToken: [DedupKey] = []
     private var parkedKeys: Set<DedupKey> = []
@@ -235,8 +234,8 @@ public struct DedupLedger: Sendable {
 
     /// Takes a consumed message: tracks its offset, picks its route, computes its key, resolves
     /// repeats of keys this worker already holds.
-    public mutating func ingest(_ message: InboundMessage, polledAt: ContinuousClock.Instant? = nil) -> Ingested {
-        switch admit(message, polledAt: polledAt.map(Moment.init)) {
+    public mutating func ingest(_ message: InboundMessage) -> Ingested {
+        switch admit(message, polledAt: nil) {
         case .new(let slot): .new(entries.key(at: slot))
         case .localDuplicate(let slot): .localDuplicate(entries.key(at: slot))
         case .bad(let bad, _): .bad(bad)
@@ -311,11 +310,11 @@ public struct DedupLedger: Sendable {
             if place == .awaitingToken { awaitingToken.append(key) }
             // The key's and the message's last use: both move into the table.
             let size = message.approximateSize
+            var deadline = Entry.noDeadline
+            if place == .claiming, let polledAt { deadline = polledAt + routeSettings[route].window }
             let slot = entries.insertNew(Entry(
                 place: place, route: route, message: message, size: size,
-                deadline: place == .claiming ? polledAt.map { $0 + routeSettings[route].window } ?? Entry.noDeadline : Entry.noDeadline,
-                leaseTakenAt: nil,
-                token: token, step: step, digest: digest), for: consume key)
+                deadline: deadline, leaseTakenAt: nil, token: token, step: step, digest: digest), for: consume key)
             if place == .claiming { claimOrder.append(entries.ref(at: slot)) }
             return .new(slot: slot)
         }
