@@ -187,10 +187,20 @@ public final class Worker: Service {
             bootstrapServers: config.bootstrapServers, groupID: config.group, topics: config.topics,
             properties: kafkaProperties(), logger: logger)
         logStart()
-        try await runLoop(
-            source: consumer, store: store,
-            rounds: HandlerRounds(dispatchers: dispatchers, handlers: handlers, ledger: telemetry.inFlightLedger),
-            clock: SystemLoopClock())
+        // The loop runs on a thread of its own (LoopThread), and its polls block that thread.
+        let thread = LoopThread(name: "dedupd-loop")
+        consumer.pollsBlockCaller = true
+        store.answer(on: thread)
+        defer {
+            store.answer(on: nil)
+            thread.stop()
+        }
+        try await withTaskExecutorPreference(thread) {
+            try await runLoop(
+                source: consumer, store: store,
+                rounds: HandlerRounds(dispatchers: dispatchers, handlers: handlers, ledger: telemetry.inFlightLedger),
+                clock: LoopThreadClock(thread: thread))
+        }
     }
 
     var engineOptions: DedupEngine.Options {

@@ -256,6 +256,12 @@ struct BlockingExecutor: Sendable {
         return try result.get()
     }
 
+    /// Runs `body` on the caller's own thread, after whatever is queued: for a caller whose
+    /// thread may block (not a cooperative one).
+    func runHere<T: Sendable>(_ body: @Sendable () -> T) -> T {
+        queue.sync(execute: body)
+    }
+
     /// Runs a `body` that does not block on the caller's own thread when the queue has nothing
     /// queued or running (no thread hop), else on the queue like `run`. It never waits for
     /// another job, so it may be called from a cooperative thread.

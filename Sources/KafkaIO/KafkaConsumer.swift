@@ -72,6 +72,7 @@ public final class KafkaConsumer: @unchecked Sendable {
     private let context: ClientContext
     private let executor: BlockingExecutor
     private let closed = Mutex<Bool>(false)
+    private let blocksCaller = Atomic<Bool>(false)
     /// Only used inside `pollBatch`, on `executor`'s serial queue (see `NameCache`).
     private var names = NameCache()
     public let groupID: String
@@ -127,10 +128,21 @@ public final class KafkaConsumer: @unchecked Sendable {
 
     // MARK: Polling
 
+    /// Whether `poll` may block the thread it is called from: set by a caller that polls from a
+    /// thread of its own rather than the cooperative pool, so that a poll that waits for the
+    /// broker needs no hop to the consumer's queue and back. Default: false.
+    public var pollsBlockCaller: Bool {
+        get { blocksCaller.load(ordering: .relaxed) }
+        set { blocksCaller.store(newValue, ordering: .relaxed) }
+    }
+
     /// Waits up to `timeout` for the first message or event, then takes what else is immediately available, up to
     /// `maxMessages` events. A rebalance ends the batch. Returns `[]` on timeout or after `close()`.
     public func poll(maxMessages: Int, timeout: Duration) async -> [ConsumerEvent] {
         let timeoutMs = timeout.kafkaMilliseconds
+        if pollsBlockCaller {
+            return executor.runHere { [self] in pollBatch(maxMessages: max(1, maxMessages), timeoutMs: timeoutMs) }
+        }
         // A zero-timeout poll does not block, so it runs on the caller's own thread while the
         // queue is idle, without the two thread hops of `executor.run`. Most passes of a loop
         // that is waiting for Redis poll this way.

@@ -42,6 +42,12 @@ public final class RedisClaimStore: ClaimStore {
     /// claim reads (workers agree on slots through their clocks; see `CompactRecords.clockSkew`).
     /// Default: the system clock; tests move it.
     let unixMillis: @Sendable () -> Int64
+    private let replies = Mutex<(any TaskExecutor)?>(nil)
+
+    /// Where the tasks that wait for the answers of `requestClaims` and the other `request...`
+    /// methods run once the answers are in: the executor of the loop that posted the requests,
+    /// so an answer wakes that loop's thread and no other. Default: the global executor.
+    public func answer(on executor: (any TaskExecutor)?) { replies.withLock { $0 = executor } }
 
     public convenience init(
         connection: RedisConnection, maxKeysPerScript: Int = 1000, logger: Logger,
@@ -125,26 +131,26 @@ public final class RedisClaimStore: ClaimStore {
     }
 
     public func requestClaims(_ groups: [KeyGroup], owner: String) -> StoreReply<[ClaimOutcome]> {
-        Self.reply(sendClaims(groups, owner: owner))
+        reply(sendClaims(groups, owner: owner))
     }
 
     public func requestConfirms(_ groups: [KeyGroup], owner: String) -> StoreReply<[ConfirmOutcome]> {
-        Self.reply(sendConfirms(groups, owner: owner))
+        reply(sendConfirms(groups, owner: owner))
     }
 
     public func requestReleases(_ keys: [String], owner: String) -> StoreReply<[Bool]> {
-        Self.reply(sendReleases(keys, owner: owner))
+        reply(sendReleases(keys, owner: owner))
     }
 
     public func requestTokenUses(_ tokens: [String], marks: [String]) -> StoreReply<[TokenOutcome]> {
-        Self.reply(sendTokenUses(tokens, marks: marks))
+        reply(sendTokenUses(tokens, marks: marks))
     }
 
     // MARK: - Guard
 
     public func requestHolds(_ steps: [EntityStep], owner: String) -> StoreReply<[HoldOutcome]> {
         let now = unixMillis()
-        return Self.reply(send(.holdEntities, Self.entityBatches(steps, owner: owner) { step, p in
+        return reply(send(.holdEntities, Self.entityBatches(steps, owner: owner) { step, p in
             let slots = step.records.liveSlots(at: now)
             return ([p.pendingKey] + slots.map { p.bucketKey(slot: $0) }, [
                 RedisArgument(bytes: p.field), RedisArgument(step.holdID), RedisArgument(step.target),
@@ -172,8 +178,8 @@ public final class RedisClaimStore: ClaimStore {
             }
             groups.append(KeyGroup([step.entityKey], ttl: step.records.retention, layout: .compact(step.records)))
         }
-        guard let sweep = sweepBuckets(groups) else { return Self.reply(request) }
-        return Self.reply(Request {
+        guard let sweep = sweepBuckets(groups) else { return reply(request) }
+        return reply(Request {
             let outcomes = try await request.outcomes()
             for reply in try await sweep.value() {
                 if case .error(let text) = reply { throw RedisError.fromServerReply(text, context: "PEXPIRE of an entity bucket") }
@@ -183,7 +189,7 @@ public final class RedisClaimStore: ClaimStore {
     }
 
     public func requestUnholds(_ steps: [EntityStep], owner: String) -> StoreReply<[Bool]> {
-        Self.reply(send(.unholdEntities, Self.entityBatches(steps, owner: owner) { step, p in
+        reply(send(.unholdEntities, Self.entityBatches(steps, owner: owner) { step, p in
             ([p.pendingKey], [RedisArgument(step.holdID)])
         }, element: Self.flag))
     }
@@ -250,9 +256,9 @@ public final class RedisClaimStore: ClaimStore {
     /// The request is on its way already; a task only waits for its answers (and reloads a
     /// script the server lost). It starts on the caller's thread and runs there until it waits
     /// for the answers: starting it on the pool would wake a thread only to have it wait.
-    private static func reply<Item: Sendable>(_ request: Request<Item>) -> StoreReply<[Item]> {
+    private func reply<Item: Sendable>(_ request: Request<Item>) -> StoreReply<[Item]> {
         let reply = StoreReply<[Item]>()
-        Task.immediate {
+        Task.immediate(executorPreference: replies.withLock { $0 }) {
             do { reply.complete(.success(try await request.outcomes())) } catch { reply.complete(.failure(error)) }
         }
         return reply

@@ -40,6 +40,16 @@ import TestSupport
         #expect(stalled == (false, "loop stalled: no pass for 31s (limit 30s)"))
         #expect(t.readiness(now: start + .seconds(34)).detail == "not ready: loop stalled: no pass for 31s (limit 30s), shutting down")
     }
+
+    @Test func aPoolThatRunsNoTaskIsAStallToo() {
+        let start = ContinuousClock.now
+        var h = WorkerTelemetry.Health(lastPass: start + .seconds(40), poolBeat: start)
+        #expect(h.stall(now: start + .seconds(41), timeout: .seconds(30)) == "cooperative pool stalled: no task ran for 41s")
+        h.poolBeat = start + .seconds(39)
+        #expect(h.stall(now: start + .seconds(41), timeout: .seconds(30)) == nil)
+        // A stopped loop is named first: it stops everything, the pool's beats included.
+        #expect(h.stall(now: start + .seconds(80), timeout: .seconds(30)) == "loop stalled: no pass for 40s")
+    }
 }
 
 /// The watchdog's decision and report, on a test clock (no thread, no exit).

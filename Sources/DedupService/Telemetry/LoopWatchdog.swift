@@ -113,18 +113,20 @@ public final class LoopWatchdog: Sendable {
 
     func isStalled(now: ContinuousClock.Instant = .now) -> Bool {
         let health = telemetry.healthState
-        return !health.stopping && now - health.lastPass > timeout && !stopped.withLock { $0 }
+        return !health.stopping && health.stall(now: now, timeout: timeout) != nil && !stopped.withLock { $0 }
     }
 
     /// The stall report if the loop is stalled now (and logs it), else nil.
     func check(now: ContinuousClock.Instant = .now) -> String? {
         guard isStalled(now: now) else { return nil }
-        let age = now - telemetry.healthState.lastPass
+        let health = telemetry.healthState
         let inFlight = telemetry.inFlightLedger.describe(now: now)
         logger.error(
             "worker loop stalled; exiting so it can be restarted (its claims expire, its messages are read again)",
             metadata: [
-                "loop.last_pass": "\(WorkerConfiguration.format(age)) ago",
+                "loop.stall": "\(health.stall(now: now, timeout: timeout) ?? "")",
+                "loop.last_pass": "\(WorkerConfiguration.format(now - health.lastPass)) ago",
+                "pool.last_task": "\(WorkerConfiguration.format(now - health.poolBeat)) ago",
                 "http.loop_stall_timeout": "\(WorkerConfiguration.format(timeout))",
                 "in_flight": "\(inFlight)",
             ])

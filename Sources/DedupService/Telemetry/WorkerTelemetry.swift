@@ -121,9 +121,21 @@ public final class WorkerTelemetry: Sendable {
     public struct Health: Sendable, Equatable {
         /// Last time the loop completed a pass (or, before the loop runs, waited for Redis).
         public var lastPass: ContinuousClock.Instant
+        /// Last time a task the loop started on Swift's cooperative pool ran. The loop has a
+        /// thread of its own, but dispatch rounds and handlers run on the pool, and a pool whose
+        /// every thread is blocked stops the worker as surely as a stopped loop: its rounds never
+        /// end while the loop goes on renewing their claims.
+        public var poolBeat: ContinuousClock.Instant
         public var partitionsAssigned = 0
         public var redisUp = false
         public var stopping = false
+
+        /// What has stalled for longer than `timeout`, or nil: the loop, or the pool.
+        public func stall(now: ContinuousClock.Instant, timeout: Duration) -> String? {
+            if now - lastPass > timeout { return "loop stalled: no pass for \(WorkerConfiguration.format(now - lastPass))" }
+            if now - poolBeat > timeout { return "cooperative pool stalled: no task ran for \(WorkerConfiguration.format(now - poolBeat))" }
+            return nil
+        }
     }
 
     /// A loop pass's view of the pipeline.
@@ -147,6 +159,8 @@ public final class WorkerTelemetry: Sendable {
     let inFlightPeak = Atomic<Int>(0)
     let roundTrips = Mutex(RoundTripSamples())
     let publishing: Mutex<Publishing>
+    /// When the loop last started a pool beat (`Health.poolBeat`), and whether it is still to run.
+    let beat = Mutex<(sent: ContinuousClock.Instant?, pending: Bool)>((nil, false))
 
     struct Publishing: Sendable {
         var published = DedupCounters()
@@ -165,7 +179,7 @@ public final class WorkerTelemetry: Sendable {
         now: ContinuousClock.Instant = .now, routeNames: [String] = ["default"]
     ) {
         instruments = Instruments(factory: factory, routeNames: routeNames)
-        health = Mutex(Health(lastPass: now))
+        health = Mutex(Health(lastPass: now, poolBeat: now))
         self.stallTimeout = stallTimeout
         publishing = Mutex(Publishing(stats: statsInterval > .zero ? StatsReporter(interval: statsInterval, logger: logger, now: now) : nil))
     }
@@ -176,6 +190,7 @@ public final class WorkerTelemetry: Sendable {
     public func heartbeat(redisUp: Bool, now: ContinuousClock.Instant = .now) {
         health.withLock {
             $0.lastPass = now
+            $0.poolBeat = now
             $0.redisUp = redisUp
         }
         instruments.redisUp.record(redisUp ? 1 : 0)
@@ -192,6 +207,7 @@ public final class WorkerTelemetry: Sendable {
             $0.partitionsAssigned = s.assignment.count
             $0.redisUp = s.redisUp
         }
+        beatPool(now: s.now)
         let (metricsDue, statsDue) = publishing.withLock { p in
             let m = p.lastMetrics.map { s.now - $0 >= .seconds(1) } ?? true
             return (m, p.stats?.isDue(now: s.now) ?? false)
@@ -279,6 +295,22 @@ public final class WorkerTelemetry: Sendable {
         instruments.handlerDuration.record(duration.seconds)
     }
 
+    /// Starts a task on the cooperative pool that records when it ran (`Health.poolBeat`), a few
+    /// times per stall timeout and at most once a second, unless the last one has not run yet.
+    func beatPool(now: ContinuousClock.Instant) {
+        let every = min(.seconds(1), stallTimeout / 8)
+        let due = beat.withLock { b in
+            guard !b.pending, b.sent.map({ now - $0 >= every }) ?? true else { return false }
+            b = (now, true)
+            return true
+        }
+        guard due else { return }
+        Task.detached { [self] in
+            health.withLock { $0.poolBeat = .now }
+            beat.withLock { $0.pending = false }
+        }
+    }
+
     // MARK: - Health
 
     public var healthState: Health { health.withLock { $0 } }
@@ -286,11 +318,10 @@ public final class WorkerTelemetry: Sendable {
     /// `/healthz`: the loop has completed a pass within the stall timeout.
     public func liveness(now: ContinuousClock.Instant = .now) -> (ok: Bool, detail: String) {
         let h = healthState
-        let age = now - h.lastPass
-        if age > stallTimeout {
-            return (false, "loop stalled: no pass for \(WorkerConfiguration.format(age)) (limit \(WorkerConfiguration.format(stallTimeout)))")
+        if let stall = h.stall(now: now, timeout: stallTimeout) {
+            return (false, "\(stall) (limit \(WorkerConfiguration.format(stallTimeout)))")
         }
-        return (true, "ok: last loop pass \(WorkerConfiguration.format(age)) ago")
+        return (true, "ok: last loop pass \(WorkerConfiguration.format(now - h.lastPass)) ago")
     }
 
     /// `/readyz`: alive, partitions assigned, Redis reachable, not shutting down.
