@@ -14,7 +14,8 @@ import Glibc
 /// this one thread, a deadline is the timeout of this thread's own wait, and a blocking poll
 /// blocks this thread, which has nothing else to do meanwhile (`KafkaConsumer.pollsBlockCaller`).
 final class LoopThread: TaskExecutor, @unchecked Sendable {
-    // `mutex` guards the three lists and `finished`; `wakeup` is signalled when one changes.
+    // `mutex` guards the variables below it; `wakeup` is signalled when a job, a timer or the
+    // stop arrives.
     private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
     private let wakeup = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
     private var jobs: [UnownedJob] = []

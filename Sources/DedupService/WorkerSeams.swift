@@ -67,16 +67,6 @@ public protocol LoopClock: Sendable {
     func schedule(at deadline: ContinuousClock.Instant, _ fire: @escaping @Sendable () -> Void)
 }
 
-public struct SystemLoopClock: LoopClock {
-    public init() {}
-    public var now: ContinuousClock.Instant { .now }
-    public func schedule(at deadline: ContinuousClock.Instant, _ fire: @escaping @Sendable () -> Void) {
-        let wait = max(.zero, deadline - .now)
-        let nanos = wait.components.seconds * 1_000_000_000 + wait.components.attoseconds / 1_000_000_000
-        DispatchQueue.global().asyncAfter(deadline: .now() + .nanoseconds(Int(nanos)), execute: fire)
-    }
-}
-
 /// Runs dispatch rounds beside the loop.
 public protocol DispatchRunner: Sendable {
     /// Starts a round; `done` gets one result per message, in order, once the round ended.
