@@ -154,7 +154,7 @@ public enum ConfigSchema {
         .init(name: "http.bind", kind: .string, defaultValue: "::",
               doc: "Address the HTTP endpoint listens on. :: is every IPv6 and IPv4 address (dual stack; 0.0.0.0 when the host has no IPv6); 0.0.0.0 every IPv4 address; or one address such as 127.0.0.1 or ::1."),
         .init(name: "http.loop_stall_timeout", kind: .duration, defaultValue: "30s",
-              doc: "/healthz answers 503 once the worker loop has not completed a pass for this long."),
+              doc: "/healthz answers 503, and the stall watchdog exits 70, once the worker loop has not completed a pass, or no task has run on the pool where handlers run, for this long."),
     ]
 
     /// The keys a route may set, as `routes.<name>.<key>`: what it matches, and the dedup and
