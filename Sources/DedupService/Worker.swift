@@ -191,7 +191,9 @@ public final class Worker: Service {
         let thread = LoopThread(name: "dedupd-loop")
         consumer.pollsBlockCaller = true
         store.answer(on: thread)
+        store.readInline(Self.inlineReads(on: thread))
         defer {
+            store.readInline(nil)
             store.answer(on: nil)
             thread.stop()
         }
@@ -201,6 +203,13 @@ public final class Worker: Service {
                 rounds: HandlerRounds(dispatchers: dispatchers, handlers: handlers, ledger: telemetry.inFlightLedger),
                 clock: LoopThreadClock(thread: thread))
         }
+    }
+
+    /// The loop's small round trips are read on its own thread, so their answers wake no other
+    /// thread. A larger batch (a full-speed fetch's) is read on the connection's queue, and so is
+    /// the rest of an answer slower than the budget: the loop waits for Redis 2 ms at most.
+    static func inlineReads(on thread: LoopThread) -> RedisConnection.InlineReads {
+        RedisConnection.InlineReads(budget: .milliseconds(2), maxCommands: 512) { thread.isCurrent }
     }
 
     var engineOptions: DedupEngine.Options {

@@ -49,6 +49,13 @@ public final class RedisClaimStore: ClaimStore {
     /// so an answer wakes that loop's thread and no other. Default: the global executor.
     public func answer(on executor: (any TaskExecutor)?) { replies.withLock { $0 = executor } }
 
+    /// Lets small round trips sent from the thread `reads.applies` names be read on that thread
+    /// (`RedisConnection.InlineReads`; one server only: a cluster's nodes read on their own
+    /// queues). nil ends it.
+    public func readInline(_ reads: RedisConnection.InlineReads?) {
+        if case .server(let connection) = redis { connection.readInline(reads) }
+    }
+
     public convenience init(
         connection: RedisConnection, maxKeysPerScript: Int = 1000, logger: Logger,
         onSend: (@Sendable (_ op: String) -> @Sendable () -> Void)? = nil,

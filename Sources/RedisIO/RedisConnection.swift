@@ -1,6 +1,7 @@
 import CHiredis
 import Dispatch
 import Logging
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -22,10 +23,30 @@ import Darwin
 ///
 /// The password is never logged.
 ///
-/// `@unchecked Sendable` is safe because all mutable state (`socket`, `closed`, `connects`) is
-/// read and written only on `queue`, a serial queue; the remaining stored properties are
-/// immutable `Sendable` values.
+/// Small round trips sent from one chosen thread (`InlineReads`: the worker's loop) are read on
+/// that thread instead: `queue.sync` runs the write and the read there while the queue is idle,
+/// so the answer needs no thread woken to wait for it and none to hand it back. An answer slower
+/// than the budget is left to the queue's thread, which reads the rest.
+///
+/// `@unchecked Sendable` is safe because all mutable state (`socket`, `closed`, `connects`,
+/// `unfinished`) is read and written only on `queue`, a serial queue (by its own thread or by a
+/// caller inside `queue.sync`); `inline` and `queued` are synchronized themselves, and the
+/// remaining stored properties are immutable `Sendable` values.
 public final class RedisConnection: @unchecked Sendable {
+    /// Which round trips `send` reads on the caller's thread: at most `maxCommands` commands,
+    /// sent from a thread for which `applies` is true, each read there for at most `budget`.
+    public struct InlineReads: Sendable {
+        public var budget: Duration
+        public var maxCommands: Int
+        public var applies: @Sendable () -> Bool
+
+        public init(budget: Duration, maxCommands: Int, applies: @escaping @Sendable () -> Bool) {
+            self.budget = budget
+            self.maxCommands = maxCommands
+            self.applies = applies
+        }
+    }
+
     public let url: RedisURL
     public let connectTimeout: Duration
     public let commandTimeout: Duration
@@ -34,10 +55,19 @@ public final class RedisConnection: @unchecked Sendable {
     /// For `rediss://` URLs: trust roots and client certificate, loaded once.
     private let tls: RedisTLSContext?
 
+    private let inline = Mutex<InlineReads?>(nil)
+    /// Blocks handed to `queue` and not yet finished: `send` reads inline only when it is 0, so
+    /// the caller never waits in `queue.sync` for another round trip.
+    private let queued = Atomic<Int>(0)
+
     // Only touched on `queue`.
     private var socket: RedisSocket?
     private var closed = false
     private var connects = 0
+    /// The rest of a round trip whose inline read ran out of its budget: reads it and returns
+    /// what completes its caller. Whatever runs on the queue next reads it first, so the
+    /// socket's replies stay in step.
+    private var unfinished: (() -> @Sendable () -> Void)?
 
     private init(url: RedisURL, connectTimeout: Duration, commandTimeout: Duration, tls: RedisTLSContext?, logger: Logger) {
         self.url = url
@@ -100,18 +130,89 @@ public final class RedisConnection: @unchecked Sendable {
 
     /// Like `pipeline(_:parse:)`, but returns as soon as the batch is handed to the connection's
     /// queue; `build` runs there too, so encoding a large batch does not hold up the caller.
+    /// With `InlineReads` set and the caller its thread, a small batch is written and read on the
+    /// caller's thread (below).
     func send<T: Sendable>(
         _ build: @escaping @Sendable () -> RedisCommandBatch,
         parse: @escaping @Sendable (UnsafePointer<redisReply>) throws -> T
     ) -> RedisPending<[T]> {
         let pending = RedisPending<[T]>()
-        queue.async {
-            pending.complete(Result {
+        if let inline = inline.withLock({ $0 }), queued.load(ordering: .acquiring) == 0, inline.applies() {
+            queue.sync { sendInline(build(), parse, inline, pending) }
+            return pending
+        }
+        enqueue {
+            let result = Result {
                 let batch = build()
                 return batch.commandCount == 0 ? [] : try self.runPipeline(batch, parse)
-            })
+            }
+            return { pending.complete(result) }
         }
         return pending
+    }
+
+    /// Sets (or with nil, ends) inline reads for `send`.
+    public func readInline(_ reads: InlineReads?) { inline.withLock { $0 = reads } }
+
+    /// On the queue, on the caller's thread: writes `batch` and reads its replies for up to the
+    /// budget; a batch over `maxCommands`, a socket to open again, or the rest of an answer that
+    /// is slower than the budget go to the queue's thread.
+    private func sendInline<T>(
+        _ batch: RedisCommandBatch, _ parse: @escaping @Sendable (UnsafePointer<redisReply>) throws -> T,
+        _ inline: InlineReads, _ pending: RedisPending<[T]>
+    ) {
+        if batch.commandCount == 0 { return pending.complete(.success([])) }
+        guard batch.commandCount <= inline.maxCommands, unfinished == nil, !closed,
+              let socket, !socket.peerHasClosed() else {
+            return enqueue {
+                let result = Result { try self.runPipeline(batch, parse) }
+                return { pending.complete(result) }
+            }
+        }
+        var replies = Replies<T>(expected: batch.commandCount)
+        do {
+            try batch.withCompleteBytes { try socket.write($0) }
+            if try replies.read(from: socket, parse, until: .now + inline.budget) {
+                return pending.complete(Result { try replies.all() })
+            }
+        } catch {
+            lost(error)
+            return pending.complete(.failure(error))
+        }
+        unfinished = { [replies] in
+            var replies = replies
+            let result = Result {
+                do {
+                    _ = try replies.read(from: socket, parse, until: nil)
+                } catch {
+                    self.lost(error)
+                    throw error
+                }
+                return try replies.all()
+            }
+            return { pending.complete(result) }
+        }
+        enqueue { self.finishUnfinished() ?? {} }
+    }
+
+    /// Reads the rest of a round trip handed over by `sendInline`, if any; returns what completes
+    /// its caller.
+    private func finishUnfinished() -> (@Sendable () -> Void)? {
+        guard let rest = unfinished else { return nil }
+        unfinished = nil
+        return rest()
+    }
+
+    /// `body` on the queue's thread, counted in `queued` until it ends; what it returns (the
+    /// caller's completion) runs after that, so a caller that has its answer finds the
+    /// connection idle again.
+    private func enqueue(_ body: @escaping @Sendable () -> @Sendable () -> Void) {
+        queued.add(1, ordering: .relaxed)
+        queue.async {
+            let complete = body()
+            self.queued.subtract(1, ordering: .releasing)
+            complete()
+        }
     }
 
     /// Sends one command and returns its reply (an error reply is returned, not thrown).
@@ -140,6 +241,7 @@ public final class RedisConnection: @unchecked Sendable {
     /// Closes the connection; later calls throw `.closed`.
     public func close() async {
         _ = try? await onQueue {
+            self.finishUnfinished()?()
             self.closed = true
             self.socket = nil
         }
@@ -149,8 +251,9 @@ public final class RedisConnection: @unchecked Sendable {
 
     private func onQueue<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
         try await withCheckedThrowingContinuation { continuation in
-            queue.async {
-                continuation.resume(with: Result { try body() })
+            enqueue {
+                let result = Result { try body() }
+                return { continuation.resume(with: result) }
             }
         }
     }
@@ -159,15 +262,23 @@ public final class RedisConnection: @unchecked Sendable {
         let socket = try connectedSocket()
         do {
             return try Self.roundTrip(socket, batch, parse)
-        } catch let error as RedisError {
-            logger.info("redis connection lost", metadata: ["error.message": "\(error.message)"])
-            self.socket = nil
+        } catch {
+            lost(error)
             throw error
         }
     }
 
+    /// After an I/O or protocol error (a `RedisError`) the socket is out of step: it is dropped,
+    /// and the next call connects again.
+    private func lost(_ error: any Error) {
+        guard let error = error as? RedisError else { return }
+        logger.info("redis connection lost", metadata: ["error.message": "\(error.message)"])
+        socket = nil
+    }
+
     /// The current socket, after (re)connecting if needed.
     private func connectedSocket() throws -> RedisSocket {
+        finishUnfinished()?()
         if closed { throw RedisError(.closed, "connection to \(url.redacted) was closed") }
         if let socket {
             if socket.peerHasClosed() {
@@ -243,27 +354,51 @@ public final class RedisConnection: @unchecked Sendable {
         return socket
     }
 
-    /// Writes every command, then reads one reply per command and parses it before reading the
-    /// next (a reply is valid only until then: `RedisSocket.nextReply`).
-    /// Every reply is read even when `parse` throws, so the connection stays in step; the first
-    /// error is thrown afterwards.
+    /// Writes every command, then reads and parses one reply per command (`Replies`).
     private static func roundTrip<T>(
         _ socket: RedisSocket, _ batch: RedisCommandBatch, _ parse: (UnsafePointer<redisReply>) throws -> T
     ) throws -> [T] {
         try batch.withCompleteBytes { try socket.write($0) }
-        var replies: [T] = []
-        replies.reserveCapacity(batch.commandCount)
-        var parseError: (any Error)?
-        for _ in 0..<batch.commandCount {
-            let reply = try socket.nextReply()
+        var replies = Replies<T>(expected: batch.commandCount)
+        _ = try replies.read(from: socket, parse, until: nil)
+        return try replies.all()
+    }
+}
+
+/// The replies of one round trip as they are read: each parsed before the next is read (a reply
+/// is valid only until then: `RedisSocket.nextReply`). Every reply is read even when `parse`
+/// throws, so the connection stays in step; the first such error is thrown by `all()`.
+private struct Replies<T> {
+    let expected: Int
+    var parsed: [T] = []
+    var read = 0
+    var parseError: (any Error)?
+
+    init(expected: Int) {
+        self.expected = expected
+        parsed.reserveCapacity(expected)
+    }
+
+    /// Reads until every reply is in (true) or `deadline` passes first (false; call again to go
+    /// on). Throws on an I/O or protocol error.
+    mutating func read(
+        from socket: RedisSocket, _ parse: (UnsafePointer<redisReply>) throws -> T, until deadline: ContinuousClock.Instant?
+    ) throws -> Bool {
+        while read < expected {
+            guard let reply = try socket.nextReply(until: deadline) else { return false }
+            read += 1
             guard parseError == nil else { continue }
             do {
-                replies.append(try parse(reply))
+                parsed.append(try parse(reply))
             } catch {
                 parseError = error
             }
         }
+        return true
+    }
+
+    func all() throws -> [T] {
         if let parseError { throw parseError }
-        return replies
+        return parsed
     }
 }

@@ -94,6 +94,9 @@ final class RedisSocket {
     private var fed = 0
     private var filled = 0
     private let peer: String
+    /// The last `nextReply(until:)` ran out of time inside a reply: the reader holds its first
+    /// part, built in `arena`, so the next call goes on with it instead of starting afresh.
+    private var resuming = false
 
     /// How much of a read the reader gets at a time. hiredis 0.14's reader moves its unread
     /// bytes to the front of its buffer after every reply once it has consumed 1 KiB, so a
@@ -261,7 +264,14 @@ final class RedisSocket {
     /// caller. After a throw the socket must not be read again (a partly read reply would be
     /// overwritten under the reader): `RedisConnection` drops it.
     func nextReply() throws -> UnsafePointer<redisReply> {
-        arena.reset()
+        try nextReply(until: nil)!
+    }
+
+    /// `nextReply()`, or nil when no byte of it arrives before `deadline` (nil: wait as long as
+    /// the socket's timeout allows). After nil, the next call goes on with the same reply.
+    func nextReply(until deadline: ContinuousClock.Instant?) throws -> UnsafePointer<redisReply>? {
+        if !resuming { arena.reset() }
+        resuming = false
         while true {
             var reply: UnsafeMutableRawPointer?
             guard redisReaderGetReply(reader, &reply) == REDIS_OK else {
@@ -269,6 +279,10 @@ final class RedisSocket {
             }
             if let reply { return UnsafePointer(reply.assumingMemoryBound(to: redisReply.self)) }
             if fed == filled {
+                if let deadline, !isReadable(before: deadline) {
+                    resuming = true
+                    return nil
+                }
                 filled = try readSome()
                 fed = 0
             }
@@ -294,6 +308,20 @@ final class RedisSocket {
             if n == 0 { throw closedByServer() }
             if errno == EINTR { continue }
             throw ioError(ssl: nil, result: -1, action: "reading a reply")
+        }
+    }
+
+    /// Whether a read would find bytes before `deadline`: bytes TLS has already decrypted, or the
+    /// socket readable (or closed: the read then reports it) by then, the wait rounded up to a
+    /// whole millisecond (`poll(2)`).
+    private func isReadable(before deadline: ContinuousClock.Instant) -> Bool {
+        if let ssl, SSL_pending(ssl) > 0 { return true }
+        var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        while true {
+            let left = max(.zero, deadline - .now)
+            let n = poll(&pfd, 1, Int32(clamping: (left + .nanoseconds(999_999)).milliseconds))
+            if n >= 0 { return n > 0 }
+            if errno != EINTR { return true }
         }
     }
 

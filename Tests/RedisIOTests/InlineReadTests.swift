@@ -1,0 +1,160 @@
+import Foundation
+import Synchronization
+import Testing
+@testable import RedisIO
+import TestSupport
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `RedisConnection.InlineReads`: which round trips are read on the sending thread, and that a
+/// slow answer handed to the connection's queue midway arrives whole and in step.
+@Suite("Small round trips read on the sending thread")
+struct InlineReadTests {
+    /// Sends `ECHO` of each value and returns the pending replies, with the threads that parsed them.
+    private func echo(_ connection: RedisConnection, _ values: [String], threads: ThreadLog) -> RedisPending<[String]> {
+        connection.send({
+            var batch = RedisCommandBatch()
+            for value in values {
+                batch.begin()
+                batch.append("ECHO")
+                batch.append(value)
+            }
+            return batch
+        }, parse: { reply in
+            threads.note()
+            return RedisReply(reply).text ?? "?"
+        })
+    }
+
+    private func inline(budget: Duration = .milliseconds(500), maxCommands: Int = 8, applies: Bool = true) -> RedisConnection.InlineReads {
+        RedisConnection.InlineReads(budget: budget, maxCommands: maxCommands) { applies }
+    }
+
+    @Test func aSmallBatchFromTheChosenThreadIsReadThere() async throws {
+        let redis = try await RedisFixture()
+        redis.connection.readInline(inline())
+        let threads = ThreadLog()
+        let caller = pthread_self()
+        let pending = echo(redis.connection, ["a", "b", "c"], threads: threads)
+        // Answered before `send` returned, on this thread.
+        #expect(pending.answeredAt != nil)
+        #expect(threads.all(on: caller, count: 3))
+        #expect(try await pending.value() == ["a", "b", "c"])
+    }
+
+    @Test func otherThreadsAndLargeBatchesAreReadOnTheQueue() async throws {
+        let redis = try await RedisFixture()
+        for (reads, values) in [(inline(applies: false), ["x"]), (inline(maxCommands: 2), ["x", "y", "z"])] {
+            redis.connection.readInline(reads)
+            let threads = ThreadLog()
+            let caller = pthread_self()
+            let pending = echo(redis.connection, values, threads: threads)
+            #expect(try await pending.value() == values)
+            #expect(threads.none(on: caller, count: values.count))
+        }
+    }
+
+    @Test func anAnswerSlowerThanTheBudgetIsFinishedOnTheQueue() async throws {
+        let redis = try await RedisFixture()
+        let other = try await RedisConnection.connect(try RedisURL(redis.server.url), logger: quietLogger)
+        redis.connection.readInline(inline(budget: .milliseconds(20)))
+        // Every client's commands wait for a second.
+        _ = try await other.command("CLIENT", "PAUSE", "1000", "ALL").throwingOnError("CLIENT PAUSE")
+        let threads = ThreadLog()
+        let caller = pthread_self()
+        let pending = echo(redis.connection, ["slow", "answer"], threads: threads)
+        #expect(pending.answeredAt == nil)
+        #expect(try await pending.value() == ["slow", "answer"])
+        #expect(threads.none(on: caller, count: 2))
+        // The connection is still in step: the next small batch is read inline again.
+        let next = echo(redis.connection, ["next"], threads: threads)
+        #expect(next.answeredAt != nil)
+        #expect(try await next.value() == ["next"])
+    }
+
+    /// A reply that stops midway past the budget: the queue's read goes on with the part the
+    /// reader already holds. A server of our own, since redis-server does not split a reply on cue.
+    @Test func aReplySplitAcrossTheBudgetArrivesWhole() async throws {
+        let server = try SplitReplyServer(first: "*2\r\n$3\r\nabc\r\n$3\r\nd", rest: "ef\r\n+OK\r\n")
+        let connection = try await RedisConnection.connect(try RedisURL("redis://127.0.0.1:\(server.port)"), logger: quietLogger)
+        connection.readInline(inline(budget: .milliseconds(50)))
+        let pending = connection.send({
+            var batch = RedisCommandBatch()
+            batch.begin()
+            batch.append("ANY")
+            batch.begin()
+            batch.append("ANY")
+            return batch
+        }, parse: { RedisReply($0) })
+        #expect(pending.answeredAt == nil)
+        let replies = try await pending.value()
+        #expect(replies.count == 2)
+        #expect(replies.first == .array([.string(Array("abc".utf8)), .string(Array("def".utf8))]))
+        #expect(replies.last?.text == "OK")
+        server.finish()
+    }
+}
+
+/// The threads a round trip's replies were parsed on.
+private final class ThreadLog: Sendable {
+    private let threads = Mutex<[pthread_t]>([])
+
+    func note() { threads.withLock { $0.append(pthread_self()) } }
+
+    func all(on thread: pthread_t, count: Int) -> Bool {
+        threads.withLock { $0.count == count && $0.allSatisfy { pthread_equal($0, thread) != 0 } }
+    }
+
+    /// Only the most recent `count`: none of them on `thread`.
+    func none(on thread: pthread_t, count: Int) -> Bool {
+        threads.withLock { $0.count >= count && $0.suffix(count).allSatisfy { pthread_equal($0, thread) == 0 } }
+    }
+}
+
+/// Answers the connection's PING, then the next request with `first`, and `rest` only once
+/// `first` has been out for 300 ms.
+private final class SplitReplyServer: @unchecked Sendable {
+    let port: Int
+    private let listener: Int32
+    private let thread: Thread
+    private let done = DispatchSemaphore(value: 0)
+
+    init(first: String, rest: String) throws {
+        let server = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        listener = server
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        address.sin_port = 0
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(server, $0, length) == 0 && listen(server, 1) == 0 && getsockname(server, $0, &length) == 0
+            }
+        }
+        guard bound else { throw CocoaError(.fileWriteUnknown) }
+        port = Int(UInt16(bigEndian: address.sin_port))
+        let done = self.done
+        thread = Thread {
+            let client = accept(server, nil, nil)
+            defer { close(client) }
+            var buffer = [UInt8](repeating: 0, count: 4096)
+            func send(_ text: String) { _ = text.utf8CString.withUnsafeBufferPointer { Glibc.send(client, $0.baseAddress, $0.count - 1, 0) } }
+            _ = recv(client, &buffer, buffer.count, 0)  // PING
+            send("+PONG\r\n")
+            _ = recv(client, &buffer, buffer.count, 0)  // the batch
+            send(first)
+            usleep(300_000)
+            send(rest)
+            done.wait()
+        }
+        thread.start()
+    }
+
+    func finish() {
+        done.signal()
+        close(listener)
+    }
+}
