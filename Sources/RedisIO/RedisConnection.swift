@@ -35,6 +35,8 @@ import Darwin
 public final class RedisConnection: @unchecked Sendable {
     /// Which round trips `send` reads on the caller's thread: at most `maxCommands` commands,
     /// sent from a thread for which `applies` is true, each read there for at most `budget`.
+    /// That thread blocks meanwhile, so it must be one that may: never one of Swift's
+    /// cooperative pool.
     public struct InlineReads: Sendable {
         public var budget: Duration
         public var maxCommands: Int
