@@ -33,18 +33,20 @@ import Darwin
 /// caller inside `queue.sync`); `inline` and `queued` are synchronized themselves, and the
 /// remaining stored properties are immutable `Sendable` values.
 public final class RedisConnection: @unchecked Sendable {
-    /// Which round trips `send` reads on the caller's thread: at most `maxCommands` commands,
+    /// Which round trips `send` reads on the caller's thread: batches of at most `maxBytes`,
     /// sent from a thread for which `applies` is true, each read there for at most `budget`.
     /// That thread blocks meanwhile, so it must be one that may: never one of Swift's
-    /// cooperative pool.
+    /// cooperative pool. With `maxBytes` no larger than a socket's smallest send buffer (Linux's
+    /// default `tcp_wmem` starts at 16 KiB), the write never waits for room: the previous round
+    /// trip was answered, so the buffer is empty.
     public struct InlineReads: Sendable {
         public var budget: Duration
-        public var maxCommands: Int
+        public var maxBytes: Int
         public var applies: @Sendable () -> Bool
 
-        public init(budget: Duration, maxCommands: Int, applies: @escaping @Sendable () -> Bool) {
+        public init(budget: Duration, maxBytes: Int, applies: @escaping @Sendable () -> Bool) {
             self.budget = budget
-            self.maxCommands = maxCommands
+            self.maxBytes = maxBytes
             self.applies = applies
         }
     }
@@ -157,14 +159,14 @@ public final class RedisConnection: @unchecked Sendable {
     public func readInline(_ reads: InlineReads?) { inline.withLock { $0 = reads } }
 
     /// On the queue, on the caller's thread: writes `batch` and reads its replies for up to the
-    /// budget; a batch over `maxCommands`, a socket to open again, or the rest of an answer that
+    /// budget; a batch over `maxBytes`, a socket to open again, or the rest of an answer that
     /// is slower than the budget go to the queue's thread.
     private func sendInline<T>(
         _ batch: RedisCommandBatch, _ parse: @escaping @Sendable (UnsafePointer<redisReply>) throws -> T,
         _ inline: InlineReads, _ pending: RedisPending<[T]>
     ) {
         if batch.commandCount == 0 { return pending.complete(.success([])) }
-        guard batch.commandCount <= inline.maxCommands, unfinished == nil, !closed,
+        guard batch.byteCount <= inline.maxBytes, unfinished == nil, !closed,
               let socket, !socket.peerHasClosed() else {
             return enqueue {
                 let result = Result { try self.runPipeline(batch, parse) }

@@ -28,8 +28,8 @@ struct InlineReadTests {
         })
     }
 
-    private func inline(budget: Duration = .milliseconds(500), maxCommands: Int = 8, applies: Bool = true) -> RedisConnection.InlineReads {
-        RedisConnection.InlineReads(budget: budget, maxCommands: maxCommands) { applies }
+    private func inline(budget: Duration = .milliseconds(500), maxBytes: Int = 1024, applies: Bool = true) -> RedisConnection.InlineReads {
+        RedisConnection.InlineReads(budget: budget, maxBytes: maxBytes) { applies }
     }
 
     @Test func aSmallBatchFromTheChosenThreadIsReadThere() async throws {
@@ -46,7 +46,7 @@ struct InlineReadTests {
 
     @Test func otherThreadsAndLargeBatchesAreReadOnTheQueue() async throws {
         let redis = try await RedisFixture()
-        for (reads, values) in [(inline(applies: false), ["x"]), (inline(maxCommands: 2), ["x", "y", "z"])] {
+        for (reads, values) in [(inline(applies: false), ["x"]), (inline(maxBytes: 60), ["x", "y", "z"])] {
             redis.connection.readInline(reads)
             let threads = ThreadLog()
             let caller = pthread_self()
