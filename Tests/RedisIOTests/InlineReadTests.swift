@@ -74,6 +74,24 @@ struct InlineReadTests {
         #expect(try await next.value() == ["next"])
     }
 
+    /// Over TLS, a reply of several TLS records (16 KiB each) is read inline whole, a record per
+    /// read, each waited for in `poll(2)`.
+    @Test func overTLSASmallBatchIsReadOnTheChosenThreadToo() async throws {
+        let certs = try TLSTestCertificates()
+        let server = try TLSRedisServer(certs)
+        let connection = try await RedisConnection.connect(
+            try RedisURL("rediss://127.0.0.1:\(server.port)"), tls: RedisTLSOptions(caFile: certs.path("ca.pem")), logger: quietLogger)
+        connection.readInline(inline(maxBytes: 64 * 1024))
+        let threads = ThreadLog()
+        let caller = pthread_self()
+        let long = String(repeating: "x", count: 40_000)
+        let pending = echo(connection, ["a", long, "b"], threads: threads)
+        #expect(pending.answeredAt != nil)
+        #expect(threads.all(on: caller, count: 3))
+        #expect(try await pending.value() == ["a", long, "b"])
+        await connection.close()
+    }
+
     /// A reply that stops midway past the budget: the queue's read goes on with the part the
     /// reader already holds. A server of our own, since redis-server does not split a reply on cue.
     @Test func aReplySplitAcrossTheBudgetArrivesWhole() async throws {
