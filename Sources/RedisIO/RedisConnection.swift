@@ -36,9 +36,10 @@ public final class RedisConnection: @unchecked Sendable {
     /// Which round trips `send` reads on the caller's thread: batches of at most `maxBytes`,
     /// sent from a thread for which `applies` is true, each read there for at most `budget`.
     /// That thread blocks meanwhile, so it must be one that may: never one of Swift's
-    /// cooperative pool. With `maxBytes` no larger than a socket's smallest send buffer (Linux's
-    /// default `tcp_wmem` starts at 16 KiB), the write never waits for room: the previous round
-    /// trip was answered, so the buffer is empty.
+    /// cooperative pool. With `maxBytes` no larger than a new socket's send buffer (Linux's
+    /// `tcp_wmem` default, 16 KiB), the write does not wait for room: the previous round trip was
+    /// answered, so the buffer is empty. Only a buffer shrunk under memory pressure (to
+    /// `tcp_wmem`'s minimum) could make it wait, and then no longer than the socket's send timeout.
     public struct InlineReads: Sendable {
         public var budget: Duration
         public var maxBytes: Int

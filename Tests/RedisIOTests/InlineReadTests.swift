@@ -96,6 +96,7 @@ struct InlineReadTests {
     /// reader already holds. A server of our own, since redis-server does not split a reply on cue.
     @Test func aReplySplitAcrossTheBudgetArrivesWhole() async throws {
         let server = try SplitReplyServer(first: "*2\r\n$3\r\nabc\r\n$3\r\nd", rest: "ef\r\n+OK\r\n")
+        defer { server.finish() }
         let connection = try await RedisConnection.connect(try RedisURL("redis://127.0.0.1:\(server.port)"), logger: quietLogger)
         connection.readInline(inline(budget: .milliseconds(50)))
         let pending = connection.send({
@@ -111,7 +112,6 @@ struct InlineReadTests {
         #expect(replies.count == 2)
         #expect(replies.first == .array([.string(Array("abc".utf8)), .string(Array("def".utf8))]))
         #expect(replies.last?.text == "OK")
-        server.finish()
     }
 }
 
