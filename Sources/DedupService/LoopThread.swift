@@ -56,9 +56,9 @@ final class LoopThread: TaskExecutor, @unchecked Sendable {
         let ran = locked { () -> Bool in
             if finished { return false }
             jobs.append(job)
-            pthread_cond_signal(wakeup)
             return true
         }
+        if ran { pthread_cond_signal(wakeup) }
         // Only a job of a task that preferred this executor and outlived the loop: it still runs.
         if !ran {
             DispatchQueue.global().async { [self] in job.runSynchronously(on: asUnownedTaskExecutor()) }
@@ -67,18 +67,14 @@ final class LoopThread: TaskExecutor, @unchecked Sendable {
 
     /// Calls `fire` on this thread at `deadline` or soon after.
     func schedule(at deadline: ContinuousClock.Instant, _ fire: @escaping @Sendable () -> Void) {
-        locked {
-            timers.append((deadline, fire))
-            pthread_cond_signal(wakeup)
-        }
+        locked { timers.append((deadline, fire)) }
+        pthread_cond_signal(wakeup)
     }
 
     /// Ends the thread once the jobs queued by then have run; timers not yet due never fire.
     func stop() {
-        locked {
-            stopping = true
-            pthread_cond_signal(wakeup)
-        }
+        locked { stopping = true }
+        pthread_cond_signal(wakeup)
     }
 
     private func locked<T>(_ body: () -> T) -> T {
