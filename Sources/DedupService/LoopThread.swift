@@ -15,7 +15,8 @@ import Glibc
 /// blocks this thread, which has nothing else to do meanwhile (`KafkaConsumer.pollsBlockCaller`).
 final class LoopThread: TaskExecutor, @unchecked Sendable {
     // `mutex` guards the variables below it; `wakeup` is signalled when a job, a timer or the
-    // stop arrives.
+    // stop arrives, after the mutex is unlocked: signalled under it, the woken thread would
+    // only wake to wait for the mutex, a second sleep and wake-up per answer.
     private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
     private let wakeup = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
     private var jobs: [UnownedJob] = []
@@ -58,9 +59,10 @@ final class LoopThread: TaskExecutor, @unchecked Sendable {
             jobs.append(job)
             return true
         }
-        if ran { pthread_cond_signal(wakeup) }
-        // Only a job of a task that preferred this executor and outlived the loop: it still runs.
-        if !ran {
+        if ran {
+            pthread_cond_signal(wakeup)
+        } else {
+            // Only a job of a task that preferred this executor and outlived the loop: it still runs.
             DispatchQueue.global().async { [self] in job.runSynchronously(on: asUnownedTaskExecutor()) }
         }
     }
