@@ -22,6 +22,12 @@ public final class LogOutputHandler: BatchHandler {
     /// Lines not yet written; a lock because `handle` (retries) may be called from several tasks.
     private let pending = Mutex(LineBuffer())
     private let writer = DispatchQueue(label: "dedupd.handler.log")
+    /// Whether the output refused `RWF_NOWAIT` (`NowaitWrite`): a pipe (as stdout), a socket and
+    /// /dev/null take it; a terminal, a named pipe, and a regular file on most filesystems answer
+    /// EOPNOTSUPP, and from then on every flush goes through `writer`.
+    let refusesNowait = Atomic<Bool>(NowaitWrite.available == nil)
+    /// Flushes that went through `writer` (tests read it).
+    let writerFlushes = Atomic<Int>(0)
 
     /// `path` is a file to append to, or `-` for stdout.
     public init(path: String) throws {
@@ -39,6 +45,12 @@ public final class LogOutputHandler: BatchHandler {
         }
     }
 
+    /// Writes to `fd`, which the caller keeps open for the handler's life: stdout's path for tests.
+    init(descriptor: Int32) {
+        fd = descriptor
+        ownsFD = false
+    }
+
     deinit {
         if ownsFD { _ = Glibc.close(fd) }
     }
@@ -54,12 +66,16 @@ public final class LogOutputHandler: BatchHandler {
         }
     }
 
-    /// Writes what is pending, on the handler's own writer queue: write(2) to a pipe or a slow
-    /// disk blocks, and the caller is a cooperative thread. The lock is held during the write:
-    /// the worker calls `flush` once a round's calls have returned, so nothing else waits for it,
-    /// and a line appended meanwhile could not be told apart from the written ones when the
-    /// buffer is emptied.
+    /// Writes what is pending. The caller is a cooperative thread, which must not wait for a
+    /// full pipe or a slow disk: it writes what the output takes without waiting (`NowaitWrite`),
+    /// and the rest goes to the handler's own writer queue, whose write(2) may wait. The round's
+    /// thread is awake already, where the writer's would be woken to write and then wake the
+    /// round again. The lock is held during the write: the worker calls `flush` once a round's
+    /// calls have returned, so nothing else waits for it, and a line appended meanwhile could
+    /// not be told apart from the written ones when the buffer is emptied.
     public func flush() async throws {
+        if pending.withLock({ writeWithoutWaiting(&$0) }) { return }
+        writerFlushes.add(1, ordering: .relaxed)
         let failure: Int32? = await withCheckedContinuation { c in
             writer.async { [self] in
                 c.resume(returning: pending.withLock { buffer in
@@ -75,6 +91,27 @@ public final class LogOutputHandler: BatchHandler {
 
     public func close() async {
         try? await flush()
+    }
+
+    /// Writes what the output takes without waiting and drops it from `buffer`; true when nothing
+    /// is left. Anything else (the output is full, refuses `RWF_NOWAIT`, or fails) is left for
+    /// `writer`, whose blocking write reports a failure.
+    private func writeWithoutWaiting(_ buffer: inout LineBuffer) -> Bool {
+        while buffer.count > 0 {
+            guard !refusesNowait.load(ordering: .relaxed), let write = NowaitWrite.available else { return false }
+            let n = buffer.withBytes { write(fd, $0) }
+            if n > 0 {
+                buffer.removeFirst(n)
+                continue
+            }
+            let failure = errno
+            if n < 0 && failure == EINTR { continue }
+            if n < 0 && (failure == EOPNOTSUPP || failure == EINVAL || failure == ENOSYS) {
+                refusesNowait.store(true, ordering: .relaxed)
+            }
+            return false
+        }
+        return true
     }
 
     /// Writes every byte, through short writes, EINTR and (for a non-blocking stdout) EAGAIN.
@@ -189,6 +226,13 @@ struct LineBuffer: ~Copyable {
 
     /// Forgets the contents, keeps the allocation.
     mutating func removeAll() { count = 0 }
+
+    /// Forgets the first `n` bytes (written already), keeps the rest in order.
+    mutating func removeFirst(_ n: Int) {
+        precondition(n >= 0 && n <= count)
+        base.update(from: base + n, count: count - n)
+        count -= n
+    }
 
     func withBytes<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
         try body(UnsafeRawBufferPointer(start: base, count: count))
@@ -386,4 +430,22 @@ public struct HandlerError: Error, CustomStringConvertible {
     public var message: String
     public init(message: String) { self.message = message }
     public var description: String { message }
+}
+
+/// `pwritev2(fd, bytes, -1, RWF_NOWAIT)`: a write at the output's current position that returns
+/// EAGAIN (or a short count) instead of waiting for room. Looked up at run time: Swift's Glibc
+/// module leaves out the GNU declarations, and a C library older than glibc 2.26 lacks it.
+struct NowaitWrite: Sendable {
+    private typealias PWritev2 = @convention(c) (Int32, UnsafePointer<iovec>?, Int32, off_t, Int32) -> Int
+    /// Linux's `RWF_NOWAIT` (include/uapi/linux/fs.h).
+    private static let noWait: Int32 = 0x8
+    private let call: PWritev2
+
+    static let available: NowaitWrite? = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "pwritev2")
+        .map { NowaitWrite(call: unsafeBitCast($0, to: PWritev2.self)) }
+
+    func callAsFunction(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) -> Int {
+        var iov = iovec(iov_base: UnsafeMutableRawPointer(mutating: bytes.baseAddress), iov_len: bytes.count)
+        return call(fd, &iov, 1, -1, Self.noWait)
+    }
 }
