@@ -205,12 +205,12 @@ public final class Worker: Service {
         }
     }
 
-    /// The loop's small round trips (16 KiB of commands: a few dozen keys' claims) are read on
-    /// its own thread, so their answers wake no other thread. A larger batch (a full-speed
-    /// fetch's) is read on the connection's queue, and so is the rest of an answer slower than
-    /// the budget: the loop waits for Redis 2 ms at most.
+    /// The loop's small round trips (64 KiB of commands: about 300 keys' claims; 16 KiB over
+    /// TLS) are read on its own thread, so their answers wake no other thread. A larger batch
+    /// (a full-speed fetch's) is read on the connection's queue, and so is the rest of an answer
+    /// slower than the budget: the loop waits for Redis 2 ms at most.
     static func inlineReads(on thread: LoopThread) -> RedisConnection.InlineReads {
-        RedisConnection.InlineReads(budget: .milliseconds(2), maxBytes: 16 * 1024) { thread.isCurrent }
+        RedisConnection.InlineReads(budget: .milliseconds(2), maxBytes: 64 * 1024) { thread.isCurrent }
     }
 
     var engineOptions: DedupEngine.Options {

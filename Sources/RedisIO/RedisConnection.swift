@@ -36,11 +36,17 @@ public final class RedisConnection: @unchecked Sendable {
     /// Which round trips `send` reads on the caller's thread: batches of at most `maxBytes`,
     /// sent from a thread for which `applies` is true, each read there for at most `budget`.
     /// That thread blocks meanwhile, so it must be one that may: never one of Swift's
-    /// cooperative pool. With `maxBytes` no larger than a new socket's send buffer (Linux's
-    /// `tcp_wmem` default, 16 KiB), the write does not wait for room: the previous round trip was
-    /// answered, so the buffer is empty. Only a buffer shrunk under memory pressure (to
-    /// `tcp_wmem`'s minimum) could make it wait, and then no longer than the socket's send timeout.
+    /// cooperative pool. `maxBytes` bounds the work the caller waits for Redis to do; the
+    /// write itself never waits for room: a plaintext socket takes what it can at once
+    /// (`MSG_DONTWAIT`) and the queue's thread writes the rest. A TLS session cannot write that
+    /// way, so over TLS only batches of at most `tlsMaxBytes` are read inline: no more than a new
+    /// socket's send buffer (Linux's `tcp_wmem` default, 16 KiB) holds, which is empty once the
+    /// previous round trip was answered. Only a buffer shrunk under memory pressure (to
+    /// `tcp_wmem`'s minimum) could make that write wait, and then no longer than the socket's
+    /// send timeout.
     public struct InlineReads: Sendable {
+        public static let tlsMaxBytes = 16 * 1024
+
         public var budget: Duration
         public var maxBytes: Int
         public var applies: @Sendable () -> Bool
@@ -160,34 +166,45 @@ public final class RedisConnection: @unchecked Sendable {
     public func readInline(_ reads: InlineReads?) { inline.withLock { $0 = reads } }
 
     /// On the queue, on the caller's thread: writes `batch` and reads its replies for up to the
-    /// budget; a batch over `maxBytes`, a socket to open again, or the rest of an answer that
-    /// is slower than the budget go to the queue's thread.
+    /// budget; a batch over `maxBytes`, a socket to open again, the part of the batch the socket
+    /// does not take at once, or the rest of an answer slower than the budget go to the queue's
+    /// thread.
     private func sendInline<T>(
         _ batch: RedisCommandBatch, _ parse: @escaping @Sendable (UnsafePointer<redisReply>) throws -> T,
         _ inline: InlineReads, _ pending: RedisPending<[T]>
     ) {
         if batch.commandCount == 0 { return pending.complete(.success([])) }
-        guard batch.byteCount <= inline.maxBytes, unfinished == nil, !closed,
-              let socket, !socket.peerHasClosed() else {
+        guard batch.byteCount <= inline.maxBytes, unfinished == nil, !closed, let socket,
+              !socket.isTLS || batch.byteCount <= InlineReads.tlsMaxBytes, !socket.peerHasClosed() else {
             return enqueue {
                 let result = Result { try self.runPipeline(batch, parse) }
                 return { pending.complete(result) }
             }
         }
         var replies = Replies<T>(expected: batch.commandCount)
+        var written = 0
         do {
-            try batch.withCompleteBytes { try socket.write($0) }
-            if try replies.read(from: socket, parse, until: .now + inline.budget) {
+            written = try batch.withCompleteBytes { bytes in
+                if socket.isTLS {
+                    try socket.write(bytes)
+                    return bytes.count
+                }
+                return try socket.writeWithoutWaiting(bytes)
+            }
+            if written == batch.byteCount, try replies.read(from: socket, parse, until: .now + inline.budget) {
                 return pending.complete(Result { try replies.all() })
             }
         } catch {
             lost(error)
             return pending.complete(.failure(error))
         }
-        unfinished = { [replies] in
+        unfinished = { [replies, written] in
             var replies = replies
             let result = Result {
                 do {
+                    if written < batch.byteCount {
+                        try batch.withCompleteBytes { try socket.write(UnsafeRawBufferPointer(rebasing: $0[written...])) }
+                    }
                     _ = try replies.read(from: socket, parse, until: nil)
                 } catch {
                     self.lost(error)

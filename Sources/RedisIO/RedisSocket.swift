@@ -259,6 +259,26 @@ final class RedisSocket {
         }
     }
 
+    /// Whether writes go through a TLS session, which `writeWithoutWaiting` cannot do.
+    var isTLS: Bool { ssl != nil }
+
+    /// Writes what a plaintext socket takes at once (`MSG_DONTWAIT`) and returns how many bytes
+    /// that was; the rest, if any, is for `write` later. Throws on an I/O error.
+    func writeWithoutWaiting(_ buffer: UnsafeRawBufferPointer) throws -> Int {
+        precondition(ssl == nil, "a TLS session writes whole records")
+        var offset = 0
+        while offset < buffer.count {
+            let n = send(fd, buffer.baseAddress! + offset, buffer.count - offset, Int32(MSG_NOSIGNAL) | Int32(MSG_DONTWAIT))
+            if n < 0 {
+                if errno == EINTR { continue }
+                if errno == EAGAIN || errno == EWOULDBLOCK { break }
+                throw ioError(ssl: nil, result: -1, action: "writing a command")
+            }
+            offset += n
+        }
+        return offset
+    }
+
     /// The next reply, read from the socket as needed. It lives in the socket's `ReplyArena`
     /// and stays valid until the next call, which reuses its memory; nothing is freed by the
     /// caller. After a throw the socket must not be read again (a partly read reply would be

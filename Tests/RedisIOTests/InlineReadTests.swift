@@ -74,22 +74,65 @@ struct InlineReadTests {
         #expect(try await next.value() == ["next"])
     }
 
-    /// Over TLS, a reply of several TLS records (16 KiB each) is read inline whole, a record per
-    /// read, each waited for in `poll(2)`.
+    /// Over TLS, a small batch whose reply spans several TLS records (16 KiB each) is read inline
+    /// whole, a record per read, each waited for in `poll(2)`; a batch over `tlsMaxBytes` goes to
+    /// the queue, since a TLS session's write cannot stop where the socket is full.
     @Test func overTLSASmallBatchIsReadOnTheChosenThreadToo() async throws {
         let certs = try TLSTestCertificates()
         let server = try TLSRedisServer(certs)
         let connection = try await RedisConnection.connect(
             try RedisURL("rediss://127.0.0.1:\(server.port)"), tls: RedisTLSOptions(caFile: certs.path("ca.pem")), logger: quietLogger)
+        let long = String(repeating: "x", count: 40_000)
+        _ = try await connection.command("SET", "long", .init(long)).throwingOnError("SET")
         connection.readInline(inline(maxBytes: 64 * 1024))
         let threads = ThreadLog()
         let caller = pthread_self()
-        let long = String(repeating: "x", count: 40_000)
-        let pending = echo(connection, ["a", long, "b"], threads: threads)
+        let pending = connection.send({
+            var batch = RedisCommandBatch()
+            for args in [["ECHO", "a"], ["GET", "long"], ["ECHO", "b"]] {
+                batch.begin()
+                for arg in args { batch.append(arg) }
+            }
+            return batch
+        }, parse: { reply in
+            threads.note()
+            return RedisReply(reply).text ?? "?"
+        })
         #expect(pending.answeredAt != nil)
         #expect(threads.all(on: caller, count: 3))
         #expect(try await pending.value() == ["a", long, "b"])
+        let large = echo(connection, ["a", long, "b"], threads: threads)
+        #expect(try await large.value() == ["a", long, "b"])
+        #expect(threads.none(on: caller, count: 3))
         await connection.close()
+    }
+
+    /// A batch larger than the socket and the server's side take at once, to a server that
+    /// reads nothing yet: `send` returns with the rest of the batch handed to the queue, which
+    /// writes it once the server reads, then reads the answers. Every byte arrives once, in order.
+    @Test func aBatchTheSocketCannotTakeAtOnceIsFinishedOnTheQueue() async throws {
+        var batch = RedisCommandBatch()
+        let count = 40_000
+        for i in 0..<count {
+            batch.begin()
+            batch.append("ECHO")
+            batch.append(String(repeating: "v", count: 400) + "\(i)")
+        }
+        let bytes = batch.withCompleteBytes { Array($0) }
+        #expect(bytes.count > 16_000_000)
+        let server = try HeldReadServer(expecting: bytes, replies: count)
+        defer { server.finish() }
+        let connection = try await RedisConnection.connect(try RedisURL("redis://127.0.0.1:\(server.port)"), logger: quietLogger)
+        connection.readInline(inline(maxBytes: 64 << 20))
+        let pending = connection.send({ [batch] in batch }, parse: { RedisReply($0).text ?? "?" })
+        // Returned before the server read a byte of the batch.
+        #expect(server.held)
+        #expect(pending.answeredAt == nil)
+        server.release()
+        let replies = try await pending.value()
+        #expect(replies.count == count)
+        #expect(replies.allSatisfy { $0 == "OK" })
+        #expect(server.receivedWhole)
     }
 
     /// A reply that stops midway past the budget: the queue's read goes on with the part the
@@ -173,6 +216,70 @@ private final class SplitReplyServer: @unchecked Sendable {
 
     func finish() {
         done.signal()
+        close(listener)
+    }
+}
+
+/// Answers the connection's PING, then reads nothing until `release()` (or 10 s), then reads
+/// `expecting.count` bytes, notes whether they were exactly `expecting`, and answers `+OK` to
+/// each of `replies` commands.
+private final class HeldReadServer: @unchecked Sendable {
+    let port: Int
+    private let listener: Int32
+    private let released = DispatchSemaphore(value: 0)
+    private let state = Mutex<(held: Bool, whole: Bool)>((true, false))
+
+    var held: Bool { state.withLock { $0.held } }
+    var receivedWhole: Bool { state.withLock { $0.whole } }
+
+    init(expecting: [UInt8], replies: Int) throws {
+        let server = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        listener = server
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        address.sin_port = 0
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let bound = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(server, $0, length) == 0 && listen(server, 1) == 0 && getsockname(server, $0, &length) == 0
+            }
+        }
+        guard bound else { throw CocoaError(.fileWriteUnknown) }
+        port = Int(UInt16(bigEndian: address.sin_port))
+        Thread { [self] in
+            let client = accept(server, nil, nil)
+            defer { close(client) }
+            var buffer = [UInt8](repeating: 0, count: 1 << 16)
+            func send(_ bytes: [UInt8]) {
+                var sent = 0
+                while sent < bytes.count {
+                    let n = bytes.withUnsafeBytes { Glibc.send(client, $0.baseAddress! + sent, bytes.count - sent, 0) }
+                    if n <= 0 { return }
+                    sent += n
+                }
+            }
+            _ = recv(client, &buffer, buffer.count, 0)  // PING
+            send(Array("+PONG\r\n".utf8))
+            _ = released.wait(timeout: .now() + 10)
+            state.withLock { $0.held = false }
+            var received: [UInt8] = []
+            received.reserveCapacity(expecting.count)
+            while received.count < expecting.count {
+                let n = recv(client, &buffer, min(buffer.count, expecting.count - received.count), 0)
+                if n <= 0 { break }
+                received += buffer[..<n]
+            }
+            state.withLock { $0.whole = received == expecting }
+            send(Array(String(repeating: "+OK\r\n", count: replies).utf8))
+            _ = recv(client, &buffer, buffer.count, 0)  // until the client closes
+        }.start()
+    }
+
+    func release() { released.signal() }
+
+    func finish() {
+        released.signal()
         close(listener)
     }
 }
