@@ -183,23 +183,11 @@ private final class SplitReplyServer: @unchecked Sendable {
     private let done = DispatchSemaphore(value: 0)
 
     init(first: String, rest: String) throws {
-        let server = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        listener = server
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        address.sin_port = 0
-        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let bound = withUnsafeMutablePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                bind(server, $0, length) == 0 && listen(server, 1) == 0 && getsockname(server, $0, &length) == 0
-            }
-        }
-        guard bound else { throw CocoaError(.fileWriteUnknown) }
-        port = Int(UInt16(bigEndian: address.sin_port))
+        let server = try listenOnLoopback()
+        (listener, port) = server
         let done = self.done
         thread = Thread {
-            let client = accept(server, nil, nil)
+            let client = accept(server.listener, nil, nil)
             defer { close(client) }
             var buffer = [UInt8](repeating: 0, count: 4096)
             func send(_ text: String) { _ = text.utf8CString.withUnsafeBufferPointer { Glibc.send(client, $0.baseAddress, $0.count - 1, 0) } }
@@ -233,22 +221,10 @@ private final class HeldReadServer: @unchecked Sendable {
     var receivedWhole: Bool { state.withLock { $0.whole } }
 
     init(expecting: [UInt8], replies: Int) throws {
-        let server = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        listener = server
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        address.sin_port = 0
-        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-        let bound = withUnsafeMutablePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                bind(server, $0, length) == 0 && listen(server, 1) == 0 && getsockname(server, $0, &length) == 0
-            }
-        }
-        guard bound else { throw CocoaError(.fileWriteUnknown) }
-        port = Int(UInt16(bigEndian: address.sin_port))
+        let server = try listenOnLoopback()
+        (listener, port) = server
         Thread { [self] in
-            let client = accept(server, nil, nil)
+            let client = accept(server.listener, nil, nil)
             defer { close(client) }
             var buffer = [UInt8](repeating: 0, count: 1 << 16)
             func send(_ bytes: [UInt8]) {
@@ -282,4 +258,24 @@ private final class HeldReadServer: @unchecked Sendable {
         released.signal()
         close(listener)
     }
+}
+
+/// A TCP socket listening on 127.0.0.1, on a port the kernel chose.
+private func listenOnLoopback() throws -> (listener: Int32, port: Int) {
+    let server = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    var address = sockaddr_in()
+    address.sin_family = sa_family_t(AF_INET)
+    address.sin_addr.s_addr = inet_addr("127.0.0.1")
+    address.sin_port = 0
+    var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+    let bound = withUnsafeMutablePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+            bind(server, $0, length) == 0 && listen(server, 1) == 0 && getsockname(server, $0, &length) == 0
+        }
+    }
+    guard bound else {
+        close(server)
+        throw CocoaError(.fileWriteUnknown)
+    }
+    return (server, Int(UInt16(bigEndian: address.sin_port)))
 }
