@@ -84,40 +84,57 @@ final class HandlerRounds: DispatchRunner {
     let handlers: [any Handler]
     /// What is in flight, for the watchdog's report.
     let ledger: InFlightLedger
-    private let running = Mutex<[UInt64: Task<Void, Never>]>([:])
+    /// Rounds not yet ended, to cancel at shutdown; and the ones that ended before `start`
+    /// registered them (their task started at once on another thread), not to be registered.
+    private let running = Mutex<(tasks: [UInt64: Task<Void, Never>], endedEarly: Set<UInt64>)>(([:], []))
     private let nextID = Atomic<UInt64>(0)
 
-    init(dispatchers: [Dispatcher], handlers: [any Handler], ledger: InFlightLedger) {
+    /// Starts a round's task; tests pass one that returns only once the round has ended.
+    private let spawn: @Sendable (@escaping @Sendable () async -> Void) -> Task<Void, Never>
+
+    init(
+        dispatchers: [Dispatcher], handlers: [any Handler], ledger: InFlightLedger,
+        spawn: @escaping @Sendable (@escaping @Sendable () async -> Void) -> Task<Void, Never> = { Task(operation: $0) }
+    ) {
         self.dispatchers = dispatchers
         self.handlers = handlers
         self.ledger = ledger
+        self.spawn = spawn
     }
 
     func start(_ due: [Dispatch], done: @escaping @Sendable ([DispatchResult]) -> Void) {
         let dispatchers = self.dispatchers
         let ledger = self.ledger
         let id = nextID.add(1, ordering: .relaxed).newValue
-        // Registered before the task can end (and remove itself): the lock is held meanwhile.
-        running.withLock { running in
-            running[id] = Task { [self] in
-                let token = ledger.begin(.round(size: due.count))
-                let outcome = await DispatchRound.run(due, dispatchers: dispatchers)
-                ledger.end(token)
-                _ = self.running.withLock { $0.removeValue(forKey: id) }
-                done(outcome.results.map { result in
-                    switch result {
-                    case .success: .success
-                    case .gaveUp(let error, let attempts): .gaveUp(error: "\(error)", attempts: attempts)
-                    case .abandoned: .abandoned
-                    }
-                })
+        // Created outside the lock: the new task may run on another thread at once, even
+        // before this thread goes on (the woken thread can preempt it), and a short round
+        // would then end waiting for a lock held by a thread that is not running.
+        let task = spawn { [self] in
+            let token = ledger.begin(.round(size: due.count))
+            let outcome = await DispatchRound.run(due, dispatchers: dispatchers)
+            ledger.end(token)
+            running.withLock { running in
+                if running.tasks.removeValue(forKey: id) == nil { running.endedEarly.insert(id) }
             }
+            done(outcome.results.map { result in
+                switch result {
+                case .success: .success
+                case .gaveUp(let error, let attempts): .gaveUp(error: "\(error)", attempts: attempts)
+                case .abandoned: .abandoned
+                }
+            })
+        }
+        running.withLock { running in
+            if running.endedEarly.remove(id) == nil { running.tasks[id] = task }
         }
     }
 
     func cancelAll() {
-        for task in running.withLock({ Array($0.values) }) { task.cancel() }
+        for task in running.withLock({ Array($0.tasks.values) }) { task.cancel() }
     }
+
+    /// Rounds registered and not yet ended (tests read it).
+    var runningCount: Int { running.withLock { $0.tasks.count + $0.endedEarly.count } }
 
     func close() async {
         for handler in handlers { await handler.close() }

@@ -1,3 +1,4 @@
+import Foundation
 import DedupCore
 import Synchronization
 import Testing
@@ -53,5 +54,65 @@ import TestSupport
             }
         }
         #expect(recorder.inFlight.withLock { $0.peak } > 1, "different keys run side by side")
+    }
+}
+
+/// `HandlerRounds` keeps each running round's task, to cancel at shutdown, and forgets it when
+/// the round ends, also when the round ended before `start` had registered it (a short round
+/// on another thread can: the woken thread may run before the one that started it).
+@Suite struct HandlerRoundsTests {
+    struct Instant: Handler {
+        func handle(_ d: Dispatch) async throws {}
+    }
+
+    static func rounds(spawn: (@Sendable (@escaping @Sendable () async -> Void) -> Task<Void, Never>)? = nil) -> HandlerRounds {
+        let handler = Instant()
+        let dispatchers = [Dispatcher(handler: handler, concurrency: 1, maxAttempts: 1, backoff: Backoff(initial: .milliseconds(1)),
+                                      maxElapsed: .seconds(1), logger: quietLogger())]
+        guard let spawn else { return HandlerRounds(dispatchers: dispatchers, handlers: [handler], ledger: InFlightLedger()) }
+        return HandlerRounds(dispatchers: dispatchers, handlers: [handler], ledger: InFlightLedger(), spawn: spawn)
+    }
+
+    /// Starts `count` one-message rounds from a thread of its own, as the worker's loop does, and
+    /// returns once every round's `done` has run.
+    static func run(_ rounds: HandlerRounds, count: Int) async {
+        let ended = Atomic<Int>(0)
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            Thread {
+                for i in 0..<count {
+                    let due = [Dispatch(key: DedupKey(raw: "k\(i)", namespace: "t"), message: InboundMessage(
+                        topic: "t", partition: 0, offset: Int64(i), key: nil, value: [], headers: []))]
+                    rounds.start(due) { results in
+                        #expect(results.count == 1)
+                        ended.add(1, ordering: .relaxed)
+                    }
+                }
+                c.resume()
+            }.start()
+        }
+        let deadline = ContinuousClock.now + .seconds(30)
+        while ended.load(ordering: .relaxed) < count && ContinuousClock.now < deadline { await Task.yield() }
+        #expect(ended.load(ordering: .relaxed) == count)
+    }
+
+    @Test func everyEndedRoundIsForgotten() async {
+        let rounds = Self.rounds()
+        await Self.run(rounds, count: 2_000)
+        #expect(rounds.runningCount == 0)
+    }
+
+    @Test func aRoundThatEndsBeforeItIsRegisteredIsForgottenToo() async {
+        // Each round's task has ended when `start` goes on to register it.
+        let rounds = Self.rounds { operation in
+            let ended = DispatchSemaphore(value: 0)
+            let task = Task {
+                await operation()
+                ended.signal()
+            }
+            ended.wait()
+            return task
+        }
+        await Self.run(rounds, count: 50)
+        #expect(rounds.runningCount == 0)
     }
 }
