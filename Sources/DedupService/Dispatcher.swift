@@ -147,4 +147,37 @@ enum DispatchRound {
         }
         return Outcome(results: results)
     }
+
+    /// The rest of a round whose messages a handler took on the loop's thread
+    /// (`InlineRoundHandler.takeRoundWithoutWaiting`) but whose output did not take every line
+    /// at once: its `flush`, which fails the whole round as in `run`.
+    static func flush(_ due: [Dispatch], handler: any Handler) async -> Outcome {
+        do {
+            try await handler.flush()
+            return Outcome(results: Array(repeating: .success, count: due.count))
+        } catch {
+            return Outcome(results: due.map { .gaveUp(error, attempts: $0.attempt) })
+        }
+    }
+}
+
+/// A handler that takes a small round on the loop's own thread: it neither waits nor suspends
+/// to do so (the `log` handler appends the lines and writes what its output takes at once). Such
+/// a round needs no task, and no thread is woken to run it or to hand its results back.
+protocol InlineRoundHandler: BatchHandler {
+    /// Whether rounds can be taken so now (the `log` handler: while its output takes writes that
+    /// do not wait).
+    var takesRoundsInline: Bool { get }
+    /// Takes every message of `round` as `handleBatch` does and writes them as `flush` does, but
+    /// without waiting for anything, a lock included.
+    func takeRoundWithoutWaiting(_ round: [Dispatch]) -> InlineRound
+}
+
+enum InlineRound: Equatable {
+    /// Taken and written: the round succeeded.
+    case written
+    /// Taken, but the output did not take every line at once: `flush` writes the rest.
+    case needsFlush
+    /// Nothing done (a flush on another thread holds the handler's lines): the round runs as usual.
+    case notTaken
 }

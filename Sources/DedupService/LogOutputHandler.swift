@@ -16,7 +16,7 @@ import Glibc
 /// and written from it with write(2): no array per line or per round, no `Data` copy. It runs
 /// once per unique message, where an append per byte (with its uniqueness and capacity checks)
 /// is a large share of the worker's CPU.
-public final class LogOutputHandler: BatchHandler {
+public final class LogOutputHandler: BatchHandler, InlineRoundHandler {
     private let fd: Int32
     private let ownsFD: Bool
     /// Lines not yet written; a lock because `handle` (retries) may be called from several tasks.
@@ -28,6 +28,8 @@ public final class LogOutputHandler: BatchHandler {
     let refusesNowait = Atomic<Bool>(NowaitWrite.available == nil)
     /// Flushes that went through `writer` (tests read it).
     let writerFlushes = Atomic<Int>(0)
+    /// Whether another thread holds the lines (the writer, across its write); tests read it.
+    var linesAreBusy: Bool { pending.withLockIfAvailable { _ in false } ?? true }
 
     /// `path` is a file to append to, or `-` for stdout.
     public init(path: String) throws {
@@ -64,6 +66,17 @@ public final class LogOutputHandler: BatchHandler {
         pending.withLock { buffer in
             for d in round { Self.appendLine(for: d, to: &buffer) }
         }
+    }
+
+    var takesRoundsInline: Bool { !refusesNowait.load(ordering: .relaxed) && NowaitWrite.available != nil }
+
+    /// A small round on the loop's thread: its lines, and what the output takes of them without
+    /// waiting. The lock is only tried: the writer queue holds it across a write that may wait.
+    func takeRoundWithoutWaiting(_ round: [Dispatch]) -> InlineRound {
+        pending.withLockIfAvailable { buffer in
+            for d in round { Self.appendLine(for: d, to: &buffer) }
+            return writeWithoutWaiting(&buffer) ? InlineRound.written : .needsFlush
+        } ?? .notTaken
     }
 
     /// Writes what is pending. The caller is a cooperative thread, which must not wait for a

@@ -102,7 +102,18 @@ final class HandlerRounds: DispatchRunner {
         self.spawn = spawn
     }
 
+    /// The largest round a handler may take on the loop's thread (`InlineRoundHandler`): at a
+    /// steady rate a fetch's round is smaller, and larger ones, at full speed, are worth running
+    /// beside the loop.
+    static let inlineRoundLimit = 64
+
     func start(_ due: [Dispatch], done: @escaping @Sendable ([DispatchResult]) -> Void) {
+        let flushOnly: (any Handler)?
+        switch inlineHandler(for: due).map({ ($0, $0.takeRoundWithoutWaiting(due)) }) {
+        case (_, .written)?: return done(Array(repeating: .success, count: due.count))
+        case (let handler, .needsFlush)?: flushOnly = handler
+        case (_, .notTaken)?, nil: flushOnly = nil
+        }
         let dispatchers = self.dispatchers
         let ledger = self.ledger
         let id = nextID.add(1, ordering: .relaxed).newValue
@@ -111,7 +122,11 @@ final class HandlerRounds: DispatchRunner {
         // would then end waiting for a lock held by a thread that is not running.
         let task = spawn { [self] in
             let token = ledger.begin(.round(size: due.count))
-            let outcome = await DispatchRound.run(due, dispatchers: dispatchers)
+            let outcome = if let flushOnly {
+                await DispatchRound.flush(due, handler: flushOnly)
+            } else {
+                await DispatchRound.run(due, dispatchers: dispatchers)
+            }
             ledger.end(token)
             running.withLock { running in
                 if running.tasks.removeValue(forKey: id) == nil { running.endedEarly.insert(id) }
@@ -127,6 +142,16 @@ final class HandlerRounds: DispatchRunner {
         running.withLock { running in
             if running.endedEarly.remove(id) == nil { running.tasks[id] = task }
         }
+    }
+
+    /// The handler of every message of `due` when it takes rounds inline and `due` is small.
+    private func inlineHandler(for due: [Dispatch]) -> (any InlineRoundHandler)? {
+        guard let first = due.first, due.count <= Self.inlineRoundLimit else { return nil }
+        let id = dispatchers[first.route].handlerID
+        guard due.allSatisfy({ dispatchers[$0.route].handlerID == id }),
+              let handler = dispatchers[first.route].handler as? any InlineRoundHandler, handler.takesRoundsInline
+        else { return nil }
+        return handler
     }
 
     func cancelAll() {

@@ -395,7 +395,7 @@ struct RoundTripPercentiles: Sendable, Equatable {
 
 /// Wraps the worker's handler to count calls in flight (the `dedupd.handlers.in_flight` gauge and
 /// the stats line's peak) and time them.
-struct CountingHandler: BatchHandler {
+struct CountingHandler: BatchHandler, InlineRoundHandler {
     let base: any Handler
     let telemetry: WorkerTelemetry
 
@@ -418,6 +418,19 @@ struct CountingHandler: BatchHandler {
             telemetry.handlersFinished(1, timed: round.count, after: ContinuousClock.now - start)
         }
         try await batch.handleBatch(round)
+    }
+
+    var takesRoundsInline: Bool { (base as? any InlineRoundHandler)?.takesRoundsInline ?? false }
+
+    func takeRoundWithoutWaiting(_ round: [Dispatch]) -> InlineRound {
+        guard let inline = base as? any InlineRoundHandler else { return .notTaken }
+        let start = ContinuousClock.now
+        telemetry.handlersStarted(1)
+        let token = telemetry.inFlightLedger.begin(.handler, now: start)
+        let taken = inline.takeRoundWithoutWaiting(round)
+        telemetry.inFlightLedger.end(token)
+        telemetry.handlersFinished(1, timed: taken == .notTaken ? 0 : round.count, after: ContinuousClock.now - start)
+        return taken
     }
 
     func handle(_ dispatch: Dispatch) async throws {
