@@ -15,11 +15,28 @@ import Glibc
 /// no line is written twice or lost on the way from one path to the other.
 @Suite("rounds taken on the loop's thread")
 struct InlineRoundTests {
-    /// Rounds through the worker's wrapper around `handler`, counting the tasks spawned.
     final class Spawns: Sendable {
         let count = Atomic<Int>(0)
     }
 
+    /// A started round's results, once it ended.
+    final class Round: Sendable {
+        private let results = Mutex<[DispatchResult]?>(nil)
+
+        var hasEnded: Bool { results.withLock { $0 != nil } }
+
+        func end(_ r: [DispatchResult]) { results.withLock { $0 = r } }
+
+        /// Whether it ended with every message a success, waiting for it up to 10 s.
+        func succeeded(count: Int) async -> Bool {
+            let deadline = ContinuousClock.now + .seconds(10)
+            while !hasEnded && ContinuousClock.now < deadline { await Task.yield() }
+            guard let results = results.withLock({ $0 }) else { return false }
+            return results.count == count && results.allSatisfy { if case .success = $0 { true } else { false } }
+        }
+    }
+
+    /// Rounds through the worker's wrapper around `handler`, counting the tasks spawned.
     static func rounds(_ handler: LogOutputHandler) -> (HandlerRounds, spawned: Spawns) {
         let counting = CountingHandler(base: handler, telemetry: WorkerTelemetry(stallTimeout: .seconds(30)))
         let dispatchers = [Dispatcher(
@@ -33,19 +50,10 @@ struct InlineRoundTests {
         return (rounds, spawned)
     }
 
-    /// Starts `due`; returns whether `done` ran before `start` returned, and then waits for it.
-    static func start(_ rounds: HandlerRounds, _ due: [Dispatch]) async -> (endedInside: Bool, results: [DispatchResult]) {
-        let results = Mutex<[DispatchResult]?>(nil)
-        rounds.start(due) { r in results.withLock { $0 = r } }
-        let endedInside = results.withLock { $0 != nil }
-        let deadline = ContinuousClock.now + .seconds(10)
-        while results.withLock({ $0 == nil }) && ContinuousClock.now < deadline { await Task.yield() }
-        return (endedInside, results.withLock { $0 } ?? [])
-    }
-
-    static func allSucceeded(_ results: [DispatchResult]?, count: Int) -> Bool {
-        guard let results else { return false }
-        return results.count == count && results.allSatisfy { if case .success = $0 { true } else { false } }
+    static func start(_ rounds: HandlerRounds, _ due: [Dispatch]) -> Round {
+        let round = Round()
+        rounds.start(due) { round.end($0) }
+        return round
     }
 
     /// Reads `fd` to its end on a thread of its own.
@@ -62,9 +70,9 @@ struct InlineRoundTests {
         defer { close(readEnd) }
         let (rounds, spawned) = Self.rounds(handler)
         let due = LogOutputWriteTests.round(HandlerRounds.inlineRoundLimit, valueBytes: 100)
-        let (endedInside, results) = await Self.start(rounds, due)
-        #expect(endedInside)
-        #expect(Self.allSucceeded(results, count: due.count))
+        let round = Self.start(rounds, due)
+        #expect(round.hasEnded)
+        #expect(await round.succeeded(count: due.count))
         #expect(spawned.count.load(ordering: .relaxed) == 0)
         #expect(handler.writerFlushes.load(ordering: .relaxed) == 0)
         let expected = LogOutputWriteTests.expected(due)
@@ -76,9 +84,9 @@ struct InlineRoundTests {
         defer { close(readEnd) }
         let (rounds, spawned) = Self.rounds(handler)
         let due = LogOutputWriteTests.round(HandlerRounds.inlineRoundLimit + 1, valueBytes: 10)
-        let (endedInside, results) = await Self.start(rounds, due)
-        #expect(!endedInside)
-        #expect(Self.allSucceeded(results, count: due.count))
+        let round = Self.start(rounds, due)
+        #expect(!round.hasEnded)
+        #expect(await round.succeeded(count: due.count))
         #expect(spawned.count.load(ordering: .relaxed) == 1)
         let expected = LogOutputWriteTests.expected(due)
         #expect(LogOutputWriteTests.read(readEnd, count: expected.count) == expected)
@@ -87,24 +95,19 @@ struct InlineRoundTests {
     /// The pipe is nearly full and nobody reads: the round's lines are taken on the caller's
     /// thread, and a task flushes them, written once when the reader comes.
     @Test func aRoundThePipeCannotTakeAtOnceIsFlushedByATask() async throws {
-        var fds: [Int32] = [0, 0]
-        #expect(pipe(&fds) == 0)
-        let readEnd = fds[0]
+        let (readEnd, writeEnd) = LogOutputWriteTests.pipeEnds()
         defer { close(readEnd) }
         let filler = [UInt8](repeating: UInt8(ascii: "f"), count: 60_000)
-        #expect(filler.withUnsafeBytes { write(fds[1], $0.baseAddress!, $0.count) } == filler.count)
-        let handler = LogOutputHandler(descriptor: fds[1])
+        #expect(filler.withUnsafeBytes { write(writeEnd, $0.baseAddress!, $0.count) } == filler.count)
+        let handler = LogOutputHandler(descriptor: writeEnd)
         let (rounds, spawned) = Self.rounds(handler)
         let due = LogOutputWriteTests.round(20, valueBytes: 1_000)
-        let results = Mutex<[DispatchResult]?>(nil)
-        rounds.start(due) { r in results.withLock { $0 = r } }
-        #expect(results.withLock { $0 } == nil)
+        let round = Self.start(rounds, due)
+        #expect(!round.hasEnded)
         #expect(spawned.count.load(ordering: .relaxed) == 1)
         let got = Self.readToEnd(readEnd)
-        let deadline = ContinuousClock.now + .seconds(10)
-        while results.withLock({ $0 == nil }) && ContinuousClock.now < deadline { await Task.yield() }
-        #expect(Self.allSucceeded(results.withLock { $0 }, count: due.count))
-        close(fds[1])
+        #expect(await round.succeeded(count: due.count))
+        close(writeEnd)
         let all = await got.value
         #expect(all.count == filler.count + LogOutputWriteTests.expected(due).count)
         let whole = all == filler + LogOutputWriteTests.expected(due)  // not the bytes themselves in a failure
@@ -115,11 +118,9 @@ struct InlineRoundTests {
     /// is not taken on the caller's thread (which would wait for the pipe's reader) but runs
     /// in a task, and its lines follow the earlier ones once the reader comes.
     @Test func aRoundIsNotTakenWhileTheWriterHoldsTheLines() async throws {
-        var fds: [Int32] = [0, 0]
-        #expect(pipe(&fds) == 0)
-        let readEnd = fds[0]
+        let (readEnd, writeEnd) = LogOutputWriteTests.pipeEnds()
         defer { close(readEnd) }
-        let handler = LogOutputHandler(descriptor: fds[1])
+        let handler = LogOutputHandler(descriptor: writeEnd)
         let (rounds, spawned) = Self.rounds(handler)
         let first = LogOutputWriteTests.round(400, valueBytes: 400)
         #expect(LogOutputWriteTests.expected(first).count > 2 * 65_536)
@@ -145,15 +146,12 @@ struct InlineRoundTests {
         }
 
         let second = LogOutputWriteTests.round(5, valueBytes: 10)
-        let results = Mutex<[DispatchResult]?>(nil)
-        rounds.start(second) { r in results.withLock { $0 = r } }
+        let round = Self.start(rounds, second)
         #expect(spawned.count.load(ordering: .relaxed) == 1)
         let got = Self.readToEnd(readEnd)
         try await flushed.value
-        deadline = ContinuousClock.now + .seconds(10)
-        while results.withLock({ $0 == nil }) && ContinuousClock.now < deadline { await Task.yield() }
-        #expect(Self.allSucceeded(results.withLock { $0 }, count: second.count))
-        close(fds[1])
+        #expect(await round.succeeded(count: second.count))
+        close(writeEnd)
         let all = await got.value
         let expected = LogOutputWriteTests.expected(first) + LogOutputWriteTests.expected(second)
         #expect(all.count == expected.count)

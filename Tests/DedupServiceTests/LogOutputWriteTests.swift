@@ -30,9 +30,14 @@ struct LogOutputWriteTests {
     /// A pipe, written as stdout is (`output: "-"` under a container runtime or a shell's `|`).
     /// Its write end stays open: the test reads exact counts, not to the end.
     static func pipeOutput() throws -> (read: Int32, handler: LogOutputHandler) {
+        let (readEnd, writeEnd) = pipeEnds()
+        return (readEnd, LogOutputHandler(descriptor: writeEnd))
+    }
+
+    static func pipeEnds() -> (read: Int32, write: Int32) {
         var fds: [Int32] = [0, 0]
         #expect(pipe(&fds) == 0)
-        return (fds[0], LogOutputHandler(descriptor: fds[1]))
+        return (fds[0], fds[1])
     }
 
     /// Up to `count` bytes, fewer at the end of the input.
@@ -63,11 +68,9 @@ struct LogOutputWriteTests {
     /// Larger than the pipe holds (64 KiB): the caller writes what fits, the writer queue waits
     /// for the reader and writes the rest, and the reader gets each byte once, in order.
     @Test func aRoundLargerThanThePipeIsFinishedByTheWriter() async throws {
-        var fds: [Int32] = [0, 0]
-        #expect(pipe(&fds) == 0)
-        let readEnd = fds[0]
+        let (readEnd, writeEnd) = Self.pipeEnds()
         defer { close(readEnd) }
-        let handler = LogOutputHandler(descriptor: fds[1])
+        let handler = LogOutputHandler(descriptor: writeEnd)
         let round = Self.round(1_000, valueBytes: 200)
         let next = Self.round(10, valueBytes: 10)
         let expected = Self.expected(round)
@@ -89,7 +92,7 @@ struct LogOutputWriteTests {
         try await handler.handleBatch(next)
         try await handler.flush()
         #expect(handler.writerFlushes.load(ordering: .relaxed) == 1)
-        close(fds[1])
+        close(writeEnd)
         let all = await got
         #expect(all.count == expected.count + Self.expected(next).count)
         let whole = all == expected + Self.expected(next)  // not the bytes themselves in a failure
