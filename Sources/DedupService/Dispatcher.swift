@@ -106,7 +106,7 @@ struct Dispatcher: Sendable {
 }
 
 /// One round of handler calls (`HandlerRounds` runs each in a task of its own, beside the
-/// worker's loop).
+/// worker's loop, unless the handler takes it on the loop's thread: `InlineRoundHandler`).
 enum DispatchRound {
     struct Outcome: Sendable {
         /// One per message of the round, in order. A handler whose `flush` failed turns its

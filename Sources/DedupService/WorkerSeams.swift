@@ -78,7 +78,8 @@ public protocol DispatchRunner: Sendable {
 }
 
 /// The production runner: each round in a task of its own, through each message's route's
-/// dispatcher.
+/// dispatcher; a small round of a handler that takes it without waiting (the `log` handler),
+/// on the caller's thread, the loop's.
 final class HandlerRounds: DispatchRunner {
     let dispatchers: [Dispatcher]
     let handlers: [any Handler]
