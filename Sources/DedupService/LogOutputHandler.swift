@@ -68,7 +68,7 @@ public final class LogOutputHandler: BatchHandler, InlineRoundHandler {
         }
     }
 
-    var takesRoundsInline: Bool { !refusesNowait.load(ordering: .relaxed) && NowaitWrite.available != nil }
+    var takesRoundsInline: Bool { !refusesNowait.load(ordering: .relaxed) }
 
     /// A small round on the loop's thread: its lines, and what the output takes of them without
     /// waiting. The lock is only tried: the writer queue holds it across a write that may wait.
