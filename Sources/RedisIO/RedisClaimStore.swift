@@ -50,10 +50,12 @@ public final class RedisClaimStore: ClaimStore {
     public func answer(on executor: (any TaskExecutor)?) { replies.withLock { $0 = executor } }
 
     /// Lets small round trips sent from the thread `reads.applies` names be read on that thread
-    /// (`RedisConnection.InlineReads`; one server only: a cluster's nodes read on their own
-    /// queues). nil ends it.
+    /// (`RedisConnection.InlineReads`; in a cluster, `RedisCluster.send`). nil ends it.
     public func readInline(_ reads: RedisConnection.InlineReads?) {
-        if case .server(let connection) = redis { connection.readInline(reads) }
+        switch redis {
+        case .server(let connection): connection.readInline(reads)
+        case .cluster(let cluster): cluster.readInline(reads)
+        }
     }
 
     public convenience init(

@@ -44,6 +44,8 @@ public final class RedisCluster: Sendable {
     private let connections = Mutex<[Node: RedisConnection]>([:])
     /// Commands redirected so far, by `MOVED` and by `ASK` (for tests and debugging).
     private let redirected = Mutex((moved: 0, ask: 0))
+    /// Which round trips `send` reads on the caller's thread (`readInline`); none by default.
+    private let inline = Mutex<RedisConnection.InlineReads?>(nil)
     var redirections: (moved: Int, ask: Int) { redirected.withLock { $0 } }
 
     private init(seeds: [RedisURL], connectTimeout: Duration, commandTimeout: Duration, tls: RedisTLSOptions, logger: Logger) {
@@ -182,6 +184,28 @@ public final class RedisCluster: Sendable {
         var asking: Bool
     }
 
+    /// One node's share of a hop: which commands it carries, and their replies on their way.
+    private struct Sent<T: Sendable>: Sendable {
+        var indices: [Int]
+        var asking: Bool
+        var node: Node
+        var replies: RedisPending<[Routed<T>]>
+    }
+
+    /// How far a routed pipeline has come: the replies so far, the commands to send again and
+    /// where `ASK` sent them, and how many hops were sent.
+    private struct Progress<T: Sendable>: Sendable {
+        var results: [T?]
+        var remaining: [Int]
+        var asked: [Int: Node] = [:]
+        var hops = 0
+
+        init(count: Int) {
+            results = Array(repeating: nil, count: count)
+            remaining = Array(0..<count)
+        }
+    }
+
     /// Sends each command of `batch` to the primary of its slot (`slots[i]` for command `i`) and
     /// returns the replies in command order, following `MOVED`, `ASK` and `TRYAGAIN`.
     func pipeline<T: Sendable>(
@@ -190,33 +214,26 @@ public final class RedisCluster: Sendable {
         precondition(slots.count == batch.commandCount, "one slot per command")
         if batch.commandCount == 0 { return [] }
         if topology.withLock({ $0.stale }) { try await refreshTopology() }
-        let routed = Self.router(parse)
-        var results = [T?](repeating: nil, count: batch.commandCount)
-        var asked: [Int: Node] = [:]
-        var remaining = Array(0..<batch.commandCount)
-        for hop in 0...Self.maxRedirections {
-            if remaining.isEmpty { break }
-            if hop > 0 && remaining.allSatisfy({ asked[$0] == nil }) {
-                // Every retry is a TRYAGAIN or a MOVED: give the cluster a moment.
-                try await Task.sleep(for: .milliseconds(10 * hop))
+        return try await finish(batch, slots: slots, Self.router(parse), Progress(count: batch.commandCount))
+    }
+
+    /// Sends hop after hop until every command has its reply, or fails after `maxRedirections`.
+    private func finish<T: Sendable>(
+        _ batch: RedisCommandBatch, slots: [UInt16], _ routed: @escaping @Sendable (UnsafePointer<redisReply>) throws -> Routed<T>,
+        _ start: Progress<T>
+    ) async throws -> [T] {
+        var progress = start
+        while !progress.remaining.isEmpty {
+            guard progress.hops <= Self.maxRedirections else {
+                throw RedisError(.connection, "redis cluster: still redirected after \(Self.maxRedirections) hops (slots are moving)")
             }
-            var groups: [Target: [Int]] = [:]
-            for index in remaining {
-                let target: Target
-                if let node = asked[index] {
-                    target = Target(node: node, asking: true)
-                } else {
-                    guard let node = primary(for: slots[index]) else {
-                        topology.withLock { $0.stale = true }
-                        throw RedisError(.connection, "redis cluster: no primary serves slot \(slots[index]) (CLUSTERDOWN?)")
-                    }
-                    target = Target(node: node, asking: false)
-                }
-                groups[target, default: []].append(index)
+            if progress.hops > 0 && progress.remaining.allSatisfy({ progress.asked[$0] == nil }) {
+                // Every retry is a TRYAGAIN or a MOVED: give the cluster a moment.
+                try await Task.sleep(for: .milliseconds(10 * progress.hops))
             }
             // Sent side by side: each node's pipeline starts before any is awaited.
-            var inFlight: [(indices: [Int], asking: Bool, node: Node, replies: RedisPending<[Routed<T>]>)] = []
-            for (target, indices) in groups {
+            var sent: [Sent<T>] = []
+            for (target, indices) in try targets(progress.remaining, slots: slots, asked: progress.asked) {
                 let connection: RedisConnection
                 do {
                     connection = try await self.connection(to: target.node)
@@ -225,68 +242,170 @@ public final class RedisCluster: Sendable {
                     throw error
                 }
                 let sub = batch.commands(indices, askingFirst: target.asking)
-                inFlight.append((indices, target.asking, target.node, connection.send({ sub }, parse: routed)))
+                sent.append(Sent(indices: indices, asking: target.asking, node: target.node, replies: connection.send({ sub }, parse: routed)))
             }
-            asked = [:]
-            var next: [Int] = []
-            var failure: (any Error)?
-            for (indices, asking, node, pending) in inFlight {
-                let replies: [Routed<T>]
-                do {
-                    replies = try await pending.value()
-                } catch {
-                    topology.withLock { $0.stale = true }
-                    logger.info("redis cluster node failed", metadata: ["redis.node": "\(node)", "error": "\(error)"])
-                    failure = failure ?? error
-                    continue
-                }
-                let answers = asking ? Self.droppingAskingAcks(replies) : replies
-                for (index, answer) in zip(indices, answers) {
-                    switch answer {
-                    case .value(let value):
-                        results[index] = value
-                    case .moved(let slot, let to):
-                        redirected.withLock { $0.moved += 1 }
-                        topology.withLock { t in
-                            t.stale = true
-                            if let i = t.primaries.firstIndex(of: to) {
-                                t.owner[slot] = Int16(i)
-                            } else {
-                                t.owner[slot] = Int16(t.primaries.count)
-                                t.primaries.append(to)
-                            }
-                        }
-                        next.append(index)
-                    case .ask(let to):
-                        redirected.withLock { $0.ask += 1 }
-                        asked[index] = to
-                        next.append(index)
-                    case .tryAgain:
-                        next.append(index)
-                    }
-                }
-            }
-            if let failure { throw failure }
-            remaining = next
+            try take(sent, await Self.answers(sent), into: &progress)
         }
-        guard remaining.isEmpty else {
-            throw RedisError(.connection, "redis cluster: still redirected after \(Self.maxRedirections) hops (slots are moving)")
-        }
-        return results.map { $0! }
+        return progress.results.map { $0! }
     }
 
-    /// `pipeline`, sent now and awaited later (the claim store's `send`).
+    /// Each node's answer for a hop, once all are in.
+    private static func answers<T: Sendable>(_ sent: [Sent<T>]) async -> [Result<[Routed<T>], any Error>] {
+        var answers: [Result<[Routed<T>], any Error>] = []
+        for one in sent {
+            do { answers.append(.success(try await one.replies.value())) } catch { answers.append(.failure(error)) }
+        }
+        return answers
+    }
+
+    /// Where each of `remaining` goes next: the node `ASK` named, else its slot's primary.
+    private func targets(_ remaining: [Int], slots: [UInt16], asked: [Int: Node]) throws -> [Target: [Int]] {
+        try topology.withLock { t in
+            var groups: [Target: [Int]] = [:]
+            for index in remaining {
+                if let node = asked[index] {
+                    groups[Target(node: node, asking: true), default: []].append(index)
+                    continue
+                }
+                let owner = Int(t.owner[Int(slots[index])])
+                guard owner >= 0 else {
+                    t.stale = true
+                    throw RedisError(.connection, "redis cluster: no primary serves slot \(slots[index]) (CLUSTERDOWN?)")
+                }
+                groups[Target(node: t.primaries[owner], asking: false), default: []].append(index)
+            }
+            return groups
+        }
+    }
+
+    /// Takes in one hop's answers (`answers[i]` for `sent[i]`): replies into `results`,
+    /// redirections into the map and `remaining`. A node that failed marks the map stale and
+    /// fails the pipeline, once every answer of the hop is in.
+    private func take<T: Sendable>(_ sent: [Sent<T>], _ answers: [Result<[Routed<T>], any Error>], into progress: inout Progress<T>) throws {
+        progress.asked = [:]
+        progress.hops += 1
+        var next: [Int] = []
+        var failure: (any Error)?
+        for (one, answer) in zip(sent, answers) {
+            let replies: [Routed<T>]
+            switch answer {
+            case .success(let r): replies = r
+            case .failure(let error):
+                topology.withLock { $0.stale = true }
+                logger.info("redis cluster node failed", metadata: ["redis.node": "\(one.node)", "error": "\(error)"])
+                failure = failure ?? error
+                continue
+            }
+            let routed = one.asking ? Self.droppingAskingAcks(replies) : replies
+            for (index, answer) in zip(one.indices, routed) {
+                switch answer {
+                case .value(let value):
+                    progress.results[index] = value
+                case .moved(let slot, let to):
+                    redirected.withLock { $0.moved += 1 }
+                    topology.withLock { t in
+                        t.stale = true
+                        if let i = t.primaries.firstIndex(of: to) {
+                            t.owner[slot] = Int16(i)
+                        } else {
+                            t.owner[slot] = Int16(t.primaries.count)
+                            t.primaries.append(to)
+                        }
+                    }
+                    next.append(index)
+                case .ask(let to):
+                    redirected.withLock { $0.ask += 1 }
+                    progress.asked[index] = to
+                    next.append(index)
+                case .tryAgain:
+                    next.append(index)
+                }
+            }
+        }
+        if let failure { throw failure }
+        progress.remaining = next
+    }
+
+    /// `pipeline`, sent now and awaited later (the claim store's `send`). From the thread that
+    /// `readInline` names, while the map is fresh and every node the batch goes to is connected,
+    /// the first hop is written and read on that thread: to every node first, then each node's
+    /// replies, for at most the budget in all. When they all came back without a redirection the
+    /// replies are here before `send` returns; anything else (a slow node, `MOVED`, `ASK`, a
+    /// failed node) goes on in a task, as every round trip does without inline reads.
     func send<T: Sendable>(
         _ build: @escaping @Sendable () -> RedisCommandBatch, slots: [UInt16],
         parse: @escaping @Sendable (UnsafePointer<redisReply>) throws -> T
     ) -> RedisPending<[T]> {
         let pending = RedisPending<[T]>()
+        if let inline = inline.withLock({ $0 }), inline.applies(), let route = inlineRoute(slots) {
+            sendInline(build(), slots: slots, route, parse, inline, pending)
+            return pending
+        }
         Task {
             do { pending.complete(.success(try await self.pipeline(build(), slots: slots, parse: parse))) } catch {
                 pending.complete(.failure(error))
             }
         }
         return pending
+    }
+
+    /// Sets (or with nil, ends) inline reads for `send`: see `RedisConnection.InlineReads`.
+    func readInline(_ reads: RedisConnection.InlineReads?) { inline.withLock { $0 = reads } }
+
+    /// Each node's commands and its open connection, while the map is fresh and every slot has a
+    /// primary that this cluster has connected to; else nil.
+    private func inlineRoute(_ slots: [UInt16]) -> [(node: Node, connection: RedisConnection, indices: [Int])]? {
+        guard !topology.withLock({ $0.stale }), let groups = try? targets(Array(slots.indices), slots: slots, asked: [:]) else { return nil }
+        return connections.withLock { all in
+            var route: [(node: Node, connection: RedisConnection, indices: [Int])] = []
+            route.reserveCapacity(groups.count)
+            for (target, indices) in groups {
+                guard let connection = all[target.node] else { return nil }
+                route.append((target.node, connection, indices))
+            }
+            return route
+        }
+    }
+
+    /// The first hop on the caller's thread (see `send`); the rest, if any, in a task.
+    private func sendInline<T: Sendable>(
+        _ batch: RedisCommandBatch, slots: [UInt16], _ route: [(node: Node, connection: RedisConnection, indices: [Int])],
+        _ parse: @escaping @Sendable (UnsafePointer<redisReply>) throws -> T,
+        _ inline: RedisConnection.InlineReads, _ pending: RedisPending<[T]>
+    ) {
+        precondition(slots.count == batch.commandCount, "one slot per command")
+        let routed = Self.router(parse)
+        var sent: [Sent<T>] = []
+        var unread: [(RedisConnection, RedisConnection.Unread)] = []
+        for (node, connection, indices) in route {
+            let (replies, left) = connection.sendUnread(batch.commands(indices, askingFirst: false), parse: routed, inline)
+            sent.append(Sent(indices: indices, asking: false, node: node, replies: replies))
+            if let left { unread.append((connection, left)) }
+        }
+        let deadline = ContinuousClock.now + inline.budget
+        for (connection, left) in unread { connection.readSent(left, until: deadline) }
+
+        var progress = Progress<T>(count: batch.commandCount)
+        let answers = sent.compactMap { $0.replies.result }
+        if answers.count == sent.count {
+            do {
+                try take(sent, answers, into: &progress)
+            } catch {
+                return pending.complete(.failure(error))
+            }
+            if progress.remaining.isEmpty { return pending.complete(.success(progress.results.map { $0! })) }
+        }
+        let taken = answers.count == sent.count
+        let start = progress
+        Task {
+            do {
+                var progress = start
+                if !taken { try self.take(sent, await Self.answers(sent), into: &progress) }
+                pending.complete(.success(try await self.finish(batch, slots: slots, routed, progress)))
+            } catch {
+                pending.complete(.failure(error))
+            }
+        }
     }
 
     /// Runs `commands` on every primary; one array of replies per primary.

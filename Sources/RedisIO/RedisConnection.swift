@@ -75,10 +75,19 @@ public final class RedisConnection: @unchecked Sendable {
     private var socket: RedisSocket?
     private var closed = false
     private var connects = 0
-    /// The rest of a round trip whose inline read ran out of its budget: reads it and returns
-    /// what completes its caller. Whatever runs on the queue next reads it first, so the
-    /// socket's replies stay in step.
-    private var unfinished: (() -> @Sendable () -> Void)?
+    /// A round trip written on the caller's thread whose replies are not all read: whatever runs
+    /// on the queue next reads them first, so the socket's replies stay in step.
+    private var unfinished: Unread?
+
+    /// The replies of a round trip written by `sendUnread`, for `readSent`. Touched only on the
+    /// connection's queue.
+    final class Unread: @unchecked Sendable {
+        /// Reads replies until `deadline` (nil: all of them, after writing what the socket did not
+        /// take at once); returns what completes the caller once every reply is in, else nil.
+        fileprivate let read: (ContinuousClock.Instant?) -> (@Sendable () -> Void)?
+
+        fileprivate init(_ read: @escaping (ContinuousClock.Instant?) -> (@Sendable () -> Void)?) { self.read = read }
+    }
 
     private init(url: RedisURL, connectTimeout: Duration, commandTimeout: Duration, tls: RedisTLSContext?, logger: Logger) {
         self.url = url
@@ -149,7 +158,9 @@ public final class RedisConnection: @unchecked Sendable {
     ) -> RedisPending<[T]> {
         let pending = RedisPending<[T]>()
         if let inline = inline.withLock({ $0 }), queued.load(ordering: .acquiring) == 0, inline.applies() {
-            queue.sync { sendInline(build(), parse, inline, pending) }
+            queue.sync {
+                if let unread = write(build(), parse, inline, pending) { read(unread, until: .now + inline.budget) }
+            }
             return pending
         }
         enqueue {
@@ -162,26 +173,47 @@ public final class RedisConnection: @unchecked Sendable {
         return pending
     }
 
+    /// `send`'s first half, for a cluster writing to several nodes before it reads any: while the
+    /// connection is idle, writes `batch` on the caller's thread (`inline`'s thread) and leaves its
+    /// replies for `readSent`; nil when the round trip went to the queue's thread instead, as
+    /// `send` hands it over (a batch over `maxBytes`, a socket to open again, a busy connection).
+    func sendUnread<T: Sendable>(
+        _ batch: RedisCommandBatch, parse: @escaping @Sendable (UnsafePointer<redisReply>) throws -> T,
+        _ inline: InlineReads
+    ) -> (replies: RedisPending<[T]>, unread: Unread?) {
+        let pending = RedisPending<[T]>()
+        if queued.load(ordering: .acquiring) == 0 {
+            return (pending, queue.sync { write(batch, parse, inline, pending) })
+        }
+        enqueueRoundTrip(batch, parse, pending)
+        return (pending, nil)
+    }
+
+    /// `send`'s second half: reads the replies `sendUnread` left until `deadline`, on the caller's
+    /// thread; the rest of an answer slower than that goes to the queue's thread.
+    func readSent(_ unread: Unread, until deadline: ContinuousClock.Instant) {
+        queue.sync { read(unread, until: deadline) }
+    }
+
     /// Sets (or with nil, ends) inline reads for `send`.
     public func readInline(_ reads: InlineReads?) { inline.withLock { $0 = reads } }
 
-    /// On the queue, on the caller's thread: writes `batch` and reads its replies for up to the
-    /// budget; a batch over `maxBytes`, a socket to open again, the part of the batch the socket
-    /// does not take at once, or the rest of an answer slower than the budget go to the queue's
-    /// thread.
-    private func sendInline<T>(
+    /// On the queue, on the caller's thread: writes `batch` and returns its replies to read; a
+    /// batch over `maxBytes`, a socket to open again, or the part of the batch the socket does not
+    /// take at once go to the queue's thread (nil).
+    private func write<T>(
         _ batch: RedisCommandBatch, _ parse: @escaping @Sendable (UnsafePointer<redisReply>) throws -> T,
         _ inline: InlineReads, _ pending: RedisPending<[T]>
-    ) {
-        if batch.commandCount == 0 { return pending.complete(.success([])) }
+    ) -> Unread? {
+        if batch.commandCount == 0 {
+            pending.complete(.success([]))
+            return nil
+        }
         guard batch.byteCount <= inline.maxBytes, unfinished == nil, !closed, let socket,
               !socket.isTLS || batch.byteCount <= InlineReads.tlsMaxBytes, !socket.peerHasClosed() else {
-            return enqueue {
-                let result = Result { try self.runPipeline(batch, parse) }
-                return { pending.complete(result) }
-            }
+            enqueueRoundTrip(batch, parse, pending)
+            return nil
         }
-        var replies = Replies<T>(expected: batch.commandCount)
         var written = 0
         do {
             written = try batch.withCompleteBytes { bytes in
@@ -191,38 +223,62 @@ public final class RedisConnection: @unchecked Sendable {
                 }
                 return try socket.writeWithoutWaiting(bytes)
             }
-            if written == batch.byteCount, try replies.read(from: socket, parse, until: .now + inline.budget) {
-                return pending.complete(Result { try replies.all() })
-            }
         } catch {
             lost(error)
-            return pending.complete(.failure(error))
+            pending.complete(.failure(error))
+            return nil
         }
-        unfinished = { [replies, written] in
-            var replies = replies
-            let result = Result {
-                do {
-                    if written < batch.byteCount {
-                        try batch.withCompleteBytes { try socket.write(UnsafeRawBufferPointer(rebasing: $0[written...])) }
-                    }
-                    _ = try replies.read(from: socket, parse, until: nil)
-                } catch {
-                    self.lost(error)
-                    throw error
+        var replies = Replies<T>(expected: batch.commandCount)
+        let unread = Unread { deadline in
+            do {
+                if written < batch.byteCount {
+                    try batch.withCompleteBytes { try socket.write(UnsafeRawBufferPointer(rebasing: $0[written...])) }
+                    written = batch.byteCount
                 }
-                return try replies.all()
+                guard try replies.read(from: socket, parse, until: deadline) else { return nil }
+            } catch {
+                self.lost(error)
+                return { pending.complete(.failure(error)) }
             }
+            let result = Result { try replies.all() }
             return { pending.complete(result) }
         }
-        enqueue { self.finishUnfinished() ?? {} }
+        unfinished = unread
+        if written < batch.byteCount {
+            enqueue { self.finishUnfinished() ?? {} }
+            return nil
+        }
+        return unread
     }
 
-    /// Reads the rest of a round trip handed over by `sendInline`, if any; returns what completes
-    /// its caller.
+    /// On the queue, on the caller's thread: reads `unread`'s replies until `deadline`, unless a
+    /// block on the queue has read them meanwhile; hands the rest to the queue's thread.
+    private func read(_ unread: Unread, until deadline: ContinuousClock.Instant) {
+        guard unfinished === unread else { return }
+        if let complete = unread.read(deadline) {
+            unfinished = nil
+            complete()
+        } else {
+            enqueue { self.finishUnfinished() ?? {} }
+        }
+    }
+
+    /// Reads the rest of a round trip written on the caller's thread, if any; returns what
+    /// completes its caller.
     private func finishUnfinished() -> (@Sendable () -> Void)? {
         guard let rest = unfinished else { return nil }
         unfinished = nil
-        return rest()
+        return rest.read(nil)
+    }
+
+    /// The whole round trip of `batch` on the queue's thread.
+    private func enqueueRoundTrip<T>(
+        _ batch: RedisCommandBatch, _ parse: @escaping @Sendable (UnsafePointer<redisReply>) throws -> T, _ pending: RedisPending<[T]>
+    ) {
+        enqueue {
+            let result = Result { try self.runPipeline(batch, parse) }
+            return { pending.complete(result) }
+        }
     }
 
     /// `body` on the queue's thread, counted in `queued` until it ends; what it returns (the

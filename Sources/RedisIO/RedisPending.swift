@@ -38,14 +38,17 @@ public final class RedisPending<Value: Sendable>: Sendable {
         }
     }
 
-    /// Waits for the replies (returns at once when they are already here). Await it once.
-    public func value() async throws -> Value {
-        if let done = state.withLock({ state -> Result<Value, any Error>? in
+    /// The replies, when they are here; nil while they are not.
+    var result: Result<Value, any Error>? {
+        state.withLock { state in
             if case .done(let result, _) = state { return result }
             return nil
-        }) {
-            return try done.get()
         }
+    }
+
+    /// Waits for the replies (returns at once when they are already here). Await it once.
+    public func value() async throws -> Value {
+        if let done = result { return try done.get() }
         return try await withCheckedThrowingContinuation { continuation in
             let done = state.withLock { state -> Result<Value, any Error>? in
                 if case .done(let result, _) = state { return result }

@@ -1,7 +1,12 @@
 import Foundation
+import Synchronization
 import Logging
 import RedisIO
 import TestSupport
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 let quietLogger = Logger(label: "redisio-tests") { _ in SwiftLogNoOpLogHandler() }
 
@@ -24,3 +29,18 @@ struct RedisFixture {
     }
 }
 
+/// The threads a round trip's replies were parsed on.
+final class ThreadLog: Sendable {
+    private let threads = Mutex<[pthread_t]>([])
+
+    func note() { threads.withLock { $0.append(pthread_self()) } }
+
+    func all(on thread: pthread_t, count: Int) -> Bool {
+        threads.withLock { $0.count == count && $0.allSatisfy { pthread_equal($0, thread) != 0 } }
+    }
+
+    /// Only the most recent `count`: none of them on `thread`.
+    func none(on thread: pthread_t, count: Int) -> Bool {
+        threads.withLock { $0.count >= count && $0.suffix(count).allSatisfy { pthread_equal($0, thread) == 0 } }
+    }
+}

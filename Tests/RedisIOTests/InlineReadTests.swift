@@ -158,22 +158,6 @@ struct InlineReadTests {
     }
 }
 
-/// The threads a round trip's replies were parsed on.
-private final class ThreadLog: Sendable {
-    private let threads = Mutex<[pthread_t]>([])
-
-    func note() { threads.withLock { $0.append(pthread_self()) } }
-
-    func all(on thread: pthread_t, count: Int) -> Bool {
-        threads.withLock { $0.count == count && $0.allSatisfy { pthread_equal($0, thread) != 0 } }
-    }
-
-    /// Only the most recent `count`: none of them on `thread`.
-    func none(on thread: pthread_t, count: Int) -> Bool {
-        threads.withLock { $0.count >= count && $0.suffix(count).allSatisfy { pthread_equal($0, thread) == 0 } }
-    }
-}
-
 /// Answers the connection's PING, then the next request with `first`, and `rest` only once
 /// `first` has been out for 300 ms.
 private final class SplitReplyServer: @unchecked Sendable {

@@ -38,9 +38,13 @@ struct ClusterSlotTests {
 /// Against a real six-node cluster (three primaries, three replicas) started by the test.
 @Suite("RedisClaimStore against a Redis Cluster", .serialized)
 struct RedisClusterTests {
-    static func store(_ cluster: RedisClusterProcess, maxKeysPerScript: Int = 1000) async throws -> RedisClaimStore {
+    /// With `inline`, round trips are read on the sending thread as the worker's loop reads them
+    /// (its budget and size), so a redirection or a failed node may arrive in that first hop.
+    static func store(_ cluster: RedisClusterProcess, maxKeysPerScript: Int = 1000, inline: Bool = false) async throws -> RedisClaimStore {
         let redis = try await RedisTarget.connect(url: cluster.url, cluster: true, commandTimeout: .seconds(3), logger: quietLogger)
-        return RedisClaimStore(redis: redis, maxKeysPerScript: maxKeysPerScript, logger: quietLogger)
+        let store = RedisClaimStore(redis: redis, maxKeysPerScript: maxKeysPerScript, logger: quietLogger)
+        if inline { store.readInline(RedisConnection.InlineReads(budget: .milliseconds(2), maxBytes: 64 * 1024) { true }) }
+        return store
     }
 
     @Test func claimsAndConfirmsSpreadOverEveryPrimary() async throws {
@@ -133,9 +137,91 @@ struct RedisClusterTests {
         #expect(try await store.inspectEntities([entities[7]], records: CompactRecords(retention: .seconds(3600), buckets: 1024, readsKeysLayout: false)).first?.state == "created")
     }
 
-    @Test func followsMovedAndAskDuringAReshard() async throws {
+    /// `readInline` on a cluster: once every primary a round trip goes to is connected, a small
+    /// round trip from the chosen thread is written to each, read there and answered before
+    /// `send` returns. A node slower than the budget is finished on its queue, and a `MOVED` in
+    /// that first hop is followed in a task; either way the replies come back whole, in order.
+    @Test func aSmallRoundTripFromTheChosenThreadIsReadThere() async throws {
         let cluster = try RedisClusterProcess()
-        let store = try await Self.store(cluster, maxKeysPerScript: 100)
+        let redis = try await RedisTarget.connect(url: cluster.url, cluster: true, commandTimeout: .seconds(3), logger: quietLogger)
+        guard case .cluster(let client) = redis else { Issue.record("not a cluster"); return }
+        let p = uniquePrefix()
+        let keys = (0..<60).map { "\(p)\($0)" }
+        #expect(Set(keys.map { client.primary(for: ClusterSlot.of($0)) }).count == 3, "the keys go to every primary")
+        func send(_ command: String, _ keys: [String], on client: RedisCluster, threads: ThreadLog = ThreadLog()) -> RedisPending<[String]> {
+            client.send({
+                var batch = RedisCommandBatch()
+                for key in keys {
+                    batch.begin()
+                    batch.append(command)
+                    batch.append(key)
+                    if command == "SET" { batch.append("v:" + key) }
+                }
+                return batch
+            }, slots: keys.map(ClusterSlot.of), parse: { reply in
+                threads.note()
+                return RedisReply(reply).text ?? "nil"
+            })
+        }
+        func inline(_ budget: Duration) -> RedisConnection.InlineReads {
+            RedisConnection.InlineReads(budget: budget, maxBytes: 64 * 1024) { true }
+        }
+        client.readInline(inline(.milliseconds(500)))
+        // Not every primary is connected yet: a task sends, the nodes' queues read.
+        let setThreads = ThreadLog()
+        var caller = pthread_self()  // the test's thread until its next await
+        let set = send("SET", keys, on: client, threads: setThreads)
+        #expect(try await set.value() == Array(repeating: "OK", count: keys.count))
+        #expect(setThreads.none(on: caller, count: keys.count))
+
+        let values = keys.map { "v:" + $0 }
+        let getThreads = ThreadLog()
+        caller = pthread_self()
+        let get = send("GET", keys, on: client, threads: getThreads)
+        #expect(get.answeredAt != nil)
+        #expect(getThreads.all(on: caller, count: keys.count))
+        #expect(try await get.value() == values)
+
+        // One primary answers only after a second.
+        client.readInline(inline(.milliseconds(50)))
+        let paused = try #require(client.primary(for: ClusterSlot.of(keys[0])))
+        let other = try await RedisConnection.connect(try RedisURL("redis://\(paused.host):\(paused.port)"), logger: quietLogger)
+        _ = try await other.command("CLIENT", "PAUSE", "1000", "ALL").throwingOnError("CLIENT PAUSE")
+        let slow = send("GET", keys, on: client)
+        #expect(slow.answeredAt == nil)
+        #expect(try await slow.value() == values)
+        let next = send("GET", keys, on: client)
+        #expect(next.answeredAt != nil)
+        #expect(try await next.value() == values)
+
+        // Slots move behind the client's back: the inline hop's MOVED replies are sent again, in a task.
+        let primaries = try cluster.primaryPorts()
+        try cluster.reshard(from: primaries[0], to: primaries[1], slots: 20)
+        let fresh = try await RedisCluster.connect(seeds: client.seeds, logger: quietLogger)
+        let moved = (0..<16_384).filter { client.primary(for: UInt16($0)) != fresh.primary(for: UInt16($0)) }
+        #expect(moved.count == 20)
+        let movedKeys = (0..<200_000).lazy.map { "\(p)m\($0)" }.filter { moved.contains(Int(ClusterSlot.of($0))) }.prefix(10)
+        let mixed = Array(movedKeys) + keys
+        #expect(try await send("SET", Array(movedKeys), on: fresh).value().allSatisfy { $0 == "OK" })
+        client.readInline(inline(.milliseconds(500)))
+        let redirected = send("GET", mixed, on: client)
+        #expect(redirected.answeredAt == nil)
+        #expect(try await redirected.value() == mixed.map { "v:" + $0 })
+        #expect(client.redirections.moved == 10)
+        // The map is stale until a task reads it again; then round trips are read inline once more.
+        #expect(try await send("GET", mixed, on: client).value() == mixed.map { "v:" + $0 })
+        let after = send("GET", mixed, on: client)
+        #expect(after.answeredAt != nil)
+        #expect(try await after.value() == mixed.map { "v:" + $0 })
+        await fresh.close()
+        await other.close()
+        await redis.close()
+    }
+
+    @Test(arguments: [false, true])
+    func followsMovedAndAskDuringAReshard(inline: Bool) async throws {
+        let cluster = try RedisClusterProcess()
+        let store = try await Self.store(cluster, maxKeysPerScript: 100, inline: inline)
         let primaries = try cluster.primaryPorts()
         let p = uniquePrefix()
         // Keys claimed before, during and after a migration of 500 slots: each key is claimed
@@ -162,7 +248,7 @@ struct RedisClusterTests {
         guard case .cluster(let client) = store.redis else { Issue.record("not a cluster"); return }
         let redirections = client.redirections
         #expect(redirections.moved > 0, "the migrated slots answered MOVED")
-        print("cluster reshard: \(round) rounds of 200 keys during the migration of 500 slots; redirected by MOVED \(redirections.moved), by ASK \(redirections.ask)")
+        print("cluster reshard (inline reads: \(inline)): \(round) rounds of 200 keys during the migration of 500 slots; redirected by MOVED \(redirections.moved), by ASK \(redirections.ask)")
     }
 
     @Test func speaksTLSToEveryNodeAsAnACLUser() async throws {
@@ -211,9 +297,10 @@ struct RedisClusterTests {
         #expect(crossSlot.message.contains("hash tag"), "\(crossSlot)")
     }
 
-    @Test func failsClosedWhileAPrimaryIsDownAndResumesOnItsReplica() async throws {
+    @Test(arguments: [false, true])
+    func failsClosedWhileAPrimaryIsDownAndResumesOnItsReplica(inline: Bool) async throws {
         let cluster = try RedisClusterProcess()
-        let store = try await Self.store(cluster)
+        let store = try await Self.store(cluster, inline: inline)
         let p = uniquePrefix()
         let before = (0..<1000).map { "\(p)before:\($0)" }
         _ = try await store.claim(before, owner: "w1", lease: .seconds(30))
@@ -244,7 +331,7 @@ struct RedisClusterTests {
         #expect(failures > 0, "claims failed (closed) while the slots had no primary")
         // The done records written before the crash were replicated: still done on the new primary.
         #expect(try await store.claim(before, owner: "w2", lease: .seconds(30)).allSatisfy { $0 == .done })
-        print("cluster failover: claims failed closed \(failures) times, served again \(took) after SIGKILL of primary \(victim)")
+        print("cluster failover (inline reads: \(inline)): claims failed closed \(failures) times, served again \(took) after SIGKILL of primary \(victim)")
     }
 }
 
