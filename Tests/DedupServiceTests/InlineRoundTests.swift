@@ -84,8 +84,8 @@ struct InlineRoundTests {
         defer { close(readEnd) }
         let (rounds, spawned) = Self.rounds(handler)
         let due = LogOutputWriteTests.round(HandlerRounds.inlineRoundLimit + 1, valueBytes: 10)
+        // Not whether it has ended when `start` returns: the task may have run by then.
         let round = Self.start(rounds, due)
-        #expect(!round.hasEnded)
         #expect(await round.succeeded(count: due.count))
         #expect(spawned.count.load(ordering: .relaxed) == 1)
         let expected = LogOutputWriteTests.expected(due)
