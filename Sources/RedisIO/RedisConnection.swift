@@ -128,12 +128,7 @@ public final class RedisConnection: @unchecked Sendable {
     /// are returned in place (`.error`); a broken connection throws.
     public func pipeline(_ commands: [[RedisArgument]]) async throws -> [RedisReply] {
         if commands.isEmpty { return [] }
-        var batch = RedisCommandBatch()
-        for command in commands {
-            batch.begin()
-            for arg in command { batch.append(arg.bytes) }
-        }
-        return try await pipeline(batch) { RedisReply($0) }
+        return try await pipeline(RedisCommandBatch(commands)) { RedisReply($0) }
     }
 
     /// Sends an encoded batch of commands in one round trip and turns each reply into a `T` with

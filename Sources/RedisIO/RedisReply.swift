@@ -54,6 +54,15 @@ struct RedisCommandBatch: Sendable {
 
     init() {}
 
+    /// A batch of whole commands given as arguments (admin and test paths; the hot paths encode
+    /// in place).
+    init(_ commands: [[RedisArgument]]) {
+        for command in commands {
+            begin(arguments: command.count)
+            for argument in command { append(argument.bytes) }
+        }
+    }
+
     /// The pipeline in RESP (a copy).
     var bytes: [UInt8] { Array(UnsafeBufferPointer(start: storage.base, count: storage.count)) }
 

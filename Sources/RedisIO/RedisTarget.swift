@@ -44,10 +44,7 @@ public enum RedisTarget: Sendable {
 
     /// One command routed by the slot of `key` (admin commands).
     public func command(_ args: [RedisArgument], key: String) async throws -> RedisReply {
-        var batch = RedisCommandBatch()
-        batch.begin()
-        for arg in args { batch.append(arg.bytes) }
-        return try await pipeline(batch, slots: [ClusterSlot.of(key)]) { RedisReply($0) }[0]
+        try await pipeline(RedisCommandBatch([args]), slots: [ClusterSlot.of(key)]) { RedisReply($0) }[0]
     }
 
     /// `WAIT count timeout` on the server, or on each primary serving one of `slots` (the same
@@ -65,11 +62,7 @@ public enum RedisTarget: Sendable {
             for slot in slots {
                 if let node = cluster.primary(for: slot), seen.insert(node).inserted { oneSlotPerNode.append(slot) }
             }
-            var batch = RedisCommandBatch()
-            for _ in oneSlotPerNode {
-                batch.begin()
-                for arg in wait { batch.append(arg.bytes) }
-            }
+            let batch = RedisCommandBatch(Array(repeating: wait, count: oneSlotPerNode.count))
             replies = try await cluster.pipeline(batch, slots: oneSlotPerNode) { RedisReply($0) }
         }
         var fewest = count

@@ -15,13 +15,7 @@ struct InlineReadTests {
     /// Sends `ECHO` of each value and returns the pending replies, with the threads that parsed them.
     private func echo(_ connection: RedisConnection, _ values: [String], threads: ThreadLog) -> RedisPending<[String]> {
         connection.send({
-            var batch = RedisCommandBatch()
-            for value in values {
-                batch.begin()
-                batch.append("ECHO")
-                batch.append(value)
-            }
-            return batch
+            RedisCommandBatch(values.map { ["ECHO", RedisArgument($0)] })
         }, parse: { reply in
             threads.note()
             return RedisReply(reply).text ?? "?"
@@ -88,12 +82,7 @@ struct InlineReadTests {
         let threads = ThreadLog()
         let caller = pthread_self()
         let pending = connection.send({
-            var batch = RedisCommandBatch()
-            for args in [["ECHO", "a"], ["GET", "long"], ["ECHO", "b"]] {
-                batch.begin()
-                for arg in args { batch.append(arg) }
-            }
-            return batch
+            RedisCommandBatch([["ECHO", "a"], ["GET", "long"], ["ECHO", "b"]])
         }, parse: { reply in
             threads.note()
             return RedisReply(reply).text ?? "?"
@@ -111,13 +100,8 @@ struct InlineReadTests {
     /// reads nothing yet: `send` returns with the rest of the batch handed to the queue, which
     /// writes it once the server reads, then reads the answers. Every byte arrives once, in order.
     @Test func aBatchTheSocketCannotTakeAtOnceIsFinishedOnTheQueue() async throws {
-        var batch = RedisCommandBatch()
         let count = 40_000
-        for i in 0..<count {
-            batch.begin()
-            batch.append("ECHO")
-            batch.append(String(repeating: "v", count: 400) + "\(i)")
-        }
+        let batch = RedisCommandBatch((0..<count).map { ["ECHO", RedisArgument(String(repeating: "v", count: 400) + "\($0)")] })
         let bytes = batch.withCompleteBytes { Array($0) }
         #expect(bytes.count > 16_000_000)
         let server = try HeldReadServer(expecting: bytes, replies: count)
@@ -143,12 +127,7 @@ struct InlineReadTests {
         let connection = try await RedisConnection.connect(try RedisURL("redis://127.0.0.1:\(server.port)"), logger: quietLogger)
         connection.readInline(inline(budget: .milliseconds(50)))
         let pending = connection.send({
-            var batch = RedisCommandBatch()
-            batch.begin()
-            batch.append("ANY")
-            batch.begin()
-            batch.append("ANY")
-            return batch
+            RedisCommandBatch([["ANY"], ["ANY"]])
         }, parse: { RedisReply($0) })
         #expect(pending.answeredAt == nil)
         let replies = try await pending.value()

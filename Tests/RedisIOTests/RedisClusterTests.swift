@@ -152,14 +152,9 @@ struct RedisClusterTests {
         #expect(Set(keys.map { client.primary(for: ClusterSlot.of($0)) }).count == 3, "the keys go to every primary")
         func send(_ command: String, _ keys: [String], on client: RedisCluster, threads: ThreadLog = ThreadLog()) -> RedisPending<[String]> {
             client.send({
-                var batch = RedisCommandBatch()
-                for key in keys {
-                    batch.begin()
-                    batch.append(command)
-                    batch.append(key)
-                    if command == "SET" { batch.append("v:" + key) }
-                }
-                return batch
+                RedisCommandBatch(keys.map { key in
+                    [RedisArgument(command), RedisArgument(key)] + (command == "SET" ? [RedisArgument("v:" + key)] : [])
+                })
             }, slots: keys.map(ClusterSlot.of), parse: { reply in
                 threads.note()
                 return RedisReply(reply).text ?? "nil"
@@ -289,14 +284,9 @@ struct RedisClusterTests {
             // Every primary is connected by now: a small round trip to all three is answered over
             // TLS before `send` returns.
             let keys = (0..<30).map { "\(uniquePrefix())\($0)" }
+            #expect(Set(keys.map { client.primary(for: ClusterSlot.of($0)) }).count == 3, "the keys go to every primary")
             let exists = client.send({
-                var batch = RedisCommandBatch()
-                for key in keys {
-                    batch.begin()
-                    batch.append("EXISTS")
-                    batch.append(key)
-                }
-                return batch
+                RedisCommandBatch(keys.map { ["EXISTS", RedisArgument($0)] })
             }, slots: keys.map(ClusterSlot.of), parse: { RedisReply($0).int ?? -1 })
             #expect(exists.answeredAt != nil)
             #expect(try await exists.value() == Array(repeating: 0, count: keys.count))
