@@ -108,7 +108,7 @@ public enum ConfigSchema {
         .init(name: "handler.url", kind: .string, defaultValue: nil,
               doc: "http handler: http:// or https:// URL to POST each message to, with an Idempotency-Key header."),
         .init(name: "handler.headers", kind: .secret, defaultValue: nil,
-              doc: "http handler: extra request headers, NAME=VALUE[,NAME=VALUE]; a VALUE of env:VAR or file:PATH is read from that environment variable or file at start (for Authorization and API keys). Never printed."),
+              doc: "http handler: extra request headers, NAME=VALUE[,NAME=VALUE]; a VALUE of env:VAR or file:PATH is read from that environment variable or file at start (for Authorization and API keys)."),
         .init(name: "handler.tls_ca_file", kind: .string, defaultValue: nil,
               doc: "http handler: PEM file of the certificate authorities that verify an https:// server, instead of the system's."),
         .init(name: "handler.tls_cert_file", kind: .string, defaultValue: nil,
