@@ -150,6 +150,8 @@ public struct DedupLedger: Sendable {
     public let routing: Routing
     /// Settings by route index: 0 is the default route, i the i-th named route.
     public let routeSettings: [DedupSettings]
+    /// Half of each route's lease: a buffered key's lease is renewed once this much has passed.
+    private let halfLeases: [Duration]
     public private(set) var buffer: DelayBuffer
     public private(set) var offsets = OffsetTracker()
     public private(set) var counters = DedupCounters()
@@ -218,6 +220,7 @@ public struct DedupLedger: Sendable {
         self.settings = settings
         self.routing = routing
         self.routeSettings = [settings] + routing.routes.map(\.settings)
+        self.halfLeases = routeSettings.map { $0.lease / 2 }
         self.routeKeys = routeSettings.map { RouteKeys(template: $0.template, head: DedupKey.head(namespace: $0.namespace)) }
         self.buffer = DelayBuffer(lanes: routeSettings.count)
     }
@@ -485,7 +488,7 @@ public struct DedupLedger: Sendable {
             guard let i = entries.index(of: mark.entry), entries.values[i].leaseTakenAt == mark.taken else { continue }
             // Leases differ per route, so a young lease of one route may precede an old one of
             // another: with routes the whole queue is looked at (it is ordered by time taken).
-            guard mark.taken <= now - routeSettings[entries.values[i].route].lease / 2 else {
+            guard mark.taken <= now - halfLeases[entries.values[i].route] else {
                 if hasRoutes { continue } else { return }
             }
             guard entries.values[i].awaiting == 0 else { continue }
@@ -809,10 +812,12 @@ public struct DedupLedger: Sendable {
         return entries.values[i].place == .buffered && entries.values[i].deadline == slot.due
     }
 
-    private func isLive(_ slot: DelayBuffer.Slot) -> Bool { Self.isLive(slot, in: entries) }
-
     /// The earliest moment a buffered message becomes due.
-    public var nextDeadline: ContinuousClock.Instant? { buffer.nextDeadline(isLive: isLive) }
+    public var nextDeadline: ContinuousClock.Instant? {
+        // The table, not `self`: a method reference would copy the whole ledger per call.
+        let entries = entries
+        return buffer.nextDeadline { Self.isLive($0, in: entries) }
+    }
 
     /// Messages whose window has passed, now handed to the handler.
     public mutating func takeDue(now: ContinuousClock.Instant, limit: Int = .max) -> [Dispatch] {
