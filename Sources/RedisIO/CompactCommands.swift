@@ -5,7 +5,7 @@ import Synchronization
 /// The compact layout's claims and confirms on one Redis server, as plain pipelined commands
 /// instead of scripts: a script call costs Redis more than the calls it makes (its arguments
 /// become Lua strings, its replies Lua values), and the scripts made the compact layout cost
-/// Redis more CPU per id than the keys layout (docs/performance.md, "The seen-set").
+/// Redis more CPU per id than the keys layout (docs/performance.md, "The open targets").
 ///
 /// Without a script's atomicity, order does the work (docs/architecture.md, "Why two workers
 /// cannot dispatch one key twice"). One connection's commands run in the order sent, and each

@@ -460,7 +460,7 @@ public final class RedisClaimStore: ClaimStore {
     }
 
     /// Sets the TTL of compact buckets, once per bucket and slot rather than per confirmed key
-    /// (a `PEXPIRE` per key is a large share of a key's Redis CPU; docs/performance.md). The first confirm this store sends in
+    /// (a `PEXPIRE` per key is a large share of a key's Redis CPU; docs/performance-history.md). The first confirm this store sends in
     /// a slot sets the TTL of every bucket of the slots since its last sweep up to the one before
     /// (now complete); its first confirm ever also covers the current slot and the slots a
     /// stopped worker may have left without one. A bucket written after a sweep of its slot keeps

@@ -12,7 +12,7 @@ import TestSupport
 ///
 /// The traffic is a steady flow, not a burst read at once: Redis does not shrink its keyspace's
 /// hash table once the pending claims are gone, so a short run whose every claim is pending at
-/// the same moment would be charged a table sized for all of them (docs/performance.md).
+/// the same moment would be charged a table sized for all of them (docs/performance-history.md).
 ///
 /// The bound is for a run inside one slot of the compact layout (24 h by default, from midnight
 /// UTC): a run that crosses a slot's end confirms into two slots' buckets, twice as many bucket
