@@ -4,8 +4,9 @@ import Testing
 import TestSupport
 
 /// The documentation a user follows, checked against the binary they run: the generated
-/// configuration reference, the README's `explain` examples, the man page's commands, links that
-/// lead somewhere, and the command-line features the docs promise (`--version`, `-X`, `http.bind`).
+/// configuration reference, the README's demo and `explain` examples, the man page's commands,
+/// links that lead somewhere, and the command-line features the docs promise (`--version`, `-X`,
+/// `http.bind`).
 @Suite(.serialized) struct DocsTests {
     static let root = DeployTests.root
 
@@ -55,6 +56,27 @@ import TestSupport
                 return String(decoding: data, as: UTF8.self)
             }
             #expect(output.split(separator: "\n").map(String.init) == expected, "$ \(command)\n\(output)")
+        }
+    }
+
+    /// The README's first command, `dedupd demo`, run as a newcomer runs it: it exits 0 and prints
+    /// the README's sample lines. The stream is seeded, so its counts are fixed; how the repeats
+    /// split between the window and Redis depends on timing, so that line is checked up to it.
+    @Test func readmeDemoPrintsWhatTheReadmeShows() async throws {
+        let readme = try Self.read("README.md")
+        let blocks = readme.components(separatedBy: "```").enumerated().filter { $0.offset % 2 == 1 }.map(\.element)
+        let sample = try #require(blocks.first { $0.hasPrefix("\ndedupd demo\n") }, "README.md shows the demo's output")
+        let (status, out, err) = try await DeployTests.dedupd(["demo"])
+        #expect(status == 0, "\(out)\n\(err)")
+        let printed = out.split(separator: "\n").map(String.init)
+        let lines = sample.split(separator: "\n").map(String.init).filter { $0.trimmingCharacters(in: .whitespaces) != "..." }
+        #expect(lines.count >= 6)
+        for line in lines {
+            if line.hasPrefix("  duplicates"), let open = line.firstIndex(of: "(") {
+                #expect(printed.contains { $0.hasPrefix(line[..<open]) }, "\(line)\n\(out)")
+            } else {
+                #expect(printed.contains(line), "\(line)\n\(out)")
+            }
         }
     }
 
