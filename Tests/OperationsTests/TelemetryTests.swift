@@ -22,6 +22,25 @@ import TestSupport
         #expect(StatsReporter.formatMillis(.milliseconds(250)) == "250ms")
     }
 
+    /// docs/metrics.md's table of the `stats` line names every field the line prints, and no other.
+    @Test func statsFieldsAreTheDocumentedOnes() throws {
+        let snapshot = WorkerTelemetry.Snapshot(
+            now: .now, counters: DedupCounters(), bufferMessages: 0, bufferBytes: 0, parked: 0, assignment: [], paused: false, redisUp: true)
+        let printed = Set(StatsReporter.fields(
+            snapshot, previous: DedupCounters(), seconds: 1, lag: nil, inFlightPeak: 0,
+            roundTrip: RoundTripPercentiles([.milliseconds(1)], count: 1)).keys)
+        let doc = try String(contentsOf: ExampleConfigTests.repoRoot.appendingPathComponent("docs/metrics.md"), encoding: .utf8)
+        let table = try #require(doc.components(separatedBy: "The `stats` line's fields:").dropFirst().first)
+        var documented = Set<String>()
+        for row in table.split(separator: "\n").drop(while: { !$0.hasPrefix("|") }).prefix(while: { $0.hasPrefix("|") }).dropFirst(2) {
+            let names = row.split(separator: "|", omittingEmptySubsequences: true).first ?? ""
+            // The first column's names are in backticks; a note such as "(guard)" is not.
+            documented.formUnion(names.split(separator: "`").enumerated().filter { $0.offset % 2 == 1 }.map { String($0.element) })
+        }
+        #expect(printed.subtracting(documented).isEmpty, "printed, not documented: \(printed.subtracting(documented).sorted())")
+        #expect(documented.subtracting(printed).isEmpty, "documented, not printed: \(documented.subtracting(printed).sorted())")
+    }
+
     @Test func livenessAndReadinessFollowTheLoop() {
         let start = ContinuousClock.now
         let t = WorkerTelemetry(stallTimeout: .seconds(30), now: start)
