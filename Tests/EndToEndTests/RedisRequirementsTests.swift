@@ -35,6 +35,55 @@ import TestSupport
         mock.terminate()
     }
 
+    /// docs/operations.md lists the commands an ACL user needs. A user allowed exactly those (read
+    /// from the doc) runs the whole flow: claims, lease renewals (a lease shorter than the window
+    /// plus a margin), confirms, then `inspect` and `forget` of a dispatched key.
+    @Test(.timeLimit(.minutes(3)))
+    func anACLUserWithTheDocumentedCommandsRunsTheWholeFlow() async throws {
+        let doc = try DocsTests.read("docs/operations.md")
+        let bullet = try #require(doc.components(separatedBy: "- **ACL users.**").dropFirst().first?.components(separatedBy: "\n- ").first)
+        let commands = bullet.split(separator: "`").enumerated().filter { $0.offset % 2 == 1 }.map { String($0.element) }
+            .filter { $0.allSatisfy { $0.isUppercase || $0 == " " } }
+        #expect(commands.contains("EVALSHA") && commands.contains("CONFIG GET") && commands.count >= 15, "\(commands)")
+        let redis = try RedisServerProcess()
+        let acl = ["-p", "\(redis.port)", "ACL", "SETUSER", "dedupd", "reset", "on", ">pw-acl-7", "~*", "&*"]
+            + commands.map { "+" + $0.lowercased().replacingOccurrences(of: " ", with: "|") }
+        let set = try RedisClusterProcess.cli(acl)
+        #expect(set.status == 0 && set.output.hasPrefix("OK"), "\(set.output)")
+
+        let dir = try TemporaryDirectory(prefix: "dedupd-acl")
+        let mock = try DedupdProcess(["mock-kafka", "--brokers", "1", "--topic", "in:3"], name: "mock-kafka", in: dir)
+        defer { mock.terminate() }
+        let bootstrap = try mock.firstLine(timeout: .seconds(20))
+        let produce = try DedupdProcess(
+            ["produce", "--bootstrap-servers", bootstrap, "--topic", "in", "--count", "3000", "--duplicate-ratio", "0.3"], name: "produce", in: dir)
+        #expect(try produce.wait(timeout: .seconds(60)) == 0, "\(produce.stderr.suffix(2000))")
+        let unique = try #require(produce.stdout.split(separator: " ").first { $0.hasPrefix("unique=") }.flatMap { Int($0.dropFirst(7)) })
+
+        try "pw-acl-7\n".write(to: dir.file("password"), atomically: true, encoding: .utf8)
+        let config = dir.file("acl.yaml")
+        try """
+            kafka: {bootstrap_servers: "\(bootstrap)", topics: in, group: acl}
+            redis: {url: "redis://dedupd@127.0.0.1:\(redis.port)/0", password_file: "\(dir.file("password").path)"}
+            dedup: {key: "header:message-id", window: 2s, lease: 3s}
+            run: {stop_when_idle: 3s}
+            """.write(to: config, atomically: true, encoding: .utf8)
+        let run = try DedupdProcess(["run", "--config", config.path, "--output", dir.file("out.jsonl").path], name: "acl", in: dir)
+        #expect(try run.wait(timeout: .seconds(90)) == 0, "\(run.stderr.suffix(3000))")
+        let ids = dispatchedIDs(inJSONLines: try String(contentsOf: dir.file("out.jsonl"), encoding: .utf8))
+        #expect(ids.count == unique && Set(ids).count == unique, "dispatched \(ids.count) (\(Set(ids).count) distinct) of \(unique)")
+        #expect(!run.stderr.contains("NOPERM"), "\(run.stderr.suffix(3000))")
+        #expect(!run.stderr.contains("could not check"), "CONFIG GET is allowed: \(run.stderr.suffix(2000))")
+        let summary = try #require(run.stderr.split(separator: "\n").last { $0.contains("shutdown complete") })
+        #expect(fields(summary)["renewed"].flatMap { Int($0) } ?? 0 > 0, "leases were renewed: \(summary)")
+
+        let key = try #require(ids.first)
+        let (inspected, shown, inspectErr) = try await DeployTests.dedupd(["inspect", "--config", config.path, key])
+        #expect(inspected == 0 && shown.hasPrefix("\(key) done"), "\(shown)\(inspectErr)")
+        let (forgot, removed, forgetErr) = try await DeployTests.dedupd(["forget", "--config", config.path, key])
+        #expect(forgot == 0 && removed.hasPrefix("\(key) removed"), "\(removed)\(forgetErr)")
+    }
+
     /// Managed services rename or forbid CONFIG: the worker starts, with a warning that names the requirement.
     @Test(.timeLimit(.minutes(3)))
     func aRedisThatRefusesConfigGetsAWarning() async throws {
