@@ -92,6 +92,13 @@ public protocol ClaimStore: Sendable {
     func requestUnholds(_ steps: [EntityStep], owner: String) -> StoreReply<[Bool]>
 }
 
+/// A store error that says whether the server refused the worker (a wrong password, a user not
+/// allowed a command) rather than failed to answer: the outage's log line names the difference,
+/// since only a refusal needs the operator to change something.
+public protocol StoreRefusalClassifying: Error {
+    var isRefusal: Bool { get }
+}
+
 /// What a store without entity records answers a guard request with.
 public struct GuardUnsupported: Error, CustomStringConvertible {
     public init() {}

@@ -164,7 +164,7 @@ public struct DedupEngine: Sendable {
         case badInput(BadInput, InboundMessage)
         case handlerGaveUp(Dispatch, error: String, attempts: Int)
         case confirmConflict(DedupKey, otherOwner: String)
-        case storeDown(error: String)
+        case storeDown(error: String, refused: Bool)
         case storeUp(downFor: Duration)
         case deadLettersFailing(pending: Int, error: String)
         case deadLettersAcknowledged(downFor: Duration)
@@ -469,7 +469,9 @@ public struct DedupEngine: Sendable {
     /// Fail-closed: a store error pauses consumption and retries with backoff and jitter. The
     /// transition is reported once, not once per message or per retry.
     mutating func storeFailed(_ error: any Error, now: ContinuousClock.Instant) {
-        if storeRetry.failed(now: now, rng: &rng) { reports.append(.storeDown(error: "\(error)")) }
+        if storeRetry.failed(now: now, rng: &rng) {
+            reports.append(.storeDown(error: "\(error)", refused: (error as? any StoreRefusalClassifying)?.isRefusal ?? false))
+        }
     }
 
     // MARK: - Actions

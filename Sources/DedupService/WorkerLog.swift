@@ -52,14 +52,18 @@ extension Worker {
             logger.warning(
                 "confirm found another owner: the lease ran out while this copy was in the handler, so another worker may have dispatched the key too; raise dedup.lease",
                 metadata: ["dedup.key": "\(key.raw)", "dedup.other_owner": "\(other)"])
-        case .storeDown(let error):
+        case .storeDown(let error, let refused):
             if config.failOpen {
                 logger.error(
-                    "redis unavailable; on_store_error=fail_open: dispatching without claims until it answers (repeats outside the window will pass)",
+                    refused
+                        ? "redis refused dedupd's commands (authentication or permissions); on_store_error=fail_open: dispatching without claims until it accepts them (repeats outside the window will pass)"
+                        : "redis unavailable; on_store_error=fail_open: dispatching without claims until it answers (repeats outside the window will pass)",
                     metadata: ["error": "\(error)"])
             } else {
                 logger.error(
-                    "redis unavailable, pausing consumption until it answers (fail-closed: nothing unclaimed is dispatched)",
+                    refused
+                        ? "redis refused dedupd's commands (authentication or permissions), pausing consumption until it accepts them (fail-closed: nothing unclaimed is dispatched)"
+                        : "redis unavailable, pausing consumption until it answers (fail-closed: nothing unclaimed is dispatched)",
                     metadata: ["error": "\(error)"])
             }
         case .storeUp(let downFor):

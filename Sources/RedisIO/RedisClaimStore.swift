@@ -854,3 +854,8 @@ extension RedisClaimStore: TokenStore {
         }
     }
 }
+
+/// A refused AUTH and a command the ACL user may not run are the operator's to fix.
+extension RedisError: StoreRefusalClassifying {
+    public var isRefusal: Bool { code == .auth }
+}

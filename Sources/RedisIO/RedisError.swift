@@ -71,8 +71,10 @@ public struct RedisError: Error, Sendable, CustomStringConvertible {
         switch prefix {
         case "NOSCRIPT":
             return RedisError(.noScript, message)
-        case "NOAUTH", "WRONGPASS", "NOPERM":
+        case "NOAUTH", "WRONGPASS":
             return RedisError(.auth, message)
+        case "NOPERM":
+            return RedisError(.auth, "\(message) (the Redis ACL user needs every command dedupd sends; docs/operations.md, \"ACL users\", lists them)")
         case "CROSSSLOT":
             return RedisError(.serverReply, "\(message) (a Redis Cluster runs a script only on keys of one slot; dedupd groups its keys by slot and hash tag, so a key in another slot was passed: report this as a bug)")
         case "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN":

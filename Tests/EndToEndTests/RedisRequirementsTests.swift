@@ -82,6 +82,19 @@ import TestSupport
         #expect(inspected == 0 && shown.hasPrefix("\(key) done"), "\(shown)\(inspectErr)")
         let (forgot, removed, forgetErr) = try await DeployTests.dedupd(["forget", "--config", config.path, key])
         #expect(forgot == 0 && removed.hasPrefix("\(key) removed"), "\(removed)\(forgetErr)")
+
+        // A user without one of them: the worker names the command and the list, and dispatches
+        // nothing it could not claim (fail-closed). The forgotten key is new to a new group.
+        #expect(try RedisClusterProcess.cli(["-p", "\(redis.port)", "ACL", "SETUSER", "dedupd", "-hexists"]).status == 0)
+        let short = try DedupdProcess(
+            ["run", "--config", config.path, "--group", "acl-short", "--output", dir.file("short.jsonl").path], name: "acl-short", in: dir)
+        let deadline = ContinuousClock.now + .seconds(30)
+        while !short.stderr.contains("NOPERM"), ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(100)) }
+        short.terminate()
+        let refused = try #require(short.stderr.split(separator: "\n").first { $0.contains("NOPERM") }, "\(short.stderr.suffix(3000))")
+        #expect(refused.contains("redis refused dedupd's commands (authentication or permissions), pausing consumption"), "\(refused)")
+        #expect(refused.contains("'hexists'") && refused.contains("\\\"ACL users\\\", lists them"), "\(refused)")
+        #expect(try String(contentsOf: dir.file("short.jsonl"), encoding: .utf8).isEmpty)
     }
 
     /// Managed services rename or forbid CONFIG: the worker starts, with a warning that names the requirement.
