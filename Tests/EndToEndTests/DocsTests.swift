@@ -83,11 +83,8 @@ import TestSupport
     /// Every message of docs/metrics.md's table of log events is one the sources log (the part
     /// before a "..." as written there), so a reworded line cannot leave the table behind.
     @Test func documentedLogEventsAreLogged() throws {
-        let doc = try Self.read("docs/metrics.md")
-        let table = try #require(doc.components(separatedBy: "| `msg` | level | when |").dropFirst().first)
-        let events = table.split(separator: "\n").dropFirst().prefix { $0.hasPrefix("|") }
-            .flatMap { row in (row.split(separator: "|").first ?? "").split(separator: "`").enumerated().filter { $0.offset % 2 == 1 }.map(\.element) }
-            .map { $0.hasSuffix(" ...") ? String($0.dropLast(4)) : String($0) }
+        let events = try #require(firstColumnCodeSpans(ofTableAfter: "| `msg` | level | when |", in: Self.read("docs/metrics.md")))
+            .map { $0.hasSuffix(" ...") ? String($0.dropLast(4)) : $0 }
         #expect(events.count >= 15, "\(events)")
         let sources = Self.root.appendingPathComponent("Sources")
         var text = ""

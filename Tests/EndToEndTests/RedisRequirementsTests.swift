@@ -41,9 +41,9 @@ import TestSupport
     @Test(.timeLimit(.minutes(3)))
     func anACLUserWithTheDocumentedCommandsRunsTheWholeFlow() async throws {
         let doc = try DocsTests.read("docs/operations.md")
-        let bullet = try #require(doc.components(separatedBy: "- **ACL users.**").dropFirst().first?.components(separatedBy: "\n- ").first)
-        let commands = bullet.split(separator: "`").enumerated().filter { $0.offset % 2 == 1 }.map { String($0.element) }
-            .filter { $0.allSatisfy { $0.isUppercase || $0 == " " } }
+        // The bullet is the section's last: it ends at the blank line.
+        let bullet = try #require(doc.components(separatedBy: "- **ACL users.**").dropFirst().first?.components(separatedBy: "\n\n").first)
+        let commands = codeSpans(bullet).filter { !$0.isEmpty && $0.allSatisfy { $0.isUppercase || $0 == " " } }
         #expect(commands.contains("EVALSHA") && commands.contains("CONFIG GET") && commands.count >= 15, "\(commands)")
         let redis = try RedisServerProcess()
         let acl = ["-p", "\(redis.port)", "ACL", "SETUSER", "dedupd", "reset", "on", ">pw-acl-7", "~*", "&*"]

@@ -154,11 +154,9 @@ func timestamp(_ ts: String) -> Double? {
         #expect(metrics.contains(#"dedupd_build_info{"#) && metrics.contains(#"version=""#), "the build info metric")
         // docs/metrics.md's table names every metric family served, and no other.
         let families = Set(metrics.split(separator: "\n").filter { $0.hasPrefix("# TYPE ") }.map { String($0.split(separator: " ")[2]) })
-        let documented = try DocsTests.read("docs/metrics.md").components(separatedBy: "| Prometheus name |").dropFirst().first?
-            .split(separator: "\n").dropFirst(2).prefix { $0.hasPrefix("|") }
-            .flatMap { row in (row.split(separator: "|").first ?? "").split(separator: "`").enumerated().filter { $0.offset % 2 == 1 }.map { String($0.element) } }
+        let documented = Set(try #require(firstColumnCodeSpans(ofTableAfter: "| Prometheus name |", in: DocsTests.read("docs/metrics.md"))))
         #expect(families.count >= 25, "\(families)")
-        #expect(families == Set(documented ?? []), "served, not documented: \(families.subtracting(documented ?? []).sorted()); documented, not served: \(Set(documented ?? []).subtracting(families).sorted())")
+        #expect(families == documented, "served, not documented: \(families.subtracting(documented).sorted()); documented, not served: \(documented.subtracting(families).sorted())")
 
         #expect(try await offPool { try worker.wait(timeout: .seconds(120)) } == 0, "worker: \(worker.stderr.suffix(3000))")
         let log = worker.stderr

@@ -30,13 +30,8 @@ import TestSupport
             snapshot, previous: DedupCounters(), seconds: 1, lag: nil, inFlightPeak: 0,
             roundTrip: RoundTripPercentiles([.milliseconds(1)], count: 1)).keys)
         let doc = try String(contentsOf: ExampleConfigTests.repoRoot.appendingPathComponent("docs/metrics.md"), encoding: .utf8)
-        let table = try #require(doc.components(separatedBy: "The `stats` line's fields:").dropFirst().first)
-        var documented = Set<String>()
-        for row in table.split(separator: "\n").drop(while: { !$0.hasPrefix("|") }).prefix(while: { $0.hasPrefix("|") }).dropFirst(2) {
-            let names = row.split(separator: "|", omittingEmptySubsequences: true).first ?? ""
-            // The first column's names are in backticks; a note such as "(guard)" is not.
-            documented.formUnion(names.split(separator: "`").enumerated().filter { $0.offset % 2 == 1 }.map { String($0.element) })
-        }
+        // The first column's names are in backticks; a note such as "(guard)" is not.
+        let documented = Set(try #require(firstColumnCodeSpans(ofTableAfter: "The `stats` line's fields:", in: doc)))
         #expect(printed.subtracting(documented).isEmpty, "printed, not documented: \(printed.subtracting(documented).sorted())")
         #expect(documented.subtracting(printed).isEmpty, "documented, not printed: \(documented.subtracting(printed).sorted())")
     }

@@ -26,3 +26,18 @@ public func waitUntil(timeout: Duration = .seconds(3), _ condition: () async thr
 
 /// What the harnesses throw when a server does not start or answer.
 public typealias TestSupportError = LocalServerError
+
+/// The code spans (the text between backticks) of a piece of Markdown, in order.
+public func codeSpans<S: StringProtocol>(_ markdown: S) -> [String] {
+    markdown.split(separator: "`", omittingEmptySubsequences: false).enumerated().filter { $0.offset % 2 == 1 }.map { String($0.element) }
+}
+
+/// The code spans in the first column of each row of the Markdown table whose header is at or
+/// after `marker` (its header and `| --- |` rows left out); nil when `marker` is not in `markdown`.
+/// The docs' reference tables name their items this way (metrics, log events, fields).
+public func firstColumnCodeSpans(ofTableAfter marker: String, in markdown: String) -> [String]? {
+    guard let start = markdown.range(of: marker) else { return nil }
+    let rows = markdown[start.upperBound...].split(separator: "\n", omittingEmptySubsequences: false)
+        .drop { !$0.hasPrefix("| ---") }.dropFirst().prefix { $0.hasPrefix("|") }
+    return rows.flatMap { codeSpans($0.split(separator: "|").first ?? "") }
+}
