@@ -14,6 +14,11 @@ import TestSupport
         try String(contentsOf: root.appendingPathComponent(path), encoding: .utf8)
     }
 
+    /// The fenced code blocks of a Markdown text, each from its info string (`yaml`, or empty) on.
+    static func fencedBlocks(_ markdown: String) -> [String] {
+        markdown.components(separatedBy: "```").enumerated().filter { $0.offset % 2 == 1 }.map(\.element)
+    }
+
     @Test func configurationReferenceIsGeneratedFromTheSchema() async throws {
         let doc = try Self.read("docs/configuration.md")
         let begin = try #require(doc.range(of: ConfigSchema.referenceBegin), "docs/configuration.md has the generated block")
@@ -28,7 +33,7 @@ import TestSupport
     /// The README's configuration file and its `$ ... | dedupd explain ...` lines, run as written.
     @Test func readmeExplainExamplesAreWhatExplainPrints() async throws {
         let readme = try Self.read("README.md")
-        let blocks = readme.components(separatedBy: "```").enumerated().filter { $0.offset % 2 == 1 }.map(\.element)
+        let blocks = Self.fencedBlocks(readme)
         let config = try #require(blocks.first { $0.hasPrefix("yaml\n") && $0.contains("bootstrap_servers") }).dropFirst("yaml\n".count)
         let examples = try #require(blocks.first { $0.contains("| dedupd explain") })
         let dir = try TemporaryDirectory(prefix: "dedupd-readme")
@@ -64,7 +69,7 @@ import TestSupport
     /// split between the window and Redis depends on timing, so that line is checked up to it.
     @Test func readmeDemoPrintsWhatTheReadmeShows() async throws {
         let readme = try Self.read("README.md")
-        let blocks = readme.components(separatedBy: "```").enumerated().filter { $0.offset % 2 == 1 }.map(\.element)
+        let blocks = Self.fencedBlocks(readme)
         let sample = try #require(blocks.first { $0.hasPrefix("\ndedupd demo\n") }, "README.md shows the demo's output")
         let (status, out, err) = try await DeployTests.dedupd(["demo"])
         #expect(status == 0, "\(out)\n\(err)")
