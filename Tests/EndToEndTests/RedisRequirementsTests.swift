@@ -36,8 +36,8 @@ import TestSupport
     }
 
     /// docs/operations.md lists the commands an ACL user needs. A user allowed exactly those (read
-    /// from the doc) runs the whole flow: claims, lease renewals (a lease shorter than the window
-    /// plus a margin), confirms, then `inspect` and `forget` of a dispatched key.
+    /// from the doc) runs the whole flow: claims, lease renewals (a 3 s lease is renewed once half
+    /// used, inside the 2 s window), confirms, then `inspect` and `forget` of a dispatched key.
     @Test(.timeLimit(.minutes(3)))
     func anACLUserWithTheDocumentedCommandsRunsTheWholeFlow() async throws {
         let doc = try DocsTests.read("docs/operations.md")
