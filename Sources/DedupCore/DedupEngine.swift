@@ -240,6 +240,10 @@ public struct DedupEngine: Sendable {
     public private(set) var deadLetters: [DeadLetter] = []
     var deadLetterRetry = Retry(backoff: Backoff(initial: .milliseconds(200), maximum: .seconds(5)))
     var storeRetry = Retry(backoff: Backoff(initial: .milliseconds(100), maximum: .seconds(5)))
+    /// The kinds of store request that failed in the current outage (`storeAnswered`).
+    var storeFailing: Set<StoreRequestKind> = []
+
+    enum StoreRequestKind: Hashable, Sendable { case claims, confirms, releases, tokens }
 
     public private(set) var assignment: Set<TopicPartition> = []
     public private(set) var paused = false
@@ -356,7 +360,7 @@ public struct DedupEngine: Sendable {
             renewalsInFlight = false
             switch result {
             case .success(let outcomes):
-                storeAnswered(now: now)
+                storeAnswered(.claims, now: now)
                 // Claims for keys no longer held (their partition was revoked while the answer
                 // was on its way) are given back rather than left to expire.
                 toRelease.append(contentsOf: ledger.applyClaims(request, outcomes, holds: holds, now: sentAt))
@@ -370,7 +374,7 @@ public struct DedupEngine: Sendable {
                     }
                 }
             case .failure(let error):
-                storeFailed(error, now: now)
+                storeFailed(.claims, error, now: now)
                 if options.failOpen { ledger.applyClaimsWithoutStore(request, now: now) } else { ledger.requestFailed(request) }
             }
         case .confirms(let id, let result, let moves):
@@ -378,21 +382,21 @@ public struct DedupEngine: Sendable {
             confirmInFlight = nil
             switch result {
             case .success(let outcomes):
-                storeAnswered(now: now)
+                storeAnswered(.confirms, now: now)
                 for (key, other) in ledger.applyConfirms(request, outcomes, moves: moves) {
                     reports.append(.confirmConflict(key, otherOwner: other))
                 }
             case .failure(let error):
-                storeFailed(error, now: now)
+                storeFailed(.confirms, error, now: now)
                 ledger.requestFailed(request)
             }
         case .releases(let id, let result):
             guard case .releases(let keys, let unholds)? = outstanding.removeValue(forKey: id) else { return }
             releaseInFlight = nil
             switch result {
-            case .success: storeAnswered(now: now)
+            case .success: storeAnswered(.releases, now: now)
             case .failure(let error):
-                storeFailed(error, now: now)
+                storeFailed(.releases, error, now: now)
                 toRelease.insert(contentsOf: keys, at: 0)
                 toUnhold.insert(contentsOf: unholds, at: 0)
             }
@@ -401,10 +405,10 @@ public struct DedupEngine: Sendable {
             tokensInFlight = nil
             switch result {
             case .success(let outcomes):
-                storeAnswered(now: now)
+                storeAnswered(.tokens, now: now)
                 for (bad, message) in ledger.applyTokens(request, outcomes) { badInput(bad, message) }
             case .failure(let error):
-                storeFailed(error, now: now)
+                storeFailed(.tokens, error, now: now)
                 ledger.requestFailed(request)
             }
         case .round(let id, let results):
@@ -462,13 +466,35 @@ public struct DedupEngine: Sendable {
         if options.deadLetters { deadLetters.append(DeadLetter(badInput: bad, message: message)) }
     }
 
-    mutating func storeAnswered(now: ContinuousClock.Instant) {
+    /// An outage ends when each kind of request that failed in it has been answered since, or
+    /// has nothing left to send. An answer to another kind says only that Redis runs, not that
+    /// it takes the failed commands: an ACL user without `HSET` is granted every claim and
+    /// refused every confirm, and ending the outage at each granted claim would report it again
+    /// at the next confirm and start its backoff over. A kind with nothing left to send (its keys'
+    /// partition was revoked) could never end the outage, and a fail-closed worker would
+    /// dispatch nothing for good.
+    mutating func storeAnswered(_ kind: StoreRequestKind, now: ContinuousClock.Instant) {
+        guard storeRetry.downSince != nil else { return }
+        storeFailing.remove(kind)
+        storeFailing = storeFailing.filter { hasToSend($0) }
+        guard storeFailing.isEmpty else { return }
         if let downFor = storeRetry.succeeded(now: now) { reports.append(.storeUp(downFor: downFor)) }
+    }
+
+    /// Whether a request of this kind is in flight or waits to be sent.
+    func hasToSend(_ kind: StoreRequestKind) -> Bool {
+        switch kind {
+        case .claims: claimInFlight != nil || ledger.keysToClaimCount > 0
+        case .confirms: confirmInFlight != nil || ledger.hasConfirmsToSend
+        case .releases: releaseInFlight != nil || !toRelease.isEmpty || !toUnhold.isEmpty
+        case .tokens: tokensInFlight != nil || ledger.hasTokensToUse
+        }
     }
 
     /// Fail-closed: a store error pauses consumption and retries with backoff and jitter. The
     /// transition is reported once, not once per message or per retry.
-    mutating func storeFailed(_ error: any Error, now: ContinuousClock.Instant) {
+    mutating func storeFailed(_ kind: StoreRequestKind, _ error: any Error, now: ContinuousClock.Instant) {
+        storeFailing.insert(kind)
         if storeRetry.failed(now: now, rng: &rng) {
             reports.append(.storeDown(error: "\(error)", refused: (error as? any StoreRefusalClassifying)?.isRefusal ?? false))
         }

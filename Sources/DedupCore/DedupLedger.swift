@@ -936,6 +936,8 @@ public struct DedupLedger: Sendable {
 
     /// Whether a confirm is still to be sent.
     public var hasConfirmsToSend: Bool { !confirming.isEmpty }
+    /// Token mode: whether messages wait for their token to be used.
+    public var hasTokensToUse: Bool { !awaitingToken.isEmpty }
 
     /// Resolves the keys the store confirmed. Returns the keys another owner held (the lease ran
     /// out while the copy was in the handler), for the caller to report.

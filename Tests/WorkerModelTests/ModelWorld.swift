@@ -7,7 +7,7 @@ import DedupService
 /// `DispatchRunner` and `LoopClock`, and decides, from a seeded generator, when each answer
 /// arrives, fails or is reordered, when partitions are revoked, lost or assigned (incrementally, as
 /// cooperative rebalancing does, or all at once, as eager does), when the store is
-/// down, when a handler is slow and when the worker crashes.
+/// down or refuses one kind of request, when a handler is slow and when the worker crashes.
 ///
 /// The world acts only when the worker polls or waits, on the worker's own task: the worker
 /// awaits nothing that the world has not already answered or will answer in that call, so one
@@ -71,6 +71,9 @@ final class ModelWorld: @unchecked Sendable {
     /// The route's layout, as the configuration says (the worker's key groups carry it too).
     var layout: DoneLayout = .keys
     var storeDown = false
+    /// The label of the one kind of request the store refuses (as Redis refuses a command an ACL
+    /// user may not run), answering the others.
+    var refused: String?
 
     // Guard: entity records like the hold/move/unhold scripts keep them.
     var entities: [String: (state: String?, hold: (id: String, target: String, owner: String, expires: ContinuousClock.Instant)?)] = [:]
@@ -251,8 +254,17 @@ final class ModelWorld: @unchecked Sendable {
                 storeDown = false
                 note("store up")
             }
+            // An ACL change: one kind of request is refused while the others are answered.
+            if refused == nil, chance(0.005) {
+                refused = ["claims", "confirms", "releases", "holds", "moves"].randomElement(using: &rng)
+                note("\(refused!) refused")
+            } else if refused != nil, chance(0.03) {
+                note("\(refused!) accepted again")
+                refused = nil
+            }
         } else {
             storeDown = false
+            refused = nil
             for p in 0..<Int32(shape.partitions) where fromPoll && !assigned.contains(p) {
                 assign(p)
                 pendingEvents.append(.assigned([TopicPartition(topic: "t", partition: p)]))
@@ -458,11 +470,13 @@ final class ModelWorld: @unchecked Sendable {
     }
 
     /// A request reaches the store when it is sent (requests on one connection are applied in
-    /// order); its answer comes back later. While the store is down a request fails, and may or
-    /// may not have been applied (the connection broke before or after).
+    /// order); its answer comes back later. While the store is down (or refuses its kind) a
+    /// request fails, and may or may not have been applied (the connection broke before or after;
+    /// the refused command came after others of the pipeline).
     func request<T: Sendable>(_ label: String, _ apply: () -> T) -> StoreReply<T> {
         let reply = StoreReply<T>()
-        if storeDown {
+        if storeDown || refused.map({ label.hasPrefix($0 + " ") }) == true {
+            // A refused command in a pipeline: those before it ran.
             if chance(0.5) { _ = apply() }
             note("\(label) fails")
             pending.append(("\(label) (failure)", { reply.complete(.failure(Violation(description: "store down"))) }, false))
