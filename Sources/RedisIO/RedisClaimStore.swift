@@ -116,13 +116,26 @@ public final class RedisClaimStore: ClaimStore {
         } else {
             send(.confirm, batches(groups, owner: owner, confirming: true), element: Self.confirmOutcome)
         }
-        guard let sweep = sweepBuckets(groups) else { return request }
+        return sweepingBuckets(of: groups, after: request, what: "a compact bucket")
+    }
+
+    /// `request`, then the bucket sweep its groups call for (`sweepBuckets`), answered together:
+    /// a sweep that failed fails the request.
+    private func sweepingBuckets<T: Sendable>(of groups: [KeyGroup], after request: Request<T>, what: String) -> Request<T> {
+        guard let (sweep, marks) = sweepBuckets(groups) else { return request }
         return Request {
-            let outcomes = try await request.outcomes()
-            for reply in try await sweep.value() {
-                if case .error(let text) = reply { throw RedisError.fromServerReply(text, context: "PEXPIRE of a compact bucket") }
+            do {
+                let outcomes = try await request.outcomes()
+                for reply in try await sweep.value() {
+                    if case .error(let text) = reply { throw RedisError.fromServerReply(text, context: "PEXPIRE of \(what)") }
+                }
+                return outcomes
+            } catch {
+                // Left marked swept, those slots' buckets would never get their TTL (a broken
+                // connection, a user without PEXPIRE): the request's retry sweeps them again.
+                self.unmark(marks)
+                throw error
             }
-            return outcomes
         }
     }
 
@@ -187,14 +200,7 @@ public final class RedisClaimStore: ClaimStore {
             }
             groups.append(KeyGroup([step.entityKey], ttl: step.records.retention, layout: .compact(step.records)))
         }
-        guard let sweep = sweepBuckets(groups) else { return reply(request) }
-        return reply(Request {
-            let outcomes = try await request.outcomes()
-            for reply in try await sweep.value() {
-                if case .error(let text) = reply { throw RedisError.fromServerReply(text, context: "PEXPIRE of an entity bucket") }
-            }
-            return outcomes
-        })
+        return reply(sweepingBuckets(of: groups, after: request, what: "an entity bucket"))
     }
 
     public func requestUnholds(_ steps: [EntityStep], owner: String) -> StoreReply<[Bool]> {
@@ -467,8 +473,9 @@ public final class RedisClaimStore: ClaimStore {
     /// the TTL (`HSET` does not clear it); one written after the last sweep gets it at the next
     /// slot edge from whichever worker confirms first. Single-key `PEXPIRE`s, pipelined after
     /// the confirm on the same connection (routed per key in a cluster): nil when none is due.
-    private func sweepBuckets(_ groups: [KeyGroup]) -> RedisPending<[RedisReply]>? {
+    private func sweepBuckets(_ groups: [KeyGroup]) -> (RedisPending<[RedisReply]>, [SweepMark])? {
         let now = unixMillis()
+        var marks: [SweepMark] = []
         // Per slot to sweep: the scope's names (`<prefix>:<namespace>:`) and the TTL. The
         // commands are written straight into the batch: a worker's first sweep covers every
         // bucket of several slots, tens of thousands of commands.
@@ -483,6 +490,7 @@ public final class RedisClaimStore: ClaimStore {
                 let last = swept[scope]
                 if let last, last >= current { return nil }
                 swept[scope] = current
+                marks.append(SweepMark(scope: scope, before: last, after: current))
                 guard let last else { return current - Int64(records.slotsPerRetention) - 3...current }
                 return last...(current - 1)
             }
@@ -500,7 +508,7 @@ public final class RedisClaimStore: ClaimStore {
                 return name.withUnsafeBufferPointer { ClusterSlot.of(bytes: $0) }
             }
         } : []
-        return redis.send({
+        let pending = redis.send({
             var batch = RedisCommandBatch()
             for s in all {
                 for bucket in 0..<s.records.buckets {
@@ -514,6 +522,21 @@ public final class RedisClaimStore: ClaimStore {
             }
             return batch
         }, slots: slots, parse: { RedisReply($0) })
+        return (pending, marks)
+    }
+
+    /// A sweep's move of a scope's last swept slot, undone when the sweep fails.
+    private struct SweepMark: Sendable {
+        var scope: SweepScope
+        var before: Int64?
+        var after: Int64
+    }
+
+    /// Undoes a failed sweep's marks, unless a later sweep moved them on.
+    private func unmark(_ marks: [SweepMark]) {
+        swept.withLock { swept in
+            for mark in marks where swept[mark.scope] == mark.after { swept[mark.scope] = mark.before }
+        }
     }
 
     /// One `EVALSHA`: items `items` of batch `batch`, all in hash slot `slot` in a cluster.

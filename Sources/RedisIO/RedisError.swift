@@ -34,7 +34,8 @@ public struct RedisError: Error, Sendable, CustomStringConvertible {
         public static let timeout = Code(.timeout)
         /// A `redis://` URL could not be parsed.
         public static let invalidURL = Code(.invalidURL)
-        /// AUTH was refused (wrong password or user), or the server requires AUTH and none was given.
+        /// AUTH was refused (wrong password or user), the server requires AUTH and none was
+        /// given, or the ACL user may not run a command dedupd sends (directly or in a script).
         public static let auth = Code(.auth)
         /// The connection was closed by its owner.
         public static let closed = Code(.closed)
@@ -64,6 +65,15 @@ public struct RedisError: Error, Sendable, CustomStringConvertible {
 
     public var description: String { "RedisError(\(code)): \(message)" }
 
+    static let aclHint = " (the Redis ACL user needs every command dedupd sends; docs/operations.md, \"ACL users\", lists them)"
+
+    /// A command a script called that the ACL user may not run: Redis 7.0 says "The user
+    /// executing the script can't run this command" (or "can't access" a key), 7.2 and later
+    /// "ACL failure in script"; both with the `ERR` prefix, not `NOPERM`.
+    static func isScriptACLFailure(_ text: String) -> Bool {
+        text.contains("The user executing the script can't") || text.hasPrefix("ERR ACL failure in script")
+    }
+
     /// Classifies a server error reply.
     static func fromServerReply(_ text: String, context: String? = nil) -> RedisError {
         let prefix = text.prefix { $0 != " " }
@@ -74,7 +84,9 @@ public struct RedisError: Error, Sendable, CustomStringConvertible {
         case "NOAUTH", "WRONGPASS":
             return RedisError(.auth, message)
         case "NOPERM":
-            return RedisError(.auth, "\(message) (the Redis ACL user needs every command dedupd sends; docs/operations.md, \"ACL users\", lists them)")
+            return RedisError(.auth, "\(message)\(aclHint)")
+        case "ERR" where isScriptACLFailure(text):
+            return RedisError(.auth, "\(message)\(aclHint)")
         case "CROSSSLOT":
             return RedisError(.serverReply, "\(message) (a Redis Cluster runs a script only on keys of one slot; dedupd groups its keys by slot and hash tag, so a key in another slot was passed: report this as a bug)")
         case "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN":
