@@ -38,6 +38,8 @@ import TestSupport
     /// docs/operations.md lists the commands an ACL user needs. A user allowed exactly those (read
     /// from the doc) runs the whole flow: claims, lease renewals (a 3 s lease is renewed once half
     /// used, inside the 2 s window), confirms, then `inspect` and `forget` of a dispatched key.
+    /// Without one of them the worker waits, fail-closed, and names the list; given it back, it
+    /// resumes.
     @Test(.timeLimit(.minutes(3)))
     func anACLUserWithTheDocumentedCommandsRunsTheWholeFlow() async throws {
         let doc = try DocsTests.read("docs/operations.md")
@@ -95,6 +97,31 @@ import TestSupport
         #expect(refused.contains("redis refused dedupd's commands (authentication or permissions), pausing consumption"), "\(refused)")
         #expect(refused.contains("'hexists'") && refused.contains("\\\"ACL users\\\", lists them"), "\(refused)")
         #expect(try String(contentsOf: dir.file("short.jsonl"), encoding: .utf8).isEmpty)
+
+        // A user without HSET: claims are granted, every confirm is refused. One outage, logged
+        // once (not again at each granted claim or renewal), one round dispatched; given HSET
+        // back, the worker resumes by itself and dispatches every id once. A namespace of its
+        // own, so the ids are new.
+        #expect(try RedisClusterProcess.cli(["-p", "\(redis.port)", "ACL", "SETUSER", "dedupd", "+hexists", "-hset"]).status == 0)
+        let noHset = dir.file("no-hset.yaml")
+        try String(contentsOf: config, encoding: .utf8).replacingOccurrences(of: "lease: 3s}", with: "lease: 3s, namespace: acl-hset}")
+            .write(to: noHset, atomically: true, encoding: .utf8)
+        let hset = try DedupdProcess(
+            ["run", "--config", noHset.path, "--group", "acl-hset", "--output", dir.file("hset.jsonl").path], name: "acl-hset", in: dir)
+        let refusedAt = ContinuousClock.now + .seconds(30)
+        while !hset.stderr.contains("NOPERM"), ContinuousClock.now < refusedAt { try await Task.sleep(for: .milliseconds(100)) }
+        #expect(hset.stderr.contains("'hset'"), "\(hset.stderr.suffix(3000))")
+        // Long enough for several renewals (3 s lease) and for the confirm's backoff to reach 5 s.
+        try await Task.sleep(for: .seconds(8))
+        let lines = { (text: String) in hset.stderr.split(separator: "\n").count { $0.contains(text) } }
+        #expect(lines("redis refused dedupd's commands") == 1 && lines("redis reachable again") == 0, "\(hset.stderr.suffix(3000))")
+        let whileRefused = dispatchedIDs(inJSONLines: try String(contentsOf: dir.file("hset.jsonl"), encoding: .utf8)).count
+        #expect(whileRefused > 0 && whileRefused <= 500, "one round (handler.max_batch 500): \(whileRefused)")
+        #expect(try RedisClusterProcess.cli(["-p", "\(redis.port)", "ACL", "SETUSER", "dedupd", "+hset"]).status == 0)
+        #expect(try hset.wait(timeout: .seconds(60)) == 0, "\(hset.stderr.suffix(3000))")
+        #expect(lines("redis refused dedupd's commands") == 1 && lines("redis reachable again") == 1, "\(hset.stderr.suffix(3000))")
+        let after = dispatchedIDs(inJSONLines: try String(contentsOf: dir.file("hset.jsonl"), encoding: .utf8))
+        #expect(after.count == unique && Set(after).count == unique, "dispatched \(after.count) (\(Set(after).count) distinct) of \(unique)")
     }
 
     /// Managed services rename or forbid CONFIG: the worker starts, with a warning that names the requirement.
