@@ -127,7 +127,7 @@ extension Worker {
         if let commitError { metadata["error"] = "\(commitError)" }
         if c.unconfirmedAtStop > 0 {
             logger.warning(
-                "dispatched messages could not be confirmed before stopping (redis did not answer within the shutdown deadline): the partition's next owner will dispatch them again",
+                "dispatched messages could not be confirmed before stopping (redis was down or refused the confirms until the shutdown deadline): the partition's next owner will dispatch them again",
                 metadata: ["unconfirmed": "\(c.unconfirmedAtStop)"])
         }
         logger.notice(commitError == nil ? "shutdown complete, offsets committed" : "shutdown complete, final commit failed",
