@@ -408,23 +408,20 @@ public final class RedisConnection: @unchecked Sendable {
             index = 1
         }
         if url.database != 0 {
-            if case .error(let text) = replies[index] {
-                let error = RedisError.fromServerReply(text, context: "SELECT \(url.database)")
-                if error.code == .auth {
-                    throw RedisError(.auth, "\(url.host):\(url.port) requires AUTH (no password in URL): \(text)")
-                }
-                throw error
-            }
+            if case .error(let text) = replies[index] { throw setupError(text, command: "SELECT \(url.database)") }
             index += 1
         }
-        if case .error(let text) = replies[index] {
-            let error = RedisError.fromServerReply(text, context: "PING")
-            if error.code == .auth {
-                throw RedisError(.auth, "\(url.host):\(url.port) requires AUTH (no password in URL): \(text)")
-            }
-            throw error
-        }
+        if case .error(let text) = replies[index] { throw setupError(text, command: "PING") }
         return socket
+    }
+
+    /// `NOAUTH` means no password was given and the server wants one; anything else (`NOPERM`:
+    /// the user may not run the command) is the server's own error for that command.
+    private func setupError(_ text: String, command: String) -> RedisError {
+        if text.hasPrefix("NOAUTH") {
+            return RedisError(.auth, "\(url.host):\(url.port) requires AUTH (no password in URL): \(text)")
+        }
+        return RedisError.fromServerReply(text, context: "\(command) at \(url.host):\(url.port)")
     }
 
     /// Writes every command, then reads and parses one reply per command (`Replies`).

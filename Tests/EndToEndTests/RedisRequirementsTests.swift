@@ -57,8 +57,8 @@ import TestSupport
 
     /// docs/operations.md lists the commands an ACL user needs. A user allowed exactly those (read
     /// from the doc) runs the whole flow: claims, lease renewals (a 3 s lease is renewed once half
-    /// used, inside the 2 s window), confirms, then `inspect` and `forget` of a dispatched key.
-    /// Without one of them the worker waits, fail-closed, and names the list; given it back, it
+    /// used, inside the 2 s window), confirms, then `inspect` and `forget` of a dispatched key,
+    /// in database 1 (`SELECT`). Without one of them the worker waits, fail-closed, and names the list; given it back, it
     /// resumes.
     @Test(.timeLimit(.minutes(3)))
     func anACLUserWithTheDocumentedCommandsRunsTheWholeFlow() async throws {
@@ -78,7 +78,7 @@ import TestSupport
         let config = dir.file("acl.yaml")
         try """
             kafka: {bootstrap_servers: "\(bootstrap)", topics: in, group: acl}
-            redis: {url: "redis://dedupd@127.0.0.1:\(redis.port)/0", password_file: "\(dir.file("password").path)"}
+            redis: {url: "redis://dedupd@127.0.0.1:\(redis.port)/1", password_file: "\(dir.file("password").path)"}
             dedup: {key: "header:message-id", window: 2s, lease: 3s}
             run: {stop_when_idle: 3s}
             """.write(to: config, atomically: true, encoding: .utf8)

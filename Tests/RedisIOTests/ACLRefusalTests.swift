@@ -52,6 +52,27 @@ struct ACLRefusalTests {
         #expect(!RedisError.fromServerReply("ERR Error running script (call to f_1f2e): @user_script:3: wrong number of arguments").isRefusal)
     }
 
+    /// At connect: a user without `SELECT` (a database other than 0) is refused that command,
+    /// and says so with the list; only a server that wants a password none was given for says
+    /// "requires AUTH".
+    @Test func aRefusedSelectAtConnectIsNotAMissingPassword() async throws {
+        let fx = try await RedisFixture()
+        let (_, user) = try await Self.limited(fx, without: ["select"])
+        var url = try RedisURL(fx.server.url)
+        url.user = user
+        url.password = "pw"
+        url.database = 1
+        let refused = await #expect(throws: RedisError.self) { _ = try await RedisConnection.connect(url, logger: quietLogger) }
+        Self.expectRefusal(refused, naming: "'select'")
+        #expect(refused?.message.contains("SELECT 1 at 127.0.0.1:\(fx.server.port)") == true && refused?.message.contains("requires AUTH") == false)
+
+        let guarded = try RedisServerProcess(password: "secret")
+        var bare = try RedisURL(guarded.url)
+        bare.password = nil
+        let missing = await #expect(throws: RedisError.self) { _ = try await RedisConnection.connect(bare, logger: quietLogger) }
+        #expect(missing?.code == .auth && missing?.message.contains("requires AUTH (no password in URL)") == true, "\(missing.map { "\($0)" } ?? "")")
+    }
+
     /// A confirm whose bucket sweep (`PEXPIRE`) was refused fails, and leaves its slots to be
     /// swept again: once the user may run `PEXPIRE`, the next confirm gives the buckets their
     /// TTL. Marked swept after the failure, they would never expire.
