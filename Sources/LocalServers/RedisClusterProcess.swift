@@ -59,6 +59,8 @@ public final class RedisClusterProcess: @unchecked Sendable {
         public var failed: Bool
         /// The primary's id, for a replica.
         public var primaryID: String?
+        /// The slots a primary serves (migration markers such as `[42->-id]` left out).
+        public var slots: [ClosedRange<Int>] = []
     }
 
     /// The cluster as the node on `port` (default: the first live one) sees it.
@@ -71,8 +73,12 @@ public final class RedisClusterProcess: @unchecked Sendable {
             let portText = f[1][f[1].index(after: colon)...].prefix { $0.isNumber }
             guard let port = Int(portText) else { return nil }
             let flags = f[2]
+            let slots: [ClosedRange<Int>] = f.dropFirst(8).compactMap { range in
+                let ends = range.split(separator: "-").compactMap { Int($0) }
+                return ends.count == 1 ? ends[0]...ends[0] : ends.count == 2 ? ends[0]...ends[1] : nil
+            }
             return NodeInfo(id: String(f[0]), port: port, isPrimary: flags.contains("master"),
-                            failed: flags.contains("fail"), primaryID: f[3] == "-" ? nil : String(f[3]))
+                            failed: flags.contains("fail"), primaryID: f[3] == "-" ? nil : String(f[3]), slots: slots)
         }
     }
 

@@ -176,6 +176,9 @@ public final class RedisCluster: Sendable {
         case moved(slot: Int, to: Node)
         case ask(to: Node)
         case tryAgain
+        /// The ACL user may not run `ASKING`: the command after it would be sent back by `MOVED`
+        /// until the hops run out, so the refusal is the answer.
+        case askingRefused(String)
     }
 
     /// Where one command goes next.
@@ -319,6 +322,8 @@ public final class RedisCluster: Sendable {
                     next.append(index)
                 case .tryAgain:
                     next.append(index)
+                case .askingRefused(let text):
+                    failure = failure ?? RedisError.fromServerReply(text, context: "ASKING at \(one.node)")
                 }
             }
         }
@@ -433,15 +438,18 @@ public final class RedisCluster: Sendable {
                     return words[0] == "MOVED" ? .moved(slot: slot, to: node) : .ask(to: node)
                 }
                 if words.first == "TRYAGAIN" { return .tryAgain }
+                if words.first == "NOPERM", text.contains("'asking'") { return .askingRefused(text) }
             }
             return .value(try parse(reply))
         }
     }
 
-    /// An ASKING group's replies alternate: ASKING's OK (parsed like any reply, and dropped here),
-    /// then the command's own reply.
+    /// An ASKING group's replies alternate: ASKING's OK (parsed like any reply, and dropped here,
+    /// unless it was refused), then the command's own reply.
     private static func droppingAskingAcks<T>(_ replies: [Routed<T>]) -> [Routed<T>] {
-        stride(from: 1, to: replies.count, by: 2).map { replies[$0] }
+        stride(from: 1, to: replies.count, by: 2).map { i in
+            if case .askingRefused = replies[i - 1] { replies[i - 1] } else { replies[i] }
+        }
     }
 
     /// "host:port" (the host may be an IPv6 literal with colons).

@@ -249,6 +249,38 @@ struct RedisClusterTests {
         print("cluster reshard (inline reads: \(inline)): \(round) rounds of 200 keys during the migration of 500 slots; redirected by MOVED \(redirections.moved), by ASK \(redirections.ask)")
     }
 
+    /// One slot put in migration by hand (`MIGRATING` on its primary, `IMPORTING` on another),
+    /// so every key of it the source does not hold is answered `ASK`: the claim goes to the
+    /// importing node after `ASKING`, and the second owner finds it there. An ACL user without
+    /// `ASKING` (docs/operations.md lists it for a cluster) gets a refusal that names it, not
+    /// an endless redirection.
+    @Test func followsAskToTheImportingNodeAndNeedsAsking() async throws {
+        let cluster = try RedisClusterProcess()
+        let key = uniquePrefix() + "ask"
+        let slot = Int(ClusterSlot.of(key))
+        let primaries = try cluster.topology().filter(\.isPrimary)
+        let source = try #require(primaries.first { $0.slots.contains { $0.contains(slot) } })
+        let target = try #require(primaries.first { $0.id != source.id })
+        #expect(try RedisClusterProcess.cli(["-p", "\(target.port)", "CLUSTER", "SETSLOT", "\(slot)", "IMPORTING", source.id]).status == 0)
+        #expect(try RedisClusterProcess.cli(["-p", "\(source.port)", "CLUSTER", "SETSLOT", "\(slot)", "MIGRATING", target.id]).status == 0)
+
+        let store = try await Self.store(cluster)
+        #expect(try await store.claim([key], owner: "a", lease: .seconds(30)) == [.claimed])
+        #expect(try await store.claim([key], owner: "b", lease: .seconds(30)) == [.pendingElsewhere(owner: "a")])
+        guard case .cluster(let client) = store.redis else { Issue.record("not a cluster"); return }
+        #expect(client.redirections.ask >= 2, "\(client.redirections)")
+
+        for node in cluster.nodes {
+            try RedisClusterProcess.cli(["-p", "\(node.port)", "ACL", "SETUSER", "noasking", "on", ">pw", "~*", "&*", "+@all", "-asking"])
+        }
+        let url = cluster.url.replacingOccurrences(of: "redis://", with: "redis://noasking:pw@")
+        let limited = RedisClaimStore(
+            redis: try await RedisTarget.connect(url: url, cluster: true, commandTimeout: .seconds(3), logger: quietLogger), logger: quietLogger)
+        let another = try #require((0..<200_000).lazy.map { "\(key)-\($0)" }.first { Int(ClusterSlot.of($0)) == slot })
+        let refused = await #expect(throws: RedisError.self) { try await limited.claim([another], owner: "c", lease: .seconds(30)) }
+        #expect(refused?.isRefusal == true && refused?.message.contains("'asking'") == true, "\(refused.map { "\($0)" } ?? "")")
+    }
+
     @Test(arguments: [false, true])
     func speaksTLSToEveryNodeAsAnACLUser(inline: Bool) async throws {
         let certs = try TLSTestCertificates()
