@@ -92,11 +92,20 @@ public protocol ClaimStore: Sendable {
     func requestUnholds(_ steps: [EntityStep], owner: String) -> StoreReply<[Bool]>
 }
 
-/// A store error that says whether the server refused the worker (a wrong password, a user not
-/// allowed a command) rather than failed to answer: the outage's log line names the difference,
-/// since only a refusal needs the operator to change something.
-public protocol StoreRefusalClassifying: Error {
-    var isRefusal: Bool { get }
+/// Why the store failed a request, as the operator needs to know it: the outage's log line names
+/// it, since only a refusal or a full store needs someone to change something.
+public enum StoreFailure: Sendable, Equatable {
+    /// No answer: the server is down, unreachable, slow or failing over.
+    case unavailable
+    /// The server refused the worker: a wrong password, a user not allowed a command.
+    case refused
+    /// The server is out of memory and refuses writes (`maxmemory` with `noeviction`).
+    case full
+}
+
+/// A store error that says which `StoreFailure` it is (any other error is `.unavailable`).
+public protocol StoreFailureClassifying: Error {
+    var storeFailure: StoreFailure { get }
 }
 
 /// What a store without entity records answers a guard request with.

@@ -164,7 +164,7 @@ public struct DedupEngine: Sendable {
         case badInput(BadInput, InboundMessage)
         case handlerGaveUp(Dispatch, error: String, attempts: Int)
         case confirmConflict(DedupKey, otherOwner: String)
-        case storeDown(error: String, refused: Bool)
+        case storeDown(error: String, cause: StoreFailure)
         case storeUp(downFor: Duration)
         case deadLettersFailing(pending: Int, error: String)
         case deadLettersAcknowledged(downFor: Duration)
@@ -496,7 +496,7 @@ public struct DedupEngine: Sendable {
     mutating func storeFailed(_ kind: StoreRequestKind, _ error: any Error, now: ContinuousClock.Instant) {
         storeFailing.insert(kind)
         if storeRetry.failed(now: now, rng: &rng) {
-            reports.append(.storeDown(error: "\(error)", refused: (error as? any StoreRefusalClassifying)?.isRefusal ?? false))
+            reports.append(.storeDown(error: "\(error)", cause: (error as? any StoreFailureClassifying)?.storeFailure ?? .unavailable))
         }
     }
 

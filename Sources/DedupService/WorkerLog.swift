@@ -52,20 +52,22 @@ extension Worker {
             logger.warning(
                 "confirm found another owner: the lease ran out while this copy was in the handler, so another worker may have dispatched the key too; raise dedup.lease",
                 metadata: ["dedup.key": "\(key.raw)", "dedup.other_owner": "\(other)"])
-        case .storeDown(let error, let refused):
-            if config.failOpen {
-                logger.error(
-                    refused
-                        ? "redis refused dedupd's commands (authentication or permissions); on_store_error=fail_open: dispatching without claims until it accepts them (repeats outside the window will pass)"
-                        : "redis unavailable; on_store_error=fail_open: dispatching without claims until it answers (repeats outside the window will pass)",
-                    metadata: ["error": "\(error)"])
-            } else {
-                logger.error(
-                    refused
-                        ? "redis refused dedupd's commands (authentication or permissions), pausing consumption until it accepts them (fail-closed: nothing unclaimed is dispatched)"
-                        : "redis unavailable, pausing consumption until it answers (fail-closed: nothing unclaimed is dispatched)",
-                    metadata: ["error": "\(error)"])
+        case .storeDown(let error, let cause):
+            let message: Logger.Message = switch (cause, config.failOpen) {
+            case (.unavailable, false):
+                "redis unavailable, pausing consumption until it answers (fail-closed: nothing unclaimed is dispatched)"
+            case (.unavailable, true):
+                "redis unavailable; on_store_error=fail_open: dispatching without claims until it answers (repeats outside the window will pass)"
+            case (.refused, false):
+                "redis refused dedupd's commands (authentication or permissions), pausing consumption until it accepts them (fail-closed: nothing unclaimed is dispatched)"
+            case (.refused, true):
+                "redis refused dedupd's commands (authentication or permissions); on_store_error=fail_open: dispatching without claims until it accepts them (repeats outside the window will pass)"
+            case (.full, false):
+                "redis is full (maxmemory with noeviction refuses writes), pausing consumption until it has room (fail-closed: nothing unclaimed is dispatched)"
+            case (.full, true):
+                "redis is full (maxmemory with noeviction refuses writes); on_store_error=fail_open: dispatching without claims until it has room (repeats outside the window will pass)"
             }
+            logger.error(message, metadata: ["error": "\(error)"])
         case .storeUp(let downFor):
             logger.notice("redis reachable again, resuming", metadata: ["redis.down_for": "\(WorkerConfiguration.format(downFor))"])
         case .deadLettersFailing(let pending, let error):

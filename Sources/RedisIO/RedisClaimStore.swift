@@ -878,7 +878,13 @@ extension RedisClaimStore: TokenStore {
     }
 }
 
-/// A refused AUTH and a command the ACL user may not run are the operator's to fix.
-extension RedisError: StoreRefusalClassifying {
-    public var isRefusal: Bool { code == .auth }
+/// A refused AUTH, a command the ACL user may not run and a full Redis are the operator's to fix.
+extension RedisError: StoreFailureClassifying {
+    public var storeFailure: StoreFailure {
+        switch code {
+        case .auth: .refused
+        case .outOfMemory: .full
+        default: .unavailable
+        }
+    }
 }

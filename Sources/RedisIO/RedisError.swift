@@ -17,6 +17,7 @@ public struct RedisError: Error, Sendable, CustomStringConvertible {
             case auth
             case closed
             case tls
+            case outOfMemory = "out of memory"
         }
 
         private let base: Base
@@ -43,6 +44,9 @@ public struct RedisError: Error, Sendable, CustomStringConvertible {
         /// certificate was not accepted, or the port does not speak TLS (retriable: fail closed
         /// and try again, as for an unreachable server).
         public static let tls = Code(.tls)
+        /// The server reached `maxmemory` and, with `noeviction`, refuses writes (`OOM`) until
+        /// keys expire or it gets more memory (retriable: it may have room later).
+        public static let outOfMemory = Code(.outOfMemory)
 
         public var description: String { base.rawValue }
     }
@@ -89,6 +93,11 @@ public struct RedisError: Error, Sendable, CustomStringConvertible {
             return RedisError(.auth, "\(message)\(aclHint)")
         case "CROSSSLOT":
             return RedisError(.serverReply, "\(message) (a Redis Cluster runs a script only on keys of one slot; dedupd groups its keys by slot and hash tag, so a key in another slot was passed: report this as a bug)")
+        case "OOM":
+            return RedisError(
+                .outOfMemory,
+                "\(message) (Redis is full: with noeviction it takes no new claims or done records until old ones expire; give it more memory (maxmemory); docs/operations.md, \"Redis is full\")",
+                retriable: true)
         case "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN":
             return RedisError(.serverReply, message, retriable: true)
         default:

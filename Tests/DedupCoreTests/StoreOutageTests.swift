@@ -6,8 +6,8 @@ import Testing
 /// claim commands but not `HSET`): an answer to a claim then says only that Redis runs, not that
 /// it takes the confirms. No I/O: a fake Redis answers at the engine's next wait, on a test clock in 10 ms steps.
 @Suite struct StoreOutageTests {
-    struct Refused: Error, StoreRefusalClassifying {
-        var isRefusal: Bool { true }
+    struct Refused: Error, StoreFailureClassifying {
+        var storeFailure: StoreFailure { .refused }
     }
 
     enum Kind: Hashable { case claims, confirms, releases }
@@ -81,7 +81,7 @@ import Testing
             }
         }
 
-        var downs: Int { reports.count { if case .storeDown(_, refused: true) = $0 { true } else { false } } }
+        var downs: Int { reports.count { if case .storeDown(_, cause: .refused) = $0 { true } else { false } } }
         var ups: Int { reports.count { if case .storeUp = $0 { true } else { false } } }
     }
 

@@ -186,6 +186,40 @@ import TestSupport
         print("acl cluster: \(ids.count) dispatched, \(want.rejected.count) rejected; ASKING: \(asked.isEmpty ? "not sent" : asked.joined(separator: " "))")
     }
 
+    /// A Redis at `maxmemory` answers every claim `OOM`: the worker logs that Redis is full
+    /// (once), dispatches nothing, and once Redis has room resumes by itself and dispatches every
+    /// id once.
+    @Test(.timeLimit(.minutes(3)))
+    func aFullRedisPausesTheWorkerUntilItHasRoom() async throws {
+        let dir = try TemporaryDirectory(prefix: "dedupd-full")
+        let redis = try RedisServerProcess()
+        let mock = try DedupdProcess(["mock-kafka", "--brokers", "1", "--topic", "in:3"], name: "mock-kafka", in: dir)
+        defer { mock.terminate() }
+        let bootstrap = try mock.firstLine(timeout: .seconds(20))
+        let produce = try DedupdProcess(
+            ["produce", "--bootstrap-servers", bootstrap, "--topic", "in", "--count", "3000", "--duplicate-ratio", "0.3"], name: "produce", in: dir)
+        #expect(try produce.wait(timeout: .seconds(60)) == 0, "\(produce.stderr.suffix(2000))")
+        let unique = try #require(produce.stdout.split(separator: " ").first { $0.hasPrefix("unique=") }.flatMap { Int($0.dropFirst(7)) })
+
+        #expect(try RedisClusterProcess.cli(["-p", "\(redis.port)", "CONFIG", "SET", "maxmemory", "1"]).status == 0)
+        let output = dir.file("out.jsonl")
+        let run = try DedupdProcess(
+            ["run", "--bootstrap-servers", bootstrap, "--topic", "in", "--group", "full", "--redis-url", redis.url,
+             "--window", "1s", "--stop-when-idle", "3s", "--output", output.path], name: "full", in: dir)
+        #expect(try await waitUntil(timeout: .seconds(30)) { run.stderr.contains("OOM") }, "\(run.stderr.suffix(3000))")
+        try await Task.sleep(for: .seconds(3))
+        let lines = { (text: String) in run.stderr.split(separator: "\n").count { $0.contains(text) } }
+        #expect(lines("redis is full (maxmemory with noeviction refuses writes), pausing consumption") == 1, "\(run.stderr.suffix(3000))")
+        #expect(lines("\\\"Redis is full\\\"") == 1 && lines("redis unavailable") == 0)
+        #expect(((try? String(contentsOf: output, encoding: .utf8)) ?? "").isEmpty, "nothing dispatched while full")
+
+        #expect(try RedisClusterProcess.cli(["-p", "\(redis.port)", "CONFIG", "SET", "maxmemory", "0"]).status == 0)
+        #expect(try run.wait(timeout: .seconds(60)) == 0, "\(run.stderr.suffix(3000))")
+        #expect(lines("redis reachable again") == 1, "\(run.stderr.suffix(3000))")
+        let ids = dispatchedIDs(inJSONLines: try String(contentsOf: output, encoding: .utf8))
+        #expect(ids.count == unique && Set(ids).count == unique, "dispatched \(ids.count) (\(Set(ids).count) distinct) of \(unique)")
+    }
+
     /// Managed services rename or forbid CONFIG: the worker starts, with a warning that names the requirement.
     @Test(.timeLimit(.minutes(3)))
     func aRedisThatRefusesConfigGetsAWarning() async throws {

@@ -278,7 +278,7 @@ struct RedisClusterTests {
             redis: try await RedisTarget.connect(url: url, cluster: true, commandTimeout: .seconds(3), logger: quietLogger), logger: quietLogger)
         let another = try #require((0..<200_000).lazy.map { "\(key)-\($0)" }.first { Int(ClusterSlot.of($0)) == slot })
         let refused = await #expect(throws: RedisError.self) { try await limited.claim([another], owner: "c", lease: .seconds(30)) }
-        #expect(refused?.isRefusal == true && refused?.message.contains("'asking'") == true, "\(refused.map { "\($0)" } ?? "")")
+        #expect(refused?.storeFailure == .refused && refused?.message.contains("'asking'") == true, "\(refused.map { "\($0)" } ?? "")")
     }
 
     @Test(arguments: [false, true])

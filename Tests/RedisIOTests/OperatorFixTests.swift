@@ -4,12 +4,14 @@ import Testing
 @testable import RedisIO
 import TestSupport
 
-/// An ACL user without a command dedupd sends, against redis-server: the error is a refusal
-/// (the operator's to fix, `RedisError.Code.auth`) naming the list in docs/operations.md, whether
-/// Redis refused the command itself (`NOPERM`) or a script that calls it (`ERR`, worded by
-/// version), and a compact bucket sweep it refused is sent again once the user may run it.
-@Suite("ACL refusals against redis-server")
-struct ACLRefusalTests {
+/// What only the operator can fix, against redis-server: an ACL user without a command dedupd
+/// sends, and a Redis at `maxmemory`. A missing command is a refusal (`RedisError.Code.auth`,
+/// `StoreFailure.refused`) naming the list in docs/operations.md, whether Redis refused the
+/// command itself (`NOPERM`) or a script that calls it (`ERR`, worded by version); a compact
+/// bucket sweep it refused is sent again once the user may run it. A full Redis is
+/// `StoreFailure.full`, with what to do.
+@Suite("Refusals and a full Redis against redis-server")
+struct OperatorFixTests {
     static let records = CompactLayoutTests.records
     static let layout = CompactLayoutTests.layout
 
@@ -28,7 +30,7 @@ struct ACLRefusalTests {
     /// `#expect(throws:)` already failed the test when nothing was thrown.
     static func expectRefusal(_ error: RedisError?, naming command: String, sourceLocation: SourceLocation = #_sourceLocation) {
         guard let error else { return }
-        #expect(error.code == .auth && error.isRefusal, "\(error)", sourceLocation: sourceLocation)
+        #expect(error.code == .auth && error.storeFailure == .refused, "\(error)", sourceLocation: sourceLocation)
         #expect(error.message.contains("\"ACL users\", lists them"), "\(error)", sourceLocation: sourceLocation)
         #expect(error.message.lowercased().contains(command), "\(error)", sourceLocation: sourceLocation)
     }
@@ -48,8 +50,8 @@ struct ACLRefusalTests {
         #expect(try await CompactLayoutTests.claim(renewals, ["dedupd:orders:b"], "w") == [.claimed])
         let inScript = await #expect(throws: RedisError.self) { try await CompactLayoutTests.claim(renewals, ["dedupd:orders:b"], "w") }
         Self.expectRefusal(inScript, naming: "script")
-        #expect(RedisError.fromServerReply("ERR ACL failure in script: User w has no permissions to run the 'pexpire' command script: 1f2e").isRefusal)
-        #expect(!RedisError.fromServerReply("ERR Error running script (call to f_1f2e): @user_script:3: wrong number of arguments").isRefusal)
+        #expect(RedisError.fromServerReply("ERR ACL failure in script: User w has no permissions to run the 'pexpire' command script: 1f2e").storeFailure == .refused)
+        #expect(RedisError.fromServerReply("ERR Error running script (call to f_1f2e): @user_script:3: wrong number of arguments").storeFailure == .unavailable)
     }
 
     /// At connect: a user without `SELECT` (a database other than 0) is refused that command,
@@ -71,6 +73,18 @@ struct ACLRefusalTests {
         bare.password = nil
         let missing = await #expect(throws: RedisError.self) { _ = try await RedisConnection.connect(bare, logger: quietLogger) }
         #expect(missing?.code == .auth && missing?.message.contains("requires AUTH (no password in URL)") == true, "\(missing.map { "\($0)" } ?? "")")
+    }
+
+    /// A Redis at `maxmemory` (with `noeviction`) answers writes `OOM`: a full store, with what
+    /// to do, not an outage; given room again, the same claim goes through.
+    @Test func aFullRedisIsAFullStore() async throws {
+        let fx = try await RedisFixture()
+        _ = try await fx.connection.command(["CONFIG", "SET", "maxmemory", "1"])
+        let full = await #expect(throws: RedisError.self) { try await CompactLayoutTests.claim(fx.store, ["dedupd:orders:e"], "w") }
+        #expect(full?.code == .outOfMemory && full?.storeFailure == .full && full?.isRetriable == true, "\(full.map { "\($0)" } ?? "")")
+        #expect(full?.message.contains("OOM") == true && full?.message.contains("\"Redis is full\"") == true)
+        _ = try await fx.connection.command(["CONFIG", "SET", "maxmemory", "0"])
+        #expect(try await CompactLayoutTests.claim(fx.store, ["dedupd:orders:e"], "w") == [.claimed])
     }
 
     /// A confirm whose bucket sweep (`PEXPIRE`) was refused fails, and leaves its slots to be
