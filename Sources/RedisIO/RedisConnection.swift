@@ -235,6 +235,7 @@ public final class RedisConnection: @unchecked Sendable {
                 self.lost(error)
                 return { pending.complete(.failure(error)) }
             }
+            self.dropIfDemoted(replies)
             let result = Result { try replies.all() }
             return { pending.complete(result) }
         }
@@ -333,12 +334,25 @@ public final class RedisConnection: @unchecked Sendable {
 
     private func runPipeline<T>(_ batch: RedisCommandBatch, _ parse: (UnsafePointer<redisReply>) throws -> T) throws -> [T] {
         let socket = try connectedSocket()
+        let replies: Replies<T>
         do {
-            return try Self.roundTrip(socket, batch, parse)
+            replies = try Self.roundTrip(socket, batch, parse)
         } catch {
             lost(error)
             throw error
         }
+        dropIfDemoted(replies)
+        return try replies.all()
+    }
+
+    /// A primary demoted to a replica (a failover) keeps its clients' connections and answers
+    /// every write `READONLY`. The socket is dropped so the next call connects again, by name, to
+    /// what `redis.url` names now: a managed service's primary endpoint follows the failover, and
+    /// a worker that kept the old connection would wait for good.
+    private func dropIfDemoted<T>(_ replies: Replies<T>) {
+        guard replies.sawReadOnly, socket != nil else { return }
+        logger.notice("redis answered READONLY (the node is now a replica), connecting again", metadata: ["redis.url": "\(url.redacted)"])
+        socket = nil
     }
 
     /// After an I/O or protocol error (a `RedisError`) the socket is out of step: it is dropped,
@@ -393,7 +407,7 @@ public final class RedisConnection: @unchecked Sendable {
         setup.append("PING")
         let replies: [RedisReply]
         do {
-            replies = try Self.roundTrip(socket, setup) { RedisReply($0) }
+            replies = try Self.roundTrip(socket, setup) { RedisReply($0) }.all()
         } catch let error as RedisError where !url.tls && (error.code == .timeout || error.code == .connection || error.code == .protocolError) {
             // A TLS-only port takes the plaintext PING for a broken handshake: it waits or hangs up.
             throw RedisError(error.code, "\(error.message) (no answer to PING; if the server only accepts TLS on this port, use rediss://)")
@@ -427,11 +441,11 @@ public final class RedisConnection: @unchecked Sendable {
     /// Writes every command, then reads and parses one reply per command (`Replies`).
     private static func roundTrip<T>(
         _ socket: RedisSocket, _ batch: RedisCommandBatch, _ parse: (UnsafePointer<redisReply>) throws -> T
-    ) throws -> [T] {
+    ) throws -> Replies<T> {
         try batch.withCompleteBytes { try socket.write($0) }
         var replies = Replies<T>(expected: batch.commandCount)
         _ = try replies.read(from: socket, parse, until: nil)
-        return try replies.all()
+        return replies
     }
 }
 
@@ -443,6 +457,8 @@ private struct Replies<T> {
     var parsed: [T] = []
     var read = 0
     var parseError: (any Error)?
+    /// Whether a reply was `-READONLY ...` (`dropIfDemoted`).
+    var sawReadOnly = false
 
     init(expected: Int) {
         self.expected = expected
@@ -457,6 +473,7 @@ private struct Replies<T> {
         while read < expected {
             guard let reply = try socket.nextReply(until: deadline) else { return false }
             read += 1
+            if reply.pointee.type == REDIS_REPLY_ERROR, Self.isReadOnly(reply.pointee) { sawReadOnly = true }
             guard parseError == nil else { continue }
             do {
                 parsed.append(try parse(reply))
@@ -470,5 +487,10 @@ private struct Replies<T> {
     func all() throws -> [T] {
         if let parseError { throw parseError }
         return parsed
+    }
+
+    private static func isReadOnly(_ reply: redisReply) -> Bool {
+        guard let str = reply.str, reply.len >= 8 else { return false }
+        return memcmp(str, "READONLY", 8) == 0
     }
 }

@@ -64,7 +64,8 @@ public struct RedisError: Error, Sendable, CustomStringConvertible {
 
     /// Whether the same call may succeed later: connection and timeout errors are
     /// (the connection reconnects on the next call), and server replies that mean
-    /// "not now" (`LOADING`, `BUSY`, `TRYAGAIN`, `MASTERDOWN`, `CLUSTERDOWN` while a failover runs).
+    /// "not now" (`LOADING`, `BUSY`, `TRYAGAIN`, `MASTERDOWN`, `CLUSTERDOWN` while a failover runs;
+    /// `READONLY` from a demoted primary, after which the connection connects again; `OOM`).
     public var isRetriable: Bool { retriable }
 
     public var description: String { "RedisError(\(code)): \(message)" }
@@ -97,6 +98,11 @@ public struct RedisError: Error, Sendable, CustomStringConvertible {
             return RedisError(
                 .outOfMemory,
                 "\(message) (Redis is full: with noeviction it takes no new claims or done records until old ones expire; give it more memory (maxmemory); docs/operations.md, \"Redis is full\")",
+                retriable: true)
+        case "READONLY":
+            return RedisError(
+                .serverReply,
+                "\(message) (the node is a replica now, as after a failover: dedupd connects again, and redis.url must name the primary or an endpoint that follows it)",
                 retriable: true)
         case "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN":
             return RedisError(.serverReply, message, retriable: true)

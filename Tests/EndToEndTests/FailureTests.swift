@@ -31,9 +31,9 @@ import TestSupport
             return Int(m.1)!
         }
 
-        func worker(_ extra: [String]) throws -> DedupdProcess {
+        func worker(_ extra: [String], redisURL: String? = nil) throws -> DedupdProcess {
             try DedupdProcess(
-                ["run", "--bootstrap-servers", bootstrap, "--topic", "t", "--group", "g", "--redis-url", redis.url,
+                ["run", "--bootstrap-servers", bootstrap, "--topic", "t", "--group", "g", "--redis-url", redisURL ?? redis.url,
                  "--output", dir.file("out.jsonl").path] + extra, name: "worker", in: dir)
         }
 
@@ -105,6 +105,36 @@ import TestSupport
         #expect(err.components(separatedBy: "redis unavailable, pausing consumption").count - 1 == 1, "logged once:\n\(err.suffix(3000))")
         #expect(err.components(separatedBy: "redis reachable again").count - 1 == 1)
         #expect(Set(s.dispatched).count == first + second, "each unique id once")
+        s.mock.terminate()
+    }
+
+    /// A managed Redis's failover behind one endpoint: the replica is promoted, the old primary
+    /// becomes its replica and keeps the worker's connection, and the endpoint now leads to the
+    /// new primary. The old connection answers every write `READONLY`; the worker connects again
+    /// through the endpoint and goes on with the new primary, which has the done records (a
+    /// repeat of the whole first wave is found done). Had it kept the old connection, it would
+    /// have dispatched nothing more, for good.
+    @Test(.timeLimit(.minutes(2)))
+    func aFailoverBehindAnEndpointIsFollowed() async throws {
+        let s = try Setup(topic: "t")
+        let replica = try RedisServerProcess(extraArguments: ["--replicaof", "127.0.0.1", "\(s.redis.port)"])
+        let endpoint = try TCPForwarder(to: s.redis.port)
+        let w = try s.worker(
+            ["--window", "200ms", "--stats-interval", "0", "--stop-when-idle", "8s"], redisURL: "redis://127.0.0.1:\(endpoint.port)/0")
+        let first = try s.produce(500, prefix: "a", seed: 1)
+        try await waitUntil(timeout: .seconds(40), "first wave") { s.dispatched.count == first }
+        let synced = try RedisClusterProcess.cli(["-p", "\(s.redis.port)", "WAIT", "1", "5000"])
+        #expect(synced.output.hasPrefix("1"), "the replica has the done records: \(synced.output)")
+
+        #expect(try RedisClusterProcess.cli(["-p", "\(replica.port)", "REPLICAOF", "NO", "ONE"]).status == 0)
+        #expect(try RedisClusterProcess.cli(["-p", "\(s.redis.port)", "REPLICAOF", "127.0.0.1", "\(replica.port)"]).status == 0)
+        endpoint.retarget(replica.port)
+        let second = try s.produce(500, prefix: "b", seed: 2)
+        _ = try s.produce(500, prefix: "a", seed: 1)
+        #expect(try w.wait(timeout: .seconds(60)) == 0, "\(w.stderr.suffix(3000))")
+        #expect(w.stderr.contains("redis answered READONLY (the node is now a replica), connecting again"), "\(w.stderr.suffix(3000))")
+        #expect(w.stderr.contains("redis reachable again"))
+        #expect(s.dispatched.count == first + second && Set(s.dispatched).count == first + second, "\(s.dispatched.count) dispatched")
         s.mock.terminate()
     }
 
