@@ -75,6 +75,8 @@ public final class RedisConnection: @unchecked Sendable {
     private var socket: RedisSocket?
     private var closed = false
     private var connects = 0
+    /// Whether the last round trip met `READONLY` (logged once until one does not).
+    private var demoted = false
     /// A round trip written on the caller's thread whose replies are not all read: whatever runs
     /// on the queue next reads them first, so the socket's replies stay in step.
     private var unfinished: Unread?
@@ -349,9 +351,16 @@ public final class RedisConnection: @unchecked Sendable {
     /// every write `READONLY`. The socket is dropped so the next call connects again, by name, to
     /// what `redis.url` names now: a managed service's primary endpoint follows the failover, and
     /// a worker that kept the old connection would wait for good.
+    /// Logged once while every new connection meets a replica (`redis.url` names one).
     private func dropIfDemoted<T>(_ replies: Replies<T>) {
-        guard replies.sawReadOnly, socket != nil else { return }
-        logger.notice("redis answered READONLY (the node is now a replica), connecting again", metadata: ["redis.url": "\(url.redacted)"])
+        guard replies.sawReadOnly else {
+            demoted = false
+            return
+        }
+        if !demoted {
+            logger.notice("redis answered READONLY (the node is now a replica), connecting again", metadata: ["redis.url": "\(url.redacted)"])
+        }
+        demoted = true
         socket = nil
     }
 

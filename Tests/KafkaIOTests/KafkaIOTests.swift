@@ -7,38 +7,6 @@ import TestSupport
 
 @testable import KafkaIO
 
-/// Collects log records in memory so tests can look at them without a global bootstrap.
-final class RecordingLogHandler: LogHandler, Sendable {
-    struct Record: Sendable {
-        var level: Logger.Level
-        var message: String
-        var metadata: Logger.Metadata
-    }
-
-    let records = Mutex<[Record]>([])
-    var metadata: Logger.Metadata {
-        get { [:] }
-        set {}
-    }
-    var logLevel: Logger.Level {
-        get { .trace }
-        set {}
-    }
-
-    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
-        get { nil }
-        set {}
-    }
-
-    func log(event: LogEvent) {
-        records.withLock { $0.append(Record(level: event.level, message: "\(event.message)", metadata: event.metadata ?? [:])) }
-    }
-
-    func log(level: Logger.Level, message: Logger.Message, metadata: Logger.Metadata?, source: String, file: String, function: String, line: UInt) {
-        records.withLock { $0.append(Record(level: level, message: "\(message)", metadata: metadata ?? [:])) }
-    }
-}
-
 /// Polls until `condition` holds over the events seen so far, or `limit` passes.
 func pollUntil(
     _ consumer: KafkaConsumer,

@@ -1,4 +1,5 @@
 import DedupCore
+import Logging
 import Testing
 @testable import RedisIO
 import TestSupport
@@ -112,5 +113,35 @@ struct RedisAuthTests {
         try server.restart()
         _ = try? await connection.ping()
         try await connection.ping()
+    }
+}
+
+/// A primary demoted to a replica (a failover) keeps its clients' connections and answers
+/// every write `READONLY`.
+@Suite("A connection to a demoted primary")
+struct RedisReadOnlyTests {
+    /// The connection drops its socket after a round trip that met `READONLY` and connects again
+    /// on the next call (to what its URL names then: behind a managed endpoint, the new primary),
+    /// logging that once while it keeps meeting a replica.
+    @Test func aReadOnlyReplyDropsTheConnectionAndIsLoggedOnce() async throws {
+        let primary = try RedisServerProcess()
+        let node = try RedisServerProcess()
+        let log = RecordingLogHandler()
+        let connection = try await RedisConnection.connect(try RedisURL(node.url), logger: Logger(label: "test") { _ in log })
+        #expect(try await connection.command("SET", "k", "v") == .status("OK"))
+        #expect(try RedisClusterProcess.cli(["-p", "\(node.port)", "REPLICAOF", "127.0.0.1", "\(primary.port)"]).status == 0)
+        for _ in 0..<3 {
+            let reply = try await connection.command("SET", "k", "w")
+            guard case .error(let text) = reply else { Issue.record("not an error: \(reply)"); return }
+            #expect(text.hasPrefix("READONLY"))
+        }
+        #expect(await connection.connectCount == 3, "connected again before the second and the third SET")
+        let notices = log.records.withLock { $0.filter { $0.message.contains("READONLY") } }
+        #expect(notices.count == 1 && notices.first?.level == .notice, "\(notices.map(\.message))")
+
+        #expect(try RedisClusterProcess.cli(["-p", "\(node.port)", "REPLICAOF", "NO", "ONE"]).status == 0)
+        #expect(try await connection.command("SET", "k", "x") == .status("OK"))
+        #expect(await connection.connectCount == 4)
+        await connection.close()
     }
 }
