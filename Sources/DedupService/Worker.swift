@@ -175,6 +175,11 @@ public final class Worker: Service {
                 logger.warning("redis persists nothing (appendonly no, no save points): a restart of Redis forgets every done record",
                                metadata: ["redis.node": "\(node)"])
             }
+            if compact, redis.isCluster, found.lacksGetdel {
+                throw ConfigError(
+                    key: "dedup.layout", value: "compact",
+                    problem: "\(node) does not know GETDEL (Redis older than 6.2): the compact layout on a Redis Cluster needs Redis 6.2 or later. Upgrade Redis, or set dedup.layout: keys (any Redis)")
+            }
             if compact, let problem = found.listpackProblem {
                 logger.warning("\(problem)", metadata: ["redis.node": "\(node)"])
             }

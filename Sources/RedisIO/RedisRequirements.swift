@@ -15,6 +15,9 @@ public struct RedisRequirements: Sendable, Equatable {
     /// `hash-max-listpack-entries` (read by its older alias, `hash-max-ziplist-entries`): a compact
     /// bucket with more fields becomes a hashtable, several times larger. Nil when unknown.
     public var hashListpackEntries: Int? = nil
+    /// The server answered `GETDEL` with "unknown command": it is older than Redis 6.2 (or the
+    /// command was renamed away). A cluster's compact confirm script calls it.
+    public var lacksGetdel = false
 
     /// Whether the policy can evict dedupd's keys.
     public var evicts: Bool {
@@ -22,7 +25,7 @@ public struct RedisRequirements: Sendable, Equatable {
         return policy.hasPrefix("allkeys-") || policy.hasPrefix("volatile-")
     }
 
-    /// Reads the three settings in one round trip.
+    /// Reads the settings, and whether `GETDEL` exists, in one round trip.
     public static func read(from connection: RedisConnection) async throws -> RedisRequirements {
         try await read(from: .server(connection))[0].found
     }
@@ -35,6 +38,10 @@ public struct RedisRequirements: Sendable, Equatable {
     private static let commands = [
         ["CONFIG", "GET", "maxmemory-policy"], ["CONFIG", "GET", "appendonly"], ["CONFIG", "GET", "save"],
         ["CONFIG", "GET", "hash-max-ziplist-entries"],
+        // A key no dedupd record has (those have three parts). On a primary that does not own
+        // its slot the reply is MOVED, which still says the command exists: Redis checks the
+        // command before the slot.
+        ["GETDEL", "dedupd:version-probe"],
     ].map { $0.map { RedisArgument($0) } }
 
     private static func parse(_ replies: [RedisReply]) -> RedisRequirements {
@@ -42,15 +49,18 @@ public struct RedisRequirements: Sendable, Equatable {
             guard case .array(let items) = reply, items.count == 2 else { return nil }
             return items[1].text
         }
+        func lacksGetdel(_ reply: RedisReply) -> Bool {
+            if case .error(let text) = reply { text.hasPrefix("ERR unknown command") } else { false }
+        }
         if case .error(let text) = replies[0] {
-            return RedisRequirements(maxmemoryPolicy: nil, configRefusal: text, persistenceOff: nil)
+            return RedisRequirements(maxmemoryPolicy: nil, configRefusal: text, persistenceOff: nil, lacksGetdel: lacksGetdel(replies[4]))
         }
         let appendOnly = value(replies[1])
         let save = value(replies[2])
         let off: Bool? = appendOnly.flatMap { aof in save.map { aof == "no" && $0.allSatisfy { $0 == " " } } }
         return RedisRequirements(
             maxmemoryPolicy: value(replies[0]), configRefusal: nil, persistenceOff: off,
-            hashListpackEntries: value(replies[3]).flatMap { Int($0) })
+            hashListpackEntries: value(replies[3]).flatMap { Int($0) }, lacksGetdel: lacksGetdel(replies[4]))
     }
 
     /// Fields a compact bucket holds on average with `dedup.compact.buckets` sized by the guidance;

@@ -220,6 +220,43 @@ import TestSupport
         #expect(ids.count == unique && Set(ids).count == unique, "dispatched \(ids.count) (\(Set(ids).count) distinct) of \(unique)")
     }
 
+    /// A Redis Cluster older than 6.2 cannot run the compact layout's confirm script (`GETDEL`):
+    /// `dedupd run` refuses it at start, naming `dedup.layout` and the fix, rather than waiting
+    /// on a script error for good; the keys layout runs on it. Older here means `GETDEL` renamed
+    /// away, which Redis answers as an old server does ("unknown command").
+    @Test(.timeLimit(.minutes(3)))
+    func aClusterWithoutGetdelRefusesTheCompactLayoutAtStart() async throws {
+        let dir = try TemporaryDirectory(prefix: "dedupd-old-cluster")
+        let cluster = try RedisClusterProcess(extraArguments: ["--rename-command", "GETDEL", "\"\""])
+        let mock = try DedupdProcess(["mock-kafka", "--brokers", "1", "--topic", "in:3"], name: "mock-kafka", in: dir)
+        defer { mock.terminate() }
+        let bootstrap = try mock.firstLine(timeout: .seconds(20))
+        let produce = try DedupdProcess(
+            ["produce", "--bootstrap-servers", bootstrap, "--topic", "in", "--count", "1000", "--duplicate-ratio", "0.3"], name: "produce", in: dir)
+        #expect(try produce.wait(timeout: .seconds(60)) == 0, "\(produce.stderr.suffix(2000))")
+        let unique = try #require(produce.stdout.split(separator: " ").first { $0.hasPrefix("unique=") }.flatMap { Int($0.dropFirst(7)) })
+
+        func run(_ layout: String) throws -> DedupdProcess {
+            let file = dir.file("\(layout).yaml")
+            try """
+                kafka: {bootstrap_servers: "\(bootstrap)", topics: in, group: \(layout)}
+                redis: {mode: cluster, url: "\(cluster.url)"}
+                dedup: {layout: \(layout), window: 200ms}
+                run: {stop_when_idle: 3s}
+                """.write(to: file, atomically: true, encoding: .utf8)
+            return try DedupdProcess(["run", "--config", file.path, "--output", dir.file("\(layout).jsonl").path], name: layout, in: dir)
+        }
+        let compact = try run("compact")
+        #expect(try compact.wait(timeout: .seconds(60)) != 0, "\(compact.stderr.suffix(2000))")
+        #expect(compact.stderr.contains("dedup.layout") && compact.stderr.contains("GETDEL (Redis older than 6.2)")
+                && compact.stderr.contains("dedup.layout: keys"), "\(compact.stderr.suffix(2000))")
+
+        let keys = try run("keys")
+        #expect(try keys.wait(timeout: .seconds(90)) == 0, "\(keys.stderr.suffix(2000))")
+        let ids = dispatchedIDs(inJSONLines: try String(contentsOf: dir.file("keys.jsonl"), encoding: .utf8))
+        #expect(ids.count == unique && Set(ids).count == unique, "dispatched \(ids.count) of \(unique)")
+    }
+
     /// Managed services rename or forbid CONFIG: the worker starts, with a warning that names the requirement.
     @Test(.timeLimit(.minutes(3)))
     func aRedisThatRefusesConfigGetsAWarning() async throws {
