@@ -31,10 +31,10 @@ import Testing
         var inFlight: [DedupEngine.Answer] = []
         let tp = TopicPartition(topic: "t", partition: 0)
 
-        init(window: Duration = .milliseconds(100), lease: Duration = .seconds(1)) {
+        init(window: Duration = .milliseconds(100), lease: Duration = .seconds(1), failOpen: Bool = false) {
             engine = DedupEngine(
                 settings: DedupSettings(template: try! KeyTemplate("header:message-id"), window: window, lease: lease),
-                now: now, seed: 7)
+                options: .init(failOpen: failOpen), now: now, seed: 7)
             engine.handle(.polled([.assigned([tp])]), now: now)
         }
 
@@ -115,6 +115,18 @@ import Testing
         #expect(run.downs == 1 && run.ups == 1, "\(run.reports)")
         #expect(run.dispatched.count == 45 && Set(run.dispatched).count == 45, "\(run.dispatched.count) dispatched")
         #expect(!run.engine.ledger.hasConfirmsToSend && run.engine.storeDownSince == nil)
+    }
+
+    /// Fail-open, the same refusal: the worker dispatches every message without waiting for the
+    /// confirms, and it is still one outage, its confirm retries backing off as fail-closed.
+    @Test func confirmsRefusedFailOpenAreOneOutageToo() {
+        var run = Run(failOpen: true)
+        run.refuse = [.confirms]
+        run.messages = 200
+        run.run(for: .seconds(10))
+        #expect(run.downs == 1 && run.ups == 0, "\(run.reports)")
+        #expect(run.dispatched.count == 200 && Set(run.dispatched).count == 200)
+        #expect((run.sent[.confirms]?.count ?? 0) <= 8, "\(run.sent[.confirms] ?? [])")
     }
 
     /// The claims that failed are for keys of a partition revoked meanwhile: nothing is left to
