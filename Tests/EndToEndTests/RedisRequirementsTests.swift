@@ -35,6 +35,19 @@ import TestSupport
         mock.terminate()
     }
 
+    /// mock-kafka with topic `in` (3 partitions) holding `count` submissions, 30% of them
+    /// repeats: the mock (for the caller to terminate), its bootstrap servers, and how many
+    /// unique ids were sent.
+    static func mockKafka(holding count: Int, in dir: TemporaryDirectory) throws -> (mock: DedupdProcess, bootstrap: String, unique: Int) {
+        let mock = try DedupdProcess(["mock-kafka", "--brokers", "1", "--topic", "in:3"], name: "mock-kafka", in: dir)
+        let bootstrap = try mock.firstLine(timeout: .seconds(20))
+        let produce = try DedupdProcess(
+            ["produce", "--bootstrap-servers", bootstrap, "--topic", "in", "--count", "\(count)", "--duplicate-ratio", "0.3"], name: "produce", in: dir)
+        #expect(try produce.wait(timeout: .seconds(60)) == 0, "\(produce.stderr.suffix(2000))")
+        let unique = try #require(produce.stdout.split(separator: " ").first { $0.hasPrefix("unique=") }.flatMap { Int($0.dropFirst(7)) })
+        return (mock, bootstrap, unique)
+    }
+
     /// The commands docs/operations.md lists for an ACL user ("ACL users"), every one of them,
     /// whatever it says they are for.
     static func documentedACLCommands() throws -> [String] {
@@ -66,13 +79,8 @@ import TestSupport
         try Self.createDocumentedACLUser(port: redis.port)
 
         let dir = try TemporaryDirectory(prefix: "dedupd-acl")
-        let mock = try DedupdProcess(["mock-kafka", "--brokers", "1", "--topic", "in:3"], name: "mock-kafka", in: dir)
+        let (mock, bootstrap, unique) = try Self.mockKafka(holding: 3000, in: dir)
         defer { mock.terminate() }
-        let bootstrap = try mock.firstLine(timeout: .seconds(20))
-        let produce = try DedupdProcess(
-            ["produce", "--bootstrap-servers", bootstrap, "--topic", "in", "--count", "3000", "--duplicate-ratio", "0.3"], name: "produce", in: dir)
-        #expect(try produce.wait(timeout: .seconds(60)) == 0, "\(produce.stderr.suffix(2000))")
-        let unique = try #require(produce.stdout.split(separator: " ").first { $0.hasPrefix("unique=") }.flatMap { Int($0.dropFirst(7)) })
 
         try "pw-acl-7\n".write(to: dir.file("password"), atomically: true, encoding: .utf8)
         let config = dir.file("acl.yaml")
@@ -193,13 +201,8 @@ import TestSupport
     func aFullRedisPausesTheWorkerUntilItHasRoom() async throws {
         let dir = try TemporaryDirectory(prefix: "dedupd-full")
         let redis = try RedisServerProcess()
-        let mock = try DedupdProcess(["mock-kafka", "--brokers", "1", "--topic", "in:3"], name: "mock-kafka", in: dir)
+        let (mock, bootstrap, unique) = try Self.mockKafka(holding: 3000, in: dir)
         defer { mock.terminate() }
-        let bootstrap = try mock.firstLine(timeout: .seconds(20))
-        let produce = try DedupdProcess(
-            ["produce", "--bootstrap-servers", bootstrap, "--topic", "in", "--count", "3000", "--duplicate-ratio", "0.3"], name: "produce", in: dir)
-        #expect(try produce.wait(timeout: .seconds(60)) == 0, "\(produce.stderr.suffix(2000))")
-        let unique = try #require(produce.stdout.split(separator: " ").first { $0.hasPrefix("unique=") }.flatMap { Int($0.dropFirst(7)) })
 
         #expect(try RedisClusterProcess.cli(["-p", "\(redis.port)", "CONFIG", "SET", "maxmemory", "1"]).status == 0)
         let output = dir.file("out.jsonl")
@@ -228,13 +231,8 @@ import TestSupport
     func aClusterWithoutGetdelRefusesTheCompactLayoutAtStart() async throws {
         let dir = try TemporaryDirectory(prefix: "dedupd-old-cluster")
         let cluster = try RedisClusterProcess(extraArguments: ["--rename-command", "GETDEL", "\"\""])
-        let mock = try DedupdProcess(["mock-kafka", "--brokers", "1", "--topic", "in:3"], name: "mock-kafka", in: dir)
+        let (mock, bootstrap, unique) = try Self.mockKafka(holding: 1000, in: dir)
         defer { mock.terminate() }
-        let bootstrap = try mock.firstLine(timeout: .seconds(20))
-        let produce = try DedupdProcess(
-            ["produce", "--bootstrap-servers", bootstrap, "--topic", "in", "--count", "1000", "--duplicate-ratio", "0.3"], name: "produce", in: dir)
-        #expect(try produce.wait(timeout: .seconds(60)) == 0, "\(produce.stderr.suffix(2000))")
-        let unique = try #require(produce.stdout.split(separator: " ").first { $0.hasPrefix("unique=") }.flatMap { Int($0.dropFirst(7)) })
 
         func run(_ layout: String) throws -> DedupdProcess {
             let file = dir.file("\(layout).yaml")
