@@ -129,6 +129,8 @@ final class ClientContext: Sendable {
     /// The group's rebalance protocol as last asked while not closing.
     private let cooperative = Atomic<Bool>(false)
 
+    var isClosing: Bool { closing.load(ordering: .acquiring) }
+
     func setClosing() {
         closing.store(true, ordering: .releasing)
         pauses.setClosing()
@@ -254,6 +256,31 @@ struct BlockingExecutor: Sendable {
             do throws(KafkaError) { return .success(try body()) } catch { return .failure(error) }
         }
         return try result.get()
+    }
+
+    /// Like `run`, but waits no longer than `deadline`: `nil` then, and `body` goes on on the queue
+    /// (as does every job queued after it). For a call into librdkafka that can wait for good.
+    func run<T: Sendable>(until deadline: ContinuousClock.Instant, _ body: @escaping @Sendable () -> T) async -> T? {
+        let waiter = Waiter<T>()
+        jobs.count.add(1, ordering: .acquiring)
+        return await withCheckedContinuation { c in
+            waiter.set(c)
+            queue.async { [jobs] in
+                let value = body()
+                jobs.count.subtract(1, ordering: .releasing)
+                waiter.resume(value)
+            }
+            let left = max(.zero, deadline - .now)
+            let nanoseconds = left.components.seconds * 1_000_000_000 + left.components.attoseconds / 1_000_000_000
+            DispatchQueue.global().asyncAfter(deadline: .now() + .nanoseconds(Int(clamping: nanoseconds))) { waiter.resume(nil) }
+        }
+    }
+
+    /// The continuation of `run(until:)`, resumed by whichever comes first: the job or the deadline.
+    private final class Waiter<T: Sendable>: Sendable {
+        let continuation = Mutex<CheckedContinuation<T?, Never>?>(nil)
+        func set(_ c: CheckedContinuation<T?, Never>) { continuation.withLock { $0 = c } }
+        func resume(_ value: T?) { continuation.withLock { $0.take() }?.resume(returning: value) }
     }
 
     /// Runs `body` on the caller's own thread, after whatever is queued: for a caller whose

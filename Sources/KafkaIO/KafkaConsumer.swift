@@ -139,6 +139,8 @@ public final class KafkaConsumer: @unchecked Sendable {
     /// Waits up to `timeout` for the first message or event, then takes what else is immediately available, up to
     /// `maxMessages` events. A rebalance ends the batch. Returns `[]` on timeout or after `close()`.
     public func poll(maxMessages: Int, timeout: Duration) async -> [ConsumerEvent] {
+        // Checked before the queue too: a close that timed out may still hold it.
+        if context.isClosing { return [] }
         let timeoutMs = timeout.kafkaMilliseconds
         if pollsBlockCaller {
             return executor.runHere { [self] in pollBatch(maxMessages: max(1, maxMessages), timeoutMs: timeoutMs) }
@@ -382,28 +384,49 @@ public final class KafkaConsumer: @unchecked Sendable {
     /// bounds none of that, so with a `timeout` the wait stops there: the handle is then left
     /// open, with its callbacks' context (destroying it would wait as well), and the group drops
     /// this member when its session runs out. Returns whether the group was left in time.
+    ///
+    /// The timeout holds even when a call into librdkafka never returns: the final revocation's
+    /// `rd_kafka_assign` waits without a limit for the group's main thread, which drops the request
+    /// unanswered when the group finishes terminating at that moment. The close then goes on
+    /// on the handle's queue, and so would any later call that needs that queue.
     @discardableResult
     public func close(timeout: Duration? = nil) async -> Bool {
-        await executor.run { [self] in
-            let shouldClose = closed.withLock { c in
-                if c { return false }
-                c = true
-                return true
-            }
-            guard shouldClose else { return true }
-            context.setClosing()
-            let left = leaveGroup(deadline: timeout.map { ContinuousClock.now + $0 })
-            if left {
-                rd_kafka_destroy(rk)
-            } else {
-                // librdkafka's threads go on calling back into the context: it must outlive this object.
-                _ = Unmanaged.passRetained(context)
-                context.logger.warning(
-                    "leaving the group did not finish in time; exiting without it (the group drops this member after session.timeout.ms)",
-                    metadata: ["timeout": "\(timeout ?? .zero)"])
-            }
+        guard let timeout else { return await executor.run { [self] in closeOnQueue(timeout: nil, deadline: nil) } }
+        let deadline = ContinuousClock.now + timeout
+        // leaveGroup looks at the deadline at least every 100 ms; past this margin it is stuck.
+        if let left = await executor.run(until: deadline + .milliseconds(250), { [self] in closeOnQueue(timeout: timeout, deadline: deadline) }) {
             return left
         }
+        logLeftWithoutLeaving(timeout: timeout, stuck: true)
+        return false
+    }
+
+    /// Runs on `executor`.
+    private func closeOnQueue(timeout: Duration?, deadline: ContinuousClock.Instant?) -> Bool {
+        let shouldClose = closed.withLock { c in
+            if c { return false }
+            c = true
+            return true
+        }
+        guard shouldClose else { return true }
+        context.setClosing()
+        let left = leaveGroup(deadline: deadline)
+        if left {
+            rd_kafka_destroy(rk)
+        } else {
+            // librdkafka's threads go on calling back into the context: it must outlive this object.
+            _ = Unmanaged.passRetained(context)
+            logLeftWithoutLeaving(timeout: timeout ?? .zero, stuck: false)
+        }
+        return left
+    }
+
+    private func logLeftWithoutLeaving(timeout: Duration, stuck: Bool) {
+        var metadata: Logger.Metadata = ["timeout": "\(timeout)"]
+        if stuck { metadata["kafka.stuck"] = "a librdkafka call during the close did not return" }
+        context.logger.warning(
+            "leaving the group did not finish in time; exiting without it (the group drops this member after session.timeout.ms)",
+            metadata: metadata)
     }
 
     /// `rd_kafka_consumer_close`, with a deadline: the close runs on the consumer queue, served

@@ -245,6 +245,38 @@ struct KafkaIOTests {
         cluster.setBrokerRoundTrip(2, .zero)
     }
 
+    /// The close's final revocation calls `rd_kafka_assign` from the rebalance callback, which
+    /// librdkafka 2.0.2 can leave waiting for good: the group's main thread drops the request when
+    /// the group finishes terminating at that moment (seen once in the chaos test: a SIGTERMed
+    /// worker never exited). Here the same callback is held up on purpose, by a log handler that
+    /// blocks on its "partitions revoked" line, and the close must still end by its timeout.
+    @Test func closeWithATimeoutEndsWhenTheFinalRevocationNeverReturns() async throws {
+        let cluster = try MockKafkaCluster.make(brokers: 1, logger: quietLogger())
+        let topic = unique("stuck")
+        try cluster.createTopic(topic, partitions: 2)
+        let handler = StallingLogHandler(on: "partitions revoked")
+        let consumer = try KafkaConsumer.make(
+            bootstrapServers: cluster.bootstrapServers, groupID: unique("group"), topics: [topic],
+            logger: Logger(label: "stuck", factory: { _ in handler }))
+        var assigned = false
+        await pollUntil(consumer, limit: .seconds(30), { if case .assigned = $0 { assigned = true } }, until: { assigned })
+        try #require(assigned)
+
+        handler.arm()
+        let clock = ContinuousClock()
+        let started = clock.now
+        #expect(await consumer.close(timeout: .seconds(1)) == false)
+        let waited = started.duration(to: clock.now)
+        #expect(handler.stalled, "the revocation ran inside the close")
+        #expect(waited >= .seconds(1) && waited < .seconds(5), "close waited \(waited)")
+        let warnings = handler.records.records.withLock { $0 }.filter { $0.message.hasPrefix("leaving the group did not finish in time") }
+        #expect(warnings.first?.metadata["kafka.stuck"] != nil, "logged: \(warnings)")
+        let polled = clock.now
+        #expect(await consumer.poll(maxMessages: 10, timeout: .seconds(1)).isEmpty)
+        #expect(polled.duration(to: clock.now) < .milliseconds(500), "a poll after the close does not wait for it")
+        handler.release()
+    }
+
     @Test func sendAndWaitResumesAfterAcknowledgement() async throws {
         let cluster = try MockKafkaCluster.make(brokers: 1, logger: quietLogger())
         let topic = unique("acked")
@@ -379,5 +411,43 @@ struct KafkaIOTests {
         #expect(seen == expected, "kept \(held), paused \(paused)")
         await second.close()
         await first.close()
+    }
+}
+
+/// Records every line; once armed, the thread that logs `message` blocks there (up to 20 s, or
+/// until `release`), standing in for a librdkafka call that does not return.
+final class StallingLogHandler: LogHandler, Sendable {
+    let records = RecordingLogHandler()
+    let message: String
+    private let state = Mutex((armed: false, stalled: false))
+    private let gate = DispatchSemaphore(value: 0)
+
+    init(on message: String) { self.message = message }
+
+    func arm() { state.withLock { $0.armed = true } }
+    func release() { gate.signal() }
+    var stalled: Bool { state.withLock { $0.stalled } }
+
+    var metadata: Logger.Metadata {
+        get { [:] }
+        set {}
+    }
+    var logLevel: Logger.Level {
+        get { .trace }
+        set {}
+    }
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { nil }
+        set {}
+    }
+
+    func log(event: LogEvent) {
+        records.log(event: event)
+        let stall = state.withLock { s in
+            guard s.armed, !s.stalled, "\(event.message)" == message else { return false }
+            s.stalled = true
+            return true
+        }
+        if stall { _ = gate.wait(timeout: .now() + 20) }
     }
 }
