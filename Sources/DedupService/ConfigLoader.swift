@@ -37,6 +37,7 @@ public enum ConfigLoader {
         if let path = config.redisPasswordFile {
             config.redisPassword = try readPasswordFile(path, origin: origin(of: "redis.password_file", in: layers))
         }
+        try validateRedisTLSFiles(config.redisTLS, layers: layers)
         guard HTTPEndpoint.isValidBindAddress(config.httpBind) else {
             throw ConfigError(key: "http.bind", value: config.httpBind, origin: origin(of: "http.bind", in: layers),
                               problem: "must be an IPv4 or IPv6 address such as 0.0.0.0, ::, 127.0.0.1 or ::1")
@@ -49,7 +50,26 @@ public enum ConfigLoader {
             throw ConfigError(key: key, value: rejected.value, origin: origin(of: key, in: layers),
                               problem: "librdkafka rejects it: \(rejected.reason)")
         }
+        try validateKafkaFiles(properties, layers: layers)
         return config
+    }
+
+    /// The certificates, keys and keytab that `kafka.properties` names: readable, and loaded by
+    /// librdkafka the way a client starting with them would (`KafkaConfig.startRefusal`), so that a
+    /// bad one fails here, naming its setting, and not when the worker first connects.
+    static func validateKafkaFiles(_ properties: [String: String], layers: [[String: ConfigValue]]) throws(ConfigError) {
+        let prefix = ConfigSchema.kafkaPropertiesPrefix
+        for name in KafkaConfig.fileProperties {
+            guard let path = properties[name], !(name == "ssl.ca.location" && path == "probe") else { continue }
+            guard FileManager.default.isReadableFile(atPath: path) else {
+                throw ConfigError(key: prefix + name, value: path, origin: origin(of: prefix + name, in: layers), problem: "cannot read the file")
+            }
+        }
+        guard let refusal = KafkaConfig.startRefusal(properties) else { return }
+        let key = refusal.name.map { prefix + $0 } ?? "kafka.properties"
+        let value = refusal.name.flatMap { name in properties[name].map { KafkaConfig.displayValue(name, $0) } }
+        throw ConfigError(key: key, value: value, origin: origin(of: key, in: layers),
+                          problem: "librdkafka cannot start a client with it: \(refusal.reason)")
     }
 
     /// The admin commands' view of the same sources (Redis and Kafka connection, namespace).
@@ -59,7 +79,15 @@ public enum ConfigLoader {
         if let path = config.redisPasswordFile {
             config.redisPassword = try readPasswordFile(path, origin: origin(of: "redis.password_file", in: layers))
         }
+        try validateRedisTLSFiles(config.redisTLS, layers: layers)
         return config
+    }
+
+    /// The `redis.tls.*` files loaded as a connection loads them, so that a certificate or key
+    /// that is not one fails here and not at the first connect.
+    static func validateRedisTLSFiles(_ settings: RedisTLSSettings, layers: [[String: ConfigValue]]) throws(ConfigError) {
+        guard let problem = RedisTLSOptions(settings).fileProblem() else { return }
+        throw ConfigError(key: problem.setting, value: problem.file, origin: origin(of: problem.setting, in: layers), problem: problem.reason)
     }
 
     /// `redis.url` parsed by the parser the connection uses (`RedisURL`), so what passes here

@@ -18,7 +18,7 @@ public enum KafkaConfig {
     }
 
     /// The value as it may be shown to an operator: secrets are masked.
-    static func displayValue(_ name: String, _ value: String) -> String {
+    public static func displayValue(_ name: String, _ value: String) -> String {
         isSecret(name) ? "*****" : value
     }
 
@@ -154,6 +154,8 @@ final class ClientContext: Sendable {
         return Unmanaged<ClientContext>.fromOpaque(opaque).takeUnretainedValue()
     }
 }
+
+private let silentLogCallback: @convention(c) (OpaquePointer?, Int32, UnsafePointer<CChar>?, UnsafePointer<CChar>?) -> Void = { _, _, _, _ in }
 
 /// librdkafka's log callback; runs on librdkafka's internal threads.
 private let kafkaLogCallback: @convention(c) (OpaquePointer?, Int32, UnsafePointer<CChar>?, UnsafePointer<CChar>?) -> Void = {
@@ -321,6 +323,36 @@ extension KafkaConfig {
                 return (name, displayValue(name, value), reason)
             }
         }
+        return nil
+    }
+
+    /// Properties that name a file librdkafka reads when a client starts (certificates, keys, the
+    /// Kerberos keytab). `ssl.ca.location` may also name a directory, or be `probe`.
+    public static let fileProperties = [
+        "ssl.ca.location", "ssl.certificate.location", "ssl.key.location", "ssl.keystore.location",
+        "ssl.crl.location", "sasl.kerberos.keytab",
+    ]
+
+    /// Why librdkafka would not start a client with `properties` although it accepts each of them
+    /// (`firstRejectedProperty`): a certificate, key or keystore it cannot load, a key that does not
+    /// match its certificate, a wrong key password. Found by creating a consumer without bootstrap
+    /// servers, so nothing is contacted, and destroying it at once. `name` is the property the
+    /// reason names, when it names one of `properties`; `nil` when the client starts.
+    public static func startRefusal(_ properties: [String: String]) -> (name: String?, reason: String)? {
+        guard let conf = rd_kafka_conf_new() else { return (nil, "rd_kafka_conf_new failed") }
+        var merged = KafkaConsumer.defaultProperties
+        merged["group.id"] = "check"
+        for (k, v) in properties where k != "bootstrap.servers" && k != "metadata.broker.list" { merged[k] = v }
+        var errstr = [CChar](repeating: 0, count: 512)
+        for (name, value) in merged { _ = rd_kafka_conf_set(conf, name, value, &errstr, errstr.count) }
+        // Its log lines repeat the reason returned below, and a check prints nothing else.
+        rd_kafka_conf_set_log_cb(conf, silentLogCallback)
+        guard let rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, &errstr, errstr.count) else {
+            rd_kafka_conf_destroy(conf)
+            let reason = String(decoding: errstr.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            return (properties.keys.filter { reason.contains($0) }.max { $0.count < $1.count }, reason)
+        }
+        rd_kafka_destroy_flags(rk, Int32(RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE))
         return nil
     }
 

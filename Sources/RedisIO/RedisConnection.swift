@@ -351,6 +351,7 @@ public final class RedisConnection: @unchecked Sendable {
     /// every write `READONLY`. The socket is dropped so the next call connects again, by name, to
     /// what `redis.url` names now: a managed service's primary endpoint follows the failover, and
     /// a worker that kept the old connection would wait for good.
+    ///
     /// Logged once while every new connection meets a replica (`redis.url` names one).
     private func dropIfDemoted<T>(_ replies: Replies<T>) {
         guard replies.sawReadOnly else {

@@ -255,18 +255,18 @@ import Yams
     }
 }
 
-/// `redis.tls.*` with `redis.url`, checked without connecting (check-config sees the same).
+/// `redis.tls.*` with `redis.url`, and the certificates `kafka.properties` names, checked without
+/// connecting (check-config sees the same).
 @Suite struct RedisTLSConfigTests {
     let base = ["DEDUPD_KAFKA_BOOTSTRAP_SERVERS": "env:9092", "DEDUPD_KAFKA_TOPICS": "t"]
 
     @Test func tlsKeysNeedARedissURLAndReadableFiles() throws {
-        let dir = try TemporaryDirectory(prefix: "dedupd-tls-config")
-        try "pem".write(to: dir.file("ca.pem"), atomically: true, encoding: .utf8)
+        let certs = try TLSTestCertificates()
         var env = base
         env["DEDUPD_REDIS_URL"] = "rediss://cache.example:6380/0"
-        env["DEDUPD_REDIS_TLS_CA_FILE"] = dir.file("ca.pem").path
+        env["DEDUPD_REDIS_TLS_CA_FILE"] = certs.path("ca.pem")
         let c = try ConfigLoader.load(file: nil, environment: env, flags: [:])
-        #expect(c.redisTLS.caFile == dir.file("ca.pem").path)
+        #expect(c.redisTLS.caFile == certs.path("ca.pem"))
 
         env["DEDUPD_REDIS_URL"] = "redis://cache.example:6379/0"
         let plain = #expect(throws: ConfigError.self) { _ = try ConfigLoader.load(file: nil, environment: env, flags: [:]) }
@@ -278,8 +278,39 @@ import Yams
         #expect("\(missing!)".contains("redis.tls.ca_file") && "\(missing!)".contains("cannot read the file"))
 
         env["DEDUPD_REDIS_TLS_CA_FILE"] = nil
-        env["DEDUPD_REDIS_TLS_CERT_FILE"] = dir.file("ca.pem").path
+        env["DEDUPD_REDIS_TLS_CERT_FILE"] = certs.path("client.pem")
         let noKey = #expect(throws: ConfigError.self) { _ = try ConfigLoader.load(file: nil, environment: env, flags: [:]) }
         #expect("\(noKey!)".contains("redis.tls.key_file"))
+    }
+
+    /// Certificates and keys are loaded at start as a connection loads them: a file that is no
+    /// certificate, or a key of another certificate, is a config error naming its key, for
+    /// `redis.tls.*` and for the files `kafka.properties` names alike.
+    @Test func certificatesAndKeysAreLoadedAtStart() throws {
+        let certs = try TLSTestCertificates()
+        let garbage = certs.dir.file("garbage.pem").path
+        try "not a certificate\n".write(toFile: garbage, atomically: true, encoding: .utf8)
+        func problem(_ flags: [String: String]) -> String? {
+            do {
+                _ = try ConfigLoader.load(file: nil, environment: base, flags: flags)
+                return nil
+            } catch { return "\(error)" }
+        }
+        let redis = ["redis.url": "rediss://cache.example:6380/0"]
+        #expect(problem(redis.merging(["redis.tls.ca_file": certs.path("ca.pem"), "redis.tls.cert_file": certs.path("client.pem"), "redis.tls.key_file": certs.path("client.key")]) { $1 }) == nil)
+        #expect(problem(redis.merging(["redis.tls.ca_file": garbage]) { $1 })?
+            .hasPrefix(#"config key redis.tls.ca_file = "\#(garbage)" (from flag): cannot load certificate authorities: "#) == true)
+        #expect(problem(redis.merging(["redis.tls.cert_file": certs.path("client.pem"), "redis.tls.key_file": certs.path("server.key")]) { $1 })?
+            .hasPrefix(#"config key redis.tls.key_file = "\#(certs.path("server.key"))" (from flag): cannot load the client key or it does not match redis.tls.cert_file: "#) == true)
+
+        let kafka = "kafka.properties."
+        let ssl = [kafka + "security.protocol": "ssl"]
+        #expect(problem(ssl.merging([kafka + "ssl.ca.location": certs.path("ca.pem"), kafka + "ssl.certificate.location": certs.path("client.pem"), kafka + "ssl.key.location": certs.path("client.key")]) { $1 }) == nil)
+        #expect(problem(ssl.merging([kafka + "ssl.ca.location": "/nonexistent/ca.pem"]) { $1 })
+            == #"config key kafka.properties.ssl.ca.location = "/nonexistent/ca.pem" (from flag): cannot read the file"#)
+        #expect(problem(ssl.merging([kafka + "ssl.ca.location": garbage]) { $1 })?
+            .hasPrefix(#"config key kafka.properties.ssl.ca.location = "\#(garbage)" (from flag): librdkafka cannot start a client with it: ssl.ca.location failed: "#) == true)
+        let mismatch = problem(ssl.merging([kafka + "ssl.certificate.location": certs.path("client.pem"), kafka + "ssl.key.location": certs.path("server.key")]) { $1 })
+        #expect(mismatch?.hasPrefix(#"config key kafka.properties.ssl.key.location = "\#(certs.path("server.key"))" (from flag): librdkafka cannot start a client with it: "#) == true, "\(mismatch ?? "accepted")")
     }
 }
