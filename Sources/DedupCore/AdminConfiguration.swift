@@ -7,6 +7,8 @@ public struct AdminConfiguration: Sendable {
     public var redisURL: String
     /// `redis.mode: cluster`: `redisURL` lists seed nodes of a Redis Cluster.
     public var redisCluster: Bool
+    /// `redis.mode: sentinel`: the primary's name; `redisURL` lists Sentinels.
+    public var redisSentinelMaster: String?
     public var redisPassword: String?
     public var redisPasswordFile: String?
     public var redisTLS: RedisTLSSettings
@@ -34,6 +36,7 @@ public struct AdminConfiguration: Sendable {
         // Parsed (and so validated) by RedisIO's `RedisURL`, in `ConfigLoader`.
         redisURL = try r.string("redis.url")
         redisCluster = try r.choice("redis.mode") == "cluster"
+        redisSentinelMaster = try WorkerConfiguration.sentinelMaster(r)
         redisTLS = try RedisTLSSettings(r, url: redisURL)
         redisPassword = r.optional("redis.password")
         redisPasswordFile = r.optional("redis.password_file")

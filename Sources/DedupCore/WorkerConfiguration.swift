@@ -10,6 +10,8 @@ public struct WorkerConfiguration: Sendable {
     public var redisURL: String
     /// `redis.mode: cluster`: `redisURL` lists seed nodes of a Redis Cluster.
     public var redisCluster = false
+    /// `redis.mode: sentinel`: the primary's name (`redis.sentinel_master`); `redisURL` lists Sentinels.
+    public var redisSentinelMaster: String?
     /// `redis.wait_replicas` (0: no WAIT) and `redis.wait_timeout`.
     public var redisWaitReplicas = 0
     public var redisWaitTimeout: Duration = .milliseconds(100)
@@ -74,6 +76,7 @@ public struct WorkerConfiguration: Sendable {
         // Parsed (and so validated) by RedisIO's `RedisURL`, in `ConfigLoader`.
         redisURL = try r.string("redis.url")
         redisCluster = try r.choice("redis.mode") == "cluster"
+        redisSentinelMaster = try Self.sentinelMaster(r)
         redisTLS = try RedisTLSSettings(r, url: redisURL)
         guard let replicas = Int(try r.string("redis.wait_replicas")), (0...64).contains(replicas) else {
             throw r.fail("redis.wait_replicas", "must be a whole number from 0 to 64")
@@ -150,6 +153,19 @@ public struct WorkerConfiguration: Sendable {
         case "exec": return .exec(command: try required("handler.command", "exec"))
         default: return .log(output: try r.string("handler.output"))
         }
+    }
+
+    /// `redis.sentinel_master` with `redis.mode: sentinel` (required there, refused elsewhere).
+    static func sentinelMaster(_ r: Reader) throws(ConfigError) -> String? {
+        let name = r.optional("redis.sentinel_master")
+        guard try r.choice("redis.mode") == "sentinel" else {
+            if name != nil { throw r.fail("redis.sentinel_master", "has no effect without redis.mode: sentinel") }
+            return nil
+        }
+        guard let name, !name.isEmpty else {
+            throw r.fail("redis.sentinel_master", "is required with redis.mode: sentinel (the name of the Sentinels' `sentinel monitor` line)")
+        }
+        return name
     }
 
     static func validateHandler(_ h: HandlerSettings, r: Reader) throws(ConfigError) {

@@ -33,7 +33,7 @@ public enum ConfigLoader {
     /// every `kafka.properties.*` entry against librdkafka's own configuration parser.
     public static func resolve(_ layers: [[String: ConfigValue]]) throws(ConfigError) -> WorkerConfiguration {
         var config = try WorkerConfiguration(layers: layers)
-        try validateRedisURL(config.redisURL, cluster: config.redisCluster, passwordGivenApart: config.redisPassword != nil || config.redisPasswordFile != nil, layers: layers)
+        try validateRedisURL(config.redisURL, cluster: config.redisCluster, sentinel: config.redisSentinelMaster != nil, passwordGivenApart: config.redisPassword != nil || config.redisPasswordFile != nil, layers: layers)
         if let path = config.redisPasswordFile {
             config.redisPassword = try readPasswordFile(path, origin: origin(of: "redis.password_file", in: layers))
         }
@@ -51,7 +51,24 @@ public enum ConfigLoader {
                               problem: "librdkafka rejects it: \(rejected.reason)")
         }
         try validateKafkaFiles(properties, layers: layers)
+        try validateHTTPHandlers(config, layers: layers)
         return config
+    }
+
+    /// Each `http` handler's TLS files loaded as the handler loads them, a bad one named by the key
+    /// of the route that sets it.
+    static func validateHTTPHandlers(_ config: WorkerConfiguration, layers: [[String: ConfigValue]]) throws(ConfigError) {
+        for (route, h) in zip([nil] + config.routes.map(\.name), config.handlersByRoute) {
+            guard case .http = h.kind else { continue }
+            do {
+                _ = try HTTPHandler.TLS(caFile: h.tlsCAFile, certificateFile: h.tlsCertFile, keyFile: h.tlsKeyFile).load()
+            } catch {
+                // The route's own key when the route sets it, else the top level's it inherits.
+                let routed = route.map { "routes.\($0).\(error.setting)" }
+                let key = routed.flatMap { origin(of: $0, in: layers) != nil ? $0 : nil } ?? error.setting
+                throw ConfigError(key: key, value: error.file, origin: origin(of: key, in: layers), problem: error.reason)
+            }
+        }
     }
 
     /// The certificates, keys and keytab that `kafka.properties` names: readable, and loaded by
@@ -75,7 +92,7 @@ public enum ConfigLoader {
     /// The admin commands' view of the same sources (Redis and Kafka connection, namespace).
     public static func resolveAdmin(_ layers: [[String: ConfigValue]]) throws(ConfigError) -> AdminConfiguration {
         var config = try AdminConfiguration(layers: layers)
-        try validateRedisURL(config.redisURL, cluster: config.redisCluster, passwordGivenApart: config.redisPassword != nil || config.redisPasswordFile != nil, layers: layers)
+        try validateRedisURL(config.redisURL, cluster: config.redisCluster, sentinel: config.redisSentinelMaster != nil, passwordGivenApart: config.redisPassword != nil || config.redisPasswordFile != nil, layers: layers)
         if let path = config.redisPasswordFile {
             config.redisPassword = try readPasswordFile(path, origin: origin(of: "redis.password_file", in: layers))
         }
@@ -92,21 +109,28 @@ public enum ConfigLoader {
 
     /// `redis.url` parsed by the parser the connection uses (`RedisURL`), so what passes here
     /// connects; its password given only once; a list of seed nodes only in cluster mode.
-    static func validateRedisURL(_ text: String, cluster: Bool, passwordGivenApart: Bool, layers: [[String: ConfigValue]]) throws(ConfigError) {
+    static func validateRedisURL(
+        _ text: String, cluster: Bool, sentinel: Bool = false, passwordGivenApart: Bool, layers: [[String: ConfigValue]]
+    ) throws(ConfigError) {
         func fail(_ problem: String) -> ConfigError {
             ConfigError(key: "redis.url", value: ConfigSchema.redact(text), origin: origin(of: "redis.url", in: layers), problem: problem)
         }
         let url: RedisURL
         do {
-            url = cluster ? try RedisURL.clusterSeeds(text)[0] : try RedisURL(text)
+            if sentinel {
+                url = try RedisSentinels.parse(text, master: "-").primary
+            } else {
+                url = cluster ? try RedisURL.clusterSeeds(text)[0] : try RedisURL(text)
+            }
         } catch {
             let lower = text.lowercased()
             let detail = lower.hasPrefix("redis://") || lower.hasPrefix("rediss://") ? " (\((error as? RedisError)?.message ?? "\(error)"))" : ""
-            if !cluster, (try? RedisURL.clusterSeeds(text)) != nil {
-                throw fail("lists several nodes, which only redis.mode: cluster accepts (set redis.mode: cluster for a Redis Cluster)")
+            if !cluster, !sentinel, (try? RedisURL.clusterSeeds(text)) != nil {
+                throw fail("lists several nodes, which only redis.mode: cluster or sentinel accepts (set redis.mode: cluster for a Redis Cluster, sentinel for Sentinels)")
             }
-            throw fail(cluster
-                ? "must look like redis://[user:password@]host:port[,host:port...] (seed nodes of the cluster, no db), or rediss://... for TLS\(detail)"
+            throw fail(
+                sentinel ? "must look like redis://[user:password@]host:port[,host:port...]/db (the Sentinels), or rediss://... for TLS\(detail)"
+                : cluster ? "must look like redis://[user:password@]host:port[,host:port...] (seed nodes of the cluster, no db), or rediss://... for TLS\(detail)"
                 : "must look like redis://[user:password@]host:port/db, or rediss://... for TLS\(detail)")
         }
         if passwordGivenApart, url.password != nil {

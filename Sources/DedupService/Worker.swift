@@ -127,7 +127,7 @@ public final class Worker: Service {
             attempt += 1
             do {
                 let redis = try await RedisTarget.connect(
-                    url: config.redisURL, cluster: config.redisCluster, password: config.redisPassword,
+                    url: config.redisURL, cluster: config.redisCluster, sentinelMaster: config.redisSentinelMaster, password: config.redisPassword,
                     connectTimeout: config.redisConnectTimeout, commandTimeout: config.redisCommandTimeout,
                     tls: RedisTLSOptions(config.redisTLS), logger: logger)
                 if attempt > 1 { logger.notice("redis reachable", metadata: ["redis.url": "\(where_)"]) }

@@ -352,7 +352,7 @@ extension KafkaConfig {
             let reason = String(decoding: errstr.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
             return (properties.keys.filter { reason.contains($0) }.max { $0.count < $1.count }, reason)
         }
-        rd_kafka_destroy_flags(rk, Int32(RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE))
+        rd_kafka_destroy_flags(rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE)
         return nil
     }
 

@@ -37,7 +37,7 @@ public final class RedisCluster: Sendable {
     struct Node: Hashable, Sendable, CustomStringConvertible {
         var host: String
         var port: Int
-        var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+        var description: String { RedisURL.peer(host: host, port: port) }
     }
 
     private let topology = Mutex(Topology())

@@ -65,6 +65,9 @@ public final class RedisConnection: @unchecked Sendable {
     private let queue: DispatchQueue
     /// For `rediss://` URLs: trust roots and client certificate, loaded once.
     private let tls: RedisTLSContext?
+    /// `redis.mode: sentinel`: asked for the primary's address at every connect (`url` then
+    /// gives the user, password, database and scheme, not the address).
+    private let sentinels: RedisSentinels?
 
     private let inline = Mutex<InlineReads?>(nil)
     /// Blocks handed to `queue` and not yet finished: `send` reads inline only when it is 0, so
@@ -91,17 +94,26 @@ public final class RedisConnection: @unchecked Sendable {
         fileprivate init(_ read: @escaping (ContinuousClock.Instant?) -> (@Sendable () -> Void)?) { self.read = read }
     }
 
-    private init(url: RedisURL, connectTimeout: Duration, commandTimeout: Duration, tls: RedisTLSContext?, logger: Logger) {
+    private init(
+        url: RedisURL, sentinels: RedisSentinels?, connectTimeout: Duration, commandTimeout: Duration, tls: RedisTLSContext?,
+        logger: Logger
+    ) {
         self.url = url
+        self.sentinels = sentinels
         self.tls = tls
         self.connectTimeout = connectTimeout
         self.commandTimeout = commandTimeout
         var logger = logger
-        logger[metadataKey: "redis.server"] = "\(url.host):\(url.port)/\(url.database)"
+        logger[metadataKey: "redis.server"] = "\(sentinels?.description ?? url.peer)/\(url.database)"
         self.logger = logger
         self.queue = DispatchQueue(label: "dedupd.redis.\(url.host):\(url.port)")
         Self.ignoreSIGPIPE
     }
+
+    /// The server for logs: `host:port`, or with Sentinels, the primary's name and the Sentinels.
+    public var node: String { sentinels?.description ?? url.peer }
+    /// The URL without its password, or with Sentinels, the primary's name, the Sentinels and the database.
+    public var redactedTarget: String { sentinels.map { "\($0.description)/\(url.database)" } ?? url.redacted }
 
     /// A write to a socket the server has closed raises SIGPIPE, which would kill the process
     /// (OpenSSL writes with write(2)). Ignored once, process-wide.
@@ -111,16 +123,18 @@ public final class RedisConnection: @unchecked Sendable {
 
     /// Connects (TCP, TLS for `rediss://`, AUTH, SELECT, PING). Throws if the first connection
     /// fails, so a wrong address, password or certificate is reported at start. `tls` applies to
-    /// `rediss://` URLs only.
+    /// `rediss://` URLs only. With `sentinels`, the address is the primary's as the Sentinels
+    /// tell it, asked again at every reconnect.
     public static func connect(
         _ url: RedisURL,
+        sentinels: RedisSentinels? = nil,
         connectTimeout: Duration = .seconds(2),
         commandTimeout: Duration = .seconds(5),
         tls: RedisTLSOptions = RedisTLSOptions(),
         logger: Logger
     ) async throws -> RedisConnection {
         let connection = RedisConnection(
-            url: url, connectTimeout: connectTimeout, commandTimeout: commandTimeout,
+            url: url, sentinels: sentinels, connectTimeout: connectTimeout, commandTimeout: commandTimeout,
             tls: url.tls ? try RedisTLSContext(tls) : nil, logger: logger)
         try await connection.onQueue { _ = try connection.connectedSocket() }
         return connection
@@ -359,7 +373,7 @@ public final class RedisConnection: @unchecked Sendable {
             return
         }
         if !demoted {
-            logger.notice("redis answered READONLY (the node is now a replica), connecting again", metadata: ["redis.url": "\(url.redacted)"])
+            logger.notice("redis answered READONLY (the node is now a replica), connecting again", metadata: ["redis.url": "\(redactedTarget)"])
         }
         demoted = true
         socket = nil
@@ -399,8 +413,11 @@ public final class RedisConnection: @unchecked Sendable {
     /// Connects, then AUTH, SELECT and PING in one round trip: the PING makes a server that
     /// cannot speak with us (a TLS-only port reached with redis://) fail here, at connect.
     private func openSocket() throws -> RedisSocket {
+        let (host, port) = try sentinels?.locate(connectTimeout: connectTimeout, commandTimeout: commandTimeout, tls: tls)
+            ?? (url.host, url.port)
+        let peer = RedisURL.peer(host: host, port: port)
         let socket = try RedisSocket.connect(
-            host: url.host, port: url.port, connectTimeout: connectTimeout, commandTimeout: commandTimeout, tls: tls)
+            host: host, port: port, connectTimeout: connectTimeout, commandTimeout: commandTimeout, tls: tls)
         var setup = RedisCommandBatch()
         if let password = url.password {
             setup.begin()
@@ -427,29 +444,30 @@ public final class RedisConnection: @unchecked Sendable {
             if case .error(let text) = replies[0] {
                 // Never include the password; the server's text does not contain it.
                 let who = url.user.map { "user '\($0)'" } ?? "the default user"
-                throw RedisError(.auth, "AUTH as \(who) at \(url.host):\(url.port) was refused: \(text)")
+                throw RedisError(.auth, "AUTH as \(who) at \(peer) was refused: \(text)")
             }
             index = 1
         }
         if url.database != 0 {
-            if case .error(let text) = replies[index] { throw setupError(text, command: "SELECT \(url.database)") }
+            if case .error(let text) = replies[index] { throw setupError(text, command: "SELECT \(url.database)", at: peer) }
             index += 1
         }
-        if case .error(let text) = replies[index] { throw setupError(text, command: "PING") }
+        if case .error(let text) = replies[index] { throw setupError(text, command: "PING", at: peer) }
+        if sentinels != nil { logger.info("redis primary located by sentinel", metadata: ["redis.primary": "\(peer)"]) }
         return socket
     }
 
     /// `NOAUTH` means no password was given and the server wants one; anything else (`NOPERM`:
     /// the user may not run the command) is the server's own error for that command.
-    private func setupError(_ text: String, command: String) -> RedisError {
+    private func setupError(_ text: String, command: String, at peer: String) -> RedisError {
         if text.hasPrefix("NOAUTH") {
-            return RedisError(.auth, "\(url.host):\(url.port) requires AUTH (no password in URL): \(text)")
+            return RedisError(.auth, "\(peer) requires AUTH (no password in URL): \(text)")
         }
-        return RedisError.fromServerReply(text, context: "\(command) at \(url.host):\(url.port)")
+        return RedisError.fromServerReply(text, context: "\(command) at \(peer)")
     }
 
     /// Writes every command, then reads and parses one reply per command (`Replies`).
-    private static func roundTrip<T>(
+    static func roundTrip<T>(
         _ socket: RedisSocket, _ batch: RedisCommandBatch, _ parse: (UnsafePointer<redisReply>) throws -> T
     ) throws -> Replies<T> {
         try batch.withCompleteBytes { try socket.write($0) }
@@ -462,7 +480,7 @@ public final class RedisConnection: @unchecked Sendable {
 /// The replies of one round trip as they are read: each parsed before the next is read (a reply
 /// is valid only until then: `RedisSocket.nextReply`). Every reply is read even when `parse`
 /// throws, so the connection stays in step; the first such error is thrown by `all()`.
-private struct Replies<T> {
+struct Replies<T> {
     let expected: Int
     var parsed: [T] = []
     var read = 0

@@ -155,7 +155,7 @@ final class RedisSocket {
     static func connect(
         host: String, port: Int, connectTimeout: Duration, commandTimeout: Duration, tls: RedisTLSContext?
     ) throws -> RedisSocket {
-        let peer = host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
+        let peer = RedisURL.peer(host: host, port: port)
         let fd = try openTCP(host: host, port: port, timeout: connectTimeout, peer: peer)
         var ssl: OpaquePointer?
         do {

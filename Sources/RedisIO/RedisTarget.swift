@@ -37,7 +37,7 @@ public enum RedisTarget: Sendable {
     /// Commands without keys (SCRIPT LOAD, CONFIG GET) run on the server, or on every primary.
     public func onEveryPrimary(_ commands: [[RedisArgument]]) async throws -> [(node: String, replies: [RedisReply])] {
         switch self {
-        case .server(let connection): [("\(connection.url.host):\(connection.url.port)", try await connection.pipeline(commands))]
+        case .server(let connection): [(connection.node, try await connection.pipeline(commands))]
         case .cluster(let cluster): try await cluster.onEveryPrimary(commands)
         }
     }
@@ -84,14 +84,22 @@ public enum RedisTarget: Sendable {
 }
 
 extension RedisTarget {
-    /// Connects to the Redis that `url` names: one server, or (`cluster`) a Redis Cluster whose
-    /// seed nodes it lists. `password`, when given, replaces the URL's. Throws when no server
-    /// answers, so a wrong address, password or certificate is reported at start.
+    /// Connects to the Redis that `url` names: one server, a Redis Cluster whose seed nodes it
+    /// lists (`cluster`), or the primary that the Sentinels it lists monitor as `sentinelMaster`.
+    /// `password`, when given, replaces the URL's. Throws when no server answers, so a wrong
+    /// address, password or certificate is reported at start.
     public static func connect(
-        url text: String, cluster: Bool, password: String? = nil,
+        url text: String, cluster: Bool, sentinelMaster: String? = nil, password: String? = nil,
         connectTimeout: Duration = .seconds(2), commandTimeout: Duration = .seconds(5),
         tls: RedisTLSOptions = RedisTLSOptions(), logger: Logger
     ) async throws -> RedisTarget {
+        if let sentinelMaster {
+            let parsed = try RedisSentinels.parse(text, master: sentinelMaster)
+            var url = parsed.primary
+            if let password { url.password = password }
+            return .server(try await RedisConnection.connect(
+                url, sentinels: parsed.sentinels, connectTimeout: connectTimeout, commandTimeout: commandTimeout, tls: tls, logger: logger))
+        }
         if cluster {
             var seeds = try RedisURL.clusterSeeds(text)
             if let password { for i in seeds.indices { seeds[i].password = password } }
@@ -107,7 +115,7 @@ extension RedisTarget {
     /// For logs: the server's URL, or the cluster's seeds, without the password.
     public var redacted: String {
         switch self {
-        case .server(let connection): connection.url.redacted
+        case .server(let connection): connection.redactedTarget
         case .cluster(let cluster): "cluster " + cluster.seeds.map { "\($0.host):\($0.port)" }.joined(separator: ",")
         }
     }

@@ -179,7 +179,17 @@ extension RedisURL {
     /// (`rediss://` for TLS), all with the same user, password and scheme. A cluster has only
     /// database 0, so any other is an error.
     public static func clusterSeeds(_ string: String) throws -> [RedisURL] {
-        func bad(_ what: String) -> RedisError { RedisError(.invalidURL, "invalid Redis Cluster URL: \(what)") }
+        let seeds = try nodeList(string, kind: "Redis Cluster URL")
+        if let seed = seeds.first, seed.database != 0 {
+            throw RedisError(.invalidURL, "invalid Redis Cluster URL: database \(seed.database): Redis Cluster has only database 0; remove '/\(seed.database)'")
+        }
+        return seeds
+    }
+
+    /// `redis://[user:password@]host:port[,host:port...][/db]`: one URL per node, each with the
+    /// same user, password, database and scheme.
+    static func nodeList(_ string: String, kind: String) throws -> [RedisURL] {
+        func bad(_ what: String) -> RedisError { RedisError(.invalidURL, "invalid \(kind): \(what)") }
         guard let schemeEnd = string.firstRange(of: "://") else {
             throw bad("missing scheme, expected redis://host:port[,host:port...] or rediss:// for TLS")
         }
@@ -196,11 +206,12 @@ extension RedisURL {
             rest = rest[..<slash]
         }
         let hosts = rest.split(separator: ",", omittingEmptySubsequences: false)
-        guard !hosts.contains(where: \.isEmpty) else { throw bad("empty node in the seed list '\(rest)'") }
-        let seeds = try hosts.map { try RedisURL(String(scheme) + userInfo + $0 + path) }
-        if let seed = seeds.first, seed.database != 0 {
-            throw bad("database \(seed.database): Redis Cluster has only database 0; remove '/\(seed.database)'")
-        }
-        return seeds
+        guard !hosts.contains(where: \.isEmpty) else { throw bad("empty node in the list '\(rest)'") }
+        return try hosts.map { try RedisURL(String(scheme) + userInfo + $0 + path) }
     }
+
+    /// `host:port`, an IPv6 host in brackets.
+    var peer: String { Self.peer(host: host, port: port) }
+
+    static func peer(host: String, port: Int) -> String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
 }

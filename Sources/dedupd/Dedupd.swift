@@ -32,7 +32,7 @@ struct WorkerOptions: ParsableArguments {
     var group: String?
     @Option(name: .long, help: "redis://[user:password@]host:port/db (redis.url).")
     var redisUrl: String?
-    @Option(name: .long, help: "standalone or cluster (redis.mode).")
+    @Option(name: .long, help: "standalone, cluster or sentinel (redis.mode).")
     var redisMode: String?
     @Option(name: .long, help: "Key template, e.g. header:message-id, key, json:/orderNo (dedup.key).")
     var key: String?
@@ -427,7 +427,7 @@ struct AdminOptions: ParsableArguments {
     var config: String?
     @Option(name: .long, help: "redis://[user:password@]host:port/db (redis.url).")
     var redisUrl: String?
-    @Option(name: .long, help: "standalone or cluster (redis.mode).")
+    @Option(name: .long, help: "standalone, cluster or sentinel (redis.mode).")
     var redisMode: String?
     @Option(name: .long, help: "Namespace of the keys (dedup.namespace); default: the configuration's, else 'default'.")
     var namespace: String?
@@ -490,7 +490,7 @@ struct AdminOptions: ParsableArguments {
     func connectStore(_ c: AdminConfiguration) async throws -> RedisClaimStore {
         let logger = Logger(label: "dedupd.admin")
         let redis = try await RedisTarget.connect(
-            url: c.redisURL, cluster: c.redisCluster, password: c.redisPassword,
+            url: c.redisURL, cluster: c.redisCluster, sentinelMaster: c.redisSentinelMaster, password: c.redisPassword,
             connectTimeout: c.redisConnectTimeout, commandTimeout: c.redisCommandTimeout,
             tls: RedisTLSOptions(c.redisTLS), logger: logger)
         return RedisClaimStore(redis: redis, logger: logger)

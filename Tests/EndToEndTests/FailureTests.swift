@@ -138,6 +138,46 @@ import TestSupport
         s.mock.terminate()
     }
 
+    /// `redis.mode: sentinel`: the worker asks the Sentinel where the primary is, and after a
+    /// failover (the done records replicated first) it follows to the new primary: the second
+    /// wave is dispatched once, and the first wave sent again is recognised there.
+    @Test(.timeLimit(.minutes(3)))
+    func aSentinelFailoverIsFollowed() async throws {
+        let s = try Setup(topic: "t")
+        let replica = try RedisServerProcess(extraArguments: ["--replicaof", "127.0.0.1", "\(s.redis.port)"])
+        try await waitUntil(timeout: .seconds(20), "the replica is in sync") {
+            (try? RedisClusterProcess.cli(["-p", "\(replica.port)", "INFO", "replication"]).output.contains("master_link_status:up")) == true
+        }
+        let sentinel = try RedisSentinelProcess(monitoring: s.redis.port)
+        try await waitUntil(timeout: .seconds(20), "the Sentinel found the replica") {
+            (try? RedisClusterProcess.cli(["-p", "\(sentinel.port)", "SENTINEL", "REPLICAS", sentinel.master]).output.contains("\(replica.port)")) == true
+        }
+        let config = s.dir.file("sentinel.yaml")
+        try "redis:\n  mode: sentinel\n  sentinel_master: \(sentinel.master)\n".write(to: config, atomically: true, encoding: .utf8)
+        let w = try s.worker(
+            ["--window", "200ms", "--stats-interval", "0", "--stop-when-idle", "20s", "--config", config.path],
+            redisURL: "redis://127.0.0.1:\(sentinel.port)/0")
+        let first = try s.produce(500, prefix: "a", seed: 1)
+        try await waitUntil(timeout: .seconds(40), "first wave") { s.dispatched.count == first }
+        let synced = try RedisClusterProcess.cli(["-p", "\(s.redis.port)", "WAIT", "1", "5000"])
+        #expect(synced.output.hasPrefix("1"), "the replica has the done records: \(synced.output)")
+
+        #expect(try RedisClusterProcess.cli(["-p", "\(sentinel.port)", "SENTINEL", "FAILOVER", sentinel.master]).output.hasPrefix("OK"))
+        // Traffic resumes once the old primary is demoted: writes it took between the promotion
+        // and its demotion would be lost with it, as in any failover (docs/operations.md).
+        try await waitUntil(timeout: .seconds(30), "the Sentinel names the new primary and the old one is demoted") {
+            sentinel.primaryPort() == replica.port
+                && (try? RedisClusterProcess.cli(["-p", "\(s.redis.port)", "ROLE"]).output.hasPrefix("slave")) == true
+        }
+        let second = try s.produce(500, prefix: "b", seed: 2)
+        _ = try s.produce(500, prefix: "a", seed: 1)
+        #expect(try w.wait(timeout: .seconds(90)) == 0, "\(w.stderr.suffix(3000))")
+        #expect(w.stderr.split(separator: "\n").contains { $0.contains("redis primary located by sentinel") && $0.contains("redis.primary=127.0.0.1:\(replica.port)") },
+                "\(w.stderr.suffix(3000))")
+        #expect(s.dispatched.count == first + second && Set(s.dispatched).count == first + second, "\(s.dispatched.count) dispatched")
+        s.mock.terminate()
+    }
+
     /// A worker paused by backpressure when a rebalance takes its partitions and gives some back must fetch
     /// them again: librdkafka keeps a revoked partition's pause, so a worker that resumed in between (its
     /// buffer emptied by the revocation) would otherwise never read them again. Cooperative: the

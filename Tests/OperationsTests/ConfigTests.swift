@@ -78,9 +78,11 @@ import Yams
         (["redis.url": "http://app:pw-1@r"], #"config key redis.url = "http://app:***@r" (from flag): must look like redis://[user:password@]host:port/db, or rediss://... for TLS"#),
         (["redis.password": "pw-2", "redis.password_file": "/run/pw"], #"config key redis.password_file = "/run/pw" (from flag): set either redis.password or redis.password_file, not both"#),
         (["redis.password": "pw-3", "redis.url": "redis://:pw-4@r:6379/0"], #"config key redis.url = "redis://:***@r:6379/0" (from flag): holds a password and redis.password or redis.password_file is set too; give the password once"#),
-        (["redis.url": "redis://:pw-6@a:7000,b:7001/0"], #"config key redis.url = "redis://:***@a:7000,b:7001/0" (from flag): lists several nodes, which only redis.mode: cluster accepts (set redis.mode: cluster for a Redis Cluster)"#),
+        (["redis.url": "redis://:pw-6@a:7000,b:7001/0"], #"config key redis.url = "redis://:***@a:7000,b:7001/0" (from flag): lists several nodes, which only redis.mode: cluster or sentinel accepts (set redis.mode: cluster for a Redis Cluster, sentinel for Sentinels)"#),
+        (["redis.mode": "sentinel", "redis.url": "redis://a:26379,b:26379/1"], #"config key redis.sentinel_master: is required with redis.mode: sentinel (the name of the Sentinels' `sentinel monitor` line)"#),
+        (["redis.sentinel_master": "mymaster"], #"config key redis.sentinel_master = "mymaster" (from flag): has no effect without redis.mode: sentinel"#),
         (["redis.mode": "cluster", "redis.url": "redis://:pw-7@a:7000,b:7001/2"], #"config key redis.url = "redis://:***@a:7000,b:7001/2" (from flag): must look like redis://[user:password@]host:port[,host:port...] (seed nodes of the cluster, no db), or rediss://... for TLS (invalid Redis Cluster URL: database 2: Redis Cluster has only database 0; remove '/2')"#),
-        (["redis.mode": "sharded"], #"config key redis.mode = "sharded" (from flag): must be one of: standalone, cluster"#),
+        (["redis.mode": "sharded"], #"config key redis.mode = "sharded" (from flag): must be one of: standalone, cluster, sentinel"#),
         (["redis.wait_replicas": "two"], #"config key redis.wait_replicas = "two" (from flag): must be a whole number from 0 to 64"#),
         (["redis.password_file": "/nonexistent/pw"], #"config key redis.password_file = "/nonexistent/pw" (from flag): cannot read the file"#),
         (["http.port": "70000"], #"config key http.port = "70000" (from flag): must be a port number from 1 to 65535"#),
@@ -232,12 +234,13 @@ import Yams
                 "DEDUPD_HANDLER_TYPE": "http", "DEDUPD_HANDLER_URL": "https://hooks.example/in"]
 
     @Test func headersAndTLSFilesReachTheSettingsAndHeaderValuesAreRedacted() throws {
+        let certs = try TLSTestCertificates()
         var env = base
         env["DEDUPD_HANDLER_HEADERS"] = "Authorization=env:HOOK_TOKEN, X-Team=payments-Zq81"
-        env["DEDUPD_HANDLER_TLS_CA_FILE"] = "/etc/dedupd/ca.pem"
+        env["DEDUPD_HANDLER_TLS_CA_FILE"] = certs.path("ca.pem")
         let c = try ConfigLoader.load(file: nil, environment: env, flags: [:])
         #expect(c.handler.headers == ["Authorization=env:HOOK_TOKEN", "X-Team=payments-Zq81"])
-        #expect(c.handler.tlsCAFile == "/etc/dedupd/ca.pem")
+        #expect(c.handler.tlsCAFile == certs.path("ca.pem"))
         let described = ConfigLoader.describe(try ConfigLoader.layers(file: nil, environment: env, flags: [:])).joined(separator: "\n")
         #expect(described.contains("handler.headers = ***"))
         #expect(!described.contains("payments-Zq81"))
@@ -252,6 +255,40 @@ import Yams
         env["DEDUPD_HANDLER_HEADERS"] = "Authorization"
         let bad = #expect(throws: ConfigError.self) { _ = try ConfigLoader.load(file: nil, environment: env, flags: [:]) }
         #expect("\(bad!)".contains("handler.headers") && "\(bad!)".contains("NAME=VALUE"))
+    }
+
+    /// The TLS files are loaded at start as the handler loads them; a bad one is named by its key,
+    /// a route's own when the route sets it.
+    @Test func tlsFilesAreLoadedAtStartUnderTheirRoutesKey() throws {
+        let certs = try TLSTestCertificates()
+        let garbage = certs.dir.file("garbage.pem").path
+        try "not a certificate\n".write(toFile: garbage, atomically: true, encoding: .utf8)
+        var env = base
+        env["DEDUPD_HANDLER_TLS_CA_FILE"] = certs.path("ca.pem")
+        env["DEDUPD_HANDLER_TLS_CERT_FILE"] = certs.path("client.pem")
+        env["DEDUPD_HANDLER_TLS_KEY_FILE"] = certs.path("client.key")
+        _ = try ConfigLoader.load(file: nil, environment: env, flags: [:])
+
+        env["DEDUPD_HANDLER_TLS_CA_FILE"] = garbage
+        let bad = #expect(throws: ConfigError.self) { _ = try ConfigLoader.load(file: nil, environment: env, flags: [:]) }
+        #expect(bad?.description.hasPrefix(#"config key handler.tls_ca_file = "\#(garbage)" (from environment DEDUPD_HANDLER_TLS_CA_FILE): cannot load a PEM certificate from it"#) == true, "\(bad.map { "\($0)" } ?? "accepted")")
+        env["DEDUPD_HANDLER_TLS_CA_FILE"] = certs.path("ca.pem")
+        env["DEDUPD_HANDLER_TLS_KEY_FILE"] = certs.path("client.pem")
+        let key = #expect(throws: ConfigError.self) { _ = try ConfigLoader.load(file: nil, environment: env, flags: [:]) }
+        #expect(key?.key == "handler.tls_key_file" && key?.problem.hasPrefix("cannot load a PEM private key from it") == true, "\(key.map { "\($0)" } ?? "accepted")")
+
+        let dir = try TemporaryDirectory(prefix: "dedupd-route-tls")
+        let yaml = dir.file("dedupd.yaml").path
+        try """
+            routes:
+              - name: pay
+                match: {topic: payments}
+                handler: {type: http, url: "https://pay.example/in", tls_ca_file: "/nonexistent/pay-ca.pem"}
+            """.write(toFile: yaml, atomically: true, encoding: .utf8)
+        let routed = #expect(throws: ConfigError.self) {
+            _ = try ConfigLoader.load(file: yaml, environment: ["DEDUPD_KAFKA_BOOTSTRAP_SERVERS": "env:9092", "DEDUPD_KAFKA_TOPICS": "t"], flags: [:])
+        }
+        #expect(routed?.description == #"config key routes.pay.handler.tls_ca_file = "/nonexistent/pay-ca.pem" (from \#(yaml)): cannot read the file"#)
     }
 }
 

@@ -57,6 +57,38 @@ public final class HTTPHandler: Handler {
             self.certificateFile = certificateFile
             self.keyFile = keyFile
         }
+
+        /// A file that does not load, named by its setting (`handler.tls_ca_file`, ...).
+        public struct FileProblem: Error, Sendable {
+            public var setting: String
+            public var file: String
+            public var reason: String
+        }
+
+        /// The client's TLS configuration with these files loaded; the configuration loader calls
+        /// it too, so that a bad file stops `check-config` and not the first request.
+        public func load() throws(FileProblem) -> TLSConfiguration {
+            func read<T>(_ setting: String, _ file: String, _ what: String, _ body: () throws -> T) throws(FileProblem) -> T {
+                guard FileManager.default.isReadableFile(atPath: file) else {
+                    throw FileProblem(setting: setting, file: file, reason: "cannot read the file")
+                }
+                do { return try body() } catch {
+                    throw FileProblem(setting: setting, file: file, reason: "cannot load a PEM \(what) from it (\(error))")
+                }
+            }
+            var configuration = TLSConfiguration.makeClientConfiguration()
+            if let ca = caFile {
+                configuration.trustRoots = .certificates(try read("handler.tls_ca_file", ca, "certificate") { try NIOSSLCertificate.fromPEMFile(ca) })
+            }
+            if let cert = certificateFile {
+                configuration.certificateChain = try read("handler.tls_cert_file", cert, "certificate") { try NIOSSLCertificate.fromPEMFile(cert) }
+                    .map { .certificate($0) }
+            }
+            if let key = keyFile {
+                configuration.privateKey = .privateKey(try read("handler.tls_key_file", key, "private key") { try NIOSSLPrivateKey(file: key, format: .pem) })
+            }
+            return configuration
+        }
     }
 
     /// - Parameters:
@@ -75,19 +107,9 @@ public final class HTTPHandler: Handler {
         for (name, value) in headers { h.add(name: name, value: value) }
         self.headers = h
 
-        var tlsConfiguration = TLSConfiguration.makeClientConfiguration()
-        do {
-            if let ca = tls.caFile {
-                tlsConfiguration.trustRoots = .certificates(try NIOSSLCertificate.fromPEMFile(ca))
-            }
-            if let cert = tls.certificateFile {
-                tlsConfiguration.certificateChain = try NIOSSLCertificate.fromPEMFile(cert).map { .certificate($0) }
-            }
-            if let key = tls.keyFile {
-                tlsConfiguration.privateKey = .privateKey(try NIOSSLPrivateKey(file: key, format: .pem))
-            }
-        } catch {
-            throw HandlerError(message: "http handler: cannot load TLS files (handler.tls_ca_file, handler.tls_cert_file, handler.tls_key_file): \(error)")
+        let tlsConfiguration: TLSConfiguration
+        do { tlsConfiguration = try tls.load() } catch {
+            throw HandlerError(message: "http handler: \(error.setting) = \(error.file): \(error.reason)")
         }
         var configuration = HTTPClient.Configuration(
             tlsConfiguration: tlsConfiguration, redirectConfiguration: .disallow,
