@@ -10,12 +10,14 @@ import Glibc
 public final class RedisSentinelProcess: @unchecked Sendable {
     public let port: Int
     public let master: String
+    public let password: String?
     public let directory: TemporaryDirectory
     private let process = Process()
 
     /// `downAfter`: how long the primary must be unreachable before the Sentinel fails it over.
-    public init(monitoring primaryPort: Int, master: String = "dedupd-primary", downAfter: Duration = .seconds(1),
-                startTimeout: Duration = .seconds(10)) throws {
+    /// `password`: the primary's (`sentinel auth-pass`) and this Sentinel's own (`requirepass`).
+    public init(monitoring primaryPort: Int, master: String = "dedupd-primary", password: String? = nil,
+                downAfter: Duration = .seconds(1), startTimeout: Duration = .seconds(10)) throws {
         self.master = master
         directory = try TemporaryDirectory(prefix: "dedupd-sentinel")
         port = try freePort()
@@ -30,8 +32,10 @@ public final class RedisSentinelProcess: @unchecked Sendable {
             sentinel down-after-milliseconds \(master) \(downAfterMs)
             sentinel failover-timeout \(master) 10000
             sentinel parallel-syncs \(master) 1
+            \(password.map { "sentinel auth-pass \(master) \($0)\nrequirepass \($0)" } ?? "")
 
             """.write(to: config, atomically: true, encoding: .utf8)
+        self.password = password
         process.executableURL = URL(fileURLWithPath: "/usr/bin/redis-server")
         process.arguments = [config.path, "--sentinel"]
         process.standardInput = FileHandle.nullDevice
@@ -41,7 +45,7 @@ public final class RedisSentinelProcess: @unchecked Sendable {
         let deadline = ContinuousClock.now + startTimeout
         while ContinuousClock.now < deadline {
             if !process.isRunning { throw LocalServerError("redis sentinel exited at start; log: \(log.suffix(2000))") }
-            if let answer = tcpRequest(port: port, "PING\r\n"), answer.hasPrefix("+PONG") { return }
+            if let answer = tcpRequest(port: port, "PING\r\n"), answer.hasPrefix("+PONG") || answer.hasPrefix("-NOAUTH") { return }
             usleep(20_000)
         }
         stop()
@@ -57,12 +61,14 @@ public final class RedisSentinelProcess: @unchecked Sendable {
 
     /// The primary's port as this Sentinel reports it now.
     public func primaryPort() -> Int? {
-        let ask = "*3\r\n$8\r\nSENTINEL\r\n$23\r\nGET-MASTER-ADDR-BY-NAME\r\n$\(master.utf8.count)\r\n\(master)\r\n"
-        guard let answer = tcpRequest(port: port, ask) else { return nil }
-        // *2\r\n$9\r\n127.0.0.1\r\n$5\r\n12345\r\n
-        let lines = answer.split(separator: "\r\n")
-        guard lines.count >= 5, let port = Int(lines[4]) else { return nil }
-        return port
+        let answer = try? cli(["SENTINEL", "GET-MASTER-ADDR-BY-NAME", master]).output
+        let lines = answer?.split(separator: "\n") ?? []
+        return lines.count == 2 ? Int(lines[1]) : nil
+    }
+
+    /// `redis-cli` against this Sentinel (with its password).
+    public func cli(_ arguments: [String]) throws -> (status: Int32, output: String) {
+        try RedisClusterProcess.cli(["-p", "\(port)"] + (password.map { ["-a", $0, "--no-auth-warning"] } ?? []) + arguments)
     }
 
     public func stop() {

@@ -2,8 +2,9 @@
 /// primary is each time it connects, so after a failover, once the old primary's socket breaks
 /// or answers `READONLY`, the next connect reaches the new one: no address has to move with it.
 public struct RedisSentinels: Sendable, Hashable {
-    /// The Sentinels' addresses (host and port of each). They are reached the way the primary is
-    /// (TLS for `rediss://`), without AUTH: the URL's user and password are the primary's.
+    /// The Sentinels' addresses (host and port of each), with the primary's user and password:
+    /// they are reached the way the primary is (TLS for `rediss://`), and offered its AUTH, which
+    /// a Sentinel with the same `requirepass` takes and one without a password ignores.
     public var nodes: [RedisURL]
     /// The name the Sentinels monitor the primary under (`redis.sentinel_master`).
     public var master: String
@@ -38,11 +39,18 @@ public struct RedisSentinels: Sendable, Hashable {
                 let socket = try RedisSocket.connect(
                     host: node.host, port: node.port, connectTimeout: connectTimeout, commandTimeout: commandTimeout, tls: tls)
                 var ask = RedisCommandBatch()
+                if let password = node.password {
+                    ask.begin()
+                    ask.append("AUTH")
+                    if let user = node.user { ask.append(user) }
+                    ask.append(password)
+                }
                 ask.begin()
                 ask.append("SENTINEL")
                 ask.append("GET-MASTER-ADDR-BY-NAME")
                 ask.append(master)
-                reply = try RedisConnection.roundTrip(socket, ask) { RedisReply($0) }.all()[0]
+                // AUTH's own answer does not matter: the question's says whether it was needed.
+                reply = try RedisConnection.roundTrip(socket, ask) { RedisReply($0) }.all().last!
             } catch let error as RedisError {
                 failures.append("\(peer): \(error.message)")
                 continue
@@ -60,6 +68,8 @@ public struct RedisSentinels: Sendable, Hashable {
                     .serverReply,
                     "Sentinel \(peer) monitors no primary named \(master) (redis.sentinel_master must be the name of its `sentinel monitor` line)",
                     retriable: false)
+            case .error(let text) where text.hasPrefix("NOAUTH"):
+                failures.append("\(peer): \(text) (this Sentinel wants a password other than the primary's, which dedupd does not support)")
             case .error(let text):
                 failures.append("\(peer): \(text)")
             default:

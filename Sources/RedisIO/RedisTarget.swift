@@ -94,11 +94,13 @@ extension RedisTarget {
         tls: RedisTLSOptions = RedisTLSOptions(), logger: Logger
     ) async throws -> RedisTarget {
         if let sentinelMaster {
-            let parsed = try RedisSentinels.parse(text, master: sentinelMaster)
-            var url = parsed.primary
-            if let password { url.password = password }
+            var (sentinels, url) = try RedisSentinels.parse(text, master: sentinelMaster)
+            if let password {
+                url.password = password
+                for i in sentinels.nodes.indices { sentinels.nodes[i].password = password }
+            }
             return .server(try await RedisConnection.connect(
-                url, sentinels: parsed.sentinels, connectTimeout: connectTimeout, commandTimeout: commandTimeout, tls: tls, logger: logger))
+                url, sentinels: sentinels, connectTimeout: connectTimeout, commandTimeout: commandTimeout, tls: tls, logger: logger))
         }
         if cluster {
             var seeds = try RedisURL.clusterSeeds(text)

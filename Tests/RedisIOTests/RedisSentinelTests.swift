@@ -19,37 +19,43 @@ struct RedisSentinelTests {
         return condition()
     }
 
-    func role(_ port: Int) -> String {
-        let info = (try? RedisClusterProcess.cli(["-p", "\(port)", "ROLE"]).output) ?? ""
-        return info.split(separator: "\n").first.map(String.init) ?? ""
+    /// `redis-cli` against a data node, with `password` when set.
+    func cli(_ port: Int, _ password: String?, _ arguments: [String]) -> String {
+        let auth = password.map { ["-a", $0, "--no-auth-warning"] } ?? []
+        return (try? RedisClusterProcess.cli(["-p", "\(port)"] + auth + arguments).output) ?? ""
     }
 
     /// The connection asks the Sentinel where the primary is; after a failover the old primary
-    /// answers `READONLY`, the connection drops it, and its next connect reaches the new primary.
-    @Test(.timeLimit(.minutes(2))) func aFailoverIsFollowedThroughTheSentinel() async throws {
-        let primary = try RedisServerProcess()
-        let replica = try RedisServerProcess(extraArguments: ["--replicaof", "127.0.0.1", "\(primary.port)"])
+    /// answers `READONLY` (or Sentinel has closed its connections), the connection connects again,
+    /// and the Sentinel names the new primary. With a password, the primary's is offered to the
+    /// Sentinel too (a Sentinel with the same `requirepass`).
+    @Test(.timeLimit(.minutes(2)), arguments: [nil, "pw-sentinel-1"])
+    func aFailoverIsFollowedThroughTheSentinel(password: String?) async throws {
+        let auth = password.map { ["--masterauth", $0] } ?? []
+        let primary = try RedisServerProcess(password: password, extraArguments: auth)
+        let replica = try RedisServerProcess(password: password, extraArguments: ["--replicaof", "127.0.0.1", "\(primary.port)"] + auth)
+        #expect(eventually(.seconds(20)) { cli(replica.port, password, ["INFO", "replication"]).contains("master_link_status:up") },
+                "the replica is in sync")
+        let sentinel = try RedisSentinelProcess(monitoring: primary.port, password: password)
         #expect(eventually(.seconds(20)) {
-            (try? RedisClusterProcess.cli(["-p", "\(replica.port)", "INFO", "replication"]).output.contains("master_link_status:up")) == true
-        }, "the replica is in sync")
-        let sentinel = try RedisSentinelProcess(monitoring: primary.port)
-        #expect(eventually(.seconds(20)) {
-            (try? RedisClusterProcess.cli(["-p", "\(sentinel.port)", "SENTINEL", "REPLICAS", sentinel.master]).output.contains("\(replica.port)")) == true
+            (try? sentinel.cli(["SENTINEL", "REPLICAS", sentinel.master]).output.contains("\(replica.port)")) == true
         }, "the Sentinel found the replica")
 
         let log = RecordingLogHandler()
         let redis = try await RedisTarget.connect(
-            url: "redis://127.0.0.1:\(sentinel.port)/0", cluster: false, sentinelMaster: sentinel.master,
+            url: "redis://127.0.0.1:\(sentinel.port)/0", cluster: false, sentinelMaster: sentinel.master, password: password,
             logger: Logger(label: "sentinel-test") { _ in log })
         #expect(try await redis.command(["SET", "k1", "before"], key: "k1") == .status("OK"))
-        #expect(try RedisClusterProcess.cli(["-p", "\(primary.port)", "GET", "k1"]).output.hasPrefix("before"))
+        #expect(cli(primary.port, password, ["GET", "k1"]).hasPrefix("before"))
 
-        #expect(try RedisClusterProcess.cli(["-p", "\(sentinel.port)", "SENTINEL", "FAILOVER", sentinel.master]).output.hasPrefix("OK"))
+        #expect(try sentinel.cli(["SENTINEL", "FAILOVER", sentinel.master]).output.hasPrefix("OK"))
+        func role(_ port: Int) -> String { cli(port, password, ["ROLE"]).split(separator: "\n").first.map(String.init) ?? "" }
         #expect(eventually(.seconds(30)) { sentinel.primaryPort() == replica.port && role(primary.port) == "slave" },
                 "failed over: the Sentinel names \(sentinel.primaryPort() ?? 0), the old primary is \(role(primary.port))")
 
-        // The first write after the failover may meet the demoted primary (READONLY, retriable);
-        // the connection then connects again, through the Sentinel, to the new primary.
+        // The first write after the failover may meet the demoted primary (READONLY, or its
+        // connection closed by the Sentinel: retriable); the connection then connects again,
+        // through the Sentinel, to the new primary.
         var written = false
         for _ in 0..<5 where !written {
             do {
@@ -60,10 +66,21 @@ struct RedisSentinelTests {
             }
         }
         #expect(written)
-        #expect(try RedisClusterProcess.cli(["-p", "\(replica.port)", "GET", "k2"]).output.hasPrefix("after"), "written to the new primary")
+        #expect(cli(replica.port, password, ["GET", "k2"]).hasPrefix("after"), "written to the new primary")
         let located = log.records.withLock { $0.filter { $0.message == "redis primary located by sentinel" }.map { "\($0.metadata["redis.primary"] ?? "")" } }
         #expect(located == ["127.0.0.1:\(primary.port)", "127.0.0.1:\(replica.port)"], "\(located)")
         await redis.close()
+    }
+
+    /// A Sentinel that wants a password other than the primary's is named in the error.
+    @Test func aSentinelWithAnotherPasswordIsNamed() async throws {
+        let primary = try RedisServerProcess()
+        let sentinel = try RedisSentinelProcess(monitoring: primary.port, password: "pw-sentinel-only")
+        let refused = await #expect(throws: RedisError.self) {
+            _ = try await RedisTarget.connect(url: "redis://127.0.0.1:\(sentinel.port)/0", cluster: false, sentinelMaster: sentinel.master, logger: quietLogger)
+        }
+        #expect(refused?.message.contains("127.0.0.1:\(sentinel.port): NOAUTH") == true && refused?.message.contains("password other than the primary's") == true,
+                "\(refused.map { "\($0)" } ?? "")")
     }
 
     /// A name the Sentinel does not monitor is a mistake to fix, not an outage to wait out;
