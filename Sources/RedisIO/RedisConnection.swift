@@ -419,12 +419,7 @@ public final class RedisConnection: @unchecked Sendable {
         let socket = try RedisSocket.connect(
             host: host, port: port, connectTimeout: connectTimeout, commandTimeout: commandTimeout, tls: tls)
         var setup = RedisCommandBatch()
-        if let password = url.password {
-            setup.begin()
-            setup.append("AUTH")
-            if let user = url.user { setup.append(user) }
-            setup.append(password)
-        }
+        setup.appendAuth(url)
         if url.database != 0 {
             setup.begin()
             setup.append("SELECT")
@@ -520,5 +515,16 @@ struct Replies<T> {
     private static func isReadOnly(_ reply: redisReply) -> Bool {
         guard let str = reply.str, reply.len >= 8 else { return false }
         return memcmp(str, "READONLY", 8) == 0
+    }
+}
+
+extension RedisCommandBatch {
+    /// `AUTH [user] password` with the URL's credentials; nothing without a password.
+    mutating func appendAuth(_ url: RedisURL) {
+        guard let password = url.password else { return }
+        begin()
+        append("AUTH")
+        if let user = url.user { append(user) }
+        append(password)
     }
 }

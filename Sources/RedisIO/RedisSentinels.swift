@@ -39,12 +39,7 @@ public struct RedisSentinels: Sendable, Hashable {
                 let socket = try RedisSocket.connect(
                     host: node.host, port: node.port, connectTimeout: connectTimeout, commandTimeout: commandTimeout, tls: tls)
                 var ask = RedisCommandBatch()
-                if let password = node.password {
-                    ask.begin()
-                    ask.append("AUTH")
-                    if let user = node.user { ask.append(user) }
-                    ask.append(password)
-                }
+                ask.appendAuth(node)
                 ask.begin()
                 ask.append("SENTINEL")
                 ask.append("GET-MASTER-ADDR-BY-NAME")
