@@ -11,20 +11,39 @@ public final class RedisSentinelProcess: @unchecked Sendable {
     public let port: Int
     public let master: String
     public let password: String?
+    public let tls: TLS?
     public let directory: TemporaryDirectory
     private let process = Process()
 
     /// `downAfter`: how long the primary must be unreachable before the Sentinel fails it over.
+    /// PEM files for a Sentinel that listens on TLS only and reaches the primary over TLS.
+    public struct TLS: Sendable {
+        public var certificate: String
+        public var key: String
+        public var ca: String
+        public init(certificate: String, key: String, ca: String) {
+            self.certificate = certificate
+            self.key = key
+            self.ca = ca
+        }
+    }
+
     /// `password`: the primary's (`sentinel auth-pass`) and this Sentinel's own (`requirepass`).
-    public init(monitoring primaryPort: Int, master: String = "dedupd-primary", password: String? = nil,
+    public init(monitoring primaryPort: Int, master: String = "dedupd-primary", password: String? = nil, tls: TLS? = nil,
                 downAfter: Duration = .seconds(1), startTimeout: Duration = .seconds(10)) throws {
         self.master = master
+        self.tls = tls
+        self.password = password
         directory = try TemporaryDirectory(prefix: "dedupd-sentinel")
-        port = try freePort()
+        let port = try freePort()
+        self.port = port
         let config = directory.file("sentinel.conf")
         let downAfterMs = downAfter.components.seconds * 1000 + downAfter.components.attoseconds / 1_000_000_000_000_000
+        let listen = tls.map {
+            "port 0\ntls-port \(port)\ntls-cert-file \($0.certificate)\ntls-key-file \($0.key)\ntls-ca-cert-file \($0.ca)\ntls-auth-clients no\ntls-replication yes"
+        } ?? "port \(port)"
         try """
-            port \(port)
+            \(listen)
             bind 127.0.0.1
             dir \(directory.path)
             logfile \(directory.file("sentinel.log").path)
@@ -35,7 +54,6 @@ public final class RedisSentinelProcess: @unchecked Sendable {
             \(password.map { "sentinel auth-pass \(master) \($0)\nrequirepass \($0)" } ?? "")
 
             """.write(to: config, atomically: true, encoding: .utf8)
-        self.password = password
         process.executableURL = URL(fileURLWithPath: "/usr/bin/redis-server")
         process.arguments = [config.path, "--sentinel"]
         process.standardInput = FileHandle.nullDevice
@@ -45,7 +63,7 @@ public final class RedisSentinelProcess: @unchecked Sendable {
         let deadline = ContinuousClock.now + startTimeout
         while ContinuousClock.now < deadline {
             if !process.isRunning { throw LocalServerError("redis sentinel exited at start; log: \(log.suffix(2000))") }
-            if let answer = tcpRequest(port: port, "PING\r\n"), answer.hasPrefix("+PONG") || answer.hasPrefix("-NOAUTH") { return }
+            if let answer = try? cli(["PING"]).output, answer.hasPrefix("PONG") || answer.contains("NOAUTH") { return }
             usleep(20_000)
         }
         stop()
@@ -68,7 +86,8 @@ public final class RedisSentinelProcess: @unchecked Sendable {
 
     /// `redis-cli` against this Sentinel (with its password).
     public func cli(_ arguments: [String]) throws -> (status: Int32, output: String) {
-        try RedisClusterProcess.cli(["-p", "\(port)"] + (password.map { ["-a", $0, "--no-auth-warning"] } ?? []) + arguments)
+        let secure = tls.map { ["--tls", "--cacert", $0.ca] } ?? []
+        return try RedisClusterProcess.cli(["-p", "\(port)"] + secure + (password.map { ["-a", $0, "--no-auth-warning"] } ?? []) + arguments)
     }
 
     public func stop() {

@@ -72,6 +72,32 @@ struct RedisSentinelTests {
         await redis.close()
     }
 
+    /// `rediss://`: the Sentinel and the primary are both reached over TLS, each certificate
+    /// verified against `redis.tls.ca_file`; a CA that signed neither is refused.
+    @Test func theSentinelAndThePrimaryAreReachedOverTLS() async throws {
+        let certs = try TLSTestCertificates()
+        let primary = try TLSRedisServer(certs)
+        let sentinel = try RedisSentinelProcess(
+            monitoring: primary.port,
+            tls: .init(certificate: certs.path("server.pem"), key: certs.path("server.key"), ca: certs.path("ca.pem")))
+        let log = RecordingLogHandler()
+        let redis = try await RedisTarget.connect(
+            url: "rediss://127.0.0.1:\(sentinel.port)/0", cluster: false, sentinelMaster: sentinel.master,
+            tls: RedisTLSOptions(caFile: certs.path("ca.pem")), logger: Logger(label: "sentinel-tls") { _ in log })
+        #expect(try await redis.command(["SET", "k", "over-tls"], key: "k") == .status("OK"))
+        #expect(try await redis.command(["GET", "k"], key: "k") == .string(Array("over-tls".utf8)))
+        let located = log.records.withLock { $0.filter { $0.message == "redis primary located by sentinel" }.map { "\($0.metadata["redis.primary"] ?? "")" } }
+        #expect(located == ["127.0.0.1:\(primary.port)"])
+        await redis.close()
+
+        let untrusted = await #expect(throws: RedisError.self) {
+            _ = try await RedisTarget.connect(
+                url: "rediss://127.0.0.1:\(sentinel.port)/0", cluster: false, sentinelMaster: sentinel.master,
+                tls: RedisTLSOptions(caFile: certs.path("other-ca.pem")), logger: quietLogger)
+        }
+        #expect(untrusted?.message.contains("127.0.0.1:\(sentinel.port)") == true, "\(untrusted.map { "\($0)" } ?? "")")
+    }
+
     /// A Sentinel that wants a password other than the primary's is named in the error.
     @Test func aSentinelWithAnotherPasswordIsNamed() async throws {
         let primary = try RedisServerProcess()
