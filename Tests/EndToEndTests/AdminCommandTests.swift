@@ -53,6 +53,21 @@ let adminQuiet = Logger(label: "admin-tests") { _ in SwiftLogNoOpLogHandler() }
         #expect(!(run.stdout + run.stderr).contains(password))
     }
 
+    /// The admin commands take `redis.mode: sentinel` as the worker does: the same config with the
+    /// Sentinel's address, its password the primary's (given through `redis.password_file`).
+    @Test func inspectReachesTheStoreThroughASentinel() async throws {
+        let (redis, dir, config, _) = try await fixture()
+        let sentinel = try RedisSentinelProcess(monitoring: redis.port, password: password)
+        let text = try String(contentsOfFile: config, encoding: .utf8)
+            .replacingOccurrences(of: "url: \(redis.urlWithoutPassword)", with: "url: redis://127.0.0.1:\(sentinel.port)/0\n  mode: sentinel\n  sentinel_master: \(sentinel.master)")
+        let sentinelConfig = dir.file("sentinel.yaml").path
+        try text.write(toFile: sentinelConfig, atomically: true, encoding: .utf8)
+        let run = try DedupdProcess(["inspect", "--config", sentinelConfig, "k-done"], name: "inspect-sentinel", in: dir)
+        #expect(try await offPool { try run.wait(timeout: .seconds(30)) } == 0, "stderr: \(run.stderr)")
+        #expect(run.stdout.hasPrefix("k-done done ttl_left="), "\(run.stdout)")
+        #expect(!(run.stdout + run.stderr).contains(password))
+    }
+
     @Test func forgetRemovesDoneKeysKeepsPendingUnlessForcedAndAResendIsAcceptedAgain() async throws {
         let (redis, dir, config, store) = try await fixture()
         defer { _ = redis }
