@@ -29,8 +29,9 @@ public enum ConfigLoader {
     }
 
     /// Validates the merged layers completely without connecting anywhere: dedupd's own keys,
-    /// `redis.password_file` (read here, so a missing file fails at start, not at first connect), and
-    /// every `kafka.properties.*` entry against librdkafka's own configuration parser.
+    /// `redis.password_file` (read here, so a missing file fails at start, not at first connect),
+    /// every `kafka.properties.*` entry against librdkafka's own configuration parser, and the
+    /// certificates and keys of Redis, Kafka and `http` handlers, loaded as their clients load them.
     public static func resolve(_ layers: [[String: ConfigValue]]) throws(ConfigError) -> WorkerConfiguration {
         var config = try WorkerConfiguration(layers: layers)
         try validateRedisURL(config.redisURL, cluster: config.redisCluster, sentinel: config.redisSentinelMaster != nil, passwordGivenApart: config.redisPassword != nil || config.redisPasswordFile != nil, layers: layers)
@@ -108,7 +109,8 @@ public enum ConfigLoader {
     }
 
     /// `redis.url` parsed by the parser the connection uses (`RedisURL`), so what passes here
-    /// connects; its password given only once; a list of seed nodes only in cluster mode.
+    /// connects; its password given only once; a list of nodes only in cluster mode (seed nodes)
+    /// and sentinel mode (the Sentinels).
     static func validateRedisURL(
         _ text: String, cluster: Bool, sentinel: Bool = false, passwordGivenApart: Bool, layers: [[String: ConfigValue]]
     ) throws(ConfigError) {
