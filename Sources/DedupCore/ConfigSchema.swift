@@ -222,6 +222,20 @@ public struct ConfigError: Error, Sendable, CustomStringConvertible {
     }
 }
 
+/// A certificate or key file that its client cannot load: the setting that names it
+/// (`redis.tls.ca_file`, `handler.tls_key_file`, ...), the file, and why.
+public struct TLSFileProblem: Error, Sendable {
+    public var setting: String
+    public var file: String
+    public var reason: String
+
+    public init(setting: String, file: String, reason: String) {
+        self.setting = setting
+        self.file = file
+        self.reason = reason
+    }
+}
+
 /// A value as given, with where it came from (file, environment variable or flag) for error messages.
 public struct ConfigValue: Sendable, Equatable {
     public var text: String

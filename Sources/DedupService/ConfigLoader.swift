@@ -66,8 +66,7 @@ public enum ConfigLoader {
             } catch {
                 // The route's own key when the route sets it, else the top level's it inherits.
                 let routed = route.map { "routes.\($0).\(error.setting)" }
-                let key = routed.flatMap { origin(of: $0, in: layers) != nil ? $0 : nil } ?? error.setting
-                throw ConfigError(key: key, value: error.file, origin: origin(of: key, in: layers), problem: error.reason)
+                throw configError(error, key: routed.flatMap { origin(of: $0, in: layers) != nil ? $0 : nil }, layers: layers)
             }
         }
     }
@@ -104,8 +103,13 @@ public enum ConfigLoader {
     /// The `redis.tls.*` files loaded as a connection loads them, so that a certificate or key
     /// that is not one fails here and not at the first connect.
     static func validateRedisTLSFiles(_ settings: RedisTLSSettings, layers: [[String: ConfigValue]]) throws(ConfigError) {
-        guard let problem = RedisTLSOptions(settings).fileProblem() else { return }
-        throw ConfigError(key: problem.setting, value: problem.file, origin: origin(of: problem.setting, in: layers), problem: problem.reason)
+        if let problem = RedisTLSOptions(settings).fileProblem() { throw configError(problem, layers: layers) }
+    }
+
+    /// A file that does not load, under `key` (default: the problem's own setting).
+    static func configError(_ problem: TLSFileProblem, key: String? = nil, layers: [[String: ConfigValue]]) -> ConfigError {
+        let key = key ?? problem.setting
+        return ConfigError(key: key, value: problem.file, origin: origin(of: key, in: layers), problem: problem.reason)
     }
 
     /// `redis.url` parsed by the parser the connection uses (`RedisURL`), so what passes here

@@ -28,10 +28,10 @@ public struct RedisTLSOptions: Sendable, Hashable {
 extension RedisTLSOptions {
     /// The files loaded the way a connection loads them, without connecting: `nil` when they load,
     /// else the setting whose file does not, the file, and OpenSSL's reason.
-    public func fileProblem() -> (setting: String, file: String, reason: String)? {
+    public func fileProblem() -> TLSFileProblem? {
         guard caFile != nil || certificateFile != nil || keyFile != nil, let ctx = SSL_CTX_new(TLS_client_method()) else { return nil }
         defer { SSL_CTX_free(ctx) }
-        return RedisTLSContext.load(self, into: ctx).map { ($0.setting, $0.file, $0.reason) }
+        return RedisTLSContext.load(self, into: ctx)
     }
 }
 
@@ -57,30 +57,23 @@ final class RedisTLSContext: @unchecked Sendable {
         }
     }
 
-    /// A `redis.tls.*` file that OpenSSL cannot load, and why.
-    struct FileProblem: Sendable {
-        var setting: String
-        var file: String
-        var reason: String
-    }
-
     /// Loads the trust roots and the client certificate and key into `ctx`; the first that fails.
-    static func load(_ options: RedisTLSOptions, into ctx: OpaquePointer) -> FileProblem? {
+    static func load(_ options: RedisTLSOptions, into ctx: OpaquePointer) -> TLSFileProblem? {
         if let ca = options.caFile {
             guard SSL_CTX_load_verify_locations(ctx, ca, nil) == 1 else {
-                return FileProblem(setting: "redis.tls.ca_file", file: ca, reason: "cannot load certificate authorities: \(lastError())")
+                return TLSFileProblem(setting: "redis.tls.ca_file", file: ca, reason: "cannot load certificate authorities: \(lastError())")
             }
         } else {
             SSL_CTX_set_default_verify_paths(ctx)
         }
         if let cert = options.certificateFile {
             guard SSL_CTX_use_certificate_chain_file(ctx, cert) == 1 else {
-                return FileProblem(setting: "redis.tls.cert_file", file: cert, reason: "cannot load the client certificate: \(lastError())")
+                return TLSFileProblem(setting: "redis.tls.cert_file", file: cert, reason: "cannot load the client certificate: \(lastError())")
             }
         }
         if let key = options.keyFile {
             guard SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) == 1, SSL_CTX_check_private_key(ctx) == 1 else {
-                return FileProblem(
+                return TLSFileProblem(
                     setting: "redis.tls.key_file", file: key,
                     reason: "cannot load the client key or it does not match redis.tls.cert_file: \(lastError())")
             }

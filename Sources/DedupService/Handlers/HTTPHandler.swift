@@ -58,22 +58,15 @@ public final class HTTPHandler: Handler {
             self.keyFile = keyFile
         }
 
-        /// A file that does not load, named by its setting (`handler.tls_ca_file`, ...).
-        public struct FileProblem: Error, Sendable {
-            public var setting: String
-            public var file: String
-            public var reason: String
-        }
-
         /// The client's TLS configuration with these files loaded; the configuration loader calls
         /// it too, so that a bad file stops `check-config` and not the first request.
-        public func load() throws(FileProblem) -> TLSConfiguration {
-            func read<T>(_ setting: String, _ file: String, _ what: String, _ body: () throws -> T) throws(FileProblem) -> T {
+        public func load() throws(TLSFileProblem) -> TLSConfiguration {
+            func read<T>(_ setting: String, _ file: String, _ what: String, _ body: () throws -> T) throws(TLSFileProblem) -> T {
                 guard FileManager.default.isReadableFile(atPath: file) else {
-                    throw FileProblem(setting: setting, file: file, reason: "cannot read the file")
+                    throw TLSFileProblem(setting: setting, file: file, reason: "cannot read the file")
                 }
                 do { return try body() } catch {
-                    throw FileProblem(setting: setting, file: file, reason: "cannot load a PEM \(what) from it (\(error))")
+                    throw TLSFileProblem(setting: setting, file: file, reason: "cannot load a PEM \(what) from it (\(error))")
                 }
             }
             var configuration = TLSConfiguration.makeClientConfiguration()
