@@ -4,16 +4,8 @@ import Foundation
 /// worker (file, `DEDUPD_*`, flags): the Redis connection, the namespace and the Kafka connection,
 /// without requiring the worker's own required keys.
 public struct AdminConfiguration: Sendable {
-    public var redisURL: String
-    /// `redis.mode: cluster`: `redisURL` lists seed nodes of a Redis Cluster.
-    public var redisCluster: Bool
-    /// `redis.mode: sentinel`: the primary's name; `redisURL` lists Sentinels.
-    public var redisSentinelMaster: String?
-    public var redisPassword: String?
-    public var redisPasswordFile: String?
-    public var redisTLS: RedisTLSSettings
-    public var redisConnectTimeout: Duration
-    public var redisCommandTimeout: Duration
+    /// Where the seen-set is and how to reach it, as the worker reads it.
+    public var redis: RedisAccess
     public var namespace: String
     public var bootstrapServers: String?
     public var kafkaProperties: [String: String]
@@ -33,15 +25,7 @@ public struct AdminConfiguration: Sendable {
         for layer in layers { merged.merge(layer) { _, new in new } }
         try ConfigSchema.rejectUnknownKeys(merged)
         let r = WorkerConfiguration.Reader(values: merged)
-        // Parsed (and so validated) by RedisIO's `RedisURL`, in `ConfigLoader`.
-        redisURL = try r.string("redis.url")
-        redisCluster = try r.choice("redis.mode") == "cluster"
-        redisSentinelMaster = try WorkerConfiguration.sentinelMaster(r)
-        redisTLS = try RedisTLSSettings(r, url: redisURL)
-        redisPassword = r.optional("redis.password")
-        redisPasswordFile = r.optional("redis.password_file")
-        redisConnectTimeout = try r.duration("redis.connect_timeout")
-        redisCommandTimeout = try r.duration("redis.command_timeout")
+        redis = try RedisAccess(r)
         namespace = try r.string("dedup.namespace")
         guard !namespace.isEmpty, !namespace.contains(":") else {
             throw ConfigError(key: "dedup.namespace", value: namespace, problem: "must be non-empty and contain no ':'")
@@ -59,7 +43,7 @@ public struct AdminConfiguration: Sendable {
         }
         doneLayout = try Self.layout(r)
         entityRecords = try Self.entityRecords(r)
-        if redisCluster {
+        if redis.cluster {
             // As the worker reads it: a cluster never holds the keys layout (see WorkerConfiguration).
             func untagged(_ layout: DoneLayout) -> DoneLayout {
                 guard case .compact(var records) = layout else { return layout }

@@ -37,6 +37,12 @@ public enum ConfigSchema {
               doc: "standalone: one Redis server (or a primary behind a failover address). cluster: a Redis Cluster; keys go to the primary serving their slot, MOVED and ASK are followed. sentinel: a primary watched by Redis Sentinel; the Sentinels in redis.url are asked where it is at every connect, so a failover is followed."),
         .init(name: "redis.sentinel_master", kind: .string, defaultValue: nil,
               doc: "sentinel mode: the name the Sentinels monitor the primary under (their `sentinel monitor <name> ...` line). Required with redis.mode: sentinel."),
+        .init(name: "redis.sentinel_username", kind: .string, defaultValue: nil,
+              doc: "sentinel mode: the ACL user dedupd authenticates as at the Sentinels, with redis.sentinel_password. It needs one command: `+sentinel|get-master-addr-by-name`."),
+        .init(name: "redis.sentinel_password", kind: .secret, defaultValue: nil,
+              doc: "sentinel mode: the Sentinels' own password (their requirepass, or redis.sentinel_username's), when it is not the primary's; best given as DEDUPD_REDIS_SENTINEL_PASSWORD or through redis.sentinel_password_file. Unset: the Sentinels are offered the primary's user and password, which a Sentinel without a password ignores."),
+        .init(name: "redis.sentinel_password_file", kind: .string, defaultValue: nil,
+              doc: "sentinel mode: file holding redis.sentinel_password; one trailing newline is ignored."),
         .init(name: "redis.wait_replicas", kind: .string, defaultValue: "0",
               doc: "After each batch's confirms, wait until this many replicas of each primary written to have them (WAIT), so a failover cannot lose them; 0 does not wait. Costs the replication delay on every confirm."),
         .init(name: "redis.wait_timeout", kind: .duration, defaultValue: "100ms",
@@ -282,6 +288,13 @@ extension ConfigSchema {
             prev = cur
         }
         return a.isEmpty ? b.count : prev[b.count]
+    }
+
+    /// A value as dedupd shows it (`check-config`, errors): a secret as `***`, the password in
+    /// `redis.url` hidden.
+    public static func shown(_ key: String, _ text: String) -> String {
+        guard byName[key]?.kind == .secret else { return text }
+        return key == "redis.url" ? redact(text) : "***"
     }
 
     /// Hides the password in a redis:// URL.

@@ -7,18 +7,11 @@ public struct WorkerConfiguration: Sendable {
     /// `kafka.rebalance`. Default: cooperative.
     public var rebalance: RebalanceMode = .cooperative
     public var kafkaProperties: [String: String]
-    public var redisURL: String
-    /// `redis.mode: cluster`: `redisURL` lists seed nodes of a Redis Cluster.
-    public var redisCluster = false
-    /// `redis.mode: sentinel`: the primary's name (`redis.sentinel_master`); `redisURL` lists Sentinels.
-    public var redisSentinelMaster: String?
+    /// Where the seen-set is and how to reach it (`redis.url`, `redis.mode`, credentials, TLS).
+    public var redis: RedisAccess
     /// `redis.wait_replicas` (0: no WAIT) and `redis.wait_timeout`.
     public var redisWaitReplicas = 0
     public var redisWaitTimeout: Duration = .milliseconds(100)
-    public var redisConnectTimeout: Duration
-    public var redisCommandTimeout: Duration
-    /// `redis.tls.*`, for a `rediss://` URL.
-    public var redisTLS = RedisTLSSettings()
     /// `redis.allow_eviction`: start on a Redis whose maxmemory-policy evicts keys.
     public var redisAllowEviction = false
     /// The default route's dedup settings (the top-level `dedup.*` keys); its message size and
@@ -42,9 +35,6 @@ public struct WorkerConfiguration: Sendable {
     public var logLevel: LogLevel
     public var logFormat: LogFormat
     public var statsInterval: Duration
-    /// `redis.password`, or the contents of `redis.password_file` once `ConfigLoader` read it.
-    public var redisPassword: String?
-    public var redisPasswordFile: String?
     public var httpPort: Int?
     public var loopStallTimeout: Duration
     /// `http.bind`: an IPv4 or IPv6 address; `::` is dual stack.
@@ -73,18 +63,12 @@ public struct WorkerConfiguration: Sendable {
         kafkaProperties = props
         rebalance = RebalanceMode(rawValue: try r.choice("kafka.rebalance"))!
         try rebalance.check(assignmentStrategy: props[RebalanceMode.strategyProperty], origin: merged[ConfigSchema.kafkaPropertiesPrefix + RebalanceMode.strategyProperty]?.origin)
-        // Parsed (and so validated) by RedisIO's `RedisURL`, in `ConfigLoader`.
-        redisURL = try r.string("redis.url")
-        redisCluster = try r.choice("redis.mode") == "cluster"
-        redisSentinelMaster = try Self.sentinelMaster(r)
-        redisTLS = try RedisTLSSettings(r, url: redisURL)
+        redis = try RedisAccess(r)
         guard let replicas = Int(try r.string("redis.wait_replicas")), (0...64).contains(replicas) else {
             throw r.fail("redis.wait_replicas", "must be a whole number from 0 to 64")
         }
         redisWaitReplicas = replicas
         redisWaitTimeout = try r.duration("redis.wait_timeout")
-        redisConnectTimeout = try r.duration("redis.connect_timeout")
-        redisCommandTimeout = try r.duration("redis.command_timeout")
         redisAllowEviction = try r.choice("redis.allow_eviction") == "true"
 
         let top = try Self.parseRoute(r)
@@ -106,7 +90,7 @@ public struct WorkerConfiguration: Sendable {
             throw ConfigError(key: "dedup.on_store_error", value: "fail_open", origin: merged["dedup.on_store_error"]?.origin,
                               problem: "cannot be fail_open with a guard (\(guarded.0)guard.entity): without Redis no transition can be checked")
         }
-        if redisCluster {
+        if redis.cluster {
             // The keys layout's key has no hash tag, so it cannot share a script with a claim's
             // buckets in a cluster; 0.1.0 had no cluster support, so there is nothing to read.
             for (name, value) in merged where name.hasSuffix("dedup.compact.read_keys_layout") && value.text == "true" {
@@ -121,12 +105,6 @@ public struct WorkerConfiguration: Sendable {
         logLevel = LogLevel(rawValue: try r.choice("log.level"))!
         logFormat = LogFormat(rawValue: try r.choice("log.format"))!
         statsInterval = try r.duration("log.stats_interval", allowZero: true)
-        redisPassword = r.optional("redis.password")
-        redisPasswordFile = r.optional("redis.password_file")
-        if redisPassword != nil, redisPasswordFile != nil {
-            throw ConfigError(key: "redis.password_file", value: redisPasswordFile, origin: merged["redis.password_file"]?.origin,
-                              problem: "set either redis.password or redis.password_file, not both")
-        }
         httpPort = try r.optional("http.port").map { _ throws(ConfigError) in try r.count("http.port") }
         if let port = httpPort, port > 65535 { throw r.fail("http.port", "must be a port number from 1 to 65535") }
         loopStallTimeout = try r.duration("http.loop_stall_timeout")
@@ -153,19 +131,6 @@ public struct WorkerConfiguration: Sendable {
         case "exec": return .exec(command: try required("handler.command", "exec"))
         default: return .log(output: try r.string("handler.output"))
         }
-    }
-
-    /// `redis.sentinel_master` with `redis.mode: sentinel` (required there, refused elsewhere).
-    static func sentinelMaster(_ r: Reader) throws(ConfigError) -> String? {
-        let name = r.optional("redis.sentinel_master")
-        guard try r.choice("redis.mode") == "sentinel" else {
-            if name != nil { throw r.fail("redis.sentinel_master", "has no effect without redis.mode: sentinel") }
-            return nil
-        }
-        guard let name, !name.isEmpty else {
-            throw r.fail("redis.sentinel_master", "is required with redis.mode: sentinel (the name of the Sentinels' `sentinel monitor` line)")
-        }
-        return name
     }
 
     static func validateHandler(_ h: HandlerSettings, r: Reader) throws(ConfigError) {
@@ -398,7 +363,7 @@ public struct WorkerConfiguration: Sendable {
             let v = raw(key)
             // A route's error names the route's key when the route set it, else the inherited one.
             let named = routeName != nil && values[name(key)] != nil ? name(key) : key
-            return ConfigError(key: named, value: v?.text, origin: v?.origin, problem: problem)
+            return ConfigError(key: named, value: v.map { ConfigSchema.shown(key, $0.text) }, origin: v?.origin, problem: problem)
         }
         func choice(_ key: String) throws(ConfigError) -> String {
             let v = try string(key)

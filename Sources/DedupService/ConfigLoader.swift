@@ -28,17 +28,13 @@ public enum ConfigLoader {
         return layers
     }
 
-    /// Validates the merged layers completely without connecting anywhere: dedupd's own keys,
-    /// `redis.password_file` (read here, so a missing file fails at start, not at first connect),
-    /// every `kafka.properties.*` entry against librdkafka's own configuration parser, and the
-    /// certificates and keys of Redis, Kafka and `http` handlers, loaded as their clients load them.
+    /// Validates the merged layers completely without connecting anywhere: dedupd's own keys, the
+    /// Redis URL and password files, every `kafka.properties.*` entry against librdkafka's own
+    /// configuration parser, and the certificates and keys of Redis, Kafka and `http` handlers,
+    /// loaded as their clients load them.
     public static func resolve(_ layers: [[String: ConfigValue]]) throws(ConfigError) -> WorkerConfiguration {
         var config = try WorkerConfiguration(layers: layers)
-        try validateRedisURL(config.redisURL, cluster: config.redisCluster, sentinel: config.redisSentinelMaster != nil, passwordGivenApart: config.redisPassword != nil || config.redisPasswordFile != nil, layers: layers)
-        if let path = config.redisPasswordFile {
-            config.redisPassword = try readPasswordFile(path, origin: origin(of: "redis.password_file", in: layers))
-        }
-        try validateRedisTLSFiles(config.redisTLS, layers: layers)
+        try resolveRedis(&config.redis, layers: layers)
         guard HTTPEndpoint.isValidBindAddress(config.httpBind) else {
             throw ConfigError(key: "http.bind", value: config.httpBind, origin: origin(of: "http.bind", in: layers),
                               problem: "must be an IPv4 or IPv6 address such as 0.0.0.0, ::, 127.0.0.1 or ::1")
@@ -92,18 +88,24 @@ public enum ConfigLoader {
     /// The admin commands' view of the same sources (Redis and Kafka connection, namespace).
     public static func resolveAdmin(_ layers: [[String: ConfigValue]]) throws(ConfigError) -> AdminConfiguration {
         var config = try AdminConfiguration(layers: layers)
-        try validateRedisURL(config.redisURL, cluster: config.redisCluster, sentinel: config.redisSentinelMaster != nil, passwordGivenApart: config.redisPassword != nil || config.redisPasswordFile != nil, layers: layers)
-        if let path = config.redisPasswordFile {
-            config.redisPassword = try readPasswordFile(path, origin: origin(of: "redis.password_file", in: layers))
-        }
-        try validateRedisTLSFiles(config.redisTLS, layers: layers)
+        try resolveRedis(&config.redis, layers: layers)
         return config
     }
 
-    /// The `redis.tls.*` files loaded as a connection loads them, so that a certificate or key
-    /// that is not one fails here and not at the first connect.
-    static func validateRedisTLSFiles(_ settings: RedisTLSSettings, layers: [[String: ConfigValue]]) throws(ConfigError) {
-        if let problem = RedisTLSOptions(settings).fileProblem() { throw configError(problem, layers: layers) }
+    /// `redis.url` parsed by the connection's parser, the password files read (so a missing one
+    /// fails at start, not at first connect), and the `redis.tls.*` files loaded as a connection
+    /// loads them, so that a certificate or key that is not one fails here.
+    static func resolveRedis(_ redis: inout RedisAccess, layers: [[String: ConfigValue]]) throws(ConfigError) {
+        try validateRedisURL(
+            redis.url, cluster: redis.cluster, sentinel: redis.sentinelMaster != nil,
+            passwordGivenApart: redis.password != nil || redis.passwordFile != nil, layers: layers)
+        if let path = redis.passwordFile {
+            redis.password = try readPasswordFile(path, key: "redis.password_file", layers: layers)
+        }
+        if let path = redis.sentinelPasswordFile {
+            redis.sentinelPassword = try readPasswordFile(path, key: "redis.sentinel_password_file", layers: layers)
+        }
+        if let problem = RedisTLSOptions(redis.tls).fileProblem() { throw configError(problem, layers: layers) }
     }
 
     /// A file that does not load, under `key` (default: the problem's own setting).
@@ -149,14 +151,15 @@ public enum ConfigLoader {
     }
 
     /// The password in a file, without one trailing newline (`echo secret > file` writes one).
-    static func readPasswordFile(_ path: String, origin: String?) throws(ConfigError) -> String {
+    static func readPasswordFile(_ path: String, key: String, layers: [[String: ConfigValue]]) throws(ConfigError) -> String {
+        let origin = Self.origin(of: key, in: layers)
         guard let data = FileManager.default.contents(atPath: path) else {
-            throw ConfigError(key: "redis.password_file", value: path, origin: origin, problem: "cannot read the file")
+            throw ConfigError(key: key, value: path, origin: origin, problem: "cannot read the file")
         }
         var text = String(decoding: data, as: UTF8.self)
         if text.hasSuffix("\r\n") { text.removeLast(2) } else if text.hasSuffix("\n") { text.removeLast() }
         guard !text.isEmpty else {
-            throw ConfigError(key: "redis.password_file", value: path, origin: origin, problem: "the file is empty")
+            throw ConfigError(key: key, value: path, origin: origin, problem: "the file is empty")
         }
         return text
     }
@@ -242,7 +245,7 @@ public enum ConfigLoader {
         for key in ConfigSchema.keys {
             let v = merged[key.name] ?? key.defaultValue.map { ConfigValue($0, origin: "default") }
             guard let v else { lines.append("\(key.name) = (unset)"); continue }
-            let text = key.kind != .secret ? v.text : key.name == "redis.url" ? ConfigSchema.redact(v.text) : "***"
+            let text = ConfigSchema.shown(key.name, v.text)
             lines.append("\(key.name) = \(text)  # \(v.origin)")
         }
         // Routes: the keys each route sets itself; the others are the top-level ones above.

@@ -120,16 +120,13 @@ public final class Worker: Service {
     }
 
     func connectStore() async throws -> RedisClaimStore? {
-        let where_ = ConfigSchema.redact(config.redisURL)
+        let where_ = ConfigSchema.redact(config.redis.url)
         var attempt = 0
         var rng = SystemRandomNumberGenerator()
         while !isStopRequested {
             attempt += 1
             do {
-                let redis = try await RedisTarget.connect(
-                    url: config.redisURL, cluster: config.redisCluster, sentinelMaster: config.redisSentinelMaster, password: config.redisPassword,
-                    connectTimeout: config.redisConnectTimeout, commandTimeout: config.redisCommandTimeout,
-                    tls: RedisTLSOptions(config.redisTLS), logger: logger)
+                let redis = try await RedisTarget.connect(config.redis, logger: logger)
                 if attempt > 1 { logger.notice("redis reachable", metadata: ["redis.url": "\(where_)"]) }
                 try await checkRequirements(redis)
                 telemetry.heartbeat(redisUp: true)

@@ -11,6 +11,8 @@ public final class RedisSentinelProcess: @unchecked Sendable {
     public let port: Int
     public let master: String
     public let password: String?
+    /// What a client must AUTH with here: `own`, else `password`.
+    public let credentials: Credentials?
     public let tls: TLS?
     public let directory: TemporaryDirectory
     private let process = Process()
@@ -28,12 +30,26 @@ public final class RedisSentinelProcess: @unchecked Sendable {
         }
     }
 
-    /// `password`: the primary's (`sentinel auth-pass`) and this Sentinel's own (`requirepass`).
-    public init(monitoring primaryPort: Int, master: String = "dedupd-primary", password: String? = nil, tls: TLS? = nil,
-                downAfter: Duration = .seconds(1), startTimeout: Duration = .seconds(10)) throws {
+    /// A Sentinel's own credentials: a `requirepass` password (no user), or an ACL user allowed
+    /// nothing but `SENTINEL GET-MASTER-ADDR-BY-NAME`, with the default user off.
+    public struct Credentials: Sendable {
+        public var user: String?
+        public var password: String
+        public init(user: String? = nil, password: String) {
+            self.user = user
+            self.password = password
+        }
+    }
+
+    /// `password`: the primary's (`sentinel auth-pass`), and this Sentinel's own (`requirepass`)
+    /// unless `own` gives it credentials of its own.
+    public init(monitoring primaryPort: Int, master: String = "dedupd-primary", password: String? = nil, own: Credentials? = nil,
+                tls: TLS? = nil, downAfter: Duration = .seconds(1), startTimeout: Duration = .seconds(10)) throws {
         self.master = master
         self.tls = tls
         self.password = password
+        let credentials = own ?? password.map { Credentials(password: $0) }
+        self.credentials = credentials
         directory = try TemporaryDirectory(prefix: "dedupd-sentinel")
         let port = try freePort()
         self.port = port
@@ -42,6 +58,9 @@ public final class RedisSentinelProcess: @unchecked Sendable {
         let listen = tls.map {
             "port 0\ntls-port \(port)\ntls-cert-file \($0.certificate)\ntls-key-file \($0.key)\ntls-ca-cert-file \($0.ca)\ntls-auth-clients no\ntls-replication yes"
         } ?? "port \(port)"
+        let ownAuth = credentials.map { c in
+            c.user.map { "user default off\nuser \($0) on >\(c.password) +sentinel|get-master-addr-by-name" } ?? "requirepass \(c.password)"
+        } ?? ""
         try """
             \(listen)
             bind 127.0.0.1
@@ -51,7 +70,8 @@ public final class RedisSentinelProcess: @unchecked Sendable {
             sentinel down-after-milliseconds \(master) \(downAfterMs)
             sentinel failover-timeout \(master) 10000
             sentinel parallel-syncs \(master) 1
-            \(password.map { "sentinel auth-pass \(master) \($0)\nrequirepass \($0)" } ?? "")
+            \(password.map { "sentinel auth-pass \(master) \($0)" } ?? "")
+            \(ownAuth)
 
             """.write(to: config, atomically: true, encoding: .utf8)
         process.executableURL = URL(fileURLWithPath: "/usr/bin/redis-server")
@@ -63,7 +83,8 @@ public final class RedisSentinelProcess: @unchecked Sendable {
         let deadline = ContinuousClock.now + startTimeout
         while ContinuousClock.now < deadline {
             if !process.isRunning { throw LocalServerError("redis sentinel exited at start; log: \(log.suffix(2000))") }
-            if let answer = try? cli(["PING"]).output, answer.hasPrefix("PONG") || answer.contains("NOAUTH") { return }
+            // An ACL user allowed one command is refused PING: that answer, too, means it is up.
+            if let answer = try? cli(["PING"]).output, answer.hasPrefix("PONG") || answer.contains("NOAUTH") || answer.contains("NOPERM") { return }
             usleep(20_000)
         }
         stop()
@@ -84,10 +105,11 @@ public final class RedisSentinelProcess: @unchecked Sendable {
         return lines.count == 2 ? Int(lines[1]) : nil
     }
 
-    /// `redis-cli` against this Sentinel (with its password).
+    /// `redis-cli` against this Sentinel (with its credentials).
     public func cli(_ arguments: [String]) throws -> (status: Int32, output: String) {
         let secure = tls.map { ["--tls", "--cacert", $0.ca] } ?? []
-        return try RedisClusterProcess.cli(["-p", "\(port)"] + secure + (password.map { ["-a", $0, "--no-auth-warning"] } ?? []) + arguments)
+        let auth = credentials.map { c in (c.user.map { ["--user", $0] } ?? []) + ["--pass", c.password, "--no-auth-warning"] } ?? []
+        return try RedisClusterProcess.cli(["-p", "\(port)"] + secure + auth + arguments)
     }
 
     public func stop() {

@@ -2,12 +2,16 @@
 /// primary is each time it connects, so after a failover, once the old primary's socket breaks
 /// or answers `READONLY`, the next connect reaches the new one: no address has to move with it.
 public struct RedisSentinels: Sendable, Hashable {
-    /// The Sentinels' addresses (host and port of each), with the primary's user and password:
-    /// they are reached the way the primary is (TLS for `rediss://`), and offered its AUTH, which
-    /// a Sentinel with the same `requirepass` takes and one without a password ignores.
+    /// The Sentinels' addresses (host and port of each), reached the way the primary is (TLS for
+    /// `rediss://`), with the user and password they are offered: their own
+    /// (`redis.sentinel_password`), or else the primary's, which a Sentinel with the same
+    /// `requirepass` takes and one without a password ignores.
     public var nodes: [RedisURL]
     /// The name the Sentinels monitor the primary under (`redis.sentinel_master`).
     public var master: String
+    /// Whether `nodes` carry the Sentinels' own credentials rather than the primary's: says which
+    /// setting to fix when a Sentinel refuses them.
+    public var ownCredentials = false
 
     public init(nodes: [RedisURL], master: String) {
         self.nodes = nodes
@@ -28,10 +32,12 @@ public struct RedisSentinels: Sendable, Hashable {
     }
 
     /// Asks the Sentinels in turn where the primary is (`SENTINEL GET-MASTER-ADDR-BY-NAME`); the
-    /// first answer wins. Throws a retriable error when none answers, and a non-retriable one
-    /// when one answers that it monitors no primary of that name (a wrong `redis.sentinel_master`).
+    /// first answer wins. Throws a retriable error when none answers, and a non-retriable one when
+    /// one answers that it monitors no primary of that name (a wrong `redis.sentinel_master`) or
+    /// refuses the credentials it was offered.
     func locate(connectTimeout: Duration, commandTimeout: Duration, tls: RedisTLSContext?) throws -> (host: String, port: Int) {
         var failures: [String] = []
+        var refused = false
         for node in nodes {
             let peer = node.peer
             let reply: RedisReply
@@ -44,8 +50,16 @@ public struct RedisSentinels: Sendable, Hashable {
                 ask.append("SENTINEL")
                 ask.append("GET-MASTER-ADDR-BY-NAME")
                 ask.append(master)
-                // AUTH's own answer does not matter: the question's says whether it was needed.
-                reply = try RedisConnection.roundTrip(socket, ask) { RedisReply($0) }.all().last!
+                // AUTH's own answer matters only when the question is refused: a Sentinel without
+                // a password refuses the primary's AUTH and answers the question.
+                let replies = try RedisConnection.roundTrip(socket, ask) { RedisReply($0) }.all()
+                reply = replies.last!
+                if node.password != nil, case .error(let authText) = replies[0], case .error = reply {
+                    refused = true
+                    let who = node.user.map { "user '\($0)'" } ?? "the default user"
+                    failures.append("\(peer): AUTH as \(who) was refused: \(authText)\(credentialsHint)")
+                    continue
+                }
             } catch let error as RedisError {
                 failures.append("\(peer): \(error.message)")
                 continue
@@ -64,13 +78,25 @@ public struct RedisSentinels: Sendable, Hashable {
                     "Sentinel \(peer) monitors no primary named \(master) (redis.sentinel_master must be the name of its `sentinel monitor` line)",
                     retriable: false)
             case .error(let text) where text.hasPrefix("NOAUTH"):
-                failures.append("\(peer): \(text) (this Sentinel wants a password other than the primary's, which dedupd does not support)")
+                refused = true
+                failures.append("\(peer): \(text)\(credentialsHint)")
+            case .error(let text) where text.hasPrefix("NOPERM"):
+                refused = true
+                failures.append("\(peer): \(text) (the Sentinel's ACL user needs +sentinel|get-master-addr-by-name)")
             case .error(let text):
                 failures.append("\(peer): \(text)")
             default:
                 failures.append("\(peer): unexpected answer \(reply)")
             }
         }
-        throw RedisError(.connection, "no Sentinel told where primary \(master) is: " + failures.joined(separator: "; "))
+        let message = "no Sentinel told where primary \(master) is: " + failures.joined(separator: "; ")
+        throw refused ? RedisError(.auth, message) : RedisError(.connection, message)
+    }
+
+    /// What to set when a Sentinel refuses what it was offered.
+    private var credentialsHint: String {
+        ownCredentials
+            ? " (redis.sentinel_username and redis.sentinel_password must be this Sentinel's)"
+            : " (this Sentinel has a password of its own: set redis.sentinel_password or redis.sentinel_password_file)"
     }
 }

@@ -86,19 +86,28 @@ public enum RedisTarget: Sendable {
 extension RedisTarget {
     /// Connects to the Redis that `url` names: one server, a Redis Cluster whose seed nodes it
     /// lists (`cluster`), or the primary that the Sentinels it lists monitor as `sentinelMaster`.
-    /// `password`, when given, replaces the URL's. Throws when no server answers, so a wrong
-    /// address, password or certificate is reported at start.
+    /// `password`, when given, replaces the URL's. The Sentinels are offered `sentinelPassword`
+    /// (as `sentinelUsername` when given), else the primary's user and password. Throws when no
+    /// server answers, so a wrong address, password or certificate is reported at start.
     public static func connect(
         url text: String, cluster: Bool, sentinelMaster: String? = nil, password: String? = nil,
+        sentinelUsername: String? = nil, sentinelPassword: String? = nil,
         connectTimeout: Duration = .seconds(2), commandTimeout: Duration = .seconds(5),
         tls: RedisTLSOptions = RedisTLSOptions(), logger: Logger
     ) async throws -> RedisTarget {
         if let sentinelMaster {
             var (sentinels, url) = try RedisSentinels.parse(text, master: sentinelMaster)
-            if let password {
-                url.password = password
-                for i in sentinels.nodes.indices { sentinels.nodes[i].password = password }
+            if let password { url.password = password }
+            for i in sentinels.nodes.indices {
+                if let sentinelPassword {
+                    sentinels.nodes[i].user = sentinelUsername
+                    sentinels.nodes[i].password = sentinelPassword
+                } else {
+                    sentinels.nodes[i].user = url.user
+                    sentinels.nodes[i].password = url.password
+                }
             }
+            sentinels.ownCredentials = sentinelPassword != nil
             return .server(try await RedisConnection.connect(
                 url, sentinels: sentinels, connectTimeout: connectTimeout, commandTimeout: commandTimeout, tls: tls, logger: logger))
         }

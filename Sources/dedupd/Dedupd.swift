@@ -489,10 +489,7 @@ struct AdminOptions: ParsableArguments {
 
     func connectStore(_ c: AdminConfiguration) async throws -> RedisClaimStore {
         let logger = Logger(label: "dedupd.admin")
-        let redis = try await RedisTarget.connect(
-            url: c.redisURL, cluster: c.redisCluster, sentinelMaster: c.redisSentinelMaster, password: c.redisPassword,
-            connectTimeout: c.redisConnectTimeout, commandTimeout: c.redisCommandTimeout,
-            tls: RedisTLSOptions(c.redisTLS), logger: logger)
+        let redis = try await RedisTarget.connect(c.redis, logger: logger)
         return RedisClaimStore(redis: redis, logger: logger)
     }
 }

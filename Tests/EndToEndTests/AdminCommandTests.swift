@@ -68,6 +68,34 @@ let adminQuiet = Logger(label: "admin-tests") { _ in SwiftLogNoOpLogHandler() }
         #expect(!(run.stdout + run.stderr).contains(password))
     }
 
+    /// A Sentinel with an ACL user of its own: `redis.sentinel_username` and
+    /// `redis.sentinel_password_file` reach it, the primary keeps its password. Without them the
+    /// command fails at once, naming the Sentinel and the settings; no password is printed.
+    @Test func inspectGivesASentinelItsOwnCredentials() async throws {
+        let (redis, dir, config, _) = try await fixture()
+        let sentinelPassword = "sentinel-secret-93"
+        let sentinel = try RedisSentinelProcess(monitoring: redis.port, password: password, own: .init(user: "watcher", password: sentinelPassword))
+        let passwordFile = dir.file("sentinel-password").path
+        try "\(sentinelPassword)\n".write(toFile: passwordFile, atomically: true, encoding: .utf8)
+        let base = try String(contentsOfFile: config, encoding: .utf8)
+            .replacingOccurrences(of: "url: \(redis.urlWithoutPassword)", with: "url: redis://127.0.0.1:\(sentinel.port)/0\n  mode: sentinel\n  sentinel_master: \(sentinel.master)")
+        let withOwn = dir.file("sentinel-own.yaml").path
+        try base.replacingOccurrences(of: "  mode: sentinel\n", with: "  mode: sentinel\n  sentinel_username: watcher\n  sentinel_password_file: \(passwordFile)\n")
+            .write(toFile: withOwn, atomically: true, encoding: .utf8)
+        let run = try DedupdProcess(["inspect", "--config", withOwn, "k-done"], name: "inspect-sentinel-own", in: dir)
+        #expect(try await offPool { try run.wait(timeout: .seconds(30)) } == 0, "stderr: \(run.stderr)")
+        #expect(run.stdout.hasPrefix("k-done done ttl_left="), "\(run.stdout)")
+
+        let withoutOwn = dir.file("sentinel-without.yaml").path
+        try base.write(toFile: withoutOwn, atomically: true, encoding: .utf8)
+        let refused = try DedupdProcess(["inspect", "--config", withoutOwn, "k-done"], name: "inspect-sentinel-refused", in: dir)
+        #expect(try await offPool { try refused.wait(timeout: .seconds(30)) } != 0)
+        #expect(refused.stderr.contains("127.0.0.1:\(sentinel.port)") && refused.stderr.contains("set redis.sentinel_password or redis.sentinel_password_file"),
+                "stderr: \(refused.stderr)")
+        let printed = run.stdout + run.stderr + refused.stdout + refused.stderr
+        #expect(!printed.contains(password) && !printed.contains(sentinelPassword))
+    }
+
     @Test func forgetRemovesDoneKeysKeepsPendingUnlessForcedAndAResendIsAcceptedAgain() async throws {
         let (redis, dir, config, store) = try await fixture()
         defer { _ = redis }

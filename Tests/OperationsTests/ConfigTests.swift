@@ -43,9 +43,9 @@ import Yams
         let pwFile = dir.file("pw").path
         try "from-file-pw-81\n".write(toFile: pwFile, atomically: true, encoding: .utf8)
         let fromFile = try ConfigLoader.load(file: nil, environment: required.merging(["DEDUPD_REDIS_PASSWORD_FILE": pwFile]) { $1 })
-        #expect(fromFile.redisPassword == "from-file-pw-81", "one trailing newline dropped")
+        #expect(fromFile.redis.password == "from-file-pw-81", "one trailing newline dropped")
         let fromEnv = try ConfigLoader.load(file: nil, environment: required.merging(["DEDUPD_REDIS_PASSWORD": "env-pw-82"]) { $1 })
-        #expect(fromEnv.redisPassword == "env-pw-82")
+        #expect(fromEnv.redis.password == "env-pw-82")
         let layers = try ConfigLoader.layers(
             file: nil,
             environment: required.merging(["DEDUPD_REDIS_PASSWORD": "env-pw-82"]) { $1 },
@@ -55,6 +55,28 @@ import Yams
         #expect(text.contains("redis.password = ***  # environment DEDUPD_REDIS_PASSWORD"))
         #expect(text.contains("redis.url = redis://app:***@r:6379/0  # flag"))
         #expect(text.contains("kafka.properties.sasl.password = ***  # flag"))
+    }
+
+    /// Sentinel mode: the Sentinels' own password from a file or the environment, with its user,
+    /// for the worker and the admin commands alike; never shown.
+    @Test func sentinelCredentialsReachBothConfigurationsAndAreRedacted() throws {
+        let dir = try TemporaryDirectory(prefix: "dedupd-config")
+        let pwFile = dir.file("sentinel-pw").path
+        try "sentinel-file-pw-85\n".write(toFile: pwFile, atomically: true, encoding: .utf8)
+        let sentinel = required.merging([
+            "DEDUPD_REDIS_MODE": "sentinel", "DEDUPD_REDIS_URL": "redis://:primary-pw-86@s1:26379,s2:26379/0",
+            "DEDUPD_REDIS_SENTINEL_MASTER": "orders", "DEDUPD_REDIS_SENTINEL_USERNAME": "watcher",
+        ]) { $1 }
+        let fromFile = try ConfigLoader.load(file: nil, environment: sentinel.merging(["DEDUPD_REDIS_SENTINEL_PASSWORD_FILE": pwFile]) { $1 })
+        #expect(fromFile.redis.sentinelPassword == "sentinel-file-pw-85" && fromFile.redis.sentinelUsername == "watcher")
+        #expect(fromFile.redis.sentinelMaster == "orders" && fromFile.redis.password == nil, "the primary's password stays in the URL")
+        let withEnv = sentinel.merging(["DEDUPD_REDIS_SENTINEL_PASSWORD": "sentinel-env-pw-87"]) { $1 }
+        let admin = try ConfigLoader.resolveAdmin(ConfigLoader.layers(file: nil, environment: withEnv))
+        #expect(admin.redis.sentinelPassword == "sentinel-env-pw-87" && admin.redis.sentinelUsername == "watcher")
+        let text = ConfigLoader.describe(try ConfigLoader.layers(file: nil, environment: withEnv)).joined(separator: "\n")
+        for secret in ["primary-pw-86", "sentinel-env-pw-87"] { #expect(!text.contains(secret)) }
+        #expect(text.contains("redis.sentinel_password = ***  # environment DEDUPD_REDIS_SENTINEL_PASSWORD"))
+        #expect(text.contains("redis.sentinel_username = watcher  # environment DEDUPD_REDIS_SENTINEL_USERNAME"))
     }
 }
 
@@ -81,6 +103,10 @@ import Yams
         (["redis.url": "redis://:pw-6@a:7000,b:7001/0"], #"config key redis.url = "redis://:***@a:7000,b:7001/0" (from flag): lists several nodes, which only redis.mode: cluster or sentinel accepts (set redis.mode: cluster for a Redis Cluster, sentinel for Sentinels)"#),
         (["redis.mode": "sentinel", "redis.url": "redis://a:26379,b:26379/1"], #"config key redis.sentinel_master: is required with redis.mode: sentinel (the name of the Sentinels' `sentinel monitor` line)"#),
         (["redis.sentinel_master": "mymaster"], #"config key redis.sentinel_master = "mymaster" (from flag): has no effect without redis.mode: sentinel"#),
+        (["redis.sentinel_password": "pw-8"], #"config key redis.sentinel_password = "***" (from flag): has no effect without redis.mode: sentinel"#),
+        (["redis.mode": "sentinel", "redis.url": "redis://a:26379/0", "redis.sentinel_master": "m", "redis.sentinel_username": "watcher"], #"config key redis.sentinel_username = "watcher" (from flag): needs redis.sentinel_password or redis.sentinel_password_file (AUTH takes a user with its password)"#),
+        (["redis.mode": "sentinel", "redis.url": "redis://a:26379/0", "redis.sentinel_master": "m", "redis.sentinel_password": "pw-9", "redis.sentinel_password_file": "/run/spw"], #"config key redis.sentinel_password_file = "/run/spw" (from flag): set either redis.sentinel_password or redis.sentinel_password_file, not both"#),
+        (["redis.mode": "sentinel", "redis.url": "redis://a:26379/0", "redis.sentinel_master": "m", "redis.sentinel_password_file": "/nonexistent/spw"], #"config key redis.sentinel_password_file = "/nonexistent/spw" (from flag): cannot read the file"#),
         (["redis.mode": "cluster", "redis.url": "redis://:pw-7@a:7000,b:7001/2"], #"config key redis.url = "redis://:***@a:7000,b:7001/2" (from flag): must look like redis://[user:password@]host:port[,host:port...] (seed nodes of the cluster, no db), or rediss://... for TLS (invalid Redis Cluster URL: database 2: Redis Cluster has only database 0; remove '/2')"#),
         (["redis.mode": "sharded"], #"config key redis.mode = "sharded" (from flag): must be one of: standalone, cluster, sentinel"#),
         (["redis.wait_replicas": "two"], #"config key redis.wait_replicas = "two" (from flag): must be a whole number from 0 to 64"#),
@@ -303,7 +329,7 @@ import Yams
         env["DEDUPD_REDIS_URL"] = "rediss://cache.example:6380/0"
         env["DEDUPD_REDIS_TLS_CA_FILE"] = certs.path("ca.pem")
         let c = try ConfigLoader.load(file: nil, environment: env, flags: [:])
-        #expect(c.redisTLS.caFile == certs.path("ca.pem"))
+        #expect(c.redis.tls.caFile == certs.path("ca.pem"))
 
         env["DEDUPD_REDIS_URL"] = "redis://cache.example:6379/0"
         let plain = #expect(throws: ConfigError.self) { _ = try ConfigLoader.load(file: nil, environment: env, flags: [:]) }

@@ -98,15 +98,36 @@ struct RedisSentinelTests {
         #expect(untrusted?.message.contains("127.0.0.1:\(sentinel.port)") == true, "\(untrusted.map { "\($0)" } ?? "")")
     }
 
-    /// A Sentinel that wants a password other than the primary's is named in the error.
-    @Test func aSentinelWithAnotherPasswordIsNamed() async throws {
-        let primary = try RedisServerProcess()
-        let sentinel = try RedisSentinelProcess(monitoring: primary.port, password: "pw-sentinel-only")
-        let refused = await #expect(throws: RedisError.self) {
-            _ = try await RedisTarget.connect(url: "redis://127.0.0.1:\(sentinel.port)/0", cluster: false, sentinelMaster: sentinel.master, logger: quietLogger)
+    /// Sentinels with credentials of their own (a `requirepass`, or an ACL user allowed only
+    /// `SENTINEL GET-MASTER-ADDR-BY-NAME`) are given them, and the primary its own password.
+    /// Offered the primary's credentials, or wrong ones, a Sentinel's refusal is a mistake to fix
+    /// (`auth`, not retried), naming the Sentinel and the setting.
+    @Test(arguments: [nil, "watcher"])
+    func aSentinelWithCredentialsOfItsOwnIsGivenThem(user: String?) async throws {
+        let primary = try RedisServerProcess(password: "pw-primary")
+        let sentinel = try RedisSentinelProcess(monitoring: primary.port, password: "pw-primary", own: .init(user: user, password: "pw-sentinel"))
+        let url = "redis://:pw-primary@127.0.0.1:\(sentinel.port)/0"
+        func connect(user: String?, password: String?) async throws -> RedisTarget {
+            try await RedisTarget.connect(
+                url: url, cluster: false, sentinelMaster: sentinel.master, sentinelUsername: user, sentinelPassword: password, logger: quietLogger)
         }
-        #expect(refused?.message.contains("127.0.0.1:\(sentinel.port): NOAUTH") == true && refused?.message.contains("password other than the primary's") == true,
-                "\(refused.map { "\($0)" } ?? "")")
+
+        let redis = try await connect(user: user, password: "pw-sentinel")
+        #expect(try await redis.command(["SET", "k", "v"], key: "k") == .status("OK"))
+        #expect(cli(primary.port, "pw-primary", ["GET", "k"]).hasPrefix("v"))
+        await redis.close()
+
+        let notGiven = await #expect(throws: RedisError.self) { _ = try await connect(user: nil, password: nil) }
+        #expect(notGiven?.code == .auth && notGiven?.isRetriable == false)
+        #expect(notGiven?.message.contains("127.0.0.1:\(sentinel.port)") == true
+                && notGiven?.message.contains("set redis.sentinel_password or redis.sentinel_password_file") == true,
+                "\(notGiven.map { "\($0)" } ?? "")")
+
+        let wrong = await #expect(throws: RedisError.self) { _ = try await connect(user: user, password: "pw-wrong") }
+        #expect(wrong?.code == .auth && wrong?.isRetriable == false)
+        #expect(wrong?.message.contains("AUTH as \(user.map { "user '\($0)'" } ?? "the default user") was refused: WRONGPASS") == true
+                && wrong?.message.contains("must be this Sentinel's") == true, "\(wrong.map { "\($0)" } ?? "")")
+        for error in [notGiven, wrong] { #expect(error?.message.contains("pw-") == false, "no password in the message") }
     }
 
     /// A name the Sentinel does not monitor is a mistake to fix, not an outage to wait out;
