@@ -302,6 +302,11 @@ import Yams
         env["DEDUPD_HANDLER_TLS_KEY_FILE"] = certs.path("client.pem")
         let key = #expect(throws: ConfigError.self) { _ = try ConfigLoader.load(file: nil, environment: env, flags: [:]) }
         #expect(key?.key == "handler.tls_key_file" && key?.problem.hasPrefix("cannot load a PEM private key from it") == true, "\(key.map { "\($0)" } ?? "accepted")")
+        env["DEDUPD_HANDLER_TLS_KEY_FILE"] = certs.path("server.key")
+        let mismatch = #expect(throws: ConfigError.self) { _ = try ConfigLoader.load(file: nil, environment: env, flags: [:]) }
+        #expect(mismatch?.key == "handler.tls_key_file" && mismatch?.problem.hasPrefix("is not the private key of handler.tls_cert_file") == true,
+                "\(mismatch.map { "\($0)" } ?? "accepted")")
+        env["DEDUPD_HANDLER_TLS_KEY_FILE"] = certs.path("client.key")
 
         let dir = try TemporaryDirectory(prefix: "dedupd-route-tls")
         let yaml = dir.file("dedupd.yaml").path

@@ -79,6 +79,11 @@ public final class HTTPHandler: Handler {
             }
             if let key = keyFile {
                 configuration.privateKey = .privateKey(try read("handler.tls_key_file", key, "private key") { try NIOSSLPrivateKey(file: key, format: .pem) })
+                // Whether the key belongs to the certificate is checked only when a context is
+                // made of them: make one here, or a mismatch would first show in a handshake.
+                do { _ = try NIOSSLContext(configuration: configuration) } catch {
+                    throw TLSFileProblem(setting: "handler.tls_key_file", file: key, reason: "is not the private key of handler.tls_cert_file (\(error))")
+                }
             }
             return configuration
         }
