@@ -151,36 +151,12 @@ public final class Worker: Service {
     }
 
     /// Refuses a Redis that evicts keys unless `redis.allow_eviction`; warns where the server
-    /// does not say, and when it keeps nothing across a restart (RedisRequirements). In a cluster
-    /// every primary is checked: each has its own configuration.
+    /// does not say, and when it keeps nothing across a restart (`WorkerConfiguration.judge`). In a
+    /// cluster every primary is checked: each has its own configuration.
     func checkRequirements(_ redis: RedisTarget) async throws {
-        let compact = ([config.dedup] + config.routes.map(\.dedup)).contains { $0.layout == .compact }
-        for (node, found) in try await RedisRequirements.read(from: redis) {
-            if let refusal = found.configRefusal {
-                logger.warning(
-                    "redis refused CONFIG GET, so its eviction policy is unknown: dedupd needs maxmemory-policy noeviction (an evicted done record lets a duplicate through)",
-                    metadata: ["redis.reply": "\(refusal)", "redis.node": "\(node)"])
-            }
-            if let problem = found.evictionProblem {
-                guard config.redisAllowEviction else {
-                    throw ConfigError(key: "redis.allow_eviction", value: "false", problem: redis.isCluster ? "\(node): \(problem)" : problem)
-                }
-                logger.warning("redis evicts keys with a TTL; running anyway (redis.allow_eviction: true)",
-                               metadata: ["redis.maxmemory_policy": "\(found.maxmemoryPolicy ?? "")", "redis.node": "\(node)"])
-            }
-            if found.persistenceOff == true {
-                logger.warning("redis persists nothing (appendonly no, no save points): a restart of Redis forgets every done record",
-                               metadata: ["redis.node": "\(node)"])
-            }
-            if compact, redis.isCluster, found.lacksGetdel {
-                throw ConfigError(
-                    key: "dedup.layout", value: "compact",
-                    problem: "\(node) does not know GETDEL (Redis older than 6.2): the compact layout on a Redis Cluster needs Redis 6.2 or later. Upgrade Redis, or set dedup.layout: keys (any Redis)")
-            }
-            if compact, let problem = found.listpackProblem {
-                logger.warning("\(problem)", metadata: ["redis.node": "\(node)"])
-            }
-        }
+        let verdict = config.judge(try await RedisRequirements.read(from: redis), cluster: redis.isCluster)
+        for warning in verdict.warnings { logger.warning("\(warning.message)", metadata: warning.metadata) }
+        if let refusal = verdict.refusals.first { throw refusal }
     }
 
     func runPipeline() async throws {

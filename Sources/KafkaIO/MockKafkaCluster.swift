@@ -72,4 +72,22 @@ public final class MockKafkaCluster: @unchecked Sendable {
     public func setCoordinator(group: String, broker: Int32) {
         _ = rd_kafka_mock_coordinator_set(cluster, "group", group, broker)
     }
+
+    /// Answers metadata requests for `topic` with the error librdkafka names `errorName` (without
+    /// its `RD_KAFKA_RESP_ERR_` prefix: `UNKNOWN_TOPIC_OR_PART`, `TOPIC_AUTHORIZATION_FAILED`), as a
+    /// cluster without the topic, or without the permission to describe it, does; `NO_ERROR`
+    /// clears it. The mock otherwise creates every topic a client asks about. Returns false for a
+    /// name librdkafka does not know.
+    public func setTopicError(_ topic: String, _ errorName: String) -> Bool {
+        var descs: UnsafePointer<rd_kafka_err_desc>?
+        var count = 0
+        rd_kafka_get_err_descs(&descs, &count)
+        guard let descs else { return false }
+        for i in 0..<count {
+            guard let name = descs[i].name, String(cString: name) == errorName else { continue }
+            rd_kafka_mock_topic_set_error(cluster, topic, descs[i].code)
+            return true
+        }
+        return false
+    }
 }

@@ -109,21 +109,43 @@ struct Run: AsyncParsableCommand {
 struct CheckConfig: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "check-config",
-        abstract: "Validate the configuration without connecting; print the effective values, secrets redacted.")
+        abstract: "Validate the configuration without connecting; print the effective values, secrets redacted.",
+        discussion: """
+            With --connect it then reaches every server the configuration names, as the worker does \
+            at start: Redis (authentication, TLS, its eviction and persistence settings, judged as the \
+            worker judges them) and Kafka (the metadata of every topic read or written). Nothing is \
+            written, consumed or joined. Exit status: 2 invalid, 1 a server could not be used, 0 valid \
+            (and, with --connect, every server usable).
+            """)
 
     @OptionGroup var options: WorkerOptions
+    @Flag(help: "Also reach Redis and Kafka and check what the worker needs of them.") var connect = false
+    @Option(help: "With --connect: how long to wait for a Kafka broker's answer, e.g. 10s.") var timeout: String = "10s"
 
     func run() async throws {
         let layers: [[String: ConfigValue]]
+        let config: WorkerConfiguration
         do {
             layers = try ConfigLoader.layers(file: options.config, flags: options.flags)
-            _ = try ConfigLoader.resolve(layers)
+            config = try ConfigLoader.resolve(layers)
         } catch {
             FileHandle.standardError.write(Data("invalid: \(error)\n".utf8))
             throw ExitCode(2)
         }
         for line in ConfigLoader.describe(layers) { print(line) }
         print("valid")
+        guard connect else { return }
+        guard let wait = DurationParser.parse(timeout), wait > .zero else {
+            throw ValidationError("--timeout must be a duration such as 10s")
+        }
+        let findings = await ConnectionCheck.run(config, timeout: wait)
+        for finding in findings { print(finding) }
+        let problems = findings.filter(\.problem).count
+        guard problems == 0 else {
+            print("not usable: \(problems) problem\(problems == 1 ? "" : "s")")
+            throw ExitCode(1)
+        }
+        print("usable")
     }
 }
 
@@ -206,6 +228,8 @@ struct MockKafka: AsyncParsableCommand {
               leader TOPIC PARTITION ID move a partition's leadership to broker ID
               coordinator GROUP ID      move a consumer group's coordinator to broker ID
               rtt ID MS                 delay every answer of broker ID by MS milliseconds (0: none)
+              topic-error TOPIC NAME    answer metadata requests for TOPIC with librdkafka's error NAME, e.g. \
+            UNKNOWN_TOPIC_OR_PART as a cluster without it (the mock creates every topic asked about); NO_ERROR clears it
             Broker ids are 1...N.
             """)
 
@@ -300,6 +324,8 @@ enum MockKafkaControl {
         case "rtt" where words.count == 3:
             guard let id = broker(words[1]), let ms = Int(words[2]), ms >= 0 else { return "error usage: rtt ID MS" }
             cluster.setBrokerRoundTrip(id, .milliseconds(ms))
+        case "topic-error" where words.count == 3:
+            guard cluster.setTopicError(words[1], words[2]) else { return "error no librdkafka error named \(words[2])" }
         case nil:
             return "error empty command"
         default:
