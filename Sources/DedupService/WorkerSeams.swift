@@ -34,8 +34,9 @@ extension KafkaConsumer: MessageSource {
             case .assigned(let partitions): out.append(.assigned(partitions))
             case .revoked(let partitions): out.append(.revoked(partitions))
             case .lost(let partitions): out.append(.lost(partitions))
-            // KafkaIO has already logged it with librdkafka's own level; librdkafka recovers
-            // from transport errors by itself.
+            // KafkaIO has already logged it (a client error with librdkafka's own level, a
+            // consume error as `kafka consumer error`); librdkafka recovers from transport errors
+            // by itself and reports a missing topic again at each metadata refresh.
             case .error: break
             }
         }

@@ -181,7 +181,10 @@ public final class KafkaConsumer: @unchecked Sendable {
             }
             if let rkm {
                 defer { rd_kafka_message_destroy(rkm) }
-                if let event = Self.convert(rkm, names: &names) { out.append(event) }
+                if let event = Self.convert(rkm, names: &names) {
+                    if case .error(let error) = event { logConsumeError(error) }
+                    out.append(event)
+                }
             } else if events.isEmpty {
                 break  // nothing more right now
             }
@@ -195,6 +198,21 @@ public final class KafkaConsumer: @unchecked Sendable {
                 metadata: ["kafka.partitions": .string(lost.map(\.description).sorted().joined(separator: ","))])
         }
         return out
+    }
+
+    /// An error the consumer delivers in place of a message: a subscribed topic that does not
+    /// exist or that the user may not read (librdkafka says so at each metadata refresh), a
+    /// partition's fetch error. The client-wide ones come through the error callback instead.
+    private func logConsumeError(_ error: KafkaError) {
+        var metadata: Logger.Metadata = [
+            "kafka.error": .string(error.errorName ?? "\(error.errorNumber ?? 0)"),
+            "kafka.reason": .string(error.message),
+        ]
+        let topicMissing = [RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART, RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED].map(\.rawValue)
+        if let number = error.errorNumber, topicMissing.contains(number) {
+            metadata["hint"] = "check kafka.topics and the user's Describe and Read permissions on the topic; the other topics are consumed meanwhile"
+        }
+        context.logger.error("kafka consumer error", metadata: metadata)
     }
 
     /// Copies a C message into a Swift event; `nil` for partition EOF.

@@ -60,6 +60,22 @@ import TestSupport
         }
     }
 
+    /// A subscribed topic the cluster does not have is an error in the log naming it and
+    /// `kafka.topics` (it used to pass in silence); the worker consumes the other topic meanwhile.
+    @Test(.timeLimit(.minutes(2)))
+    func aMissingTopicIsNamedAndTheOthersAreConsumed() async throws {
+        let s = try Setup(topic: "t")
+        try s.mock.send("topic-error gone UNKNOWN_TOPIC_OR_PART")
+        let unique = try s.produce(300, prefix: "mt", seed: 5)
+        let w = try s.worker(["--topic", "gone", "--window", "200ms", "--stop-when-idle", "3s"])
+        #expect(try w.wait(timeout: .seconds(60)) == 0, "stderr: \(w.stderr.suffix(2000))")
+        let line = w.stderr.split(separator: "\n").first { $0.contains(#"msg="kafka consumer error""#) }.map(String.init) ?? ""
+        #expect(line.contains("level=error") && line.contains("kafka.error=UNKNOWN_TOPIC_OR_PART")
+                && line.contains("Subscribed topic not available: gone") && line.contains("check kafka.topics"), "stderr: \(w.stderr.suffix(2000))")
+        #expect(Set(s.dispatched) == Set((0..<unique).map { "mt-\($0)" }) && s.dispatched.count == unique)
+        s.mock.terminate()
+    }
+
     @Test(.timeLimit(.minutes(2)))
     func sigtermReleasesWhatWaitsInTheWindowCommitsAndExitsZero() async throws {
         let s = try Setup(topic: "t")
