@@ -228,7 +228,16 @@ public final class Worker: Service {
         /// When the engine stopped running: leaving the group is bounded by the shutdown deadline from here.
         var stoppingSince = started
         var cancelled = false
+        /// Set when the source failed for good: the worker stops as for SIGTERM, then throws.
+        var sourceFailure: String?
         while true {
+            if !stopping, sourceFailure == nil, let reason = source.unrecoverableError {
+                sourceFailure = reason
+                logger.error(
+                    "kafka client failed for good, stopping: the worker exits with an error, to be restarted with a new client",
+                    metadata: ["kafka.reason": "\(reason)"])
+                requestStop()
+            }
             if !stopping, isStopRequested { engine.handle(.stop, now: clock.now) }
             switch engine.nextAction(now: clock.now) {
             case .poll(let timeout):
@@ -323,6 +332,7 @@ public final class Worker: Service {
                 await rounds.close()
                 counters.withLock { $0 = engine.counters }
                 logSummary(engine, commitError: commitError, elapsed: clock.now - started)
+                if let sourceFailure { throw SourceFailure(reason: sourceFailure) }
                 return
             }
             if !stopping, !engine.isRunning {

@@ -18,6 +18,19 @@ public protocol MessageSource: AnyObject, Sendable {
     func commit(within timeout: Duration) async throws
     /// Leaves the group, waiting at most `timeout` for it.
     func close(within timeout: Duration) async
+    /// Why the source can deliver nothing more (librdkafka gave the client up), or `nil`.
+    var unrecoverableError: String? { get }
+}
+
+extension MessageSource {
+    public var unrecoverableError: String? { nil }
+}
+
+/// What the worker throws, once it has stopped as for SIGTERM, after its source failed for good
+/// (`MessageSource.unrecoverableError`): the process exits with an error, to be restarted.
+public struct SourceFailure: Error, CustomStringConvertible {
+    public var reason: String
+    public var description: String { "kafka client failed for good: \(reason)" }
 }
 
 extension KafkaConsumer: MessageSource {

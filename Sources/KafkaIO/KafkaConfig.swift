@@ -88,6 +88,22 @@ final class ClientContext: Sendable {
     let recordErrors: Bool
     /// A consumer's paused partitions; reached from the rebalance callback through the handle's opaque.
     let pauses = PartitionPauses()
+    /// Set once librdkafka raised a fatal error (`RD_KAFKA_RESP_ERR__FATAL`): the underlying
+    /// error's name and text. The client can do nothing more and must be replaced.
+    let fatalReason = Mutex<String?>(nil)
+
+    /// Keeps the error that made the client fatal (librdkafka keeps it, `rd_kafka_fatal_error`:
+    /// what it reports is only `_FATAL`), and returns it.
+    @discardableResult
+    func recordFatal(_ rk: OpaquePointer) -> String {
+        var buffer = [CChar](repeating: 0, count: 512)
+        let underlying = rd_kafka_fatal_error(rk, &buffer, buffer.count)
+        let reason = "\(String(cString: rd_kafka_err2name(underlying))): \(String(cString: buffer))"
+        return fatalReason.withLock {
+            if $0 == nil { $0 = reason }
+            return $0!
+        }
+    }
 
     struct DeliveryState: Sendable {
         var delivered = 0
@@ -182,13 +198,15 @@ private let kafkaErrorCallback: @convention(c) (OpaquePointer?, Int32, UnsafePoi
     if code == RD_KAFKA_RESP_ERR__FATAL {
         fatal = true
         error.isRetriable = false
+        // A producer learns of it here; a consumer through `KafkaConsumer.consumeErrorArrived`.
+        if let rk { error.message = context.recordFatal(rk) }
     }
     context.logger.log(
         level: fatal ? .error : .warning,
         "kafka client error",
         metadata: [
             "kafka.error": .string(error.errorName ?? "\(err)"),
-            "kafka.reason": .string(text),
+            "kafka.reason": .string(error.message),
         ]
     )
     if context.recordErrors { context.record(.error(error)) }

@@ -182,7 +182,7 @@ public final class KafkaConsumer: @unchecked Sendable {
             if let rkm {
                 defer { rd_kafka_message_destroy(rkm) }
                 if let event = Self.convert(rkm, names: &names) {
-                    if case .error(let error) = event { logConsumeError(error) }
+                    if case .error(let error) = event { consumeErrorArrived(error) }
                     out.append(event)
                 }
             } else if events.isEmpty {
@@ -200,10 +200,23 @@ public final class KafkaConsumer: @unchecked Sendable {
         return out
     }
 
+    /// Why librdkafka gave this consumer up (a fatal error: a static member fenced by another with
+    /// the same `group.instance.id`, for one), or `nil`. It consumes nothing more; the worker
+    /// stops and exits non-zero, to be restarted with a new client.
+    public var unrecoverableError: String? { context.fatalReason.withLock { $0 } }
+
+    /// Raises a fatal error as librdkafka would (`rd_kafka_test_fatal_error`): there is no other
+    /// way to cause one against the mock cluster. For tests.
+    package func raiseFatalErrorForTesting(_ reason: String) {
+        _ = rd_kafka_test_fatal_error(rk, RD_KAFKA_RESP_ERR_FENCED_INSTANCE_ID, reason)
+    }
+
     /// An error the consumer delivers in place of a message: a subscribed topic that does not
     /// exist or that the user may not read (librdkafka says so at each metadata refresh), a
     /// partition's fetch error. The client-wide ones come through the error callback instead.
-    private func logConsumeError(_ error: KafkaError) {
+    private func consumeErrorArrived(_ error: KafkaError) {
+        // A consumer learns of a fatal error this way, not through the error callback.
+        if error.errorNumber == RD_KAFKA_RESP_ERR__FATAL.rawValue { context.recordFatal(rk) }
         var metadata: Logger.Metadata = [
             "kafka.error": .string(error.errorName ?? "\(error.errorNumber ?? 0)"),
             "kafka.reason": .string(error.message),

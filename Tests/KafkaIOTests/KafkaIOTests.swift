@@ -245,6 +245,23 @@ struct KafkaIOTests {
         cluster.setBrokerRoundTrip(2, .zero)
     }
 
+    /// A fatal error (librdkafka gives the client up: a static member fenced by another with the
+    /// same `group.instance.id`) is kept with its underlying error, for the worker to stop on.
+    @Test func aFatalErrorIsKeptWithItsCause() async throws {
+        let cluster = try MockKafkaCluster.make(brokers: 1, logger: quietLogger())
+        let topic = unique("fatal")
+        try cluster.createTopic(topic, partitions: 1)
+        let consumer = try KafkaConsumer.make(
+            bootstrapServers: cluster.bootstrapServers, groupID: unique("group"), topics: [topic], logger: quietLogger())
+        #expect(consumer.unrecoverableError == nil)
+        consumer.raiseFatalErrorForTesting("fenced in a test")
+        await pollUntil(consumer, limit: .seconds(10), { _ in }, until: { consumer.unrecoverableError != nil })
+        let reason = try #require(consumer.unrecoverableError)
+        #expect(reason.hasPrefix("FENCED_INSTANCE_ID: ") && reason.contains("fenced in a test"), "\(reason)")
+        // librdkafka's close of a fatal consumer does not return: the worker's close is bounded.
+        _ = await consumer.close(timeout: .seconds(1))
+    }
+
     /// The close's final revocation calls `rd_kafka_assign` from the rebalance callback, which
     /// librdkafka 2.0.2 can leave waiting for good: the group's main thread drops the request when
     /// the group finishes terminating at that moment (seen once in the chaos test: a SIGTERMed

@@ -96,6 +96,10 @@ final class ModelWorld: @unchecked Sendable {
     var pending: [(label: String, deliver: () -> Void, slow: Bool)] = []
     var timer: (at: ContinuousClock.Instant, fire: @Sendable () -> Void)?
     var stopRequested = false
+    /// The source failed for good (librdkafka's fatal error): it delivers and stores nothing
+    /// more; the worker must stop as for SIGTERM and then throw `SourceFailure`.
+    var unrecoverableError: String?
+    var sourceFailures = 0
     /// The stop asked once everything is committed: the schedule ends when the worker finishes.
     var finalStop = false
     /// SIGTERMs during the faults (a rolling restart): the worker finishes and a new one starts.
@@ -159,6 +163,7 @@ final class ModelWorld: @unchecked Sendable {
         self.owner = owner
         self.stop = stop
         stopRequested = false
+        unrecoverableError = nil
         assigned = []
         paused = []
         holdNew = false
@@ -246,6 +251,12 @@ final class ModelWorld: @unchecked Sendable {
                 gracefulStops += 1
                 note("stop (SIGTERM)")
                 stop()
+            }
+            // A fatal client error (a static member fenced): nothing more is fetched or stored.
+            if fromPoll, unrecoverableError == nil, chance(0.001) {
+                unrecoverableError = "FENCED_INSTANCE_ID: model"
+                sourceFailures += 1
+                note("source failed for good")
             }
             if !storeDown, chance(0.01) {
                 storeDown = true
@@ -491,6 +502,10 @@ final class ModelWorld: @unchecked Sendable {
 extension ModelWorld: MessageSource {
     func poll(upTo maxMessages: Int, timeout: Duration) async throws -> [SourceEvent] {
         try step(fromPoll: true)
+        if unrecoverableError != nil {
+            advance(max(timeout, .milliseconds(1)))
+            return []
+        }
         var events = pendingEvents
         pendingEvents = []
         var budget = Int.random(in: 0...maxMessages, using: &rng)
@@ -514,6 +529,7 @@ extension ModelWorld: MessageSource {
     }
 
     func storeOffsets(_ positions: [TopicPartition: Int64]) throws {
+        if let unrecoverableError { throw Violation(description: "offsets not stored: \(unrecoverableError)") }
         for (tp, offset) in positions {
             guard assigned.contains(tp.partition) else {
                 fail("stored offset \(offset) for partition \(tp.partition), which is not assigned")

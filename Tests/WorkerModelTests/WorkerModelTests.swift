@@ -75,6 +75,14 @@ import Testing
                 if worker.counters.withLock({ $0.unconfirmedAtStop }) > 0 { world.crashes += 1 }
             } catch is ModelWorld.Crash {
                 continue
+            } catch let failure as SourceFailure {
+                // It stopped as for SIGTERM first; the next incarnation starts from the commits.
+                if world.unrecoverableError == nil || failure.reason != world.unrecoverableError {
+                    world.fail("threw \(failure) without its source failing")
+                }
+                if world.finalStop || world.error != nil { break }
+                if worker.counters.withLock({ $0.unconfirmedAtStop }) > 0 { world.crashes += 1 }
+                continue
             }
         }
         if world.error == nil { world.checkEnd() }
@@ -111,6 +119,7 @@ import Testing
         var steps = 0
         var crashes = 0
         var stops = 0
+        var sourceFailures = 0
         var totals = ModelWorld.Totals()
         var rejected = 0, moves = 0, lateMoves = 0
         for seed in seeds {
@@ -121,6 +130,7 @@ import Testing
             lateMoves += world.movesAfterLeaseLost
             crashes += world.crashes
             stops += world.gracefulStops
+            sourceFailures += world.sourceFailures
             totals.add(world.counters.c)
             if let error = world.error {
                 // Replayed at once, in this process: the same seed makes the same schedule.
@@ -136,9 +146,10 @@ import Testing
                 return
             }
         }
+        if Environment.seed == nil { #expect(sourceFailures > 0, "no schedule had its source fail for good") }
         let elapsed = ContinuousClock.now - started
         let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
-        print("model: \(seeds.count) schedules, \(steps) steps, \(crashes) crashes, \(stops) SIGTERMs in \(elapsed) (\(Int(Double(seeds.count) / seconds)) schedules/s); \(totals)\(shape.guarded ? "; guard: \(moves) moves, \(lateMoves) after the lease ran out, \(rejected) rejected" : "")")
+        print("model: \(seeds.count) schedules, \(steps) steps, \(crashes) crashes, \(stops) SIGTERMs, \(sourceFailures) sources failed for good in \(elapsed) (\(Int(Double(seeds.count) / seconds)) schedules/s); \(totals)\(shape.guarded ? "; guard: \(moves) moves, \(lateMoves) after the lease ran out, \(rejected) rejected" : "")")
     }
 }
 
