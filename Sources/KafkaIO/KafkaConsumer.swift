@@ -121,8 +121,12 @@ public final class KafkaConsumer: @unchecked Sendable {
         // `close()` was not called: leave the group on the way out (blocking, but nothing else can use `rk`).
         let wasClosed = closed.withLock { $0 }
         if !wasClosed {
-            rd_kafka_consumer_close(rk)
-            rd_kafka_destroy(rk)
+            if context.fatalReason.withLock({ $0 != nil }) {
+                rd_kafka_destroy_flags(rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE)  // as in `closeOnQueue`
+            } else {
+                rd_kafka_consumer_close(rk)
+                rd_kafka_destroy(rk)
+            }
         }
     }
 
@@ -441,6 +445,12 @@ public final class KafkaConsumer: @unchecked Sendable {
         }
         guard shouldClose else { return true }
         context.setClosing()
+        // A consumer given up by a fatal error cannot leave its group, and librdkafka 2.0.2's
+        // close of one does not return: destroyed without it, it is dropped after its session.
+        if context.fatalReason.withLock({ $0 != nil }) {
+            rd_kafka_destroy_flags(rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE)
+            return false
+        }
         let left = leaveGroup(deadline: deadline)
         if left {
             rd_kafka_destroy(rk)
