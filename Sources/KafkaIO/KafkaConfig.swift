@@ -91,6 +91,8 @@ final class ClientContext: Sendable {
     /// Set once librdkafka raised a fatal error (`RD_KAFKA_RESP_ERR__FATAL`): the underlying
     /// error's name and text. The client can do nothing more and must be replaced.
     let fatalReason = Mutex<String?>(nil)
+    /// Whether `fatalReason` is set: the loop asks every pass, so without taking the lock.
+    let isFatal = Atomic<Bool>(false)
 
     /// Keeps the error that made the client fatal (librdkafka keeps it, `rd_kafka_fatal_error`:
     /// what it reports is only `_FATAL`), and returns it.
@@ -99,6 +101,7 @@ final class ClientContext: Sendable {
         var buffer = [CChar](repeating: 0, count: 512)
         let underlying = rd_kafka_fatal_error(rk, &buffer, buffer.count)
         let reason = "\(String(cString: rd_kafka_err2name(underlying))): \(String(cString: buffer))"
+        defer { isFatal.store(true, ordering: .releasing) }
         return fatalReason.withLock {
             if $0 == nil { $0 = reason }
             return $0!

@@ -121,7 +121,7 @@ public final class KafkaConsumer: @unchecked Sendable {
         // `close()` was not called: leave the group on the way out (blocking, but nothing else can use `rk`).
         let wasClosed = closed.withLock { $0 }
         if !wasClosed {
-            if context.fatalReason.withLock({ $0 != nil }) {
+            if context.isFatal.load(ordering: .acquiring) {
                 rd_kafka_destroy_flags(rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE)  // as in `closeOnQueue`
             } else {
                 rd_kafka_consumer_close(rk)
@@ -207,7 +207,9 @@ public final class KafkaConsumer: @unchecked Sendable {
     /// Why librdkafka gave this consumer up (a fatal error: a static member fenced by another with
     /// the same `group.instance.id`, for one), or `nil`. It consumes nothing more; the worker
     /// stops and exits non-zero, to be restarted with a new client.
-    public var unrecoverableError: String? { context.fatalReason.withLock { $0 } }
+    public var unrecoverableError: String? {
+        context.isFatal.load(ordering: .acquiring) ? context.fatalReason.withLock { $0 } : nil
+    }
 
     /// Raises a fatal error as librdkafka would (`rd_kafka_test_fatal_error`): there is no other
     /// way to cause one against the mock cluster. For tests.
@@ -447,7 +449,7 @@ public final class KafkaConsumer: @unchecked Sendable {
         context.setClosing()
         // A consumer given up by a fatal error cannot leave its group, and librdkafka 2.0.2's
         // close of one does not return: destroyed without it, it is dropped after its session.
-        if context.fatalReason.withLock({ $0 != nil }) {
+        if context.isFatal.load(ordering: .acquiring) {
             rd_kafka_destroy_flags(rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE)
             return false
         }
