@@ -22,12 +22,6 @@ public struct RedisAccess: Sendable {
     public var connectTimeout: Duration
     public var commandTimeout: Duration
 
-    public init(url: String, connectTimeout: Duration = .seconds(2), commandTimeout: Duration = .seconds(2)) {
-        self.url = url
-        self.connectTimeout = connectTimeout
-        self.commandTimeout = commandTimeout
-    }
-
     init(_ r: WorkerConfiguration.Reader) throws(ConfigError) {
         // Parsed (and so validated) by RedisIO's `RedisURL`, in `ConfigLoader`.
         url = try r.string("redis.url")

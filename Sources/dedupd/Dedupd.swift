@@ -122,6 +122,10 @@ struct CheckConfig: AsyncParsableCommand {
     @Flag(help: "Also reach Redis and Kafka and check what the worker needs of them.") var connect = false
     @Option(help: "With --connect: how long to wait for a Kafka broker's answer, e.g. 10s.") var timeout: String = "10s"
 
+    func validate() throws {
+        guard let wait = DurationParser.parse(timeout), wait > .zero else { throw ValidationError("--timeout must be a duration such as 10s") }
+    }
+
     func run() async throws {
         let layers: [[String: ConfigValue]]
         let config: WorkerConfiguration
@@ -135,10 +139,7 @@ struct CheckConfig: AsyncParsableCommand {
         for line in ConfigLoader.describe(layers) { print(line) }
         print("valid")
         guard connect else { return }
-        guard let wait = DurationParser.parse(timeout), wait > .zero else {
-            throw ValidationError("--timeout must be a duration such as 10s")
-        }
-        let findings = await ConnectionCheck.run(config, timeout: wait)
+        let findings = await ConnectionCheck.run(config, timeout: DurationParser.parse(timeout)!)
         for finding in findings { print(finding) }
         let problems = findings.filter(\.problem).count
         guard problems == 0 else {

@@ -40,15 +40,12 @@ public enum ConnectionCheck {
         } catch {
             return [Finding(.problem, "\(target): \(error)")]
         }
-        let read: Result<[(node: String, found: RedisRequirements)], any Error>
-        do { read = .success(try await RedisRequirements.read(from: redis)) } catch { read = .failure(error) }
-        await redis.close()
         let primaries: [(node: String, found: RedisRequirements)]
-        switch read {
-        case .success(let found): primaries = found
-        case .failure(let error):
+        do { primaries = try await RedisRequirements.read(from: redis) } catch {
+            await redis.close()
             return [Finding(.problem, "\(target): connected, but reading its settings failed: \((error as? RedisError)?.message ?? "\(error)")")]
         }
+        await redis.close()
         var findings = primaries.map { node, found in
             Finding(.ok, "redis \(node): answered; maxmemory-policy \(found.maxmemoryPolicy ?? "unknown"), persistence \(found.persistenceOff.map { $0 ? "off" : "on" } ?? "unknown")")
         }
